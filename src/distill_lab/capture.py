@@ -1,0 +1,187 @@
+"""Attention capture: per-layer attention probabilities out of any Hugging Face transformers model.
+
+Why not ``output_attentions=True``: under transformers 5.x's default ``sdpa`` attention it returns no
+attentions at all (only a warning), and under ``eager`` it returns the probabilities *after* attention
+dropout in train mode, so a student would be taught dropout noise. Instead, the captured model's attention
+implementation is switched to one registered here through transformers' ``AttentionInterface`` (with a
+matching ``AttentionMaskInterface`` entry, without which the function would receive no mask). In the layers
+being captured it computes eager attention in float32, records the probabilities *before* dropout and uses
+the same tensor for the layer's output, so gradients flow from the attention loss into the student's
+queries and keys. Every other layer runs SDPA as before. A requested layer that records nothing (a model
+whose attention does not go through ``AttentionInterface``) raises an error instead of passing silently.
+
+Usage::
+
+    capture = AttentionCapture(model, layers=[2, 5, 8, 11])
+    outputs, maps = capture(input_ids=ids, attention_mask=mask)   # maps[5]: (B, H, L, L) float32
+    capture.detach()                                              # or use it as a context manager
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+CAPTURE_ATTENTION = "distill_lab_capture"
+_STATE = "_distill_lab_capture"  # attribute set on captured attention modules: (capture, layer index)
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The self-attention modules of a transformers model, in layer order, with their qualified names.
+
+    An attention module is the innermost module whose class name ends in ``Attention`` (``BertSelfAttention``,
+    ``GPT2Attention``, ``LlamaAttention``, ``ViTSelfAttention``); cross-attention modules are left out.
+    """
+    found = []
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if not cls.endswith("Attention") or "Cross" in cls or getattr(module, "is_cross_attention", False):
+            continue
+        if any(type(child).__name__.endswith("Attention") for _, child in module.named_modules() if child is not module):
+            continue
+        found.append((name, module))
+    if not found:
+        raise ValueError(
+            f"{type(model).__name__} has no attention modules that distill-lab recognises (innermost modules "
+            "whose class name ends in 'Attention')."
+        )
+    return found
+
+
+def num_attention_heads(model: nn.Module) -> int:
+    """Query heads per layer, read from the model's config."""
+    config = getattr(model, "config", None)
+    for key in ("num_attention_heads", "n_head", "num_heads"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"cannot read the number of attention heads from the config of {type(model).__name__}")
+
+
+def _record_and_attend(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[Tensor, Tensor | None]:
+    """The attention function registered as ``CAPTURE_ATTENTION``.
+
+    Shape:
+        query: (B, H, Lq, D) after any rotary embedding; key, value: (B, H_kv, Lk, D), H a multiple of H_kv.
+        attention_mask: (B, 1, Lq, Lk) additive float mask, or None.
+        Returns: output (B, Lq, H, D) and the pre-dropout probabilities (B, H, Lq, Lk) of a captured layer.
+    """
+    state = getattr(module, _STATE, None)
+    if state is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    capture, layer = state
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("attention sinks (s_aux) are not supported by distill-lab's capture yet")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: each key head serves `groups` query heads
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    scores = torch.matmul(query.to(dtype), key.to(dtype).transpose(-1, -2)) * scaling
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    q_len, k_len = scores.shape[-2:]
+    if attention_mask is not None:
+        mask = attention_mask[..., :k_len]
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, -math.inf)
+        else:
+            scores = scores + mask.to(dtype)
+    elif getattr(module, "is_causal", False) and q_len > 1:
+        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
+        scores = scores.masked_fill(~causal, -math.inf)
+    probs = torch.softmax(scores, dim=-1)
+    capture._record(layer, probs)
+    weights = nn.functional.dropout(probs, p=dropout, training=module.training)
+    output = torch.matmul(weights.to(value.dtype), value).transpose(1, 2).contiguous()
+    return output, probs
+
+
+def _register() -> None:
+    AttentionInterface.register(CAPTURE_ATTENTION, _record_and_attend)
+    AttentionMaskInterface.register(CAPTURE_ATTENTION, eager_mask)
+
+
+class AttentionCapture:
+    """Records the pre-dropout attention probabilities of the chosen layers of a transformers model.
+
+    Args:
+        model: a transformers ``PreTrainedModel`` whose attention goes through ``AttentionInterface``
+            (BERT, RoBERTa, GPT-2, LLaMA-family, ViT and most current architectures).
+        layers: 0-based indices of the layers to capture, in the order of ``attention_modules(model)``.
+
+    Calling the capture runs the model and returns ``(outputs, maps)`` with ``maps[layer]`` of shape
+    (B, H, Lq, Lk) in float32 (float64 for a float64 model); grouped key heads are expanded to H.
+    """
+
+    def __init__(self, model: nn.Module, layers: Iterable[int]) -> None:
+        self.model = model
+        self.layers = sorted(set(int(i) for i in layers))
+        self.modules = attention_modules(model)
+        self.num_layers = len(self.modules)
+        bad = [i for i in self.layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(
+                f"{type(model).__name__} has {self.num_layers} attention layers (valid indices 0..{self.num_layers - 1}); "
+                f"cannot capture layer(s) {bad}."
+            )
+        if not hasattr(model, "set_attn_implementation") or not model._can_set_attn_implementation():
+            raise ValueError(
+                f"{type(model).__name__} does not route attention through transformers' AttentionInterface, so its "
+                "attention maps cannot be captured before dropout. Use a model class that does (most current "
+                "architectures) or open an issue naming the architecture."
+            )
+        self._maps: dict[int, Tensor] = {}
+        self._previous = model.config._attn_implementation
+        _register()
+        model.set_attn_implementation(CAPTURE_ATTENTION)
+        for i in self.layers:
+            setattr(self.modules[i][1], _STATE, (self, i))
+
+    def _record(self, layer: int, probs: Tensor) -> None:
+        self._maps[layer] = probs
+
+    def __call__(self, *args, **kwargs):
+        self._maps = {}
+        outputs = self.model(*args, **kwargs)
+        maps, self._maps = self._maps, {}
+        missing = [i for i in self.layers if i not in maps]
+        if missing:
+            raise RuntimeError(
+                f"layers {missing} of {type(self.model).__name__} produced no attention map: its attention did not go "
+                f"through the '{CAPTURE_ATTENTION}' implementation (was set_attn_implementation changed after the "
+                "capture was attached?)."
+            )
+        return outputs, maps
+
+    def detach(self) -> None:
+        """Restore the model's own attention implementation and stop recording."""
+        for _, module in self.modules:
+            if hasattr(module, _STATE):
+                delattr(module, _STATE)
+        if self.model.config._attn_implementation == CAPTURE_ATTENTION:
+            self.model.set_attn_implementation(self._previous or "sdpa")
+
+    def __enter__(self) -> AttentionCapture:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()

@@ -1,0 +1,269 @@
+"""Distillation losses: attention maps (MSE, KL, cosine) and outputs (soft-target KD).
+
+Pure PyTorch. Every attention loss takes the student's map first and the teacher's second, both attention
+probabilities whose rows sum to 1, and an optional padding mask. A masked position is excluded both as a
+query row and as a key column. Losses are computed in float32 (or float64 when given float64) whatever the
+input dtype, so bf16 maps neither overflow nor lose the small differences that distillation is about.
+
+Each attention loss is written as per-row terms plus a weight per row (see ``_row_terms``), so the same code
+gives the mean over everything or the mean per head, which head-wise matching logs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# log of the smallest positive float32: where the student gives zero probability to a key that the teacher
+# does not, KL is infinite; clamping the student's log-probability here keeps it finite (and large).
+_LOG_TINY = math.log(torch.finfo(torch.float32).tiny)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _validity(
+    maps: Tensor, attention_mask: Tensor | None
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Key validity ``(B, 1, 1, Lk)``, row validity ``(B, 1, Lq)`` and valid keys per row ``(B, 1, Lq)``.
+
+    With ``Lq < Lk`` (a decoder with cached keys) the queries are the last ``Lq`` positions of the mask.
+    """
+    if attention_mask is None:
+        return None, None, None
+    batch, _, q_len, k_len = maps.shape
+    if attention_mask.dim() != 2 or attention_mask.shape != (batch, k_len):
+        raise ValueError(
+            f"attention_mask must have shape (batch, key_length) = ({batch}, {k_len}) to match attention maps "
+            f"of shape {tuple(maps.shape)}; got {tuple(attention_mask.shape)}."
+        )
+    keys = attention_mask.to(device=maps.device, dtype=torch.bool)
+    n_keys = keys.sum(-1, keepdim=True)  # (B, 1)
+    rows = keys[:, k_len - q_len :] & (n_keys > 0)  # (B, Lq)
+    return keys[:, None, None, :], rows[:, None, :], n_keys[:, :, None].expand(batch, 1, q_len)
+
+
+def _log_probs(p: Tensor, key_valid: Tensor | None, temperature: float) -> tuple[Tensor, Tensor]:
+    """``log softmax(log(p) / T)`` over the valid keys, and which rows have no positive probability there.
+
+    Zero probabilities become ``-inf`` scores (so they stay zero at any temperature) through a double
+    ``where``, which keeps the gradient finite at exact zeros (causal maps are full of them).
+    """
+    positive = p > 0
+    if key_valid is not None:
+        positive = positive & key_valid
+    log_p = torch.where(positive, torch.log(torch.where(positive, p, torch.ones_like(p))), -math.inf)
+    empty = ~positive.any(-1, keepdim=True)
+    log_p = log_p.masked_fill(empty, 0.0)  # keeps log_softmax finite on rows that are excluded anyway
+    return torch.log_softmax(log_p / temperature, dim=-1), empty.squeeze(-1)
+
+
+def _row_terms(
+    kind: str, student: Tensor, teacher: Tensor, attention_mask: Tensor | None, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """Per-row loss sums ``(B, H, Lq)`` and the number of elements each row stands for ``(B, H, Lq)``.
+
+    The loss is ``values.sum() / weights.sum()``: for MSE a row's value is its sum of squared differences
+    over the valid keys and its weight the number of valid keys; for KL and cosine a row's value is the row
+    loss and its weight 1. Invalid rows have value and weight 0.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student and teacher attention maps differ in shape: {tuple(student.shape)} vs "
+            f"{tuple(teacher.shape)}. Match heads first (see distill_lab.matching) and use one tokenizer "
+            "for both models so that sequence lengths agree."
+        )
+    if student.dim() != 4:
+        raise ValueError(f"attention maps must be (batch, heads, query, key); got shape {tuple(student.shape)}")
+    dtype = _compute_dtype(student)
+    s, t = student.to(dtype), teacher.to(dtype)
+    key_valid, row_valid, n_keys = _validity(s, attention_mask)
+    ones = torch.ones((), dtype=dtype, device=s.device)
+
+    if kind == "mse":
+        sq = (s - t).square()
+        if key_valid is not None:
+            sq = sq.masked_fill(~key_valid, 0.0)
+        values = sq.sum(-1)
+        weights = (n_keys.to(dtype) if n_keys is not None else ones * s.shape[-1]).expand_as(values)
+    elif kind == "kl":
+        log_t, t_empty = _log_probs(t, key_valid, temperature)
+        log_s, _ = _log_probs(s, key_valid, temperature)
+        log_s = log_s.clamp_min(_LOG_TINY)
+        p_t = log_t.exp()
+        log_t = torch.where(p_t > 0, log_t, torch.zeros_like(log_t))  # 0 * (-inf) would be NaN
+        values = (p_t * (log_t - log_s)).sum(-1) * temperature**2
+        weights = (~t_empty).to(dtype)  # a row where the teacher has no mass on valid keys has no target
+    elif kind == "cosine":
+        if key_valid is not None:
+            s, t = s.masked_fill(~key_valid, 0.0), t.masked_fill(~key_valid, 0.0)
+        dot = (s * t).sum(-1)
+        norms = (s.square().sum(-1) * t.square().sum(-1)).clamp_min(1e-16).sqrt()
+        values = 1.0 - dot / norms
+        weights = ones.expand_as(values)
+    else:  # pragma: no cover - guarded by get_attention_loss
+        raise ValueError(f"unknown attention loss kind {kind!r}")
+
+    if row_valid is not None:
+        weights = weights * row_valid.to(dtype)
+        values = torch.where(weights > 0, values, torch.zeros_like(values))
+    return values, weights
+
+
+def _reduce(values: Tensor, weights: Tensor, per_head: bool) -> Tensor:
+    if per_head:
+        return values.sum(dim=(0, 2)) / weights.sum(dim=(0, 2)).clamp_min(1.0)
+    return values.sum() / weights.sum().clamp_min(1.0)
+
+
+def attention_mse(
+    student: Tensor, teacher: Tensor, attention_mask: Tensor | None = None, *, per_head: bool = False
+) -> Tensor:
+    """Mean squared error between attention maps.
+
+    ``mean over (b, h, valid q, valid k) of (student - teacher)^2``.
+
+    Shape:
+        student, teacher: (B, H, Lq, Lk) attention probabilities, rows sum to 1.
+        attention_mask: (B, Lk), 1 for real tokens; queries are its last Lq positions.
+        Returns: a scalar, or (H,) with ``per_head=True`` (the same mean taken per head).
+    """
+    return _reduce(*_row_terms("mse", student, teacher, attention_mask), per_head)
+
+
+def attention_kl(
+    student: Tensor,
+    teacher: Tensor,
+    attention_mask: Tensor | None = None,
+    temperature: float = 1.0,
+    *,
+    per_head: bool = False,
+) -> Tensor:
+    """KL divergence from the teacher's attention rows to the student's, at a temperature.
+
+    Per valid row: ``T^2 * KL(t_T || s_T)`` with ``p_T = softmax(log(p) / T)`` over the valid keys (T = 1
+    renormalises over the valid keys and otherwise leaves ``p`` as it is); then the mean over (b, h, valid q).
+    Zero probabilities are exact zeros at any temperature and never give NaN; a key where the student has
+    zero mass and the teacher does not gives a large finite value.
+
+    Shape:
+        student, teacher: (B, H, Lq, Lk) attention probabilities, rows sum to 1.
+        attention_mask: (B, Lk), 1 for real tokens; queries are its last Lq positions.
+        Returns: a scalar, or (H,) with ``per_head=True``.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    return _reduce(*_row_terms("kl", student, teacher, attention_mask, temperature), per_head)
+
+
+def attention_cosine(
+    student: Tensor, teacher: Tensor, attention_mask: Tensor | None = None, *, per_head: bool = False
+) -> Tensor:
+    """Cosine distance between attention rows.
+
+    Per valid row: ``1 - cos(student_row, teacher_row)`` over the valid keys; mean over (b, h, valid q).
+
+    Shape:
+        student, teacher: (B, H, Lq, Lk) attention probabilities, rows sum to 1.
+        attention_mask: (B, Lk), 1 for real tokens; queries are its last Lq positions.
+        Returns: a scalar, or (H,) with ``per_head=True``.
+    """
+    return _reduce(*_row_terms("cosine", student, teacher, attention_mask), per_head)
+
+
+ATTENTION_LOSSES: dict[str, Callable[..., Tensor]] = {
+    "mse": attention_mse,
+    "kl": attention_kl,
+    "cosine": attention_cosine,
+}
+
+
+def get_attention_loss(name: str) -> Callable[..., Tensor]:
+    """The attention loss function registered under ``name`` (see ``ATTENTION_LOSSES``)."""
+    try:
+        return ATTENTION_LOSSES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown attention loss {name!r}; valid choices: {', '.join(sorted(ATTENTION_LOSSES))}"
+        ) from None
+
+
+class AttentionLoss(nn.Module):
+    """An attention loss by name with its options bound, e.g. ``AttentionLoss("kl", temperature=2.0)``."""
+
+    def __init__(self, name: str, **options) -> None:
+        super().__init__()
+        self.name = name
+        self.options = options
+        self.fn = functools.partial(get_attention_loss(name), **options)
+
+    def forward(
+        self, student: Tensor, teacher: Tensor, attention_mask: Tensor | None = None, per_head: bool = False
+    ) -> Tensor:
+        return self.fn(student, teacher, attention_mask, per_head=per_head)
+
+    def extra_repr(self) -> str:
+        return ", ".join([repr(self.name)] + [f"{k}={v}" for k, v in self.options.items()])
+
+
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor | None = None,
+    temperature: float = 3.0,
+    alpha: float = 0.3,
+) -> Tensor:
+    """Output distillation: hard-label cross-entropy plus soft-target KL (Hinton et al., 2015).
+
+    ``alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))``,
+    each averaged over the positions whose label is not -100. With ``labels=None`` it is the
+    ``T^2 * KL`` term alone, averaged over all positions. A batch with no labelled position gives 0.
+
+    Shape:
+        student_logits, teacher_logits: (..., C).
+        labels: (...), class indices, -100 for positions to ignore.
+        Returns: a scalar.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs "
+            f"{tuple(teacher_logits.shape)}; both models need the same label set or vocabulary."
+        )
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    dtype = _compute_dtype(student_logits)
+    num_classes = student_logits.shape[-1]
+    s = student_logits.to(dtype).reshape(-1, num_classes)
+    t = teacher_logits.to(dtype).reshape(-1, num_classes)
+    log_ps = torch.log_softmax(s / temperature, dim=-1)
+    log_pt = torch.log_softmax(t / temperature, dim=-1)
+    p_t = log_pt.exp()
+    kl = torch.where(p_t > 0, p_t * (log_pt - log_ps), torch.zeros_like(p_t)).sum(-1)
+    soft = temperature**2
+    if labels is None:
+        return soft * kl.mean()
+    labels = labels.reshape(-1).to(s.device)
+    if labels.shape[0] != s.shape[0]:
+        raise ValueError(
+            f"labels of shape {tuple(labels.shape)} do not match logits of shape {tuple(student_logits.shape)}"
+        )
+    valid = labels != -100
+    count = valid.sum().clamp_min(1).to(dtype)
+    ce = F.cross_entropy(s, labels, ignore_index=-100, reduction="sum") / count
+    kl_term = (kl * valid.to(dtype)).sum() / count
+    return alpha * ce + (1.0 - alpha) * soft * kl_term
+
+
+def distillation_objective(output_loss: Tensor, attention_loss: Tensor, attention_weight: float = 0.3) -> Tensor:
+    """``L = (1 - w) * L_output + w * L_attention`` with ``w = attention_weight`` in [0, 1]."""
+    if not 0.0 <= attention_weight <= 1.0:
+        raise ValueError(f"attention_weight must be in [0, 1], got {attention_weight}")
+    return (1.0 - attention_weight) * output_loss + attention_weight * attention_loss
