@@ -1,0 +1,507 @@
+"""Which teacher attention is compared with which student attention: layer maps and head matching modes.
+
+Pure PyTorch. A *layer map* pairs teacher and student layers; a *matching mode* decides, for one layer pair,
+how the teacher's heads are compared with the student's:
+
+- ``Layerwise``: head i with head i; a teacher with k times the student's heads is averaged in contiguous
+  groups of k.
+- ``Headwise``: an explicit head map, one loss per head pair, reported per student head.
+- ``Global``: both sides averaged over heads, then compared (any head counts).
+- ``Selective``: only the ``top_k`` most important teacher heads, each assigned to the student head it is
+  closest to on a calibration batch (a linear assignment), reported per student head.
+
+``AttentionDistillationLoss`` puts a loss, a matching mode and a layer map together.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Protocol
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+from distill_lab.capture import AttentionCapture, attention_modules
+from distill_lab.losses import AttentionLoss, get_attention_loss
+
+LayerRef = int | str
+LayerPair = tuple[int, int]
+HeadPair = tuple[tuple[int, ...], int]  # (teacher heads averaged together, student head)
+
+
+# ---------------------------------------------------------------------------------------------- layer maps
+
+
+def _layer_names(names_or_model) -> list[str] | None:
+    if names_or_model is None:
+        return None
+    if isinstance(names_or_model, nn.Module):
+        return [name for name, _ in attention_modules(names_or_model)]
+    return list(names_or_model)
+
+
+def resolve_layer(ref: LayerRef, num_layers: int, names: Sequence[str] | None = None, side: str = "teacher") -> int:
+    """A layer index (negative counts from the end) or a module name such as ``"encoder.layer.6.attention"``.
+
+    A name matches an attention module when its dotted parts appear contiguously in the module's qualified
+    name (so ``encoder.layer.6`` and ``bert.encoder.layer.6.attention.self`` both name layer 6 of a BERT).
+    """
+    if isinstance(ref, str) and ref.lstrip("-").isdigit():
+        ref = int(ref)
+    if isinstance(ref, bool) or not isinstance(ref, int | str):
+        raise ValueError(f"{side} layer {ref!r} must be an index or a module name")
+    if isinstance(ref, int):
+        if not -num_layers <= ref < num_layers:
+            raise ValueError(
+                f"{side} layer {ref} does not exist: the {side} has {num_layers} layers, valid indices are "
+                f"0..{num_layers - 1} (or negative from the end)."
+            )
+        return ref % num_layers
+    if names is None:
+        raise ValueError(f"{side} layer {ref!r} is a name; pass the {side} model to resolve it to an index")
+    hits = [i for i, name in enumerate(names) if f".{ref}." in f".{name}."]
+    if len(hits) != 1:
+        listing = "\n  ".join(f"{i}: {name}" for i, name in enumerate(names))
+        what = "matches no" if not hits else f"is ambiguous: it matches {len(hits)}"
+        raise ValueError(f"{side} layer name {ref!r} {what} attention modules. Valid layers:\n  {listing}")
+    return hits[0]
+
+
+def layer_map(
+    num_teacher_layers: int,
+    num_student_layers: int,
+    spec: str | Sequence[Sequence[LayerRef]] = "uniform",
+    teacher=None,
+    student=None,
+) -> list[LayerPair]:
+    """Pairs ``(teacher_layer, student_layer)``, 0-based, one per student layer that is distilled.
+
+    Args:
+        num_teacher_layers, num_student_layers: layer counts.
+        spec: ``"uniform"`` (student layer j takes teacher layer ``round((j + 1) * N_t / N_s) - 1``: 12 -> 4
+            gives 2, 5, 8, 11 as in TinyBERT), ``"last"`` (last to last), or explicit pairs such as
+            ``[[6, 3], [11, 5]]`` whose entries are indices or module names.
+        teacher, student: the models (or lists of their attention-module names) to resolve names against.
+    """
+    if num_teacher_layers < 1 or num_student_layers < 1:
+        raise ValueError("both models need at least one attention layer")
+    if isinstance(spec, str):
+        if spec == "uniform":
+            if num_student_layers > num_teacher_layers:
+                raise ValueError(
+                    f"layer_map='uniform' needs a student no deeper than its teacher ({num_student_layers} > "
+                    f"{num_teacher_layers} layers); give explicit pairs instead."
+                )
+            # round half up, as TinyBERT's uniform strategy does (Python's round() is banker's rounding)
+            return [
+                (math.floor((j + 1) * num_teacher_layers / num_student_layers + 0.5) - 1, j)
+                for j in range(num_student_layers)
+            ]
+        if spec == "last":
+            return [(num_teacher_layers - 1, num_student_layers - 1)]
+        raise ValueError(f"unknown layer_map {spec!r}; valid: 'uniform', 'last' or a list of [teacher, student] pairs")
+    teacher_names, student_names = _layer_names(teacher), _layer_names(student)
+    pairs = []
+    for pair in spec:
+        if isinstance(pair, str) or len(pair) != 2:
+            raise ValueError(f"layer_map entries must be [teacher_layer, student_layer] pairs; got {pair!r}")
+        pairs.append(
+            (
+                resolve_layer(pair[0], num_teacher_layers, teacher_names, "teacher"),
+                resolve_layer(pair[1], num_student_layers, student_names, "student"),
+            )
+        )
+    if not pairs:
+        raise ValueError("layer_map has no pairs: nothing would be distilled")
+    if len(set(pairs)) != len(pairs):
+        raise ValueError(f"layer_map repeats a pair: {pairs}")
+    return pairs
+
+
+def pair_name(pair: LayerPair) -> str:
+    """The logging name of a layer pair, ``L{teacher}->{student}``."""
+    return f"L{pair[0]}->{pair[1]}"
+
+
+# ---------------------------------------------------------------------------------------------- matching modes
+
+
+class Matching(Protocol):
+    """Compares one layer pair's attention maps with a loss; ``per_head`` says whether it reports heads."""
+
+    per_head: bool
+
+    def check_heads(self, num_teacher_heads: int, num_student_heads: int, pairs: Sequence[LayerPair]) -> None: ...
+
+    def __call__(
+        self, student: Tensor, teacher: Tensor, attention_mask: Tensor | None, loss: Callable, pair: LayerPair
+    ) -> tuple[Tensor, dict[int, Tensor] | None]: ...
+
+
+def _grouped_head_pairs(num_teacher_heads: int, num_student_heads: int) -> list[HeadPair]:
+    k = num_teacher_heads // num_student_heads
+    return [(tuple(range(i * k, (i + 1) * k)), i) for i in range(num_student_heads)]
+
+
+def _compare_heads(
+    student: Tensor, teacher: Tensor, attention_mask: Tensor | None, loss: Callable, heads: Sequence[HeadPair]
+) -> Tensor:
+    """Per head pair losses ``(P,)``: teacher head groups averaged, student heads selected."""
+    t = torch.stack([teacher[:, list(group)].mean(1) for group, _ in heads], dim=1)
+    s = student[:, [h for _, h in heads]]
+    return loss(s, t, attention_mask, per_head=True)
+
+
+def _head_count_error(mode: str, num_teacher_heads: int, num_student_heads: int) -> ValueError:
+    return ValueError(
+        f"matching={mode} compares head i of the student with head i of the teacher (or a contiguous group of "
+        f"k teacher heads when the teacher has k times as many), but the teacher has {num_teacher_heads} heads "
+        f"and the student {num_student_heads}. Use matching=global (heads averaged, any counts) or "
+        "matching=headwise with an explicit head_map."
+    )
+
+
+class Layerwise:
+    """Every mapped layer pair compares all heads, head i with head i (teacher groups of k averaged)."""
+
+    per_head = False
+
+    def check_heads(self, num_teacher_heads: int, num_student_heads: int, pairs: Sequence[LayerPair]) -> None:
+        if num_teacher_heads % num_student_heads:
+            raise _head_count_error("layerwise", num_teacher_heads, num_student_heads)
+
+    def __call__(self, student, teacher, attention_mask, loss, pair):
+        heads = _grouped_head_pairs(teacher.shape[1], student.shape[1])
+        if teacher.shape[1] != student.shape[1]:
+            teacher = torch.stack([teacher[:, list(g)].mean(1) for g, _ in heads], dim=1)
+        return loss(student, teacher, attention_mask), None
+
+
+class Headwise:
+    """One loss per head pair of an explicit head map, averaged; per-head losses are reported.
+
+    Args:
+        head_map: ``None`` for head i with head i (or teacher groups of k, as ``Layerwise``); a list of
+            ``[teacher_head, student_head]`` pairs for every layer pair, where ``teacher_head`` may be a list
+            of heads to average; or a mapping from a layer-pair name (``"L6->3"``) to such a list.
+    """
+
+    per_head = True
+
+    def __init__(self, head_map: Sequence | Mapping[str, Sequence] | None = None) -> None:
+        self.head_map = head_map
+
+    def _pairs_for(self, pair: LayerPair, num_teacher_heads: int, num_student_heads: int) -> list[HeadPair]:
+        spec = self.head_map
+        if isinstance(spec, Mapping):
+            spec = spec.get(pair_name(pair))
+        if spec is None:
+            if num_teacher_heads % num_student_heads:
+                raise _head_count_error("headwise", num_teacher_heads, num_student_heads)
+            return _grouped_head_pairs(num_teacher_heads, num_student_heads)
+        heads = []
+        for entry in spec:
+            if isinstance(entry, str) or len(entry) != 2:
+                raise ValueError(f"head_map entries must be [teacher_head, student_head] pairs; got {entry!r}")
+            group = tuple(entry[0]) if isinstance(entry[0], Iterable) else (entry[0],)
+            heads.append((tuple(int(h) for h in group), int(entry[1])))
+        for group, s in heads:
+            bad_t = [h for h in group if not 0 <= h < num_teacher_heads]
+            if bad_t or not 0 <= s < num_student_heads:
+                raise ValueError(
+                    f"head_map for {pair_name(pair)} names head {bad_t or s} that does not exist: the teacher has heads "
+                    f"0..{num_teacher_heads - 1} and the student 0..{num_student_heads - 1}."
+                )
+        students = [s for _, s in heads]
+        if len(set(students)) != len(students) or not heads:
+            raise ValueError(f"head_map for {pair_name(pair)} must name each student head at most once; got {spec!r}")
+        return heads
+
+    def check_heads(self, num_teacher_heads, num_student_heads, pairs):
+        for pair in pairs:
+            self._pairs_for(pair, num_teacher_heads, num_student_heads)
+
+    def __call__(self, student, teacher, attention_mask, loss, pair):
+        heads = self._pairs_for(pair, teacher.shape[1], student.shape[1])
+        per = _compare_heads(student, teacher, attention_mask, loss, heads)
+        return per.mean(), {s: per[j] for j, (_, s) in enumerate(heads)}
+
+
+class Global:
+    """Attention averaged over heads on both sides, then compared; works for any head counts."""
+
+    per_head = False
+
+    def check_heads(self, num_teacher_heads, num_student_heads, pairs) -> None:
+        return None
+
+    def __call__(self, student, teacher, attention_mask, loss, pair):
+        return loss(student.mean(1, keepdim=True), teacher.mean(1, keepdim=True), attention_mask), None
+
+
+def entropy_head_importance(maps: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """Importance of each head as its negative mean attention entropy over valid query rows.
+
+    Sharply focused heads (low entropy) rank first; near-uniform heads, which carry little about how tokens
+    relate, rank last.
+
+    Shape:
+        maps: (B, H, Lq, Lk) attention probabilities.
+        attention_mask: (B, Lk), 1 for real tokens.
+        Returns: (H,).
+    """
+    p = maps.to(torch.promote_types(maps.dtype, torch.float32))
+    entropy = -torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p)).sum(-1)
+    if attention_mask is None:
+        return -entropy.mean(dim=(0, 2))
+    rows = attention_mask.to(device=p.device, dtype=p.dtype)[:, None, -p.shape[2] :]
+    return -(entropy * rows).sum(dim=(0, 2)) / rows.sum().clamp_min(1.0)
+
+
+def gradient_head_importance(
+    capture: AttentionCapture, inputs: Mapping[str, Tensor], loss_fn: Callable | None = None
+) -> dict[int, Tensor]:
+    """Gradient-based head importance (Michel et al., 2019) of the captured layers on one batch.
+
+    A gate ``xi_h`` on head h's attention scales its output; ``I_h = E_x |dL/dxi_h|`` at ``xi = 1``, which
+    equals ``E_x |sum_{q,k} A_h * dL/dA_h|``. ``L`` is the model's own loss on ``inputs`` (they must hold
+    labels) unless ``loss_fn(outputs)`` is given. Parameters get no ``.grad``; the model should be in eval
+    mode so that the captured maps are the ones its outputs used.
+
+    Returns: ``{layer: (H,)}``.
+    """
+    params = list(capture.model.parameters())
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            outputs, maps = capture(**inputs)
+            loss = loss_fn(outputs) if loss_fn is not None else getattr(outputs, "loss", None)
+            if loss is None:
+                raise ValueError("gradient head importance needs a loss: pass labels in the batch or a loss_fn")
+            layers = sorted(maps)
+            grads = torch.autograd.grad(loss, [maps[i] for i in layers])
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+    return {i: (maps[i].detach() * g).sum(dim=(-1, -2)).abs().mean(0) for i, g in zip(layers, grads, strict=True)}
+
+
+class Selective:
+    """Distil only the ``top_k`` most important teacher heads of each layer pair.
+
+    Importance is measured on a calibration batch (``calibrate``): ``"entropy"`` (see
+    ``entropy_head_importance``) or ``"gradient"`` (``gradient_head_importance``, computed by the caller and
+    passed in), or fixed by ``heads``: a list of teacher heads, or of ``[teacher_head, student_head]`` pairs
+    which need no calibration at all. Each selected teacher head is assigned to a distinct student head by
+    a linear assignment that minimises the loss between them on the calibration batch.
+
+    After calibration ``selected`` maps each layer-pair name to its ``[(teacher_head, student_head), ...]``
+    and ``importance`` to the teacher's per-head scores.
+    """
+
+    per_head = True
+
+    def __init__(self, top_k: int = 4, importance: str = "entropy", heads: Sequence | None = None) -> None:
+        if importance not in ("entropy", "gradient"):
+            raise ValueError(f"unknown head importance {importance!r}; valid: 'entropy', 'gradient'")
+        if heads is None and top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        self.top_k = top_k
+        self.importance_method = importance
+        self.heads = list(heads) if heads is not None else None
+        self.selected: dict[str, list[tuple[int, int]]] = {}
+        self.importance: dict[str, list[float]] = {}
+        self._fixed_pairs = self.heads is not None and all(not isinstance(h, int) for h in self.heads)
+        if self._fixed_pairs:
+            self.top_k = len(self.heads)
+
+    def check_heads(self, num_teacher_heads, num_student_heads, pairs) -> None:
+        available = min(num_teacher_heads, num_student_heads)
+        k = len(self.heads) if self.heads is not None else self.top_k
+        if k > available:
+            raise ValueError(
+                f"matching=selective with top_k={k}: only {available} heads are available (teacher {num_teacher_heads}, "
+                f"student {num_student_heads}); each selected teacher head needs its own student head. Lower top_k."
+            )
+        if self.heads is not None:
+            teacher_heads = [h if isinstance(h, int) else h[0] for h in self.heads]
+            student_heads = [] if not self._fixed_pairs else [h[1] for h in self.heads]
+            if any(not 0 <= h < num_teacher_heads for h in teacher_heads) or any(
+                not 0 <= h < num_student_heads for h in student_heads
+            ):
+                raise ValueError(
+                    f"matching.heads {self.heads} names a head that does not exist: the teacher has heads "
+                    f"0..{num_teacher_heads - 1} and the student 0..{num_student_heads - 1}."
+                )
+            if self._fixed_pairs:
+                for pair in pairs:
+                    self.selected[pair_name(pair)] = [(int(t), int(s)) for t, s in self.heads]
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.selected)
+
+    def calibrate(
+        self,
+        student_maps: Mapping[int, Tensor],
+        teacher_maps: Mapping[int, Tensor],
+        attention_mask: Tensor | None,
+        loss: Callable,
+        pairs: Sequence[LayerPair],
+        teacher_importance: Mapping[int, Tensor] | None = None,
+    ) -> dict[str, list[tuple[int, int]]]:
+        """Choose and assign heads on a calibration batch; returns ``selected``."""
+        if self._fixed_pairs:
+            return self.selected
+        if self.importance_method == "gradient" and teacher_importance is None and self.heads is None:
+            raise ValueError("importance='gradient' needs teacher_importance from gradient_head_importance(...)")
+        for pair in pairs:
+            t_layer, s_layer = pair
+            teacher, student = teacher_maps[t_layer].detach(), student_maps[s_layer].detach()
+            if self.heads is not None:
+                chosen = [int(h) for h in self.heads]
+                scores = torch.zeros(teacher.shape[1])
+            else:
+                scores = (
+                    teacher_importance[t_layer]
+                    if teacher_importance is not None
+                    else entropy_head_importance(teacher, attention_mask)
+                ).float().cpu()
+                chosen = scores.topk(self.top_k).indices.tolist()
+            num_student_heads = student.shape[1]
+            cost = torch.stack(
+                [
+                    loss(student, teacher[:, [t]].expand(-1, num_student_heads, -1, -1), attention_mask, per_head=True)
+                    for t in chosen
+                ]
+            )  # (k, H_student): loss of teacher head chosen[i] against student head j
+            rows, cols = linear_sum_assignment(cost.float().cpu().numpy())
+            self.selected[pair_name(pair)] = [(chosen[r], int(c)) for r, c in zip(rows, cols, strict=True)]
+            self.importance[pair_name(pair)] = [round(float(x), 6) for x in scores]
+        return self.selected
+
+    def __call__(self, student, teacher, attention_mask, loss, pair):
+        heads = self.selected.get(pair_name(pair))
+        if heads is None:
+            raise RuntimeError(
+                "matching=selective is not calibrated: call AttentionDistillationLoss.calibrate(...) on a calibration "
+                "batch first, or give explicit [teacher_head, student_head] pairs in matching.heads."
+            )
+        head_pairs = [((t,), s) for t, s in heads]
+        per = _compare_heads(student, teacher, attention_mask, loss, head_pairs)
+        return per.mean(), {s: per[j] for j, (_, s) in enumerate(head_pairs)}
+
+
+MATCHING_MODES: dict[str, type] = {
+    "layerwise": Layerwise,
+    "headwise": Headwise,
+    "global": Global,
+    "selective": Selective,
+}
+
+
+def get_matching(name: str, **options) -> Matching:
+    """A matching mode by name, e.g. ``get_matching("selective", top_k=4)``."""
+    try:
+        cls = MATCHING_MODES[name]
+    except KeyError:
+        raise ValueError(f"unknown matching {name!r}; valid choices: {', '.join(sorted(MATCHING_MODES))}") from None
+    return cls(**options)
+
+
+# ---------------------------------------------------------------------------------------------- the component
+
+
+class AttentionDistillationLoss(nn.Module):
+    """The attention part of the objective: a loss, a matching mode and a layer map.
+
+    Args:
+        loss: a loss name (``"mse"``, ``"kl"``, ``"cosine"``) or a callable
+            ``loss(student, teacher, attention_mask, per_head=False)`` such as ``AttentionLoss("kl")``.
+        matching: a mode name (``"layerwise"``, ``"headwise"``, ``"global"``, ``"selective"``) or a mode object.
+        layer_map: ``[(teacher_layer, student_layer), ...]``, 0-based (see ``layer_map()``).
+        layer_weights: one weight per pair; the loss over layers is ``sum(w * L_pair) / sum(w)``, the mean by
+            default.
+
+    ``forward(student_attentions, teacher_attentions, attention_mask)`` takes per-layer maps (a mapping from
+    layer index, as ``AttentionCapture`` returns, or a sequence indexed by layer, as ``outputs.attentions``)
+    and returns ``(loss, details)``: ``details["L6->3"]`` per layer pair and, for head-reporting modes,
+    ``details["L6->3/h0"]`` per student head, all detached.
+    """
+
+    def __init__(
+        self,
+        loss: str | Callable = "kl",
+        matching: str | Matching = "layerwise",
+        layer_map: Sequence[Sequence[int]] = ((0, 0),),
+        layer_weights: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.loss = AttentionLoss(loss) if isinstance(loss, str) else loss
+        self.matching = get_matching(matching) if isinstance(matching, str) else matching
+        self.layer_map = [(int(t), int(s)) for t, s in layer_map]
+        if not self.layer_map:
+            raise ValueError("layer_map has no pairs: nothing would be distilled")
+        if layer_weights is not None and len(layer_weights) != len(self.layer_map):
+            raise ValueError(
+                f"layer_weights has {len(layer_weights)} entries for {len(self.layer_map)} layer pairs {self.layer_map}"
+            )
+        weights = torch.tensor(layer_weights if layer_weights is not None else [1.0] * len(self.layer_map))
+        if (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"layer_weights must be non-negative with a positive sum; got {layer_weights}")
+        self.register_buffer("layer_weights", weights / weights.sum(), persistent=False)
+
+    @property
+    def teacher_layers(self) -> list[int]:
+        return sorted({t for t, _ in self.layer_map})
+
+    @property
+    def student_layers(self) -> list[int]:
+        return sorted({s for _, s in self.layer_map})
+
+    def check(self, num_teacher_heads: int, num_student_heads: int) -> None:
+        """Raise before training if the matching mode cannot pair these head counts."""
+        self.matching.check_heads(num_teacher_heads, num_student_heads, self.layer_map)
+
+    def calibrate(
+        self,
+        student_attentions,
+        teacher_attentions,
+        attention_mask: Tensor | None = None,
+        teacher_importance: Mapping[int, Tensor] | None = None,
+    ):
+        """Let a mode that needs a calibration batch (``Selective``) choose its heads; returns its choice."""
+        if not hasattr(self.matching, "calibrate"):
+            return None
+        with torch.no_grad():
+            return self.matching.calibrate(
+                student_attentions, teacher_attentions, attention_mask, self.loss, self.layer_map, teacher_importance
+            )
+
+    def forward(self, student_attentions, teacher_attentions, attention_mask: Tensor | None = None):
+        details: dict[str, Tensor] = {}
+        losses = []
+        for pair in self.layer_map:
+            t_layer, s_layer = pair
+            student, teacher = student_attentions[s_layer], teacher_attentions[t_layer]
+            if student is None or teacher is None:
+                raise ValueError(f"no attention map for layer pair {pair_name(pair)}; was the layer captured?")
+            if student.shape[0] != teacher.shape[0] or student.shape[-2:] != teacher.shape[-2:]:
+                raise ValueError(
+                    f"teacher and student attention maps for {pair_name(pair)} differ in batch or sequence length: "
+                    f"teacher {tuple(teacher.shape)}, student {tuple(student.shape)}. Both models must see the same "
+                    "tokens: use the teacher's tokenizer for the student."
+                )
+            self.check(teacher.shape[1], student.shape[1])
+            value, per_head = self.matching(student, teacher, attention_mask, self.loss, pair)
+            losses.append(value)
+            name = pair_name(pair)
+            details[name] = value.detach()
+            for head, head_value in (per_head or {}).items():
+                details[f"{name}/h{head}"] = head_value.detach()
+        total = (torch.stack(losses) * self.layer_weights.to(losses[0].dtype)).sum()
+        return total, details
