@@ -60,7 +60,7 @@ def _log_probs(p: Tensor, key_valid: Tensor | None, temperature: float) -> tuple
         positive = positive & key_valid
     log_p = torch.where(positive, torch.log(torch.where(positive, p, torch.ones_like(p))), -math.inf)
     empty = ~positive.any(-1, keepdim=True)
-    log_p = log_p.masked_fill(empty, 0.0)  # keeps log_softmax finite on rows that are excluded anyway
+    log_p = log_p.masked_fill(empty, 0.0)  # keeps log_softmax finite; the caller handles empty rows
     return torch.log_softmax(log_p / temperature, dim=-1), empty.squeeze(-1)
 
 
@@ -94,8 +94,9 @@ def _row_terms(
         weights = (n_keys.to(dtype) if n_keys is not None else ones * s.shape[-1]).expand_as(values)
     elif kind == "kl":
         log_t, t_empty = _log_probs(t, key_valid, temperature)
-        log_s, _ = _log_probs(s, key_valid, temperature)
-        log_s = log_s.clamp_min(_LOG_TINY)
+        log_s, s_empty = _log_probs(s, key_valid, temperature)
+        # a student row with no mass on the valid keys has zero mass wherever the teacher has some
+        log_s = log_s.masked_fill(s_empty.unsqueeze(-1), _LOG_TINY).clamp_min(_LOG_TINY)
         p_t = log_t.exp()
         log_t = torch.where(p_t > 0, log_t, torch.zeros_like(log_t))  # 0 * (-inf) would be NaN
         values = (p_t * (log_t - log_s)).sum(-1) * temperature**2
