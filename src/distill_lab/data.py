@@ -1,0 +1,335 @@
+"""Text-classification data: dataset loaders, a built-in offline task and a Lightning data module.
+
+Loaders (:func:`hub_dataset`, :func:`local_files`, :func:`synthetic_relations`) return a DatasetDict with
+``train`` and ``validation`` splits. :class:`TextClassificationData` takes one (or a zero-argument callable
+returning one, as Hydra's ``_partial_`` gives), validates its columns, maps labels to ids, tokenizes without
+padding and batches with dynamic padding.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+SYNTHETIC_WORDS: tuple[str, ...] = tuple(f"w{i}" for i in range(512))
+SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+FILE_BUILDERS: dict[str, tuple[str, dict]] = {  # extension -> (datasets builder, builder options)
+    ".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}),
+    ".json": ("json", {}), ".jsonl": ("json", {}), ".parquet": ("parquet", {}),
+}
+MODEL_COLUMNS: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+
+def _check_vocab_size(vocab_size: int) -> None:
+    if not 2 <= vocab_size <= len(SYNTHETIC_WORDS):
+        raise ValueError(f"vocab_size must be in [2, {len(SYNTHETIC_WORDS)}], got {vocab_size}")
+
+
+def _relation_split(num: int, min_length: int, max_length: int, words: tuple[str, ...], rng) -> Dataset:
+    labels = [i % 2 for i in range(num)]  # exactly balanced, then shuffled
+    rng.shuffle(labels)
+    texts = []
+    for label in labels:
+        length = rng.randint(min_length, max_length)
+        first = rng.choice(words)
+        others = [w for w in words if w != first]
+        rest = [rng.choice(words if label else others) for _ in range(length - 1)]
+        if label and first not in rest:
+            rest[rng.randrange(length - 1)] = first
+        texts.append(" ".join([first, *rest]))
+    return Dataset.from_dict({"text": texts, "label": labels})
+
+
+def synthetic_relations(
+    num_train: int = 4000, num_validation: int = 500, min_length: int = 8, max_length: int = 16,
+    vocab_size: int = 24, seed: int = 0,
+) -> DatasetDict:
+    """A built-in binary task whose label depends on a relation between tokens.
+
+    Each example is ``min_length`` to ``max_length`` words drawn from the first ``vocab_size`` entries of
+    :data:`SYNTHETIC_WORDS`; the label is 1 iff the first word occurs again later in the sequence. Half of
+    each split is positive by construction. Train and validation come from separate seed streams.
+
+    Args:
+        num_train: Number of training examples.
+        num_validation: Number of validation examples.
+        min_length: Shortest sequence, in words (at least 2).
+        max_length: Longest sequence, in words.
+        vocab_size: Number of distinct words (2 to ``len(SYNTHETIC_WORDS)``).
+        seed: Random seed; the same seed gives the same dataset.
+
+    Returns:
+        A DatasetDict with ``train`` and ``validation`` splits and columns ``text`` (str) and ``label`` (int).
+    """
+    _check_vocab_size(vocab_size)
+    if not 2 <= min_length <= max_length:
+        raise ValueError(f"need 2 <= min_length <= max_length, got {min_length} and {max_length}")
+    words = SYNTHETIC_WORDS[:vocab_size]
+    sizes = {"train": num_train, "validation": num_validation}
+    return DatasetDict(  # each split draws from its own seed stream
+        {split: _relation_split(n, min_length, max_length, words, random.Random(f"{seed}/{split}"))
+         for split, n in sizes.items()}
+    )
+
+
+def build_word_tokenizer(vocab_size: int = 24, model_max_length: int = 64) -> PreTrainedTokenizerFast:
+    """A BERT-style word-level tokenizer over the first ``vocab_size`` synthetic words.
+
+    Ids 0-4 are ``[PAD] [UNK] [CLS] [SEP] [MASK]``, followed by the words. Text is split on whitespace and
+    framed as ``[CLS] a [SEP]`` or ``[CLS] a [SEP] b [SEP]`` (with token type ids 0 and 1).
+
+    Args:
+        vocab_size: Number of synthetic words in the vocabulary.
+        model_max_length: Maximum sequence length recorded in the tokenizer.
+
+    Returns:
+        A fast tokenizer that round-trips through ``save_pretrained`` / ``AutoTokenizer.from_pretrained``.
+    """
+    _check_vocab_size(vocab_size)
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + SYNTHETIC_WORDS[:vocab_size])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=model_max_length,
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],  # BERT-style segment ids
+    )
+
+
+def hub_dataset(
+    path: str,
+    name: str | None = None,
+    train_split: str = "train",
+    validation_split: str = "validation",
+    **kwargs,
+) -> DatasetDict:
+    """Load a dataset from the Hugging Face Hub, e.g. ``hub_dataset("glue", "sst2")``.
+
+    Args:
+        path: Dataset repository on the Hub.
+        name: Configuration name, if the dataset has several.
+        train_split: Split to use for training.
+        validation_split: Split to use for validation (e.g. ``validation_matched`` for MNLI).
+        **kwargs: Passed on to :func:`datasets.load_dataset`.
+
+    Returns:
+        A DatasetDict with the two chosen splits renamed to ``train`` and ``validation``.
+
+    Raises:
+        RuntimeError: The dataset could not be loaded (no network, unknown name, ...).
+        ValueError: A chosen split does not exist.
+    """
+    label = path if name is None else f"{path}/{name}"
+    try:
+        loaded = load_dataset(path, name, **kwargs)
+    except Exception as err:
+        raise RuntimeError(
+            f"could not load dataset {label!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
+            "For offline use, set data=local data.dataset.train_file=... data.dataset.validation_file=... "
+            "(csv/tsv/json/jsonl/parquet), or data=synthetic for the built-in task."
+        ) from err
+    for split in (train_split, validation_split):
+        if split not in loaded:
+            raise ValueError(f"dataset {label!r} has no split {split!r}; available splits: {list(loaded)}")
+    return DatasetDict(train=loaded[train_split], validation=loaded[validation_split])
+
+
+def _load_file(path: str | Path) -> Dataset:
+    path = Path(path)
+    suffix = path.suffix.lower()
+    supported = f"supported extensions: {sorted(FILE_BUILDERS)}"
+    if suffix not in FILE_BUILDERS:
+        raise ValueError(f"unsupported data file {str(path)!r}; {supported}")
+    if not path.is_file():
+        raise ValueError(f"data file {str(path)!r} does not exist ({supported})")
+    builder, options = FILE_BUILDERS[suffix]
+    return load_dataset(builder, data_files=str(path), split="train", **options)
+
+
+def local_files(train_file: str | Path, validation_file: str | Path) -> DatasetDict:
+    """Load ``train`` and ``validation`` splits from local .csv, .tsv, .json, .jsonl or .parquet files.
+
+    Raises:
+        ValueError: A file does not exist or has an unsupported extension.
+    """
+    return DatasetDict(train=_load_file(train_file), validation=_load_file(validation_file))
+
+
+def _tokenize(batch: dict, tokenizer, columns: tuple, label_ids: dict, max_length: int) -> dict:
+    """Batched ``Dataset.map`` function: tokenize without padding and map labels to ids."""
+    text_column, text_pair_column, label_column = columns
+    pairs = batch[text_pair_column] if text_pair_column else None
+    encoded = tokenizer(batch[text_column], pairs, truncation=True, max_length=max_length)
+    features = {key: encoded[key] for key in MODEL_COLUMNS if key in encoded}
+    features["labels"] = [label_ids[value] for value in batch[label_column]]
+    return features
+
+
+class TextClassificationData(lightning.LightningDataModule):
+    """Tokenized, dynamically padded text-classification batches from a train/validation DatasetDict.
+
+    Args:
+        dataset: A DatasetDict with ``train`` and ``validation`` splits, or a zero-argument callable returning
+            one (loaded lazily, once, in :meth:`setup`).
+        tokenizer: The tokenizer; may be assigned later through the attribute, but before :meth:`setup`.
+        text_column: Column holding the text.
+        text_pair_column: Column holding the second text of a pair (e.g. MNLI's hypothesis), or None.
+        label_column: Column holding the labels: ints (or a ClassLabel) or strings.
+        max_length: Sequences are truncated to this many tokens.
+        batch_size: Training batch size.
+        eval_batch_size: Validation batch size; defaults to ``batch_size``.
+        num_workers: DataLoader worker processes.
+        max_train_samples: If set, use a seeded random subset of this many training examples.
+        max_eval_samples: If set, use a seeded random subset of this many validation examples.
+        seed: Seed for subsampling and for shuffling the training data.
+    """
+
+    def __init__(
+        self,
+        dataset: DatasetDict | Callable[[], DatasetDict],
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        text_column: str = "text",
+        text_pair_column: str | None = None,
+        label_column: str = "label",
+        max_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        max_train_samples: int | None = None,
+        max_eval_samples: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.tokenizer = tokenizer
+        self.text_column = text_column
+        self.text_pair_column = text_pair_column
+        self.label_column = label_column
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.max_samples = {"train": max_train_samples, "validation": max_eval_samples}
+        self.seed = seed
+        self.label_names: list[str] | None = None
+        self.raw: DatasetDict | None = None
+        self.splits: DatasetDict | None = None
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes, known after :meth:`setup`."""
+        if self.label_names is None:
+            raise RuntimeError("num_labels is known only after TextClassificationData.setup()")
+        return len(self.label_names)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, validate, subsample and tokenize the dataset (only the first call does any work).
+
+        Raises:
+            ValueError: No tokenizer is set, a split or column is missing, or the labels are unusable.
+        """
+        if self.splits is not None:
+            return
+        if self.tokenizer is None:
+            raise ValueError("TextClassificationData has no tokenizer: set its `tokenizer` before setup()")
+        raw = self.dataset if isinstance(self.dataset, DatasetDict) else self.dataset()
+        for split in ("train", "validation"):
+            if split not in raw:
+                raise ValueError(f"dataset has no {split!r} split; available splits: {list(raw)}")
+        raw = DatasetDict(train=raw["train"], validation=raw["validation"])
+        self._check_columns(raw)
+        label_ids = self._label_ids(raw)
+        for split, limit in self.max_samples.items():
+            if limit is not None and limit < len(raw[split]):
+                raw[split] = raw[split].shuffle(seed=self.seed).select(range(limit))
+        self.raw = raw
+        columns = (self.text_column, self.text_pair_column, self.label_column)
+        fn_kwargs = dict(
+            tokenizer=self.tokenizer, columns=columns, label_ids=label_ids, max_length=self.max_length
+        )
+        self.splits = DatasetDict(
+            {split: ds.map(_tokenize, batched=True, remove_columns=ds.column_names, fn_kwargs=fn_kwargs)
+             for split, ds in raw.items()}
+        )
+
+    def _check_columns(self, raw: DatasetDict) -> None:
+        required = {"text_column": self.text_column, "label_column": self.label_column}
+        if self.text_pair_column is not None:
+            required["text_pair_column"] = self.text_pair_column
+        for split, ds in raw.items():
+            for key, column in required.items():
+                if column not in ds.column_names:
+                    available = f"available columns: {ds.column_names}"
+                    raise ValueError(f"data.{key}={column!r} not in {split} split; {available}")
+
+    def _label_ids(self, raw: DatasetDict) -> dict:
+        """Set ``self.label_names`` and return the mapping from raw label values to class ids."""
+        feature = raw["train"].features[self.label_column]
+        train_values = set(raw["train"][self.label_column])
+        validation_values = set(raw["validation"][self.label_column])
+        dtype = getattr(feature, "dtype", "")
+        key = f"data.label_column={self.label_column!r}"
+        if isinstance(feature, ClassLabel):  # e.g. glue: keep the dataset's own names
+            names, label_ids = list(feature.names), {i: i for i in range(feature.num_classes)}
+        elif dtype in ("string", "large_string"):
+            names = sorted(train_values)
+            label_ids = {name: i for i, name in enumerate(names)}
+        elif "int" in dtype:
+            names = [str(i) for i in range(max(train_values | validation_values) + 1)]
+            label_ids = {i: i for i in range(len(names))}
+        else:
+            raise ValueError(f"{key} has type {feature}; expected int or string labels")
+        if unknown := validation_values - train_values:
+            raise ValueError(
+                f"validation labels {sorted(unknown)} of {key} do not occur in the train split"
+            )
+        if invalid := train_values - set(label_ids):
+            raise ValueError(f"{key} holds invalid labels {sorted(invalid)}")
+        self.label_names = names
+        return label_ids
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        self.setup()
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            self.splits[split], batch_size=batch_size, shuffle=shuffle, generator=generator,
+            collate_fn=DataCollatorWithPadding(self.tokenizer), num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (seeded) training batches, padded to the longest sequence in each batch."""
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches in dataset order, padded to the longest sequence in each batch."""
+        return self._loader("validation", self.eval_batch_size, shuffle=False)
+
+    def example_batch(self, split: str = "validation", size: int = 8) -> dict[str, torch.Tensor]:
+        """One collated batch of the first ``size`` examples of ``split`` (for calibration and plots)."""
+        self.setup()
+        ds = self.splits[split]
+        return DataCollatorWithPadding(self.tokenizer)([ds[i] for i in range(min(size, len(ds)))])
+
+    def example_texts(self, split: str = "validation", size: int = 8) -> list[str]:
+        """Raw texts of the examples in :meth:`example_batch`; a pair is joined by the separator token."""
+        self.setup()
+        rows = self.raw[split][: min(size, len(self.raw[split]))]
+        if self.text_pair_column is None:
+            return rows[self.text_column]
+        sep = self.tokenizer.sep_token or "|"
+        pairs = zip(rows[self.text_column], rows[self.text_pair_column], strict=True)
+        return [f"{a} {sep} {b}" for a, b in pairs]

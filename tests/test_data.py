@@ -1,0 +1,295 @@
+"""Tests for distill_lab.data: synthetic task, word tokenizer, loaders and the Lightning data module."""
+
+from __future__ import annotations
+
+import datasets
+import pandas as pd
+import pytest
+import torch
+import transformers
+from datasets import Dataset, DatasetDict
+
+from distill_lab.data import (
+    SYNTHETIC_WORDS,
+    TextClassificationData,
+    build_word_tokenizer,
+    hub_dataset,
+    local_files,
+    synthetic_relations,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_word_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return synthetic_relations(num_train=400, num_validation=100, seed=3)
+
+
+def _frame(n: int = 6, offset: int = 0) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "sentence": [
+                " ".join(f"w{(i + j) % 24}" for j in range(2 + i)) for i in range(offset, offset + n)
+            ],
+            "label": [i % 2 for i in range(offset, offset + n)],
+        }
+    )
+
+
+def test_synthetic_relations_is_deterministic_balanced_and_correct():
+    data = synthetic_relations(num_train=1000, num_validation=200, seed=7)
+    again = synthetic_relations(num_train=1000, num_validation=200, seed=7)
+    other = synthetic_relations(num_train=1000, num_validation=200, seed=8)
+    assert set(data) == {"train", "validation"}
+    assert data["train"].column_names == ["text", "label"]
+    assert len(data["train"]) == 1000 and len(data["validation"]) == 200
+    assert (
+        data["train"]["text"] == again["train"]["text"] and data["train"]["label"] == again["train"]["label"]
+    )
+    assert data["train"]["text"] != other["train"]["text"]
+    vocab = set(SYNTHETIC_WORDS[:24])
+    for split in ("train", "validation"):
+        labels = data[split]["label"]
+        assert 0.45 <= sum(labels) / len(labels) <= 0.55
+        for text, label in zip(data[split]["text"], labels, strict=True):
+            words = text.split()
+            assert 8 <= len(words) <= 16
+            assert set(words) <= vocab
+            assert label == int(words[0] in words[1:])
+
+
+def test_synthetic_train_and_validation_differ():
+    data = synthetic_relations(num_train=300, num_validation=300, seed=0)
+    assert data["train"]["text"] != data["validation"]["text"]
+    overlap = set(data["train"]["text"]) & set(data["validation"]["text"])
+    assert len(overlap) < 5  # sequences of 8-16 words over 24 words essentially never collide
+
+
+def test_synthetic_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="vocab_size"):
+        synthetic_relations(vocab_size=1)
+    with pytest.raises(ValueError, match="min_length"):
+        synthetic_relations(min_length=10, max_length=5)
+
+
+def test_word_tokenizer_round_trips_through_auto_tokenizer(tmp_path, tokenizer):
+    assert len(tokenizer) == 5 + 24
+    assert [tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.cls_token_id] == [0, 1, 2]
+    assert [tokenizer.sep_token_id, tokenizer.mask_token_id] == [3, 4]
+    tokenizer.save_pretrained(tmp_path)
+    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    texts, pairs = ["w0 w5 w23", "w1 unknown"], ["w2", "w3 w4"]
+    for args in ((texts,), (texts, pairs)):
+        assert loaded(*args)["input_ids"] == tokenizer(*args)["input_ids"]
+    single = loaded("w0 w5 w23")["input_ids"]
+    assert single == [2, 5, 10, 28, 3]
+    assert loaded.convert_ids_to_tokens(single) == ["[CLS]", "w0", "w5", "w23", "[SEP]"]
+    assert loaded("w9 zzz")["input_ids"][2] == loaded.unk_token_id
+    pair = loaded("w0", "w1")
+    assert pair["input_ids"] == [2, 5, 3, 6, 3] and pair["token_type_ids"] == [0, 0, 0, 1, 1]
+    assert (loaded.pad_token, loaded.mask_token, loaded.model_max_length) == ("[PAD]", "[MASK]", 64)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".json", ".parquet"])
+def test_local_files_reads_every_format(tmp_path, monkeypatch, suffix):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    frames = {"train": _frame(6), "validation": _frame(3, offset=10)}
+    paths = {}
+    for split, frame in frames.items():
+        paths[split] = tmp_path / f"{split}{suffix}"
+        if suffix in (".csv", ".tsv"):
+            frame.to_csv(paths[split], sep="," if suffix == ".csv" else "\t", index=False)
+        elif suffix in (".json", ".jsonl"):
+            frame.to_json(paths[split], orient="records", lines=True)
+        else:
+            frame.to_parquet(paths[split], index=False)
+    data = local_files(paths["train"], str(paths["validation"]))
+    assert isinstance(data, DatasetDict) and set(data) == {"train", "validation"}
+    for split, frame in frames.items():
+        assert data[split].column_names == ["sentence", "label"]
+        assert data[split]["sentence"] == frame["sentence"].tolist()
+        assert data[split]["label"] == frame["label"].tolist()
+
+
+def test_local_files_rejects_unknown_extension_and_missing_file(tmp_path):
+    train = tmp_path / "train.csv"
+    _frame().to_csv(train, index=False)
+    (tmp_path / "dev.xlsx").write_text("x")
+    with pytest.raises(ValueError, match=r"dev\.xlsx.*\.csv.*\.parquet"):
+        local_files(train, tmp_path / "dev.xlsx")
+    with pytest.raises(ValueError, match=r"missing\.csv.*does not exist"):
+        local_files(train, tmp_path / "missing.csv")
+
+
+def test_hub_dataset_failure_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # the env vars are read at import time
+    with pytest.raises((RuntimeError, ValueError), match="no-such-org/no-such-dataset") as info:
+        hub_dataset("no-such-org/no-such-dataset", "cfg")
+    assert "data=local" in str(info.value)
+
+
+def test_data_module_tokenizes_and_pads_dynamically(synthetic, tokenizer):
+    dm = TextClassificationData(lambda: synthetic, tokenizer, max_length=128, batch_size=16, seed=1)
+    dm.setup()
+    dm.setup()  # idempotent
+    assert dm.num_labels == 2 and dm.label_names == ["0", "1"]
+    assert set(dm.splits["train"].column_names) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
+    batches = list(dm.train_dataloader())
+    assert sum(len(b["labels"]) for b in batches) == 400
+    for batch in batches[:5]:
+        lengths = batch["attention_mask"].sum(dim=1)
+        assert batch["input_ids"].shape[1] == lengths.max() < 128  # padded to the longest in the batch
+        assert batch["input_ids"].dtype == torch.long and batch["labels"].shape == (16,)
+        assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
+    val = next(iter(dm.val_dataloader()))
+    assert val["labels"].tolist() == synthetic["validation"]["label"][:16]  # not shuffled
+
+
+def test_train_dataloader_shuffle_is_seeded(synthetic, tokenizer):
+    def first_labels(seed):
+        dm = TextClassificationData(synthetic, tokenizer, batch_size=32, seed=seed)
+        dm.setup()
+        return next(iter(dm.train_dataloader()))["input_ids"].tolist()
+
+    assert first_labels(0) == first_labels(0)
+    assert first_labels(0) != first_labels(1)
+
+
+def test_truncation_to_max_length(synthetic, tokenizer):
+    dm = TextClassificationData(synthetic, tokenizer, max_length=6)
+    dm.setup()
+    batch = dm.example_batch("train", 4)
+    assert batch["input_ids"].shape == (4, 6)
+    assert (batch["input_ids"][:, -1] == tokenizer.sep_token_id).all()
+
+
+def test_example_batch_and_texts(synthetic, tokenizer):
+    dm = TextClassificationData(synthetic, tokenizer)
+    batch = dm.example_batch(size=5)  # sets itself up
+    assert batch["input_ids"].shape[0] == 5 and batch["attention_mask"].shape == batch["input_ids"].shape
+    texts = dm.example_texts("validation", 5)
+    assert texts == synthetic["validation"]["text"][:5]
+    for row, text in zip(batch["input_ids"], texts, strict=True):
+        ids = row[row != tokenizer.pad_token_id].tolist()
+        assert ids == tokenizer(text)["input_ids"]
+    assert dm.example_batch(size=10_000)["input_ids"].shape[0] == 100
+
+
+def test_text_pairs(tokenizer):
+    rows = {"premise": ["w0 w1", "w2", "w3 w4 w5"], "hypothesis": ["w6", "w7 w8", "w9"], "label": [0, 2, 1]}
+    data = DatasetDict(train=Dataset.from_dict(rows), validation=Dataset.from_dict(rows))
+    dm = TextClassificationData(
+        data, tokenizer, text_column="premise", text_pair_column="hypothesis", batch_size=3
+    )
+    dm.setup()
+    assert dm.num_labels == 3
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["input_ids"][0].tolist() == [2, 5, 6, 3, 11, 3, 0]
+    assert batch["token_type_ids"][0].tolist() == [0, 0, 0, 0, 1, 1, 0]
+    assert batch["labels"].tolist() == [0, 2, 1]
+    assert dm.example_texts(size=1) == ["w0 w1 [SEP] w6"]
+
+
+def test_string_labels_are_mapped_to_sorted_ids(tokenizer):
+    train = Dataset.from_dict({"text": ["w0", "w1", "w2", "w3"], "label": ["pos", "neg", "neutral", "pos"]})
+    val = Dataset.from_dict({"text": ["w4", "w5"], "label": ["neutral", "pos"]})
+    dm = TextClassificationData(DatasetDict(train=train, validation=val), tokenizer)
+    dm.setup()
+    assert dm.label_names == ["neg", "neutral", "pos"] and dm.num_labels == 3
+    assert dm.splits["train"]["labels"] == [2, 0, 1, 2]
+    assert dm.splits["validation"]["labels"] == [1, 2]
+
+
+def test_unseen_validation_labels_are_rejected(tokenizer):
+    train = Dataset.from_dict({"text": ["w0", "w1"], "label": ["a", "b"]})
+    val = Dataset.from_dict({"text": ["w2"], "label": ["c"]})
+    dm = TextClassificationData(DatasetDict(train=train, validation=val), tokenizer)
+    with pytest.raises(ValueError, match="'c'.*train"):
+        dm.setup()
+
+
+def test_int_label_names_cover_train_and_validation(tokenizer):
+    train = Dataset.from_dict({"text": ["w0", "w1", "w2"], "label": [0, 3, 1]})
+    val = Dataset.from_dict({"text": ["w2"], "label": [1]})
+    dm = TextClassificationData(DatasetDict(train=train, validation=val), tokenizer)
+    dm.setup()
+    assert dm.label_names == ["0", "1", "2", "3"]
+
+
+def test_missing_column_error_names_column_split_and_available(tokenizer):
+    rows = {"sentence2": ["w0", "w1"], "label": [0, 1], "idx": [0, 1]}
+    data = DatasetDict(train=Dataset.from_dict(rows), validation=Dataset.from_dict(rows))
+    with pytest.raises(ValueError) as info:
+        TextClassificationData(data, tokenizer, text_column="sentence").setup()
+    message = str(info.value)
+    assert "data.text_column='sentence'" in message and "train split" in message
+    assert "['sentence2', 'label', 'idx']" in message
+    for key, kwargs in [
+        ("data.label_column='y'", {"text_column": "sentence2", "label_column": "y"}),
+        ("data.text_pair_column='hyp'", {"text_column": "sentence2", "text_pair_column": "hyp"}),
+    ]:
+        with pytest.raises(ValueError, match=key):
+            TextClassificationData(data, tokenizer, **kwargs).setup()
+
+
+def test_missing_tokenizer_is_a_clear_error(synthetic, tokenizer):
+    dm = TextClassificationData(synthetic)
+    with pytest.raises(ValueError, match="tokenizer"):
+        dm.setup()
+    with pytest.raises(RuntimeError, match="setup"):
+        _ = dm.num_labels
+    dm.tokenizer = tokenizer  # run.py assigns it after loading the teacher's tokenizer
+    dm.setup()
+    assert dm.num_labels == 2
+
+
+def test_subsampling_is_deterministic(synthetic, tokenizer):
+    def subsample(seed):
+        dm = TextClassificationData(
+            synthetic, tokenizer, max_train_samples=50, max_eval_samples=20, seed=seed
+        )
+        dm.setup()
+        return dm
+
+    first, again, other = subsample(0), subsample(0), subsample(1)
+    assert (len(first.splits["train"]), len(first.splits["validation"])) == (50, 20)
+    assert first.splits["train"]["input_ids"] == again.splits["train"]["input_ids"]
+    assert first.splits["train"]["input_ids"] != other.splits["train"]["input_ids"]
+    assert set(first.example_texts("train", 50)) <= set(synthetic["train"]["text"])
+
+
+def test_tiny_bert_forward_on_a_training_batch(synthetic, tokenizer):
+    dm = TextClassificationData(synthetic, tokenizer, batch_size=8)
+    dm.setup()
+    config = transformers.BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        num_labels=dm.num_labels,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).eval()
+    batch = next(iter(dm.train_dataloader()))
+    with torch.no_grad():
+        out = model(**batch)
+    assert out.logits.shape == (8, 2)
+    assert torch.isfinite(out.loss)
+
+
+def test_class_label_names_are_kept(tokenizer):
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    rows = {"text": ["w0", "w1", "w2"], "label": [1, 0, 1]}
+    ds = Dataset.from_dict(rows, features=features)
+    dm = TextClassificationData(DatasetDict(train=ds, validation=ds), tokenizer)
+    dm.setup()
+    assert dm.label_names == ["neg", "pos"]
+    assert dm.splits["train"]["labels"] == [1, 0, 1]
