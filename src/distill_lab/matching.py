@@ -355,6 +355,8 @@ class Selective:
         teacher_importance: Mapping[int, Tensor] | None = None,
     ) -> dict[str, list[tuple[int, int]]]:
         """Choose and assign heads on a calibration batch; returns ``selected``."""
+        for t_layer, s_layer in pairs:  # top_k or heads that do not fit fail here as they would in forward
+            self.check_heads(teacher_maps[t_layer].shape[1], student_maps[s_layer].shape[1], [(t_layer, s_layer)])
         if self._fixed_pairs:
             return self.selected
         if self.importance_method == "gradient" and teacher_importance is None and self.heads is None:
@@ -414,6 +416,11 @@ def get_matching(name: str, **options) -> Matching:
 
 
 # ---------------------------------------------------------------------------------------------- the component
+
+
+def _layer_maps(attentions, layer: int) -> Tensor | None:
+    """One layer's maps from a {layer: maps} mapping (None when not captured) or a sequence indexed by layer."""
+    return attentions.get(layer) if isinstance(attentions, Mapping) else attentions[layer]
 
 
 class AttentionDistillationLoss(nn.Module):
@@ -487,7 +494,7 @@ class AttentionDistillationLoss(nn.Module):
         losses = []
         for pair in self.layer_map:
             t_layer, s_layer = pair
-            student, teacher = student_attentions[s_layer], teacher_attentions[t_layer]
+            student, teacher = _layer_maps(student_attentions, s_layer), _layer_maps(teacher_attentions, t_layer)
             if student is None or teacher is None:
                 raise ValueError(f"no attention map for layer pair {pair_name(pair)}; was the layer captured?")
             if student.shape[0] != teacher.shape[0] or student.shape[-2:] != teacher.shape[-2:]:
@@ -503,5 +510,5 @@ class AttentionDistillationLoss(nn.Module):
             details[name] = value.detach()
             for head, head_value in (per_head or {}).items():
                 details[f"{name}/h{head}"] = head_value.detach()
-        total = (torch.stack(losses) * self.layer_weights.to(losses[0].dtype)).sum()
+        total = (torch.stack(losses) * self.layer_weights.to(losses[0])).sum()  # the maps' device and dtype
         return total, details
