@@ -10,6 +10,9 @@ import transformers
 from datasets import Dataset, DatasetDict
 
 from distill_lab.data import (
+    NEGATION,
+    NEGATIVE_WORDS,
+    POSITIVE_WORDS,
     SYNTHETIC_WORDS,
     TextClassificationData,
     build_word_tokenizer,
@@ -19,9 +22,14 @@ from distill_lab.data import (
 )
 
 
+W_WORDS = tuple(f"w{i}" for i in range(24))
+W0 = 5 + len(SYNTHETIC_WORDS)  # id of "w0"
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_word_tokenizer()
+    # the built-in task's words, then w0..w23 for the hand-made files below
+    return build_word_tokenizer((*SYNTHETIC_WORDS, *W_WORDS))
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +48,13 @@ def _frame(n: int = 6, offset: int = 0) -> pd.DataFrame:
     )
 
 
+def _negation_label(words: list[str]) -> int:
+    """The label re-derived from the text: the one sentiment word's polarity, flipped by a 'not' right before it."""
+    (position,) = [i for i, w in enumerate(words) if w in POSITIVE_WORDS + NEGATIVE_WORDS]
+    polarity = int(words[position] in POSITIVE_WORDS)
+    return 1 - polarity if position > 0 and words[position - 1] == NEGATION else polarity
+
+
 def test_synthetic_relations_is_deterministic_balanced_and_correct():
     data = synthetic_relations(num_train=1000, num_validation=200, seed=7)
     again = synthetic_relations(num_train=1000, num_validation=200, seed=7)
@@ -51,33 +66,52 @@ def test_synthetic_relations_is_deterministic_balanced_and_correct():
         data["train"]["text"] == again["train"]["text"] and data["train"]["label"] == again["train"]["label"]
     )
     assert data["train"]["text"] != other["train"]["text"]
-    vocab = set(SYNTHETIC_WORDS[:24])
     for split in ("train", "validation"):
         labels = data[split]["label"]
-        assert 0.45 <= sum(labels) / len(labels) <= 0.55
+        assert 0.42 <= sum(labels) / len(labels) <= 0.58
         for text, label in zip(data[split]["text"], labels, strict=True):
             words = text.split()
             assert 8 <= len(words) <= 16
-            assert set(words) <= vocab
-            assert label == int(words[0] in words[1:])
+            assert set(words) <= set(SYNTHETIC_WORDS)
+            assert label == _negation_label(words)
+
+
+def test_synthetic_labels_need_the_relation_not_the_bag_of_words():
+    """The best bag-of-words rule (polarity, flipped when any 'not' is present) stays far from 100%."""
+    data = synthetic_relations(num_train=2000, num_validation=10, seed=1)["train"]
+    negated = distracted = 0
+    bag_correct = 0
+    for text, label in zip(data["text"], data["label"], strict=True):
+        words = text.split()
+        polarity = int(any(w in POSITIVE_WORDS for w in words))
+        flipped = label != polarity
+        negated += flipped
+        distracted += NEGATION in words and not flipped
+        for rule in ((1 - polarity) if NEGATION in words else polarity,):
+            bag_correct += rule == label
+    assert 0.25 <= negated / len(data) <= 0.35  # negation_rate 0.3
+    assert distracted > 0.25 * len(data)  # a "not" that negates nothing is common
+    assert bag_correct / len(data) < 0.8
 
 
 def test_synthetic_train_and_validation_differ():
     data = synthetic_relations(num_train=300, num_validation=300, seed=0)
     assert data["train"]["text"] != data["validation"]["text"]
     overlap = set(data["train"]["text"]) & set(data["validation"]["text"])
-    assert len(overlap) < 5  # sequences of 8-16 words over 24 words essentially never collide
+    assert len(overlap) < 5  # sequences of 8-16 words essentially never collide
 
 
 def test_synthetic_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="vocab_size"):
-        synthetic_relations(vocab_size=1)
+    with pytest.raises(ValueError, match="negation_rate"):
+        synthetic_relations(negation_rate=1.5)
     with pytest.raises(ValueError, match="min_length"):
         synthetic_relations(min_length=10, max_length=5)
+    with pytest.raises(ValueError, match="repeat"):
+        build_word_tokenizer(["w0", "w0"])
 
 
 def test_word_tokenizer_round_trips_through_auto_tokenizer(tmp_path, tokenizer):
-    assert len(tokenizer) == 5 + 24
+    assert len(tokenizer) == 5 + len(SYNTHETIC_WORDS) + 24
     assert [tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.cls_token_id] == [0, 1, 2]
     assert [tokenizer.sep_token_id, tokenizer.mask_token_id] == [3, 4]
     tokenizer.save_pretrained(tmp_path)
@@ -86,11 +120,11 @@ def test_word_tokenizer_round_trips_through_auto_tokenizer(tmp_path, tokenizer):
     for args in ((texts,), (texts, pairs)):
         assert loaded(*args)["input_ids"] == tokenizer(*args)["input_ids"]
     single = loaded("w0 w5 w23")["input_ids"]
-    assert single == [2, 5, 10, 28, 3]
+    assert single == [2, W0, W0 + 5, W0 + 23, 3]
     assert loaded.convert_ids_to_tokens(single) == ["[CLS]", "w0", "w5", "w23", "[SEP]"]
     assert loaded("w9 zzz")["input_ids"][2] == loaded.unk_token_id
     pair = loaded("w0", "w1")
-    assert pair["input_ids"] == [2, 5, 3, 6, 3] and pair["token_type_ids"] == [0, 0, 0, 1, 1]
+    assert pair["input_ids"] == [2, W0, 3, W0 + 1, 3] and pair["token_type_ids"] == [0, 0, 0, 1, 1]
     assert (loaded.pad_token, loaded.mask_token, loaded.model_max_length) == ("[PAD]", "[MASK]", 64)
 
 
@@ -190,7 +224,7 @@ def test_text_pairs(tokenizer):
     dm.setup()
     assert dm.num_labels == 3
     batch = next(iter(dm.val_dataloader()))
-    assert batch["input_ids"][0].tolist() == [2, 5, 6, 3, 11, 3, 0]
+    assert batch["input_ids"][0].tolist() == [2, W0, W0 + 1, 3, W0 + 6, 3, 0]
     assert batch["token_type_ids"][0].tolist() == [0, 0, 0, 0, 1, 1, 0]
     assert batch["labels"].tolist() == [0, 2, 1]
     assert dm.example_texts(size=1) == ["w0 w1 [SEP] w6"]

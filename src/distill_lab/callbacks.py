@@ -1,0 +1,84 @@
+"""Lightning callbacks: teacher vs student attention heat maps on a fixed validation example."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from distill_lab.matching import pair_name  # noqa: E402
+
+
+def plot_attention_pairs(teacher_maps, student_maps, pairs, tokens=None, title=""):
+    """A figure with one row per layer pair: teacher and student attention (head-averaged) side by side.
+
+    Shape:
+        teacher_maps, student_maps: {layer: (H, L, L)} for one example, padding already removed.
+    """
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(7, 3.2 * len(pairs)), squeeze=False)
+    for row, (t_layer, s_layer) in enumerate(pairs):
+        for col, (who, maps, layer) in enumerate((("teacher", teacher_maps, t_layer), ("student", student_maps, s_layer))):
+            ax = axes[row][col]
+            ax.imshow(maps[layer].float().mean(0).cpu().numpy(), cmap="viridis", vmin=0.0)
+            ax.set_title(f"{who} layer {layer} ({pair_name((t_layer, s_layer))})", fontsize=9)
+            if tokens is not None and len(tokens) <= 40:
+                ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=6)
+                ax.set_yticks(range(len(tokens)), tokens, fontsize=6)
+            else:
+                ax.set_xticks([])
+                ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+class AttentionMapCallback(L.Callback):
+    """After each validation epoch, draws the mapped layers' attention for a fixed validation example.
+
+    Saves ``{dirpath}/epoch{N}.png`` and logs the image to a wandb or TensorBoard logger as
+    ``attention_maps``.
+    """
+
+    def __init__(self, dirpath: str, example_index: int = 0) -> None:
+        self.dirpath = Path(dirpath)
+        self.example_index = example_index
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer: L.Trainer, module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or trainer.datamodule is None:
+            return
+        batch = trainer.datamodule.example_batch("validation", self.example_index + 1)
+        inputs = {k: v[self.example_index : self.example_index + 1].to(module.device) for k, v in batch.items() if k != "labels"}
+        length = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else None
+        _, teacher_maps = module.teacher_capture(**inputs)
+        was_training = module.student.training
+        module.student.eval()
+        _, student_maps = module.student_capture(**inputs)
+        module.student.train(was_training)
+        crop = slice(0, length)
+        teacher_maps = {k: v[0, :, crop, crop] for k, v in teacher_maps.items()}
+        student_maps = {k: v[0, :, crop, crop] for k, v in student_maps.items()}
+        tokens = None
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        if tokenizer is not None and "input_ids" in inputs:
+            tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0, crop].tolist())
+        epoch = trainer.current_epoch
+        fig = plot_attention_pairs(
+            teacher_maps, student_maps, module.attention_loss.layer_map, tokens, f"attention, epoch {epoch} (head mean)"
+        )
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        path = self.dirpath / f"epoch{epoch}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):  # wandb
+                logger.log_image(key="attention_maps", images=[str(path)], step=trainer.global_step)
+            elif hasattr(getattr(logger, "experiment", None), "add_image"):  # tensorboard
+                image = torch.from_numpy(plt.imread(path)[..., :3]).permute(2, 0, 1)
+                logger.experiment.add_image("attention_maps", image, trainer.global_step)

@@ -1,0 +1,166 @@
+"""Teachers and students: loading Hugging Face models by hub name or local path, and deriving a student.
+
+``load_teacher`` and ``load_student`` go through transformers' own ``from_pretrained``, so a hub name and a
+local directory take the same path. ``derive_student`` builds a shallower (optionally narrower) copy of the
+teacher's architecture and initialises it from the teacher's mapped layers where shapes allow, as DistilBERT
+does, and randomly elsewhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+from distill_lab.matching import layer_map
+
+log = logging.getLogger(__name__)
+
+AUTO_CLASSES = {"sequence_classification": AutoModelForSequenceClassification}
+
+
+def _auto_class(task: str):
+    try:
+        return AUTO_CLASSES[task]
+    except KeyError:
+        raise ValueError(f"unknown task {task!r}; valid: {', '.join(sorted(AUTO_CLASSES))}") from None
+
+
+def _from_pretrained(role: str, name_or_path: str, task: str, num_labels: int | None, trust_remote_code: bool, **kwargs):
+    auto = _auto_class(task)
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    try:
+        return auto.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as err:
+        hint = (
+            "it is neither a local directory with a saved model nor a model the hub could provide"
+            if not Path(name_or_path).exists()
+            else "the directory holds no loadable model"
+        )
+        raise ValueError(
+            f"cannot load the {role} {role}.name_or_path={name_or_path!r}: {hint}. Give a hub name (with network "
+            f"access) or a directory written by save_pretrained. ({type(err).__name__}: {err})"
+        ) from err
+
+
+def load_teacher(
+    name_or_path: str,
+    task: str = "sequence_classification",
+    num_labels: int | None = None,
+    builtin: str | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> PreTrainedModel:
+    """The frozen teacher, in eval mode with gradients off.
+
+    Args:
+        name_or_path: a hub name (``textattack/bert-base-uncased-SST-2``) or a local directory.
+        num_labels: checked against (or given to) the classification head.
+        builtin: ``"relations"`` trains distill-lab's built-in offline teacher into ``name_or_path`` first
+            if nothing is saved there yet (see ``distill_lab.builtin``).
+    """
+    if builtin is not None and not (Path(name_or_path) / "config.json").exists():
+        from distill_lab.builtin import train_builtin_teacher
+
+        train_builtin_teacher(builtin, name_or_path)
+    kwargs = {"revision": revision} if revision else {}
+    teacher = _from_pretrained("teacher", name_or_path, task, num_labels, trust_remote_code, **kwargs)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def load_student(
+    name_or_path: str,
+    teacher: PreTrainedModel | None = None,
+    task: str = "sequence_classification",
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """A student by hub name or path, with the teacher's number of labels."""
+    num_labels = teacher.config.num_labels if teacher is not None else None
+    return _from_pretrained("student", name_or_path, task, num_labels, trust_remote_code)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The tokenizer saved with a model (the teacher's: the student must see the same tokens)."""
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot load a tokenizer from {name_or_path!r}: {err}") from err
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def derive_student(
+    teacher: PreTrainedModel,
+    num_layers: int,
+    num_heads: int | None = None,
+    hidden_size: int | None = None,
+    intermediate_size: int | None = None,
+    init: str = "teacher",
+) -> PreTrainedModel:
+    """A student of the teacher's architecture with ``num_layers`` layers (and optionally fewer heads or a
+    narrower hidden size).
+
+    With ``init="teacher"``, student layer j starts from teacher layer ``layer_map(..., "uniform")[j]`` and
+    the embeddings and head from the teacher's, wherever the tensor shapes agree; everything else keeps its
+    random initialisation. ``init="random"`` skips the copy. The split is logged.
+    """
+    config = copy.deepcopy(teacher.config)
+    num_teacher_layers = config.num_hidden_layers
+    if not 1 <= num_layers <= num_teacher_layers:
+        raise ValueError(
+            f"student.num_layers={num_layers} must be between 1 and the teacher's {num_teacher_layers} layers"
+        )
+    config.num_hidden_layers = num_layers
+    if hidden_size is not None:
+        config.hidden_size = hidden_size
+    if num_heads is not None:
+        config.num_attention_heads = num_heads
+        if getattr(config, "num_key_value_heads", None) is not None:
+            config.num_key_value_heads = min(config.num_key_value_heads, num_heads)
+            while num_heads % config.num_key_value_heads:
+                config.num_key_value_heads -= 1
+        if getattr(config, "head_dim", None) is not None:
+            config.head_dim = config.hidden_size // num_heads
+    if intermediate_size is not None:
+        for key in ("intermediate_size", "n_inner"):
+            if hasattr(config, key):
+                setattr(config, key, intermediate_size)
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(
+            f"the student's hidden_size {config.hidden_size} is not divisible by its {config.num_attention_heads} heads"
+        )
+    if init not in ("teacher", "random"):
+        raise ValueError(f"student.init={init!r}; valid: 'teacher', 'random'")
+    student = type(teacher)(config)
+    if init == "teacher":
+        source_layer = dict((s, t) for t, s in layer_map(num_teacher_layers, num_layers, "uniform"))
+        teacher_state = teacher.state_dict()
+        copied, total = 0, 0
+        with torch.no_grad():
+            for key, param in student.state_dict().items():
+                total += 1
+                match = _LAYER_INDEX.search(key)
+                source = key
+                if match:
+                    layer = int(match.group(1))
+                    source = f"{key[: match.start()]}.{source_layer.get(layer, layer)}.{key[match.end() :]}"
+                value = teacher_state.get(source)
+                if value is not None and value.shape == param.shape:
+                    param.copy_(value)
+                    copied += 1
+        log.info("student initialised from the teacher: %d of %d tensors copied, the rest random", copied, total)
+    student.train()
+    return student

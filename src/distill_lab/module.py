@@ -1,0 +1,177 @@
+"""The Lightning module: a frozen teacher, a student, and the distillation objective.
+
+    L = (1 - w) * L_output + w * L_attention
+    L_output = alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T)
+
+The module receives built objects (models, the attention-loss component, an optimizer factory); ``run.py``
+builds them from the config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from transformers import PreTrainedModel, get_linear_schedule_with_warmup
+
+from distill_lab.capture import AttentionCapture
+from distill_lab.losses import distillation_objective, kd_loss
+from distill_lab.matching import AttentionDistillationLoss, gradient_head_importance
+
+TEACHER_PREFIX = "teacher."
+
+
+def _metrics(num_labels: int, prefix: str) -> MetricCollection:
+    return MetricCollection(
+        {"acc": MulticlassAccuracy(num_labels, average="micro"), "f1": MulticlassF1Score(num_labels, average="macro")},
+        prefix=prefix,
+    )
+
+
+class DistillationModule(L.LightningModule):
+    """Distils ``teacher`` into ``student`` through their outputs and attention maps.
+
+    Args:
+        teacher: frozen (eval mode, no gradients, never in the optimizer, left out of checkpoints).
+        student: the model being trained.
+        attention_loss: the attention component (loss, matching mode, layer map).
+        optimizer: a factory ``optimizer(params) -> torch.optim.Optimizer`` (a ``functools.partial``).
+        attention_weight, temperature, alpha: the objective's ``w``, ``T`` and ``alpha``.
+        warmup_ratio: share of the steps with a linear learning-rate warm-up; then linear decay to 0.
+        calibration_batch: a batch for modes that choose heads on data (``matching=selective``).
+        head_importance: ``"gradient"`` computes the teacher's gradient head importance on that batch.
+    """
+
+    def __init__(
+        self,
+        teacher: PreTrainedModel,
+        student: PreTrainedModel,
+        attention_loss: AttentionDistillationLoss,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        attention_weight: float = 0.3,
+        temperature: float = 3.0,
+        alpha: float = 0.3,
+        warmup_ratio: float = 0.1,
+        calibration_batch: Mapping[str, Tensor] | None = None,
+        head_importance: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["teacher", "student", "attention_loss", "optimizer", "calibration_batch"])
+        if not 0.0 <= attention_weight <= 1.0:
+            raise ValueError(f"attention_weight must be in [0, 1], got {attention_weight}")
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.student = student
+        self.attention_loss = attention_loss
+        self.optimizer_factory = optimizer
+        self.calibration_batch = calibration_batch
+        self.teacher_capture = AttentionCapture(teacher, attention_loss.teacher_layers)
+        self.student_capture = AttentionCapture(student, attention_loss.student_layers)
+        num_labels = student.config.num_labels
+        self.val_metrics = _metrics(num_labels, "val/")
+        self.teacher_metrics = _metrics(num_labels, "val/teacher_")
+        self.teacher_scores: dict[str, float] = {}
+        self.strict_loading = False  # checkpoints leave the frozen teacher out
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # dropout stays off in the teacher whatever Lightning toggles
+        return self
+
+    def on_fit_start(self) -> None:
+        self.calibrate()
+
+    def calibrate(self) -> None:
+        """Let a matching mode that chooses heads on data (selective) do so, once, on the calibration batch."""
+        matching = self.attention_loss.matching
+        if not hasattr(matching, "calibrate") or getattr(matching, "calibrated", True):
+            return
+        if self.calibration_batch is None:
+            raise ValueError(f"matching={type(matching).__name__.lower()} needs a calibration batch")
+        batch = {k: v.to(self.device) for k, v in self.calibration_batch.items()}
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        importance = None
+        if self.hparams.head_importance == "gradient":
+            importance = gradient_head_importance(self.teacher_capture, batch)
+        with torch.no_grad():
+            _, teacher_maps = self.teacher_capture(**inputs)
+            _, student_maps = self.student_capture(**inputs)
+        self.attention_loss.calibrate(student_maps, teacher_maps, inputs.get("attention_mask"), importance)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
+            del state[key]
+        checkpoint["teacher_scores"] = self.teacher_scores
+        selected = getattr(self.attention_loss.matching, "selected", None)
+        if selected:
+            checkpoint["selected_heads"] = selected
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.teacher_scores = checkpoint.get("teacher_scores", {})
+        if "selected_heads" in checkpoint:
+            self.attention_loss.matching.selected = {k: [tuple(p) for p in v] for k, v in checkpoint["selected_heads"].items()}
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    def forward(self, batch: Mapping[str, Tensor]):
+        """Teacher (no grad) and student on one batch; returns the loss parts and the student's logits."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            teacher_out, teacher_maps = self.teacher_capture(**inputs)
+        student_out, student_maps = self.student_capture(**inputs)
+        output_loss = kd_loss(
+            student_out.logits, teacher_out.logits, batch.get("labels"), self.hparams.temperature, self.hparams.alpha
+        )
+        attention_loss, details = self.attention_loss(student_maps, teacher_maps, inputs.get("attention_mask"))
+        loss = distillation_objective(output_loss, attention_loss, self.hparams.attention_weight)
+        return loss, output_loss, attention_loss, details, student_out.logits, teacher_out.logits
+
+    def training_step(self, batch, batch_idx):
+        loss, output_loss, attention_loss, details, _, _ = self(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss at step {self.global_step}: output loss {output_loss.item()}, attention loss "
+                f"{attention_loss.item()}, per pair {({k: v.item() for k, v in details.items() if '/' not in k})}"
+            )
+        batch_size = batch["input_ids"].shape[0] if "input_ids" in batch else None
+        self.log_dict(
+            {"train/loss": loss, "train/output_loss": output_loss, "train/attention_loss": attention_loss},
+            prog_bar=True,
+            batch_size=batch_size,
+        )
+        self.log_dict({f"train/attention/{k}": v for k, v in details.items()}, batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, _, attention_loss, details, student_logits, teacher_logits = self(batch)
+        labels = batch["labels"]
+        self.val_metrics.update(student_logits, labels)
+        if not self.teacher_scores and not self.trainer.sanity_checking:
+            self.teacher_metrics.update(teacher_logits, labels)
+        batch_size = labels.shape[0]
+        self.log_dict({"val/loss": loss, "val/attention_loss": attention_loss}, batch_size=batch_size)
+        self.log_dict({f"val/attention/{k}": v for k, v in details.items() if "/" not in k}, batch_size=batch_size)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.val_metrics.reset()
+        if not self.teacher_scores and not self.trainer.sanity_checking:
+            # the teacher is frozen: measure it once, then keep showing it so the gap is always visible
+            self.teacher_scores = {k: float(v) for k, v in self.teacher_metrics.compute().items()}
+            self.teacher_metrics.reset()
+        if self.teacher_scores:
+            self.log_dict(self.teacher_scores)
+
+    # ------------------------------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory([p for p in self.student.parameters() if p.requires_grad])
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

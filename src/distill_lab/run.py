@@ -1,0 +1,175 @@
+"""``train(cfg)``: builds every part from the Hydra config, distils, evaluates and writes the run's outputs.
+
+This is the only module that instantiates configs. Everything that can be wrong with a configuration (an
+unknown layer, head counts a matching mode cannot pair, a missing data column, a teacher that cannot be
+loaded) is checked here before the first training step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from distill_lab.capture import num_attention_heads
+from distill_lab.matching import AttentionDistillationLoss, layer_map
+from distill_lab.models import count_parameters, load_tokenizer
+from distill_lab.module import DistillationModule
+
+log = logging.getLogger(__name__)
+
+
+def _build_logger(cfg: DictConfig | None):
+    if not cfg:
+        return False
+    if cfg.get("_target_", "").endswith("WandbLogger") and cfg.get("offline") is None:
+        # no API key (or WANDB_MODE=offline): write an offline run that `wandb sync` can upload later
+        offline = not os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled")
+        cfg = OmegaConf.merge(cfg, {"offline": offline})
+    return instantiate(cfg)
+
+
+def _build_callbacks(cfg: DictConfig | None) -> list:
+    return [instantiate(c) for c in (cfg or {}).values() if c]
+
+
+@torch.no_grad()
+def measure_throughput(model, batches, repeats: int = 3) -> float:
+    """Examples per second of ``model``'s forward over ``batches`` (best of ``repeats`` passes)."""
+    model.eval()
+    device = next(model.parameters()).device
+    batches = [{k: v.to(device) for k, v in b.items() if k != "labels"} for b in batches]
+    model(**batches[0])  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for batch in batches:
+            model(**batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return sum(next(iter(b.values())).shape[0] for b in batches) / best
+
+
+def _print_summary(results: dict) -> None:
+    table = Table(title="distillation result")
+    table.add_column("")
+    table.add_column("teacher", justify="right")
+    table.add_column("student", justify="right")
+    for name in results["student"]:
+        table.add_row(name, f"{results['teacher'].get(name, float('nan')):.4f}", f"{results['student'][name]:.4f}")
+    p, s = results["parameters"], results["inference"]
+    table.add_row("parameters", f"{p['teacher']:,}", f"{p['student']:,}")
+    table.add_row("compression", "", f"{p['compression']:.2f}x")
+    table.add_row("examples/s", f"{s['teacher_examples_per_s']:,.0f}", f"{s['student_examples_per_s']:,.0f}")
+    table.add_row("inference speed-up", "", f"{s['speedup']:.2f}x")
+    Console().print(table)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Distil the configured teacher into the student; returns the final validation metrics (``val/acc``...).
+
+    Writes to ``cfg.paths.output_dir``: ``config.yaml`` (resolved), ``results.json``, ``checkpoints/``,
+    ``student/`` (``save_pretrained`` model and tokenizer) and ``attention_maps/``.
+    """
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(cfg.seed, workers=True)
+
+    # models and data: loading errors surface here, before anything trains
+    teacher = instantiate(cfg.teacher)
+    tokenizer = load_tokenizer(cfg.teacher.name_or_path, trust_remote_code=cfg.teacher.get("trust_remote_code", False))
+    data = instantiate(cfg.data, tokenizer=tokenizer)
+    data.setup("fit")
+    if teacher.config.num_labels != data.num_labels:
+        raise ValueError(
+            f"the teacher {cfg.teacher.name_or_path!r} has {teacher.config.num_labels} labels but the data has "
+            f"{data.num_labels} ({data.label_names}); the teacher must be fine-tuned on this task."
+        )
+    student = instantiate(cfg.student, teacher=teacher)
+
+    # the attention objective: layer pairs, loss, matching mode; head counts checked now
+    pairs = layer_map(
+        teacher.config.num_hidden_layers,
+        student.config.num_hidden_layers,
+        OmegaConf.to_object(cfg.layer_map) if OmegaConf.is_config(cfg.layer_map) else cfg.layer_map,
+        teacher=teacher,
+        student=student,
+    )
+    attention_loss = AttentionDistillationLoss(
+        loss=instantiate(cfg.loss),
+        matching=instantiate(cfg.matching),
+        layer_map=pairs,
+        layer_weights=cfg.get("layer_weights"),
+    )
+    attention_loss.check(num_attention_heads(teacher), num_attention_heads(student))
+    module = DistillationModule(
+        teacher,
+        student,
+        attention_loss,
+        optimizer=instantiate(cfg.optimizer),
+        attention_weight=cfg.attention_weight,
+        temperature=cfg.temperature,
+        alpha=cfg.alpha,
+        warmup_ratio=cfg.warmup_ratio,
+        calibration_batch=data.example_batch("train", cfg.calibration_size),
+        head_importance=cfg.matching.get("importance"),
+    )
+
+    logger = _build_logger(cfg.get("logger"))
+    trainer = instantiate(cfg.trainer, callbacks=_build_callbacks(cfg.get("callbacks")), logger=logger)
+    if logger:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
+
+    # final evaluation of the best checkpoint, the export, and the run's record
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    final = trainer.validate(module, datamodule=data, ckpt_path=best or None, verbose=False)[0]
+    student_dir = output_dir / "student"
+    module.student_capture.detach()
+    student.save_pretrained(student_dir)
+    tokenizer.save_pretrained(student_dir)
+
+    batches = [data.example_batch("validation", cfg.data.get("eval_batch_size") or cfg.data.batch_size)] * 4
+    teacher_speed, student_speed = measure_throughput(teacher, batches), measure_throughput(student, batches)
+    results = {
+        "student": {k.removeprefix("val/"): v for k, v in final.items() if k in ("val/acc", "val/f1")},
+        "teacher": {k.removeprefix("val/teacher_"): v for k, v in module.teacher_scores.items()},
+        "parameters": {
+            "teacher": count_parameters(teacher),
+            "student": count_parameters(student),
+            "compression": count_parameters(teacher) / count_parameters(student),
+        },
+        "inference": {
+            "teacher_examples_per_s": teacher_speed,
+            "student_examples_per_s": student_speed,
+            "speedup": student_speed / teacher_speed,
+        },
+        "attention_loss": {
+            k.removeprefix("val/attention/"): v for k, v in final.items() if k.startswith("val/attention/")
+        },
+        "layer_map": [list(p) for p in pairs],
+        "selected_heads": getattr(attention_loss.matching, "selected", None) or None,
+        "best_checkpoint": best or None,
+        "student_dir": str(student_dir),
+    }
+    results["gap"] = {k: results["teacher"][k] - v for k, v in results["student"].items() if k in results["teacher"]}
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    _print_summary(results)
+    if logger and getattr(logger, "_offline", False):
+        log.info("wandb ran offline; upload the run with: wandb sync %s", Path(logger.experiment.dir).parent)
+    metrics = {f"val/{k}": v for k, v in results["student"].items()}
+    metrics.update({f"val/teacher_{k}": v for k, v in results["teacher"].items()})
+    return metrics
