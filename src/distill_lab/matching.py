@@ -24,7 +24,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from distill_lab.capture import AttentionCapture, attention_modules
-from distill_lab.losses import AttentionLoss, get_attention_loss
+from distill_lab.losses import AttentionLoss
 
 LayerRef = int | str
 LayerPair = tuple[int, int]

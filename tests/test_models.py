@@ -1,0 +1,139 @@
+"""Teachers and students: loading by path through from_pretrained, deriving a student, the built-in teacher."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from distill_lab.builtin import evaluate_accuracy, train_builtin_teacher
+from distill_lab.capture import attention_modules
+from distill_lab.data import TextClassificationData, build_word_tokenizer, synthetic_relations
+from distill_lab.models import count_parameters, derive_student, load_student, load_teacher, load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _layer_params(model, index: int) -> dict[str, torch.Tensor]:
+    """The parameters of attention layer ``index``'s enclosing block, keyed by their name inside the block."""
+    name = attention_modules(model)[index][0]
+    prefix = name.split(f".{index}.")[0] + f".{index}."
+    return {k[len(prefix) :]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_derived_student_copies_the_mapped_teacher_layers(tmp_path, family):
+    teacher = make_tiny_model(family, tmp_path, num_hidden_layers=4)
+    student = derive_student(teacher, num_layers=2)
+    assert type(student) is type(teacher)
+    assert student.config.num_hidden_layers == 2 and teacher.config.num_hidden_layers == 4
+    for s_layer, t_layer in ((0, 1), (1, 3)):  # uniform map 4 -> 2
+        s_params, t_params = _layer_params(student, s_layer), _layer_params(teacher, t_layer)
+        assert s_params.keys() == t_params.keys()
+        for key in s_params:
+            torch.testing.assert_close(s_params[key], t_params[key], rtol=0, atol=0)
+    # everything outside the layers (embeddings, head) is copied too
+    t_state = teacher.state_dict()
+    outside = [k for k in student.state_dict() if ".layer." not in k and ".layers." not in k and ".h." not in k]
+    assert outside
+    for key in outside:
+        torch.testing.assert_close(student.state_dict()[key], t_state[key], rtol=0, atol=0)
+    assert student.training and count_parameters(student) < count_parameters(teacher)
+
+
+def test_random_init_and_narrower_student(tmp_path):
+    teacher = make_tiny_model("bert", tmp_path, num_hidden_layers=4)
+    random_student = derive_student(teacher, num_layers=2, init="random")
+    assert not torch.equal(_layer_params(random_student, 0)["attention.self.query.weight"], _layer_params(teacher, 1)["attention.self.query.weight"])
+    narrow = derive_student(teacher, num_layers=2, num_heads=2, hidden_size=16, intermediate_size=20)
+    assert (narrow.config.hidden_size, narrow.config.num_attention_heads, narrow.config.intermediate_size) == (16, 2, 20)
+    # shapes differ, so those tensors keep their random initialisation; the model still runs
+    assert narrow.bert.embeddings.word_embeddings.weight.shape == (teacher.config.vocab_size, 16)
+    logits = narrow(input_ids=torch.tensor([[5, 6, 7]])).logits
+    assert logits.shape == (1, teacher.config.num_labels)
+
+
+def test_gqa_student_with_fewer_heads_keeps_a_valid_key_value_grouping(tmp_path):
+    teacher = make_tiny_model("llama", tmp_path, num_hidden_layers=4)  # 4 heads, 2 key/value heads
+    student = derive_student(teacher, num_layers=2, num_heads=2)
+    assert student.config.num_attention_heads == 2 and student.config.num_key_value_heads == 2
+    assert student.config.head_dim == teacher.config.hidden_size // 2
+    out = student(input_ids=torch.tensor([[5, 6, 7, 8]]))
+    assert torch.isfinite(out.logits).all()
+
+
+def test_derive_student_errors(tmp_path):
+    teacher = make_tiny_model("bert", tmp_path, num_hidden_layers=4)
+    with pytest.raises(ValueError, match="num_layers=5 must be between 1 and the teacher's 4"):
+        derive_student(teacher, num_layers=5)
+    with pytest.raises(ValueError, match="num_layers=0"):
+        derive_student(teacher, num_layers=0)
+    with pytest.raises(ValueError, match="not divisible"):
+        derive_student(teacher, num_layers=2, num_heads=3)
+    with pytest.raises(ValueError, match="student.init"):
+        derive_student(teacher, num_layers=2, init="magic")
+
+
+def test_teacher_loads_by_path_frozen_and_in_eval_mode(tmp_path):
+    saved = make_tiny_model("bert", tmp_path / "t")
+    teacher = load_teacher(str(tmp_path / "t"))
+    assert not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    for key, value in saved.state_dict().items():
+        torch.testing.assert_close(teacher.state_dict()[key], value)
+    student = load_student(str(tmp_path / "t"), teacher=teacher)
+    assert student.config.num_labels == teacher.config.num_labels
+
+
+def test_unloadable_teacher_and_tokenizer_are_clear_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"cannot load the teacher teacher.name_or_path=.*no loadable model"):
+        load_teacher(str(empty))
+    with pytest.raises(ValueError, match="neither a local directory"):
+        load_teacher(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="cannot load a tokenizer"):
+        load_tokenizer(str(empty))
+    with pytest.raises(ValueError, match="unknown task"):
+        load_teacher(str(empty), task="translation")
+
+
+def test_builtin_teacher_is_trained_saved_and_loaded_through_from_pretrained(tmp_path):
+    out = tmp_path / "teacher"
+    accuracy = train_builtin_teacher("relations", out, max_epochs=1)
+    assert (out / "config.json").exists() and (out / "teacher_metrics.txt").exists()
+    assert f"validation_accuracy={accuracy:.4f}" in (out / "teacher_metrics.txt").read_text()
+    teacher = load_teacher(str(out), builtin="relations")  # cached: loads, does not retrain
+    tokenizer = load_tokenizer(str(out))
+    data = TextClassificationData(synthetic_relations(seed=0), tokenizer=tokenizer, batch_size=64)
+    data.setup()
+    assert evaluate_accuracy(teacher, data.val_dataloader()) == pytest.approx(accuracy)
+    assert tokenizer("good not bad")["input_ids"] == build_word_tokenizer()("good not bad")["input_ids"]
+    with pytest.raises(ValueError, match="unknown built-in teacher"):
+        train_builtin_teacher("chess", tmp_path / "x")
+
+
+@pytest.mark.slow
+def test_readme_default_command_runs_offline_end_to_end(tmp_path):
+    """`python train.py` with no arguments: trains the built-in teacher, distils, exports, reports."""
+    env = {**os.environ, "WANDB_MODE": "offline", "DISTILL_LAB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    env.pop("WANDB_API_KEY", None)
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "train.py", f"hydra.run.dir={run_dir}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["teacher"]["acc"] >= 0.9  # the built-in teacher learned the negation relation
+    assert results["student"]["acc"] > 0.75  # beyond what a bag of words can reach
+    assert results["parameters"]["compression"] > 1.5
+    assert "inference speed-up" in proc.stdout and "wandb sync" in proc.stdout + proc.stderr
+    assert (tmp_path / "cache" / "relations-teacher" / "config.json").exists()
+    assert (run_dir / "student" / "config.json").exists()
