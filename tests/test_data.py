@@ -21,7 +21,6 @@ from distill_lab.data import (
     synthetic_relations,
 )
 
-
 W_WORDS = tuple(f"w{i}" for i in range(24))
 W0 = 5 + len(SYNTHETIC_WORDS)  # id of "w0"
 
