@@ -423,6 +423,7 @@ def test_attention_modules_skip_cross_attention(tiny_model_factory):
 
 
 class _Recorder:
+    backend = "probs"
     def __init__(self):
         self.maps = {}
 

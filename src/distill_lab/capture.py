@@ -7,7 +7,8 @@ implementation is switched to one registered here through transformers' ``Attent
 matching ``AttentionMaskInterface`` entry, without which the function would receive no mask). In the layers
 being captured it computes eager attention in float32, records the probabilities *before* dropout and uses
 the same tensor for the layer's output, so gradients flow from the attention loss into the student's
-queries and keys. Every other layer runs SDPA as before. A requested layer that records nothing (a model
+queries and keys. Every other layer runs SDPA as before. The ``qk`` backend keeps SDPA in the captured
+layers too and records their queries and keys instead (see ``QueryKey``). A requested layer that records nothing (a model
 whose attention does not go through ``AttentionInterface``) raises an error instead of passing silently.
 
 Usage::
@@ -21,14 +22,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-CAPTURE_ATTENTION = "distill_lab_capture"
+CAPTURE_ATTENTION = "distill_lab_capture"  # the probs backend: eager attention, maps recorded
+QK_ATTENTION = "distill_lab_qk"  # the qk backend: SDPA attention, queries and keys recorded
+BACKENDS = ("probs", "qk")
 _STATE = "_distill_lab_capture"  # attribute set on captured attention modules: (capture, layer index)
 
 
@@ -64,6 +68,60 @@ def num_attention_heads(model: nn.Module) -> int:
     raise ValueError(f"cannot read the number of attention heads from the config of {type(model).__name__}")
 
 
+@dataclass
+class QueryKey:
+    """One layer's queries and keys: enough to recompute its attention probabilities, block by block.
+
+    This is what the ``qk`` backend records instead of an ``L x L`` map. ``probs(rows)`` gives the
+    probabilities of a block of query rows in float32, with the layer's own mask (or causal structure).
+
+    Shape:
+        query: (B, H, Lq, D) after any rotary embedding; key: (B, H_kv, Lk, D), H a multiple of H_kv.
+        mask: (B, 1 or H, Lq, Lk) as the model built it (additive float or boolean), or None.
+    """
+
+    query: Tensor
+    key: Tensor
+    scaling: float
+    mask: Tensor | None = None
+    causal: bool = False
+    softcap: float | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """The shape of the probabilities this stands for: (B, H, Lq, Lk)."""
+        return (*self.query.shape[:3], self.key.shape[2])
+
+    def scores(self, rows: slice | None = None) -> Tensor:
+        """Masked attention scores (B, H, rows, Lk) in float32 (float64 for float64 inputs)."""
+        rows = rows or slice(0, self.query.shape[2])
+        query = self.query[:, :, rows]
+        key = self.key
+        groups = query.shape[1] // key.shape[1]
+        if groups > 1:  # grouped-query attention: each key head serves `groups` query heads
+            key = key.repeat_interleave(groups, dim=1)
+        dtype = torch.promote_types(query.dtype, torch.float32)
+        scores = torch.matmul(query.to(dtype), key.to(dtype).transpose(-1, -2)) * self.scaling
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        q_len, k_len = self.query.shape[2], key.shape[2]
+        if self.mask is not None:
+            mask = self.mask[:, :, rows, :k_len]
+            if mask.dtype == torch.bool:
+                scores = scores.masked_fill(~mask, -math.inf)
+            else:
+                scores = scores + mask.to(dtype)
+        elif self.causal and q_len > 1:
+            positions = torch.arange(rows.start, rows.start + scores.shape[2], device=scores.device) + (k_len - q_len)
+            allowed = torch.arange(k_len, device=scores.device)[None, :] <= positions[:, None]
+            scores = scores.masked_fill(~allowed, -math.inf)
+        return scores
+
+    def probs(self, rows: slice | None = None) -> Tensor:
+        """Attention probabilities (B, H, rows, Lk), before dropout, in float32 (float64 for float64)."""
+        return torch.softmax(self.scores(rows), dim=-1)
+
+
 def _record_and_attend(
     module: nn.Module,
     query: Tensor,
@@ -74,12 +132,16 @@ def _record_and_attend(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[Tensor, Tensor | None]:
-    """The attention function registered as ``CAPTURE_ATTENTION``.
+    """The attention function registered for both backends.
+
+    ``probs``: eager attention in float32; the pre-dropout probabilities are recorded and are the tensor
+    the output is computed from. ``qk``: the output comes from SDPA as usual and the layer's queries and keys
+    are recorded as a ``QueryKey``. Layers that are not captured run SDPA.
 
     Shape:
         query: (B, H, Lq, D) after any rotary embedding; key, value: (B, H_kv, Lk, D), H a multiple of H_kv.
-        attention_mask: (B, 1, Lq, Lk) additive float mask, or None.
-        Returns: output (B, Lq, H, D) and the pre-dropout probabilities (B, H, Lq, Lk) of a captured layer.
+        attention_mask: (B, 1, Lq, Lk) additive float or boolean mask, or None.
+        Returns: output (B, Lq, H, D) and, for the probs backend, the probabilities (B, H, Lq, Lk).
     """
     state = getattr(module, _STATE, None)
     if state is None:
@@ -87,29 +149,22 @@ def _record_and_attend(
     capture, layer = state
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("attention sinks (s_aux) are not supported by distill-lab's capture yet")
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # grouped-query attention: each key head serves `groups` query heads
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    dtype = torch.promote_types(query.dtype, torch.float32)
-    scores = torch.matmul(query.to(dtype), key.to(dtype).transpose(-1, -2)) * scaling
-    softcap = kwargs.get("softcap")
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    q_len, k_len = scores.shape[-2:]
-    if attention_mask is not None:
-        mask = attention_mask[..., :k_len]
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, -math.inf)
-        else:
-            scores = scores + mask.to(dtype)
-    elif getattr(module, "is_causal", False) and q_len > 1:
-        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
-        scores = scores.masked_fill(~causal, -math.inf)
-    probs = torch.softmax(scores, dim=-1)
+    record = QueryKey(
+        query,
+        key,
+        scaling if scaling is not None else query.shape[-1] ** -0.5,
+        attention_mask,
+        attention_mask is None and bool(kwargs.get("is_causal", getattr(module, "is_causal", False))),
+        kwargs.get("softcap"),
+    )
+    if capture.backend == "qk":
+        capture._record(layer, record)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    probs = record.probs()
     capture._record(layer, probs)
+    groups = query.shape[1] // value.shape[1]
+    if groups > 1:
+        value = value.repeat_interleave(groups, dim=1)
     weights = nn.functional.dropout(probs, p=dropout, training=module.training)
     output = torch.matmul(weights.to(value.dtype), value).transpose(1, 2).contiguous()
     return output, probs
@@ -118,21 +173,32 @@ def _record_and_attend(
 def _register() -> None:
     AttentionInterface.register(CAPTURE_ATTENTION, _record_and_attend)
     AttentionMaskInterface.register(CAPTURE_ATTENTION, eager_mask)
+    AttentionInterface.register(QK_ATTENTION, _record_and_attend)
+    AttentionMaskInterface.register(QK_ATTENTION, sdpa_mask)
 
 
 class AttentionCapture:
-    """Records the pre-dropout attention probabilities of the chosen layers of a transformers model.
+    """Records the pre-dropout attention of the chosen layers of a transformers model.
 
     Args:
         model: a transformers ``PreTrainedModel`` whose attention goes through ``AttentionInterface``
             (BERT, RoBERTa, GPT-2, LLaMA-family, ViT and most current architectures).
         layers: 0-based indices of the layers to capture, in the order of ``attention_modules(model)``.
+        backend: ``"probs"`` (the default, and the reference) runs eager attention in the captured layers
+            and records the probability maps, (B, H, Lq, Lk) in float32 (float64 for a float64 model),
+            grouped key heads expanded to H. ``"qk"`` keeps SDPA in every layer and records each captured
+            layer's queries and keys as a ``QueryKey``, from which the losses recompute the probabilities
+            block by block, so no ``L x L`` map outlives a block.
 
-    Calling the capture runs the model and returns ``(outputs, maps)`` with ``maps[layer]`` of shape
-    (B, H, Lq, Lk) in float32 (float64 for a float64 model); grouped key heads are expanded to H.
+    Calling the capture runs the model and returns ``(outputs, maps)``, ``maps[layer]`` a tensor or a
+    ``QueryKey``; ``distill_lab.matching.AttentionDistillationLoss`` takes either.
     """
 
-    def __init__(self, model: nn.Module, layers: Iterable[int]) -> None:
+    def __init__(self, model: nn.Module, layers: Iterable[int], backend: str = "probs") -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown capture backend {backend!r}; valid choices: {', '.join(BACKENDS)}")
+        self.backend = backend
+        self.implementation = QK_ATTENTION if backend == "qk" else CAPTURE_ATTENTION
         self.model = model
         self.layers = sorted(set(int(i) for i in layers))
         self.modules = attention_modules(model)
@@ -149,15 +215,15 @@ class AttentionCapture:
                 "attention maps cannot be captured before dropout. Use a model class that does (most current "
                 "architectures) or open an issue naming the architecture."
             )
-        self._maps: dict[int, Tensor] = {}
+        self._maps: dict[int, Tensor | QueryKey] = {}
         self._previous = model.config._attn_implementation
         _register()
-        model.set_attn_implementation(CAPTURE_ATTENTION)
+        model.set_attn_implementation(self.implementation)
         for i in self.layers:
             setattr(self.modules[i][1], _STATE, (self, i))
 
-    def _record(self, layer: int, probs: Tensor) -> None:
-        self._maps[layer] = probs
+    def _record(self, layer: int, record: Tensor | QueryKey) -> None:
+        self._maps[layer] = record
 
     def __call__(self, *args, **kwargs):
         self._maps = {}
@@ -167,7 +233,7 @@ class AttentionCapture:
         if missing:
             raise RuntimeError(
                 f"layers {missing} of {type(self.model).__name__} produced no attention map: its attention did not go "
-                f"through the '{CAPTURE_ATTENTION}' implementation (was set_attn_implementation changed after the "
+                f"through the '{self.implementation}' implementation (was set_attn_implementation changed after the "
                 "capture was attached?)."
             )
         return outputs, maps
@@ -177,7 +243,7 @@ class AttentionCapture:
         for _, module in self.modules:
             if hasattr(module, _STATE):
                 delattr(module, _STATE)
-        if self.model.config._attn_implementation == CAPTURE_ATTENTION:
+        if self.model.config._attn_implementation == self.implementation:
             self.model.set_attn_implementation(self._previous or "sdpa")
 
     def __enter__(self) -> AttentionCapture:

@@ -29,7 +29,7 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def _validity(
-    maps: Tensor, attention_mask: Tensor | None
+    maps: Tensor, attention_mask: Tensor | None, query_start: int | None = None
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Key validity ``(B, 1, 1, Lk)``, row validity ``(B, 1, Lq)`` and valid keys per row ``(B, 1, Lq)``.
 
@@ -45,7 +45,8 @@ def _validity(
         )
     keys = attention_mask.to(device=maps.device, dtype=torch.bool)
     n_keys = keys.sum(-1, keepdim=True)  # (B, 1)
-    rows = keys[:, k_len - q_len :] & (n_keys > 0)  # (B, Lq)
+    start = k_len - q_len if query_start is None else query_start
+    rows = keys[:, start : start + q_len] & (n_keys > 0)  # (B, Lq)
     return keys[:, None, None, :], rows[:, None, :], n_keys[:, :, None].expand(batch, 1, q_len)
 
 
@@ -65,7 +66,12 @@ def _log_probs(p: Tensor, key_valid: Tensor | None, temperature: float) -> tuple
 
 
 def _row_terms(
-    kind: str, student: Tensor, teacher: Tensor, attention_mask: Tensor | None, temperature: float = 1.0
+    kind: str,
+    student: Tensor,
+    teacher: Tensor,
+    attention_mask: Tensor | None,
+    temperature: float = 1.0,
+    query_start: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-row loss sums ``(B, H, Lq)`` and the number of elements each row stands for ``(B, H, Lq)``.
 
@@ -83,7 +89,7 @@ def _row_terms(
         raise ValueError(f"attention maps must be (batch, heads, query, key); got shape {tuple(student.shape)}")
     dtype = _compute_dtype(student)
     s, t = student.to(dtype), teacher.to(dtype)
-    key_valid, row_valid, n_keys = _validity(s, attention_mask)
+    key_valid, row_valid, n_keys = _validity(s, attention_mask, query_start)
     ones = torch.ones((), dtype=dtype, device=s.device)
 
     if kind == "mse":
@@ -208,6 +214,15 @@ class AttentionLoss(nn.Module):
         self, student: Tensor, teacher: Tensor, attention_mask: Tensor | None = None, per_head: bool = False
     ) -> Tensor:
         return self.fn(student, teacher, attention_mask, per_head=per_head)
+
+    def row_terms(
+        self, student: Tensor, teacher: Tensor, attention_mask: Tensor | None = None, query_start: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Per-row loss sums and weights (B, H, Lq) for a block of query rows starting at key position
+        ``query_start``: the loss over many blocks is ``sum(values) / sum(weights)`` over all of them."""
+        if self.name == "kl" and self.options.get("temperature", 1.0) <= 0:
+            raise ValueError(f"temperature must be positive, got {self.options['temperature']}")
+        return _row_terms(self.name, student, teacher, attention_mask, query_start=query_start, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join([repr(self.name)] + [f"{k}={v}" for k, v in self.options.items()])

@@ -22,8 +22,9 @@ from typing import Protocol
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from distill_lab.capture import AttentionCapture, attention_modules
+from distill_lab.capture import AttentionCapture, QueryKey, attention_modules
 from distill_lab.losses import AttentionLoss
 
 LayerRef = int | str
@@ -129,15 +130,29 @@ def pair_name(pair: LayerPair) -> str:
 
 
 class Matching(Protocol):
-    """Compares one layer pair's attention maps with a loss; ``per_head`` says whether it reports heads."""
+    """Aligns one layer pair's teacher heads with the student's; ``per_head`` says whether it reports heads.
+
+    ``align(student, teacher, pair)`` returns two stacks of equal shape ``(B, P, Lq, Lk)`` whose P entries
+    are compared one to one, and the student head each entry reports as (None for modes that report no
+    heads). It works on any block of query rows, which is what lets the losses run block by block.
+    """
 
     per_head: bool
 
     def check_heads(self, num_teacher_heads: int, num_student_heads: int, pairs: Sequence[LayerPair]) -> None: ...
 
-    def __call__(
-        self, student: Tensor, teacher: Tensor, attention_mask: Tensor | None, loss: Callable, pair: LayerPair
-    ) -> tuple[Tensor, dict[int, Tensor] | None]: ...
+    def align(self, student: Tensor, teacher: Tensor, pair: LayerPair) -> tuple[Tensor, Tensor, list[int] | None]: ...
+
+
+def compare(
+    matching: Matching, student: Tensor, teacher: Tensor, attention_mask: Tensor | None, loss: Callable, pair: LayerPair
+) -> tuple[Tensor, dict[int, Tensor] | None]:
+    """One layer pair's loss under a matching mode, and its per-head losses where the mode reports them."""
+    s, t, heads = matching.align(student, teacher, pair)
+    if heads is None:
+        return loss(s, t, attention_mask), None
+    per = loss(s, t, attention_mask, per_head=True)
+    return per.mean(), {h: per[j] for j, h in enumerate(heads)}
 
 
 def _grouped_head_pairs(num_teacher_heads: int, num_student_heads: int) -> list[HeadPair]:
@@ -145,13 +160,11 @@ def _grouped_head_pairs(num_teacher_heads: int, num_student_heads: int) -> list[
     return [(tuple(range(i * k, (i + 1) * k)), i) for i in range(num_student_heads)]
 
 
-def _compare_heads(
-    student: Tensor, teacher: Tensor, attention_mask: Tensor | None, loss: Callable, heads: Sequence[HeadPair]
-) -> Tensor:
-    """Per head pair losses ``(P,)``: teacher head groups averaged, student heads selected."""
+def _select_heads(student: Tensor, teacher: Tensor, heads: Sequence[HeadPair]) -> tuple[Tensor, Tensor, list[int]]:
+    """Stacks for head pairs: teacher head groups averaged, student heads selected."""
     t = torch.stack([teacher[:, list(group)].mean(1) for group, _ in heads], dim=1)
-    s = student[:, [h for _, h in heads]]
-    return loss(s, t, attention_mask, per_head=True)
+    student_heads = [h for _, h in heads]
+    return student[:, student_heads], t, student_heads
 
 
 def _head_count_error(mode: str, num_teacher_heads: int, num_student_heads: int) -> ValueError:
@@ -172,11 +185,12 @@ class Layerwise:
         if num_teacher_heads % num_student_heads:
             raise _head_count_error("layerwise", num_teacher_heads, num_student_heads)
 
-    def __call__(self, student, teacher, attention_mask, loss, pair):
-        heads = _grouped_head_pairs(teacher.shape[1], student.shape[1])
+    def align(self, student, teacher, pair):
         if teacher.shape[1] != student.shape[1]:
-            teacher = torch.stack([teacher[:, list(g)].mean(1) for g, _ in heads], dim=1)
-        return loss(student, teacher, attention_mask), None
+            _, teacher, _ = _select_heads(student, teacher, _grouped_head_pairs(teacher.shape[1], student.shape[1]))
+        return student, teacher, None
+
+    __call__ = compare
 
 
 class Headwise:
@@ -223,10 +237,10 @@ class Headwise:
         for pair in pairs:
             self._pairs_for(pair, num_teacher_heads, num_student_heads)
 
-    def __call__(self, student, teacher, attention_mask, loss, pair):
-        heads = self._pairs_for(pair, teacher.shape[1], student.shape[1])
-        per = _compare_heads(student, teacher, attention_mask, loss, heads)
-        return per.mean(), {s: per[j] for j, (_, s) in enumerate(heads)}
+    def align(self, student, teacher, pair):
+        return _select_heads(student, teacher, self._pairs_for(pair, teacher.shape[1], student.shape[1]))
+
+    __call__ = compare
 
 
 class Global:
@@ -237,8 +251,10 @@ class Global:
     def check_heads(self, num_teacher_heads, num_student_heads, pairs) -> None:
         return None
 
-    def __call__(self, student, teacher, attention_mask, loss, pair):
-        return loss(student.mean(1, keepdim=True), teacher.mean(1, keepdim=True), attention_mask), None
+    def align(self, student, teacher, pair):
+        return student.mean(1, keepdim=True), teacher.mean(1, keepdim=True), None
+
+    __call__ = compare
 
 
 def entropy_head_importance(maps: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -386,16 +402,16 @@ class Selective:
             self.importance[pair_name(pair)] = [round(float(x), 6) for x in scores]
         return self.selected
 
-    def __call__(self, student, teacher, attention_mask, loss, pair):
+    def align(self, student, teacher, pair):
         heads = self.selected.get(pair_name(pair))
         if heads is None:
             raise RuntimeError(
                 "matching=selective is not calibrated: call AttentionDistillationLoss.calibrate(...) on a calibration "
                 "batch first, or give explicit [teacher_head, student_head] pairs in matching.heads."
             )
-        head_pairs = [((t,), s) for t, s in heads]
-        per = _compare_heads(student, teacher, attention_mask, loss, head_pairs)
-        return per.mean(), {s: per[j] for j, (_, s) in enumerate(head_pairs)}
+        return _select_heads(student, teacher, [((t,), s) for t, s in heads])
+
+    __call__ = compare
 
 
 MATCHING_MODES: dict[str, type] = {
@@ -418,6 +434,13 @@ def get_matching(name: str, **options) -> Matching:
 # ---------------------------------------------------------------------------------------------- the component
 
 
+def _probs(attention: Tensor | QueryKey, rows: slice | None = None) -> Tensor:
+    """Probabilities (B, H, rows, Lk) from a map or a ``QueryKey`` record."""
+    if isinstance(attention, QueryKey):
+        return attention.probs(rows)
+    return attention if rows is None else attention[:, :, rows]
+
+
 def _layer_maps(attentions, layer: int) -> Tensor | None:
     """One layer's maps from a {layer: maps} mapping (None when not captured) or a sequence indexed by layer."""
     return attentions.get(layer) if isinstance(attentions, Mapping) else attentions[layer]
@@ -433,10 +456,13 @@ class AttentionDistillationLoss(nn.Module):
         layer_map: ``[(teacher_layer, student_layer), ...]``, 0-based (see ``layer_map()``).
         layer_weights: one weight per pair; the loss over layers is ``sum(w * L_pair) / sum(w)``, the mean by
             default.
+        block_size: query rows per block when the attentions are ``QueryKey`` records (the ``qk`` capture):
+            each block's probabilities are computed, compared and dropped, and recomputed in the backward
+            (activation checkpointing), so memory grows with ``block_size x L``, not ``L x L``.
 
     ``forward(student_attentions, teacher_attentions, attention_mask)`` takes per-layer maps (a mapping from
-    layer index, as ``AttentionCapture`` returns, or a sequence indexed by layer, as ``outputs.attentions``)
-    and returns ``(loss, details)``: ``details["L6->3"]`` per layer pair and, for head-reporting modes,
+    layer index, as ``AttentionCapture`` returns, or a sequence indexed by layer, as ``outputs.attentions``),
+    either probability tensors or ``QueryKey`` records, and returns ``(loss, details)``: ``details["L6->3"]`` per layer pair and, for head-reporting modes,
     ``details["L6->3/h0"]`` per student head, all detached.
     """
 
@@ -446,8 +472,12 @@ class AttentionDistillationLoss(nn.Module):
         matching: str | Matching = "layerwise",
         layer_map: Sequence[Sequence[int]] = ((0, 0),),
         layer_weights: Sequence[float] | None = None,
+        block_size: int = 256,
     ) -> None:
         super().__init__()
+        if block_size < 1:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.block_size = block_size
         self.loss = AttentionLoss(loss) if isinstance(loss, str) else loss
         self.matching = get_matching(matching) if isinstance(matching, str) else matching
         self.layer_map = [(int(t), int(s)) for t, s in layer_map]
@@ -485,9 +515,37 @@ class AttentionDistillationLoss(nn.Module):
         if not hasattr(self.matching, "calibrate"):
             return None
         with torch.no_grad():
+            student_maps = {s: _probs(_layer_maps(student_attentions, s)) for s in self.student_layers}
+            teacher_maps = {t: _probs(_layer_maps(teacher_attentions, t)) for t in self.teacher_layers}
             return self.matching.calibrate(
-                student_attentions, teacher_attentions, attention_mask, self.loss, self.layer_map, teacher_importance
+                student_maps, teacher_maps, attention_mask, self.loss, self.layer_map, teacher_importance
             )
+
+    def _block(self, student, teacher, attention_mask, pair, rows: slice) -> tuple[Tensor, Tensor]:
+        """Loss sums and weights per aligned head, (P,) each, over one block of query rows."""
+        s, t, _ = self.matching.align(_probs(student, rows), _probs(teacher, rows), pair)
+        q_len, k_len = student.shape[2], student.shape[3]
+        values, weights = self.loss.row_terms(s, t, attention_mask, query_start=k_len - q_len + rows.start)
+        return values.sum(dim=(0, 2)), weights.sum(dim=(0, 2))
+
+    def _blockwise(self, student, teacher, attention_mask, pair):
+        """A layer pair's loss from ``QueryKey`` records, one block of query rows at a time."""
+        if not hasattr(self.loss, "row_terms"):  # a custom loss callable sees whole maps
+            return self.matching(_probs(student), _probs(teacher), attention_mask, self.loss, pair)
+        q_len = student.shape[2]
+        values = weights = 0.0
+        for start in range(0, q_len, self.block_size):
+            rows = slice(start, min(start + self.block_size, q_len))
+            if torch.is_grad_enabled():  # keep only the block's inputs; recompute its maps in the backward
+                v, w = checkpoint(self._block, student, teacher, attention_mask, pair, rows, use_reentrant=False)
+            else:
+                v, w = self._block(student, teacher, attention_mask, pair, rows)
+            values, weights = values + v, weights + w
+        _, _, heads = self.matching.align(_probs(student, slice(0, 0)), _probs(teacher, slice(0, 0)), pair)
+        if heads is None:
+            return values.sum() / weights.sum().clamp_min(1.0), None
+        per = values / weights.clamp_min(1.0)
+        return per.mean(), {h: per[j] for j, h in enumerate(heads)}
 
     def forward(self, student_attentions, teacher_attentions, attention_mask: Tensor | None = None):
         details: dict[str, Tensor] = {}
@@ -504,7 +562,10 @@ class AttentionDistillationLoss(nn.Module):
                     "tokens: use the teacher's tokenizer for the student."
                 )
             self.check(teacher.shape[1], student.shape[1])
-            value, per_head = self.matching(student, teacher, attention_mask, self.loss, pair)
+            if isinstance(student, QueryKey) or isinstance(teacher, QueryKey):
+                value, per_head = self._blockwise(student, teacher, attention_mask, pair)
+            else:
+                value, per_head = self.matching(student, teacher, attention_mask, self.loss, pair)
             losses.append(value)
             name = pair_name(pair)
             details[name] = value.detach()

@@ -1,0 +1,160 @@
+"""The ``qk`` capture backend and the block-wise attention losses computed from queries and keys.
+
+The reference is the ``probs`` backend (eager attention maps, itself tested against transformers' eager
+attention in test_capture.py): values and gradients must agree for every loss and matching mode, on BERT
+and on LLaMA with grouped-query attention, with padding, causal masks and blocks smaller than the sequence.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_inputs
+
+from distill_lab.capture import AttentionCapture, QueryKey
+from distill_lab.matching import AttentionDistillationLoss, Selective
+
+LOSSES = ("kl", "mse", "cosine")
+MODES = ("layerwise", "headwise", "global", "selective")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(teacher, student, inputs, backend, loss, mode, block_size, teacher_layers=(1, 3), student_layers=(0, 1)):
+    """Attention loss, its details and the student's gradients through one backend."""
+    pairs = list(zip(teacher_layers, student_layers, strict=True))
+    matching = Selective(heads=[[0, 1], [3, 0]]) if mode == "selective" else mode
+    component = AttentionDistillationLoss(loss, matching, pairs, block_size=block_size)
+    student.zero_grad(set_to_none=True)
+    with AttentionCapture(teacher, teacher_layers, backend) as tc, AttentionCapture(student, student_layers, backend) as sc:
+        with torch.no_grad():
+            _, teacher_maps = tc(**inputs)
+        _, student_maps = sc(**inputs)
+        value, details = component(student_maps, teacher_maps, inputs.get("attention_mask"))
+        value.backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    return value.detach(), details, grads
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
+def test_qk_records_give_the_probs_backend_maps(tiny_model_factory, family):
+    model = tiny_model_factory(family, num_hidden_layers=3)
+    inputs = make_tiny_inputs(family, model.config, batch_size=3, seq_len=11, num_padded=4)
+    with AttentionCapture(model, [0, 2], "probs") as capture, torch.no_grad():
+        reference_out, maps = capture(**inputs)
+    with AttentionCapture(model, [0, 2], "qk") as capture, torch.no_grad():
+        out, records = capture(**inputs)
+        plain = model(**inputs)
+    torch.testing.assert_close(out.logits, plain.logits, atol=1e-5, rtol=1e-5)  # SDPA is left in place
+    torch.testing.assert_close(out.logits, reference_out.logits, atol=1e-5, rtol=1e-5)
+    for layer in (0, 2):
+        record = records[layer]
+        assert isinstance(record, QueryKey)
+        assert record.shape == tuple(maps[layer].shape)
+        assert record.key.shape[1] == getattr(model.config, "num_key_value_heads", model.config.num_attention_heads)
+        # queries of real tokens: the same probabilities, whole or block by block
+        real = inputs["attention_mask"].bool()[:, None, :, None].expand_as(maps[layer])
+        full = record.probs()
+        blocks = torch.cat([record.probs(slice(i, min(i + 4, 11))) for i in range(0, 11, 4)], dim=2)
+        torch.testing.assert_close(full[real], maps[layer][real], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(blocks, full, atol=1e-7, rtol=1e-6)
+
+
+def test_qk_records_are_pre_dropout(tiny_model_factory):
+    model = tiny_model_factory("bert", num_hidden_layers=2, attention_probs_dropout_prob=0.5)
+    inputs = make_tiny_inputs("bert", model.config)
+    with AttentionCapture(model, [0], "qk") as capture, torch.no_grad():
+        _, eval_records = capture(**inputs)
+        model.train()
+        _, train_records = capture(**inputs)
+    torch.testing.assert_close(train_records[0].probs(), eval_records[0].probs())
+    assert torch.allclose(train_records[0].probs().sum(-1), torch.ones(()))
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_qk_loss_and_gradients_equal_the_probs_path(tiny_model_factory, family, loss, mode):
+    teacher = tiny_model_factory(family, num_hidden_layers=4, seed=1)
+    student = tiny_model_factory(family, num_hidden_layers=2, seed=2).train()
+    inputs = make_tiny_inputs(family, teacher.config, batch_size=3, seq_len=13, num_padded=5)
+    ref_value, ref_details, ref_grads = _run(teacher, student, inputs, "probs", loss, mode, 256)
+    assert ref_value > 0 and ref_grads
+    for block_size in (1, 5, 256):
+        value, details, grads = _run(teacher, student, inputs, "qk", loss, mode, block_size)
+        torch.testing.assert_close(value, ref_value, atol=1e-7, rtol=1e-5)
+        assert details.keys() == ref_details.keys()
+        for key in details:
+            torch.testing.assert_close(details[key], ref_details[key], atol=1e-7, rtol=1e-5)
+        assert grads.keys() == ref_grads.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-8, rtol=1e-4)
+
+
+def test_qk_causal_left_padding_and_blocks(tiny_model_factory):
+    """GPT-2 with left padding: the queries of a block are positioned by the block, not the sequence end."""
+    teacher = tiny_model_factory("gpt2", num_hidden_layers=2, seed=1)
+    student = tiny_model_factory("gpt2", num_hidden_layers=2, seed=2).train()
+    inputs = make_tiny_inputs("gpt2", teacher.config, batch_size=2, seq_len=9, num_padded=0)
+    inputs["attention_mask"][1, :3] = 0  # left padding
+    ref = _run(teacher, student, inputs, "probs", "kl", "layerwise", 256, (0, 1), (0, 1))
+    got = _run(teacher, student, inputs, "qk", "kl", "layerwise", 2, (0, 1), (0, 1))
+    torch.testing.assert_close(got[0], ref[0], atol=1e-7, rtol=1e-5)
+    for name in ref[2]:
+        torch.testing.assert_close(got[2][name], ref[2][name], atol=1e-8, rtol=1e-4)
+
+
+def test_selective_calibrates_on_qk_records(tiny_model_factory):
+    teacher = tiny_model_factory("bert", num_hidden_layers=4, seed=1)
+    student = tiny_model_factory("bert", num_hidden_layers=2, seed=2)
+    inputs = make_tiny_inputs("bert", teacher.config, batch_size=3, seq_len=10)
+    chosen = {}
+    for backend in ("probs", "qk"):
+        component = AttentionDistillationLoss("kl", Selective(top_k=2), [(1, 0), (3, 1)])
+        with AttentionCapture(teacher, [1, 3], backend) as tc, AttentionCapture(student, [0, 1], backend) as sc:
+            with torch.no_grad():
+                _, teacher_maps = tc(**inputs)
+                _, student_maps = sc(**inputs)
+            chosen[backend] = component.calibrate(student_maps, teacher_maps, inputs["attention_mask"])
+    assert chosen["qk"] == chosen["probs"] and len(chosen["qk"]["L1->0"]) == 2
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for the backward while ``fn`` runs."""
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return total
+
+
+def test_qk_loss_keeps_no_quadratic_state_for_the_backward():
+    """Block-wise with checkpointing, the loss saves O(L) for the backward; the probs path saves O(L^2)."""
+    torch.manual_seed(0)
+
+    def saved(length: int, backend: str) -> int:
+        q_s = torch.randn(1, 2, length, 8, requires_grad=True)
+        k_s = torch.randn(1, 2, length, 8, requires_grad=True)
+        q_t, k_t = torch.randn(1, 4, length, 8), torch.randn(1, 4, length, 8)
+        student, teacher = QueryKey(q_s, k_s, 8**-0.5), QueryKey(q_t, k_t, 8**-0.5)
+        component = AttentionDistillationLoss("kl", "layerwise", [(0, 0)], block_size=16)
+        if backend == "probs":
+            student, teacher = student.probs(), teacher.probs()
+        return _saved_bytes(lambda: component({0: student}, {0: teacher})[0])
+
+    qk_small, qk_large = saved(128, "qk"), saved(512, "qk")
+    probs_small, probs_large = saved(128, "probs"), saved(512, "probs")
+    assert qk_large / qk_small < 5  # 4x the length: about 4x the saved bytes (linear)
+    assert probs_large / probs_small > 12  # about 16x (quadratic)
+    assert qk_large < probs_large / 10
