@@ -15,6 +15,12 @@ Reuse from any test file::
 from __future__ import annotations
 
 import itertools
+import os
+
+# Without an NVIDIA driver, Triton kernels run on CPU tensors in its interpreter. Triton reads this when it is
+# first imported (torch and lightning import it), so it is set before anything else.
+if not os.path.exists("/proc/driver/nvidia"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from collections.abc import Callable
 from pathlib import Path
 

@@ -78,6 +78,9 @@ class QueryKey:
     Shape:
         query: (B, H, Lq, D) after any rotary embedding; key: (B, H_kv, Lk, D), H a multiple of H_kv.
         mask: (B, 1 or H, Lq, Lk) as the model built it (additive float or boolean), or None.
+
+    ``causal`` and ``sliding_window`` describe the layer itself; when ``mask`` is given it is what the scores
+    use, and ``causal`` applies only where the model built no mask.
     """
 
     query: Tensor
@@ -86,6 +89,7 @@ class QueryKey:
     mask: Tensor | None = None
     causal: bool = False
     softcap: float | None = None
+    sliding_window: int | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -154,8 +158,9 @@ def _record_and_attend(
         key,
         scaling if scaling is not None else query.shape[-1] ** -0.5,
         attention_mask,
-        attention_mask is None and bool(kwargs.get("is_causal", getattr(module, "is_causal", False))),
+        bool(kwargs.get("is_causal", getattr(module, "is_causal", False))),
         kwargs.get("softcap"),
+        getattr(module, "sliding_window", None),
     )
     if capture.backend == "qk":
         capture._record(layer, record)

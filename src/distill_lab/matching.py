@@ -16,6 +16,7 @@ how the teacher's heads are compared with the student's:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
@@ -143,6 +144,10 @@ class Matching(Protocol):
 
     def align(self, student: Tensor, teacher: Tensor, pair: LayerPair) -> tuple[Tensor, Tensor, list[int] | None]: ...
 
+    def head_pairs(self, num_teacher_heads: int, num_student_heads: int, pair: LayerPair) -> list[tuple[int, int]] | None:
+        """``[(teacher_head, student_head), ...]`` when the alignment is a plain selection of single heads (which
+        the fused kernel can compute), None when it averages heads."""
+
 
 def compare(
     matching: Matching, student: Tensor, teacher: Tensor, attention_mask: Tensor | None, loss: Callable, pair: LayerPair
@@ -184,6 +189,9 @@ class Layerwise:
     def check_heads(self, num_teacher_heads: int, num_student_heads: int, pairs: Sequence[LayerPair]) -> None:
         if num_teacher_heads % num_student_heads:
             raise _head_count_error("layerwise", num_teacher_heads, num_student_heads)
+
+    def head_pairs(self, num_teacher_heads, num_student_heads, pair):
+        return [(h, h) for h in range(num_student_heads)] if num_teacher_heads == num_student_heads else None
 
     def align(self, student, teacher, pair):
         if teacher.shape[1] != student.shape[1]:
@@ -237,6 +245,10 @@ class Headwise:
         for pair in pairs:
             self._pairs_for(pair, num_teacher_heads, num_student_heads)
 
+    def head_pairs(self, num_teacher_heads, num_student_heads, pair):
+        heads = self._pairs_for(pair, num_teacher_heads, num_student_heads)
+        return [(group[0], s) for group, s in heads] if all(len(g) == 1 for g, _ in heads) else None
+
     def align(self, student, teacher, pair):
         return _select_heads(student, teacher, self._pairs_for(pair, teacher.shape[1], student.shape[1]))
 
@@ -249,6 +261,9 @@ class Global:
     per_head = False
 
     def check_heads(self, num_teacher_heads, num_student_heads, pairs) -> None:
+        return None
+
+    def head_pairs(self, num_teacher_heads, num_student_heads, pair):
         return None
 
     def align(self, student, teacher, pair):
@@ -402,13 +417,17 @@ class Selective:
             self.importance[pair_name(pair)] = [round(float(x), 6) for x in scores]
         return self.selected
 
-    def align(self, student, teacher, pair):
+    def head_pairs(self, num_teacher_heads, num_student_heads, pair):
         heads = self.selected.get(pair_name(pair))
         if heads is None:
             raise RuntimeError(
                 "matching=selective is not calibrated: call AttentionDistillationLoss.calibrate(...) on a calibration "
                 "batch first, or give explicit [teacher_head, student_head] pairs in matching.heads."
             )
+        return list(heads)
+
+    def align(self, student, teacher, pair):
+        heads = self.head_pairs(teacher.shape[1], student.shape[1], pair)
         return _select_heads(student, teacher, [((t,), s) for t, s in heads])
 
     __call__ = compare
@@ -459,6 +478,10 @@ class AttentionDistillationLoss(nn.Module):
         block_size: query rows per block when the attentions are ``QueryKey`` records (the ``qk`` capture):
             each block's probabilities are computed, compared and dropped, and recomputed in the backward
             (activation checkpointing), so memory grows with ``block_size x L``, not ``L x L``.
+        fused: the Triton attention-KL kernel (``distill_lab.kernels.attention_kl``) for ``QueryKey``
+            records: ``None`` uses it wherever it applies (CUDA, triton installed, ``loss=kl``, a mode that
+            pairs single heads, no sliding window or soft-capping), ``True`` insists (an error where it does
+            not apply), ``False`` never uses it.
 
     ``forward(student_attentions, teacher_attentions, attention_mask)`` takes per-layer maps (a mapping from
     layer index, as ``AttentionCapture`` returns, or a sequence indexed by layer, as ``outputs.attentions``),
@@ -473,11 +496,13 @@ class AttentionDistillationLoss(nn.Module):
         layer_map: Sequence[Sequence[int]] = ((0, 0),),
         layer_weights: Sequence[float] | None = None,
         block_size: int = 256,
+        fused: bool | None = None,
     ) -> None:
         super().__init__()
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.block_size = block_size
+        self.fused = fused
         self.loss = AttentionLoss(loss) if isinstance(loss, str) else loss
         self.matching = get_matching(matching) if isinstance(matching, str) else matching
         self.layer_map = [(int(t), int(s)) for t, s in layer_map]
@@ -528,10 +553,65 @@ class AttentionDistillationLoss(nn.Module):
         values, weights = self.loss.row_terms(s, t, attention_mask, query_start=k_len - q_len + rows.start)
         return values.sum(dim=(0, 2)), weights.sum(dim=(0, 2))
 
+    def _fused_heads(self, student, teacher, pair) -> list[tuple[int, int]] | None:
+        """The head pairs for the fused kernel, or None where it does not apply (``fused=True``: an error)."""
+        if self.fused is False:
+            return None
+        reasons = []
+        if not (isinstance(self.loss, AttentionLoss) and self.loss.name == "kl"):
+            reasons.append("only loss=kl has a fused kernel")
+        if not (isinstance(student, QueryKey) and isinstance(teacher, QueryKey)):
+            reasons.append("both sides must be QueryKey records (capture=qk)")
+        elif not (student.query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            reasons.append("the tensors are not on a CUDA device")
+        elif student.sliding_window or teacher.sliding_window or student.softcap or teacher.softcap:
+            reasons.append("sliding-window or soft-capped attention is not supported")
+        elif student.causal != teacher.causal:
+            reasons.append("teacher and student differ in causality")
+        if not reasons:
+            from distill_lab.kernels import attention_kl as kernel  # imported only where it can run
+
+            if kernel.triton is None:
+                reasons.append("triton is not installed")
+        heads = None if reasons else self.matching.head_pairs(teacher.shape[1], student.shape[1], pair)
+        if heads is None and not reasons:
+            reasons.append(f"matching={type(self.matching).__name__.lower()} averages heads here")
+        if reasons and self.fused:
+            raise ValueError(f"fused=True, but the fused attention-KL kernel does not apply: {'; '.join(reasons)}")
+        return None if reasons else heads
+
+    def _fused_pair(self, student: QueryKey, teacher: QueryKey, attention_mask, heads) -> tuple[Tensor, Tensor]:
+        """Loss sums and weights per head pair, (P,) each, from the fused kernel."""
+        from distill_lab.kernels.attention_kl import attention_kl_rows
+
+        batch, _, q_len, k_len = student.shape
+        device = student.query.device
+        keys = (attention_mask if attention_mask is not None else torch.ones(batch, k_len, device=device)).to(
+            device=device, dtype=torch.int32
+        )
+        temperature = self.loss.options.get("temperature", 1.0)
+        rows = attention_kl_rows(
+            student.query, student.key, teacher.query, teacher.key,
+            torch.tensor([s for _, s in heads], dtype=torch.int32, device=device),
+            torch.tensor([t for t, _ in heads], dtype=torch.int32, device=device),
+            keys.contiguous(), student.scaling, teacher.scaling, temperature, student.causal,
+        )  # fmt: skip
+        valid = (keys[:, k_len - q_len :] > 0) & (keys.sum(-1, keepdim=True) > 0)  # (B, Lq) query rows
+        weights = valid[:, None, :].to(rows.dtype).expand_as(rows)
+        values = rows * weights * temperature**2
+        return values.sum(dim=(0, 2)), weights.sum(dim=(0, 2))
+
     def _blockwise(self, student, teacher, attention_mask, pair):
         """A layer pair's loss from ``QueryKey`` records, one block of query rows at a time."""
         if not hasattr(self.loss, "row_terms"):  # a custom loss callable sees whole maps
             return self.matching(_probs(student), _probs(teacher), attention_mask, self.loss, pair)
+        fused_heads = self._fused_heads(student, teacher, pair)
+        if fused_heads is not None:
+            values, weights = self._fused_pair(student, teacher, attention_mask, fused_heads)
+            if not self.matching.per_head:
+                return values.sum() / weights.sum().clamp_min(1.0), None
+            per = values / weights.clamp_min(1.0)
+            return per.mean(), {s: per[j] for j, (_, s) in enumerate(fused_heads)}
         q_len = student.shape[2]
         values = weights = 0.0
         for start in range(0, q_len, self.block_size):

@@ -1,0 +1,319 @@
+"""Fused attention-KL from queries and keys: Triton kernels (forward and backward) and their autograd wrapper.
+
+For one aligned head pair and one query row i, with scores ``s = a_s q_s K_s^T / T`` (student) and
+``t = a_t q_t K_t^T / T`` (teacher) over the row's allowed keys (key padding, causal structure):
+
+    KL(softmax(t) || softmax(s)) = sum_k p_t,k (t_k - s_k) - lse(t) + lse(s)
+
+The forward streams over key blocks with an online softmax for the teacher (running max, sum and the
+weighted difference) and a running log-sum-exp for the student, so no ``L x L`` tile outlives a block; it
+saves one log-sum-exp per row and side. The backward recomputes both tiles, with
+``dKL/ds_k = p_s,k - p_t,k``: one kernel accumulates dQ over key blocks, another dK over query blocks, so no
+float atomics are needed and the result is deterministic. Gradients flow to the student's queries and keys
+only. Inputs may be bf16; every accumulation is float32.
+
+The kernels need Triton and a CUDA device, or ``TRITON_INTERPRET=1`` (how the CPU tests run them). The
+plain PyTorch path (``distill_lab.matching.AttentionDistillationLoss`` on ``QueryKey`` records) is the
+reference and the fallback everywhere else.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is optional (the gpu extra)
+    triton = None
+
+_NEG = -1.0e30  # a finite "minus infinity" for running maxima, so exp(m_old - m_new) never sees inf - inf
+
+
+if triton is not None:
+
+    @triton.jit
+    def _scores(q, k_ptrs, kv_mask, scale, IEEE: tl.constexpr):
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        if IEEE:
+            return tl.dot(q, tl.trans(k), input_precision="ieee") * scale, k
+        return tl.dot(q, tl.trans(k)) * scale, k
+
+    @triton.jit
+    def _allowed(offs_m, offs_n, valid_ptr, LQ, LK, CAUSAL: tl.constexpr):
+        valid = tl.load(valid_ptr + offs_n, mask=offs_n < LK, other=0) != 0
+        ok = valid[None, :] & (offs_m[:, None] < LQ)
+        if CAUSAL:
+            ok = ok & (offs_n[None, :] <= offs_m[:, None] + (LK - LQ))
+        return ok
+
+    @triton.jit
+    def _kl_fwd(
+        QS, KS, QT, KT, SH, TH, VALID, KL, LSE_S, LSE_T,
+        sqs_b, sqs_h, sqs_l, sks_b, sks_h, sks_l, sqt_b, sqt_h, sqt_l, skt_b, skt_h, skt_l, sv_b,
+        P, LQ, LK, DS, DT, GS, GT, scale_s, scale_t,
+        CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+    ):  # fmt: skip
+        pid_m = tl.program_id(0)
+        pid_bp = tl.program_id(1)
+        b = pid_bp // P
+        pair = pid_bp % P
+        hs = tl.load(SH + pair)
+        ht = tl.load(TH + pair)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_ds = tl.arange(0, BLOCK_DS)
+        offs_dt = tl.arange(0, BLOCK_DT)
+        row = offs_m < LQ
+        qs = tl.load(
+            QS + b * sqs_b + hs * sqs_h + offs_m[:, None] * sqs_l + offs_ds[None, :],
+            mask=row[:, None] & (offs_ds[None, :] < DS), other=0.0,
+        )
+        qt = tl.load(
+            QT + b * sqt_b + ht * sqt_h + offs_m[:, None] * sqt_l + offs_dt[None, :],
+            mask=row[:, None] & (offs_dt[None, :] < DT), other=0.0,
+        )
+        ks_base = KS + b * sks_b + (hs // GS) * sks_h
+        kt_base = KT + b * skt_b + (ht // GT) * skt_h
+        m_t = tl.full([BLOCK_M], _NEG, tl.float32)
+        l_t = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M], tl.float32)
+        m_s = tl.full([BLOCK_M], _NEG, tl.float32)
+        l_s = tl.zeros([BLOCK_M], tl.float32)
+        for start_n in range(0, LK, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            key = offs_n[:, None] < LK
+            s, _ = _scores(qs, ks_base + offs_n[:, None] * sks_l + offs_ds[None, :], key & (offs_ds[None, :] < DS), scale_s, IEEE)
+            t, _ = _scores(qt, kt_base + offs_n[:, None] * skt_l + offs_dt[None, :], key & (offs_dt[None, :] < DT), scale_t, IEEE)
+            ok = _allowed(offs_m, offs_n, VALID + b * sv_b, LQ, LK, CAUSAL)
+            s = tl.where(ok, s, float("-inf"))
+            t = tl.where(ok, t, float("-inf"))
+            m_t_new = tl.maximum(m_t, tl.max(t, 1))
+            alpha = tl.exp(m_t - m_t_new)
+            p_t = tl.exp(t - m_t_new[:, None])
+            acc = acc * alpha + tl.sum(p_t * tl.where(ok, t - s, 0.0), 1)
+            l_t = l_t * alpha + tl.sum(p_t, 1)
+            m_t = m_t_new
+            m_s_new = tl.maximum(m_s, tl.max(s, 1))
+            l_s = l_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(s - m_s_new[:, None]), 1)
+            m_s = m_s_new
+        has_keys = l_t > 0
+        lse_t = tl.where(has_keys, m_t + tl.log(l_t), 0.0)
+        lse_s = tl.where(has_keys, m_s + tl.log(l_s), 0.0)
+        kl = tl.where(has_keys, acc / tl.where(has_keys, l_t, 1.0) - lse_t + lse_s, 0.0)
+        out = pid_bp * LQ + offs_m
+        tl.store(KL + out, kl, mask=row)
+        tl.store(LSE_S + out, lse_s, mask=row)
+        tl.store(LSE_T + out, lse_t, mask=row)
+
+    @triton.jit
+    def _kl_bwd_dq(
+        QS, KS, QT, KT, SH, TH, VALID, LSE_S, LSE_T, G, DQ,
+        sqs_b, sqs_h, sqs_l, sks_b, sks_h, sks_l, sqt_b, sqt_h, sqt_l, skt_b, skt_h, skt_l, sv_b,
+        P, LQ, LK, DS, DT, GS, GT, scale_s, scale_t,
+        CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+    ):  # fmt: skip
+        pid_m = tl.program_id(0)
+        pid_bp = tl.program_id(1)
+        b = pid_bp // P
+        pair = pid_bp % P
+        hs = tl.load(SH + pair)
+        ht = tl.load(TH + pair)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_ds = tl.arange(0, BLOCK_DS)
+        offs_dt = tl.arange(0, BLOCK_DT)
+        row = offs_m < LQ
+        qs = tl.load(
+            QS + b * sqs_b + hs * sqs_h + offs_m[:, None] * sqs_l + offs_ds[None, :],
+            mask=row[:, None] & (offs_ds[None, :] < DS), other=0.0,
+        )
+        qt = tl.load(
+            QT + b * sqt_b + ht * sqt_h + offs_m[:, None] * sqt_l + offs_dt[None, :],
+            mask=row[:, None] & (offs_dt[None, :] < DT), other=0.0,
+        )
+        rows = pid_bp * LQ + offs_m
+        lse_s = tl.load(LSE_S + rows, mask=row, other=0.0)
+        lse_t = tl.load(LSE_T + rows, mask=row, other=0.0)
+        g = tl.load(G + rows, mask=row, other=0.0)
+        ks_base = KS + b * sks_b + (hs // GS) * sks_h
+        kt_base = KT + b * skt_b + (ht // GT) * skt_h
+        dq = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
+        for start_n in range(0, LK, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            key = offs_n[:, None] < LK
+            s, ks = _scores(qs, ks_base + offs_n[:, None] * sks_l + offs_ds[None, :], key & (offs_ds[None, :] < DS), scale_s, IEEE)
+            t, _ = _scores(qt, kt_base + offs_n[:, None] * skt_l + offs_dt[None, :], key & (offs_dt[None, :] < DT), scale_t, IEEE)
+            ok = _allowed(offs_m, offs_n, VALID + b * sv_b, LQ, LK, CAUSAL)
+            p_s = tl.where(ok, tl.exp(s - lse_s[:, None]), 0.0)
+            p_t = tl.where(ok, tl.exp(t - lse_t[:, None]), 0.0)
+            ds = (p_s - p_t) * g[:, None]
+            if IEEE:
+                dq += tl.dot(ds.to(ks.dtype), ks, input_precision="ieee")
+            else:
+                dq += tl.dot(ds.to(ks.dtype), ks)
+        out = DQ + pid_bp * LQ * DS + offs_m[:, None] * DS + offs_ds[None, :]
+        tl.store(out, dq * scale_s, mask=row[:, None] & (offs_ds[None, :] < DS))
+
+    @triton.jit
+    def _kl_bwd_dk(
+        QS, KS, QT, KT, SH, TH, VALID, LSE_S, LSE_T, G, DK,
+        sqs_b, sqs_h, sqs_l, sks_b, sks_h, sks_l, sqt_b, sqt_h, sqt_l, skt_b, skt_h, skt_l, sv_b,
+        P, LQ, LK, DS, DT, GS, GT, scale_s, scale_t,
+        CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+    ):  # fmt: skip
+        pid_n = tl.program_id(0)
+        pid_bp = tl.program_id(1)
+        b = pid_bp // P
+        pair = pid_bp % P
+        hs = tl.load(SH + pair)
+        ht = tl.load(TH + pair)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_ds = tl.arange(0, BLOCK_DS)
+        offs_dt = tl.arange(0, BLOCK_DT)
+        key = offs_n < LK
+        ks = tl.load(
+            KS + b * sks_b + (hs // GS) * sks_h + offs_n[:, None] * sks_l + offs_ds[None, :],
+            mask=key[:, None] & (offs_ds[None, :] < DS), other=0.0,
+        )
+        kt = tl.load(
+            KT + b * skt_b + (ht // GT) * skt_h + offs_n[:, None] * skt_l + offs_dt[None, :],
+            mask=key[:, None] & (offs_dt[None, :] < DT), other=0.0,
+        )
+        qs_base = QS + b * sqs_b + hs * sqs_h
+        qt_base = QT + b * sqt_b + ht * sqt_h
+        dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
+        for start_m in range(0, LQ, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row = offs_m < LQ
+            qs = tl.load(qs_base + offs_m[:, None] * sqs_l + offs_ds[None, :], mask=row[:, None] & (offs_ds[None, :] < DS), other=0.0)
+            qt = tl.load(qt_base + offs_m[:, None] * sqt_l + offs_dt[None, :], mask=row[:, None] & (offs_dt[None, :] < DT), other=0.0)
+            rows = pid_bp * LQ + offs_m
+            lse_s = tl.load(LSE_S + rows, mask=row, other=0.0)
+            lse_t = tl.load(LSE_T + rows, mask=row, other=0.0)
+            g = tl.load(G + rows, mask=row, other=0.0)
+            if IEEE:
+                s = tl.dot(qs, tl.trans(ks), input_precision="ieee") * scale_s
+                t = tl.dot(qt, tl.trans(kt), input_precision="ieee") * scale_t
+            else:
+                s = tl.dot(qs, tl.trans(ks)) * scale_s
+                t = tl.dot(qt, tl.trans(kt)) * scale_t
+            ok = _allowed(offs_m, offs_n, VALID + b * sv_b, LQ, LK, CAUSAL)
+            p_s = tl.where(ok, tl.exp(s - lse_s[:, None]), 0.0)
+            p_t = tl.where(ok, tl.exp(t - lse_t[:, None]), 0.0)
+            ds = (p_s - p_t) * g[:, None]
+            if IEEE:
+                dk += tl.dot(tl.trans(ds).to(qs.dtype), qs, input_precision="ieee")
+            else:
+                dk += tl.dot(tl.trans(ds).to(qs.dtype), qs)
+        out = DK + pid_bp * LK * DS + offs_n[:, None] * DS + offs_ds[None, :]
+        tl.store(out, dk * scale_s, mask=key[:, None] & (offs_ds[None, :] < DS))
+
+
+def _block(n: int, cap: int) -> int:
+    return max(16, min(cap, triton.next_power_of_2(n)))
+
+
+class _AttentionKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qs, ks, qt, kt, s_heads, t_heads, key_valid, scale_s, scale_t, causal):
+        qs, ks, qt, kt = (x if x.stride(-1) == 1 else x.contiguous() for x in (qs, ks, qt, kt))
+        batch, _, q_len, d_s = qs.shape
+        k_len, d_t = ks.shape[2], qt.shape[3]
+        pairs = s_heads.numel()
+        kl = torch.empty(batch, pairs, q_len, device=qs.device, dtype=torch.float32)
+        lse_s, lse_t = torch.empty_like(kl), torch.empty_like(kl)
+        meta = _meta(qs, ks, qt, kt, key_valid, pairs, q_len, k_len, d_s, d_t, scale_s, scale_t, causal)
+        grid = (triton.cdiv(q_len, meta["BLOCK_M"]), batch * pairs)
+        _kl_fwd[grid](qs, ks, qt, kt, s_heads, t_heads, key_valid, kl, lse_s, lse_t, *meta["args"], **meta["const"])
+        ctx.save_for_backward(qs, ks, qt, kt, s_heads, t_heads, key_valid, lse_s, lse_t)
+        ctx.meta = meta
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad):
+        qs, ks, qt, kt, s_heads, t_heads, key_valid, lse_s, lse_t = ctx.saved_tensors
+        meta = ctx.meta
+        batch, heads_s, q_len, d_s = qs.shape
+        heads_kv, k_len = ks.shape[1], ks.shape[2]
+        pairs = s_heads.numel()
+        grad = grad.float().contiguous()
+        dq = torch.empty(batch, pairs, q_len, d_s, device=qs.device, dtype=torch.float32)
+        dk = torch.empty(batch, pairs, k_len, d_s, device=qs.device, dtype=torch.float32)
+        common = (qs, ks, qt, kt, s_heads, t_heads, key_valid, lse_s, lse_t, grad)
+        _kl_bwd_dq[(triton.cdiv(q_len, meta["BLOCK_M"]), batch * pairs)](*common, dq, *meta["args"], **meta["const"])
+        _kl_bwd_dk[(triton.cdiv(k_len, meta["BLOCK_N"]), batch * pairs)](*common, dk, *meta["args"], **meta["const"])
+        # pairs name distinct student heads: scatter them back, then sum each key head's query-head group
+        dq_heads = qs.new_zeros(batch, heads_s, q_len, d_s, dtype=torch.float32)
+        dk_heads = qs.new_zeros(batch, heads_s, k_len, d_s, dtype=torch.float32)
+        index = s_heads.long()
+        dq_heads[:, index] = dq
+        dk_heads[:, index] = dk
+        dk_heads = dk_heads.view(batch, heads_kv, heads_s // heads_kv, k_len, d_s).sum(2)
+        return dq_heads.to(qs.dtype), dk_heads.to(ks.dtype), None, None, None, None, None, None, None, None
+
+
+def _meta(qs, ks, qt, kt, key_valid, pairs, q_len, k_len, d_s, d_t, scale_s, scale_t, causal) -> dict:
+    block_m, block_n = _block(q_len, 64), _block(k_len, 64)
+    args = (
+        qs.stride(0), qs.stride(1), qs.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
+        qt.stride(0), qt.stride(1), qt.stride(2), kt.stride(0), kt.stride(1), kt.stride(2), key_valid.stride(0),
+        pairs, q_len, k_len, d_s, d_t, qs.shape[1] // ks.shape[1], qt.shape[1] // kt.shape[1], scale_s, scale_t,
+    )  # fmt: skip
+    const = dict(
+        CAUSAL=bool(causal),
+        IEEE=qs.dtype == torch.float32,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_DS=_block(d_s, 256),
+        BLOCK_DT=_block(d_t, 256),
+    )
+    return {"args": args, "const": const, "BLOCK_M": block_m, "BLOCK_N": block_n}
+
+
+def attention_kl_rows(
+    student_query: Tensor,
+    student_key: Tensor,
+    teacher_query: Tensor,
+    teacher_key: Tensor,
+    student_heads: Tensor,
+    teacher_heads: Tensor,
+    key_valid: Tensor,
+    student_scale: float,
+    teacher_scale: float,
+    temperature: float = 1.0,
+    causal: bool = False,
+) -> Tensor:
+    """Row-wise ``KL(softmax(t / T) || softmax(s / T))`` for aligned head pairs, straight from Q and K.
+
+    Shape:
+        student_query: (B, Hs, Lq, Ds); student_key: (B, Hs_kv, Lk, Ds), Hs a multiple of Hs_kv.
+        teacher_query: (B, Ht, Lq, Dt); teacher_key: (B, Ht_kv, Lk, Dt).
+        student_heads, teacher_heads: (P,) int32 on the device; pair p compares teacher head
+            ``teacher_heads[p]`` with student head ``student_heads[p]`` (student heads distinct).
+        key_valid: (B, Lk) int32, 1 for real tokens.
+        Returns: (B, P, Lq) float32, the KL of each query row (0 for a row with no allowed key), without the
+        ``T^2`` factor; differentiable with respect to the student's query and key.
+    """
+    if triton is None:
+        raise RuntimeError("the fused attention-KL kernel needs triton: pip install 'distill-lab[gpu]'")
+    if os.environ.get("TRITON_INTERPRET") == "1" and student_query.dtype != torch.float32:
+        # Triton's CPU interpreter gets 16-bit dot products wrong; there the tiles are upcast (same values)
+        student_query, student_key = student_query.float(), student_key.float()
+        teacher_query, teacher_key = teacher_query.float(), teacher_key.float()
+    return _AttentionKL.apply(
+        student_query,
+        student_key,
+        teacher_query.detach(),
+        teacher_key.detach(),
+        student_heads,
+        teacher_heads,
+        key_valid,
+        student_scale / temperature,
+        teacher_scale / temperature,
+        causal,
+    )
