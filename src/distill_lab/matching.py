@@ -616,7 +616,7 @@ class AttentionDistillationLoss(nn.Module):
         values = weights = 0.0
         for start in range(0, q_len, self.block_size):
             rows = slice(start, min(start + self.block_size, q_len))
-            if torch.is_grad_enabled():  # keep only the block's inputs; recompute its maps in the backward
+            if torch.is_grad_enabled() and q_len > self.block_size:  # keep only the block's inputs, recompute
                 v, w = checkpoint(self._block, student, teacher, attention_mask, pair, rows, use_reentrant=False)
             else:
                 v, w = self._block(student, teacher, attention_mask, pair, rows)

@@ -1,0 +1,269 @@
+"""Side-by-side training-step benchmark of three ways to distil, plus the fused attention-KL kernel alone.
+
+    (a) logit-only KD: teacher forward (SDPA, no grad), student forward and backward, ``kd_loss``;
+    (b) attention distillation as existing toolkits do it: eager attention in both models,
+        ``output_attentions=True``, KL on the probability maps of every mapped layer pair;
+    (c) distill-lab's fast path: SDPA everywhere, queries and keys captured (``capture=qk``), the attention
+        KL from them (the fused Triton kernel on CUDA, the block-wise PyTorch path elsewhere).
+
+Every variant runs the same models, batch and optimizer step in one process, so the ratios (c)/(a) and
+(b)/(c) compare like with like. Imports only torch, transformers and distill-lab's pure modules (no Hydra, no
+wandb). Results go to stdout as a markdown table and, with ``--out``, to a file.
+
+    python benchmarks/bench_distill.py --preset bert-base --seq 128 512 --batch 32      # on a GPU, bf16
+    python benchmarks/bench_distill.py --preset llama-1b --seq 2048 8192 --batch 1
+    python benchmarks/bench_distill.py --kernel --seq 2048 8192 --head-dim 64 128
+    python benchmarks/bench_distill.py --preset tiny --seq 64 --device cpu --dtype float32   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from distill_lab.capture import AttentionCapture  # noqa: E402
+from distill_lab.losses import attention_kl, kd_loss  # noqa: E402
+from distill_lab.matching import AttentionDistillationLoss, layer_map  # noqa: E402
+from distill_lab.models import derive_student  # noqa: E402
+
+PRESETS = {
+    # BERT-base-sized teacher (12 layers, 12 heads, 768) into 6 layers, all six student layers matched
+    "bert-base": dict(family="bert", hidden=768, layers=12, heads=12, kv_heads=12, ffn=3072, student_layers=6, vocab=30522),
+    # a LLaMA-style 1B-sized teacher (GQA, RoPE; random weights) into half its depth
+    "llama-1b": dict(family="llama", hidden=2048, layers=16, heads=32, kv_heads=8, ffn=8192, student_layers=8, vocab=32000),
+    # tiny shapes for a CPU smoke run
+    "tiny": dict(family="llama", hidden=64, layers=4, heads=4, kv_heads=2, ffn=128, student_layers=2, vocab=500),
+}
+
+
+def build_models(preset: dict, max_len: int, dtype: torch.dtype, device: str):
+    if preset["family"] == "bert":
+        config = BertConfig(
+            vocab_size=preset["vocab"], hidden_size=preset["hidden"], num_hidden_layers=preset["layers"],
+            num_attention_heads=preset["heads"], intermediate_size=preset["ffn"], max_position_embeddings=max(512, max_len),
+            num_labels=2, attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0,
+        )  # fmt: skip
+        teacher = BertForSequenceClassification(config)
+    else:
+        config = LlamaConfig(
+            vocab_size=preset["vocab"], hidden_size=preset["hidden"], num_hidden_layers=preset["layers"],
+            num_attention_heads=preset["heads"], num_key_value_heads=preset["kv_heads"], intermediate_size=preset["ffn"],
+            max_position_embeddings=max(2048, max_len),
+        )  # fmt: skip
+        teacher = LlamaForCausalLM(config)
+    student = derive_student(teacher, preset["student_layers"])
+    teacher.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    student.to(device=device, dtype=dtype).train()
+    return teacher, student
+
+
+def make_batch(preset: dict, batch: int, length: int, device: str) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, preset["vocab"], (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if batch > 1:
+        mask[-1, length * 3 // 4 :] = 0  # one padded example, so masks are exercised
+    out = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    if preset["family"] == "bert":
+        out["labels"] = torch.randint(0, 2, (batch,), generator=g).to(device)
+    return out
+
+
+def _kd(student_logits, teacher_logits, batch):
+    return kd_loss(student_logits.float(), teacher_logits.float(), batch.get("labels"), 3.0, 0.3)
+
+
+class Variant:
+    """A training step with what it needs set up around the timed loop (attention implementation, captures)."""
+
+    def __init__(self, step: Callable[[], torch.Tensor], enter: Callable = lambda: None, leave: Callable = lambda: None):
+        self.step, self.enter, self.leave = step, enter, leave
+
+
+def variants(teacher, student, pairs, batch) -> dict[str, Variant]:
+    """The three training steps (forward, loss, backward) over the same models and batch."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    mask = batch["attention_mask"]
+
+    def logit_only():
+        with torch.no_grad():
+            t = teacher(**inputs).logits
+        loss = _kd(student(**inputs).logits, t, batch)
+        loss.backward()
+        return loss
+
+    def set_implementation(name):
+        teacher.set_attn_implementation(name)
+        student.set_attn_implementation(name)
+
+    def toolkit_eager():
+        with torch.no_grad():
+            t_out = teacher(**inputs, output_attentions=True)
+        s_out = student(**inputs, output_attentions=True)
+        att = sum(attention_kl(s_out.attentions[s], t_out.attentions[t], mask) for t, s in pairs) / len(pairs)
+        loss = 0.7 * _kd(s_out.logits, t_out.logits, batch) + 0.3 * att
+        loss.backward()
+        return loss
+
+    component = AttentionDistillationLoss("kl", "layerwise", pairs)
+    captures = {}
+
+    def attach():
+        captures["teacher"] = AttentionCapture(teacher, component.teacher_layers, "qk")
+        captures["student"] = AttentionCapture(student, component.student_layers, "qk")
+
+    def detach():
+        for capture in captures.values():
+            capture.detach()
+
+    def distill_lab_fast():
+        with torch.no_grad():
+            t_out, t_maps = captures["teacher"](**inputs)
+        s_out, s_maps = captures["student"](**inputs)
+        att, _ = component(s_maps, t_maps, mask)
+        loss = 0.7 * _kd(s_out.logits, t_out.logits, batch) + 0.3 * att
+        loss.backward()
+        return loss
+
+    return {
+        "(a) logit-only KD": Variant(logit_only),
+        "(b) eager maps": Variant(toolkit_eager, lambda: set_implementation("eager"), lambda: set_implementation("sdpa")),
+        "(c) distill-lab qk": Variant(distill_lab_fast, attach, detach),
+    }
+
+
+def time_step(fn: Callable, params, device: str, warmup: int, steps: int) -> dict:
+    """Median step time (ms) and peak memory (GiB, CUDA only) of ``fn`` followed by an SGD update."""
+    optimizer = torch.optim.SGD(params, lr=1e-6)
+    cuda = device.startswith("cuda")
+    try:
+        for _ in range(warmup):
+            fn()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            fn()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1e3)
+    except torch.OutOfMemoryError:
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.empty_cache()
+        return {"ms": None, "peak_gib": None, "oom": True}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    return {"ms": statistics.median(times), "peak_gib": peak, "oom": False}
+
+
+def run_training(args) -> list[str]:
+    preset = PRESETS[args.preset]
+    dtype = getattr(torch, args.dtype)
+    lines = [
+        f"### Training step, preset `{args.preset}`, {args.dtype}, batch {args.batch}",
+        "",
+        "| L | variant | step ms | tokens/s | peak GiB | vs (a) | (b)/(c) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for length in args.seq:
+        teacher, student = build_models(preset, length, dtype, args.device)
+        pairs = layer_map(preset["layers"], preset["student_layers"], "uniform")
+        batch = make_batch(preset, args.batch, length, args.device)
+        results = {}
+        for name, variant in variants(teacher, student, pairs, batch).items():
+            variant.enter()
+            try:
+                results[name] = time_step(variant.step, list(student.parameters()), args.device, args.warmup, args.steps)
+            finally:
+                variant.leave()
+            if not args.quiet:
+                print(f"L={length} {name}: {results[name]}", file=sys.stderr)
+        base = results["(a) logit-only KD"]["ms"]
+        fast = results["(c) distill-lab qk"]["ms"]
+        tokens = args.batch * length
+        for name, r in results.items():
+            if r["oom"]:
+                lines.append(f"| {length} | {name} | OOM | | | | |")
+                continue
+            ratio = f"{r['ms'] / base:.2f}x" if base else ""
+            slow = f"{r['ms'] / fast:.2f}x" if name.startswith("(b)") and fast else ""
+            peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "n/a"
+            lines.append(f"| {length} | {name} | {r['ms']:.1f} | {tokens / r['ms'] * 1e3:,.0f} | {peak} | {ratio} | {slow} |")
+        del teacher, student
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return lines
+
+
+def run_kernel(args) -> list[str]:
+    """The fused attention-KL forward+backward against SDPA forward+backward of the same shape."""
+    from distill_lab.kernels.attention_kl import attention_kl_rows
+
+    dtype = getattr(torch, args.dtype)
+    lines = [
+        f"### Kernel alone, {args.dtype}, batch {args.batch}, {args.kernel_heads} heads",
+        "",
+        "| L | head dim | fused KL fwd+bwd ms | SDPA fwd+bwd ms | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for length in args.seq:
+        for dim in args.head_dim:
+            shape = (args.batch, args.kernel_heads, length, dim)
+            q, k, v = (torch.randn(shape, device=args.device, dtype=dtype, requires_grad=True) for _ in range(3))
+            qt, kt = (torch.randn(shape, device=args.device, dtype=dtype) for _ in range(2))
+            heads = torch.arange(args.kernel_heads, device=args.device, dtype=torch.int32)
+            valid = torch.ones(args.batch, length, device=args.device, dtype=torch.int32)
+
+            def fused(q=q, k=k, qt=qt, kt=kt, heads=heads, valid=valid, dim=dim):
+                attention_kl_rows(q, k, qt, kt, heads, heads, valid, dim**-0.5, dim**-0.5, 1.0, True).sum().backward()
+
+            def sdpa(q=q, k=k, v=v):
+                torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+            fused_ms = time_step(fused, [q, k], args.device, args.warmup, args.steps)["ms"]
+            sdpa_ms = time_step(sdpa, [q, k, v], args.device, args.warmup, args.steps)["ms"]
+            lines.append(f"| {length} | {dim} | {fused_ms:.2f} | {sdpa_ms:.2f} | {fused_ms / sdpa_ms:.2f}x |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="bert-base")
+    parser.add_argument("--seq", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--kernel", action="store_true", help="benchmark the fused KL kernel against SDPA instead")
+    parser.add_argument("--kernel-heads", type=int, default=16)
+    parser.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--out", type=Path, help="append the markdown table to this file")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    lines = run_kernel(args) if args.kernel else run_training(args)
+    lines = [*lines, "", f"Device: {device_name}; torch {torch.__version__}. Command: `python benchmarks/bench_distill.py {' '.join(argv if argv is not None else sys.argv[1:])}`", ""]
+    print("\n".join(lines))
+    if args.out:
+        with args.out.open("a") as fh:
+            fh.write("\n".join(lines) + "\n")
+    return lines
+
+
+if __name__ == "__main__":
+    main()
