@@ -11,7 +11,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from distill_lab.capture import QueryKey  # noqa: E402
 from distill_lab.matching import pair_name  # noqa: E402
+
+
+def _probs(attention):
+    return attention.probs() if isinstance(attention, QueryKey) else attention
 
 
 def plot_attention_pairs(teacher_maps, student_maps, pairs, tokens=None, title=""):
@@ -62,8 +67,8 @@ class AttentionMapCallback(L.Callback):
         _, student_maps = module.student_capture(**inputs)
         module.student.train(was_training)
         crop = slice(0, length)
-        teacher_maps = {k: v[0, :, crop, crop] for k, v in teacher_maps.items()}
-        student_maps = {k: v[0, :, crop, crop] for k, v in student_maps.items()}
+        teacher_maps = {k: _probs(v)[0, :, crop, crop] for k, v in teacher_maps.items()}
+        student_maps = {k: _probs(v)[0, :, crop, crop] for k, v in student_maps.items()}
         tokens = None
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
         if tokenizer is not None and "input_ids" in inputs:

@@ -44,6 +44,8 @@ class DistillationModule(L.LightningModule):
         warmup_ratio: share of the steps with a linear learning-rate warm-up; then linear decay to 0.
         calibration_batch: a batch for modes that choose heads on data (``matching=selective``).
         head_importance: ``"gradient"`` computes the teacher's gradient head importance on that batch.
+        capture: ``"qk"`` (SDPA everywhere, attention losses from queries and keys) or ``"probs"`` (eager
+            attention maps in the captured layers, the reference); see ``distill_lab.capture``.
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class DistillationModule(L.LightningModule):
         warmup_ratio: float = 0.1,
         calibration_batch: Mapping[str, Tensor] | None = None,
         head_importance: str | None = None,
+        capture: str = "qk",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["teacher", "student", "attention_loss", "optimizer", "calibration_batch"])
@@ -68,8 +71,8 @@ class DistillationModule(L.LightningModule):
         self.attention_loss = attention_loss
         self.optimizer_factory = optimizer
         self.calibration_batch = calibration_batch
-        self.teacher_capture = AttentionCapture(teacher, attention_loss.teacher_layers)
-        self.student_capture = AttentionCapture(student, attention_loss.student_layers)
+        self.teacher_capture = AttentionCapture(teacher, attention_loss.teacher_layers, capture)
+        self.student_capture = AttentionCapture(student, attention_loss.student_layers, capture)
         num_labels = student.config.num_labels
         self.val_metrics = _metrics(num_labels, "val/")
         self.teacher_metrics = _metrics(num_labels, "val/teacher_")
@@ -97,7 +100,11 @@ class DistillationModule(L.LightningModule):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         importance = None
         if self.hparams.head_importance == "gradient":
-            importance = gradient_head_importance(self.teacher_capture, batch)
+            # the gradient reaches attention probabilities only where the layer computes its output from them
+            self.teacher_capture.detach()
+            with AttentionCapture(self.teacher, self.attention_loss.teacher_layers, "probs") as probe:
+                importance = gradient_head_importance(probe, batch)
+            self.teacher_capture = AttentionCapture(self.teacher, self.attention_loss.teacher_layers, self.hparams.capture)
         with torch.no_grad():
             _, teacher_maps = self.teacher_capture(**inputs)
             _, student_maps = self.student_capture(**inputs)

@@ -113,6 +113,8 @@ def train(cfg: DictConfig) -> dict:
         matching=instantiate(cfg.matching),
         layer_map=pairs,
         layer_weights=cfg.get("layer_weights"),
+        block_size=cfg.attention_block_size,
+        fused=cfg.fused_kernel,
     )
     attention_loss.check(num_attention_heads(teacher), num_attention_heads(student))
     module = DistillationModule(
@@ -126,6 +128,7 @@ def train(cfg: DictConfig) -> dict:
         warmup_ratio=cfg.warmup_ratio,
         calibration_batch=data.example_batch("train", cfg.calibration_size),
         head_importance=cfg.matching.get("importance"),
+        capture=cfg.capture,
     )
 
     logger = _build_logger(cfg.get("logger"))
