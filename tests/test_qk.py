@@ -158,3 +158,38 @@ def test_qk_loss_keeps_no_quadratic_state_for_the_backward():
     assert qk_large / qk_small < 5  # 4x the length: about 4x the saved bytes (linear)
     assert probs_large / probs_small > 12  # about 16x (quadratic)
     assert qk_large < probs_large / 10
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("block_size", [3, 256])
+def test_mse_scores_matches_tinybert_reference(causal, block_size):
+    """TinyBERT's loss: MSE of pre-softmax scores, masked entries 0, mean over valid (query, key) elements."""
+    g = torch.Generator().manual_seed(0)
+    q_s, k_s = torch.randn(2, 4, 7, 8, generator=g, dtype=torch.float64), torch.randn(2, 2, 7, 8, generator=g, dtype=torch.float64)
+    q_t, k_t = torch.randn(2, 4, 7, 8, generator=g, dtype=torch.float64), torch.randn(2, 4, 7, 8, generator=g, dtype=torch.float64)
+    q_s.requires_grad_()
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    additive = (1.0 - mask[:, None, None, :].double()) * torch.finfo(torch.float64).min
+    student = QueryKey(q_s, k_s, 0.5, additive if not causal else None, causal=causal)
+    teacher = QueryKey(q_t, k_t, 0.25, additive if not causal else None, causal=causal)
+    component = AttentionDistillationLoss("mse_scores", "layerwise", [(0, 0)], block_size=block_size)
+    value, _ = component({0: student}, {0: teacher}, mask)
+
+    s = 0.5 * q_s @ k_s.repeat_interleave(2, 1).transpose(-1, -2)
+    t = 0.25 * q_t @ k_t.transpose(-1, -2)
+    allowed = mask.bool()[:, None, None, :].expand(2, 4, 7, 7)
+    if causal:
+        allowed = allowed & torch.ones(7, 7, dtype=torch.bool).tril()
+    diff = torch.where(allowed, s - t, torch.zeros(()))  # masked entries are 0 on both sides
+    valid = mask.bool()[:, None, :, None] & mask.bool()[:, None, None, :]  # valid queries x valid keys
+    reference = (diff.square() * valid).sum() / valid.expand(2, 4, 7, 7).sum()
+    torch.testing.assert_close(value, reference)
+    (grad,) = torch.autograd.grad(value, q_s)
+    (want,) = torch.autograd.grad(reference, q_s)
+    torch.testing.assert_close(grad, want)
+
+
+def test_mse_scores_needs_queries_and_keys():
+    maps = torch.rand(1, 2, 3, 3).softmax(-1)
+    with pytest.raises(ValueError, match="capture=qk"):
+        AttentionDistillationLoss("mse_scores", "layerwise", [(0, 0)])({0: maps}, {0: maps})

@@ -110,7 +110,7 @@ class QueryKey:
             scores = torch.tanh(scores / self.softcap) * self.softcap
         q_len, k_len = self.query.shape[2], key.shape[2]
         if self.mask is not None:
-            mask = self.mask[:, :, rows, :k_len]
+            mask = self.mask[..., :k_len] if self.mask.shape[2] == 1 else self.mask[:, :, rows, :k_len]
             if mask.dtype == torch.bool:
                 scores = scores.masked_fill(~mask, -math.inf)
             else:

@@ -184,10 +184,36 @@ def attention_cosine(
     return _reduce(*_row_terms("cosine", student, teacher, attention_mask), per_head)
 
 
+# a score at or below this is a masked position (transformers adds the dtype's minimum, or -inf)
+_MASKED_SCORE = -1e30
+
+
+def _zero_masked(scores: Tensor) -> Tensor:
+    return torch.where(scores > _MASKED_SCORE, scores, torch.zeros_like(scores))
+
+
+def attention_mse_scores(
+    student: Tensor, teacher: Tensor, attention_mask: Tensor | None = None, *, per_head: bool = False
+) -> Tensor:
+    """TinyBERT's attention loss: mean squared error between pre-softmax attention *scores*.
+
+    Masked positions (scores at or below -1e30, as transformers' masks leave them) count as 0 on both sides,
+    as TinyBERT sets them; the mean is over (b, h, valid q, valid k). Scores are not probabilities, so this
+    loss needs the queries and keys (``capture=qk``), not probability maps.
+
+    Shape:
+        student, teacher: (B, H, Lq, Lk) masked attention scores (``QueryKey.scores()``).
+        attention_mask: (B, Lk), 1 for real tokens; queries are its last Lq positions.
+        Returns: a scalar, or (H,) with ``per_head=True``.
+    """
+    return _reduce(*_row_terms("mse", _zero_masked(student), _zero_masked(teacher), attention_mask), per_head)
+
+
 ATTENTION_LOSSES: dict[str, Callable[..., Tensor]] = {
     "mse": attention_mse,
     "kl": attention_kl,
     "cosine": attention_cosine,
+    "mse_scores": attention_mse_scores,
 }
 
 
@@ -222,7 +248,15 @@ class AttentionLoss(nn.Module):
         ``query_start``: the loss over many blocks is ``sum(values) / sum(weights)`` over all of them."""
         if self.name == "kl" and self.options.get("temperature", 1.0) <= 0:
             raise ValueError(f"temperature must be positive, got {self.options['temperature']}")
-        return _row_terms(self.name, student, teacher, attention_mask, query_start=query_start, **self.options)
+        if self.on_scores:
+            student, teacher = _zero_masked(student), _zero_masked(teacher)
+        kind = "mse" if self.on_scores else self.name
+        return _row_terms(kind, student, teacher, attention_mask, query_start=query_start, **self.options)
+
+    @property
+    def on_scores(self) -> bool:
+        """Whether the loss compares pre-softmax scores (``mse_scores``) rather than probabilities."""
+        return self.name == "mse_scores"
 
     def extra_repr(self) -> str:
         return ", ".join([repr(self.name)] + [f"{k}={v}" for k, v in self.options.items()])

@@ -460,6 +460,10 @@ def _probs(attention: Tensor | QueryKey, rows: slice | None = None) -> Tensor:
     return attention if rows is None else attention[:, :, rows]
 
 
+def _scores(attention: QueryKey, rows: slice | None = None) -> Tensor:
+    return attention.scores(rows)
+
+
 def _layer_maps(attentions, layer: int) -> Tensor | None:
     """One layer's maps from a {layer: maps} mapping (None when not captured) or a sequence indexed by layer."""
     return attentions.get(layer) if isinstance(attentions, Mapping) else attentions[layer]
@@ -548,7 +552,8 @@ class AttentionDistillationLoss(nn.Module):
 
     def _block(self, student, teacher, attention_mask, pair, rows: slice) -> tuple[Tensor, Tensor]:
         """Loss sums and weights per aligned head, (P,) each, over one block of query rows."""
-        s, t, _ = self.matching.align(_probs(student, rows), _probs(teacher, rows), pair)
+        fetch = _scores if getattr(self.loss, "on_scores", False) else _probs
+        s, t, _ = self.matching.align(fetch(student, rows), fetch(teacher, rows), pair)
         q_len, k_len = student.shape[2], student.shape[3]
         values, weights = self.loss.row_terms(s, t, attention_mask, query_start=k_len - q_len + rows.start)
         return values.sum(dim=(0, 2)), weights.sum(dim=(0, 2))
@@ -642,6 +647,13 @@ class AttentionDistillationLoss(nn.Module):
                     "tokens: use the teacher's tokenizer for the student."
                 )
             self.check(teacher.shape[1], student.shape[1])
+            if getattr(self.loss, "on_scores", False) and not (
+                isinstance(student, QueryKey) and isinstance(teacher, QueryKey)
+            ):
+                raise ValueError(
+                    "loss=mse_scores compares pre-softmax attention scores, which probability maps do not carry: "
+                    "use capture=qk (AttentionCapture(..., backend='qk'))."
+                )
             if isinstance(student, QueryKey) or isinstance(teacher, QueryKey):
                 value, per_head = self._blockwise(student, teacher, attention_mask, pair)
             else:

@@ -117,6 +117,8 @@ def train(cfg: DictConfig) -> dict:
         fused=cfg.fused_kernel,
     )
     attention_loss.check(num_attention_heads(teacher), num_attention_heads(student))
+    if getattr(attention_loss.loss, "on_scores", False) and cfg.capture != "qk":
+        raise ValueError(f"loss=mse_scores compares pre-softmax scores and needs capture=qk, not capture={cfg.capture}")
     module = DistillationModule(
         teacher,
         student,
