@@ -219,3 +219,104 @@ def tiny_model_factory(tmp_path: Path) -> Callable[..., PreTrainedModel]:
         return make_tiny_model(family, tmp_path / f"{family}-{next(counter)}", seed=seed, **config_overrides)
 
     return factory
+
+
+# ---------------------------------------------------------------------------------------------- app helpers
+# A tiny text task for end-to-end runs of the app (``distill_lab.run.train``) and a Hydra composer for it.
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+
+
+def make_text_task(
+    tmp_path: str | Path, family: str = "bert", num_layers: int = 4, num_heads: int = 4, *, seed: int = 0,
+    num_train: int = 64, num_validation: int = 32, **config_overrides,
+) -> dict:
+    """A tiny distillation task on disk: a random teacher sequence classifier and the data files.
+
+    Writes into ``tmp_path``:
+
+    - ``teacher/``: a random ``family`` model (bert, roberta, gpt2 or llama) with a sequence-classification
+      head (``num_labels=2`` unless overridden), ``num_layers`` layers and ``num_heads`` heads, saved with
+      ``save_pretrained`` together with ``distill_lab.data.build_word_tokenizer()`` (vocabulary
+      ``SYNTHETIC_WORDS``; the model's ``vocab_size`` is ``len(tokenizer)`` and ``pad_token_id`` its [PAD], 0,
+      which causal models need to classify padded batches);
+    - ``train.csv`` and ``validation.csv`` (columns ``text``, ``label``) from ``synthetic_relations``.
+
+    Returns ``{"dir", "teacher", "train_file", "validation_file"}`` (strings) and ``"overrides"``: the Hydra
+    overrides that point a run at them (``teacher=hf teacher.name_or_path=... data=local ...``).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    from distill_lab.data import build_word_tokenizer, synthetic_relations
+
+    if family not in TEXT_FAMILIES:
+        raise ValueError(f"make_text_task: family {family!r} is not a text family; choose from {TEXT_FAMILIES}")
+    root = Path(tmp_path)
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_word_tokenizer()
+    overrides = dict(
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id, num_labels=2,
+    )
+    if family == "llama":  # keep the grouped-query attention: half as many key/value heads
+        overrides["num_key_value_heads"] = max(num_heads // 2, 1)
+    config = make_tiny_config(family, **{**overrides, **config_overrides})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_config(config)
+    teacher_dir = root / "teacher"
+    model.save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+
+    splits = synthetic_relations(num_train=num_train, num_validation=num_validation, seed=seed)
+    files = {}
+    for split in ("train", "validation"):
+        files[split] = root / f"{split}.csv"
+        splits[split].to_pandas()[["text", "label"]].to_csv(files[split], index=False)
+    return {
+        "dir": str(root),
+        "teacher": str(teacher_dir),
+        "train_file": str(files["train"]),
+        "validation_file": str(files["validation"]),
+        "overrides": [
+            "teacher=hf",
+            f"teacher.name_or_path='{teacher_dir}'",
+            "data=local",
+            f"data.dataset.train_file='{files['train']}'",
+            f"data.dataset.validation_file='{files['validation']}'",
+        ],
+    }
+
+
+def compose_config(
+    overrides: list[str], output_dir: str | Path, cache_dir: str | Path | None = None, return_hydra_config: bool = False
+):
+    """The app's config (``conf/config.yaml``) composed with Hydra's compose API, as ``train.py`` would see it.
+
+    ``paths.output_dir`` is set to ``output_dir`` (the default, ``${hydra:runtime.output_dir}``, only resolves
+    under ``@hydra.main``) and ``paths.cache_dir`` to ``cache_dir`` (default ``<output_dir>/.cache``), so
+    nothing is written outside the test's directories. Composition errors (an unknown option) are raised.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    output_dir = Path(output_dir)
+    cache_dir = Path(cache_dir) if cache_dir is not None else output_dir / ".cache"
+    paths = [f"paths.output_dir='{output_dir}'", f"paths.cache_dir='{cache_dir}'"]
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    paths = [p for p in paths if p.split("=", 1)[0] not in given]
+    GlobalHydra.instance().clear()  # a failed composition elsewhere must not leave Hydra initialised
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[*paths, *overrides], return_hydra_config=return_hydra_config)
+
+
+@pytest.fixture(scope="module")
+def torch_single_thread():
+    """One intra-op thread for tiny models (on a busy 2-core machine OpenMP's spinning threads make each tiny
+    call many times slower); restored after the module. Opt in with ``pytestmark =
+    pytest.mark.usefixtures("torch_single_thread")`` or by requesting it from a module-scoped fixture."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from lightning.pytorch.trainer.states import TrainerFn  # noqa: E402
 
 from distill_lab.capture import QueryKey  # noqa: E402
 from distill_lab.matching import pair_name  # noqa: E402
@@ -44,10 +45,12 @@ def plot_attention_pairs(teacher_maps, student_maps, pairs, tokens=None, title="
 
 
 class AttentionMapCallback(L.Callback):
-    """After each validation epoch, draws the mapped layers' attention for a fixed validation example.
+    """After each validation epoch of training, draws the mapped layers' attention for a fixed validation example.
 
     Saves ``{dirpath}/epoch{N}.png`` and logs the image to a wandb or TensorBoard logger as
-    ``attention_maps``.
+    ``attention_maps``. Validation outside ``fit`` (``trainer.validate``, e.g. the final evaluation of the best
+    checkpoint) draws nothing: it belongs to no training epoch, and ``current_epoch`` would then name one that
+    never ran.
     """
 
     def __init__(self, dirpath: str, example_index: int = 0) -> None:
@@ -58,21 +61,29 @@ class AttentionMapCallback(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, module) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or trainer.datamodule is None:
             return
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
         batch = trainer.datamodule.example_batch("validation", self.example_index + 1)
         inputs = {k: v[self.example_index : self.example_index + 1].to(module.device) for k, v in batch.items() if k != "labels"}
-        length = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else None
         _, teacher_maps = module.teacher_capture(**inputs)
         was_training = module.student.training
         module.student.eval()
         _, student_maps = module.student_capture(**inputs)
         module.student.train(was_training)
-        crop = slice(0, length)
-        teacher_maps = {k: _probs(v)[0, :, crop, crop] for k, v in teacher_maps.items()}
-        student_maps = {k: _probs(v)[0, :, crop, crop] for k, v in student_maps.items()}
+        # the example's real tokens, wherever the padding is (right, or left as causal tokenizers often pad)
+        mask = inputs.get("attention_mask")
+        keep = mask[0].bool().cpu() if mask is not None else slice(None)
+
+        def crop(attention):
+            maps = _probs(attention)[0].cpu()
+            return maps[:, keep][:, :, keep]
+
+        teacher_maps = {k: crop(v) for k, v in teacher_maps.items()}
+        student_maps = {k: crop(v) for k, v in student_maps.items()}
         tokens = None
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
         if tokenizer is not None and "input_ids" in inputs:
-            tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0, crop].tolist())
+            tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].cpu()[keep].tolist())
         epoch = trainer.current_epoch
         fig = plot_attention_pairs(
             teacher_maps, student_maps, module.attention_loss.layer_map, tokens, f"attention, epoch {epoch} (head mean)"

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as _hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -26,6 +27,18 @@ from distill_lab.models import count_parameters, load_tokenizer
 from distill_lab.module import DistillationModule
 
 log = logging.getLogger(__name__)
+
+
+def instantiate(cfg, *args, **kwargs):
+    """Hydra's ``instantiate``, except that a ``ValueError`` raised by the target (distill-lab's errors for a
+    wrong configuration: a teacher that cannot be loaded, a student deeper than its teacher...) propagates as
+    itself, not wrapped in an ``InstantiationException`` whose message is its ``repr``."""
+    try:
+        return _hydra_instantiate(cfg, *args, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ValueError):
+            raise err.__cause__ from None
+        raise
 
 
 def _build_logger(cfg: DictConfig | None):
@@ -143,7 +156,10 @@ def train(cfg: DictConfig) -> dict:
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     final = trainer.validate(module, datamodule=data, ckpt_path=best or None, verbose=False)[0]
     student_dir = output_dir / "student"
+    # both models back on their own attention: the export must not name the capture's implementation, and the
+    # throughput below must not time the teacher with its capture (eager maps or recorded queries) attached
     module.student_capture.detach()
+    module.teacher_capture.detach()
     student.save_pretrained(student_dir)
     tokenizer.save_pretrained(student_dir)
 

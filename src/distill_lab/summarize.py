@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 from pathlib import Path
 
 import matplotlib
@@ -18,17 +20,29 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 
+def _natural_key(path: Path) -> list:
+    """Sort key that orders numbered run directories as numbers: 0, 1, 2, ..., 10 (not 0, 1, 10, 2)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.as_posix())]
+
+
+def _override(override: str) -> tuple[str, str]:
+    key, value = override.split("=", 1)
+    return key.lstrip("+"), value  # +key=value and ++key=value set the same key as key=value
+
+
 def collect(directory: str | Path) -> list[dict]:
-    """One row per run: its overrides (``key=value``) and its results."""
+    """One row per run (in run order): its overrides (``key=value``) and its results."""
+    directory = Path(directory)
     rows = []
-    for results_file in sorted(Path(directory).rglob("results.json")):
+    for results_file in sorted(directory.rglob("results.json"), key=_natural_key):
         run_dir = results_file.parent
         overrides_file = run_dir / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
         rows.append(
             {
-                "run": run_dir.name,
-                "overrides": dict(o.split("=", 1) for o in overrides or [] if "=" in o),
+                # the path below the directory, so runs of nested sweeps (two 0/ folders) stay apart
+                "run": run_dir.name if run_dir == directory else run_dir.relative_to(directory).as_posix(),
+                "overrides": dict(_override(o) for o in overrides or [] if "=" in o),
                 "results": json.loads(results_file.read_text()),
             }
         )
@@ -37,13 +51,33 @@ def collect(directory: str | Path) -> list[dict]:
     return rows
 
 
+def _score(row: dict, metric: str) -> float:
+    """The student's ``metric`` for sorting: a missing or NaN value ranks below every number."""
+    value = row["results"]["student"].get(metric)
+    return float("-inf") if value is None or math.isnan(value) else value
+
+
+def _cell(value) -> str:
+    return str(value).replace("|", "\\|")  # a literal | would end the markdown cell
+
+
+def varying_overrides(rows: list[dict]) -> list[str]:
+    """The override keys whose value differs between runs (all keys for a single run)."""
+    keys = sorted({k for row in rows for k in row["overrides"]})
+    if len(rows) < 2:
+        return keys
+    return [k for k in keys if len({row["overrides"].get(k) for row in rows}) > 1]
+
+
 def markdown_table(rows: list[dict], metric: str = "acc") -> str:
+    """One line per run, best student ``metric`` first (runs without it last); the overrides as columns;
+    ``gap`` is teacher minus student."""
     keys = sorted({k for row in rows for k in row["overrides"]})
     header = ["run", *keys, f"student {metric}", f"teacher {metric}", "gap", "compression"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in sorted(rows, key=lambda r: -r["results"]["student"].get(metric, float("-inf"))):
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    for row in sorted(rows, key=lambda r: _score(r, metric), reverse=True):  # stable: ties keep run order
         res = row["results"]
-        cells = [row["run"], *(str(row["overrides"].get(k, "")) for k in keys)]
+        cells = [_cell(row["run"]), *(_cell(row["overrides"].get(k, "")) for k in keys)]
         student, teacher = res["student"].get(metric), res["teacher"].get(metric)
         cells += [
             f"{student:.4f}" if student is not None else "",
@@ -56,7 +90,10 @@ def markdown_table(rows: list[dict], metric: str = "acc") -> str:
 
 
 def bar_chart(rows: list[dict], path: str | Path, metric: str = "acc") -> Path:
-    labels = [" ".join(f"{k}={v}" for k, v in sorted(r["overrides"].items())) or r["run"] for r in rows]
+    # what tells the runs apart: the overrides they do not share (common ones, such as data paths, would
+    # make every label the same long string)
+    keys = varying_overrides(rows)
+    labels = [" ".join(f"{k}={r['overrides'][k]}" for k in keys if k in r["overrides"]) or r["run"] for r in rows]
     values = [r["results"]["student"].get(metric, 0.0) for r in rows]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
     ax.barh(range(len(rows)), values, color="tab:blue")

@@ -1,0 +1,503 @@
+"""The app in process: every config option composes and instantiates, and ``distill_lab.run.train(cfg)`` on a
+tiny random teacher (saved by path) for every loss and matching mode, the exported student, the frozen
+teacher, causal teachers (LLaMA with grouped-query attention, GPT-2), errors before training, and resuming.
+
+Runs use ``debug=fast`` (4 training steps on batches of 8) and ``logger=csv``. They also set
+``fused_kernel=false`` so that the block-wise PyTorch path is what they test on any machine (on a GPU
+``fused_kernel=null`` would take the Triton kernel, which ``test_kernels.py`` checks against that path).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import datasets
+import lightning as L
+import pytest
+import torch
+from conftest import CONF_DIR, compose_config, make_text_task
+from hydra.errors import InstantiationException, MissingConfigException
+from hydra.utils import get_class, instantiate
+from omegaconf import OmegaConf
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from distill_lab.data import TextClassificationData, build_word_tokenizer
+from distill_lab.losses import AttentionLoss
+from distill_lab.matching import MATCHING_MODES
+from distill_lab.models import load_tokenizer
+from distill_lab.run import _build_logger, train
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread", "offline")
+
+# every option of every config group, discovered from conf/ (an option added there is tested here)
+GROUP_OPTIONS = sorted(
+    (group.name, option.stem)
+    for group in CONF_DIR.iterdir()
+    if group.is_dir()
+    for option in group.glob("*.yaml")
+)
+LOSSES = sorted(o for g, o in GROUP_OPTIONS if g == "loss")
+MODES = sorted(o for g, o in GROUP_OPTIONS if g == "matching")
+BASE = ["student=from_teacher", "student.num_layers=2", "debug=fast", "logger=csv", "fused_kernel=false"]
+PAIRS = ["L1->0", "L3->1"]  # the uniform map of 4 teacher layers onto 2 student layers
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def offline(tmp_path_factory):
+    """No network, no wandb account, and the datasets cache in a temporary directory."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setenv("WANDB_MODE", "offline")
+        mp.delenv("WANDB_API_KEY", raising=False)
+        mp.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read at import time
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf-datasets"))
+        yield
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory, offline):
+    """A 4-layer, 4-head BERT teacher (2 labels) and train/validation CSVs, shared by the module's runs."""
+    return make_text_task(tmp_path_factory.mktemp("task"))
+
+
+class TeacherProbe(L.Callback):
+    """Records, during a real ``train(cfg)`` run, what the module's teacher and optimizer look like.
+
+    Added through the config (``+callbacks.teacher_probe._target_=test_run.TeacherProbe``), as a user's own
+    callback would be; its observations land in ``TeacherProbe.records[key]``.
+    """
+
+    records: dict[str, dict] = {}
+
+    def __init__(self, key: str) -> None:
+        self.record = TeacherProbe.records.setdefault(key, {"train": [], "validation": []})
+
+    def on_train_start(self, trainer, module) -> None:
+        optimized = [p for group in trainer.optimizers[0].param_groups for p in group["params"]]
+        teacher_ids = {id(p) for p in module.teacher.parameters()}
+        self.record["optimizer_tensors"] = len(optimized)
+        self.record["optimizer_numel"] = sum(p.numel() for p in optimized)
+        self.record["optimizer_has_teacher"] = any(id(p) in teacher_ids for p in optimized)
+        self.record["student_tensors"] = len(list(module.student.parameters()))
+        self.record["student_numel"] = sum(p.numel() for p in module.student.parameters())
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.record["train"].append(
+            (module.teacher.training, module.student.training, any(p.requires_grad for p in module.teacher.parameters()))
+        )
+
+    def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0) -> None:
+        self.record["validation"].append((module.teacher.training, module.student.training))
+
+    def on_train_end(self, trainer, module) -> None:
+        self.record["teacher_training_after_fit"] = module.teacher.training
+        self.record["teacher_state"] = {k: v.detach().clone() for k, v in module.teacher.state_dict().items()}
+
+
+def run_app(task: dict, output_dir: Path, *overrides: str) -> dict:
+    """``train(cfg)`` on the task with the fast settings; returns its metrics."""
+    return train(compose_config([*task["overrides"], *BASE, *overrides], output_dir))
+
+
+def read_metrics_csv(output_dir: Path) -> list[dict]:
+    with open(output_dir / "csv" / "version_0" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def default_run(task, tmp_path_factory):
+    """One run (loss=kl matching=layerwise) with the probe, shared by the export and frozen-teacher tests."""
+    out = tmp_path_factory.mktemp("default-run")
+    TeacherProbe.records.pop("default", None)
+    metrics = run_app(
+        task, out, "+callbacks.teacher_probe._target_=test_run.TeacherProbe", "+callbacks.teacher_probe.key=default"
+    )
+    return {"metrics": metrics, "out": out, "probe": TeacherProbe.records["default"]}
+
+
+# ---------------------------------------------------------------------------------------------- 1. config options
+
+
+def _raw_leaves(node, prefix: str = "") -> dict:
+    """Dotted key -> raw (unresolved) value of every leaf of a plain container."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list):
+        items = enumerate(node)
+    else:
+        return {prefix: node}
+    leaves = {}
+    for key, value in items:
+        leaves.update(_raw_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return leaves
+
+
+def _assert_option_applied(cfg, group: str, option: str, overridden: set[str]) -> int:
+    """Every value the option file sets is what the composed config holds (raw, interpolations unresolved)."""
+    path = CONF_DIR / group / f"{option}.yaml"
+    text = path.read_text()
+    spec = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    spec.pop("defaults", None)
+    package = "" if "@package _global_" in text else group
+    composed = OmegaConf.to_container(cfg, resolve=False)
+    checked = 0
+    for key, value in _raw_leaves(spec).items():
+        full = f"{package}.{key}" if package else key
+        if full in overridden:
+            continue
+        node = composed
+        for part in full.split("."):
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        assert node == value, f"{group}={option}: {full} is {node!r}, the option file says {value!r}"
+        checked += 1
+    return checked
+
+
+@pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
+def test_every_config_option_composes_and_instantiates(task, tmp_path, monkeypatch, group, option):
+    out = tmp_path / "out"
+    cache = tmp_path / "cache"
+    # the built-in teacher's cache already holds a model, so teacher=builtin loads it instead of training one
+    shutil.copytree(task["teacher"], cache / "relations-teacher")
+    fills = {  # values the option files leave to the user (???)
+        "teacher.name_or_path": task["teacher"],
+        "student.name_or_path": task["teacher"],
+        "data.dataset.train_file": task["train_file"],
+        "data.dataset.validation_file": task["validation_file"],
+        "data.dataset.path": "glue",
+    }
+    overrides = [f"{group}={option}"]
+    is_hydra = group == "hydra"
+    cfg = compose_config(overrides, out, cache, return_hydra_config=is_hydra)
+    node = cfg if is_hydra else cfg.get(group)
+    missing = set(OmegaConf.missing_keys(node)) if node is not None and not is_hydra else set()  # full keys
+    assert missing <= set(fills), f"{group}={option} needs values the test does not know: {missing - set(fills)}"
+    if missing:
+        overrides += [f"{k}='{fills[k]}'" for k in sorted(missing)]
+        cfg = compose_config(overrides, out, cache)
+    checked = _assert_option_applied(cfg, group, option, overridden=missing | {"paths.output_dir", "paths.cache_dir"})
+    if not is_hydra:
+        assert cfg.paths.output_dir == str(out)
+    node = cfg.hydra if is_hydra else cfg.get(group)
+    tokenizer = build_word_tokenizer()
+
+    if group == "loss":
+        loss = instantiate(node)
+        assert isinstance(loss, AttentionLoss) and loss.name == option
+        probs = torch.softmax(torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(0)), -1)
+        other = torch.softmax(torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(1)), -1)
+        assert float(loss(probs, probs)) == pytest.approx(0.0, abs=1e-6)
+        assert float(loss(other, probs)) > 1e-3
+    elif group == "matching":
+        matching = instantiate(node)
+        assert type(matching) is MATCHING_MODES[option]
+        matching.check_heads(4, 4, [(1, 0), (3, 1)])  # the tiny teacher's heads pair with an equal student
+    elif group == "trainer":
+        if option == "gpu" and not torch.cuda.is_available():
+            with pytest.raises(InstantiationException, match="No supported gpu backend"):
+                instantiate(node)  # composes; only a machine without a GPU refuses it
+            return
+        trainer = instantiate(node)
+        assert isinstance(trainer, L.Trainer)
+        assert trainer.default_root_dir == str(out) and trainer.max_epochs == node.max_epochs
+        assert trainer.gradient_clip_val == node.gradient_clip_val
+        if option == "ddp":
+            assert type(trainer.strategy).__name__ == "DDPStrategy" and trainer.num_devices == 2
+        if option == "cpu":
+            assert trainer.accelerator.__class__.__name__ == "CPUAccelerator"
+    elif group == "logger":
+        if option == "none":
+            assert node is None and _build_logger(node) is False
+            return
+        built = instantiate(node, offline=True) if option == "wandb" else instantiate(node)
+        assert type(built) is get_class(node._target_)
+        assert Path(built.save_dir) == out
+        if option == "wandb":
+            assert built._offline
+            assert _build_logger(node)._offline  # no WANDB_API_KEY: run.py makes it offline by itself
+        else:
+            assert built.name == option
+    elif group == "callbacks":
+        callbacks = {name: instantiate(c) for name, c in node.items() if c}
+        assert callbacks and all(type(c) is get_class(node[n]._target_) for n, c in callbacks.items())
+        for name, callback in callbacks.items():
+            if hasattr(callback, "dirpath"):
+                assert Path(callback.dirpath).parent == out, name
+        best = callbacks["best_checkpoint"]
+        assert best.monitor == cfg.optimized_metric == "val/acc" and best.mode == "max"
+    elif group == "data":
+        data = instantiate(node, tokenizer=tokenizer)
+        assert isinstance(data, TextClassificationData)  # loading waits for setup()
+        if option == "hf":
+            with pytest.raises(RuntimeError, match="data=local"):
+                data.setup("fit")
+            return
+        data.setup("fit")
+        assert data.num_labels == 2 and data.label_names == ["0", "1"]
+        batch = next(iter(data.train_dataloader()))
+        assert batch["input_ids"].shape[0] == node.batch_size and set(batch["labels"].tolist()) <= {0, 1}
+    elif group == "teacher":
+        teacher = instantiate(node)
+        saved = AutoModelForSequenceClassification.from_pretrained(task["teacher"])
+        assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+        assert teacher.config.num_hidden_layers == 4
+        for key, value in saved.state_dict().items():
+            assert torch.equal(teacher.state_dict()[key], value), key
+        if option == "builtin":
+            assert not (cache / "relations-teacher" / "teacher_metrics.txt").exists()  # loaded, not trained
+    elif group == "student":
+        teacher = AutoModelForSequenceClassification.from_pretrained(task["teacher"])
+        student = instantiate(node, teacher=teacher)
+        assert type(student) is type(teacher) and student.config.num_labels == 2
+        expected_layers = node.num_layers if option == "from_teacher" else teacher.config.num_hidden_layers
+        assert student.config.num_hidden_layers == expected_layers
+    elif group == "paths":  # compose_config replaced both paths; compose without it to see the option's own
+        from hydra import compose, initialize_config_dir
+
+        monkeypatch.setenv("DISTILL_LAB_CACHE", str(cache))
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            plain = compose("config", overrides=[f"paths={option}"])
+        assert _assert_option_applied(plain, group, option, overridden=set()) == 2
+        assert plain.paths.cache_dir == str(cache)  # DISTILL_LAB_CACHE moves the built-in teacher's cache
+        assert OmegaConf.to_container(plain.paths)["output_dir"] == "${hydra:runtime.output_dir}"
+    elif group in ("debug", "experiment", "hydra"):
+        assert checked > 0  # compose only; their values were checked above
+    else:
+        pytest.fail(f"config group {group!r} is new: teach this test how to instantiate {group}={option}")
+
+
+def test_config_groups_are_all_covered():
+    groups = {g for g, _ in GROUP_OPTIONS}
+    assert {"loss", "matching", "teacher", "student", "data", "trainer", "logger", "callbacks"} <= groups
+    assert {"kl", "mse", "cosine"} <= set(LOSSES) and set(MODES) == {"layerwise", "headwise", "global", "selective"}
+
+
+def test_unknown_option_is_a_hydra_error_listing_the_options(tmp_path):
+    with pytest.raises(MissingConfigException) as info:
+        compose_config(["loss=nope"], tmp_path)
+    message = str(info.value)
+    assert "Could not find 'loss/nope'" in message
+    assert all(name in message for name in LOSSES)
+    with pytest.raises(MissingConfigException, match="matching/nope"):
+        compose_config(["matching=nope"], tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- 2. every combination
+
+
+@pytest.mark.parametrize("matching", MODES)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_train_every_loss_and_matching(task, tmp_path, loss, matching):
+    out = tmp_path / "run"
+    top_k = ["matching.top_k=2"] if matching == "selective" else []
+    metrics = run_app(task, out, f"loss={loss}", f"matching={matching}", *top_k)
+    assert 0.0 <= metrics["val/acc"] <= 1.0 and 0.0 <= metrics["val/teacher_acc"] <= 1.0
+    assert set(metrics) == {"val/acc", "val/f1", "val/teacher_acc", "val/teacher_f1"}
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["student"]["acc"] == metrics["val/acc"] and results["teacher"]["acc"] == metrics["val/teacher_acc"]
+    assert results["gap"]["acc"] == pytest.approx(results["teacher"]["acc"] - results["student"]["acc"])
+    params = results["parameters"]
+    assert params["teacher"] > params["student"] > 0
+    assert params["compression"] == pytest.approx(params["teacher"] / params["student"]) and params["compression"] > 1
+    speed = results["inference"]
+    assert speed["speedup"] > 0 and speed["teacher_examples_per_s"] > 0
+    assert speed["speedup"] == pytest.approx(speed["student_examples_per_s"] / speed["teacher_examples_per_s"])
+    assert set(results["attention_loss"]) == set(PAIRS)
+    assert all(math.isfinite(v) and v >= 0 for v in results["attention_loss"].values())
+    assert results["layer_map"] == [[1, 0], [3, 1]]
+    if matching == "selective":
+        assert set(results["selected_heads"]) == set(PAIRS)
+        for pairs in results["selected_heads"].values():
+            assert len(pairs) == 2
+            assert len({t for t, _ in pairs}) == 2 and len({s for _, s in pairs}) == 2  # distinct heads
+            assert all(0 <= t < 4 and 0 <= s < 4 for t, s in pairs)
+    else:
+        assert results["selected_heads"] is None
+    assert results["best_checkpoint"] == str(out / "checkpoints" / "best.ckpt")
+
+    saved = (out / "config.yaml").read_text()
+    assert "${" not in saved  # resolved
+    saved_cfg = OmegaConf.create(saved)
+    assert saved_cfg.loss.name == loss and saved_cfg.matching._target_.endswith(MATCHING_MODES[matching].__name__)
+    assert saved_cfg.paths.output_dir == str(out) and saved_cfg.trainer.default_root_dir == str(out)
+    assert (out / "checkpoints" / "best.ckpt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+    assert (out / "student" / "config.json").is_file() and (out / "student" / "tokenizer.json").is_file()
+    assert (out / "attention_maps" / "epoch0.png").is_file()
+
+    rows = read_metrics_csv(out)
+    steps = [r for r in rows if r["train/loss"]]
+    assert [int(r["step"]) for r in steps] == [0, 1, 2, 3]  # debug=fast: 4 steps, logged every step
+    head_columns = {c for c in rows[0] if c.startswith("train/attention/L1->0/h")}
+    if matching in ("headwise", "selective"):  # the modes that report per student head
+        assert len(head_columns) == (4 if matching == "headwise" else 2)
+    else:
+        assert not head_columns
+
+
+def test_probs_capture_matches_the_qk_default(task, tmp_path):
+    """capture=probs (eager maps, the reference) and the default capture=qk give the same first step."""
+    first = {}
+    for capture in ("qk", "probs"):
+        run_app(task, tmp_path / capture, "matching=headwise", f"capture={capture}")
+        first[capture] = read_metrics_csv(tmp_path / capture)[0]
+    for key in ("train/loss", "train/output_loss", "train/attention/L1->0/h2", "train/attention/L3->1"):
+        assert float(first["qk"][key]) == pytest.approx(float(first["probs"][key]), rel=1e-4, abs=1e-7), key
+
+
+# ---------------------------------------------------------------------------------------------- 3. export
+
+
+def test_exported_student_reloads_and_equals_the_best_checkpoint(task, default_run):
+    out = default_run["out"]
+    student_dir = out / "student"
+    model = AutoModelForSequenceClassification.from_pretrained(student_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    config_text = (student_dir / "config.json").read_text()
+    assert "distill_lab" not in config_text  # no capture attention implementation leaks into the export
+    assert model.config._attn_implementation not in ("distill_lab_capture", "distill_lab_qk")
+    assert model.config.num_hidden_layers == 2 and model.config.num_labels == 2
+    assert tokenizer("good not bad")["input_ids"] == build_word_tokenizer()("good not bad")["input_ids"]
+
+    checkpoint = torch.load(out / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    state = checkpoint["state_dict"]
+    assert state and not any(k.startswith("teacher.") for k in state)  # the frozen teacher is left out
+    student_state = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
+    reference = AutoModelForSequenceClassification.from_pretrained(student_dir).eval()
+    reference.load_state_dict(student_state, strict=True)
+
+    data = TextClassificationData(
+        datasets.DatasetDict(
+            train=datasets.Dataset.from_csv(task["train_file"]), validation=datasets.Dataset.from_csv(task["validation_file"])
+        ),
+        tokenizer=tokenizer,
+        batch_size=16,
+    )
+    batch = {k: v for k, v in next(iter(data.val_dataloader())).items() if k != "labels"}
+    assert (batch["attention_mask"] == 0).any()  # the batch is padded
+    with torch.no_grad():
+        exported, best = model(**batch).logits, reference(**batch).logits
+    torch.testing.assert_close(exported, best, rtol=0, atol=1e-5)
+    # and the checkpoint is not simply the initial student: 4 steps moved its weights
+    teacher = AutoModelForSequenceClassification.from_pretrained(task["teacher"])
+    assert not torch.equal(student_state["classifier.weight"], teacher.state_dict()["classifier.weight"])
+    assert checkpoint["teacher_scores"]["val/teacher_acc"] == default_run["metrics"]["val/teacher_acc"]
+
+
+def test_optimizer_holds_exactly_the_student_parameters(default_run):
+    probe = default_run["probe"]
+    assert probe["optimizer_has_teacher"] is False
+    assert probe["optimizer_tensors"] == probe["student_tensors"]
+    assert probe["optimizer_numel"] == probe["student_numel"]
+    results = json.loads((default_run["out"] / "results.json").read_text())
+    assert probe["student_numel"] == results["parameters"]["student"]
+
+
+# ---------------------------------------------------------------------------------------------- 4. frozen teacher
+
+
+def test_teacher_stays_frozen_and_in_eval_mode(task, default_run):
+    probe = default_run["probe"]
+    assert len(probe["train"]) == 4 and len(probe["validation"]) >= 2
+    assert all(not teacher_training for teacher_training, _, _ in probe["train"])
+    assert all(student_training for _, student_training, _ in probe["train"])
+    assert not any(teacher_grad for _, _, teacher_grad in probe["train"])
+    assert all(not teacher_training for teacher_training, _ in probe["validation"])
+    assert probe["teacher_training_after_fit"] is False
+    saved = AutoModelForSequenceClassification.from_pretrained(task["teacher"]).state_dict()
+    assert probe["teacher_state"].keys() == saved.keys()
+    for key, value in saved.items():
+        assert torch.equal(probe["teacher_state"][key], value), key
+
+
+# ---------------------------------------------------------------------------------------------- 5. causal teachers
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_causal_teachers_train_headwise(tmp_path, family):
+    task = make_text_task(tmp_path / "task", family=family)
+    out = tmp_path / "run"
+    metrics = run_app(task, out, "loss=kl", "matching=headwise")
+    assert 0.0 <= metrics["val/acc"] <= 1.0
+    rows = read_metrics_csv(out)
+    assert {"train/attention/L1->0", "train/attention/L1->0/h0", "train/attention/L3->1/h3"} <= set(rows[0])
+    first = rows[0]
+    heads = [float(first[f"train/attention/L1->0/h{h}"]) for h in range(4)]
+    assert all(math.isfinite(v) and v >= 0 for v in heads)
+    assert float(first["train/attention/L1->0"]) == pytest.approx(sum(heads) / 4, rel=1e-4, abs=1e-9)
+    student = AutoModelForSequenceClassification.from_pretrained(out / "student")
+    assert student.config.model_type == family and student.config.num_hidden_layers == 2
+    if family == "llama":
+        assert student.config.num_key_value_heads == 2  # grouped-query attention kept
+
+
+# ---------------------------------------------------------------------------------------------- 6. errors
+
+
+ERRORS = {
+    "layer-out-of-range": (["layer_map=[[9,0]]"], r"teacher layer 9 does not exist.*valid indices are 0\.\.3"),
+    "student-layer-out-of-range": (["layer_map=[[3,5]]"], r"student layer 5 does not exist.*valid indices are 0\.\.1"),
+    "heads-do-not-divide": (
+        ["student.num_heads=3", "student.hidden_size=24", "matching=layerwise"],
+        r"teacher has 4 heads and the student 3.*matching=global.*matching=headwise",
+    ),
+    "missing-column": (["data.text_column=sentence"], r"data\.text_column='sentence'.*available columns: \['text', 'label'\]"),
+    "top-k-too-large": (["matching=selective", "matching.top_k=10"], r"top_k=10.*Lower top_k"),
+    "student-deeper-than-teacher": (["student.num_layers=5"], r"student\.num_layers=5"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_configuration_errors_fail_before_training(task, tmp_path, case):
+    overrides, message = ERRORS[case]
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        run_app(task, out, *overrides)
+    assert not (out / "checkpoints").exists() and not (out / "results.json").exists()
+
+
+def test_unloadable_teacher_is_named(task, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"teacher\.name_or_path=.*empty"):
+        run_app(task, out, f"teacher.name_or_path='{empty}'")
+    assert not (out / "checkpoints").exists()
+
+
+def test_teacher_with_other_labels_must_be_fine_tuned_on_the_task(tmp_path):
+    task = make_text_task(tmp_path / "task", num_labels=3)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"has 3 labels but the data has 2.*must be fine-tuned on this task"):
+        run_app(task, out)
+    assert not (out / "checkpoints").exists()
+
+
+def test_tokenizer_of_the_teacher_is_used(task):
+    assert load_tokenizer(task["teacher"]).get_vocab() == build_word_tokenizer().get_vocab()
+
+
+# ---------------------------------------------------------------------------------------------- 7. resume
+
+
+def test_resume_from_last_checkpoint_continues(task, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    run_app(task, first, "trainer.max_epochs=1")
+    last = first / "checkpoints" / "last.ckpt"
+    before = torch.load(last, map_location="cpu", weights_only=False)
+    step_before = before["global_step"]
+    assert step_before == 4 and before["epoch"] == 1  # last.ckpt is written at the end: one epoch completed
+    run_app(task, second, "trainer.max_epochs=2", f"ckpt_path='{last}'")
+    resumed = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == 8 > step_before and resumed["epoch"] == 2
+    logged = [int(r["step"]) for r in read_metrics_csv(second) if r["train/loss"]]
+    assert logged == [4, 5, 6, 7]  # the second run trained only the second epoch
+    assert resumed["teacher_scores"] == torch.load(last, map_location="cpu", weights_only=False)["teacher_scores"]
