@@ -1,4 +1,5 @@
-"""Lightning callbacks: teacher vs student attention heat maps on a fixed validation example."""
+"""Lightning callbacks: teacher vs student attention heat maps on a fixed validation example, and a
+``last.ckpt`` that is written on a step interval and at the end of training."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.trainer.states import TrainerFn  # noqa: E402
 
 from distill_lab.capture import QueryKey  # noqa: E402
@@ -98,3 +100,20 @@ class AttentionMapCallback(L.Callback):
             elif hasattr(getattr(logger, "experiment", None), "add_image"):  # tensorboard
                 image = torch.from_numpy(plt.imread(path)[..., :3]).permute(2, 0, 1)
                 logger.experiment.add_image("attention_maps", image, trainer.global_step)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` every ``every_n_train_steps`` steps *and* when training ends.
+
+    Lightning's ``ModelCheckpoint(save_last=True, every_n_train_steps=N)`` writes ``last.ckpt`` on multiples of
+    N only (at the end of training only if it never wrote one), so after a run of 64 steps with N = 5 the
+    "last" checkpoint holds step 60 and resuming from it repeats four steps. Here the end of training always
+    writes it too, so ``last.ckpt`` of a finished run is its final state.
+    """
+
+    def __init__(self, dirpath: str, every_n_train_steps: int = 100, **kwargs) -> None:
+        super().__init__(dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=every_n_train_steps, **kwargs)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self._last_global_step_saved != trainer.global_step or not self._last_checkpoint_saved:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -69,12 +69,22 @@ def varying_overrides(rows: list[dict]) -> list[str]:
     return [k for k in keys if len({row["overrides"].get(k) for row in rows}) > 1]
 
 
+def shared_overrides(rows: list[dict]) -> dict[str, str]:
+    """The overrides every run has with the same value (the sweep's fixed settings), for two or more runs."""
+    if len(rows) < 2:
+        return {}
+    varying = set(varying_overrides(rows))
+    return {k: v for k, v in sorted(rows[0]["overrides"].items()) if k not in varying}
+
+
 def markdown_table(rows: list[dict], metric: str = "acc") -> str:
-    """One line per run, best student ``metric`` first (runs without it last); the overrides as columns;
-    ``gap`` is teacher minus student."""
-    keys = sorted({k for row in rows for k in row["overrides"]})
+    """One line per run, best student ``metric`` first (runs without it last); the overrides that differ
+    between runs as columns (those they share in a line above the table); ``gap`` is teacher minus student."""
+    keys = varying_overrides(rows)
     header = ["run", *keys, f"student {metric}", f"teacher {metric}", "gap", "compression"]
-    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    shared = shared_overrides(rows)
+    lines = [f"shared overrides: {' '.join(f'`{k}={v}`' for k, v in shared.items())}", ""] if shared else []
+    lines += ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
     for row in sorted(rows, key=lambda r: _score(r, metric), reverse=True):  # stable: ties keep run order
         res = row["results"]
         cells = [_cell(row["run"]), *(_cell(row["overrides"].get(k, "")) for k in keys)]
@@ -115,7 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("directory", help="a Hydra multirun directory")
     parser.add_argument("--metric", default="acc", help="student metric to compare (acc, f1)")
     args = parser.parse_args(argv)
-    rows = collect(args.directory)
+    try:
+        rows = collect(args.directory)
+    except FileNotFoundError as err:
+        parser.exit(2, f"error: {err}\n")
     table = markdown_table(rows, args.metric)
     out = Path(args.directory)
     (out / "summary.md").write_text(table + "\n")

@@ -1,0 +1,242 @@
+"""The real command line in subprocesses: ``python train.py loss=kl matching=headwise`` with wandb (offline,
+its run file read back), a Hydra multirun summarised by ``python -m distill_lab.summarize``, wrong overrides,
+and Ctrl-C followed by ``ckpt_path=...``.
+
+Every run points the app at a tiny random teacher and a small CSV task (``conftest.make_text_task``) and uses
+``debug=fast``, so a run takes seconds; the subprocesses start Python, torch and transformers, hence ``slow``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO_ROOT, make_text_task
+from transformers import AutoModelForSequenceClassification
+
+pytestmark = pytest.mark.slow
+
+FAST = ["debug=fast", "student=from_teacher", "student.num_layers=2"]
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return make_text_task(tmp_path_factory.mktemp("cli-task"))
+
+
+def _env(tmp_path: Path) -> dict:
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets"),
+        "DISTILL_LAB_CACHE": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
+    }
+    for key in ("WANDB_API_KEY", "TRITON_INTERPRET"):  # no account; the app's own kernel dispatch, not the tests'
+        env.pop(key, None)
+    return env
+
+
+def cli(tmp_path: Path, *args: str, timeout: int = 600, module: str | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", module] if module else [sys.executable, "train.py"]
+    return subprocess.run(
+        [*command, *args], cwd=REPO_ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def read_wandb_history(run_file: Path) -> list[dict]:
+    """The history rows (``wandb.log`` calls) of an offline run file.
+
+    The file is a LevelDB-style log: a 7-byte header, then 32 KiB blocks of records, each with a 7-byte header
+    (crc32, length, type: 1 full, 2 first, 3 middle, 4 last); the payloads are ``wandb_internal_pb2.Record``.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data = run_file.read_bytes()
+    magic, version, _ = struct.unpack("<4sHB", data[:7])
+    assert magic == b":W&B", f"{run_file} is not a wandb run file"
+    block, offset, pending, payloads = 32768, 7, b"", []
+    while offset + 7 <= len(data):
+        if block - offset % block < 7:  # a block's tail too short for a header is padding
+            offset += block - offset % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[offset : offset + 7])
+        if kind == 0 and length == 0:
+            offset += block - offset % block
+            continue
+        chunk = data[offset + 7 : offset + 7 + length]
+        offset += 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            payloads.append(pending)
+    rows = []
+    for payload in payloads:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "history":
+            rows.append(
+                {"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in record.history.item}
+            )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- the README command
+
+
+def test_cli_kl_headwise_with_offline_wandb(task, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = cli(tmp_path, "loss=kl", "matching=headwise", *task["overrides"], *FAST, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+
+    # the run directory: Hydra's record, the resolved config, results, checkpoint, export, attention maps
+    overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    assert "loss=kl" in overrides and "matching=headwise" in overrides
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["loss"]["_target_"].endswith("AttentionLoss") and config["loss"]["name"] == "kl"
+    assert config["matching"]["_target_"].endswith("Headwise")
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results["attention_loss"]) >= {"L1->0", "L3->1"}
+    assert {"acc", "f1"} <= set(results["student"]) and {"acc", "f1"} <= set(results["teacher"])
+    assert Path(results["best_checkpoint"]).exists()
+    student = AutoModelForSequenceClassification.from_pretrained(run_dir / "student")
+    assert student.config.num_hidden_layers == 2
+    assert sorted(p.name for p in (run_dir / "attention_maps").glob("*.png")) == ["epoch0.png"]
+    assert "distillation result" in output and "compression" in output
+
+    # wandb ran offline (no key), said how to upload, and its run file holds the per-layer and per-head keys
+    assert "wandb sync" in output
+    run_files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(run_files) == 1
+    history = read_wandb_history(run_files[0])
+    keys = {k for row in history for k in row}
+    expected = {"train/loss", "train/output_loss", "train/attention_loss", "val/acc", "val/f1"}
+    expected |= {f"train/attention/{pair}" for pair in ("L1->0", "L3->1")}
+    expected |= {f"train/attention/{pair}/h{h}" for pair in ("L1->0", "L3->1") for h in range(4)}
+    assert expected <= keys, sorted(expected - keys)
+    steps = [row for row in history if "train/loss" in row]
+    assert len(steps) == 4  # debug=fast: four training steps, each logged
+    for row in steps:  # the pair keys are the attention loss's parts: it is their mean
+        pairs = [row[f"train/attention/{p}"] for p in ("L1->0", "L3->1")]
+        assert row["train/attention_loss"] == pytest.approx(sum(pairs) / 2, rel=1e-5)
+        heads = [row[f"train/attention/L1->0/h{h}"] for h in range(4)]
+        assert row["train/attention/L1->0"] == pytest.approx(sum(heads) / 4, rel=1e-5)
+        assert row["train/loss"] == pytest.approx(0.7 * row["train/output_loss"] + 0.3 * row["train/attention_loss"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- sweeps
+
+
+def test_multirun_sweep_and_summary(task, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = cli(
+        tmp_path, "-m", "loss=mse,kl", "matching=layerwise,global", *task["overrides"], *FAST, "logger=csv",
+        "callbacks.attention_maps=null", f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = sorted(p.parent for p in sweep_dir.glob("*/results.json"))
+    assert [p.name for p in runs] == ["0", "1", "2", "3"]
+    combos = {tuple(yaml.safe_load((p / ".hydra" / "overrides.yaml").read_text())[:2]) for p in runs}
+    assert combos == {(f"loss={loss}", f"matching={m}") for loss in ("mse", "kl") for m in ("layerwise", "global")}
+    for run in runs:  # each combination trained its own student, with the loss it was given
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
+        assert f"loss={config['loss']['name']}" in overrides
+
+    summary = cli(tmp_path, str(sweep_dir), module="distill_lab.summarize")
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    table = [line for line in summary.stdout.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| run | loss | matching |") and len(table) == 2 + 4
+    accuracies = {}
+    for run in runs:
+        results = json.loads((run / "results.json").read_text())
+        accuracies[run.name] = results["student"]["acc"]
+        row = next(line for line in table[2:] if line.startswith(f"| {run.name} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[3]) == pytest.approx(results["student"]["acc"], abs=1e-4)
+        assert float(cells[5]) == pytest.approx(results["gap"]["acc"], abs=1e-4)
+    order = [line.split("|")[1].strip() for line in table[2:]]
+    assert [accuracies[r] for r in order] == sorted(accuracies.values(), reverse=True)  # best first
+    assert (sweep_dir / "summary.md").exists() and (sweep_dir / "summary.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["loss=huber"], r"Could not find 'loss/huber'.*Available options.*cosine.*kl.*mse"),
+        (["layer_map=[[9,0],[3,1]]"], r"teacher layer 9 does not exist.*0\.\.3"),
+        (["data.text_column=sentence"], r"data\.text_column='sentence' not in train split; available columns: \['text', 'label'\]"),
+    ],
+    ids=["unknown-loss", "missing-layer", "missing-column"],
+)
+def test_cli_errors_name_the_key_before_training(task, tmp_path, overrides, message):
+    run_dir = tmp_path / "run"
+    proc = cli(tmp_path, *task["overrides"], *FAST, "logger=csv", *overrides, f"hydra.run.dir={run_dir}", timeout=300)
+    assert proc.returncode != 0
+    assert re.search(message, proc.stderr, re.S), proc.stderr[-3000:]
+    assert not (run_dir / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------- Ctrl-C and resume
+
+
+def test_ctrl_c_leaves_a_checkpoint_that_resumes(task, tmp_path):
+    """SIGINT mid-training: Lightning stops gracefully, ``interrupted.ckpt`` holds the state at that step,
+    and ``ckpt_path=`` continues from it to the configured end."""
+    first = tmp_path / "first"
+    long_run = [
+        *task["overrides"], "student=from_teacher", "student.num_layers=2", "logger=csv", "data.batch_size=8",
+        "trainer.max_epochs=200", "trainer.num_sanity_val_steps=0", "callbacks.attention_maps=null",
+        "callbacks.last_checkpoint.every_n_train_steps=5",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "train.py", *long_run, f"hydra.run.dir={first}"],
+        cwd=REPO_ROOT, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    last = first / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0 and "KeyboardInterrupt" in stdout + stderr, stderr[-3000:]
+    assert not (first / "results.json").exists()  # an interrupted run reports nothing as final
+
+    interrupted = first / "checkpoints" / "interrupted.ckpt"
+    state = torch.load(interrupted, map_location="cpu", weights_only=False)
+    step = state["global_step"]
+    assert 5 <= step < 200 * 8
+    assert not any(k.startswith("teacher.") for k in state["state_dict"])
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+    # resume to the end of the epoch after the interrupted one
+    epochs = step // 8 + 2
+    second = tmp_path / "second"
+    proc = cli(
+        tmp_path, *long_run, f"trainer.max_epochs={epochs}", f"ckpt_path='{interrupted}'", f"hydra.run.dir={second}"
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    resumed = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == epochs * 8  # the configured end, counted from the interrupted step on
+    with open(second / "csv" / "version_0" / "metrics.csv") as f:
+        logged = [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
+    assert logged and min(logged) >= step  # the second run did not start again from step 0
+    assert json.loads((second / "results.json").read_text())["student"]["acc"] >= 0.0

@@ -1,0 +1,78 @@
+"""``python -m distill_lab.summarize DIR`` on hand-made multirun directories (no training)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distill_lab.summarize import collect, main, markdown_table, shared_overrides, varying_overrides
+
+
+def fake_run(root: Path, name: str, overrides: list[str], student: float, teacher: float = 0.9) -> None:
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    results = {
+        "student": {"acc": student},
+        "teacher": {"acc": teacher},
+        "parameters": {"compression": 2.0},
+        "gap": {"acc": teacher - student},
+    }
+    (run / "results.json").write_text(json.dumps(results))
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    shared = ["data=local", "data.dataset.train_file='/data/a|b.csv'"]
+    values = [("mse", "layerwise", 0.70), ("kl", "layerwise", 0.80), ("mse", "global", math.nan)]
+    values += [(f"kl{i}", "global", 0.1 * i) for i in range(8)]  # runs 3..10: numbered beyond 9
+    for i, (loss, matching, acc) in enumerate(values):
+        fake_run(tmp_path, str(i), [f"loss={loss}", f"+matching={matching}", *shared], acc)
+    return tmp_path
+
+
+def test_collect_reads_runs_in_numeric_order_with_plain_override_keys(sweep):
+    rows = collect(sweep)
+    assert [r["run"] for r in rows] == [str(i) for i in range(11)]  # 10 after 9, not after 1
+    assert rows[0]["overrides"] == {"loss": "mse", "matching": "layerwise", "data": "local",
+                                    "data.dataset.train_file": "'/data/a|b.csv'"}
+
+
+def test_table_columns_are_what_varies_and_rows_are_best_first(sweep):
+    rows = collect(sweep)
+    assert varying_overrides(rows) == ["loss", "matching"]
+    assert shared_overrides(rows) == {"data": "local", "data.dataset.train_file": "'/data/a|b.csv'"}
+    lines = markdown_table(rows).splitlines()
+    assert lines[0].startswith("shared overrides: `data=local`") and "a|b.csv" in lines[0]
+    header, body = lines[2], lines[4:]
+    assert header == "| run | loss | matching | student acc | teacher acc | gap | compression |"
+    assert len(body) == 11
+    assert body[0] == "| 1 | kl | layerwise | 0.8000 | 0.9000 | +0.1000 | 2.00x |"
+    assert body[1].startswith("| 10 | kl7 | global | 0.7000 |") and body[2].startswith("| 0 | mse |")
+    assert body[-1].startswith("| 2 | mse | global | nan |")  # NaN ranks last
+
+
+def test_pipes_in_values_are_escaped(tmp_path):
+    fake_run(tmp_path, "0", ["data.text_column=a|b"], 0.5)
+    fake_run(tmp_path, "1", ["data.text_column=c"], 0.6)
+    table = markdown_table(collect(tmp_path))
+    assert "| a\\|b |" in table
+
+
+def test_main_writes_markdown_and_chart(sweep, capsys):
+    main([str(sweep)])
+    assert (sweep / "summary.md").read_text().strip() == markdown_table(collect(sweep))
+    assert (sweep / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_empty_directory_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="no results.json below"):
+        collect(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path)])
+    assert exit_info.value.code == 2 and "is it a finished multirun directory?" in capsys.readouterr().err
