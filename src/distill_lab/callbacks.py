@@ -1,8 +1,11 @@
-"""Lightning callbacks: teacher vs student attention heat maps on a fixed validation example, and a
-``last.ckpt`` that is written on a step interval and at the end of training."""
+"""Lightning callbacks: teacher vs student attention heat maps on a fixed validation example, a
+``last.ckpt`` that is written on a step interval and at the end of training, and what makes a run survive
+interruption: an ``interrupted.ckpt`` on Ctrl-C or an exception, no checkpoint with non-finite weights, and the
+random state saved and restored (see ``distill_lab.resume``)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -16,6 +19,9 @@ from lightning.pytorch.trainer.states import TrainerFn  # noqa: E402
 
 from distill_lab.capture import QueryKey  # noqa: E402
 from distill_lab.matching import pair_name  # noqa: E402
+from distill_lab.resume import rng_state, set_rng_state  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 
 def _probs(attention):
@@ -117,3 +123,102 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if self._last_global_step_saved != trainer.global_step or not self._last_checkpoint_saved:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+# ---------------------------------------------------------------------------------------------- surviving interruption
+
+
+def non_finite_parameters(module: torch.nn.Module) -> list[str]:
+    """Names of the trainable parameters holding a NaN or an infinity (the frozen teacher cannot turn so)."""
+    return [name for name, p in module.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+
+
+def _describe(names: list[str], limit: int = 3) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+class FiniteCheckpoints(L.Callback):
+    """Refuses to write a checkpoint whose trainable weights are not finite, so every checkpoint on disk can
+    be resumed.
+
+    The module stops on a non-finite loss before it reaches backward (``DistillationModule.training_step``),
+    but a finite loss can still give non-finite gradients whose update leaves NaN weights; a step checkpoint
+    written right after that update would then replace the last good ``last.ckpt``. The check runs only when
+    a checkpoint is written (all parameters, once per save), and raises ``FloatingPointError`` naming the step
+    and the parameters, which stops the run with the previous checkpoints untouched.
+    """
+
+    def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict) -> None:
+        if bad := non_finite_parameters(module):
+            raise FloatingPointError(
+                f"non-finite weights at step {trainer.global_step} in {_describe(bad)}, "
+                "probably from non-finite gradients in the last update; no checkpoint was written, the ones on disk "
+                "hold the last finite weights. Lower optimizer.lr or check the data of this step."
+            )
+
+
+class InterruptedCheckpoint(L.Callback):
+    """Writes ``{dirpath}/{filename}.ckpt`` when training stops on an exception, Ctrl-C included, so that the
+    run can resume from where it stopped (``ckpt_path=auto`` takes it when it is newer than ``last.ckpt``).
+
+    Unlike Lightning's ``OnExceptionCheckpoint`` it writes nothing on a non-finite stop (a
+    ``FloatingPointError``: see ``DistillationModule.training_step`` and :class:`FiniteCheckpoints`) nor while
+    the trainable weights are non-finite: resuming there would replay the failing step, and the last good
+    ``last.ckpt`` must stay the newest checkpoint. Only exceptions during ``fit`` count (the final validation
+    of the best checkpoint holds no training state worth saving). It is deliberately not an
+    ``OnExceptionCheckpoint``: with one present Lightning turns ``fit(ckpt_path=None)`` into ``"last"`` and
+    resumes from this directory's newest checkpoint, and ``ckpt_path=null`` must mean a fresh start.
+    """
+
+    def __init__(self, dirpath: str, filename: str = "interrupted") -> None:
+        self.dirpath = Path(dirpath)
+        self.filename = filename
+
+    @property
+    def ckpt_path(self) -> str:
+        return str(self.dirpath / f"{self.filename}.ckpt")
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        if isinstance(exception, FloatingPointError):
+            log.warning("a non-finite stop writes no %s; the last good checkpoint is the newest", self.ckpt_path)
+            return
+        if bad := non_finite_parameters(module):
+            log.warning("not writing %s: the weights are non-finite (%s)", self.ckpt_path, _describe(bad))
+            return
+        trainer.save_checkpoint(self.ckpt_path)
+        log.info("%s stopped training at step %d; saved %s", type(exception).__name__, trainer.global_step, self.ckpt_path)
+
+
+class ResumeRandomState(L.Callback):
+    """Saves the random number generators' state in every checkpoint and restores it when training resumes,
+    so that a resumed run draws the same dropout masks as an uninterrupted one.
+
+    The saved state is the one the next trained batch starts from: the current state for a checkpoint written
+    between steps (step and epoch checkpoints; Lightning resumes with the next batch), the state at the start
+    of the batch under way for one written during a step (Ctrl-C, an exception; Lightning repeats that batch).
+    It is restored in ``on_train_start``, after the set-up and sanity validation that the resumed run does and
+    the uninterrupted one did not.
+    """
+
+    def __init__(self) -> None:
+        self._batch_start: tuple[int, dict] | None = None
+        self._to_restore: dict | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int) -> None:
+        self._batch_start = (trainer.fit_loop.epoch_loop.batch_progress.current.ready, rng_state())
+
+    def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict) -> None:
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        under_way = self._batch_start is not None and progress.processed < progress.ready == self._batch_start[0]
+        checkpoint["rng_state"] = self._batch_start[1] if under_way else rng_state()
+
+    def on_load_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict) -> None:
+        self._to_restore = checkpoint.get("rng_state")
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self._to_restore is not None:
+            set_rng_state(self._to_restore)
+            self._to_restore = None

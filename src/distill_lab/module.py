@@ -141,11 +141,7 @@ class DistillationModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss, output_loss, attention_loss, details, _, _ = self(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite loss at step {self.global_step}: output loss {output_loss.item()}, attention loss "
-                f"{attention_loss.item()}, per pair {({k: v.item() for k, v in details.items() if '/' not in k})}"
-            )
+        self._stop_if_not_finite(loss, output_loss, attention_loss, details, batch_idx)
         batch_size = batch["input_ids"].shape[0] if "input_ids" in batch else None
         self.log_dict(
             {"train/loss": loss, "train/output_loss": output_loss, "train/attention_loss": attention_loss},
@@ -154,6 +150,30 @@ class DistillationModule(L.LightningModule):
         )
         self.log_dict({f"train/attention/{k}": v for k, v in details.items()}, batch_size=batch_size)
         return loss
+
+    def _stop_if_not_finite(self, loss, output_loss, attention_loss, details, batch_idx: int) -> None:
+        """Stop on a non-finite loss before it reaches backward, naming the step and the part that went non-finite
+        (the output loss, layer pairs). The update of this step never happens and no checkpoint of it is
+        written (``callbacks.InterruptedCheckpoint`` skips a ``FloatingPointError``), so the newest checkpoint
+        on disk holds the last good weights."""
+        if torch.isfinite(loss):
+            return
+        parts = {"output loss": output_loss, **{f"layer pair {k}": v for k, v in details.items() if "/" not in k}}
+        bad = [f"{name} = {v.item()}" for name, v in parts.items() if not torch.isfinite(v)]
+        if not bad:  # every part is finite, their weighted sum is not
+            bad = [f"the weighted sum of output loss {output_loss.item()} and attention loss {attention_loss.item()}"]
+        weights = [name for name, p in self.student.named_parameters() if not torch.isfinite(p).all()]
+        cause = (
+            f"; the student's weights were already non-finite ({', '.join(weights[:3])}"
+            f"{', ...' if len(weights) > 3 else ''}): the previous update made them so"
+            if weights
+            else ""
+        )
+        raise FloatingPointError(
+            f"non-finite loss at step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx}): "
+            f"{', '.join(bad)}{cause}. Training stopped before this step's update; the newest checkpoint holds the "
+            "last good weights. Lower optimizer.lr, or check the data of this batch."
+        )
 
     def validation_step(self, batch, batch_idx):
         loss, _, attention_loss, details, student_logits, teacher_logits = self(batch)

@@ -25,6 +25,7 @@ from distill_lab.capture import num_attention_heads
 from distill_lab.matching import AttentionDistillationLoss, layer_map
 from distill_lab.models import count_parameters, load_tokenizer
 from distill_lab.module import DistillationModule
+from distill_lab.resume import resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,11 @@ def train(cfg: DictConfig) -> dict:
     """Distil the configured teacher into the student; returns the final validation metrics (``val/acc``...).
 
     Writes to ``cfg.paths.output_dir``: ``config.yaml`` (resolved), ``results.json``, ``checkpoints/``,
-    ``student/`` (``save_pretrained`` model and tokenizer) and ``attention_maps/``.
+    ``student/`` (``save_pretrained`` model and tokenizer) and ``attention_maps/``. With ``ckpt_path=auto``
+    a rerun of an interrupted command resumes it in its own directory (``distill_lab.resume``).
     """
-    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path, output_dir = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    cfg.paths.output_dir = str(output_dir)  # the previous run's directory when resuming it
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
@@ -150,7 +153,7 @@ def train(cfg: DictConfig) -> dict:
     trainer = instantiate(cfg.trainer, callbacks=_build_callbacks(cfg.get("callbacks")), logger=logger)
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
 
     # final evaluation of the best checkpoint, the export, and the run's record
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""

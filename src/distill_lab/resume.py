@@ -1,0 +1,250 @@
+"""Resuming an interrupted run: which checkpoint ``ckpt_path=auto`` continues from, where in the shuffled
+training data the resumed run picks up, and the random state it continues with.
+
+**Finding the previous run** (:func:`resolve_ckpt_path`). Hydra gives every invocation a new timestamped
+``paths.output_dir`` (``outputs/DATE/TIME``), so "the same command, run again" has to find its earlier run
+on disk. With ``ckpt_path=auto`` (the default):
+
+1. If this run's own directory already holds a checkpoint (``hydra.run.dir=...`` named an existing
+   directory, or ``train(cfg)`` was given one), that run is the previous one.
+2. Otherwise, unless the directory was named on the command line (``hydra.run.dir=`` or
+   ``hydra.sweep.dir=``: a new name asks for a new run there), the previous run is the most recently active
+   run directory near this one whose ``.hydra/overrides.yaml`` lists the same overrides (in any order) and
+   that holds a checkpoint. "Near" means siblings and cousins: ``<root>/*/*`` for Hydra's
+   ``outputs/DATE/TIME`` (so a rerun after midnight still finds its run) and ``multirun/DATE/TIME/N`` (the
+   same job of an earlier sweep).
+
+A previous run that wrote ``results.json`` (the last thing ``train`` does) finished, and this run starts
+afresh. Only the latest matching run counts: an older unfinished run is not revived behind a newer finished
+one. The checkpoint is the newer of ``checkpoints/last.ckpt`` (every ``checkpoint_every_n_steps`` steps and
+at the end of training) and ``checkpoints/interrupted.ckpt`` (Ctrl-C or an exception). The resumed run
+continues *in the previous run's directory*: its checkpoint callbacks keep tracking the best epoch across the
+interruption (Lightning restores that state only for the same ``dirpath``), the logger starts a new version
+beside the old one, and ``results.json`` and ``student/`` land where the run started. The directory Hydra
+made for the rerun keeps only ``.hydra/`` and the log, which names the run it resumed. ``ckpt_path=null``
+always starts afresh; any other value is a checkpoint path (or one of Lightning's names, ``last``...) and is
+passed to ``Trainer.fit`` as it is, training in this run's own directory. Under DDP the processes that
+Lightning launches for the other ranks (``LOCAL_RANK`` > 0, started after rank 0 chose) take rank 0's
+choice, handed over in the ``DISTILL_LAB_RESUME`` environment variable, so that every rank restores the
+same checkpoint and writes to the same directory.
+
+**Where in the data** (:class:`ResumableRandomSampler`, :func:`training_position`). A mid-epoch
+checkpoint must resume on the batch after the last one trained, in the same order, or the resumed run
+trains on different data than an uninterrupted one. Lightning 2.6 offers ``state_dict()`` on the
+dataloader for this, but it does not work here: the loader's state is taken after the fetcher has already
+prefetched the next batch (one batch too far), and it is never loaded back when ``configure_optimizers``
+reads ``trainer.estimated_stepping_batches`` (which ours does; Lightning issue #20550) because that builds the
+loader before the checkpoint's loop state is restored. So the position comes from the trainer's own loop
+progress when the checkpoint is written, is saved by the data module (``TextClassificationData.state_dict``,
+restored before any loader is built), and the sampler starts its epoch part-way through.
+
+**Random state** (:func:`rng_state`, :func:`set_rng_state`, used by ``callbacks.ResumeRandomState``):
+Lightning checkpoints hold no random-number-generator state, so a resumed run would draw different dropout
+masks than the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.utils.data import RandomSampler
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+RESUMABLE_CHECKPOINTS = ("last.ckpt", "interrupted.ckpt")
+FINISHED_MARKER = "results.json"
+OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
+HYDRA_FILE = Path(".hydra") / "hydra.yaml"
+NAMED_DIR_OVERRIDES = ("hydra.run.dir=", "hydra.sweep.dir=")
+RANK_HANDOVER = "DISTILL_LAB_RESUME"
+
+
+# ---------------------------------------------------------------------------------------------- the checkpoint
+
+
+def _newest_checkpoint(run_dir: Path) -> Path | None:
+    """The newer (by modification time) of ``last.ckpt`` and ``interrupted.ckpt`` in ``run_dir/checkpoints``."""
+    found = [p for name in RESUMABLE_CHECKPOINTS if (p := run_dir / CHECKPOINT_DIR / name).is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
+def _overrides(run_dir: Path) -> list[str] | None:
+    """The run's Hydra overrides, sorted (the order of distinct keys does not change the config), or None."""
+    try:
+        overrides = yaml.safe_load((run_dir / OVERRIDES_FILE).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return sorted(str(o) for o in overrides) if isinstance(overrides, list) else None
+
+
+def _named_on_command_line(run_dir: Path) -> bool:
+    """Whether the run's directory came from a ``hydra.run.dir=`` or ``hydra.sweep.dir=`` override."""
+    try:
+        hydra = yaml.safe_load((run_dir / HYDRA_FILE).read_text())["hydra"]["overrides"]["hydra"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return False
+    return any(str(o).startswith(NAMED_DIR_OVERRIDES) for o in hydra or [])
+
+
+def _last_activity(run_dir: Path) -> int:
+    files = [run_dir / CHECKPOINT_DIR / name for name in RESUMABLE_CHECKPOINTS] + [run_dir / FINISHED_MARKER]
+    return max((p.stat().st_mtime_ns for p in files if p.is_file()), default=0)
+
+
+def _nearby_runs(output_dir: Path) -> list[Path]:
+    """Run directories beside ``output_dir`` (siblings) and one level up (cousins), without ``output_dir``."""
+    parent = output_dir.parent
+    try:
+        near = set(parent.iterdir()) | set(parent.parent.glob("*/*"))
+    except OSError:
+        return []
+    return [d for d in near if d.is_dir() and d.resolve() != output_dir.resolve() and (d / OVERRIDES_FILE).is_file()]
+
+
+def find_previous_run(output_dir: str | Path) -> tuple[Path, Path, str] | None:
+    """The interrupted run that ``output_dir``'s run continues, as ``(checkpoint, run_dir, reason)``, or None.
+
+    See the module docstring for the rules. ``reason`` says in words why this checkpoint was chosen.
+    """
+    output_dir = Path(output_dir)
+    if (own := _newest_checkpoint(output_dir)) is not None:
+        if (output_dir / FINISHED_MARKER).is_file():
+            log.info("ckpt_path=auto: %s holds a finished run (%s); starting afresh", output_dir, FINISHED_MARKER)
+            return None
+        return own, output_dir, f"this run's directory {output_dir} holds an unfinished run (no {FINISHED_MARKER})"
+    overrides = _overrides(output_dir)
+    if overrides is None or _named_on_command_line(output_dir):
+        return None  # not a Hydra-made directory, or one named on purpose: nothing to look for elsewhere
+    trained = [d for d in _nearby_runs(output_dir) if _overrides(d) == overrides and _newest_checkpoint(d)]
+    if not trained:
+        return None
+    latest = max(trained, key=_last_activity)
+    if (latest / FINISHED_MARKER).is_file():
+        log.info("ckpt_path=auto: the latest run with the same overrides, %s, finished; starting afresh", latest)
+        return None
+    checkpoint = _newest_checkpoint(latest)
+    reason = (
+        f"{latest} is the latest run with the same overrides as this one and it did not finish (no "
+        f"{FINISHED_MARKER}); {checkpoint.name} is its newest checkpoint"
+    )
+    return checkpoint, latest, reason
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> tuple[str | None, Path]:
+    """``(checkpoint for Trainer.fit, the directory this run writes to)`` for the ``ckpt_path`` option.
+
+    ``"auto"`` resumes the previous run of the same command in its own directory (:func:`find_previous_run`)
+    or starts afresh in ``output_dir``, and records the choice in ``os.environ[DISTILL_LAB_RESUME]`` for the
+    DDP ranks that Lightning launches later; ``None`` starts afresh; anything else is returned unchanged.
+    """
+    output_dir = Path(output_dir)
+    if ckpt_path != "auto":
+        return ckpt_path, output_dir
+    if int(os.environ.get("LOCAL_RANK") or 0) > 0 and RANK_HANDOVER in os.environ:
+        chosen = json.loads(os.environ[RANK_HANDOVER])  # a DDP rank that Lightning launched: rank 0 chose
+        return chosen["ckpt_path"], Path(chosen["output_dir"])
+    found = find_previous_run(output_dir)
+    if found is None:
+        ckpt_path, run_dir = None, output_dir
+    else:
+        checkpoint, run_dir, reason = found
+        ckpt_path = str(checkpoint)
+        log.info("ckpt_path=auto: resuming from %s because %s", checkpoint, reason)
+        if run_dir != output_dir:
+            log.info("ckpt_path=auto: this run continues in %s (outputs, logs, checkpoints)", run_dir)
+    os.environ[RANK_HANDOVER] = json.dumps({"ckpt_path": ckpt_path, "output_dir": str(run_dir)})
+    return ckpt_path, run_dir
+
+
+# ---------------------------------------------------------------------------------------------- the data order
+
+
+class ResumableRandomSampler(RandomSampler):
+    """A shuffled order that depends only on ``(seed, epoch)``, and can start part-way through an epoch.
+
+    Epoch ``e`` visits ``torch.randperm(n)`` drawn from a generator seeded with ``seed + e`` (the
+    ``DistributedSampler`` convention; Lightning calls ``set_epoch`` before every epoch). Setting ``start``
+    skips the first ``start`` examples of the next iteration only, without loading them, so a run resumed
+    mid-epoch sees exactly the examples the interrupted run had not trained on, in the same order. ``len``
+    stays the full epoch, as Lightning counts a resumed epoch's batches from its beginning.
+
+    It subclasses ``RandomSampler`` so that Lightning recognises a shuffled loader: under DDP it replaces it
+    with its own ``DistributedSampler`` (which cannot resume mid-epoch; Lightning warns).
+    """
+
+    def __init__(self, data_source, seed: int = 0, epoch: int = 0, start: int = 0) -> None:
+        super().__init__(data_source)
+        self.seed, self.epoch, self.start = seed, epoch, start
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.data_source), generator=generator)
+        start, self.start = self.start, 0
+        if start:
+            log.info(
+                "the training data continues epoch %d at example %d of %d (so Lightning's warning that the "
+                "dataloader is not resumable does not apply)", self.epoch, start, len(order)
+            )
+        yield from order[start:].tolist()
+
+
+def training_position(trainer) -> tuple[int, int] | None:
+    """``(epoch, batches)``: the epoch a run resumed from a checkpoint written now trains, and how many of
+    its batches it skips; None outside ``fit``.
+
+    Lightning resumes an epoch at its loop's ``processed`` batch count: a checkpoint written after a batch's
+    optimizer step (step checkpoints, ``on_train_batch_end``) moves on to the next batch, one written while a
+    step was under way (Ctrl-C, an exception) repeats that batch. An epoch whose batches are all processed, or
+    a checkpoint between epochs, resumes at the start of the next epoch.
+    """
+    if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+        return None
+    epochs = trainer.fit_loop.epoch_progress.current
+    if epochs.started <= epochs.processed:  # between epochs (or before the first)
+        return epochs.processed, 0
+    batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    if batches >= trainer.num_training_batches:
+        return epochs.processed + 1, 0
+    return epochs.processed, batches
+
+
+# ---------------------------------------------------------------------------------------------- random state
+
+
+def rng_state() -> dict:
+    """The state of every random number generator training draws from: torch (CPU and CUDA), numpy, Python.
+
+    Tensors, lists and numbers only, so that ``torch.load(..., weights_only=True)`` (the default that
+    Lightning's resume uses) reads the checkpoint.
+    """
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned (the CUDA part only where this process uses CUDA)."""
+    torch.set_rng_state(state["torch"])
+    name, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,486 @@
+"""Surviving interruption: a run killed mid-epoch (SIGKILL), stopped with Ctrl-C or crashed resumes to the
+result of an uninterrupted run, by rerunning the same command (``ckpt_path=auto``); a non-finite loss stops
+the run naming the step and the part that went non-finite, and no checkpoint ever holds non-finite weights.
+
+The task is ``conftest.make_text_task`` with dropout on (``hidden_dropout_prob=0.1``, which the derived student
+inherits), so a resumed run matches only if it continues with the same data order *and* the same random
+state: 64 training examples in batches of 8, i.e. 8 steps per epoch, 3 epochs. "The same result" is checked
+on the final ``results.json`` (student accuracy and F1, attention loss per layer pair) and the exported
+student's weights, within float32 tolerances (both runs do the same operations on one thread, so the
+differences are in fact zero).
+
+The ``slow`` tests run ``python train.py`` in subprocesses (Hydra's own timestamped run directories, under a
+temporary working directory) with one torch thread; the others call ``distill_lab.run.train`` in process.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import REPO_ROOT, compose_config, make_text_task
+from hydra.utils import instantiate
+from transformers import AutoModelForSequenceClassification
+
+from distill_lab.resume import ResumableRandomSampler, find_previous_run, resolve_ckpt_path
+from distill_lab.run import train
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+EPOCHS, STEPS_PER_EPOCH = 3, 8
+TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
+PAIRS = ["L1->0", "L3->1"]  # the uniform map of the 4 teacher layers onto 2 student layers
+RUN = [
+    "student=from_teacher", "student.num_layers=2", "logger=csv", "data.batch_size=8", f"trainer.max_epochs={EPOCHS}",
+    "trainer.log_every_n_steps=1", "optimizer.lr=0.005", "fused_kernel=false", "callbacks.attention_maps=null",
+    "callbacks.progress_bar=null", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
+]
+
+
+# ---------------------------------------------------------------------------------------------- callbacks the tests add
+
+
+class Pace(L.Callback):
+    """Sleeps after every training step, so that a test can interrupt the run between two given checkpoints.
+
+    Part of "the same command" in the CLI tests (the reference run paces too); it changes no number.
+    """
+
+    def __init__(self, seconds: float = 0.1) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        time.sleep(self.seconds)
+
+
+class Crash(L.Callback):
+    """Raises ``RuntimeError`` in ``hook`` once ``trainer.global_step == step`` (steps already taken)."""
+
+    def __init__(self, hook: str, step: int) -> None:
+        self.hook, self.step = hook, step
+
+    def _maybe_crash(self, trainer, hook: str) -> None:
+        if hook == self.hook and trainer.global_step == self.step:
+            raise RuntimeError(f"test crash in {hook} at step {self.step}")
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._maybe_crash(trainer, "on_train_batch_start")
+
+    def on_before_backward(self, trainer, module, loss) -> None:
+        self._maybe_crash(trainer, "on_before_backward")
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self._maybe_crash(trainer, "on_train_batch_end")
+
+
+class PoisonLoss(L.Callback):
+    """From step ``step`` on, makes one part of the loss NaN with finite weights: ``part="output"`` turns the
+    student's logits NaN (a forward hook on its classifier; the attention maps come before it and stay
+    finite), a layer pair name makes that pair's attention loss NaN (the output loss stays finite)."""
+
+    def __init__(self, part: str, step: int) -> None:
+        self.part, self.step = part, step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step != self.step:
+            return
+        if self.part == "output":
+            module.student.classifier.register_forward_hook(lambda layer, inputs, output: output * float("nan"))
+            return
+        original, pair = module.attention_loss.forward, self.part
+
+        def poisoned(*args, **kwargs):
+            total, details = original(*args, **kwargs)
+            return total * float("nan"), {**details, pair: details[pair] * float("nan")}
+
+        module.attention_loss.forward = poisoned
+
+
+class InfiniteGradient(L.Callback):
+    """Before the optimizer step taken at ``step``, sets one student gradient to infinity: the loss stays
+    finite, but after gradient clipping and AdamW that parameter is NaN."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        if trainer.global_step == self.step:
+            next(p for p in module.student.parameters() if p.grad is not None).grad.fill_(float("inf"))
+
+
+def _callback(name: str, cls: type, **kwargs) -> list[str]:
+    """Overrides that add ``cls(**kwargs)`` to the run's callbacks, as a user's own callback would be added."""
+    return [f"+callbacks.{name}._target_={__name__}.{cls.__name__}"] + [
+        f"+callbacks.{name}.{k}={json.dumps(v)}" for k, v in kwargs.items()
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- shared helpers
+
+
+def student_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return AutoModelForSequenceClassification.from_pretrained(run_dir / "student").state_dict()
+
+
+def assert_same_result(run_dir: Path, reference_dir: Path) -> None:
+    """``results.json`` metrics and the exported student of ``run_dir`` equal those of ``reference_dir``."""
+    got = json.loads((run_dir / "results.json").read_text())
+    want = json.loads((reference_dir / "results.json").read_text())
+    for key in ("acc", "f1"):
+        assert got["student"][key] == pytest.approx(want["student"][key], abs=1e-6), key
+        assert got["teacher"][key] == pytest.approx(want["teacher"][key], abs=1e-6), key
+    assert set(got["attention_loss"]) == set(want["attention_loss"]) == set(PAIRS)
+    for pair in PAIRS:
+        assert got["attention_loss"][pair] == pytest.approx(want["attention_loss"][pair], rel=1e-5, abs=1e-9), pair
+    got_weights, want_weights = student_weights(run_dir), student_weights(reference_dir)
+    assert got_weights.keys() == want_weights.keys()
+    for name, value in want_weights.items():
+        torch.testing.assert_close(got_weights[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def all_finite(checkpoint: Path) -> bool:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def train_losses(run_dir: Path, version: int = 0) -> dict[int, float]:
+    """``train/loss`` by global step from the CSV logger's ``version`` (a resumed run logs the next version)."""
+    with open(run_dir / "csv" / f"version_{version}" / "metrics.csv", newline="") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]}
+
+
+def assert_same_losses(losses: dict[int, float], reference: dict[int, float], first_step: int) -> None:
+    """The resumed run logged one loss per step from ``first_step`` to the end, each the reference's.
+
+    Compared in order, not by the logged step: after an interruption *during* a step, Lightning logs the
+    repeated step and the ones after it one step later (its restart counts the unfinished batch in
+    ``_batches_that_stepped``, the logger's step); the optimizer steps themselves are not shifted.
+    """
+    got = [losses[step] for step in sorted(losses)]
+    want = [reference[step] for step in range(first_step, TOTAL_STEPS)]
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
+
+
+def loop_position(checkpoint: dict) -> tuple[int, int]:
+    """``(epoch, batches processed in it)`` as Lightning's loops recorded them in ``checkpoint``."""
+    loops = checkpoint["loops"]["fit_loop"]
+    return loops["epoch_progress"]["current"]["processed"], loops["epoch_loop.batch_progress"]["current"]["processed"]
+
+
+# ---------------------------------------------------------------------------------------------- 1. the CLI: kill, Ctrl-C
+
+
+@pytest.fixture(scope="module")
+def cli_task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume-cli")
+    task = make_text_task(root / "task", hidden_dropout_prob=0.1)
+    command = [
+        *task["overrides"], *RUN, "checkpoint_every_n_steps=3", *_callback("pace", Pace, seconds=0.1),
+    ]
+    return root, command
+
+
+class CliRun:
+    """``python train.py *command`` started in the background in ``cwd`` (Hydra writes ``cwd/outputs/DATE/TIME``),
+    with one torch thread, offline, its output in ``cwd/<name>.log``."""
+
+    def __init__(self, cwd: Path, command: list[str], name: str) -> None:
+        cwd.mkdir(parents=True, exist_ok=True)
+        self.cwd, self.log = cwd, cwd / f"{name}.log"
+        env = {
+            **os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "HF_DATASETS_CACHE": str(cwd / "hf-datasets"), "DISTILL_LAB_CACHE": str(cwd / "cache"),
+            "WANDB_MODE": "offline",  # tests/ on the path: the command names test_resume.Pace
+            "PYTHONPATH": os.pathsep.join(p for p in [str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH")] if p),
+        }
+        for key in ("TRITON_INTERPRET", "DISTILL_LAB_RESUME", "LOCAL_RANK"):  # the app's own, not the tests'
+            env.pop(key, None)
+        with open(self.log, "w") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, str(REPO_ROOT / "train.py"), *command], cwd=cwd, env=env, stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def wait(self, timeout: float = 300) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def run_dirs(self) -> list[Path]:
+        return sorted(self.cwd.glob("outputs/*/*"))
+
+    def wait_for_checkpoint(self, min_step: int, timeout: float = 240) -> Path:
+        """Polls ``last.ckpt`` of the run until it holds step ``min_step`` or later; returns its path."""
+        deadline, seen = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"the run ended before step {min_step}:\n{self.output()[-3000:]}"
+            for last in self.cwd.glob("outputs/*/*/checkpoints/last.ckpt"):
+                try:
+                    stamp = last.stat().st_mtime_ns
+                    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"] if stamp != seen else -1
+                except (OSError, RuntimeError, EOFError):  # replaced while read: look again
+                    continue
+                seen = stamp
+                if step >= min_step:
+                    return last
+            time.sleep(0.02)
+        raise AssertionError(f"no checkpoint of step {min_step} after {timeout} s:\n{self.output()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def cli_reference(cli_task):
+    """The uninterrupted run of the command; it starts at once and runs beside the first interrupted one."""
+    root, command = cli_task
+    run = CliRun(root / "reference", command, "reference")
+    yield run
+    if run.process.poll() is None:
+        run.process.kill()
+
+
+def _finished_reference(run: CliRun) -> Path:
+    assert run.wait() == 0, run.output()[-3000:]
+    (run_dir,) = run.run_dirs()
+    return run_dir
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_the_same_command_resumes_to_the_uninterrupted_result(cli_task, cli_reference):
+    root, command = cli_task
+    cwd = root / "killed"
+    first = CliRun(cwd, command, "first")
+    last = first.wait_for_checkpoint(min_step=STEPS_PER_EPOCH + 1)  # in the second epoch
+    first.process.send_signal(signal.SIGKILL)
+    assert first.wait(60) == -signal.SIGKILL
+    run_dir = last.parents[1]
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    epoch, batches = loop_position(state)
+    assert STEPS_PER_EPOCH < state["global_step"] < TOTAL_STEPS and epoch >= 1 and 0 < batches < STEPS_PER_EPOCH
+    assert state["TextClassificationData"] == {"train_position": [epoch, batches * 8]}
+    assert not (run_dir / "results.json").exists() and not (last.parent / "interrupted.ckpt").exists()
+
+    second = CliRun(cwd, command, "second")
+    assert second.wait() == 0, second.output()[-3000:]
+    output = second.output()
+    assert f"ckpt_path=auto: resuming from {last} because {run_dir} is the latest run with the same overrides" in output
+    assert f"Restored all states from the checkpoint at {last}" in output
+    # the rerun continued in the first run's directory; the one Hydra made for it holds only .hydra/ and its log
+    (new_dir,) = [d for d in second.run_dirs() if d != run_dir]
+    assert sorted(p.name for p in new_dir.iterdir()) == [".hydra", "train.log"]
+    assert (run_dir / "results.json").is_file()
+    final = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert final["global_step"] == TOTAL_STEPS
+
+    reference_dir = _finished_reference(cli_reference)
+    assert_same_result(run_dir, reference_dir)
+    # the rerun trained exactly the steps after the checkpoint, each with the uninterrupted run's loss
+    assert_same_losses(train_losses(run_dir, version=1), train_losses(reference_dir), state["global_step"])
+
+    # a third run of the same command finds the finished run and starts afresh
+    assert find_previous_run(new_dir) is None
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_an_interrupted_checkpoint_that_loads_and_resumes(cli_task, cli_reference):
+    root, command = cli_task
+    cwd = root / "interrupted"
+    first = CliRun(cwd, command, "first")
+    last = first.wait_for_checkpoint(min_step=3)
+    first.process.send_signal(signal.SIGINT)
+    assert first.wait(120) != 0
+    assert "KeyboardInterrupt" in first.output()
+    interrupted = last.with_name("interrupted.ckpt")
+    assert interrupted.is_file() and interrupted.stat().st_mtime_ns >= last.stat().st_mtime_ns
+    state = torch.load(interrupted, map_location="cpu", weights_only=True)  # loads as Lightning loads it
+    assert 3 <= state["global_step"] < TOTAL_STEPS
+    assert all_finite(interrupted) and not any(k.startswith("teacher.") for k in state["state_dict"])
+    assert {"rng_state", "TextClassificationData", "optimizer_states"} <= set(state)
+    run_dir = last.parents[1]
+    assert not (run_dir / "results.json").exists()
+
+    second = CliRun(cwd, command, "second")
+    assert second.wait() == 0, second.output()[-3000:]
+    assert f"ckpt_path=auto: resuming from {interrupted} because {run_dir}" in second.output()
+    reference_dir = _finished_reference(cli_reference)
+    assert_same_result(run_dir, reference_dir)
+    assert_same_losses(train_losses(run_dir, version=1), train_losses(reference_dir), state["global_step"])
+
+
+# ---------------------------------------------------------------------------------------------- 2. in process: crashes
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return make_text_task(tmp_path_factory.mktemp("resume-task"), hidden_dropout_prob=0.1)
+
+
+def run_app(task: dict, output_dir: Path, *overrides: str) -> dict:
+    return train(compose_config([*task["overrides"], *RUN, "checkpoint_every_n_steps=3", *overrides], output_dir))
+
+
+@pytest.fixture(scope="module")
+def reference(task, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    run_app(task, out)
+    return out
+
+
+CRASHES = {  # how Lightning resumes from the interrupted.ckpt written by each
+    "after-a-step": ("on_train_batch_end", 5),  # with the next batch of the epoch
+    "during-a-step": ("on_before_backward", 10),  # repeating the batch under way (its dropout drawn again)
+    "before-an-epoch": ("on_train_batch_start", 2 * STEPS_PER_EPOCH),  # with the first batch of the epoch
+}
+
+
+@pytest.mark.parametrize("case", list(CRASHES))
+def test_crash_then_rerun_in_the_same_directory_resumes_to_the_uninterrupted_result(task, reference, tmp_path, caplog, case):
+    hook, step = CRASHES[case]
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match=f"test crash in {hook} at step {step}"):
+        run_app(task, out, *_callback("crash", Crash, hook=hook, step=step))
+    interrupted = out / "checkpoints" / "interrupted.ckpt"
+    assert interrupted.is_file() and not (out / "results.json").exists()
+    assert torch.load(interrupted, map_location="cpu", weights_only=True)["global_step"] == step
+
+    with caplog.at_level(logging.INFO, logger="distill_lab.resume"):
+        run_app(task, out)  # the same directory, ckpt_path=auto
+    assert f"resuming from {interrupted} because this run's directory {out} holds an unfinished run" in caplog.text
+    assert_same_result(out, reference)
+    assert_same_losses(train_losses(out, version=1), train_losses(reference), step)
+
+
+def test_ckpt_path_null_starts_afresh_beside_an_interrupted_checkpoint(task, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="test crash"):
+        run_app(task, out, *_callback("crash", Crash, hook="on_train_batch_start", step=2))
+    assert (out / "checkpoints" / "interrupted.ckpt").is_file()
+    run_app(task, out, "ckpt_path=null", "trainer.max_epochs=1")
+    # from step 0: Lightning's own fit(ckpt_path=None) -> "last" did not pick the interrupted checkpoint
+    assert sorted(train_losses(out, version=1)) == list(range(STEPS_PER_EPOCH))
+
+
+# ---------------------------------------------------------------------------------------------- 3. non-finite stops
+
+
+@pytest.mark.parametrize(("part", "named"), [("L3->1", "layer pair L3->1 = nan"), ("output", "output loss = nan")])
+def test_non_finite_loss_names_step_and_part_and_keeps_finite_checkpoints(task, tmp_path, part, named):
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError) as info:
+        run_app(task, out, "checkpoint_every_n_steps=2", *_callback("poison", PoisonLoss, part=part, step=5))
+    message = str(info.value)
+    assert message.startswith(f"non-finite loss at step 5 (epoch 0, batch 5): {named}. Training stopped")  # only it
+    checkpoints = out / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]  # no interrupted.ckpt of the NaN step
+    assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 4
+    assert all_finite(checkpoints / "last.ckpt") and not (out / "results.json").exists()
+
+
+def test_non_finite_weights_are_never_checkpointed(task, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match=r"non-finite weights at step 4 in student\.bert\.embeddings\.") as info:
+        run_app(task, out, "checkpoint_every_n_steps=2", *_callback("inf", InfiniteGradient, step=3))
+    assert "no checkpoint was written" in str(info.value)
+    checkpoints = out / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2
+    assert all_finite(checkpoints / "last.ckpt")
+
+
+def test_non_finite_weights_are_named_when_the_next_loss_breaks(task, tmp_path):
+    """Between checkpoints the NaN update shows in the next step's loss, which says where it came from."""
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 4 .*weights were already non-finite"):
+        run_app(task, out, "checkpoint_every_n_steps=3", *_callback("inf", InfiniteGradient, step=3))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert all_finite(out / "checkpoints" / "last.ckpt")
+
+
+# ---------------------------------------------------------------------------------------------- 4. the pieces
+
+
+def test_checkpoint_interval_is_one_top_level_option(tmp_path):
+    cfg = compose_config(["checkpoint_every_n_steps=7"], tmp_path)
+    assert instantiate(cfg.callbacks.last_checkpoint)._every_n_train_steps == 7
+    assert compose_config([], tmp_path).ckpt_path == "auto"
+
+
+def _fake_run(root: Path, name: str, overrides: list[str], files: dict[str, int], hydra: list[str] = ()) -> Path:
+    """A run directory with ``.hydra/overrides.yaml`` (and ``hydra.yaml`` listing the ``hydra`` overrides) and
+    empty ``files`` (relative path -> modification time in seconds), as Hydra and a run would leave them."""
+    run_dir = root / name
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    hydra_overrides = "".join(f"      - {o}\n" for o in ["hydra.mode=RUN", *hydra])
+    (run_dir / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  overrides:\n    hydra:\n{hydra_overrides}")
+    for relative, mtime in files.items():
+        path = run_dir / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        os.utime(path, (mtime, mtime))
+    return run_dir
+
+
+def test_previous_run_is_the_latest_unfinished_one_with_the_same_overrides(tmp_path, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("DISTILL_LAB_RESUME", "{}")  # restored afterwards: resolve_ckpt_path records its choice
+    outputs, same, other = tmp_path / "outputs", ["loss=kl", "seed=1"], ["loss=mse", "seed=1"]
+    now = _fake_run(outputs, "2026-01-02/00-05-00", same[::-1], {})  # this run: the same overrides, reordered
+    assert find_previous_run(now) is None  # nothing else yet
+    old = _fake_run(outputs, "2026-01-01/23-50-00", same, {"checkpoints/last.ckpt": 100})  # before midnight
+    _fake_run(outputs, "2026-01-01/23-55-00", other, {"checkpoints/last.ckpt": 300})  # other overrides
+    _fake_run(outputs, "2026-01-02/00-01-00", same, {})  # the same command, dead before its first checkpoint
+    assert find_previous_run(now)[:2] == (old / "checkpoints" / "last.ckpt", old)
+    assert resolve_ckpt_path("auto", now) == (str(old / "checkpoints" / "last.ckpt"), old)
+    # the DDP ranks that Lightning launches take rank 0's choice, whatever they would find
+    handed_over = os.environ["DISTILL_LAB_RESUME"]
+    assert json.loads(handed_over) == {"ckpt_path": str(old / "checkpoints" / "last.ckpt"), "output_dir": str(old)}
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_ckpt_path("auto", tmp_path / "elsewhere") == (str(old / "checkpoints" / "last.ckpt"), old)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    # a directory named with hydra.run.dir= wants a run of its own there, not one found beside it
+    named = _fake_run(outputs, "2026-01-02/00-06-00", same, {}, hydra=[f"hydra.run.dir={outputs}/2026-01-02/00-06-00"])
+    assert find_previous_run(named) is None
+    assert resolve_ckpt_path(None, now) == (None, now)
+    assert resolve_ckpt_path("some/where.ckpt", now) == ("some/where.ckpt", now)
+
+    # a newer Ctrl-C checkpoint wins over last.ckpt; an older one does not
+    (old / "checkpoints" / "interrupted.ckpt").touch()
+    os.utime(old / "checkpoints" / "interrupted.ckpt", (200, 200))
+    assert find_previous_run(now)[0] == old / "checkpoints" / "interrupted.ckpt"
+    os.utime(old / "checkpoints" / "interrupted.ckpt", (50, 50))
+    assert find_previous_run(now)[0] == old / "checkpoints" / "last.ckpt"
+
+    # a newer run of the same command that finished hides the older unfinished one
+    _fake_run(outputs, "2026-01-02/00-03-00", same, {"checkpoints/last.ckpt": 400, "results.json": 401})
+    assert find_previous_run(now) is None and resolve_ckpt_path("auto", now) == (None, now)
+
+    # a directory named explicitly (hydra.run.dir) resumes its own unfinished run, whatever its neighbours
+    named = _fake_run(tmp_path / "runs", "mine", ["loss=mse"], {"checkpoints/last.ckpt": 10})
+    assert find_previous_run(named)[:2] == (named / "checkpoints" / "last.ckpt", named)
+    (named / "results.json").touch()
+    assert find_previous_run(named) is None
+    # and a directory that Hydra does not manage (no .hydra/) has no neighbours to compare with
+    assert find_previous_run(tmp_path / "plain") is None
+
+
+def test_sampler_continues_an_epoch_part_way(tmp_path):
+    data = list(range(20))
+    full = [list(ResumableRandomSampler(data, seed=3, epoch=e)) for e in range(3)]
+    assert all(sorted(order) == data for order in full) and len({tuple(o) for o in full}) == 3
+    sampler = ResumableRandomSampler(data, seed=3, epoch=1, start=8)
+    assert len(sampler) == 20 and list(sampler) == full[1][8:]
+    assert list(sampler) == full[1]  # the start applies to one iteration only
+    sampler.set_epoch(2)
+    assert list(sampler) == full[2]
+    assert list(ResumableRandomSampler(data, seed=4)) != full[0]
+
