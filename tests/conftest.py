@@ -230,7 +230,7 @@ CONF_DIR = REPO_ROOT / "conf"
 
 def make_text_task(
     tmp_path: str | Path, family: str = "bert", num_layers: int = 4, num_heads: int = 4, *, seed: int = 0,
-    num_train: int = 64, num_validation: int = 32, **config_overrides,
+    num_train: int = 64, num_validation: int = 32, task: str = "sequence_classification", **config_overrides,
 ) -> dict:
     """A tiny distillation task on disk: a random teacher sequence classifier and the data files.
 
@@ -243,12 +243,14 @@ def make_text_task(
       which causal models need to classify padded batches);
     - ``train.csv`` and ``validation.csv`` (columns ``text``, ``label``) from ``synthetic_relations``.
 
+    With ``task="masked_lm"`` or ``"causal_lm"`` the teacher gets that task's head (``AutoModelForMaskedLM``,
+    ``AutoModelForCausalLM``) and the CSVs hold the same sentences as raw text (``data=lm_local``).
+
     Returns ``{"dir", "teacher", "train_file", "validation_file"}`` (strings) and ``"overrides"``: the Hydra
     overrides that point a run at them (``teacher=hf teacher.name_or_path=... data=local ...``).
     """
-    from transformers import AutoModelForSequenceClassification
-
     from distill_lab.data import build_word_tokenizer, synthetic_relations
+    from distill_lab.tasks import get_task
 
     if family not in TEXT_FAMILIES:
         raise ValueError(f"make_text_task: family {family!r} is not a text family; choose from {TEXT_FAMILIES}")
@@ -264,7 +266,7 @@ def make_text_task(
     config = make_tiny_config(family, **{**overrides, **config_overrides})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_config(config)
+        model = get_task(task).auto_class.from_config(config)
     teacher_dir = root / "teacher"
     model.save_pretrained(teacher_dir)
     tokenizer.save_pretrained(teacher_dir)
@@ -280,9 +282,10 @@ def make_text_task(
         "train_file": str(files["train"]),
         "validation_file": str(files["validation"]),
         "overrides": [
+            *([] if task == "sequence_classification" else [f"task={task}"]),
             "teacher=hf",
             f"teacher.name_or_path='{teacher_dir}'",
-            "data=local",
+            "data=local" if task == "sequence_classification" else "data=lm_local",
             f"data.dataset.train_file='{files['train']}'",
             f"data.dataset.validation_file='{files['validation']}'",
         ],
@@ -309,6 +312,54 @@ def compose_config(
     GlobalHydra.instance().clear()  # a failed composition elsewhere must not leave Hydra initialised
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=[*paths, *overrides], return_hydra_config=return_hydra_config)
+
+
+def make_image_task(tmp_path: str | Path, num_layers: int = 4, num_heads: int = 4, *, seed: int = 0, per_class: int = 12) -> dict:
+    """A tiny image task on disk: a random ViT classifier (32x32 images, 8x8 patches: 16 patches and a CLS
+    token) with its image processor in ``teacher/``, and image folders ``train/`` and ``validation/`` with two
+    classes, ``horizontal`` and ``vertical`` stripes (PNG). Returns the paths and the Hydra ``overrides``
+    (``task=image_classification teacher=hf ... data.dataset.train_dir=...``)."""
+    import numpy as np
+    from PIL import Image
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    root = Path(tmp_path)
+    config = ViTConfig(
+        image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, intermediate_size=37, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, num_labels=2, id2label={0: "horizontal", 1: "vertical"},
+        label2id={"horizontal": 0, "vertical": 1},
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ViTForImageClassification(config)
+    teacher_dir = root / "teacher"
+    model.save_pretrained(teacher_dir)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(teacher_dir)
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", per_class), ("validation", per_class // 2)):
+        for label in ("horizontal", "vertical"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                stripes = (np.arange(32) // rng.integers(2, 6) % 2 * 200).astype(np.uint8)
+                image = np.broadcast_to(stripes[:, None] if label == "horizontal" else stripes[None, :], (32, 32))
+                pixels = np.stack([image, rng.integers(0, 60, (32, 32)).astype(np.uint8), image // 2], axis=-1)
+                Image.fromarray(np.ascontiguousarray(pixels)).save(folder / f"{i}.png")
+    return {
+        "dir": str(root),
+        "teacher": str(teacher_dir),
+        "train_dir": str(root / "train"),
+        "validation_dir": str(root / "validation"),
+        "overrides": [
+            "task=image_classification",
+            "data=imagefolder",
+            "teacher=hf",
+            f"teacher.name_or_path='{teacher_dir}'",
+            f"data.dataset.train_dir='{root / 'train'}'",
+            f"data.dataset.validation_dir='{root / 'validation'}'",
+        ],
+    }
 
 
 @pytest.fixture(scope="module")

@@ -135,5 +135,5 @@ def test_readme_default_command_runs_offline_end_to_end(tmp_path):
     assert results["student"]["acc"] > 0.75  # beyond what a bag of words can reach
     assert results["parameters"]["compression"] > 1.5
     assert "inference speed-up" in proc.stdout and "wandb sync" in proc.stdout + proc.stderr
-    assert (tmp_path / "cache" / "relations-teacher" / "config.json").exists()
+    assert (tmp_path / "cache" / "builtin-sequence_classification" / "config.json").exists()
     assert (run_dir / "student" / "config.json").exists()

@@ -19,17 +19,20 @@ import datasets
 import lightning as L
 import pytest
 import torch
-from conftest import CONF_DIR, compose_config, make_text_task
+from conftest import CONF_DIR, compose_config, make_image_task, make_text_task
 from hydra.errors import InstantiationException, MissingConfigException
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoImageProcessor, AutoModelForSequenceClassification, AutoTokenizer
 
 from distill_lab.data import TextClassificationData, build_word_tokenizer
+from distill_lab.data_images import ImageFolderData
+from distill_lab.data_lm import LanguageModelingData
 from distill_lab.losses import AttentionLoss
 from distill_lab.matching import MATCHING_MODES
 from distill_lab.models import load_tokenizer
 from distill_lab.run import _build_logger, train
+from distill_lab.tasks import TASKS
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread", "offline")
 
@@ -60,6 +63,12 @@ def offline(tmp_path_factory):
         mp.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read at import time
         mp.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf-datasets"))
         yield
+
+
+@pytest.fixture(scope="module")
+def image_task(tmp_path_factory, offline):
+    """A 4-layer ViT teacher (2 labels) and image folders of horizontal and vertical stripes."""
+    return make_image_task(tmp_path_factory.mktemp("image-task"))
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +160,8 @@ def _assert_option_applied(cfg, group: str, option: str, overridden: set[str]) -
     checked = 0
     for key, value in _raw_leaves(spec).items():
         full = f"{package}.{key}" if package else key
-        if full in overridden:
-            continue
+        if full in overridden or (full.startswith("hydra.") and "hydra" not in composed):
+            continue  # hydra.* keys (an experiment's sweep) live in the Hydra config: checked with it
         node = composed
         for part in full.split("."):
             node = node[int(part)] if isinstance(node, list) else node[part]
@@ -162,17 +171,19 @@ def _assert_option_applied(cfg, group: str, option: str, overridden: set[str]) -
 
 
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
-def test_every_config_option_composes_and_instantiates(task, tmp_path, monkeypatch, group, option):
+def test_every_config_option_composes_and_instantiates(task, image_task, tmp_path, monkeypatch, group, option):
     out = tmp_path / "out"
     cache = tmp_path / "cache"
     # the built-in teacher's cache already holds a model, so teacher=builtin loads it instead of training one
-    shutil.copytree(task["teacher"], cache / "relations-teacher")
+    shutil.copytree(task["teacher"], cache / "builtin-sequence_classification")
     fills = {  # values the option files leave to the user (???)
         "teacher.name_or_path": task["teacher"],
         "student.name_or_path": task["teacher"],
         "data.dataset.train_file": task["train_file"],
         "data.dataset.validation_file": task["validation_file"],
         "data.dataset.path": "glue",
+        "data.dataset.train_dir": image_task["train_dir"],
+        "data.dataset.validation_dir": image_task["validation_dir"],
     }
     overrides = [f"{group}={option}"]
     is_hydra = group == "hydra"
@@ -201,16 +212,22 @@ def test_every_config_option_composes_and_instantiates(task, tmp_path, monkeypat
         assert type(matching) is MATCHING_MODES[option]
         matching.check_heads(4, 4, [(1, 0), (3, 1)])  # the tiny teacher's heads pair with an equal student
     elif group == "trainer":
-        if option == "gpu" and not torch.cuda.is_available():
+        if option in ("gpu", "fsdp") and not torch.cuda.is_available():
             with pytest.raises(InstantiationException, match="No supported gpu backend"):
                 instantiate(node)  # composes; only a machine without a GPU refuses it
+            if option == "fsdp":  # its strategy builds without one (test_ddp.py checks its settings)
+                assert type(instantiate(node.strategy)).__name__ == "FSDPStrategy"
             return
         trainer = instantiate(node)
         assert isinstance(trainer, L.Trainer)
         assert trainer.default_root_dir == str(out) and trainer.max_epochs == node.max_epochs
         assert trainer.gradient_clip_val == node.gradient_clip_val
+        assert trainer.accumulate_grad_batches == node.accumulate_grad_batches
         if option == "ddp":
             assert type(trainer.strategy).__name__ == "DDPStrategy" and trainer.num_devices == 2
+            assert trainer.strategy._ddp_kwargs == {"find_unused_parameters": True}
+        if option == "fsdp":
+            assert type(trainer.strategy).__name__ == "FSDPStrategy"
         if option == "cpu":
             assert trainer.accelerator.__class__.__name__ == "CPUAccelerator"
     elif group == "logger":
@@ -233,6 +250,25 @@ def test_every_config_option_composes_and_instantiates(task, tmp_path, monkeypat
                 assert Path(callback.dirpath).parent == out, name
         best = callbacks["best_checkpoint"]
         assert best.monitor == cfg.optimized_metric == "val/acc" and best.mode == "max"
+    elif group == "data" and option in ("imagefolder", "synthetic_images"):
+        data = instantiate(node, image_processor=AutoImageProcessor.from_pretrained(image_task["teacher"]))
+        assert isinstance(data, ImageFolderData)
+        data.setup("fit")
+        assert data.label_names == ["horizontal", "vertical"]
+        batch = next(iter(data.train_dataloader()))
+        images = 24 if option == "imagefolder" else node.dataset.num_train
+        assert batch["pixel_values"].shape == (min(node.batch_size, images), 3, 32, 32)
+    elif group == "data" and option.startswith("lm_"):
+        data = instantiate(node, tokenizer=tokenizer)
+        assert isinstance(data, LanguageModelingData) and data.mlm  # task=causal_lm sets data.mlm=false
+        if option == "lm_hf":
+            with pytest.raises(RuntimeError, match="data=local"):
+                data.setup("fit")
+            return
+        data.setup("fit")
+        batch = next(iter(data.train_dataloader()))
+        masked = batch["labels"] != -100
+        assert masked.any() and (batch["input_ids"][masked] == tokenizer.mask_token_id).float().mean() > 0.5
     elif group == "data":
         data = instantiate(node, tokenizer=tokenizer)
         assert isinstance(data, TextClassificationData)  # loading waits for setup()
@@ -252,7 +288,7 @@ def test_every_config_option_composes_and_instantiates(task, tmp_path, monkeypat
         for key, value in saved.state_dict().items():
             assert torch.equal(teacher.state_dict()[key], value), key
         if option == "builtin":
-            assert not (cache / "relations-teacher" / "teacher_metrics.txt").exists()  # loaded, not trained
+            assert not (cache / "builtin-sequence_classification" / "teacher_metrics.txt").exists()  # loaded, not trained
     elif group == "student":
         teacher = AutoModelForSequenceClassification.from_pretrained(task["teacher"])
         student = instantiate(node, teacher=teacher)
@@ -268,8 +304,22 @@ def test_every_config_option_composes_and_instantiates(task, tmp_path, monkeypat
         assert _assert_option_applied(plain, group, option, overridden=set()) == 2
         assert plain.paths.cache_dir == str(cache)  # DISTILL_LAB_CACHE moves the built-in teacher's cache
         assert OmegaConf.to_container(plain.paths)["output_dir"] == "${hydra:runtime.output_dir}"
+    elif group == "task":
+        built = instantiate(cfg.task)
+        assert built.name == option and type(built) is TASKS[option]
+        assert cfg.optimized_metric == built.monitor and cfg.optimized_mode == built.monitor_mode
+        assert cfg.teacher.task == option  # the teacher is loaded with the task's head
+        expected_data = {"masked_lm": "lm_synthetic", "causal_lm": "lm_synthetic", "image_classification": "synthetic_images"}
+        if option in expected_data:  # the task brings data of its kind
+            assert cfg.data._target_ == OmegaConf.load(CONF_DIR / "data" / f"{expected_data[option]}.yaml")._target_
+        if option in ("masked_lm", "causal_lm"):
+            assert cfg.data.mlm is (option == "masked_lm")
     elif group in ("debug", "experiment", "hydra"):
         assert checked > 0  # compose only; their values were checked above
+        sweep = OmegaConf.load(CONF_DIR / group / f"{option}.yaml").get("hydra", {}).get("sweeper", {}).get("params")
+        if sweep and not is_hydra:  # an experiment that is a sweep: its parameters reach Hydra's sweeper
+            with_hydra = compose_config(overrides, out, cache, return_hydra_config=True)
+            assert OmegaConf.to_container(with_hydra.hydra.sweeper.params) == OmegaConf.to_container(sweep)
     else:
         pytest.fail(f"config group {group!r} is new: teach this test how to instantiate {group}={option}")
 

@@ -76,3 +76,16 @@ def test_empty_directory_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path)])
     assert exit_info.value.code == 2 and "is it a finished multirun directory?" in capsys.readouterr().err
+
+
+def test_perplexity_sorts_lowest_first_and_is_the_default_metric_of_lm_runs(tmp_path, capsys):
+    for i, ppl in enumerate([12.0, 9.5, 30.0]):
+        run = tmp_path / str(i)
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"loss=l{i}"]))
+        results = {"student": {"perplexity": ppl}, "teacher": {"perplexity": 8.0}, "parameters": {"compression": 2.0}}
+        (run / "results.json").write_text(json.dumps(results))
+    main([str(tmp_path)])
+    body = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert [line.split("|")[1].strip() for line in body] == ["1", "0", "2"]
+    assert "student perplexity" in (tmp_path / "summary.md").read_text()

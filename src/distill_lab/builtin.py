@@ -11,6 +11,7 @@ through ``from_pretrained`` like any other.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -32,6 +33,144 @@ TEACHER_CONFIG = dict(
 )
 
 
+LM_TEACHERS = {  # name -> (task, model config); trained on the built-in task's sentences as raw text
+    "relations-mlm": ("masked_lm", dict(family="bert", **TEACHER_CONFIG)),
+    "relations-clm": (
+        "causal_lm",
+        dict(family="llama", hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=128, max_position_embeddings=64, attention_dropout=0.0),
+    ),
+}
+VIT_CONFIG = dict(
+    image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+)
+BUILTIN_TEACHERS = ("relations", *LM_TEACHERS, "stripes-vit")
+
+
+def train_builtin_vit_teacher(output_dir: str | Path, max_epochs: int = 3, lr: float = 1e-3, seed: int = 0) -> float:
+    """Train the built-in image teacher: a 4-layer ViT (32 x 32 images, 8 x 8 patches) on the built-in
+    stripes images (``distill_lab.data_images.synthetic_stripes``), saved with its image processor. Returns the
+    validation accuracy, also saved as ``teacher_metrics.txt``."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from distill_lab.data_images import ImageFolderData, synthetic_stripes
+
+    torch.manual_seed(seed)
+    processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    data = ImageFolderData(synthetic_stripes(seed=seed), processor, batch_size=32, seed=seed)
+    data.setup("fit")
+    labels = dict(enumerate(data.label_names))
+    config = ViTConfig(num_labels=2, id2label=labels, label2id={v: k for k, v in labels.items()}, **VIT_CONFIG)
+    model = ViTForImageClassification(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    steps = max_epochs * len(data.train_dataloader())
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    log.info("training the built-in 'stripes-vit' teacher (cached afterwards in %s)", output_dir)
+    for epoch in range(max_epochs):
+        model.train()
+        for batch in data.train_dataloader():
+            model(**batch).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        accuracy = evaluate_accuracy(model, data.val_dataloader())
+        log.info("teacher epoch %d: validation accuracy %.3f", epoch + 1, accuracy)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    (output_dir / "teacher_metrics.txt").write_text(f"validation_accuracy={accuracy:.4f}\n")
+    return accuracy
+
+
+def builtin_task(name: str) -> str:
+    """The task the built-in teacher ``name`` is trained for."""
+    if name == "relations":
+        return "sequence_classification"
+    if name in LM_TEACHERS:
+        return LM_TEACHERS[name][0]
+    if name == "stripes-vit":
+        return "image_classification"
+    raise ValueError(f"unknown built-in teacher {name!r}; valid: {', '.join(BUILTIN_TEACHERS)}")
+
+
+def builtin_for_task(task: str) -> str:
+    """The built-in teacher of ``task`` (``teacher=builtin`` picks it by ``task=``)."""
+    for name in BUILTIN_TEACHERS:
+        if builtin_task(name) == task:
+            return name
+    tasks = sorted(builtin_task(n) for n in BUILTIN_TEACHERS)
+    raise ValueError(
+        f"there is no built-in teacher for task={task} (built-in teachers exist for {', '.join(tasks)}): give "
+        "teacher=hf teacher.name_or_path=<a model trained for the task>"
+    )
+
+
+def train_builtin_lm_teacher(name: str, output_dir: str | Path, max_epochs: int = 4, lr: float = 2e-3, seed: int = 0) -> float:
+    """Train a built-in language-model teacher on the built-in sentences and save it with its tokenizer.
+
+    ``relations-mlm`` is a 4-layer BERT masked LM, ``relations-clm`` a 4-layer LLaMA-style causal LM with
+    grouped-query attention (4 query heads, 2 key/value heads) and RoPE; both learn the sentences' word order
+    and the negation pattern in a minute or two on 2 CPU cores. Returns the validation perplexity, also saved
+    as ``teacher_metrics.txt``.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, LlamaConfig
+
+    from distill_lab.data_lm import LanguageModelingData, synthetic_text
+
+    task, spec = LM_TEACHERS[name]
+    spec = dict(spec)
+    family = spec.pop("family")
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    tokenizer = build_word_tokenizer()
+    data = LanguageModelingData(synthetic_text(seed=seed), tokenizer, mlm=task == "masked_lm", batch_size=64, seed=seed)
+    data.setup("fit")
+    ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    if family == "bert":
+        model = AutoModelForMaskedLM.from_config(BertConfig(**ids, **spec))
+    else:
+        ids.update(bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**ids, **spec))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    steps = max_epochs * len(data.train_dataloader())
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    log.info("training the built-in '%s' teacher (cached afterwards in %s)", name, output_dir)
+    for epoch in range(max_epochs):
+        model.train()
+        for batch in data.train_dataloader():
+            model(**batch).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        perplexity = evaluate_perplexity(model, data.val_dataloader(), causal=task == "causal_lm")
+        log.info("teacher epoch %d: validation perplexity %.2f", epoch + 1, perplexity)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    (output_dir / "teacher_metrics.txt").write_text(f"validation_perplexity={perplexity:.4f}\n")
+    log.info("built-in teacher ready in %.0f s: validation perplexity %.2f", time.perf_counter() - start, perplexity)
+    return perplexity
+
+
+@torch.no_grad()
+def evaluate_perplexity(model, dataloader, causal: bool) -> float:
+    """exp of the mean cross-entropy over every labelled token (the model's own loss; a causal LM's labels are
+    shifted by one inside it)."""
+    model.eval()
+    total = count = 0.0
+    for batch in dataloader:
+        labels = batch["labels"][:, 1:] if causal else batch["labels"]
+        n = int((labels != -100).sum())
+        total += model(**batch).loss.item() * n
+        count += n
+    return math.exp(total / max(count, 1))
+
+
 def train_builtin_teacher(
     name: str,
     output_dir: str | Path,
@@ -47,8 +186,12 @@ def train_builtin_teacher(
     after a plateau whose length varies with the seed) or for ``max_epochs``. Returns the validation
     accuracy, also saved as ``teacher_metrics.txt``.
     """
+    if name in LM_TEACHERS:
+        return train_builtin_lm_teacher(name, output_dir, seed=seed)
+    if name == "stripes-vit":
+        return train_builtin_vit_teacher(output_dir, seed=seed)
     if name != "relations":
-        raise ValueError(f"unknown built-in teacher {name!r}; valid: 'relations'")
+        raise ValueError(f"unknown built-in teacher {name!r}; valid: {', '.join(BUILTIN_TEACHERS)}")
     torch.manual_seed(seed)
     start = time.perf_counter()
     tokenizer = build_word_tokenizer()

@@ -15,20 +15,16 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedModel
 
 from distill_lab.matching import layer_map
+from distill_lab.tasks import get_task
 
 log = logging.getLogger(__name__)
 
-AUTO_CLASSES = {"sequence_classification": AutoModelForSequenceClassification}
-
 
 def _auto_class(task: str):
-    try:
-        return AUTO_CLASSES[task]
-    except KeyError:
-        raise ValueError(f"unknown task {task!r}; valid: {', '.join(sorted(AUTO_CLASSES))}") from None
+    return get_task(task).auto_class
 
 
 def _from_pretrained(role: str, name_or_path: str, task: str, num_labels: int | None, trust_remote_code: bool, **kwargs):
@@ -62,15 +58,35 @@ def load_teacher(
     Args:
         name_or_path: a hub name (``textattack/bert-base-uncased-SST-2``) or a local directory.
         num_labels: checked against (or given to) the classification head.
-        builtin: ``"relations"`` trains distill-lab's built-in offline teacher into ``name_or_path`` first
-            if nothing is saved there yet (see ``distill_lab.builtin``).
+        builtin: a built-in offline teacher (``distill_lab.builtin``: ``"relations"``, ``"relations-mlm"``,
+            ``"relations-clm"``, or ``"auto"`` for the one of ``task``), trained into ``name_or_path`` first if
+            nothing is saved there yet.
     """
-    if builtin is not None and not (Path(name_or_path) / "config.json").exists():
-        from distill_lab.builtin import train_builtin_teacher
+    if builtin is not None:
+        from distill_lab.builtin import builtin_for_task, builtin_task, train_builtin_teacher
 
-        train_builtin_teacher(builtin, name_or_path)
+        builtin = builtin_for_task(task) if builtin == "auto" else builtin
+        if builtin_task(builtin) != task:
+            raise ValueError(
+                f"the built-in teacher {builtin!r} is trained for task={builtin_task(builtin)} and cannot teach "
+                f"task={task}: give teacher=hf teacher.name_or_path=<a model trained for the task>"
+            )
+        if not (Path(name_or_path) / "config.json").exists():
+            train_builtin_teacher(builtin, name_or_path)
     kwargs = {"revision": revision} if revision else {}
-    teacher = _from_pretrained("teacher", name_or_path, task, num_labels, trust_remote_code, **kwargs)
+    teacher, info = _from_pretrained(
+        "teacher", name_or_path, task, num_labels, trust_remote_code, output_loading_info=True, **kwargs
+    )
+    if info["missing_keys"]:
+        # from_pretrained initialises what the checkpoint lacks at random (a classifier head on a base model,
+        # an LM head on a classifier): such a teacher would teach noise
+        missing = sorted(info["missing_keys"])
+        raise ValueError(
+            f"the teacher {name_or_path!r} is not trained for task={task}: loading it as "
+            f"{type(teacher).__name__} leaves {len(missing)} weights random ({', '.join(missing[:4])}"
+            f"{', ...' if len(missing) > 4 else ''}). Fine-tune it on the task first, or choose the task it was "
+            "trained for."
+        )
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher
@@ -83,16 +99,35 @@ def load_student(
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """A student by hub name or path, with the teacher's number of labels."""
-    num_labels = teacher.config.num_labels if teacher is not None else None
+    classifies = teacher is not None and task.endswith("classification")
+    num_labels = teacher.config.num_labels if classifies else None
     return _from_pretrained("student", name_or_path, task, num_labels, trust_remote_code)
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    """The tokenizer saved with a model (the teacher's: the student must see the same tokens)."""
+    """The tokenizer saved with a model (the teacher's: the student must see the same tokens).
+
+    A tokenizer without a padding token (GPT-2, LLaMA) pads with its end-of-sequence token; the padded
+    positions are masked out of every loss by the attention mask and labels of -100.
+    """
     try:
-        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot load a tokenizer from {name_or_path!r}: {err}") from err
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_preprocessor(name_or_path: str, task: str = "sequence_classification", trust_remote_code: bool = False):
+    """What turns the task's raw inputs into model inputs: the teacher's tokenizer for text tasks, its image
+    processor (resizing, normalisation) for image tasks."""
+    if get_task(task).inputs == "text":
+        return load_tokenizer(name_or_path, trust_remote_code)
+    try:
+        return AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot load an image processor from {name_or_path!r}: {err}") from err
 
 
 def count_parameters(model: nn.Module) -> int:

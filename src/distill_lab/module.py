@@ -14,22 +14,19 @@ from collections.abc import Callable, Mapping
 import lightning as L
 import torch
 from torch import Tensor
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from distill_lab.capture import AttentionCapture
-from distill_lab.losses import distillation_objective, kd_loss
+from distill_lab.losses import distillation_objective
 from distill_lab.matching import AttentionDistillationLoss, gradient_head_importance
+from distill_lab.tasks import SequenceClassification
 
 TEACHER_PREFIX = "teacher."
 
 
-def _metrics(num_labels: int, prefix: str) -> MetricCollection:
-    return MetricCollection(
-        {"acc": MulticlassAccuracy(num_labels, average="micro"), "f1": MulticlassF1Score(num_labels, average="macro")},
-        prefix=prefix,
-    )
+def _batch_size(batch: Mapping[str, Tensor]) -> int | None:
+    inputs = batch.get("input_ids", batch.get("pixel_values"))
+    return inputs.shape[0] if inputs is not None else None
 
 
 class DistillationModule(L.LightningModule):
@@ -46,6 +43,8 @@ class DistillationModule(L.LightningModule):
         head_importance: ``"gradient"`` computes the teacher's gradient head importance on that batch.
         capture: ``"qk"`` (SDPA everywhere, attention losses from queries and keys) or ``"probs"`` (eager
             attention maps in the captured layers, the reference); see ``distill_lab.capture``.
+        task: what the models are trained for (``distill_lab.tasks``): the output loss and the validation
+            metrics; sequence classification by default.
     """
 
     def __init__(
@@ -61,9 +60,12 @@ class DistillationModule(L.LightningModule):
         calibration_batch: Mapping[str, Tensor] | None = None,
         head_importance: str | None = None,
         capture: str = "qk",
+        task=None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["teacher", "student", "attention_loss", "optimizer", "calibration_batch"])
+        self.save_hyperparameters(
+            ignore=["teacher", "student", "attention_loss", "optimizer", "calibration_batch", "task"]
+        )
         if not 0.0 <= attention_weight <= 1.0:
             raise ValueError(f"attention_weight must be in [0, 1], got {attention_weight}")
         self.teacher = teacher.eval().requires_grad_(False)
@@ -73,9 +75,10 @@ class DistillationModule(L.LightningModule):
         self.calibration_batch = calibration_batch
         self.teacher_capture = AttentionCapture(teacher, attention_loss.teacher_layers, capture)
         self.student_capture = AttentionCapture(student, attention_loss.student_layers, capture)
-        num_labels = student.config.num_labels
-        self.val_metrics = _metrics(num_labels, "val/")
-        self.teacher_metrics = _metrics(num_labels, "val/teacher_")
+        self.task = task if task is not None else SequenceClassification()
+        num_classes = self.task.num_classes(student.config)
+        self.val_metrics = self.task.metrics("val/", num_classes)
+        self.teacher_metrics = self.task.metrics("val/teacher_", num_classes)
         self.teacher_scores: dict[str, float] = {}
         self.strict_loading = False  # checkpoints leave the frozen teacher out
 
@@ -132,8 +135,8 @@ class DistillationModule(L.LightningModule):
         with torch.no_grad():
             teacher_out, teacher_maps = self.teacher_capture(**inputs)
         student_out, student_maps = self.student_capture(**inputs)
-        output_loss = kd_loss(
-            student_out.logits, teacher_out.logits, batch.get("labels"), self.hparams.temperature, self.hparams.alpha
+        output_loss = self.task.output_loss(
+            student_out.logits, teacher_out.logits, batch, self.hparams.temperature, self.hparams.alpha
         )
         attention_loss, details = self.attention_loss(student_maps, teacher_maps, inputs.get("attention_mask"))
         loss = distillation_objective(output_loss, attention_loss, self.hparams.attention_weight)
@@ -142,7 +145,7 @@ class DistillationModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss, output_loss, attention_loss, details, _, _ = self(batch)
         self._stop_if_not_finite(loss, output_loss, attention_loss, details, batch_idx)
-        batch_size = batch["input_ids"].shape[0] if "input_ids" in batch else None
+        batch_size = _batch_size(batch)
         self.log_dict(
             {"train/loss": loss, "train/output_loss": output_loss, "train/attention_loss": attention_loss},
             prog_bar=True,
@@ -177,11 +180,10 @@ class DistillationModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         loss, _, attention_loss, details, student_logits, teacher_logits = self(batch)
-        labels = batch["labels"]
-        self.val_metrics.update(student_logits, labels)
+        self.task.update(self.val_metrics, student_logits, batch)
         if not self.teacher_scores and not self.trainer.sanity_checking:
-            self.teacher_metrics.update(teacher_logits, labels)
-        batch_size = labels.shape[0]
+            self.task.update(self.teacher_metrics, teacher_logits, batch)
+        batch_size = _batch_size(batch)
         self.log_dict({"val/loss": loss, "val/attention_loss": attention_loss}, batch_size=batch_size)
         self.log_dict({f"val/attention/{k}": v for k, v in details.items() if "/" not in k}, batch_size=batch_size)
 

@@ -17,15 +17,17 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as _hydra_instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
 from distill_lab.capture import num_attention_heads
 from distill_lab.matching import AttentionDistillationLoss, layer_map
-from distill_lab.models import count_parameters, load_tokenizer
+from distill_lab.models import count_parameters, load_preprocessor
 from distill_lab.module import DistillationModule
 from distill_lab.resume import resolve_ckpt_path
+from distill_lab.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -101,19 +103,22 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path, output_dir = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
     cfg.paths.output_dir = str(output_dir)  # the previous run's directory when resuming it
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if rank_zero_only.rank == 0:  # every process of a distributed run runs train(); one writes the files
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
 
-    # models and data: loading errors surface here, before anything trains
+    # the task, models and data: loading errors surface here, before anything trains
+    task = instantiate(cfg.task) if cfg.get("task") else get_task("sequence_classification")
     teacher = instantiate(cfg.teacher)
-    tokenizer = load_tokenizer(cfg.teacher.name_or_path, trust_remote_code=cfg.teacher.get("trust_remote_code", False))
-    data = instantiate(cfg.data, tokenizer=tokenizer)
+    preprocessor = load_preprocessor(
+        cfg.teacher.name_or_path, task.name, trust_remote_code=cfg.teacher.get("trust_remote_code", False)
+    )
+    data = instantiate(cfg.data, **{"image_processor" if task.inputs == "image" else "tokenizer": preprocessor})
     data.setup("fit")
-    if teacher.config.num_labels != data.num_labels:
-        raise ValueError(
-            f"the teacher {cfg.teacher.name_or_path!r} has {teacher.config.num_labels} labels but the data has "
-            f"{data.num_labels} ({data.label_names}); the teacher must be fine-tuned on this task."
-        )
+    try:
+        task.check(teacher, data)
+    except ValueError as err:
+        raise ValueError(f"teacher.name_or_path={cfg.teacher.name_or_path!r}: {err}") from None
     student = instantiate(cfg.student, teacher=teacher)
 
     # the attention objective: layer pairs, loss, matching mode; head counts checked now
@@ -147,6 +152,7 @@ def train(cfg: DictConfig) -> dict:
         calibration_batch=data.example_batch("train", cfg.calibration_size),
         head_importance=cfg.matching.get("importance"),
         capture=cfg.capture,
+        task=task,
     )
 
     logger = _build_logger(cfg.get("logger"))
@@ -158,18 +164,23 @@ def train(cfg: DictConfig) -> dict:
     # final evaluation of the best checkpoint, the export, and the run's record
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     final = trainer.validate(module, datamodule=data, ckpt_path=best or None, verbose=False)[0]
+    metric_names = [k.removeprefix("val/") for k in module.val_metrics.keys(keep_base=False)]
+    if not trainer.is_global_zero:  # rank 0 alone exports the student, times the models, writes results.json
+        metrics = {k: v for k, v in final.items() if k.removeprefix("val/") in metric_names}
+        return metrics | module.teacher_scores
     student_dir = output_dir / "student"
     # both models back on their own attention: the export must not name the capture's implementation, and the
     # throughput below must not time the teacher with its capture (eager maps or recorded queries) attached
     module.student_capture.detach()
     module.teacher_capture.detach()
     student.save_pretrained(student_dir)
-    tokenizer.save_pretrained(student_dir)
+    preprocessor.save_pretrained(student_dir)
 
     batches = [data.example_batch("validation", cfg.data.get("eval_batch_size") or cfg.data.batch_size)] * 4
     teacher_speed, student_speed = measure_throughput(teacher, batches), measure_throughput(student, batches)
     results = {
-        "student": {k.removeprefix("val/"): v for k, v in final.items() if k in ("val/acc", "val/f1")},
+        "task": task.name,
+        "student": {k.removeprefix("val/"): v for k, v in final.items() if k.removeprefix("val/") in metric_names},
         "teacher": {k.removeprefix("val/teacher_"): v for k, v in module.teacher_scores.items()},
         "parameters": {
             "teacher": count_parameters(teacher),

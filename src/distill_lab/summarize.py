@@ -51,10 +51,16 @@ def collect(directory: str | Path) -> list[dict]:
     return rows
 
 
+LOWER_IS_BETTER = ("perplexity", "loss")
+
+
 def _score(row: dict, metric: str) -> float:
-    """The student's ``metric`` for sorting: a missing or NaN value ranks below every number."""
+    """The student's ``metric`` for sorting, higher is better (perplexity and losses negated): a missing or
+    NaN value ranks below every number."""
     value = row["results"]["student"].get(metric)
-    return float("-inf") if value is None or math.isnan(value) else value
+    if value is None or math.isnan(value):
+        return float("-inf")
+    return -value if metric in LOWER_IS_BETTER else value
 
 
 def _cell(value) -> str:
@@ -78,7 +84,7 @@ def shared_overrides(rows: list[dict]) -> dict[str, str]:
 
 
 def markdown_table(rows: list[dict], metric: str = "acc") -> str:
-    """One line per run, best student ``metric`` first (runs without it last); the overrides that differ
+    """One line per run, best student ``metric`` first (lowest for perplexity; runs without it last); the overrides that differ
     between runs as columns (those they share in a line above the table); ``gap`` is teacher minus student."""
     keys = varying_overrides(rows)
     header = ["run", *keys, f"student {metric}", f"teacher {metric}", "gap", "compression"]
@@ -123,16 +129,20 @@ def bar_chart(rows: list[dict], path: str | Path, metric: str = "acc") -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory", help="a Hydra multirun directory")
-    parser.add_argument("--metric", default="acc", help="student metric to compare (acc, f1)")
+    parser.add_argument(
+        "--metric", default=None,
+        help="student metric to compare (acc, f1, masked_acc, perplexity); default: the runs' first metric",
+    )
     args = parser.parse_args(argv)
     try:
         rows = collect(args.directory)
     except FileNotFoundError as err:
         parser.exit(2, f"error: {err}\n")
-    table = markdown_table(rows, args.metric)
+    metric = args.metric or next(iter(rows[0]["results"]["student"]), "acc")
+    table = markdown_table(rows, metric)
     out = Path(args.directory)
     (out / "summary.md").write_text(table + "\n")
-    bar_chart(rows, out / "summary.png", args.metric)
+    bar_chart(rows, out / "summary.png", metric)
     print(table)
     print(f"\nwrote {out / 'summary.md'} and {out / 'summary.png'}")
 

@@ -1,0 +1,157 @@
+"""Image-classification data for ``task=image_classification`` (ViT and other image transformers).
+
+:class:`ImageFolderData` reads an image folder with one sub-folder per class (``train/cat/1.png``) through
+the ``datasets`` ``imagefolder`` builder, or takes any DatasetDict with an image and a label column (e.g.
+:func:`~distill_lab.data.hub_dataset` for ``cifar10``), and turns images into ``pixel_values`` with the
+teacher's image processor (resizing and normalisation as the teacher was trained).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning
+import torch
+from datasets import ClassLabel, DatasetDict, load_dataset
+from torch.utils.data import DataLoader
+
+
+def synthetic_stripes(num_train: int = 1000, num_validation: int = 200, size: int = 32, seed: int = 0) -> DatasetDict:
+    """The built-in offline image task: ``size`` x ``size`` RGB images of horizontal or vertical stripes of
+    random widths under noise (labels ``horizontal``, ``vertical``), for ``task=image_classification``."""
+    import numpy as np
+    from datasets import Dataset, Features, Image
+
+    rng = np.random.default_rng(seed)
+    features = Features({"image": Image(), "label": ClassLabel(names=["horizontal", "vertical"])})
+
+    def split(count: int) -> Dataset:
+        images, labels = [], []
+        for _ in range(count):
+            label = int(rng.integers(2))
+            stripes = (np.arange(size) // rng.integers(2, 6) % 2 * 180).astype(np.float32)
+            plane = np.broadcast_to(stripes[:, None] if label == 0 else stripes[None, :], (size, size))
+            pixels = plane[..., None] * rng.uniform(0.5, 1.0, 3) + rng.normal(0, 25, (size, size, 3))
+            images.append(np.clip(pixels, 0, 255).astype(np.uint8))
+            labels.append(label)
+        return Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+    return DatasetDict(train=split(num_train), validation=split(num_validation))
+
+
+def image_folders(train_dir: str | Path, validation_dir: str | Path) -> DatasetDict:
+    """``train`` and ``validation`` splits from two image folders (one sub-folder per class, same names).
+
+    Raises:
+        ValueError: A folder does not exist.
+    """
+    splits = {}
+    for split, directory in (("train", train_dir), ("validation", validation_dir)):
+        if not Path(directory).is_dir():
+            raise ValueError(
+                f"data.dataset.{split}_dir={str(directory)!r} is not a directory; give an image folder with one "
+                "sub-folder per class"
+            )
+        splits[split] = load_dataset("imagefolder", data_dir=str(directory), split="train")
+    return DatasetDict(splits)
+
+
+class ImageFolderData(lightning.LightningDataModule):
+    """Batches of ``pixel_values`` and ``labels``.
+
+    Args:
+        dataset: A DatasetDict with ``train`` and ``validation`` splits (or a zero-argument callable returning
+            one), an image column and a ``ClassLabel`` label column, as :func:`image_folders` gives.
+        image_processor: The teacher's image processor; may be assigned before :meth:`setup`.
+        image_column, label_column: Column names.
+        batch_size, eval_batch_size, num_workers: DataLoader settings.
+        max_train_samples, max_eval_samples: If set, a seeded random subset of this many images.
+        seed: Seed for subsampling and shuffling.
+    """
+
+    def __init__(
+        self,
+        dataset: DatasetDict | Callable[[], DatasetDict],
+        image_processor=None,
+        image_column: str = "image",
+        label_column: str = "label",
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        max_train_samples: int | None = None,
+        max_eval_samples: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.image_processor = image_processor
+        self.image_column = image_column
+        self.label_column = label_column
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.max_samples = {"train": max_train_samples, "validation": max_eval_samples}
+        self.seed = seed
+        self.label_names: list[str] | None = None
+        self.splits: DatasetDict | None = None
+
+    @property
+    def num_labels(self) -> int:
+        if self.label_names is None:
+            raise RuntimeError("num_labels is known only after ImageFolderData.setup()")
+        return len(self.label_names)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, check and subsample the images (processed lazily, batch by batch)."""
+        if self.splits is not None:
+            return
+        if self.image_processor is None:
+            raise ValueError("ImageFolderData has no image processor: set its `image_processor` before setup()")
+        raw = self.dataset if isinstance(self.dataset, DatasetDict) else self.dataset()
+        for split in ("train", "validation"):
+            if split not in raw:
+                raise ValueError(f"dataset has no {split!r} split; available splits: {list(raw)}")
+            for key, column in (("image_column", self.image_column), ("label_column", self.label_column)):
+                if column not in raw[split].column_names:
+                    raise ValueError(
+                        f"data.{key}={column!r} not in {split} split; available columns: {raw[split].column_names}"
+                    )
+        names = {split: raw[split].features[self.label_column] for split in ("train", "validation")}
+        if not all(isinstance(f, ClassLabel) for f in names.values()):
+            raise ValueError(f"data.label_column={self.label_column!r} must hold class labels (an image folder's sub-folders)")
+        if names["train"].names != names["validation"].names:
+            raise ValueError(
+                f"the train and validation splits have different classes: {names['train'].names} vs "
+                f"{names['validation'].names}; give both folders the same class sub-folders"
+            )
+        self.label_names = list(names["train"].names)
+        splits = DatasetDict(train=raw["train"], validation=raw["validation"])
+        for split, limit in self.max_samples.items():
+            if limit is not None and limit < len(splits[split]):
+                splits[split] = splits[split].shuffle(seed=self.seed).select(range(limit))
+        self.splits = splits
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        images = [row[self.image_column].convert("RGB") for row in rows]
+        pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixel_values, "labels": torch.tensor([row[self.label_column] for row in rows])}
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        self.setup()
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            self.splits[split], batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=self.collate,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", self.eval_batch_size, shuffle=False)
+
+    def example_batch(self, split: str = "validation", size: int = 8) -> dict[str, torch.Tensor]:
+        self.setup()
+        ds = self.splits[split]
+        return self.collate([ds[i] for i in range(min(size, len(ds)))])

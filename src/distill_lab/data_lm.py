@@ -1,0 +1,193 @@
+"""Raw-text data for language-model distillation (``task=masked_lm`` and ``task=causal_lm``).
+
+:class:`LanguageModelingData` takes a DatasetDict with ``train`` and ``validation`` splits and a text column
+(the same loaders as classification: :func:`~distill_lab.data.hub_dataset`, :func:`~distill_lab.data.local_files`,
+or :func:`synthetic_text` offline), tokenizes it with the teacher's tokenizer, and either pads each text
+(truncated to ``max_length``) or packs the token stream into blocks of ``max_length``. Batches come from
+transformers' ``DataCollatorForLanguageModeling``:
+
+- masked LM: tokens are masked dynamically, anew in every training batch (BERT's 80/10/10 rule,
+  ``mlm_probability`` of the tokens); ``labels`` hold the original ids at masked positions and -100 elsewhere.
+  The validation split is masked once, with a fixed seed, so its metrics compare across epochs and runs.
+- causal LM: ``labels`` are the input ids, -100 at padding; the task shifts them by one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from itertools import chain
+
+import lightning
+import torch
+from datasets import DatasetDict
+from torch.utils.data import DataLoader
+from transformers import (
+    DataCollatorForLanguageModeling,
+    DataCollatorForTokenClassification,
+    PreTrainedTokenizerBase,
+)
+
+from distill_lab.data import synthetic_relations
+
+
+def synthetic_text(num_train: int = 4000, num_validation: int = 500, seed: int = 0) -> DatasetDict:
+    """The built-in task's sentences as raw text (column ``text``), for offline language-model runs."""
+    splits = synthetic_relations(num_train=num_train, num_validation=num_validation, seed=seed)
+    return DatasetDict({name: split.select_columns(["text"]) for name, split in splits.items()})
+
+
+class LanguageModelingData(lightning.LightningDataModule):
+    """Tokenized raw text, masked (``mlm=True``) or as next-token targets (``mlm=False``).
+
+    Args:
+        dataset: A DatasetDict with ``train`` and ``validation`` splits, or a zero-argument callable returning
+            one (loaded lazily, once, in :meth:`setup`).
+        tokenizer: The teacher's tokenizer (it needs a mask token for ``mlm=True`` and a padding token).
+        mlm: Masked (True) or causal (False) language modelling.
+        mlm_probability: Share of tokens masked for ``mlm=True``.
+        text_column: Column holding the text.
+        max_length: Texts are truncated to this many tokens, or packed into blocks of this length.
+        pack: Concatenate the tokenized texts and cut them into blocks of ``max_length`` (no padding); the
+            last incomplete block is dropped.
+        batch_size, eval_batch_size, num_workers: DataLoader settings (``eval_batch_size`` defaults to
+            ``batch_size``).
+        max_train_samples, max_eval_samples: If set, a seeded random subset of this many texts.
+        seed: Seed for subsampling, shuffling and masking.
+    """
+
+    def __init__(
+        self,
+        dataset: DatasetDict | Callable[[], DatasetDict],
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        mlm: bool = True,
+        mlm_probability: float = 0.15,
+        text_column: str = "text",
+        max_length: int = 128,
+        pack: bool = False,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        max_train_samples: int | None = None,
+        max_eval_samples: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.tokenizer = tokenizer
+        self.mlm = mlm
+        self.mlm_probability = mlm_probability
+        self.text_column = text_column
+        self.max_length = max_length
+        self.pack = pack
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.max_samples = {"train": max_train_samples, "validation": max_eval_samples}
+        self.seed = seed
+        self.raw: DatasetDict | None = None
+        self.splits: DatasetDict | None = None
+        self._train_collator: DataCollatorForLanguageModeling | None = None
+
+    def _check(self, raw: DatasetDict) -> None:
+        if self.tokenizer is None:
+            raise ValueError("LanguageModelingData has no tokenizer: set its `tokenizer` before setup()")
+        if self.mlm and self.tokenizer.mask_token is None:
+            raise ValueError(
+                f"task=masked_lm needs a tokenizer with a mask token; {type(self.tokenizer).__name__} has none "
+                "(a decoder model's tokenizer? use task=causal_lm)"
+            )
+        if self.tokenizer.pad_token is None:
+            raise ValueError("the tokenizer has no padding token: set tokenizer.pad_token (e.g. to its eos token)")
+        for split in ("train", "validation"):
+            if split not in raw:
+                raise ValueError(f"dataset has no {split!r} split; available splits: {list(raw)}")
+            if self.text_column not in raw[split].column_names:
+                raise ValueError(
+                    f"data.text_column={self.text_column!r} not in {split} split; available columns: "
+                    f"{raw[split].column_names}"
+                )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, check, subsample, tokenize (and pack) the texts; mask the validation split once."""
+        if self.splits is not None:
+            return
+        raw = self.dataset if isinstance(self.dataset, DatasetDict) else self.dataset()
+        self._check(raw)
+        raw = DatasetDict(train=raw["train"], validation=raw["validation"])
+        for split, limit in self.max_samples.items():
+            if limit is not None and limit < len(raw[split]):
+                raw[split] = raw[split].shuffle(seed=self.seed).select(range(limit))
+        self.raw = raw
+        splits = DatasetDict(
+            {
+                split: ds.map(self._tokenize, batched=True, remove_columns=ds.column_names)
+                .filter(lambda ids: len(ids) > 0, input_columns="input_ids")
+                for split, ds in raw.items()
+            }
+        )
+        if self.pack:
+            splits = splits.map(self._pack, batched=True)
+        if self.mlm:  # fixed masks for validation: the same positions every epoch
+            splits["validation"] = splits["validation"].map(
+                self._mask_once, batched=True, batch_size=256, remove_columns=["special_tokens_mask"]
+            )
+        self.splits = splits
+
+    def _tokenize(self, batch: dict) -> dict:
+        encoded = self.tokenizer(
+            batch[self.text_column], truncation=not self.pack, max_length=None if self.pack else self.max_length,
+            return_special_tokens_mask=self.mlm,
+        )
+        return {k: encoded[k] for k in ("input_ids", "attention_mask", "special_tokens_mask") if k in encoded}
+
+    def _pack(self, batch: dict) -> dict:
+        """Concatenated token streams cut into full blocks of ``max_length``."""
+        blocks = {}
+        for key, values in batch.items():
+            stream = list(chain.from_iterable(values))
+            usable = len(stream) // self.max_length * self.max_length
+            blocks[key] = [stream[i : i + self.max_length] for i in range(0, usable, self.max_length)]
+        return blocks
+
+    def _mask_once(self, batch: dict) -> dict:
+        collator = DataCollatorForLanguageModeling(self.tokenizer, mlm=True, mlm_probability=self.mlm_probability, seed=self.seed)
+        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+        masked = collator(rows)
+        lengths = [len(ids) for ids in batch["input_ids"]]
+        # the collator pads to the batch's longest text (right side): cut each row back to its length
+        return {
+            "input_ids": [row[:n].tolist() for row, n in zip(masked["input_ids"], lengths, strict=True)],
+            "attention_mask": [row[:n].tolist() for row, n in zip(masked["attention_mask"], lengths, strict=True)],
+            "labels": [row[:n].tolist() for row, n in zip(masked["labels"], lengths, strict=True)],
+        }
+
+    def collator(self, split: str):
+        """Training batches are masked as they are drawn, by one seeded collator for the whole run (each epoch
+        masks anew); validation batches are padded (labels with -100)."""
+        if split == "validation" and self.mlm:
+            return DataCollatorForTokenClassification(self.tokenizer)
+        if self._train_collator is None:
+            self._train_collator = DataCollatorForLanguageModeling(
+                self.tokenizer, mlm=self.mlm, mlm_probability=self.mlm_probability, seed=self.seed
+            )
+        return self._train_collator
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        self.setup()
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            self.splits[split], batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=self.collator(split),
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", self.eval_batch_size, shuffle=False)
+
+    def example_batch(self, split: str = "validation", size: int = 8) -> dict[str, torch.Tensor]:
+        """One collated batch of the first ``size`` examples of ``split`` (for calibration and plots)."""
+        self.setup()
+        ds = self.splits[split]
+        return self.collator(split)([ds[i] for i in range(min(size, len(ds)))])

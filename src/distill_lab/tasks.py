@@ -1,0 +1,153 @@
+"""What the teacher and student are trained for: the model head, the output-distillation loss, the metrics.
+
+A task is chosen with ``task=`` (``conf/task/``) and handed to the ``DistillationModule`` as a built object:
+
+============================  ===============================  ============================================
+task                          output loss                      validation metrics (student and teacher)
+============================  ===============================  ============================================
+``sequence_classification``   ``kd_loss`` on the logits        ``acc``, ``f1`` (macro)
+``image_classification``      ``kd_loss`` on the logits        ``acc``, ``f1`` (macro)
+``masked_lm``                 ``kd_loss`` on masked tokens     ``masked_acc``, ``perplexity`` (masked)
+``causal_lm``                 ``kd_loss`` on next tokens       ``perplexity`` (every real next token)
+============================  ===============================  ============================================
+
+``kd_loss`` is ``alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T)``, averaged over the labelled
+positions (label -100 is ignored: the unmasked tokens of a masked LM, padding). A causal LM predicts token
+t + 1 at position t, so its logits and labels are shifted by one before the loss and the metrics, as the
+models' own ``loss`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.text import Perplexity
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+)
+
+from distill_lab.losses import kd_loss
+
+IGNORE_INDEX = -100
+
+
+class SequenceClassification:
+    """One label per example; logits ``(B, C)``, labels ``(B,)``."""
+
+    name = "sequence_classification"
+    auto_class = AutoModelForSequenceClassification
+    monitor, monitor_mode = "val/acc", "max"
+    inputs = "text"
+
+    def output_loss(self, student_logits: Tensor, teacher_logits: Tensor, batch: Mapping[str, Tensor], temperature: float, alpha: float) -> Tensor:
+        return kd_loss(student_logits, teacher_logits, batch.get("labels"), temperature, alpha)
+
+    def metrics(self, prefix: str, num_labels: int) -> MetricCollection:
+        return MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_labels, average="micro"),
+                "f1": MulticlassF1Score(num_labels, average="macro"),
+            },
+            prefix=prefix,
+        )
+
+    def update(self, metrics: MetricCollection, logits: Tensor, batch: Mapping[str, Tensor]) -> None:
+        metrics.update(logits, batch["labels"])
+
+    def num_classes(self, config) -> int:
+        """The size of the model's output distribution: its labels."""
+        return config.num_labels
+
+    def check(self, teacher, data) -> None:
+        """The teacher's head must fit the data's labels: a classifier is fine-tuned on its task first."""
+        if teacher.config.num_labels != data.num_labels:
+            raise ValueError(
+                f"the teacher has {teacher.config.num_labels} labels but the data has {data.num_labels} "
+                f"({data.label_names}); the teacher must be fine-tuned on this task."
+            )
+
+
+class ImageClassification(SequenceClassification):
+    """Classification of images (ViT and other ``AutoModelForImageClassification`` models), attention over
+    patches; batches carry ``pixel_values``."""
+
+    name = "image_classification"
+    auto_class = AutoModelForImageClassification
+    inputs = "image"
+
+
+class MaskedLM:
+    """Masked-language-model distillation on raw text (MiniLM, TinyBERT's general distillation): the data
+    masks tokens dynamically (labels hold the original ids there, -100 elsewhere); logits ``(B, L, V)``."""
+
+    name = "masked_lm"
+    auto_class = AutoModelForMaskedLM
+    monitor, monitor_mode = "val/perplexity", "min"
+    inputs = "text"
+
+    def _positions(self, logits: Tensor, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        return logits, batch["labels"]
+
+    def output_loss(self, student_logits: Tensor, teacher_logits: Tensor, batch: Mapping[str, Tensor], temperature: float, alpha: float) -> Tensor:
+        student_logits, labels = self._positions(student_logits, batch)
+        teacher_logits, _ = self._positions(teacher_logits, batch)
+        return kd_loss(student_logits, teacher_logits, labels, temperature, alpha)
+
+    def metrics(self, prefix: str, num_labels: int) -> MetricCollection:
+        return MetricCollection(
+            {
+                "masked_acc": MulticlassAccuracy(num_labels, average="micro", ignore_index=IGNORE_INDEX, multidim_average="global"),
+                "perplexity": Perplexity(ignore_index=IGNORE_INDEX),
+            },
+            prefix=prefix,
+        )
+
+    def update(self, metrics: MetricCollection, logits: Tensor, batch: Mapping[str, Tensor]) -> None:
+        logits, labels = self._positions(logits, batch)
+        for name, metric in metrics.items(keep_base=True):
+            if name.endswith("perplexity"):
+                metric.update(logits.float(), labels)
+            else:  # accuracy over the labelled positions, (N, V) against (N,)
+                metric.update(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+    def num_classes(self, config) -> int:
+        """The size of the model's output distribution: its vocabulary."""
+        return config.vocab_size
+
+    def check(self, teacher, data) -> None:
+        if teacher.config.vocab_size < len(data.tokenizer):
+            raise ValueError(
+                f"the tokenizer has {len(data.tokenizer)} tokens but the teacher's vocabulary only "
+                f"{teacher.config.vocab_size}: use the teacher's own tokenizer (teacher.name_or_path)."
+            )
+
+
+class CausalLM(MaskedLM):
+    """Decoder language-model distillation on raw text (GPT-2, LLaMA, Qwen, Mistral): every real token is a
+    target for the position before it; labels are the input ids with padding at -100."""
+
+    name = "causal_lm"
+    auto_class = AutoModelForCausalLM
+
+    def _positions(self, logits: Tensor, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        return logits[:, :-1], batch["labels"][:, 1:]
+
+    def metrics(self, prefix: str, num_labels: int) -> MetricCollection:
+        return MetricCollection({"perplexity": Perplexity(ignore_index=IGNORE_INDEX)}, prefix=prefix)
+
+
+TASKS = {task.name: task for task in (SequenceClassification, ImageClassification, MaskedLM, CausalLM)}
+
+
+def get_task(name: str):
+    """The task called ``name``; an unknown name is an error that lists the valid ones."""
+    try:
+        return TASKS[name]()
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; valid: {', '.join(sorted(TASKS))}") from None

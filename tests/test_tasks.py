@@ -1,0 +1,260 @@
+"""Tasks beyond text classification: masked LM, causal LM and image classification.
+
+The output losses and metrics against float64 references written here and against the models' own ``loss``;
+the raw-text and image-folder data modules; and ``train(cfg)`` end to end on tiny random BERT, RoBERTa
+(masked LM), GPT-2, LLaMA with grouped-query attention (causal LM) and ViT (images), each loaded by path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from conftest import compose_config, make_image_task, make_text_task, make_tiny_config
+from datasets import Dataset, DatasetDict
+from hydra.utils import instantiate
+from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForMaskedLM
+
+from distill_lab.data import build_word_tokenizer
+from distill_lab.data_images import ImageFolderData, image_folders
+from distill_lab.data_lm import LanguageModelingData, synthetic_text
+from distill_lab.models import load_teacher, load_tokenizer
+from distill_lab.run import train
+from distill_lab.tasks import TASKS, get_task
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+def _kd_reference(student, teacher, labels, temperature, alpha):
+    """alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T) over labelled positions, float64."""
+    s, t = student.double().reshape(-1, student.shape[-1]), teacher.double().reshape(-1, teacher.shape[-1])
+    labels = labels.reshape(-1)
+    keep = labels != -100
+    s, t, labels = s[keep], t[keep], labels[keep]
+    ce = -torch.log_softmax(s, -1)[torch.arange(len(labels)), labels].mean()
+    log_t, log_s = torch.log_softmax(t / temperature, -1), torch.log_softmax(s / temperature, -1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+    return alpha * ce + (1 - alpha) * temperature**2 * kl
+
+
+# ---------------------------------------------------------------------------------------------- losses, metrics
+
+
+def test_causal_lm_loss_and_perplexity_are_next_token(tmp_path):
+    """Position t predicts token t + 1; padding is ignored; perplexity is exp of the model's own loss."""
+    config = make_tiny_config("llama", pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(3, config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 2:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    student = torch.randn(3, 9, config.vocab_size, dtype=torch.float64)
+    with torch.no_grad():
+        out = model(**batch)
+    task = get_task("causal_lm")
+    value = task.output_loss(student, out.logits, batch, temperature=2.0, alpha=0.3)
+    reference = _kd_reference(student[:, :-1], out.logits[:, :-1], labels[:, 1:], 2.0, 0.3)
+    torch.testing.assert_close(value.double(), reference, rtol=1e-6, atol=1e-9)
+    metrics = task.metrics("val/", config.vocab_size)
+    task.update(metrics, out.logits, batch)
+    assert float(metrics.compute()["val/perplexity"]) == pytest.approx(math.exp(out.loss.item()), rel=1e-4)
+
+
+def test_masked_lm_loss_and_metrics_cover_only_masked_tokens():
+    config = make_tiny_config("bert")
+    model = AutoModelForMaskedLM.from_config(config).eval()
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, config.vocab_size, (2, 11), generator=generator)
+    labels = torch.full_like(ids, -100)
+    chosen = torch.rand(ids.shape, generator=generator) < 0.3
+    chosen[0, 0] = True
+    labels[chosen] = ids[chosen]
+    batch = {"input_ids": ids.masked_fill(chosen, 4), "attention_mask": torch.ones_like(ids), "labels": labels}
+    with torch.no_grad():
+        out = model(**batch)
+    student = out.logits + torch.randn(out.logits.shape, generator=generator)
+    task = get_task("masked_lm")
+    value = task.output_loss(student, out.logits, batch, temperature=3.0, alpha=0.5)
+    torch.testing.assert_close(value.double(), _kd_reference(student, out.logits, labels, 3.0, 0.5), rtol=1e-5, atol=1e-7)
+    # unmasked positions do not count: changing their logits changes nothing
+    moved = student.clone()
+    moved[~chosen] += 5.0
+    assert float(task.output_loss(moved, out.logits, batch, 3.0, 0.5)) == pytest.approx(float(value), rel=1e-6)
+    metrics = task.metrics("val/", config.vocab_size)
+    task.update(metrics, out.logits, batch)
+    result = metrics.compute()
+    accuracy = (out.logits.argmax(-1)[chosen] == ids[chosen]).double().mean()
+    assert float(result["val/masked_acc"]) == pytest.approx(float(accuracy))
+    assert float(result["val/perplexity"]) == pytest.approx(math.exp(out.loss.item()), rel=1e-4)
+
+
+def test_unknown_task_and_teacher_without_the_task_head_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown task 'translation'; valid: causal_lm, image_classification"):
+        get_task("translation")
+    text = make_text_task(tmp_path / "cls")  # a sequence classifier
+    with pytest.raises(ValueError, match=r"not trained for task=masked_lm.*weights random.*Fine-tune it"):
+        load_teacher(text["teacher"], task="masked_lm")
+    with pytest.raises(ValueError, match="built-in teacher .relations. is trained for task=sequence_classification and cannot teach task=causal_lm"):
+        load_teacher(str(tmp_path / "cache"), task="causal_lm", builtin="relations")
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def _lm_data(mlm: bool, **kwargs) -> LanguageModelingData:
+    options = dict(batch_size=16, max_train_samples=64, max_eval_samples=32, seed=0)
+    data = LanguageModelingData(synthetic_text(num_train=200, num_validation=64), build_word_tokenizer(), mlm=mlm, **(options | kwargs))
+    data.setup()
+    return data
+
+
+def test_masked_lm_data_masks_dynamically_for_training_and_once_for_validation():
+    data = _lm_data(mlm=True)
+    tokenizer = data.tokenizer
+    special = set(tokenizer.all_special_ids)
+    first, second = list(data.train_dataloader()), list(data.train_dataloader())
+    masked = torch.cat([(b["labels"] != -100).flatten() for b in first])
+    real = torch.cat([b["attention_mask"].flatten().bool() for b in first])
+    assert 0.08 < masked.sum() / real.sum() < 0.25  # about 15% of the tokens
+    for batch in first:
+        chosen = batch["labels"] != -100
+        assert not any(int(t) in special for t in batch["labels"][chosen])  # [CLS], [SEP], [PAD] never masked
+        assert (batch["input_ids"][chosen] == tokenizer.mask_token_id).float().mean() > 0.5  # 80/10/10
+    assert any(not torch.equal(a["labels"], b["labels"]) for a, b in zip(first, second, strict=True))  # dynamic
+    val_a, val_b = list(data.val_dataloader()), list(data.val_dataloader())
+    for a, b in zip(val_a, val_b, strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])  # fixed
+        assert ((a["labels"] != -100) & (a["attention_mask"] == 0)).sum() == 0
+
+
+def test_causal_lm_data_labels_are_the_inputs_with_padding_ignored():
+    data = _lm_data(mlm=False)
+    batch = next(iter(data.val_dataloader()))
+    pad = batch["attention_mask"] == 0
+    assert pad.any()
+    assert torch.equal(batch["labels"][~pad], batch["input_ids"][~pad]) and (batch["labels"][pad] == -100).all()
+
+
+def test_packing_cuts_the_token_stream_into_full_blocks():
+    data = _lm_data(mlm=False, pack=True, max_length=16)
+    lengths = {len(ids) for ids in data.splits["train"]["input_ids"]}
+    assert lengths == {16}
+    tokens = sum(len(data.tokenizer(t)["input_ids"]) for t in data.raw["train"]["text"])
+    assert len(data.splits["train"]) == tokens // 16
+
+
+def test_lm_data_errors():
+    texts = DatasetDict(train=Dataset.from_dict({"body": ["good movie"]}), validation=Dataset.from_dict({"body": ["bad"]}))
+    with pytest.raises(ValueError, match=r"data.text_column='text' not in train split; available columns: \['body'\]"):
+        LanguageModelingData(texts, build_word_tokenizer()).setup()
+    tokenizer = build_word_tokenizer()
+    tokenizer.mask_token = None
+    with pytest.raises(ValueError, match="task=masked_lm needs a tokenizer with a mask token"):
+        LanguageModelingData(texts, tokenizer, text_column="body").setup()
+
+
+def test_image_folder_data(tmp_path):
+    task = make_image_task(tmp_path, per_class=4)
+    data = ImageFolderData(image_folders(task["train_dir"], task["validation_dir"]), AutoImageProcessor.from_pretrained(task["teacher"]), batch_size=3)
+    data.setup()
+    assert data.label_names == ["horizontal", "vertical"] and data.num_labels == 2
+    batches = list(data.val_dataloader())
+    assert [b["pixel_values"].shape[0] for b in batches] == [3, 1]
+    assert batches[0]["pixel_values"].shape[1:] == (3, 32, 32) and batches[0]["labels"].tolist() == [0, 0, 1]
+    assert batches[0]["pixel_values"].min() >= -1.0 and batches[0]["pixel_values"].max() <= 1.0  # normalised
+    (tmp_path / "validation" / "diagonal").mkdir()
+    (tmp_path / "train" / "horizontal" / "0.png").rename(tmp_path / "validation" / "diagonal" / "0.png")
+    with pytest.raises(ValueError, match="different classes"):
+        ImageFolderData(image_folders(task["train_dir"], task["validation_dir"]), data.image_processor).setup()
+    with pytest.raises(ValueError, match="train_dir='/nope' is not a directory"):
+        image_folders("/nope", task["validation_dir"])
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+CASES = [("masked_lm", "bert"), ("masked_lm", "roberta"), ("causal_lm", "gpt2"), ("causal_lm", "llama")]
+
+
+@pytest.mark.parametrize(("task_name", "family"), CASES, ids=[f"{t}-{f}" for t, f in CASES])
+def test_language_model_tasks_train_end_to_end(tmp_path, task_name, family):
+    task = make_text_task(tmp_path / "task", family, task=task_name)
+    out = tmp_path / "run"
+    overrides = [*task["overrides"], "student.num_layers=2", "debug=fast", "logger=csv", "matching=headwise", "fused_kernel=false"]
+    metrics = train(compose_config(overrides, out))
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == task_name
+    expected = {"masked_acc", "perplexity"} if task_name == "masked_lm" else {"perplexity"}
+    assert set(results["student"]) == set(results["teacher"]) == expected
+    assert math.isfinite(metrics["val/perplexity"]) and metrics["val/perplexity"] > 1.0
+    assert set(results["attention_loss"]) >= {"L1->0", "L3->1"}
+    assert "best.ckpt" in results["best_checkpoint"]
+    student = get_task(task_name).auto_class.from_pretrained(out / "student").eval()
+    assert student.config.num_hidden_layers == 2
+    # the export is the best checkpoint's student: its perplexity on the validation set is the reported one
+    cfg = compose_config(overrides, out)
+    data = instantiate(cfg.data, tokenizer=load_tokenizer(str(out / "student")))
+    data.setup()
+    losses, counts = [], []
+    with torch.no_grad():
+        for batch in itertools.islice(data.val_dataloader(), cfg.trainer.limit_val_batches):  # what validation saw
+            labels = batch["labels"] if task_name == "masked_lm" else batch["labels"][:, 1:]
+            n = int((labels != -100).sum())
+            losses.append(student(**batch).loss.item() * n)
+            counts.append(n)
+    assert results["student"]["perplexity"] == pytest.approx(math.exp(sum(losses) / sum(counts)), rel=1e-3)
+
+
+def test_image_classification_trains_end_to_end(tmp_path):
+    task = make_image_task(tmp_path / "task")
+    out = tmp_path / "run"
+    train(compose_config([*task["overrides"], "student.num_layers=2", "debug=fast", "logger=csv", "loss=mse"], out))
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "image_classification" and set(results["student"]) == {"acc", "f1"}
+    assert set(results["attention_loss"]) == {"L1->0", "L3->1"} and all(v > 0 for v in results["attention_loss"].values())
+    assert (out / "student" / "preprocessor_config.json").exists()
+    assert sorted(p.name for p in (out / "attention_maps").glob("*.png")) == ["epoch0.png"]
+
+
+def test_every_task_has_a_config_option():
+    from conftest import CONF_DIR
+
+    assert {p.stem for p in (CONF_DIR / "task").glob("*.yaml")} == set(TASKS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task_name", ["masked_lm", "causal_lm"])
+def test_builtin_language_model_teachers(tmp_path, task_name):
+    """``teacher=builtin`` picks the task's own built-in teacher, trains it once, and loads it through
+    ``from_pretrained``; a built-in teacher of another task is refused."""
+    from distill_lab.builtin import builtin_for_task, evaluate_perplexity, train_builtin_lm_teacher
+
+    name = builtin_for_task(task_name)
+    out = tmp_path / name
+    perplexity = train_builtin_lm_teacher(name, out, max_epochs=1)
+    assert f"validation_perplexity={perplexity:.4f}" in (out / "teacher_metrics.txt").read_text()
+    vocabulary = len(build_word_tokenizer())
+    assert 1.0 < perplexity < vocabulary / 2  # learned something: far below a uniform guess over the words
+    teacher = load_teacher(str(out), task=task_name, builtin="auto")  # cached: loaded, not retrained
+    assert type(teacher) is type(get_task(task_name).auto_class.from_pretrained(out))
+    data = _lm_data(mlm=task_name == "masked_lm")
+    assert math.isfinite(evaluate_perplexity(teacher, data.val_dataloader(), causal=task_name == "causal_lm"))
+    with pytest.raises(ValueError, match=f"trained for task={task_name} and cannot teach task=sequence_classification"):
+        load_teacher(str(out), task="sequence_classification", builtin=name)
+
+
+@pytest.mark.slow
+def test_builtin_image_teacher_learns_the_stripes(tmp_path):
+    from distill_lab.builtin import builtin_for_task, train_builtin_vit_teacher
+
+    assert builtin_for_task("image_classification") == "stripes-vit"
+    accuracy = train_builtin_vit_teacher(tmp_path / "vit", max_epochs=1)
+    assert accuracy > 0.9  # the orientation of stripes is easy: one epoch suffices
+    teacher = load_teacher(str(tmp_path / "vit"), task="image_classification", builtin="auto")
+    assert teacher.config.id2label == {0: "horizontal", 1: "vertical"}
+    assert (tmp_path / "vit" / "preprocessor_config.json").exists()
