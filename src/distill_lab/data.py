@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from distill_lab.resume import ResumableRandomSampler, training_position
+from distill_lab.resume import ResumableLoaders
 
 # the built-in task's vocabulary: sentiment words, neutral filler and the negation that flips a sentiment word
 POSITIVE_WORDS: tuple[str, ...] = ("good", "great", "fine", "nice", "happy", "best")
@@ -198,7 +198,7 @@ def _tokenize(batch: dict, tokenizer, columns: tuple, label_ids: dict, max_lengt
     return features
 
 
-class TextClassificationData(lightning.LightningDataModule):
+class TextClassificationData(ResumableLoaders, lightning.LightningDataModule):
     """Tokenized, dynamically padded text-classification batches from a train/validation DatasetDict.
 
     Args:
@@ -247,7 +247,6 @@ class TextClassificationData(lightning.LightningDataModule):
         self.label_names: list[str] | None = None
         self.raw: DatasetDict | None = None
         self.splits: DatasetDict | None = None
-        self._resume_at: tuple[int, int] | None = None  # (epoch, examples) from a checkpoint
 
     @property
     def num_labels(self) -> int:
@@ -324,38 +323,11 @@ class TextClassificationData(lightning.LightningDataModule):
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         self.setup()
-        sampler = None
-        if shuffle:  # a seeded order per epoch, which a run resumed mid-epoch continues (distill_lab.resume)
-            epoch, start = self._resume_at or (0, 0)
-            self._resume_at = None
-            sampler = ResumableRandomSampler(self.splits[split], self.seed, epoch, start)
-        # worker seeds come from this generator, not from the global RNG: a resumed run starts loaders at other
-        # moments than an uninterrupted one, and must not shift the dropout masks drawn after them
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.splits[split], batch_size=batch_size, sampler=sampler, generator=generator,
-            collate_fn=DataCollatorWithPadding(self.tokenizer), num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return self.loader(self.splits[split], batch_size, DataCollatorWithPadding(self.tokenizer), shuffle)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled (seeded) training batches, padded to the longest sequence in each batch."""
         return self._loader("train", self.batch_size, shuffle=True)
-
-    def state_dict(self) -> dict:
-        """Where training is in the shuffled order, which Lightning saves in every checkpoint:
-        ``{"train_position": [epoch, examples already trained in it]}`` (see ``resume.training_position``)."""
-        position = training_position(self.trainer)
-        if position is None:
-            return {}
-        epoch, batches = position
-        return {"train_position": [epoch, batches * self.batch_size]}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Let the next train loader start where the checkpoint's run stopped (Lightning restores the data module
-        before it builds any loader)."""
-        if "train_position" in state_dict:
-            self._resume_at = tuple(state_dict["train_position"])
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches in dataset order, padded to the longest sequence in each batch."""

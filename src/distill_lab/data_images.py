@@ -16,6 +16,8 @@ import torch
 from datasets import ClassLabel, DatasetDict, load_dataset
 from torch.utils.data import DataLoader
 
+from distill_lab.resume import ResumableLoaders
+
 
 def synthetic_stripes(num_train: int = 1000, num_validation: int = 200, size: int = 32, seed: int = 0) -> DatasetDict:
     """The built-in offline image task: ``size`` x ``size`` RGB images of horizontal or vertical stripes of
@@ -57,7 +59,7 @@ def image_folders(train_dir: str | Path, validation_dir: str | Path) -> DatasetD
     return DatasetDict(splits)
 
 
-class ImageFolderData(lightning.LightningDataModule):
+class ImageFolderData(ResumableLoaders, lightning.LightningDataModule):
     """Batches of ``pixel_values`` and ``labels``.
 
     Args:
@@ -139,11 +141,7 @@ class ImageFolderData(lightning.LightningDataModule):
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         self.setup()
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            self.splits[split], batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=self.collate,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-        )
+        return self.loader(self.splits[split], batch_size, self.collate, shuffle)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)

@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from distill_lab.data import synthetic_relations
+from distill_lab.resume import ResumableLoaders
 
 
 def synthetic_text(num_train: int = 4000, num_validation: int = 500, seed: int = 0) -> DatasetDict:
@@ -36,7 +37,7 @@ def synthetic_text(num_train: int = 4000, num_validation: int = 500, seed: int =
     return DatasetDict({name: split.select_columns(["text"]) for name, split in splits.items()})
 
 
-class LanguageModelingData(lightning.LightningDataModule):
+class LanguageModelingData(ResumableLoaders, lightning.LightningDataModule):
     """Tokenized raw text, masked (``mlm=True``) or as next-token targets (``mlm=False``).
 
     Args:
@@ -174,11 +175,7 @@ class LanguageModelingData(lightning.LightningDataModule):
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         self.setup()
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            self.splits[split], batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=self.collator(split),
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-        )
+        return self.loader(self.splits[split], batch_size, self.collator(split), shuffle)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)
