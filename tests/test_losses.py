@@ -763,3 +763,23 @@ def test_kd_loss_invalid_arguments_raise(gen):
             kd_loss(student, teacher, labels, temperature=temperature)
     with pytest.raises(ValueError, match="labels"):
         kd_loss(student, teacher, torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_kd_loss_nan_teacher_propagates_but_ignored_positions_do_not_count():
+    """A NaN teacher at a labelled position must surface as a NaN loss (the run stops on it), while
+    positions with label -100 (and a teacher that puts zero mass on a class) contribute nothing."""
+    student = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(3, 5, dtype=torch.float64)
+    labels = torch.tensor([1, -100, 4])
+    broken = teacher.clone()
+    broken[0, 2] = float("nan")
+    assert torch.isnan(kd_loss(student, broken, labels))
+    broken = teacher.clone()
+    broken[1] = float("nan")  # only at the ignored position
+    value = kd_loss(student, broken, labels)
+    torch.testing.assert_close(value, kd_loss(student[[0, 2]], teacher[[0, 2]], labels[[0, 2]]))
+    value.backward()
+    assert torch.isfinite(student.grad).all() and (student.grad[1] == 0).all()
+    peaked = teacher.clone()
+    peaked[:, 0] = -1e4  # exp underflows: the teacher gives class 0 exactly zero mass
+    assert torch.isfinite(kd_loss(student, peaked, labels, temperature=1.0))

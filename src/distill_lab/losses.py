@@ -262,6 +262,15 @@ class AttentionLoss(nn.Module):
         return ", ".join([repr(self.name)] + [f"{k}={v}" for k, v in self.options.items()])
 
 
+def _soft_kl(s: Tensor, t: Tensor, temperature: float) -> Tensor:
+    """KL(softmax(t / T) || softmax(s / T)) per row, (N, C) -> (N,)."""
+    log_ps = torch.log_softmax(s / temperature, dim=-1)
+    log_pt = torch.log_softmax(t / temperature, dim=-1)
+    p_t = log_pt.exp()
+    # 0 * log 0 = 0 where the teacher gives a class no mass; a NaN teacher stays NaN (and is caught as non-finite)
+    return torch.where(p_t == 0, torch.zeros_like(p_t), p_t * (log_pt - log_ps)).sum(-1)
+
+
 def kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -293,13 +302,9 @@ def kd_loss(
     num_classes = student_logits.shape[-1]
     s = student_logits.to(dtype).reshape(-1, num_classes)
     t = teacher_logits.to(dtype).reshape(-1, num_classes)
-    log_ps = torch.log_softmax(s / temperature, dim=-1)
-    log_pt = torch.log_softmax(t / temperature, dim=-1)
-    p_t = log_pt.exp()
-    kl = torch.where(p_t > 0, p_t * (log_pt - log_ps), torch.zeros_like(p_t)).sum(-1)
     soft = temperature**2
     if labels is None:
-        return soft * kl.mean()
+        return soft * _soft_kl(s, t, temperature).mean()
     labels = labels.reshape(-1).to(s.device)
     if labels.shape[0] != s.shape[0]:
         raise ValueError(
@@ -308,7 +313,7 @@ def kd_loss(
     valid = labels != -100
     count = valid.sum().clamp_min(1).to(dtype)
     ce = F.cross_entropy(s, labels, ignore_index=-100, reduction="sum") / count
-    kl_term = (kl * valid.to(dtype)).sum() / count
+    kl_term = _soft_kl(s[valid], t[valid], temperature).sum() / count  # ignored positions take no part at all
     return alpha * ce + (1.0 - alpha) * soft * kl_term
 
 
