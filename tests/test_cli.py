@@ -240,3 +240,29 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes(task, tmp_path):
         logged = [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
     assert logged and min(logged) >= step  # the second run did not start again from step 0
     assert json.loads((second / "results.json").read_text())["student"]["acc"] >= 0.0
+
+
+def test_parallel_launcher_and_optuna_search(task, tmp_path):
+    """launcher=joblib runs a sweep's jobs in worker processes; hparams_search=optuna samples the objective's
+    weights and records the best trial, fed by the value train.py returns."""
+    common = [*task["overrides"], *FAST, "logger=csv", "callbacks.attention_maps=null"]
+    parallel = tmp_path / "parallel"
+    proc = cli(tmp_path, "-m", "launcher=joblib", "loss=mse,kl", *common, f"hydra.sweep.dir={parallel}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Joblib" in proc.stdout + proc.stderr
+    assert sorted(p.parent.name for p in parallel.glob("*/results.json")) == ["0", "1"]
+
+    search = tmp_path / "search"
+    proc = cli(
+        tmp_path, "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=3",
+        *common, f"hydra.sweep.dir={search}",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trials = sorted(search.glob("*/results.json"))
+    assert len(trials) == 3
+    sampled = [yaml.safe_load((p.parent / "config.yaml").read_text()) for p in trials]
+    assert len({c["attention_weight"] for c in sampled}) == 3 and all(0.0 <= c["attention_weight"] <= 0.9 for c in sampled)
+    best = yaml.safe_load((search / "optimization_results.yaml").read_text())
+    accuracies = [json.loads(p.read_text())["student"]["acc"] for p in trials]
+    assert best["best_value"] == pytest.approx(max(accuracies), abs=1e-6)
+    assert set(best["best_params"]) == {"attention_weight", "temperature", "alpha"}

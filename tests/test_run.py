@@ -314,12 +314,20 @@ def test_every_config_option_composes_and_instantiates(task, image_task, tmp_pat
             assert cfg.data._target_ == OmegaConf.load(CONF_DIR / "data" / f"{expected_data[option]}.yaml")._target_
         if option in ("masked_lm", "causal_lm"):
             assert cfg.data.mlm is (option == "masked_lm")
-    elif group in ("debug", "experiment", "hydra"):
-        assert checked > 0  # compose only; their values were checked above
-        sweep = OmegaConf.load(CONF_DIR / group / f"{option}.yaml").get("hydra", {}).get("sweeper", {}).get("params")
-        if sweep and not is_hydra:  # an experiment that is a sweep: its parameters reach Hydra's sweeper
+    elif group in ("debug", "experiment", "hydra", "launcher", "hparams_search"):
+        spec_hydra = OmegaConf.load(CONF_DIR / group / f"{option}.yaml").get("hydra")
+        assert checked > 0 or spec_hydra  # compose only; their values were checked above (or are Hydra's, below)
+        if spec_hydra and not is_hydra:  # what the option sets for Hydra (a sweep, a launcher) reaches Hydra
             with_hydra = compose_config(overrides, out, cache, return_hydra_config=True)
-            assert OmegaConf.to_container(with_hydra.hydra.sweeper.params) == OmegaConf.to_container(sweep)
+            for key, value in _raw_leaves(OmegaConf.to_container(spec_hydra, resolve=False)).items():
+                assert OmegaConf.select(with_hydra.hydra, key, throw_on_resolution_failure=False) == value or (
+                    isinstance(value, str) and "${" in value  # interpolations resolve at run time
+                ), key
+            if group == "launcher":
+                plugin = {"joblib": "JoblibLauncher", "slurm": "SlurmLauncher"}[option]
+                assert with_hydra.hydra.launcher._target_.endswith(plugin)
+            if group == "hparams_search":
+                assert with_hydra.hydra.sweeper._target_.endswith("OptunaSweeper")
     else:
         pytest.fail(f"config group {group!r} is new: teach this test how to instantiate {group}={option}")
 

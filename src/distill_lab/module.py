@@ -184,8 +184,10 @@ class DistillationModule(L.LightningModule):
         if not self.teacher_scores and not self.trainer.sanity_checking:
             self.task.update(self.teacher_metrics, teacher_logits, batch)
         batch_size = _batch_size(batch)
-        self.log_dict({"val/loss": loss, "val/attention_loss": attention_loss}, batch_size=batch_size)
-        self.log_dict({f"val/attention/{k}": v for k, v in details.items() if "/" not in k}, batch_size=batch_size)
+        # averaged over every process's share of the validation set under DDP (the metrics sync themselves)
+        self.log_dict({"val/loss": loss, "val/attention_loss": attention_loss}, batch_size=batch_size, sync_dist=True)
+        pairs = {f"val/attention/{k}": v for k, v in details.items() if "/" not in k}
+        self.log_dict(pairs, batch_size=batch_size, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
