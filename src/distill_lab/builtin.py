@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,6 +49,39 @@ VIT_CONFIG = dict(
 BUILTIN_TEACHERS = ("relations", *LM_TEACHERS, "stripes-vit")
 
 
+def _fit_and_save(
+    name: str, model, preprocessor, data, output_dir: str | Path, max_epochs: int, lr: float,
+    evaluate: Callable[[], float], metric: str, done: Callable[[float], bool] = lambda value: False,
+) -> float:
+    """AdamW with a one-cycle schedule and gradient clipping on the model's own loss, ``evaluate()`` after
+    each epoch (stopping early once ``done``), then ``save_pretrained`` of model and preprocessor with
+    ``teacher_metrics.txt``. Returns the last evaluation."""
+    start = time.perf_counter()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    steps = max_epochs * len(data.train_dataloader())
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    log.info("training the built-in '%s' teacher (cached afterwards in %s)", name, output_dir)
+    for epoch in range(max_epochs):
+        model.train()
+        for batch in data.train_dataloader():
+            model(**batch).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        value = evaluate()
+        log.info("teacher epoch %d: validation %s %.3f", epoch + 1, metric, value)
+        if done(value):
+            break
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    preprocessor.save_pretrained(output_dir)
+    (output_dir / "teacher_metrics.txt").write_text(f"validation_{metric}={value:.4f}\n")
+    log.info("built-in teacher ready in %.0f s: validation %s %.3f", time.perf_counter() - start, metric, value)
+    return value
+
+
 def train_builtin_vit_teacher(output_dir: str | Path, max_epochs: int = 3, lr: float = 1e-3, seed: int = 0) -> float:
     """Train the built-in image teacher: a 4-layer ViT (32 x 32 images, 8 x 8 patches) on the built-in
     stripes images (``distill_lab.data_images.synthetic_stripes``), saved with its image processor. Returns the
@@ -63,26 +97,10 @@ def train_builtin_vit_teacher(output_dir: str | Path, max_epochs: int = 3, lr: f
     labels = dict(enumerate(data.label_names))
     config = ViTConfig(num_labels=2, id2label=labels, label2id={v: k for k, v in labels.items()}, **VIT_CONFIG)
     model = ViTForImageClassification(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    steps = max_epochs * len(data.train_dataloader())
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    log.info("training the built-in 'stripes-vit' teacher (cached afterwards in %s)", output_dir)
-    for epoch in range(max_epochs):
-        model.train()
-        for batch in data.train_dataloader():
-            model(**batch).loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        accuracy = evaluate_accuracy(model, data.val_dataloader())
-        log.info("teacher epoch %d: validation accuracy %.3f", epoch + 1, accuracy)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
-    (output_dir / "teacher_metrics.txt").write_text(f"validation_accuracy={accuracy:.4f}\n")
-    return accuracy
+    return _fit_and_save(
+        "stripes-vit", model, processor, data, output_dir, max_epochs, lr,
+        lambda: evaluate_accuracy(model, data.val_dataloader()), "accuracy",
+    )
 
 
 def builtin_task(name: str) -> str:
@@ -124,7 +142,6 @@ def train_builtin_lm_teacher(name: str, output_dir: str | Path, max_epochs: int 
     spec = dict(spec)
     family = spec.pop("family")
     torch.manual_seed(seed)
-    start = time.perf_counter()
     tokenizer = build_word_tokenizer()
     data = LanguageModelingData(synthetic_text(seed=seed), tokenizer, mlm=task == "masked_lm", batch_size=64, seed=seed)
     data.setup("fit")
@@ -134,27 +151,11 @@ def train_builtin_lm_teacher(name: str, output_dir: str | Path, max_epochs: int 
     else:
         ids.update(bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
         model = AutoModelForCausalLM.from_config(LlamaConfig(**ids, **spec))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    steps = max_epochs * len(data.train_dataloader())
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    log.info("training the built-in '%s' teacher (cached afterwards in %s)", name, output_dir)
-    for epoch in range(max_epochs):
-        model.train()
-        for batch in data.train_dataloader():
-            model(**batch).loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        perplexity = evaluate_perplexity(model, data.val_dataloader(), causal=task == "causal_lm")
-        log.info("teacher epoch %d: validation perplexity %.2f", epoch + 1, perplexity)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    (output_dir / "teacher_metrics.txt").write_text(f"validation_perplexity={perplexity:.4f}\n")
-    log.info("built-in teacher ready in %.0f s: validation perplexity %.2f", time.perf_counter() - start, perplexity)
-    return perplexity
+    causal = task == "causal_lm"
+    return _fit_and_save(
+        name, model, tokenizer, data, output_dir, max_epochs, lr,
+        lambda: evaluate_perplexity(model, data.val_dataloader(), causal=causal), "perplexity",
+    )
 
 
 @torch.no_grad()
@@ -193,36 +194,15 @@ def train_builtin_teacher(
     if name != "relations":
         raise ValueError(f"unknown built-in teacher {name!r}; valid: {', '.join(BUILTIN_TEACHERS)}")
     torch.manual_seed(seed)
-    start = time.perf_counter()
     tokenizer = build_word_tokenizer()
     data = TextClassificationData(synthetic_relations(seed=seed), tokenizer=tokenizer, batch_size=batch_size, seed=seed)
     data.setup("fit")
     config = BertConfig(vocab_size=len(tokenizer), num_labels=data.num_labels, pad_token_id=tokenizer.pad_token_id, **TEACHER_CONFIG)
     model = BertForSequenceClassification(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    steps = max_epochs * len(data.train_dataloader())
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    log.info("training the built-in '%s' teacher (cached afterwards in %s)", name, output_dir)
-    for epoch in range(max_epochs):
-        model.train()
-        for batch in data.train_dataloader():
-            loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        accuracy = evaluate_accuracy(model, data.val_dataloader())
-        log.info("teacher epoch %d: validation accuracy %.3f", epoch + 1, accuracy)
-        if accuracy >= target_accuracy:
-            break
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    (output_dir / "teacher_metrics.txt").write_text(f"validation_accuracy={accuracy:.4f}\n")
-    log.info("built-in teacher ready in %.0f s: validation accuracy %.3f", time.perf_counter() - start, accuracy)
-    return accuracy
+    return _fit_and_save(
+        name, model, tokenizer, data, output_dir, max_epochs, lr,
+        lambda: evaluate_accuracy(model, data.val_dataloader()), "accuracy", done=lambda value: value >= target_accuracy,
+    )
 
 
 @torch.no_grad()
