@@ -132,6 +132,21 @@ def test_masked_lm_data_masks_dynamically_for_training_and_once_for_validation()
         assert ((a["labels"] != -100) & (a["attention_mask"] == 0)).sum() == 0
 
 
+def test_validation_masks_do_not_repeat_across_map_batches():
+    """The validation split is masked in batches of 256 rows; identical texts must still get independent masks
+    (a collator reseeded per batch would give row i and row i + 256 the same positions)."""
+    text = " ".join(["the movie was good"] * 10)
+    texts = Dataset.from_dict({"text": [text] * 600})
+    data = LanguageModelingData(DatasetDict(train=texts, validation=texts), build_word_tokenizer(), max_length=64)
+    data.setup()
+    labels = data.splits["validation"]["labels"]
+    repeats = sum(labels[i] == labels[i + 256] for i in range(300))
+    assert repeats < 10  # about 40 maskable tokens: two independent masks agree with probability ~1e-5
+    again = LanguageModelingData(DatasetDict(train=texts, validation=texts), build_word_tokenizer(), max_length=64)
+    again.setup()
+    assert again.splits["validation"]["labels"] == labels  # and reproducible
+
+
 def test_causal_lm_data_labels_are_the_inputs_with_padding_ignored():
     data = _lm_data(mlm=False)
     batch = next(iter(data.val_dataloader()))

@@ -130,7 +130,8 @@ class LanguageModelingData(ResumableLoaders, lightning.LightningDataModule):
             splits = splits.map(self._pack, batched=True)
         if self.mlm:  # fixed masks for validation: the same positions every epoch
             splits["validation"] = splits["validation"].map(
-                self._mask_once, batched=True, batch_size=256, remove_columns=["special_tokens_mask"]
+                self._mask_once, batched=True, batch_size=256, with_indices=True,
+                remove_columns=["special_tokens_mask"],
             )
         self.splits = splits
 
@@ -150,8 +151,12 @@ class LanguageModelingData(ResumableLoaders, lightning.LightningDataModule):
             blocks[key] = [stream[i : i + self.max_length] for i in range(0, usable, self.max_length)]
         return blocks
 
-    def _mask_once(self, batch: dict) -> dict:
-        collator = DataCollatorForLanguageModeling(self.tokenizer, mlm=True, mlm_probability=self.mlm_probability, seed=self.seed)
+    def _mask_once(self, batch: dict, indices: list[int]) -> dict:
+        # one seed per map batch, from the seed and the batch's first row: reproducible, and not the same
+        # masks again for every batch of rows (a collator seeded with the seed alone would repeat them)
+        collator = DataCollatorForLanguageModeling(
+            self.tokenizer, mlm=True, mlm_probability=self.mlm_probability, seed=self.seed * 1_000_003 + indices[0]
+        )
         rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
         masked = collator(rows)
         lengths = [len(ids) for ids in batch["input_ids"]]
