@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from distill_lab.resume import ResumableLoaders
+from distill_lab.resume import ResumableRandomSampler, training_position
 
 # the built-in task's vocabulary: sentiment words, neutral filler and the negation that flips a sentiment word
 POSITIVE_WORDS: tuple[str, ...] = ("good", "great", "fine", "nice", "happy", "best")
@@ -198,23 +198,129 @@ def _tokenize(batch: dict, tokenizer, columns: tuple, label_ids: dict, max_lengt
     return features
 
 
-class TextClassificationData(ResumableLoaders, lightning.LightningDataModule):
-    """Tokenized, dynamically padded text-classification batches from a train/validation DatasetDict.
+class TrainValidationData(lightning.LightningDataModule):
+    """What every data module shares: a train/validation DatasetDict loaded once, checked and subsampled;
+    seeded loaders that a run resumed mid-epoch continues (``distill_lab.resume``); ``example_batch``.
+
+    A subclass prepares ``self.splits`` in ``setup()`` (with :meth:`load_splits` and :meth:`subsample`) and
+    turns rows into a batch in ``collator(split)``.
 
     Args:
         dataset: A DatasetDict with ``train`` and ``validation`` splits, or a zero-argument callable returning
-            one (loaded lazily, once, in :meth:`setup`).
+            one (as Hydra's ``_partial_`` gives; loaded lazily, once, in ``setup()``).
+        batch_size: Training batch size.
+        eval_batch_size: Validation batch size; defaults to ``batch_size``.
+        num_workers: DataLoader worker processes.
+        max_train_samples, max_eval_samples: If set, a seeded random subset of this many examples.
+        seed: Seed for subsampling and shuffling (and whatever else a subclass draws, e.g. masks).
+    """
+
+    def __init__(
+        self,
+        dataset: DatasetDict | Callable[[], DatasetDict],
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        max_train_samples: int | None = None,
+        max_eval_samples: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.max_samples = {"train": max_train_samples, "validation": max_eval_samples}
+        self.seed = seed
+        self.raw: DatasetDict | None = None
+        self.splits: DatasetDict | None = None
+        self._resume_at: tuple[int, int] | None = None  # (epoch, examples) from a checkpoint
+
+    def load_splits(self, columns: dict[str, str | None]) -> DatasetDict:
+        """The dataset's ``train`` and ``validation`` splits, each checked for ``columns`` (config key ->
+        column name; None is skipped).
+
+        Raises:
+            ValueError: A split or a column is missing (the available ones are listed).
+        """
+        raw = self.dataset if isinstance(self.dataset, DatasetDict) else self.dataset()
+        for split in ("train", "validation"):
+            if split not in raw:
+                raise ValueError(f"dataset has no {split!r} split; available splits: {list(raw)}")
+            for key, column in columns.items():
+                if column is not None and column not in raw[split].column_names:
+                    raise ValueError(
+                        f"data.{key}={column!r} not in {split} split; available columns: {raw[split].column_names}"
+                    )
+        return DatasetDict(train=raw["train"], validation=raw["validation"])
+
+    def subsample(self, raw: DatasetDict) -> DatasetDict:
+        """A seeded random subset of each split where ``max_train_samples`` / ``max_eval_samples`` ask."""
+        for split, limit in self.max_samples.items():
+            if limit is not None and limit < len(raw[split]):
+                raw[split] = raw[split].shuffle(seed=self.seed).select(range(limit))
+        return raw
+
+    def collator(self, split: str) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        self.setup()
+        sampler = None
+        if shuffle:  # a seeded order per epoch, which a run resumed mid-epoch continues
+            epoch, start = self._resume_at or (0, 0)
+            self._resume_at = None
+            sampler = ResumableRandomSampler(self.splits[split], self.seed, epoch, start)
+        # worker seeds come from this generator, not from the global RNG: a resumed run starts loaders at other
+        # moments than an uninterrupted one, and must not shift the dropout masks drawn after them
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.splits[split], batch_size=batch_size, sampler=sampler, generator=generator,
+            collate_fn=self.collator(split), num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (seeded) training batches."""
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches in dataset order."""
+        return self._loader("validation", self.eval_batch_size, shuffle=False)
+
+    def example_batch(self, split: str = "validation", size: int = 8) -> dict[str, torch.Tensor]:
+        """One collated batch of the first ``size`` examples of ``split`` (for calibration and plots)."""
+        self.setup()
+        ds = self.splits[split]
+        return self.collator(split)([ds[i] for i in range(min(size, len(ds)))])
+
+    def state_dict(self) -> dict:
+        """Where training is in the shuffled order, which Lightning saves in every checkpoint:
+        ``{"train_position": [epoch, examples already trained in it]}`` (see ``resume.training_position``)."""
+        position = training_position(self.trainer)
+        if position is None:
+            return {}
+        epoch, batches = position
+        return {"train_position": [epoch, batches * self.batch_size]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Let the next train loader start where the checkpoint's run stopped (Lightning restores the data module
+        before it builds any loader)."""
+        if "train_position" in state_dict:
+            self._resume_at = tuple(state_dict["train_position"])
+
+
+class TextClassificationData(TrainValidationData):
+    """Tokenized, dynamically padded text-classification batches from a train/validation DatasetDict.
+
+    Args:
         tokenizer: The tokenizer; may be assigned later through the attribute, but before :meth:`setup`.
         text_column: Column holding the text.
         text_pair_column: Column holding the second text of a pair (e.g. MNLI's hypothesis), or None.
         label_column: Column holding the labels: ints (or a ClassLabel) or strings.
         max_length: Sequences are truncated to this many tokens.
-        batch_size: Training batch size.
-        eval_batch_size: Validation batch size; defaults to ``batch_size``.
-        num_workers: DataLoader worker processes.
-        max_train_samples: If set, use a seeded random subset of this many training examples.
-        max_eval_samples: If set, use a seeded random subset of this many validation examples.
-        seed: Seed for subsampling and for shuffling the training data.
+        dataset, batch_size, eval_batch_size, num_workers, max_train_samples, max_eval_samples, seed: see
+            :class:`TrainValidationData`.
     """
 
     def __init__(
@@ -232,21 +338,13 @@ class TextClassificationData(ResumableLoaders, lightning.LightningDataModule):
         max_eval_samples: int | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        self.dataset = dataset
+        super().__init__(dataset, batch_size, eval_batch_size, num_workers, max_train_samples, max_eval_samples, seed)
         self.tokenizer = tokenizer
         self.text_column = text_column
         self.text_pair_column = text_pair_column
         self.label_column = label_column
         self.max_length = max_length
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.max_samples = {"train": max_train_samples, "validation": max_eval_samples}
-        self.seed = seed
         self.label_names: list[str] | None = None
-        self.raw: DatasetDict | None = None
-        self.splits: DatasetDict | None = None
 
     @property
     def num_labels(self) -> int:
@@ -265,17 +363,11 @@ class TextClassificationData(ResumableLoaders, lightning.LightningDataModule):
             return
         if self.tokenizer is None:
             raise ValueError("TextClassificationData has no tokenizer: set its `tokenizer` before setup()")
-        raw = self.dataset if isinstance(self.dataset, DatasetDict) else self.dataset()
-        for split in ("train", "validation"):
-            if split not in raw:
-                raise ValueError(f"dataset has no {split!r} split; available splits: {list(raw)}")
-        raw = DatasetDict(train=raw["train"], validation=raw["validation"])
-        self._check_columns(raw)
-        label_ids = self._label_ids(raw)
-        for split, limit in self.max_samples.items():
-            if limit is not None and limit < len(raw[split]):
-                raw[split] = raw[split].shuffle(seed=self.seed).select(range(limit))
-        self.raw = raw
+        raw = self.load_splits(
+            {"text_column": self.text_column, "label_column": self.label_column, "text_pair_column": self.text_pair_column}
+        )
+        label_ids = self._label_ids(raw)  # from the whole dataset, before any subsampling
+        self.raw = raw = self.subsample(raw)
         columns = (self.text_column, self.text_pair_column, self.label_column)
         fn_kwargs = dict(
             tokenizer=self.tokenizer, columns=columns, label_ids=label_ids, max_length=self.max_length
@@ -284,16 +376,6 @@ class TextClassificationData(ResumableLoaders, lightning.LightningDataModule):
             {split: ds.map(_tokenize, batched=True, remove_columns=ds.column_names, fn_kwargs=fn_kwargs)
              for split, ds in raw.items()}
         )
-
-    def _check_columns(self, raw: DatasetDict) -> None:
-        required = {"text_column": self.text_column, "label_column": self.label_column}
-        if self.text_pair_column is not None:
-            required["text_pair_column"] = self.text_pair_column
-        for split, ds in raw.items():
-            for key, column in required.items():
-                if column not in ds.column_names:
-                    available = f"available columns: {ds.column_names}"
-                    raise ValueError(f"data.{key}={column!r} not in {split} split; {available}")
 
     def _label_ids(self, raw: DatasetDict) -> dict:
         """Set ``self.label_names`` and return the mapping from raw label values to class ids."""
@@ -321,23 +403,9 @@ class TextClassificationData(ResumableLoaders, lightning.LightningDataModule):
         self.label_names = names
         return label_ids
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        self.setup()
-        return self.loader(self.splits[split], batch_size, DataCollatorWithPadding(self.tokenizer), shuffle)
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled (seeded) training batches, padded to the longest sequence in each batch."""
-        return self._loader("train", self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches in dataset order, padded to the longest sequence in each batch."""
-        return self._loader("validation", self.eval_batch_size, shuffle=False)
-
-    def example_batch(self, split: str = "validation", size: int = 8) -> dict[str, torch.Tensor]:
-        """One collated batch of the first ``size`` examples of ``split`` (for calibration and plots)."""
-        self.setup()
-        ds = self.splits[split]
-        return DataCollatorWithPadding(self.tokenizer)([ds[i] for i in range(min(size, len(ds)))])
+    def collator(self, split: str) -> DataCollatorWithPadding:
+        """Batches padded to the longest sequence in each."""
+        return DataCollatorWithPadding(self.tokenizer)
 
     def example_texts(self, split: str = "validation", size: int = 8) -> list[str]:
         """Raw texts of the examples in :meth:`example_batch`; a pair is joined by the separator token."""

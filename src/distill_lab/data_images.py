@@ -11,12 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import lightning
 import torch
 from datasets import ClassLabel, DatasetDict, load_dataset
-from torch.utils.data import DataLoader
 
-from distill_lab.resume import ResumableLoaders
+from distill_lab.data import TrainValidationData
 
 
 def synthetic_stripes(num_train: int = 1000, num_validation: int = 200, size: int = 32, seed: int = 0) -> DatasetDict:
@@ -59,17 +57,16 @@ def image_folders(train_dir: str | Path, validation_dir: str | Path) -> DatasetD
     return DatasetDict(splits)
 
 
-class ImageFolderData(ResumableLoaders, lightning.LightningDataModule):
+class ImageFolderData(TrainValidationData):
     """Batches of ``pixel_values`` and ``labels``.
 
     Args:
-        dataset: A DatasetDict with ``train`` and ``validation`` splits (or a zero-argument callable returning
-            one), an image column and a ``ClassLabel`` label column, as :func:`image_folders` gives.
+        dataset: Train and validation splits with an image column and a ``ClassLabel`` label column, as
+            :func:`image_folders` gives (see :class:`~distill_lab.data.TrainValidationData` for it and for
+            ``batch_size``, ``eval_batch_size``, ``num_workers``, ``max_train_samples``, ``max_eval_samples``,
+            ``seed``).
         image_processor: The teacher's image processor; may be assigned before :meth:`setup`.
         image_column, label_column: Column names.
-        batch_size, eval_batch_size, num_workers: DataLoader settings.
-        max_train_samples, max_eval_samples: If set, a seeded random subset of this many images.
-        seed: Seed for subsampling and shuffling.
     """
 
     def __init__(
@@ -85,18 +82,11 @@ class ImageFolderData(ResumableLoaders, lightning.LightningDataModule):
         max_eval_samples: int | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        self.dataset = dataset
+        super().__init__(dataset, batch_size, eval_batch_size, num_workers, max_train_samples, max_eval_samples, seed)
         self.image_processor = image_processor
         self.image_column = image_column
         self.label_column = label_column
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.max_samples = {"train": max_train_samples, "validation": max_eval_samples}
-        self.seed = seed
         self.label_names: list[str] | None = None
-        self.splits: DatasetDict | None = None
 
     @property
     def num_labels(self) -> int:
@@ -110,15 +100,7 @@ class ImageFolderData(ResumableLoaders, lightning.LightningDataModule):
             return
         if self.image_processor is None:
             raise ValueError("ImageFolderData has no image processor: set its `image_processor` before setup()")
-        raw = self.dataset if isinstance(self.dataset, DatasetDict) else self.dataset()
-        for split in ("train", "validation"):
-            if split not in raw:
-                raise ValueError(f"dataset has no {split!r} split; available splits: {list(raw)}")
-            for key, column in (("image_column", self.image_column), ("label_column", self.label_column)):
-                if column not in raw[split].column_names:
-                    raise ValueError(
-                        f"data.{key}={column!r} not in {split} split; available columns: {raw[split].column_names}"
-                    )
+        raw = self.load_splits({"image_column": self.image_column, "label_column": self.label_column})
         names = {split: raw[split].features[self.label_column] for split in ("train", "validation")}
         if not all(isinstance(f, ClassLabel) for f in names.values()):
             raise ValueError(f"data.label_column={self.label_column!r} must hold class labels (an image folder's sub-folders)")
@@ -128,28 +110,12 @@ class ImageFolderData(ResumableLoaders, lightning.LightningDataModule):
                 f"{names['validation'].names}; give both folders the same class sub-folders"
             )
         self.label_names = list(names["train"].names)
-        splits = DatasetDict(train=raw["train"], validation=raw["validation"])
-        for split, limit in self.max_samples.items():
-            if limit is not None and limit < len(splits[split]):
-                splits[split] = splits[split].shuffle(seed=self.seed).select(range(limit))
-        self.splits = splits
+        self.splits = self.subsample(raw)  # images are processed lazily, batch by batch
+
+    def collator(self, split: str):
+        return self.collate
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         images = [row[self.image_column].convert("RGB") for row in rows]
         pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]
         return {"pixel_values": pixel_values, "labels": torch.tensor([row[self.label_column] for row in rows])}
-
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        self.setup()
-        return self.loader(self.splits[split], batch_size, self.collate, shuffle)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", self.eval_batch_size, shuffle=False)
-
-    def example_batch(self, split: str = "validation", size: int = 8) -> dict[str, torch.Tensor]:
-        self.setup()
-        ds = self.splits[split]
-        return self.collate([ds[i] for i in range(min(size, len(ds)))])

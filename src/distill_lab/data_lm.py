@@ -17,18 +17,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from itertools import chain
 
-import lightning
-import torch
 from datasets import DatasetDict
-from torch.utils.data import DataLoader
 from transformers import (
     DataCollatorForLanguageModeling,
     DataCollatorForTokenClassification,
     PreTrainedTokenizerBase,
 )
 
-from distill_lab.data import synthetic_relations
-from distill_lab.resume import ResumableLoaders
+from distill_lab.data import TrainValidationData, synthetic_relations
 
 
 def synthetic_text(num_train: int = 4000, num_validation: int = 500, seed: int = 0) -> DatasetDict:
@@ -37,12 +33,10 @@ def synthetic_text(num_train: int = 4000, num_validation: int = 500, seed: int =
     return DatasetDict({name: split.select_columns(["text"]) for name, split in splits.items()})
 
 
-class LanguageModelingData(ResumableLoaders, lightning.LightningDataModule):
+class LanguageModelingData(TrainValidationData):
     """Tokenized raw text, masked (``mlm=True``) or as next-token targets (``mlm=False``).
 
     Args:
-        dataset: A DatasetDict with ``train`` and ``validation`` splits, or a zero-argument callable returning
-            one (loaded lazily, once, in :meth:`setup`).
         tokenizer: The teacher's tokenizer (it needs a mask token for ``mlm=True`` and a padding token).
         mlm: Masked (True) or causal (False) language modelling.
         mlm_probability: Share of tokens masked for ``mlm=True``.
@@ -50,10 +44,8 @@ class LanguageModelingData(ResumableLoaders, lightning.LightningDataModule):
         max_length: Texts are truncated to this many tokens, or packed into blocks of this length.
         pack: Concatenate the tokenized texts and cut them into blocks of ``max_length`` (no padding); the
             last incomplete block is dropped.
-        batch_size, eval_batch_size, num_workers: DataLoader settings (``eval_batch_size`` defaults to
-            ``batch_size``).
-        max_train_samples, max_eval_samples: If set, a seeded random subset of this many texts.
-        seed: Seed for subsampling, shuffling and masking.
+        dataset, batch_size, eval_batch_size, num_workers, max_train_samples, max_eval_samples, seed: see
+            :class:`~distill_lab.data.TrainValidationData` (the seed also draws the masks).
     """
 
     def __init__(
@@ -72,24 +64,16 @@ class LanguageModelingData(ResumableLoaders, lightning.LightningDataModule):
         max_eval_samples: int | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        self.dataset = dataset
+        super().__init__(dataset, batch_size, eval_batch_size, num_workers, max_train_samples, max_eval_samples, seed)
         self.tokenizer = tokenizer
         self.mlm = mlm
         self.mlm_probability = mlm_probability
         self.text_column = text_column
         self.max_length = max_length
         self.pack = pack
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.max_samples = {"train": max_train_samples, "validation": max_eval_samples}
-        self.seed = seed
-        self.raw: DatasetDict | None = None
-        self.splits: DatasetDict | None = None
         self._train_collator: DataCollatorForLanguageModeling | None = None
 
-    def _check(self, raw: DatasetDict) -> None:
+    def _check_tokenizer(self) -> None:
         if self.tokenizer is None:
             raise ValueError("LanguageModelingData has no tokenizer: set its `tokenizer` before setup()")
         if self.mlm and self.tokenizer.mask_token is None:
@@ -99,26 +83,13 @@ class LanguageModelingData(ResumableLoaders, lightning.LightningDataModule):
             )
         if self.tokenizer.pad_token is None:
             raise ValueError("the tokenizer has no padding token: set tokenizer.pad_token (e.g. to its eos token)")
-        for split in ("train", "validation"):
-            if split not in raw:
-                raise ValueError(f"dataset has no {split!r} split; available splits: {list(raw)}")
-            if self.text_column not in raw[split].column_names:
-                raise ValueError(
-                    f"data.text_column={self.text_column!r} not in {split} split; available columns: "
-                    f"{raw[split].column_names}"
-                )
 
     def setup(self, stage: str | None = None) -> None:
         """Load, check, subsample, tokenize (and pack) the texts; mask the validation split once."""
         if self.splits is not None:
             return
-        raw = self.dataset if isinstance(self.dataset, DatasetDict) else self.dataset()
-        self._check(raw)
-        raw = DatasetDict(train=raw["train"], validation=raw["validation"])
-        for split, limit in self.max_samples.items():
-            if limit is not None and limit < len(raw[split]):
-                raw[split] = raw[split].shuffle(seed=self.seed).select(range(limit))
-        self.raw = raw
+        self._check_tokenizer()
+        self.raw = raw = self.subsample(self.load_splits({"text_column": self.text_column}))
         splits = DatasetDict(
             {
                 split: ds.map(self._tokenize, batched=True, remove_columns=ds.column_names)
@@ -177,19 +148,3 @@ class LanguageModelingData(ResumableLoaders, lightning.LightningDataModule):
                 self.tokenizer, mlm=self.mlm, mlm_probability=self.mlm_probability, seed=self.seed
             )
         return self._train_collator
-
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        self.setup()
-        return self.loader(self.splits[split], batch_size, self.collator(split), shuffle)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", self.eval_batch_size, shuffle=False)
-
-    def example_batch(self, split: str = "validation", size: int = 8) -> dict[str, torch.Tensor]:
-        """One collated batch of the first ``size`` examples of ``split`` (for calibration and plots)."""
-        self.setup()
-        ds = self.splits[split]
-        return self.collator(split)([ds[i] for i in range(min(size, len(ds)))])

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 import yaml
 from lightning.pytorch.trainer.states import TrainerFn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import RandomSampler
 
 log = logging.getLogger(__name__)
 
@@ -249,43 +249,3 @@ def set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
-
-class ResumableLoaders:
-    """What a data module needs to resume mid-epoch, shared by the text, raw-text and image data modules.
-
-    ``loader(dataset, batch_size, collate_fn, shuffle)`` builds a DataLoader whose shuffled order (per epoch,
-    from ``self.seed``) continues where a checkpoint stopped; ``state_dict``/``load_state_dict`` carry that
-    position through Lightning's checkpoints. The class expects ``seed``, ``batch_size``, ``num_workers`` and
-    ``trainer`` attributes (a ``LightningDataModule`` has the last).
-    """
-
-    _resume_at: tuple[int, int] | None = None  # (epoch, examples) from a checkpoint
-
-    def loader(self, dataset, batch_size: int, collate_fn, shuffle: bool) -> DataLoader:
-        sampler = None
-        if shuffle:  # a seeded order per epoch, which a run resumed mid-epoch continues
-            epoch, start = self._resume_at or (0, 0)
-            self._resume_at = None
-            sampler = ResumableRandomSampler(dataset, self.seed, epoch, start)
-        # worker seeds come from this generator, not from the global RNG: a resumed run starts loaders at other
-        # moments than an uninterrupted one, and must not shift the dropout masks drawn after them
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, generator=generator, collate_fn=collate_fn,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-        )
-
-    def state_dict(self) -> dict:
-        """Where training is in the shuffled order, which Lightning saves in every checkpoint:
-        ``{"train_position": [epoch, examples already trained in it]}`` (see ``training_position``)."""
-        position = training_position(self.trainer)
-        if position is None:
-            return {}
-        epoch, batches = position
-        return {"train_position": [epoch, batches * self.batch_size]}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Let the next train loader start where the checkpoint's run stopped (Lightning restores the data module
-        before it builds any loader)."""
-        if "train_position" in state_dict:
-            self._resume_at = tuple(state_dict["train_position"])
