@@ -313,7 +313,12 @@ def kd_loss(
     valid = labels != -100
     count = valid.sum().clamp_min(1).to(dtype)
     ce = F.cross_entropy(s, labels, ignore_index=-100, reduction="sum") / count
-    kl_term = _soft_kl(s[valid], t[valid], temperature).sum() / count  # ignored positions take no part at all
+    # ignored positions take no part: their teacher logits are replaced before the softmax (a NaN there must not
+    # reach the gradients) and their KL is dropped; masks rather than boolean indexing, which would make the
+    # host wait for the device at every step
+    t = torch.where(valid[:, None], t, torch.zeros_like(t))
+    kl = _soft_kl(s, t, temperature)
+    kl_term = torch.where(valid, kl, torch.zeros_like(kl)).sum() / count
     return alpha * ce + (1.0 - alpha) * soft * kl_term
 
 
