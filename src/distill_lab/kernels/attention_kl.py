@@ -51,6 +51,19 @@ if triton is not None:
         return ok
 
     @triton.jit
+    def _query_tiles(QS, QT, b, hs, ht, offs_m, offs_ds, offs_dt, row, sqs_b, sqs_h, sqs_l, sqt_b, sqt_h, sqt_l, DS, DT):
+        """The student's and the teacher's query rows of this program's block (zero beyond L and d)."""
+        qs = tl.load(
+            QS + b * sqs_b + hs * sqs_h + offs_m[:, None] * sqs_l + offs_ds[None, :],
+            mask=row[:, None] & (offs_ds[None, :] < DS), other=0.0,
+        )
+        qt = tl.load(
+            QT + b * sqt_b + ht * sqt_h + offs_m[:, None] * sqt_l + offs_dt[None, :],
+            mask=row[:, None] & (offs_dt[None, :] < DT), other=0.0,
+        )
+        return qs, qt
+
+    @triton.jit
     def _kl_fwd(
         QS, KS, QT, KT, SH, TH, VALID, KL, LSE_S, LSE_T,
         sqs_b, sqs_h, sqs_l, sks_b, sks_h, sks_l, sqt_b, sqt_h, sqt_l, skt_b, skt_h, skt_l, sv_b,
@@ -68,13 +81,8 @@ if triton is not None:
         offs_ds = tl.arange(0, BLOCK_DS)
         offs_dt = tl.arange(0, BLOCK_DT)
         row = offs_m < LQ
-        qs = tl.load(
-            QS + b * sqs_b + hs * sqs_h + offs_m[:, None] * sqs_l + offs_ds[None, :],
-            mask=row[:, None] & (offs_ds[None, :] < DS), other=0.0,
-        )
-        qt = tl.load(
-            QT + b * sqt_b + ht * sqt_h + offs_m[:, None] * sqt_l + offs_dt[None, :],
-            mask=row[:, None] & (offs_dt[None, :] < DT), other=0.0,
+        qs, qt = _query_tiles(
+            QS, QT, b, hs, ht, offs_m, offs_ds, offs_dt, row, sqs_b, sqs_h, sqs_l, sqt_b, sqt_h, sqt_l, DS, DT
         )
         ks_base = KS + b * sks_b + (hs // GS) * sks_h
         kt_base = KT + b * skt_b + (ht // GT) * skt_h
@@ -127,13 +135,8 @@ if triton is not None:
         offs_ds = tl.arange(0, BLOCK_DS)
         offs_dt = tl.arange(0, BLOCK_DT)
         row = offs_m < LQ
-        qs = tl.load(
-            QS + b * sqs_b + hs * sqs_h + offs_m[:, None] * sqs_l + offs_ds[None, :],
-            mask=row[:, None] & (offs_ds[None, :] < DS), other=0.0,
-        )
-        qt = tl.load(
-            QT + b * sqt_b + ht * sqt_h + offs_m[:, None] * sqt_l + offs_dt[None, :],
-            mask=row[:, None] & (offs_dt[None, :] < DT), other=0.0,
+        qs, qt = _query_tiles(
+            QS, QT, b, hs, ht, offs_m, offs_ds, offs_dt, row, sqs_b, sqs_h, sqs_l, sqt_b, sqt_h, sqt_l, DS, DT
         )
         rows = pid_bp * LQ + offs_m
         lse_s = tl.load(LSE_S + rows, mask=row, other=0.0)
