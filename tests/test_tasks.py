@@ -171,6 +171,15 @@ def test_lm_data_errors():
     tokenizer.mask_token = None
     with pytest.raises(ValueError, match="task=masked_lm needs a tokenizer with a mask token"):
         LanguageModelingData(texts, tokenizer, text_column="body").setup()
+    tokenizer = build_word_tokenizer()
+    tokenizer.pad_token = None
+    with pytest.raises(ValueError, match="the tokenizer has no padding token"):
+        LanguageModelingData(texts, tokenizer, mlm=False, text_column="body").setup()
+    data = LanguageModelingData(texts, build_word_tokenizer(), text_column="body")
+    data.setup()
+    small = AutoModelForMaskedLM.from_config(make_tiny_config("bert", vocab_size=10))
+    with pytest.raises(ValueError, match=r"the tokenizer has \d+ tokens but the teacher's vocabulary only 10"):
+        get_task("masked_lm").check(small, data)
 
 
 def test_image_folder_data(tmp_path):
