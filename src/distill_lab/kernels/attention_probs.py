@@ -86,7 +86,7 @@ if triton is not None:
 
     @triton.jit
     def _row_coefficients(STATS, G, rows, row, LOSS: tl.constexpr):
-        """Per row: ``c_s, c_t, c_0`` of ``dL/ds = p_s (c_s p_s + c_t p_t + c_0)``, times the row's gradient."""
+        """Per row: ``c_s, c_t, c_0`` of ``dL/ds = p_s (c_s p_s + c_t p_t + c_0)``, times its gradient."""
         g = tl.load(G + rows, mask=row, other=0.0)
         x = tl.load(STATS + 3 * rows, mask=row, other=0.0)
         y = tl.load(STATS + 3 * rows + 1, mask=row, other=0.0)
