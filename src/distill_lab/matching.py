@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from distill_lab.capture import AttentionCapture, QueryKey, attention_modules
-from distill_lab.losses import AttentionLoss
+from distill_lab.losses import AttentionLoss, key_padding, mse_scores_gram_terms
 
 LayerRef = int | str
 LayerPair = tuple[int, int]
@@ -486,6 +486,9 @@ class AttentionDistillationLoss(nn.Module):
             records: ``None`` uses it wherever it applies (CUDA, triton installed, ``loss=kl``, a mode that
             pairs single heads, no sliding window or soft-capping), ``True`` insists (an error where it does
             not apply), ``False`` never uses it.
+        gram: the exact Gram-matrix path of ``loss=mse_scores`` (``mse_scores_gram_terms``: O(L D^2), no L x L
+            work) for ``QueryKey`` records of bidirectional layers (no causal mask, sliding window or soft-capping;
+            a key-padding mask at most): ``None`` uses it wherever it applies, ``True`` insists, ``False`` never.
 
     ``forward(student_attentions, teacher_attentions, attention_mask)`` takes per-layer maps (a mapping from
     layer index, as ``AttentionCapture`` returns, or a sequence indexed by layer, as ``outputs.attentions``),
@@ -501,12 +504,14 @@ class AttentionDistillationLoss(nn.Module):
         layer_weights: Sequence[float] | None = None,
         block_size: int = 256,
         fused: bool | None = None,
+        gram: bool | None = None,
     ) -> None:
         super().__init__()
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.block_size = block_size
         self.fused = fused
+        self.gram = gram
         self.loss = AttentionLoss(loss) if isinstance(loss, str) else loss
         self.matching = get_matching(matching) if isinstance(matching, str) else matching
         self.layer_map = [(int(t), int(s)) for t, s in layer_map]
@@ -608,6 +613,31 @@ class AttentionDistillationLoss(nn.Module):
         values = rows * weights * temperature**2
         return values.sum(dim=(0, 2)), weights.sum(dim=(0, 2))
 
+    def _gram_keys(self, student, teacher) -> list[Tensor] | None:
+        """Both sides' keys, zeroed where their masks hide them (a zero key scores 0, as mse_scores counts masked
+        entries), for the Gram-matrix path; None where it does not apply (``gram=True``: an error)."""
+        if self.gram is False:
+            return None
+        reasons, keys = [], None
+        if not (isinstance(self.loss, AttentionLoss) and self.loss.on_scores):
+            reasons.append("only loss=mse_scores has a Gram-matrix form")
+        elif not (isinstance(student, QueryKey) and isinstance(teacher, QueryKey)):
+            reasons.append("both sides must be QueryKey records (capture=qk)")
+        elif any(r.causal or r.sliding_window or r.softcap for r in (student, teacher)):
+            reasons.append("causal, sliding-window or soft-capped scores are not a plain product of queries and keys")
+        else:
+            records = (student, teacher)
+            allowed = [None if r.mask is None else key_padding(r.mask, r.shape[3]) for r in records]
+            if any(a is None and r.mask is not None for a, r in zip(allowed, records, strict=True)):
+                reasons.append("the mask is more than key padding (it varies over queries or heads, or adds a bias)")
+            else:
+                keys = [
+                    r.key if a is None else r.key * a[:, None, :, None] for a, r in zip(allowed, records, strict=True)
+                ]
+        if reasons and self.gram:
+            raise ValueError(f"gram=True, but the Gram-matrix path of mse_scores does not apply: {'; '.join(reasons)}")
+        return None if reasons else keys
+
     def _blockwise(self, student, teacher, attention_mask, pair):
         """A layer pair's loss from ``QueryKey`` records, one block of query rows at a time."""
         if not hasattr(self.loss, "row_terms"):  # a custom loss callable sees whole maps
@@ -619,16 +649,26 @@ class AttentionDistillationLoss(nn.Module):
                 return values.sum() / weights.sum().clamp_min(1.0), None
             per = values / weights.clamp_min(1.0)
             return per.mean(), {s: per[j] for j, (_, s) in enumerate(fused_heads)}
-        q_len = student.shape[2]
-        values = weights = 0.0
-        for start in range(0, q_len, self.block_size):
-            rows = slice(start, min(start + self.block_size, q_len))
-            if torch.is_grad_enabled() and q_len > self.block_size:  # keep only the block's inputs, recompute
-                v, w = checkpoint(self._block, student, teacher, attention_mask, pair, rows, use_reentrant=False)
-            else:
-                v, w = self._block(student, teacher, attention_mask, pair, rows)
-            values, weights = values + v, weights + w
-        _, _, heads = self.matching.align(_probs(student, slice(0, 0)), _probs(teacher, slice(0, 0)), pair)
+        gram_keys = self._gram_keys(student, teacher)
+        if gram_keys is not None:
+            # every mode selects or averages heads, a linear map: aligning one-hot "maps" gives its head weights
+            eyes = [torch.eye(r.shape[1], dtype=torch.float64)[None, :, None] for r in (student, teacher)]
+            s_w, t_w, heads = self.matching.align(*eyes, pair)  # (1, P, 1, H) each
+            values, weights = mse_scores_gram_terms(
+                student.query, gram_keys[0], teacher.query, gram_keys[1], attention_mask,
+                student_scaling=student.scaling, teacher_scaling=teacher.scaling, heads=(t_w[0, :, 0], s_w[0, :, 0]),
+            )  # fmt: skip
+        else:
+            q_len = student.shape[2]
+            values = weights = 0.0
+            for start in range(0, q_len, self.block_size):
+                rows = slice(start, min(start + self.block_size, q_len))
+                if torch.is_grad_enabled() and q_len > self.block_size:  # keep only the block's inputs, recompute
+                    v, w = checkpoint(self._block, student, teacher, attention_mask, pair, rows, use_reentrant=False)
+                else:
+                    v, w = self._block(student, teacher, attention_mask, pair, rows)
+                values, weights = values + v, weights + w
+            _, _, heads = self.matching.align(_probs(student, slice(0, 0)), _probs(teacher, slice(0, 0)), pair)
         if heads is None:
             return values.sum() / weights.sum().clamp_min(1.0), None
         per = values / weights.clamp_min(1.0)
