@@ -129,7 +129,7 @@ def test_gram_path_equals_reference_and_blockwise(gram_calls, mode, case, teache
     want, want_details = _reference(student, teacher, attention_mask, _entries(mode, teacher_heads))
     want_grads = torch.autograd.grad(want, [student.query, student.key])
 
-    value, details, grads = _component_run(student, teacher, attention_mask, mode, gram=None)
+    value, details, grads = _component_run(student, teacher, attention_mask, mode, gram=True)
     assert gram_calls == [1]
     torch.testing.assert_close(value, want)
     for head, head_value in want_details.items():
@@ -210,6 +210,24 @@ def test_identical_scores_give_zero(mode):
         torch.testing.assert_close(grad.double(), want_grad, atol=1e-6, rtol=0.0)
 
 
+@pytest.mark.parametrize(
+    ("mode", "case", "takes_gram"),
+    [
+        ("layerwise", "padded", True),  # compared width 6 + 8: L = 17 is past half of it
+        ("layerwise", "unmasked", False),  # L = 5 is not
+        ("global", "padded", False),  # averaged heads, width 4 x 6 + 8 x 8 = 88: not at L = 17
+    ],
+)
+def test_automatic_choice_takes_the_gram_path_where_the_sequence_outgrows_the_compared_width(
+    gram_calls, mode, case, takes_gram
+):
+    student, teacher, attention_mask = _records(case, 8)
+    value, _, _ = _component_run(student, teacher, attention_mask, mode, gram=None)
+    assert gram_calls == ([1] if takes_gram else [])
+    chunked, _, _ = _component_run(student, teacher, attention_mask, mode, gram=False)
+    torch.testing.assert_close(value, chunked)
+
+
 def _causal_pair(gen):
     query = torch.randn(2, 4, 7, 8, generator=gen, dtype=F64, requires_grad=True)
     key = torch.randn(2, 4, 7, 8, generator=gen, dtype=F64, requires_grad=True)
@@ -269,7 +287,7 @@ def test_gram_path_on_a_tiny_bert(tiny_model_factory, gram_calls, mode):
     student = tiny_model_factory("bert", num_hidden_layers=2, hidden_size=24, seed=2).train()
     inputs = make_tiny_inputs("bert", teacher.config, batch_size=3, seq_len=13, num_padded=5)
     results = {}
-    for gram in (None, False):
+    for gram in (True, False):
         component = AttentionDistillationLoss("mse_scores", MODES[mode](), [(1, 0), (3, 1)], block_size=4, gram=gram)
         student.zero_grad(set_to_none=True)
         with AttentionCapture(teacher, [1, 3], "qk") as tc, AttentionCapture(student, [0, 1], "qk") as sc:
@@ -281,9 +299,9 @@ def test_gram_path_on_a_tiny_bert(tiny_model_factory, gram_calls, mode):
             value.backward()
         grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
         results[gram] = value.detach(), details, grads
-    assert len(gram_calls) == 2  # one per layer pair, from the gram=None run
+    assert len(gram_calls) == 2  # one per layer pair, from the gram=True run
     assert all(p.grad is None for p in teacher.parameters())
-    (value, details, grads), (chunked, chunked_details, chunked_grads) = results[None], results[False]
+    (value, details, grads), (chunked, chunked_details, chunked_grads) = results[True], results[False]
     assert value > 0 and grads
     torch.testing.assert_close(value, chunked, rtol=1e-5, atol=0.0)
     assert details.keys() == chunked_details.keys()

@@ -654,6 +654,12 @@ class AttentionDistillationLoss(nn.Module):
             # every mode selects or averages heads, a linear map: aligning one-hot "maps" gives its head weights
             eyes = [torch.eye(r.shape[1], dtype=torch.float64)[None, :, None] for r in (student, teacher)]
             s_w, t_w, heads = self.matching.align(*eyes, pair)  # (1, P, 1, H) each
+            # automatic choice: the Gram path costs O(L W^2) per entry against the block-wise O(L^2 W), W the
+            # compared width (head size, times the heads an entry averages); below L ~ W/2 it does not pay
+            width = sum(int((w != 0).sum(-1).max()) * r.query.shape[-1] for w, r in ((s_w, student), (t_w, teacher)))
+            if self.gram is None and student.shape[3] < width / 2:
+                gram_keys = None
+        if gram_keys is not None:
             values, weights = mse_scores_gram_terms(
                 student.query, gram_keys[0], teacher.query, gram_keys[1], attention_mask,
                 student_scaling=student.scaling, teacher_scaling=teacher.scaling, heads=(t_w[0, :, 0], s_w[0, :, 0]),
