@@ -120,38 +120,44 @@ def test_bf16_inputs_accumulate_in_float32():
     assert dq.dtype == torch.bfloat16 and torch.isfinite(dq).all() and torch.isfinite(dk).all()
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("loss", ["kl", "mse", "cosine"])
 @pytest.mark.parametrize("matching", ["layerwise", "headwise", "selective"])
-def test_fused_component_equals_the_block_path(matching):
-    """AttentionDistillationLoss with fused=True gives the block-wise PyTorch path's value, details, grads."""
+def test_fused_component_equals_the_block_path(matching, loss, causal):
+    """AttentionDistillationLoss with fused=True (this kernel for KL, ``attention_probs`` for MSE and cosine)
+    gives the block-wise PyTorch path's value, per-head details and gradients."""
+    from distill_lab.losses import AttentionLoss
     from distill_lab.matching import Selective
 
     qs, ks, qt, kt, key_valid = _inputs(21, d_t=8)
     records = {}
     for fused in (True, False):
         q, k = qs.detach().clone().requires_grad_(), ks.detach().clone().requires_grad_()
-        student = QueryKey(q, k, 8**-0.5, causal=True)
-        teacher = QueryKey(qt, kt, 8**-0.5, causal=True)
+        # the mask the model builds: key padding (and causal structure), which the block-wise path applies
+        mask = key_valid.bool()[:, None, None, :].expand(-1, 1, 21, -1)
+        if causal:
+            mask = mask & torch.ones(21, 21, dtype=torch.bool, device=DEVICE).tril()
+        student = QueryKey(q, k, 8**-0.5, mask, causal=causal)
+        teacher = QueryKey(qt, kt, 8**-0.5, mask, causal=causal)
         mode = {
             "layerwise": "layerwise",
             "headwise": Headwise([[2, 0], [0, 1], [3, 3]]),
             "selective": Selective(heads=[[1, 2], [3, 0]]),
         }[matching]
-        component = AttentionDistillationLoss(AttentionLossKL(), mode, [(0, 0)], block_size=8, fused=fused)
+        attention_loss = AttentionLoss("kl", temperature=2.0) if loss == "kl" else AttentionLoss(loss)  # as configured
+        component = AttentionDistillationLoss(attention_loss, mode, [(0, 0)], block_size=8, fused=fused)
         component.check(4, 4)
         value, details = component({0: student}, {0: teacher}, key_valid)
         value.backward()
         records[fused] = (value.detach(), details, q.grad, k.grad)
     fused, plain = records[True], records[False]
+    assert fused[0] > 0
     torch.testing.assert_close(fused[0], plain[0], atol=1e-6, rtol=1e-5)
     assert fused[1].keys() == plain[1].keys()
+    for key in fused[1]:
+        torch.testing.assert_close(fused[1][key], plain[1][key], atol=1e-6, rtol=1e-5)
     for a, b in zip(fused[2:], plain[2:], strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
-
-
-def AttentionLossKL():  # noqa: N802 - a KL loss at T = 2, as the configs build it
-    from distill_lab.losses import AttentionLoss
-
-    return AttentionLoss("kl", temperature=2.0)
 
 
 def test_fused_true_where_it_cannot_apply_is_a_clear_error():
@@ -159,6 +165,6 @@ def test_fused_true_where_it_cannot_apply_is_a_clear_error():
     component = AttentionDistillationLoss("kl", "layerwise", [(0, 0)], fused=True)  # 8 -> 4 heads: averaged
     with pytest.raises(ValueError, match="averages heads"):
         component({0: QueryKey(qs, ks, 0.3)}, {0: QueryKey(qt, kt, 0.3)}, key_valid)
-    component = AttentionDistillationLoss("mse", "layerwise", [(0, 0)], fused=True)
-    with pytest.raises(ValueError, match="only loss=kl"):
+    component = AttentionDistillationLoss("mse_scores", "layerwise", [(0, 0)], fused=True)
+    with pytest.raises(ValueError, match="only loss=kl, mse and cosine"):
         component({0: QueryKey(qs, ks, 0.3)}, {0: QueryKey(qs.detach(), ks.detach(), 0.3)}, key_valid)

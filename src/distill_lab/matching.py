@@ -482,10 +482,10 @@ class AttentionDistillationLoss(nn.Module):
         block_size: query rows per block when the attentions are ``QueryKey`` records (the ``qk`` capture):
             each block's probabilities are computed, compared and dropped, and recomputed in the backward
             (activation checkpointing), so memory grows with ``block_size x L``, not ``L x L``.
-        fused: the Triton attention-KL kernel (``distill_lab.kernels.attention_kl``) for ``QueryKey``
-            records: ``None`` uses it wherever it applies (CUDA, triton installed, ``loss=kl``, a mode that
-            pairs single heads, no sliding window or soft-capping), ``True`` insists (an error where it does
-            not apply), ``False`` never uses it.
+        fused: the Triton kernels for ``QueryKey`` records (``distill_lab.kernels.attention_kl`` for
+            ``loss=kl``, ``attention_probs`` for ``mse`` and ``cosine``): ``None`` uses them wherever they apply
+            (CUDA, triton installed, a mode that pairs single heads, no sliding window or soft-capping), ``True``
+            insists (an error where they do not apply), ``False`` never uses them.
         gram: the exact Gram-matrix path of ``loss=mse_scores`` (``mse_scores_gram_terms``: O(L D^2), no L x L
             work) for ``QueryKey`` records of bidirectional layers (no causal mask, sliding window or soft-capping;
             a key-padding mask at most): ``None`` uses it wherever it applies, ``True`` insists, ``False`` never.
@@ -568,8 +568,8 @@ class AttentionDistillationLoss(nn.Module):
         if self.fused is False:
             return None
         reasons = []
-        if not (isinstance(self.loss, AttentionLoss) and self.loss.name == "kl"):
-            reasons.append("only loss=kl has a fused kernel")
+        if not (isinstance(self.loss, AttentionLoss) and self.loss.name in ("kl", "mse", "cosine")):
+            reasons.append("only loss=kl, mse and cosine have fused kernels")
         if not (isinstance(student, QueryKey) and isinstance(teacher, QueryKey)):
             reasons.append("both sides must be QueryKey records (capture=qk)")
         elif not (student.query.is_cuda or (self.fused and os.environ.get("TRITON_INTERPRET") == "1")):
@@ -581,36 +581,46 @@ class AttentionDistillationLoss(nn.Module):
         elif student.causal != teacher.causal:
             reasons.append("teacher and student differ in causality")
         if not reasons:
-            from distill_lab.kernels import attention_kl as kernel  # imported only where it can run
+            from distill_lab.kernels.attention_kl import triton  # imported only where it can run
 
-            if kernel.triton is None:
+            if triton is None:
                 reasons.append("triton is not installed")
         heads = None if reasons else self.matching.head_pairs(teacher.shape[1], student.shape[1], pair)
         if heads is None and not reasons:
             reasons.append(f"matching={type(self.matching).__name__.lower()} averages heads here")
         if reasons and self.fused:
-            raise ValueError(f"fused=True, but the fused attention-KL kernel does not apply: {'; '.join(reasons)}")
+            raise ValueError(f"fused=True, but the fused attention kernel does not apply: {'; '.join(reasons)}")
         return None if reasons else heads
 
     def _fused_pair(self, student: QueryKey, teacher: QueryKey, attention_mask, heads) -> tuple[Tensor, Tensor]:
-        """Loss sums and weights per head pair, (P,) each, from the fused kernel."""
+        """Loss sums and weights per head pair, (P,) each, from the fused kernel of the loss, weighted as
+        ``losses._row_terms`` weights rows."""
         from distill_lab.kernels.attention_kl import attention_kl_rows
+        from distill_lab.kernels.attention_probs import attention_probs_rows
 
         batch, _, q_len, k_len = student.shape
         device = student.query.device
         keys = (attention_mask if attention_mask is not None else torch.ones(batch, k_len, device=device)).to(
             device=device, dtype=torch.int32
-        )
-        temperature = self.loss.options.get("temperature", 1.0)
-        rows = attention_kl_rows(
+        ).contiguous()
+        inputs = (
             student.query, student.key, teacher.query, teacher.key,
             torch.tensor([s for _, s in heads], dtype=torch.int32, device=device),
             torch.tensor([t for t, _ in heads], dtype=torch.int32, device=device),
-            keys.contiguous(), student.scaling, teacher.scaling, temperature, student.causal,
+            keys, student.scaling, teacher.scaling,
         )  # fmt: skip
         valid = (keys[:, k_len - q_len :] > 0) & (keys.sum(-1, keepdim=True) > 0)  # (B, Lq) query rows
-        weights = valid[:, None, :].to(rows.dtype).expand_as(rows)
-        values = rows * weights * temperature**2
+        weights = valid[:, None, :].float()
+        name = self.loss.name
+        if name == "kl":
+            temperature = self.loss.options.get("temperature", 1.0)
+            rows = attention_kl_rows(*inputs, temperature, student.causal) * temperature**2
+        else:
+            rows = attention_probs_rows(name, *inputs, student.causal)
+        values = rows * weights
+        if name == "mse":  # a row's squared errors are averaged over the example's real keys
+            weights = weights * keys.sum(-1)[:, None, None]
+        weights = weights.expand_as(rows)
         return values.sum(dim=(0, 2)), weights.sum(dim=(0, 2))
 
     def _gram_keys(self, student, teacher) -> list[Tensor] | None:
