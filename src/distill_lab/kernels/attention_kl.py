@@ -221,6 +221,20 @@ def _block(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(n)))
 
 
+def _to_heads(dq: Tensor, dk: Tensor, qs: Tensor, ks: Tensor, s_heads: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-pair gradients (B, P, L, D) back to the student's query heads and key heads, float32.
+
+    Pairs name distinct student heads: scatter them back, then sum each key head's query-head group (GQA)."""
+    batch, heads_s, q_len, d_s = qs.shape
+    heads_kv, k_len = ks.shape[1], ks.shape[2]
+    dq_heads = qs.new_zeros(batch, heads_s, q_len, d_s, dtype=torch.float32)
+    dk_heads = qs.new_zeros(batch, heads_s, k_len, d_s, dtype=torch.float32)
+    index = s_heads.long()
+    dq_heads[:, index] = dq
+    dk_heads[:, index] = dk
+    return dq_heads, dk_heads.view(batch, heads_kv, heads_s // heads_kv, k_len, d_s).sum(2)
+
+
 class _AttentionKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qs, ks, qt, kt, s_heads, t_heads, key_valid, scale_s, scale_t, causal):
@@ -241,8 +255,8 @@ class _AttentionKL(torch.autograd.Function):
     def backward(ctx, grad):
         qs, ks, qt, kt, s_heads, t_heads, key_valid, lse_s, lse_t = ctx.saved_tensors
         meta = ctx.meta
-        batch, heads_s, q_len, d_s = qs.shape
-        heads_kv, k_len = ks.shape[1], ks.shape[2]
+        batch, _, q_len, d_s = qs.shape
+        k_len = ks.shape[2]
         pairs = s_heads.numel()
         grad = grad.float().contiguous()
         dq = torch.empty(batch, pairs, q_len, d_s, device=qs.device, dtype=torch.float32)
@@ -250,13 +264,7 @@ class _AttentionKL(torch.autograd.Function):
         common = (qs, ks, qt, kt, s_heads, t_heads, key_valid, lse_s, lse_t, grad)
         _kl_bwd_dq[(triton.cdiv(q_len, meta["BLOCK_M"]), batch * pairs)](*common, dq, *meta["args"], **meta["const"])
         _kl_bwd_dk[(triton.cdiv(k_len, meta["BLOCK_N"]), batch * pairs)](*common, dk, *meta["args"], **meta["const"])
-        # pairs name distinct student heads: scatter them back, then sum each key head's query-head group
-        dq_heads = qs.new_zeros(batch, heads_s, q_len, d_s, dtype=torch.float32)
-        dk_heads = qs.new_zeros(batch, heads_s, k_len, d_s, dtype=torch.float32)
-        index = s_heads.long()
-        dq_heads[:, index] = dq
-        dk_heads[:, index] = dk
-        dk_heads = dk_heads.view(batch, heads_kv, heads_s // heads_kv, k_len, d_s).sum(2)
+        dq_heads, dk_heads = _to_heads(dq, dk, qs, ks, s_heads)
         return dq_heads.to(qs.dtype), dk_heads.to(ks.dtype), None, None, None, None, None, None, None, None
 
 

@@ -35,7 +35,7 @@ import os
 import torch
 from torch import Tensor
 
-from distill_lab.kernels.attention_kl import _NEG, _meta, triton
+from distill_lab.kernels.attention_kl import _NEG, _meta, _to_heads, triton
 
 LOSSES = ("mse", "cosine")
 
@@ -280,8 +280,8 @@ class _AttentionProbs(torch.autograd.Function):
     def backward(ctx, grad):
         qs, ks, qt, kt, s_heads, t_heads, key_valid, lse_s, lse_t, stats = ctx.saved_tensors
         meta, const = ctx.meta, ctx.const
-        batch, heads_s, q_len, d_s = qs.shape
-        heads_kv, k_len = ks.shape[1], ks.shape[2]
+        batch, _, q_len, d_s = qs.shape
+        k_len = ks.shape[2]
         pairs = s_heads.numel()
         grad = grad.float().contiguous()
         dq = torch.empty(batch, pairs, q_len, d_s, device=qs.device, dtype=torch.float32)
@@ -290,13 +290,7 @@ class _AttentionProbs(torch.autograd.Function):
         query_blocks, key_blocks = triton.cdiv(q_len, meta["BLOCK_M"]), triton.cdiv(k_len, meta["BLOCK_N"])
         _probs_bwd_dq[(query_blocks, batch * pairs)](*common, dq, *meta["args"], **const)
         _probs_bwd_dk[(key_blocks, batch * pairs)](*common, dk, *meta["args"], **const)
-        # pairs name distinct student heads: scatter them back, then sum each key head's query-head group
-        dq_heads = qs.new_zeros(batch, heads_s, q_len, d_s, dtype=torch.float32)
-        dk_heads = qs.new_zeros(batch, heads_s, k_len, d_s, dtype=torch.float32)
-        index = s_heads.long()
-        dq_heads[:, index] = dq
-        dk_heads[:, index] = dk
-        dk_heads = dk_heads.view(batch, heads_kv, heads_s // heads_kv, k_len, d_s).sum(2)
+        dq_heads, dk_heads = _to_heads(dq, dk, qs, ks, s_heads)
         return (None, dq_heads.to(qs.dtype), dk_heads.to(ks.dtype)) + (None,) * 8
 
 
