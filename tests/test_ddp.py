@@ -22,8 +22,10 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -111,10 +113,21 @@ class CPUFSDPStrategy(FSDPStrategy):
     """
 
     def _setup_model(self, model):
+        if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):  # wrapped by an earlier fit
+            return super()._setup_model(model)
         return FullyShardedDataParallel(
             module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
             sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs,
         )  # fmt: skip
+
+    def lightning_module_state_dict(self):
+        """Whole tensors on rank 0, as Lightning's, but without ``offload_to_cpu``: torch's FSDP copies an
+        unsharded CPU parameter "to the CPU" by aliasing storage it then frees, and the clone crashes."""
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+
+        config = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
+        with FullyShardedDataParallel.state_dict_type(self.model, StateDictType.FULL_STATE_DICT, config):
+            return self.model.state_dict()
 
 
 def fixed_examples() -> list[dict]:
@@ -303,23 +316,37 @@ def test_ddp_with_gradient_accumulation_trains_like_one_process(models, tmp_path
     assert_same_training(one, run_ranks({**accumulated, "trainer": "ddp"}, tmp_path / "ddp"), accumulate=2)
 
 
-@pytest.mark.slow
-def test_train_py_with_trainer_ddp_writes_the_run_outputs_once(tmp_path):
-    """``python train.py trainer=ddp``: Lightning starts rank 1 in the same run directory; the data is split
-    between the two processes and rank 0 alone writes config.yaml, results.json and the exported student."""
+def train_py_command(tmp_path: Path, *overrides: str) -> tuple[list[str], dict, Path]:
+    """``python train.py`` on a tiny text task (two processes with trainer=ddp or fsdp): command, environment
+    and run directory."""
     task = make_text_task(tmp_path / "task")
     out = tmp_path / "run"
     command = [
-        sys.executable, "train.py", *task["overrides"], "student.num_layers=2", "trainer=ddp", "debug=fast",
+        sys.executable, "train.py", *task["overrides"], "student.num_layers=2", "debug=fast",
         "data.max_train_samples=32", "logger=csv", "fused_kernel=false", f"hydra.run.dir='{out}'",
-        f"paths.cache_dir='{tmp_path / 'cache'}'",
+        f"paths.cache_dir='{tmp_path / 'cache'}'", *overrides,
     ]  # fmt: skip
     env = {
         **os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
         "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets"), "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
     }  # fmt: skip
+    return command, env, out
+
+
+def run_train_py(tmp_path: Path, *overrides: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """Runs ``train_py_command`` to the end; returns the run directory and the result."""
+    command, env, out = train_py_command(tmp_path, *overrides)
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return out, result
+
+
+@pytest.mark.slow
+def test_train_py_with_trainer_ddp_writes_the_run_outputs_once(tmp_path):
+    """``python train.py trainer=ddp``: Lightning starts rank 1 in the same run directory; the data is split
+    between the two processes and rank 0 alone writes config.yaml, results.json and the exported student."""
+    out, result = run_train_py(tmp_path, "trainer=ddp")
 
     assert (out / "train_ddp_process_1.log").is_file()  # rank 1 ran, in rank 0's run directory
     assert result.stdout.count("distillation result") == 1  # the summary printed after results.json: once
@@ -332,6 +359,33 @@ def test_train_py_with_trainer_ddp_writes_the_run_outputs_once(tmp_path):
     last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 2
     assert str(out / "checkpoints" / "best.ckpt") == results["best_checkpoint"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_one_ddp_process_saves_and_stops_without_waiting_for_the_other(tmp_path):
+    """SIGINT to rank 0 alone, while rank 1 goes on into the next gradient all-reduce: rank 0 writes
+    ``interrupted.ckpt`` without a barrier (every DDP process holds the whole model) and the run ends."""
+    command, env, out = train_py_command(
+        tmp_path, "trainer=ddp", "trainer.max_epochs=500", "trainer.limit_train_batches=null",
+        "callbacks.attention_maps=null", "callbacks.last_checkpoint.every_n_train_steps=2",
+    )  # fmt: skip
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = out / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)  # rank 0 only: Lightning started rank 1 as a child process
+    try:
+        stdout, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("the interrupted DDP run hung")
+    assert process.returncode != 0 and "KeyboardInterrupt" in stdout + stderr, stderr[-3000:]
+    state = torch.load(out / "checkpoints" / "interrupted.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] >= 2 and not any(k.startswith("teacher.") for k in state["state_dict"])
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
 
 
 # ---------------------------------------------------------------------------------------------- trainer=fsdp
@@ -394,3 +448,39 @@ def test_fsdp_on_two_cpu_processes_trains_like_one_process(models, tmp_path, pre
 if __name__ == "__main__":
     torch.set_num_threads(1)
     fit(json.loads(Path(sys.argv[1]).read_text()))
+
+
+@pytest.mark.slow
+def test_train_py_with_trainer_fsdp_evaluates_and_exports_the_whole_student(tmp_path):
+    """``python train.py trainer=fsdp`` end to end on two CPU processes (``CPUFSDPStrategy``), with selective
+    matching, whose calibration needs whole parameters: every part that touches the sharded models runs on all
+    processes, and the checkpoint and the exported student hold whole tensors."""
+    fsdp = [
+        "trainer=fsdp", f"trainer.strategy._target_={__name__}.CPUFSDPStrategy", "trainer.accelerator=cpu",
+        "trainer.devices=2", "trainer.precision=32-true", "matching=selective", "matching.top_k=2",
+    ]  # fmt: skip
+    out, result = run_train_py(tmp_path, *fsdp)
+
+    assert result.stdout.count("distillation result") == 1
+    results = json.loads((out / "results.json").read_text())
+    assert results["inference"] is None  # the teacher exists only in shards: not timed
+    assert results["parameters"]["teacher"] == sum(  # counted before sharding
+        p.numel()
+        for p in AutoModelForSequenceClassification.from_pretrained(
+            tmp_path / "task" / "teacher"
+        ).parameters()
+    )
+    assert sorted(results["selected_heads"]) == [pair for pair in results["attention_loss"]]  # calibrated
+    assert (out / "attention_maps" / "epoch0.png").stat().st_size > 1000
+
+    # the checkpoint holds whole student tensors, and the export equals it
+    best = torch.load(results["best_checkpoint"], map_location="cpu", weights_only=False)
+    assert best["global_step"] == 2 and "selected_heads" in best
+    student = AutoModelForSequenceClassification.from_pretrained(out / "student")
+    exported = student.state_dict()
+    saved = {k.removeprefix("student."): v for k, v in best["state_dict"].items() if k.startswith("student.")}
+    assert saved.keys() <= exported.keys() and not any(k.startswith("teacher.") for k in best["state_dict"])
+    for name, weight in saved.items():
+        torch.testing.assert_close(exported[name], weight, rtol=0, atol=0, msg=name)
+    initial = AutoModelForSequenceClassification.from_pretrained(tmp_path / "task" / "teacher").state_dict()
+    assert not torch.equal(exported["classifier.weight"], initial["classifier.weight"])  # trained

@@ -510,6 +510,13 @@ ERRORS = {
     "missing-column": (["data.text_column=sentence"], r"data\.text_column='sentence'.*available columns: \['text', 'label'\]"),
     "top-k-too-large": (["matching=selective", "matching.top_k=10"], r"top_k=10.*Lower top_k"),
     "student-deeper-than-teacher": (["student.num_layers=5"], r"student\.num_layers=5"),
+    "gradient-importance-under-fsdp": (
+        [
+            "trainer=fsdp", "trainer.strategy._target_=test_ddp.CPUFSDPStrategy", "trainer.accelerator=cpu",
+            "trainer.devices=2", "trainer.precision=32-true", "matching=selective", "matching.importance=gradient",
+        ],
+        r"matching\.importance=gradient.*trainer=fsdp.*matching\.importance=entropy",
+    ),  # fmt: skip
 }
 
 
@@ -520,6 +527,28 @@ def test_configuration_errors_fail_before_training(task, tmp_path, case):
     with pytest.raises(ValueError, match=message):
         run_app(task, out, *overrides)
     assert not (out / "checkpoints").exists() and not (out / "results.json").exists()
+
+
+def test_attention_map_example_is_one_row_of_the_validation_step(tmp_path):
+    """The callback draws row ``example_index`` of the first validation batch from the step's own records,
+    recomputing a ``QueryKey`` record's probabilities for that row alone; an index past the validation batch
+    is refused when the run is set up."""
+    from types import SimpleNamespace
+
+    from distill_lab.callbacks import AttentionMapCallback, example_attention
+    from distill_lab.capture import QueryKey
+
+    gen = torch.Generator().manual_seed(0)
+    query, key = torch.randn(3, 4, 6, 8, generator=gen), torch.randn(3, 2, 6, 8, generator=gen)
+    keys = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 5 + [0]], dtype=torch.bool)
+    record = QueryKey(query, key, 8**-0.5, keys[:, None, None, :].expand(3, 1, 6, 6))
+    for index in range(3):
+        torch.testing.assert_close(example_attention(record, index), record.probs()[index])
+        torch.testing.assert_close(example_attention(record.probs(), index), record.probs()[index])
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(eval_batch_size=8))
+    AttentionMapCallback(str(tmp_path), example_index=7).setup(trainer, None, "fit")
+    with pytest.raises(ValueError, match=r"example_index=8.*validation batch of 8"):
+        AttentionMapCallback(str(tmp_path), example_index=8).setup(trainer, None, "fit")
 
 
 def test_unloadable_teacher_is_named(task, tmp_path):
@@ -544,6 +573,24 @@ def test_tokenizer_of_the_teacher_is_used(task):
 
 
 # ---------------------------------------------------------------------------------------------- 7. resume
+
+
+def test_resumed_run_continues_its_wandb_run(task, tmp_path, monkeypatch):
+    """``ckpt_path=auto`` resuming in the interrupted run's directory continues its wandb run (same id, both
+    offline run directories there for `wandb sync`); a fresh run elsewhere starts a new one."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    out = tmp_path / "run"
+    run_app(task, out, "logger=wandb", "trainer.max_epochs=1")
+    (out / "results.json").unlink()  # as an interrupted run leaves it: checkpoints, no results
+    run_app(task, out, "logger=wandb", "trainer.max_epochs=2")  # the same command: resumes here
+    runs = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({name.rsplit("-", 1)[1] for name in runs}) == 1, runs
+    assert torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] == 2
+    other = tmp_path / "other"
+    run_app(task, other, "logger=wandb", "trainer.max_epochs=1", "ckpt_path=null")
+    (fresh,) = (other / "wandb").glob("offline-run-*")
+    assert fresh.name.rsplit("-", 1)[1] != runs[0].rsplit("-", 1)[1]
 
 
 def test_resume_from_last_checkpoint_continues(task, tmp_path):

@@ -5,6 +5,7 @@ random state saved and restored (see ``distill_lab.resume``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -15,17 +16,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.strategies import FSDPStrategy  # noqa: E402
 from lightning.pytorch.trainer.states import TrainerFn  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 from distill_lab.capture import QueryKey  # noqa: E402
 from distill_lab.matching import pair_name  # noqa: E402
 from distill_lab.resume import rng_state, set_rng_state  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-
-def _probs(attention):
-    return attention.probs() if isinstance(attention, QueryKey) else attention
 
 
 def plot_attention_pairs(teacher_maps, student_maps, pairs, tokens=None, title=""):
@@ -52,8 +51,27 @@ def plot_attention_pairs(teacher_maps, student_maps, pairs, tokens=None, title="
     return fig
 
 
+def example_attention(attention, index: int) -> Tensor:
+    """One example's attention probabilities (H, Lq, Lk), from a probability tensor or a ``QueryKey`` record
+    (recomputed for that example alone, not for the whole batch)."""
+    if not isinstance(attention, QueryKey):
+        return attention[index]
+    row = slice(index, index + 1)
+    mask = attention.mask
+    if mask is not None and mask.shape[0] > 1:
+        mask = mask[row]
+    return dataclasses.replace(
+        attention, query=attention.query[row], key=attention.key[row], mask=mask
+    ).probs()[0]
+
+
 class AttentionMapCallback(L.Callback):
     """After each validation epoch of training, draws the mapped layers' attention for a fixed validation example.
+
+    The example is row ``example_index`` of the first validation batch (of rank 0 in a distributed run, which is
+    the same example: validation is not shuffled and rank 0's share starts with the first one). The maps come
+    from that validation step itself, so the callback runs no forward of its own: under FSDP a forward needs
+    every process to take part.
 
     Saves ``{dirpath}/epoch{N}.png`` and logs the image to a wandb or TensorBoard logger as
     ``attention_maps``. Validation outside ``fit`` (``trainer.validate``, e.g. the final evaluation of the best
@@ -62,36 +80,57 @@ class AttentionMapCallback(L.Callback):
     """
 
     def __init__(self, dirpath: str, example_index: int = 0) -> None:
+        if example_index < 0:
+            raise ValueError(f"callbacks.attention_maps.example_index must be >= 0, got {example_index}")
         self.dirpath = Path(dirpath)
         self.example_index = example_index
+        self._example = None
+
+    def setup(self, trainer: L.Trainer, module, stage: str) -> None:
+        batch_size = getattr(trainer.datamodule, "eval_batch_size", None)
+        if batch_size is not None and self.example_index >= batch_size:
+            raise ValueError(
+                f"callbacks.attention_maps.example_index={self.example_index} is not a row of a validation batch of "
+                f"{batch_size}: choose an index below data.eval_batch_size"
+            )
+
+    def _draws(self, trainer: L.Trainer) -> bool:
+        return (
+            not trainer.sanity_checking and trainer.is_global_zero and trainer.state.fn == TrainerFn.FITTING
+        )
 
     @torch.no_grad()
-    def on_validation_epoch_end(self, trainer: L.Trainer, module) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or trainer.datamodule is None:
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx != 0 or dataloader_idx != 0 or not self._draws(trainer) or outputs is None:
             return
-        if trainer.state.fn != TrainerFn.FITTING:
-            return
-        batch = trainer.datamodule.example_batch("validation", self.example_index + 1)
-        inputs = {k: v[self.example_index : self.example_index + 1].to(module.device) for k, v in batch.items() if k != "labels"}
-        _, teacher_maps = module.teacher_capture(**inputs)
-        was_training = module.student.training
-        module.student.eval()
-        _, student_maps = module.student_capture(**inputs)
-        module.student.train(was_training)
+        index = self.example_index
+        if index >= outputs.teacher_logits.shape[0]:  # a validation set smaller than one batch
+            log.warning(
+                "callbacks.attention_maps.example_index=%d: the validation set has only %d examples; drawing the first",
+                index, outputs.teacher_logits.shape[0],
+            )  # fmt: skip
+            index = 0
         # the example's real tokens, wherever the padding is (right, or left as causal tokenizers often pad)
-        mask = inputs.get("attention_mask")
-        keep = mask[0].bool().cpu() if mask is not None else slice(None)
+        mask = batch.get("attention_mask")
+        keep = mask[index].bool().cpu() if mask is not None else slice(None)
 
         def crop(attention):
-            maps = _probs(attention)[0].cpu()
+            maps = example_attention(attention, index).cpu()
             return maps[:, keep][:, :, keep]
 
-        teacher_maps = {k: crop(v) for k, v in teacher_maps.items()}
-        student_maps = {k: crop(v) for k, v in student_maps.items()}
         tokens = None
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-        if tokenizer is not None and "input_ids" in inputs:
-            tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].cpu()[keep].tolist())
+        if tokenizer is not None and "input_ids" in batch:
+            tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][index].cpu()[keep].tolist())
+        teacher = {k: crop(v) for k, v in outputs.teacher_maps.items()}
+        student = {k: crop(v) for k, v in outputs.student_maps.items()}
+        self._example = teacher, student, tokens
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module) -> None:
+        if self._example is None:
+            return
+        teacher_maps, student_maps, tokens = self._example
+        self._example = None
         epoch = trainer.current_epoch
         fig = plot_attention_pairs(
             teacher_maps, student_maps, module.attention_loss.layer_map, tokens, f"attention, epoch {epoch} (head mean)"
@@ -188,7 +227,19 @@ class InterruptedCheckpoint(L.Callback):
         if bad := non_finite_parameters(module):
             log.warning("not writing %s: the weights are non-finite (%s)", self.ckpt_path, _describe(bad))
             return
-        trainer.save_checkpoint(self.ckpt_path)
+        if trainer.world_size > 1:
+            # The other processes may be anywhere, e.g. waiting in a gradient all-reduce: nothing here may wait
+            # for them (trainer.save_checkpoint ends in a barrier). Every DDP process holds the whole model, so
+            # rank 0 writes it alone; FSDP's shards would need every process to gather them.
+            if isinstance(trainer.strategy, FSDPStrategy):
+                log.warning("not writing %s: under FSDP it needs every process; last.ckpt is the newest", self.ckpt_path)
+                return
+            if not trainer.is_global_zero:
+                return
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint()  # what save_checkpoint writes
+            trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, self.ckpt_path)
+        else:
+            trainer.save_checkpoint(self.ckpt_path)
         log.info("%s stopped training at step %d; saved %s", type(exception).__name__, trainer.global_step, self.ckpt_path)
 
 

@@ -10,10 +10,12 @@ builds them from the config.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import lightning as L
 import torch
 from torch import Tensor
+from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from distill_lab.capture import AttentionCapture
@@ -22,6 +24,19 @@ from distill_lab.matching import AttentionDistillationLoss, gradient_head_import
 from distill_lab.tasks import SequenceClassification
 
 TEACHER_PREFIX = "teacher."
+
+
+class Step(NamedTuple):
+    """What one forward of teacher and student gives: the objective and its parts, logits, attention records."""
+
+    loss: Tensor
+    output_loss: Tensor
+    attention_loss: Tensor
+    details: dict[str, Tensor]  # per layer pair (and head), detached
+    student_logits: Tensor
+    teacher_logits: Tensor
+    student_maps: dict  # {layer: probabilities or QueryKey record}, as AttentionCapture returns them
+    teacher_maps: dict
 
 
 def _batch_size(batch: Mapping[str, Tensor]) -> int | None:
@@ -108,10 +123,22 @@ class DistillationModule(L.LightningModule):
             with AttentionCapture(self.teacher, self.attention_loss.teacher_layers, "probs") as probe:
                 importance = gradient_head_importance(probe, batch)
             self.teacher_capture = AttentionCapture(self.teacher, self.attention_loss.teacher_layers, self.hparams.capture)
-        with torch.no_grad():
-            _, teacher_maps = self.teacher_capture(**inputs)
-            _, student_maps = self.student_capture(**inputs)
+        teacher_maps, student_maps = self._gathered("_attention_maps", inputs)
         self.attention_loss.calibrate(student_maps, teacher_maps, inputs.get("attention_mask"), importance)
+
+    @torch.no_grad()
+    def _attention_maps(self, inputs: Mapping[str, Tensor]) -> tuple[dict, dict]:
+        return self.teacher_capture(**inputs)[1], self.student_capture(**inputs)[1]
+
+    def _gathered(self, method: str, *args):
+        """``self.<method>(*args)`` where the parameters are whole. FSDP gathers its shards only inside the
+        wrapped module's forward, so under FSDP the call goes through it, as Lightning's own steps do, and every
+        process must make it; otherwise it is a plain call."""
+        trainer = self._trainer
+        wrapper = trainer.strategy.model if trainer is not None else None
+        if isinstance(wrapper, FullyShardedDataParallel):
+            return trainer.strategy._forward_redirection(wrapper, self, method, *args)
+        return getattr(self, method)(*args)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
@@ -129,8 +156,8 @@ class DistillationModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ steps
 
-    def forward(self, batch: Mapping[str, Tensor]):
-        """Teacher (no grad) and student on one batch; returns the loss parts and the student's logits."""
+    def forward(self, batch: Mapping[str, Tensor]) -> Step:
+        """Teacher (no grad) and student on one batch: the loss and its parts, the logits and the attentions."""
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         with torch.no_grad():
             teacher_out, teacher_maps = self.teacher_capture(**inputs)
@@ -140,10 +167,19 @@ class DistillationModule(L.LightningModule):
         )
         attention_loss, details = self.attention_loss(student_maps, teacher_maps, inputs.get("attention_mask"))
         loss = distillation_objective(output_loss, attention_loss, self.hparams.attention_weight)
-        return loss, output_loss, attention_loss, details, student_out.logits, teacher_out.logits
+        return Step(
+            loss,
+            output_loss,
+            attention_loss,
+            details,
+            student_out.logits,
+            teacher_out.logits,
+            student_maps,
+            teacher_maps,
+        )
 
     def training_step(self, batch, batch_idx):
-        loss, output_loss, attention_loss, details, _, _ = self(batch)
+        loss, output_loss, attention_loss, details, *_ = self(batch)
         self._stop_if_not_finite(loss, output_loss, attention_loss, details, batch_idx)
         batch_size = _batch_size(batch)
         self.log_dict(
@@ -178,8 +214,10 @@ class DistillationModule(L.LightningModule):
             "last good weights. Lower optimizer.lr, or check the data of this batch."
         )
 
-    def validation_step(self, batch, batch_idx):
-        loss, _, attention_loss, details, student_logits, teacher_logits = self(batch)
+    def validation_step(self, batch, batch_idx) -> Step:
+        step = self(batch)
+        loss, attention_loss, details = step.loss, step.attention_loss, step.details
+        student_logits, teacher_logits = step.student_logits, step.teacher_logits
         self.task.update(self.val_metrics, student_logits, batch)
         if not self.teacher_scores and not self.trainer.sanity_checking:
             self.task.update(self.teacher_metrics, teacher_logits, batch)
@@ -188,6 +226,10 @@ class DistillationModule(L.LightningModule):
         self.log_dict({"val/loss": loss, "val/attention_loss": attention_loss}, batch_size=batch_size, sync_dist=True)
         pairs = {f"val/attention/{k}": v for k, v in details.items() if "/" not in k}
         self.log_dict(pairs, batch_size=batch_size, sync_dist=True)
+        return (
+            step  # callbacks.AttentionMapCallback draws from it (no forward of its own, which FSDP would need
+        )
+        # every process to join)
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)

@@ -17,6 +17,8 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as _hydra_instantiate
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -44,14 +46,26 @@ def instantiate(cfg, *args, **kwargs):
         raise
 
 
-def _build_logger(cfg: DictConfig | None):
+def _wandb_run_id(run_dir: Path) -> str | None:
+    """The id of the newest wandb run written under ``run_dir/wandb`` (``[offline-]run-<time>-<id>``), if any."""
+    runs = [p.name for p in (Path(run_dir) / "wandb").glob("*run-*-*") if p.is_dir()]
+    return max(runs, key=lambda name: name.split("run-", 1)[1]).rsplit("-", 1)[1] if runs else None
+
+
+def _build_logger(cfg: DictConfig | None, resumed_dir: Path | None = None):
+    """The configured logger; a wandb run that resumes in ``resumed_dir`` continues that directory's wandb run."""
     if not cfg:
         return False
-    if cfg.get("_target_", "").endswith("WandbLogger") and cfg.get("offline") is None:
-        # no API key (or WANDB_MODE=offline): write an offline run that `wandb sync` can upload later
-        offline = not os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled")
-        cfg = OmegaConf.merge(cfg, {"offline": offline})
-    return instantiate(cfg)
+    extra = {}
+    if cfg.get("_target_", "").endswith("WandbLogger"):
+        if cfg.get("offline") is None:
+            # no API key (or WANDB_MODE=offline): write an offline run that `wandb sync` can upload later
+            offline = not os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled")
+            cfg = OmegaConf.merge(cfg, {"offline": offline})
+        if resumed_dir is not None and cfg.get("id") is None and (run_id := _wandb_run_id(resumed_dir)):
+            log.info("wandb: continuing run %s of %s", run_id, resumed_dir)
+            extra = {"id": run_id, "resume": "allow"}
+    return instantiate(cfg, **extra)
 
 
 def _build_callbacks(cfg: DictConfig | None) -> list:
@@ -78,6 +92,20 @@ def measure_throughput(model, batches, repeats: int = 3) -> float:
     return sum(next(iter(b.values())).shape[0] for b in batches) / best
 
 
+def _whole_student(trainer: L.Trainer, sharded_student: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the FSDP-sharded student, whole, on rank 0's CPU (the shard elsewhere). Every process must call
+    this: gathering the full state dict is a collective."""
+    state = trainer.strategy.lightning_module_state_dict()  # whole tensors on rank 0, empty on the others
+    if not trainer.is_global_zero:
+        return sharded_student
+    prefix = "student."
+    student = type(sharded_student)(sharded_student.config)
+    student.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+    if getattr(sharded_student, "generation_config", None) is not None:
+        student.generation_config = sharded_student.generation_config
+    return student.eval()
+
+
 def _print_summary(results: dict) -> None:
     table = Table(title="distillation result")
     table.add_column("")
@@ -88,9 +116,48 @@ def _print_summary(results: dict) -> None:
     p, s = results["parameters"], results["inference"]
     table.add_row("parameters", f"{p['teacher']:,}", f"{p['student']:,}")
     table.add_row("compression", "", f"{p['compression']:.2f}x")
-    table.add_row("examples/s", f"{s['teacher_examples_per_s']:,.0f}", f"{s['student_examples_per_s']:,.0f}")
-    table.add_row("inference speed-up", "", f"{s['speedup']:.2f}x")
+    if s is not None:  # not measured under FSDP
+        table.add_row("examples/s", f"{s['teacher_examples_per_s']:,.0f}", f"{s['student_examples_per_s']:,.0f}")
+        table.add_row("inference speed-up", "", f"{s['speedup']:.2f}x")
     Console().print(table)
+
+
+def _build_module(cfg: DictConfig, task, teacher, data) -> DistillationModule:
+    """The student (derived from ``teacher`` or loaded), the attention objective (layer pairs, loss, matching
+    mode; head counts checked now) and the Lightning module that holds them."""
+    student = instantiate(cfg.student, teacher=teacher)
+    pairs = layer_map(
+        teacher.config.num_hidden_layers,
+        student.config.num_hidden_layers,
+        OmegaConf.to_object(cfg.layer_map) if OmegaConf.is_config(cfg.layer_map) else cfg.layer_map,
+        teacher=teacher,
+        student=student,
+    )
+    attention_loss = AttentionDistillationLoss(
+        loss=instantiate(cfg.loss),
+        matching=instantiate(cfg.matching),
+        layer_map=pairs,
+        layer_weights=cfg.get("layer_weights"),
+        block_size=cfg.attention_block_size,
+        fused=cfg.fused_kernel,
+    )
+    attention_loss.check(num_attention_heads(teacher), num_attention_heads(student))
+    if getattr(attention_loss.loss, "on_scores", False) and cfg.capture != "qk":
+        raise ValueError(f"loss=mse_scores compares pre-softmax scores and needs capture=qk, not capture={cfg.capture}")
+    return DistillationModule(
+        teacher,
+        student,
+        attention_loss,
+        optimizer=instantiate(cfg.optimizer),
+        attention_weight=cfg.attention_weight,
+        temperature=cfg.temperature,
+        alpha=cfg.alpha,
+        warmup_ratio=cfg.warmup_ratio,
+        calibration_batch=data.example_batch("train", cfg.calibration_size),
+        head_importance=cfg.matching.get("importance"),
+        capture=cfg.capture,
+        task=task,
+    )
 
 
 def train(cfg: DictConfig) -> dict:
@@ -119,79 +186,75 @@ def train(cfg: DictConfig) -> dict:
         task.check(teacher, data)
     except ValueError as err:
         raise ValueError(f"teacher.name_or_path={cfg.teacher.name_or_path!r}: {err}") from None
-    student = instantiate(cfg.student, teacher=teacher)
+    module = _build_module(cfg, task, teacher, data)
+    student, attention_loss = module.student, module.attention_loss
+    pairs = attention_loss.layer_map
 
-    # the attention objective: layer pairs, loss, matching mode; head counts checked now
-    pairs = layer_map(
-        teacher.config.num_hidden_layers,
-        student.config.num_hidden_layers,
-        OmegaConf.to_object(cfg.layer_map) if OmegaConf.is_config(cfg.layer_map) else cfg.layer_map,
-        teacher=teacher,
-        student=student,
-    )
-    attention_loss = AttentionDistillationLoss(
-        loss=instantiate(cfg.loss),
-        matching=instantiate(cfg.matching),
-        layer_map=pairs,
-        layer_weights=cfg.get("layer_weights"),
-        block_size=cfg.attention_block_size,
-        fused=cfg.fused_kernel,
-    )
-    attention_loss.check(num_attention_heads(teacher), num_attention_heads(student))
-    if getattr(attention_loss.loss, "on_scores", False) and cfg.capture != "qk":
-        raise ValueError(f"loss=mse_scores compares pre-softmax scores and needs capture=qk, not capture={cfg.capture}")
-    module = DistillationModule(
-        teacher,
-        student,
-        attention_loss,
-        optimizer=instantiate(cfg.optimizer),
-        attention_weight=cfg.attention_weight,
-        temperature=cfg.temperature,
-        alpha=cfg.alpha,
-        warmup_ratio=cfg.warmup_ratio,
-        calibration_batch=data.example_batch("train", cfg.calibration_size),
-        head_importance=cfg.matching.get("importance"),
-        capture=cfg.capture,
-        task=task,
-    )
+    parameters = {  # counted now: a sharded strategy leaves each process a part of every tensor
+        "teacher": count_parameters(teacher),
+        "student": count_parameters(student),
+        "compression": count_parameters(teacher) / count_parameters(student),
+    }
 
-    logger = _build_logger(cfg.get("logger"))
+    resumed_here = ckpt_path is not None and Path(ckpt_path).resolve().is_relative_to(output_dir.resolve())
+    logger = _build_logger(cfg.get("logger"), output_dir if resumed_here else None)
     trainer = instantiate(cfg.trainer, callbacks=_build_callbacks(cfg.get("callbacks")), logger=logger)
+    if isinstance(trainer.strategy, FSDPStrategy) and cfg.matching.get("importance") == "gradient" and not getattr(
+        attention_loss.matching, "calibrated", True
+    ):
+        raise ValueError(
+            "matching.importance=gradient needs the teacher's gradients outside a training step, which a teacher "
+            "sharded by trainer=fsdp cannot give: use matching.importance=entropy, or fix the heads with "
+            "matching.heads=[...]"
+        )
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
 
     # final evaluation of the best checkpoint, the export, and the run's record
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    sharded = isinstance(trainer.strategy, FSDPStrategy)
+    if sharded:
+        # Lightning wraps a module in FSDP once: the wrapper of its root (embeddings and heads, outside the
+        # per-block units) does not outlive fit, so the evaluation gets a fresh module, wrapped anew, that
+        # takes its weights from the checkpoint
+        if not best:  # no checkpoint callback: keep the trained weights in one (every process takes part)
+            best = str(output_dir / "checkpoints" / "final.ckpt")
+            trainer.save_checkpoint(best)
+        module = _build_module(cfg, task, instantiate(cfg.teacher), data)
+        student, attention_loss = module.student, module.attention_loss
     final = trainer.validate(module, datamodule=data, ckpt_path=best or None, verbose=False)[0]
     metric_names = [k.removeprefix("val/") for k in module.val_metrics.keys(keep_base=False)]
-    if not trainer.is_global_zero:  # rank 0 alone exports the student, times the models, writes results.json
-        metrics = {k: v for k, v in final.items() if k.removeprefix("val/") in metric_names}
-        return metrics | module.teacher_scores
-    student_dir = output_dir / "student"
     # both models back on their own attention: the export must not name the capture's implementation, and the
     # throughput below must not time the teacher with its capture (eager maps or recorded queries) attached
     module.student_capture.detach()
     module.teacher_capture.detach()
+    if sharded:  # every process holds a shard: gather the whole student (all take part) for rank 0 to save
+        student = _whole_student(trainer, student)
+    if not trainer.is_global_zero:  # rank 0 alone exports the student, times the models, writes results.json
+        metrics = {k: v for k, v in final.items() if k.removeprefix("val/") in metric_names}
+        return metrics | module.teacher_scores
+    student_dir = output_dir / "student"
     student.save_pretrained(student_dir)
     preprocessor.save_pretrained(student_dir)
 
-    batches = [data.example_batch("validation", cfg.data.get("eval_batch_size") or cfg.data.batch_size)] * 4
-    teacher_speed, student_speed = measure_throughput(teacher, batches), measure_throughput(student, batches)
+    if sharded:  # the teacher exists only as shards across the processes: nothing to time on one device
+        log.info("inference speed not measured under FSDP: the teacher is sharded; the student is in %s", student_dir)
+        inference = None
+    else:
+        batches = [data.example_batch("validation", cfg.data.get("eval_batch_size") or cfg.data.batch_size)] * 4
+        teacher_speed, student_speed = measure_throughput(teacher, batches), measure_throughput(student, batches)
+        inference = {
+            "teacher_examples_per_s": teacher_speed,
+            "student_examples_per_s": student_speed,
+            "speedup": student_speed / teacher_speed,
+        }
     results = {
         "task": task.name,
         "student": {k.removeprefix("val/"): v for k, v in final.items() if k.removeprefix("val/") in metric_names},
         "teacher": {k.removeprefix("val/teacher_"): v for k, v in module.teacher_scores.items()},
-        "parameters": {
-            "teacher": count_parameters(teacher),
-            "student": count_parameters(student),
-            "compression": count_parameters(teacher) / count_parameters(student),
-        },
-        "inference": {
-            "teacher_examples_per_s": teacher_speed,
-            "student_examples_per_s": student_speed,
-            "speedup": student_speed / teacher_speed,
-        },
+        "parameters": parameters,
+        "inference": inference,
         "attention_loss": {
             k.removeprefix("val/attention/"): v for k, v in final.items() if k.startswith("val/attention/")
         },
@@ -205,6 +268,9 @@ def train(cfg: DictConfig) -> dict:
     _print_summary(results)
     if logger and getattr(logger, "_offline", False):
         log.info("wandb ran offline; upload the run with: wandb sync %s", Path(logger.experiment.dir).parent)
+    if isinstance(logger, WandbLogger):
+        # Lightning leaves the wandb run open; the next job of a multirun in this process would log into it
+        logger.experiment.finish()
     metrics = {f"val/{k}": v for k, v in results["student"].items()}
     metrics.update({f"val/teacher_{k}": v for k, v in results["teacher"].items()})
     return metrics
