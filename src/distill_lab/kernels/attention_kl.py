@@ -51,6 +51,26 @@ if triton is not None:
         return ok
 
     @triton.jit
+    def _pair_heads(SH, TH, pid_bp, P):
+        """This program's example and the student and teacher heads of its pair (grid axis 1: B x P)."""
+        pair = pid_bp % P
+        return pid_bp // P, tl.load(SH + pair), tl.load(TH + pair)
+
+    @triton.jit
+    def _key_block(KS, KT, b, hs, ht, offs_n, offs_ds, offs_dt, key, sks_b, sks_h, sks_l, skt_b, skt_h, skt_l, GS, GT, DS, DT):
+        """The student's and the teacher's keys of this program's key block (zero beyond L and d); GQA maps
+        query head h to key head h // G."""
+        ks = tl.load(
+            KS + b * sks_b + (hs // GS) * sks_h + offs_n[:, None] * sks_l + offs_ds[None, :],
+            mask=key[:, None] & (offs_ds[None, :] < DS), other=0.0,
+        )
+        kt = tl.load(
+            KT + b * skt_b + (ht // GT) * skt_h + offs_n[:, None] * skt_l + offs_dt[None, :],
+            mask=key[:, None] & (offs_dt[None, :] < DT), other=0.0,
+        )
+        return ks, kt
+
+    @triton.jit
     def _query_tiles(QS, QT, b, hs, ht, offs_m, offs_ds, offs_dt, row, sqs_b, sqs_h, sqs_l, sqt_b, sqt_h, sqt_l, DS, DT):
         """The student's and the teacher's query rows of this program's block (zero beyond L and d)."""
         qs = tl.load(
@@ -73,10 +93,7 @@ if triton is not None:
     ):  # fmt: skip
         pid_m = tl.program_id(0)
         pid_bp = tl.program_id(1)
-        b = pid_bp // P
-        pair = pid_bp % P
-        hs = tl.load(SH + pair)
-        ht = tl.load(TH + pair)
+        b, hs, ht = _pair_heads(SH, TH, pid_bp, P)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_ds = tl.arange(0, BLOCK_DS)
         offs_dt = tl.arange(0, BLOCK_DT)
@@ -127,10 +144,7 @@ if triton is not None:
     ):  # fmt: skip
         pid_m = tl.program_id(0)
         pid_bp = tl.program_id(1)
-        b = pid_bp // P
-        pair = pid_bp % P
-        hs = tl.load(SH + pair)
-        ht = tl.load(TH + pair)
+        b, hs, ht = _pair_heads(SH, TH, pid_bp, P)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_ds = tl.arange(0, BLOCK_DS)
         offs_dt = tl.arange(0, BLOCK_DT)
@@ -171,22 +185,12 @@ if triton is not None:
     ):  # fmt: skip
         pid_n = tl.program_id(0)
         pid_bp = tl.program_id(1)
-        b = pid_bp // P
-        pair = pid_bp % P
-        hs = tl.load(SH + pair)
-        ht = tl.load(TH + pair)
+        b, hs, ht = _pair_heads(SH, TH, pid_bp, P)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_ds = tl.arange(0, BLOCK_DS)
         offs_dt = tl.arange(0, BLOCK_DT)
         key = offs_n < LK
-        ks = tl.load(
-            KS + b * sks_b + (hs // GS) * sks_h + offs_n[:, None] * sks_l + offs_ds[None, :],
-            mask=key[:, None] & (offs_ds[None, :] < DS), other=0.0,
-        )
-        kt = tl.load(
-            KT + b * skt_b + (ht // GT) * skt_h + offs_n[:, None] * skt_l + offs_dt[None, :],
-            mask=key[:, None] & (offs_dt[None, :] < DT), other=0.0,
-        )
+        ks, kt = _key_block(KS, KT, b, hs, ht, offs_n, offs_ds, offs_dt, key, sks_b, sks_h, sks_l, skt_b, skt_h, skt_l, GS, GT, DS, DT)
         qs_base = QS + b * sqs_b + hs * sqs_h
         qt_base = QT + b * sqt_b + ht * sqt_h
         dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)

@@ -42,7 +42,7 @@ LOSSES = ("mse", "cosine")
 if triton is not None:
     import triton.language as tl
 
-    from distill_lab.kernels.attention_kl import _allowed, _query_tiles, _scores
+    from distill_lab.kernels.attention_kl import _allowed, _key_block, _pair_heads, _query_tiles, _scores
 
     @triton.jit
     def _mm(a, b, IEEE: tl.constexpr):
@@ -109,10 +109,7 @@ if triton is not None:
     ):  # fmt: skip
         pid_m = tl.program_id(0)
         pid_bp = tl.program_id(1)
-        b = pid_bp // P
-        pair = pid_bp % P
-        hs = tl.load(SH + pair)
-        ht = tl.load(TH + pair)
+        b, hs, ht = _pair_heads(SH, TH, pid_bp, P)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_ds = tl.arange(0, BLOCK_DS)
         offs_dt = tl.arange(0, BLOCK_DT)
@@ -176,10 +173,7 @@ if triton is not None:
     ):  # fmt: skip
         pid_m = tl.program_id(0)
         pid_bp = tl.program_id(1)
-        b = pid_bp // P
-        pair = pid_bp % P
-        hs = tl.load(SH + pair)
-        ht = tl.load(TH + pair)
+        b, hs, ht = _pair_heads(SH, TH, pid_bp, P)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_ds = tl.arange(0, BLOCK_DS)
         offs_dt = tl.arange(0, BLOCK_DT)
@@ -216,24 +210,12 @@ if triton is not None:
     ):  # fmt: skip
         pid_n = tl.program_id(0)
         pid_bp = tl.program_id(1)
-        b = pid_bp // P
-        pair = pid_bp % P
-        hs = tl.load(SH + pair)
-        ht = tl.load(TH + pair)
+        b, hs, ht = _pair_heads(SH, TH, pid_bp, P)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_ds = tl.arange(0, BLOCK_DS)
         offs_dt = tl.arange(0, BLOCK_DT)
         key = offs_n < LK
-        ks = tl.load(
-            KS + b * sks_b + (hs // GS) * sks_h + offs_n[:, None] * sks_l + offs_ds[None, :],
-            mask=key[:, None] & (offs_ds[None, :] < DS),
-            other=0.0,
-        )
-        kt = tl.load(
-            KT + b * skt_b + (ht // GT) * skt_h + offs_n[:, None] * skt_l + offs_dt[None, :],
-            mask=key[:, None] & (offs_dt[None, :] < DT),
-            other=0.0,
-        )
+        ks, kt = _key_block(KS, KT, b, hs, ht, offs_n, offs_ds, offs_dt, key, sks_b, sks_h, sks_l, skt_b, skt_h, skt_l, GS, GT, DS, DT)
         dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
         for start_m in range(0, LQ, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
