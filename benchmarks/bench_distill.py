@@ -1,4 +1,4 @@
-"""Side-by-side training-step benchmark of three ways to distil, plus the fused attention-KL kernel alone.
+"""Side-by-side training-step benchmark of three ways to distil, plus the fused attention-loss kernels alone.
 
     (a) logit-only KD: teacher forward (SDPA, no grad), student forward and backward, ``kd_loss``;
     (b) attention distillation as existing toolkits do it: eager attention in both models,
@@ -210,15 +210,16 @@ def run_training(args) -> list[str]:
 
 
 def run_kernel(args) -> list[str]:
-    """The fused attention-KL forward+backward against SDPA forward+backward of the same shape."""
+    """The fused attention-KL, -MSE and -cosine forward+backward against SDPA forward+backward of the same shape."""
     from distill_lab.kernels.attention_kl import attention_kl_rows
+    from distill_lab.kernels.attention_probs import attention_probs_rows
 
     dtype = getattr(torch, args.dtype)
     lines = [
-        f"### Kernel alone, {args.dtype}, batch {args.batch}, {args.kernel_heads} heads",
+        f"### Kernels alone, causal, {args.dtype}, batch {args.batch}, {args.kernel_heads} heads",
         "",
-        "| L | head dim | fused KL fwd+bwd ms | SDPA fwd+bwd ms | ratio |",
-        "|---|---|---|---|---|",
+        "| L | head dim | SDPA fwd+bwd ms | fused KL ms | KL / SDPA | fused MSE ms | MSE / SDPA | fused cosine ms | cosine / SDPA |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for length in args.seq:
         for dim in args.head_dim:
@@ -227,16 +228,22 @@ def run_kernel(args) -> list[str]:
             qt, kt = (torch.randn(shape, device=args.device, dtype=dtype) for _ in range(2))
             heads = torch.arange(args.kernel_heads, device=args.device, dtype=torch.int32)
             valid = torch.ones(args.batch, length, device=args.device, dtype=torch.int32)
-
-            def fused(q=q, k=k, qt=qt, kt=kt, heads=heads, valid=valid, dim=dim):
-                attention_kl_rows(q, k, qt, kt, heads, heads, valid, dim**-0.5, dim**-0.5, 1.0, True).sum().backward()
+            inputs = (q, k, qt, kt, heads, heads, valid, dim**-0.5, dim**-0.5)
 
             def sdpa(q=q, k=k, v=v):
                 torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
 
-            fused_ms = time_step(fused, [q, k], args.device, args.warmup, args.steps)["ms"]
+            kernels = {
+                "kl": lambda inputs=inputs: attention_kl_rows(*inputs, 1.0, True).sum().backward(),
+                "mse": lambda inputs=inputs: attention_probs_rows("mse", *inputs, True).sum().backward(),
+                "cosine": lambda inputs=inputs: attention_probs_rows("cosine", *inputs, True).sum().backward(),
+            }
             sdpa_ms = time_step(sdpa, [q, k, v], args.device, args.warmup, args.steps)["ms"]
-            lines.append(f"| {length} | {dim} | {fused_ms:.2f} | {sdpa_ms:.2f} | {fused_ms / sdpa_ms:.2f}x |")
+            cells = [f"{length}", f"{dim}", f"{sdpa_ms:.3g}"]
+            for fused in kernels.values():
+                fused_ms = time_step(fused, [q, k], args.device, args.warmup, args.steps)["ms"]
+                cells += [f"{fused_ms:.3g}", f"{fused_ms / sdpa_ms:.2f}x"]
+            lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -249,7 +256,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--kernel", action="store_true", help="benchmark the fused KL kernel against SDPA instead")
+    parser.add_argument("--kernel", action="store_true", help="benchmark the fused KL, MSE and cosine kernels against SDPA instead")
     parser.add_argument("--kernel-heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--out", type=Path, help="append the markdown table to this file")

@@ -31,6 +31,19 @@ def test_training_benchmark_smoke(bench, tmp_path):
     assert "Device: CPU" in out.read_text() and "bench_distill.py --preset tiny" in out.read_text()
 
 
+def test_kernel_benchmark_smoke(bench):
+    """``--kernel`` times the three fused kernels and SDPA on one shape (under Triton's interpreter here)."""
+    lines = bench.main(
+        ["--kernel", "--seq", "16", "--head-dim", "16", "--kernel-heads", "2", "--batch", "1", "--device", "cpu",
+         "--dtype", "float32", "--warmup", "0", "--steps", "1", "--quiet"]
+    )  # fmt: skip
+    (row,) = [line for line in lines if line.startswith("| 16 | 16 |")]
+    cells = row.strip("| ").split(" | ")
+    assert len(cells) == 9 and all(float(c.rstrip("x")) > 0 for c in cells[2:])
+    sdpa_ms, kl_ms, kl_ratio = float(cells[2]), float(cells[3]), float(cells[4].rstrip("x"))
+    assert kl_ratio == pytest.approx(kl_ms / sdpa_ms, rel=0.02, abs=0.01)  # fused / SDPA (from unrounded times)
+
+
 def test_all_variants_optimise_the_same_student(bench):
     """Each variant's loss backpropagates into the student (and never into the teacher)."""
     import torch
