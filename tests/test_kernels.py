@@ -160,6 +160,24 @@ def test_fused_component_equals_the_block_path(matching, loss, causal):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+def test_fused_kernels_refuse_a_mask_beyond_padding_and_causal_structure():
+    """The kernels apply key padding and the causal flag only: a record whose mask adds a bias (ALiBi-like)
+    keeps the block-wise path (fused=True: an error), so the bias is never silently dropped."""
+    qs, ks, qt, kt, key_valid = _inputs(9, d_t=8)
+    bias = torch.where(key_valid.bool(), 0.5, float("-inf"))[:, None, None, :].expand(-1, 1, 9, -1)
+    student, teacher = QueryKey(qs, ks, 8**-0.5, bias), QueryKey(qt, kt, 8**-0.5, bias)
+    with pytest.raises(ValueError, match="more than key padding and causal structure"):
+        AttentionDistillationLoss("kl", "layerwise", [(0, 0)], fused=True)({0: student}, {0: teacher}, key_valid)
+    padding = torch.where(key_valid.bool(), 0.0, float("-inf"))[:, None, None, :].expand(-1, 1, 9, -1)
+    fused, _ = AttentionDistillationLoss("kl", "layerwise", [(0, 0)], fused=True)(
+        {0: QueryKey(qs, ks, 8**-0.5, padding)}, {0: QueryKey(qt, kt, 8**-0.5, padding)}, key_valid
+    )
+    plain, _ = AttentionDistillationLoss("kl", "layerwise", [(0, 0)], fused=False)(
+        {0: QueryKey(qs, ks, 8**-0.5, padding)}, {0: QueryKey(qt, kt, 8**-0.5, padding)}, key_valid
+    )
+    torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-5)  # an additive padding mask is accepted
+
+
 def test_fused_true_where_it_cannot_apply_is_a_clear_error():
     qs, ks, qt, kt, key_valid = _inputs(8, heads_t=8, kv_t=4)
     component = AttentionDistillationLoss("kl", "layerwise", [(0, 0)], fused=True)  # 8 -> 4 heads: averaged

@@ -280,12 +280,20 @@ def test_gram_true_needs_mse_scores():
 
 
 @pytest.mark.parametrize("mode", ["layerwise", "headwise", "global"])
-def test_gram_path_on_a_tiny_bert(tiny_model_factory, gram_calls, mode):
+def test_gram_path_on_a_tiny_bert(tiny_model_factory, gram_calls, mode, monkeypatch):
     """End to end through the qk capture: a 4-layer teacher with heads of 8 and a 2-layer student with heads
     of 6; the Gram path gives the block-wise path's loss, details and parameter gradients."""
     teacher = tiny_model_factory("bert", num_hidden_layers=4, seed=1)
     student = tiny_model_factory("bert", num_hidden_layers=2, hidden_size=24, seed=2).train()
     inputs = make_tiny_inputs("bert", teacher.config, batch_size=3, seq_len=13, num_padded=5)
+    mask_checks = []
+    real_key_padding = matching_module.key_padding
+
+    def counted(*args, **kwargs):
+        mask_checks.append(1)
+        return real_key_padding(*args, **kwargs)
+
+    monkeypatch.setattr(matching_module, "key_padding", counted)
     results = {}
     for gram in (True, False):
         component = AttentionDistillationLoss("mse_scores", MODES[mode](), [(1, 0), (3, 1)], block_size=4, gram=gram)
@@ -300,6 +308,7 @@ def test_gram_path_on_a_tiny_bert(tiny_model_factory, gram_calls, mode):
         grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
         results[gram] = value.detach(), details, grads
     assert len(gram_calls) == 2  # one per layer pair, from the gram=True run
+    assert mask_checks == [1, 1]  # each model's one mask, checked once (not per layer pair); gram=False: never
     assert all(p.grad is None for p in teacher.parameters())
     (value, details, grads), (chunked, chunked_details, chunked_grads) = results[True], results[False]
     assert value > 0 and grads

@@ -210,21 +210,27 @@ def attention_mse_scores(
     return _reduce(*_row_terms("mse", _zero_masked(student), _zero_masked(teacher), attention_mask), per_head)
 
 
-def key_padding(mask: Tensor, k_len: int) -> Tensor | None:
-    """The keys a key-padding mask lets through, or None when ``mask`` is more than key padding.
+def key_padding(mask: Tensor, k_len: int, causal: bool = False) -> Tensor | None:
+    """The keys a key-padding mask lets through, or None when ``mask`` is more than key padding (and, with
+    ``causal``, the causal structure).
 
-    A key-padding mask is the same for every query row and head and holds nothing but "attend" (True, or 0
-    when additive) and "masked" (False, or a score at or below -1e30): no causal or sliding-window structure,
-    no bias. Deciding this reads the whole mask and waits for it on the host once.
+    Such a mask is the same for every head and, but for the causal structure (query i of the last Lq sees keys
+    up to ``i + Lk - Lq``), for every query row; it holds nothing but "attend" (True, or 0 when additive) and
+    "masked" (False, or a score at or below -1e30): no sliding window, no bias. Deciding this reads the whole
+    mask and waits for it on the host once.
 
     Shape:
         mask: (B, 1 or H, Lq or 1, >= Lk), boolean (True: attend) or additive float, as the model built it.
-        Returns: (B, Lk) boolean, True for the keys every query may attend to.
+        Returns: (B, Lk) boolean, True for the keys that are not padding.
     """
     mask = mask[..., :k_len]
     allowed = mask if mask.dtype == torch.bool else mask > _MASKED_SCORE
     keys = allowed.any(dim=2).any(dim=1)  # (B, Lk)
-    padding_only = (allowed == keys[:, None, None, :]).all()
+    expected = keys[:, None, None, :]
+    if causal and allowed.shape[2] > 1:
+        q_len = allowed.shape[2]
+        expected = expected & torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).tril(k_len - q_len)
+    padding_only = (allowed == expected).all()
     if mask.dtype != torch.bool:
         padding_only = padding_only & (mask.masked_fill(~allowed, 0.0) == 0).all()
     return keys if bool(padding_only) else None

@@ -464,6 +464,18 @@ def _scores(attention: QueryKey, rows: slice | None = None) -> Tensor:
     return attention.scores(rows)
 
 
+def _padding_keys(record: QueryKey, masks: dict) -> tuple[bool, Tensor | None]:
+    """Whether ``record``'s mask is key padding (with the layer's causal structure) at most, and the keys it
+    lets through (None: no mask). Cached in ``masks`` by mask object, as all layers of a model share one."""
+    if record.mask is None:
+        return True, None
+    cache_key = (id(record.mask), record.causal, record.shape[3])
+    if cache_key not in masks:
+        masks[cache_key] = (record.mask, key_padding(record.mask, record.shape[3], record.causal))
+    keys = masks[cache_key][1]  # the mask is kept in the cache so that its id is not reused meanwhile
+    return keys is not None, keys
+
+
 def _layer_maps(attentions, layer: int) -> Tensor | None:
     """One layer's maps from a {layer: maps} mapping (None when not captured) or a sequence indexed by layer."""
     return attentions.get(layer) if isinstance(attentions, Mapping) else attentions[layer]
@@ -563,7 +575,7 @@ class AttentionDistillationLoss(nn.Module):
         values, weights = self.loss.row_terms(s, t, attention_mask, query_start=k_len - q_len + rows.start)
         return values.sum(dim=(0, 2)), weights.sum(dim=(0, 2))
 
-    def _fused_heads(self, student, teacher, pair) -> list[tuple[int, int]] | None:
+    def _fused_heads(self, student, teacher, pair, masks: dict) -> list[tuple[int, int]] | None:
         """The head pairs for the fused kernel, or None where it does not apply (``fused=True``: an error)."""
         if self.fused is False:
             return None
@@ -588,6 +600,9 @@ class AttentionDistillationLoss(nn.Module):
         heads = None if reasons else self.matching.head_pairs(teacher.shape[1], student.shape[1], pair)
         if heads is None and not reasons:
             reasons.append(f"matching={type(self.matching).__name__.lower()} averages heads here")
+        if not reasons and not all(_padding_keys(r, masks)[0] for r in (student, teacher)):
+            # the kernels apply key padding and the causal flag; any other mask (a bias, ...) would be lost
+            reasons.append("the mask is more than key padding and causal structure")
         if reasons and self.fused:
             raise ValueError(f"fused=True, but the fused attention kernel does not apply: {'; '.join(reasons)}")
         return None if reasons else heads
@@ -623,56 +638,57 @@ class AttentionDistillationLoss(nn.Module):
         weights = weights.expand_as(rows)
         return values.sum(dim=(0, 2)), weights.sum(dim=(0, 2))
 
-    def _gram_keys(self, student, teacher) -> list[Tensor] | None:
-        """Both sides' keys, zeroed where their masks hide them (a zero key scores 0, as mse_scores counts masked
-        entries), for the Gram-matrix path; None where it does not apply (``gram=True``: an error)."""
+    def _gram_plan(self, student, teacher, pair, masks: dict):
+        """For the Gram-matrix path: both sides' keys, zeroed where their masks hide them (a zero key scores 0,
+        as mse_scores counts masked entries), and the mode's head weights ``(s_w, t_w, heads)``; None where the
+        path does not apply or, automatically, does not pay (``gram=True``: an error where it does not apply)."""
         if self.gram is False:
             return None
-        reasons, keys = [], None
+        reasons = []
         if not (isinstance(self.loss, AttentionLoss) and self.loss.on_scores):
             reasons.append("only loss=mse_scores has a Gram-matrix form")
         elif not (isinstance(student, QueryKey) and isinstance(teacher, QueryKey)):
             reasons.append("both sides must be QueryKey records (capture=qk)")
         elif any(r.causal or r.sliding_window or r.softcap for r in (student, teacher)):
             reasons.append("causal, sliding-window or soft-capped scores are not a plain product of queries and keys")
-        else:
-            records = (student, teacher)
-            allowed = [None if r.mask is None else key_padding(r.mask, r.shape[3]) for r in records]
-            if any(a is None and r.mask is not None for a, r in zip(allowed, records, strict=True)):
-                reasons.append("the mask is more than key padding (it varies over queries or heads, or adds a bias)")
-            else:
-                keys = [
-                    r.key if a is None else r.key * a[:, None, :, None] for a, r in zip(allowed, records, strict=True)
-                ]
-        if reasons and self.gram:
-            raise ValueError(f"gram=True, but the Gram-matrix path of mse_scores does not apply: {'; '.join(reasons)}")
-        return None if reasons else keys
+        if reasons:
+            if self.gram:
+                raise ValueError(f"gram=True, but the Gram-matrix path of mse_scores does not apply: {'; '.join(reasons)}")
+            return None
+        # every mode selects or averages heads, a linear map: aligning one-hot "maps" gives its head weights
+        eyes = [torch.eye(r.shape[1], dtype=torch.float64)[None, :, None] for r in (student, teacher)]
+        s_w, t_w, heads = self.matching.align(*eyes, pair)  # (1, P, 1, H) each
+        # automatic choice: the Gram path costs O(L W^2) per entry against the block-wise O(L^2 W), W the
+        # compared width (head size, times the heads an entry averages); below L ~ W/2 it does not pay
+        width = sum(int((w != 0).sum(-1).max()) * r.query.shape[-1] for w, r in ((s_w, student), (t_w, teacher)))
+        if self.gram is None and student.shape[3] < width / 2:
+            return None
+        padding = [_padding_keys(r, masks) for r in (student, teacher)]
+        if not all(ok for ok, _ in padding):
+            if self.gram:
+                raise ValueError(
+                    "gram=True, but the Gram-matrix path of mse_scores does not apply: the mask is more than key "
+                    "padding (it varies over queries or heads, or adds a bias)"
+                )
+            return None
+        keys = [r.key if k is None else r.key * k[:, None, :, None] for (_, k), r in zip(padding, (student, teacher), strict=True)]
+        return keys, s_w[0, :, 0], t_w[0, :, 0], heads
 
-    def _blockwise(self, student, teacher, attention_mask, pair):
-        """A layer pair's loss from ``QueryKey`` records, one block of query rows at a time."""
+    def _blockwise(self, student, teacher, attention_mask, pair, masks: dict):
+        """A layer pair's loss from ``QueryKey`` records: the fused kernel, the Gram-matrix path or, elsewhere,
+        one block of query rows at a time. ``masks`` caches each record mask's check within one forward."""
         if not hasattr(self.loss, "row_terms"):  # a custom loss callable sees whole maps
             return self.matching(_probs(student), _probs(teacher), attention_mask, self.loss, pair)
-        fused_heads = self._fused_heads(student, teacher, pair)
+        fused_heads = self._fused_heads(student, teacher, pair, masks)
+        gram = None if fused_heads is not None else self._gram_plan(student, teacher, pair, masks)
         if fused_heads is not None:
             values, weights = self._fused_pair(student, teacher, attention_mask, fused_heads)
-            if not self.matching.per_head:
-                return values.sum() / weights.sum().clamp_min(1.0), None
-            per = values / weights.clamp_min(1.0)
-            return per.mean(), {s: per[j] for j, (_, s) in enumerate(fused_heads)}
-        gram_keys = self._gram_keys(student, teacher)
-        if gram_keys is not None:
-            # every mode selects or averages heads, a linear map: aligning one-hot "maps" gives its head weights
-            eyes = [torch.eye(r.shape[1], dtype=torch.float64)[None, :, None] for r in (student, teacher)]
-            s_w, t_w, heads = self.matching.align(*eyes, pair)  # (1, P, 1, H) each
-            # automatic choice: the Gram path costs O(L W^2) per entry against the block-wise O(L^2 W), W the
-            # compared width (head size, times the heads an entry averages); below L ~ W/2 it does not pay
-            width = sum(int((w != 0).sum(-1).max()) * r.query.shape[-1] for w, r in ((s_w, student), (t_w, teacher)))
-            if self.gram is None and student.shape[3] < width / 2:
-                gram_keys = None
-        if gram_keys is not None:
+            heads = [s for _, s in fused_heads] if self.matching.per_head else None
+        elif gram is not None:
+            keys, s_w, t_w, heads = gram
             values, weights = mse_scores_gram_terms(
-                student.query, gram_keys[0], teacher.query, gram_keys[1], attention_mask,
-                student_scaling=student.scaling, teacher_scaling=teacher.scaling, heads=(t_w[0, :, 0], s_w[0, :, 0]),
+                student.query, keys[0], teacher.query, keys[1], attention_mask,
+                student_scaling=student.scaling, teacher_scaling=teacher.scaling, heads=(t_w, s_w),
             )  # fmt: skip
         else:
             q_len = student.shape[2]
@@ -693,6 +709,7 @@ class AttentionDistillationLoss(nn.Module):
     def forward(self, student_attentions, teacher_attentions, attention_mask: Tensor | None = None):
         details: dict[str, Tensor] = {}
         losses = []
+        masks: dict = {}  # a model builds one mask for all its layers: check it once (a host sync each)
         for pair in self.layer_map:
             t_layer, s_layer = pair
             student, teacher = _layer_maps(student_attentions, s_layer), _layer_maps(teacher_attentions, t_layer)
@@ -713,7 +730,7 @@ class AttentionDistillationLoss(nn.Module):
                     "use capture=qk (AttentionCapture(..., backend='qk'))."
                 )
             if isinstance(student, QueryKey) or isinstance(teacher, QueryKey):
-                value, per_head = self._blockwise(student, teacher, attention_mask, pair)
+                value, per_head = self._blockwise(student, teacher, attention_mask, pair, masks)
             else:
                 value, per_head = self.matching(student, teacher, attention_mask, self.loss, pair)
             losses.append(value)
