@@ -180,6 +180,11 @@ def test_lm_data_errors():
     small = AutoModelForMaskedLM.from_config(make_tiny_config("bert", vocab_size=10))
     with pytest.raises(ValueError, match=r"the tokenizer has \d+ tokens but the teacher's vocabulary only 10"):
         get_task("masked_lm").check(small, data)
+    with pytest.raises(ValueError, match=r"task=causal_lm needs data\.mlm=false, got data\.mlm=true"):
+        get_task("causal_lm").check(small, data)  # masked inputs with next-token targets: refused
+    causal = LanguageModelingData(texts, build_word_tokenizer(), mlm=False, text_column="body")
+    with pytest.raises(ValueError, match=r"task=masked_lm needs data\.mlm=true, got data\.mlm=false"):
+        get_task("masked_lm").check(small, causal)
 
 
 def test_image_folder_data(tmp_path):

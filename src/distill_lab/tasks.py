@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
@@ -121,6 +122,13 @@ class MaskedLM:
         return config.vocab_size
 
     def check(self, teacher, data) -> None:
+        masked = self.name == "masked_lm"
+        if getattr(data, "mlm", masked) != masked:
+            raise ValueError(
+                f"task={self.name} needs data.mlm={str(masked).lower()}, got data.mlm={str(data.mlm).lower()}: "
+                f"{'masked' if masked else 'causal'} language modelling "
+                f"{'masks tokens' if masked else 'predicts every next token, nothing masked'}"
+            )
         if teacher.config.vocab_size < len(data.tokenizer):
             raise ValueError(
                 f"the tokenizer has {len(data.tokenizer)} tokens but the teacher's vocabulary only "
@@ -136,7 +144,9 @@ class CausalLM(MaskedLM):
     auto_class = AutoModelForCausalLM
 
     def _positions(self, logits: Tensor, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        return logits[:, :-1], batch["labels"][:, 1:]
+        # position i predicts token i + 1: shift the labels (small) rather than slice the logits (B, L, V), whose
+        # non-contiguous slice every flattening downstream would copy; the last position gets no target
+        return logits, F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
 
     def metrics(self, prefix: str, num_labels: int) -> MetricCollection:
         return MetricCollection({"perplexity": Perplexity(ignore_index=IGNORE_INDEX)}, prefix=prefix)
