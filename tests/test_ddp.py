@@ -388,6 +388,26 @@ def test_ctrl_c_in_one_ddp_process_saves_and_stops_without_waiting_for_the_other
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
+def test_non_finite_loss_in_one_ddp_process_stops_every_process_before_the_update(tmp_path):
+    """A NaN loss on rank 1 alone: both processes decide together after backward and raise the named
+    FloatingPointError, instead of rank 0 going on into the next collective; no checkpoint holds the step."""
+    poison = [f"+callbacks.poison.{k}={v}" for k, v in {"part": "output", "step": 1, "rank": 1}.items()]
+    command, env, out = train_py_command(
+        tmp_path, "trainer=ddp", "+callbacks.poison._target_=test_resume.PoisonLoss", *poison,
+        "callbacks.attention_maps=null", "checkpoint_every_n_steps=1",
+    )  # fmt: skip
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "non-finite loss at step 1 (epoch 0, batch 1): output loss = nan" in output  # rank 1's own message
+    assert "non-finite loss at step 1 (epoch 0) in another process" in output  # rank 0's
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["last.ckpt"]  # no interrupted.ckpt of the stopped step
+    state = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 1
+
+
 # ---------------------------------------------------------------------------------------------- trainer=fsdp
 
 

@@ -88,11 +88,11 @@ class PoisonLoss(L.Callback):
     student's logits NaN (a forward hook on its classifier; the attention maps come before it and stay
     finite), a layer pair name makes that pair's attention loss NaN (the output loss stays finite)."""
 
-    def __init__(self, part: str, step: int) -> None:
-        self.part, self.step = part, step
+    def __init__(self, part: str, step: int, rank: int | None = None) -> None:
+        self.part, self.step, self.rank = part, step, rank  # rank: poison that process alone
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        if trainer.global_step != self.step:
+        if trainer.global_step != self.step or self.rank not in (None, trainer.global_rank):
             return
         if self.part == "output":
             module.student.classifier.register_forward_hook(lambda layer, inputs, output: output * float("nan"))

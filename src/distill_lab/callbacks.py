@@ -22,7 +22,7 @@ from torch import Tensor  # noqa: E402
 
 from distill_lab.capture import QueryKey  # noqa: E402
 from distill_lab.matching import pair_name  # noqa: E402
-from distill_lab.resume import rng_state, set_rng_state  # noqa: E402
+from distill_lab.resume import describe_names, non_finite_parameters, rng_state, set_rng_state  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -167,21 +167,11 @@ class LastCheckpoint(ModelCheckpoint):
 # ---------------------------------------------------------------------------------------------- surviving interruption
 
 
-def non_finite_parameters(module: torch.nn.Module) -> list[str]:
-    """Names of the trainable parameters holding a NaN or an infinity (the frozen teacher cannot turn so)."""
-    return [name for name, p in module.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
-
-
-def _describe(names: list[str], limit: int = 3) -> str:
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
 class FiniteCheckpoints(L.Callback):
     """Refuses to write a checkpoint whose trainable weights are not finite, so every checkpoint on disk can
     be resumed.
 
-    The module stops on a non-finite loss before it reaches backward (``DistillationModule.training_step``),
+    The module stops on a non-finite loss before the update (``DistillationModule._stop_if_not_finite``),
     but a finite loss can still give non-finite gradients whose update leaves NaN weights; a step checkpoint
     written right after that update would then replace the last good ``last.ckpt``. The check runs only when
     a checkpoint is written (all parameters, once per save), and raises ``FloatingPointError`` naming the step
@@ -191,7 +181,7 @@ class FiniteCheckpoints(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict) -> None:
         if bad := non_finite_parameters(module):
             raise FloatingPointError(
-                f"non-finite weights at step {trainer.global_step} in {_describe(bad)}, "
+                f"non-finite weights at step {trainer.global_step} in {describe_names(bad)}, "
                 "probably from non-finite gradients in the last update; no checkpoint was written, the ones on disk "
                 "hold the last finite weights. Lower optimizer.lr or check the data of this step."
             )
@@ -225,7 +215,7 @@ class InterruptedCheckpoint(L.Callback):
             log.warning("a non-finite stop writes no %s; the last good checkpoint is the newest", self.ckpt_path)
             return
         if bad := non_finite_parameters(module):
-            log.warning("not writing %s: the weights are non-finite (%s)", self.ckpt_path, _describe(bad))
+            log.warning("not writing %s: the weights are non-finite (%s)", self.ckpt_path, describe_names(bad))
             return
         if trainer.world_size > 1:
             # The other processes may be anywhere, e.g. waiting in a gradient all-reduce: nothing here may wait

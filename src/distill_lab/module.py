@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 from distill_lab.capture import AttentionCapture
 from distill_lab.losses import distillation_objective
 from distill_lab.matching import AttentionDistillationLoss, gradient_head_importance
+from distill_lab.resume import describe_names, non_finite_parameters
 from distill_lab.tasks import SequenceClassification
 
 TEACHER_PREFIX = "teacher."
@@ -96,6 +97,7 @@ class DistillationModule(L.LightningModule):
         self.teacher_metrics = self.task.metrics("val/teacher_", num_classes)
         self.teacher_scores: dict[str, float] = {}
         self.strict_loading = False  # checkpoints leave the frozen teacher out
+        self._since_update: list = []  # (loss, parts, batch index) of the micro-batches since the last update
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -180,7 +182,9 @@ class DistillationModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss, output_loss, attention_loss, details, *_ = self(batch)
-        self._stop_if_not_finite(loss, output_loss, attention_loss, details, batch_idx)
+        pairs = {f"layer pair {k}": v.detach() for k, v in details.items() if "/" not in k}
+        parts = {"output loss": output_loss.detach(), **pairs, "attention loss": attention_loss.detach()}
+        self._since_update.append((loss.detach(), parts, batch_idx))  # checked before the update: no sync here
         batch_size = _batch_size(batch)
         self.log_dict(
             {"train/loss": loss, "train/output_loss": output_loss, "train/attention_loss": attention_loss},
@@ -190,28 +194,43 @@ class DistillationModule(L.LightningModule):
         self.log_dict({f"train/attention/{k}": v for k, v in details.items()}, batch_size=batch_size)
         return loss
 
-    def _stop_if_not_finite(self, loss, output_loss, attention_loss, details, batch_idx: int) -> None:
-        """Stop on a non-finite loss before it reaches backward, naming the step and the part that went non-finite
-        (the output loss, layer pairs). The update of this step never happens and no checkpoint of it is
-        written (``callbacks.InterruptedCheckpoint`` skips a ``FloatingPointError``), so the newest checkpoint
-        on disk holds the last good weights."""
-        if torch.isfinite(loss):
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self._stop_if_not_finite()
+
+    def _stop_if_not_finite(self) -> None:
+        """Stop on a non-finite loss before the update, naming the step and the part that went non-finite (the
+        output loss, layer pairs). Checked once per optimizer step, after backward: one wait for the device
+        per step, and under DDP or FSDP one decision for all processes (a loss that is non-finite on one of them
+        has made every process's averaged gradients so), so they all stop together. The update never happens
+        and no checkpoint of it is written (``callbacks.InterruptedCheckpoint`` skips a ``FloatingPointError``),
+        so the newest checkpoint on disk holds the last good weights."""
+        micro_batches, self._since_update = self._since_update, []
+        if not micro_batches:
             return
-        parts = {"output loss": output_loss, **{f"layer pair {k}": v for k, v in details.items() if "/" not in k}}
+        finite = bool(torch.stack([loss for loss, _, _ in micro_batches]).isfinite().all())
+        if self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            return
+        where = f"non-finite loss at step {self.global_step} (epoch {self.current_epoch}"
+        bad_here = [(parts, i) for loss, parts, i in micro_batches if not torch.isfinite(loss)]
+        if not bad_here:
+            raise FloatingPointError(
+                f"{where}) in another process. Training stopped before this step's update; the newest checkpoint "
+                "holds the last good weights."
+            )
+        parts, batch_idx = bad_here[0]
+        attention = parts.pop("attention loss")
         bad = [f"{name} = {v.item()}" for name, v in parts.items() if not torch.isfinite(v)]
         if not bad:  # every part is finite, their weighted sum is not
-            bad = [f"the weighted sum of output loss {output_loss.item()} and attention loss {attention_loss.item()}"]
-        weights = [name for name, p in self.student.named_parameters() if not torch.isfinite(p).all()]
+            bad = [f"the weighted sum of output loss {parts['output loss'].item()} and attention loss {attention.item()}"]
+        weights = non_finite_parameters(self.student)
         cause = (
-            f"; the student's weights were already non-finite ({', '.join(weights[:3])}"
-            f"{', ...' if len(weights) > 3 else ''}): the previous update made them so"
+            f"; the student's weights were already non-finite ({describe_names(weights)}): the previous update made them so"
             if weights
             else ""
         )
         raise FloatingPointError(
-            f"non-finite loss at step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx}): "
-            f"{', '.join(bad)}{cause}. Training stopped before this step's update; the newest checkpoint holds the "
-            "last good weights. Lower optimizer.lr, or check the data of this batch."
+            f"{where}, batch {batch_idx}): {', '.join(bad)}{cause}. Training stopped before this step's update; the "
+            "newest checkpoint holds the last good weights. Lower optimizer.lr, or check the data of this batch."
         )
 
     def validation_step(self, batch, batch_idx) -> Step:
@@ -226,10 +245,9 @@ class DistillationModule(L.LightningModule):
         self.log_dict({"val/loss": loss, "val/attention_loss": attention_loss}, batch_size=batch_size, sync_dist=True)
         pairs = {f"val/attention/{k}": v for k, v in details.items() if "/" not in k}
         self.log_dict(pairs, batch_size=batch_size, sync_dist=True)
-        return (
-            step  # callbacks.AttentionMapCallback draws from it (no forward of its own, which FSDP would need
-        )
-        # every process to join)
+        # callbacks.AttentionMapCallback draws from it (no forward of its own, which FSDP would need every process
+        # to join)
+        return step
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
