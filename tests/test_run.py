@@ -510,6 +510,7 @@ ERRORS = {
     "missing-column": (["data.text_column=sentence"], r"data\.text_column='sentence'.*available columns: \['text', 'label'\]"),
     "top-k-too-large": (["matching=selective", "matching.top_k=10"], r"top_k=10.*Lower top_k"),
     "student-deeper-than-teacher": (["student.num_layers=5"], r"student\.num_layers=5"),
+    "mse-scores-needs-qk": (["loss=mse_scores", "capture=probs"], r"loss=mse_scores .*needs capture=qk, not capture=probs"),
     "gradient-importance-under-fsdp": (
         [
             "trainer=fsdp", "trainer.strategy._target_=test_ddp.CPUFSDPStrategy", "trainer.accelerator=cpu",

@@ -29,7 +29,6 @@ from distill_lab.matching import AttentionDistillationLoss, layer_map
 from distill_lab.models import count_parameters, load_preprocessor
 from distill_lab.module import DistillationModule
 from distill_lab.resume import resolve_ckpt_path
-from distill_lab.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +174,7 @@ def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
 
     # the task, models and data: loading errors surface here, before anything trains
-    task = instantiate(cfg.task) if cfg.get("task") else get_task("sequence_classification")
+    task = instantiate(cfg.task)
     teacher = instantiate(cfg.teacher)
     preprocessor = load_preprocessor(
         cfg.teacher.name_or_path, task.name, trust_remote_code=cfg.teacher.get("trust_remote_code", False)
