@@ -52,10 +52,11 @@ def test_all_variants_optimise_the_same_student(bench):
     teacher, student = bench.build_models(preset, 16, torch.float32, "cpu")
     pairs = bench.layer_map(preset["layers"], preset["student_layers"], "uniform")
     batch = bench.make_batch(preset, 2, 16, "cpu")
+    losses = {}
     for name, variant in bench.variants(teacher, student, pairs, batch).items():
         variant.enter()
         try:
-            loss = variant.step()
+            loss = losses[name] = variant.step()
         finally:
             variant.leave()
         assert torch.isfinite(loss), name
@@ -63,3 +64,7 @@ def test_all_variants_optimise_the_same_student(bench):
         assert all(p.grad is None for p in teacher.parameters()), name
         student.zero_grad(set_to_none=True)
     assert teacher.config._attn_implementation == "sdpa" and student.config._attn_implementation == "sdpa"
+    # (b) and (c) are one objective computed two ways; (a) lacks its attention term
+    (a, b, c) = losses.values()
+    torch.testing.assert_close(c.detach(), b.detach(), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(a, b)

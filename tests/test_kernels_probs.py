@@ -1,7 +1,7 @@
 """The fused attention-MSE and attention-cosine Triton kernels against a float64 reference written here.
 
 Without a GPU the kernels run under ``TRITON_INTERPRET=1`` on CPU tensors (small shapes); with one they run
-compiled, in bf16 too.
+compiled. Under the interpreter the bf16 and determinism tests check less (see tests/test_kernels.py).
 """
 
 from __future__ import annotations

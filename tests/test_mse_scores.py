@@ -35,12 +35,7 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 def _record(gen, batch, length, heads, kv_heads, dim, attention_mask, mask_format="bool", dtype=F64) -> QueryKey:

@@ -18,12 +18,7 @@ LOSSES = ("kl", "mse", "cosine")
 MODES = ("layerwise", "headwise", "global", "selective")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 def _run(teacher, student, inputs, backend, loss, mode, block_size, teacher_layers=(1, 3), student_layers=(0, 1)):

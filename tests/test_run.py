@@ -545,7 +545,6 @@ def test_attention_map_example_is_one_row_of_the_validation_step(tmp_path):
     record = QueryKey(query, key, 8**-0.5, keys[:, None, None, :].expand(3, 1, 6, 6))
     for index in range(3):
         torch.testing.assert_close(example_attention(record, index), record.probs()[index])
-        torch.testing.assert_close(example_attention(record.probs(), index), record.probs()[index])
     trainer = SimpleNamespace(datamodule=SimpleNamespace(eval_batch_size=8))
     AttentionMapCallback(str(tmp_path), example_index=7).setup(trainer, None, "fit")
     with pytest.raises(ValueError, match=r"example_index=8.*validation batch of 8"):
