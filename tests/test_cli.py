@@ -236,9 +236,10 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes(task, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     resumed = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert resumed["global_step"] == epochs * 8  # the configured end, counted from the interrupted step on
-    with open(second / "csv" / "version_0" / "metrics.csv") as f:
-        logged = [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
-    assert logged and min(logged) >= step  # the second run did not start again from step 0
+    metrics_csv = (second / "csv" / "version_0" / "metrics.csv").read_text()
+    logged = [int(row["step"]) for row in csv.DictReader(metrics_csv.splitlines()) if row.get("train/loss")]
+    # the second run did not start again from step 0
+    assert logged and min(logged) >= step, f"interrupted at step {step}, resumed to {epochs * 8}:\n{metrics_csv[:2000]}"
     results = json.loads((second / "results.json").read_text())  # the resumed run finished and reported
     assert Path(results["best_checkpoint"]).parent == second / "checkpoints" and 0.0 <= results["student"]["acc"] <= 1.0
 
