@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 from datasets import Dataset, DatasetDict
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from distill_lab.data import (
     NEGATION,
@@ -20,6 +21,7 @@ from distill_lab.data import (
     local_files,
     synthetic_relations,
 )
+from distill_lab.data_lm import LanguageModelingData
 
 W_WORDS = tuple(f"w{i}" for i in range(24))
 W0 = 5 + len(SYNTHETIC_WORDS)  # id of "w0"
@@ -326,3 +328,36 @@ def test_class_label_names_are_kept(tokenizer):
     dm.setup()
     assert dm.label_names == ["neg", "pos"]
     assert dm.splits["train"]["labels"] == [1, 0, 1]
+
+
+def _eos_padded_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A GPT-2-style word tokenizer (no special tokens added) whose padding token is its eos token, id 0."""
+    vocab = {token: i for i, token in enumerate(("<eos>", "<unk>", *SYNTHETIC_WORDS))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
+    tokenizer.pad_token = tokenizer.eos_token  # as for GPT-2 and LLaMA
+    return tokenizer
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_causal_lm_labels_keep_a_real_eos_when_pad_is_eos(pack):
+    """Labels are -100 at padding (attention_mask 0) only, not at every token equal to the padding id."""
+    texts = Dataset.from_dict({"text": ["the movie <eos> was good <eos>", "bad <eos>", "it is <eos> not fine"] * 4})
+    data = LanguageModelingData(
+        DatasetDict(train=texts, validation=texts), _eos_padded_tokenizer(), mlm=False, max_length=5, pack=pack,
+        batch_size=3,
+    )
+    data.setup()
+    eos = data.tokenizer.eos_token_id
+    assert data.tokenizer.pad_token_id == eos == 0
+    batches = [*data.train_dataloader(), *data.val_dataloader(), data.example_batch("train", 3)]
+    real_eos = padding = 0
+    for batch in batches:
+        real = batch["attention_mask"] == 1
+        assert torch.equal(batch["labels"][real], batch["input_ids"][real])
+        assert (batch["labels"][~real] == -100).all()
+        real_eos += int((batch["input_ids"][real] == eos).sum())
+        padding += int((~real).sum())
+    assert real_eos >= 12  # every text holds an eos, and each keeps its label
+    assert (padding == 0) == pack  # padded batches do have padding, packed blocks none

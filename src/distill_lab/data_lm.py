@@ -9,7 +9,9 @@ transformers' ``DataCollatorForLanguageModeling``:
 - masked LM: tokens are masked dynamically, anew in every training batch (BERT's 80/10/10 rule,
   ``mlm_probability`` of the tokens); ``labels`` hold the original ids at masked positions and -100 elsewhere.
   The validation split is masked once, with a fixed seed, so its metrics compare across epochs and runs.
-- causal LM: ``labels`` are the input ids, -100 at padding; the task shifts them by one.
+- causal LM: ``labels`` are the input ids, -100 at padding (``attention_mask`` 0) only: a tokenizer whose
+  padding token is its eos token (GPT-2, LLaMA) keeps the targets of the real eos tokens in the text. The
+  task shifts them by one.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from itertools import chain
 
+import torch
 from datasets import DatasetDict
 from transformers import (
     DataCollatorForLanguageModeling,
@@ -31,6 +34,17 @@ def synthetic_text(num_train: int = 4000, num_validation: int = 500, seed: int =
     """The built-in task's sentences as raw text (column ``text``), for offline language-model runs."""
     splits = synthetic_relations(num_train=num_train, num_validation=num_validation, seed=seed)
     return DatasetDict({name: split.select_columns(["text"]) for name, split in splits.items()})
+
+
+class _CausalLMCollator(DataCollatorForLanguageModeling):
+    """``DataCollatorForLanguageModeling(mlm=False)`` with labels -100 where ``attention_mask`` is 0. The
+    transformers collator sets -100 wherever a token equals the padding id, which for a tokenizer with
+    pad = eos also drops the target of every real eos token."""
+
+    def torch_call(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = super().torch_call(examples)
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        return batch
 
 
 class LanguageModelingData(TrainValidationData):
@@ -144,7 +158,8 @@ class LanguageModelingData(TrainValidationData):
         if split == "validation" and self.mlm:
             return DataCollatorForTokenClassification(self.tokenizer)
         if self._train_collator is None:
-            self._train_collator = DataCollatorForLanguageModeling(
+            collator = DataCollatorForLanguageModeling if self.mlm else _CausalLMCollator
+            self._train_collator = collator(
                 self.tokenizer, mlm=self.mlm, mlm_probability=self.mlm_probability, seed=self.seed
             )
         return self._train_collator
