@@ -510,6 +510,12 @@ ERRORS = {
     "missing-column": (["data.text_column=sentence"], r"data\.text_column='sentence'.*available columns: \['text', 'label'\]"),
     "top-k-too-large": (["matching=selective", "matching.top_k=10"], r"top_k=10.*Lower top_k"),
     "student-deeper-than-teacher": (["student.num_layers=5"], r"student\.num_layers=5"),
+    "attention-weight-out-of-range": (["attention_weight=1.5"], r"attention_weight must be in \[0, 1\], got 1\.5"),
+    "unknown-capture": (["capture=flash"], r"unknown capture backend 'flash'; valid choices: .*qk"),
+    "fused-kernel-without-qk": (
+        ["fused_kernel=true", "capture=probs", "matching=global"],
+        r"fused_kernel=true, but .*\(capture=qk\), not capture=probs.*matching=global averages heads.*fused_kernel=null",
+    ),
     "mse-scores-needs-qk": (["loss=mse_scores", "capture=probs"], r"loss=mse_scores .*needs capture=qk, not capture=probs"),
     "gradient-importance-under-fsdp": (
         [
@@ -528,6 +534,16 @@ def test_configuration_errors_fail_before_training(task, tmp_path, case):
     with pytest.raises(ValueError, match=message):
         run_app(task, out, *overrides)
     assert not (out / "checkpoints").exists() and not (out / "results.json").exists()
+
+
+def test_fused_kernel_true_without_cuda_fails_before_training(task, tmp_path, monkeypatch):
+    """Outside Triton's interpreter (which the test session turns on for the kernel tests), ``fused_kernel=true``
+    on a CPU run is refused when the run is set up, naming the config key, not at the first forward."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"fused_kernel=true, but .*need a CUDA device, and this run is on cpu"):
+        run_app(task, out, "fused_kernel=true")
+    assert not (out / "checkpoints").exists()
 
 
 def test_attention_map_example_is_one_row_of_the_validation_step(tmp_path):

@@ -550,6 +550,27 @@ class AttentionDistillationLoss(nn.Module):
         """Raise before training if the matching mode cannot pair these head counts."""
         self.matching.check_heads(num_teacher_heads, num_student_heads, self.layer_map)
 
+    def fused_problems(self, device_type: str, capture: str, num_teacher_heads: int, num_student_heads: int) -> list[str]:
+        """Why the fused kernels cannot run for this objective on ``device_type`` with ``capture``, as far as it
+        can be told before a forward (what a record may still rule out: sliding windows, soft-capping, a mask
+        beyond padding and causal structure); empty where they can."""
+        reasons = []
+        if not (isinstance(self.loss, AttentionLoss) and self.loss.name in ("kl", "mse", "cosine")):
+            reasons.append("only loss=kl, mse and cosine have fused kernels")
+        if capture != "qk":
+            reasons.append(f"the kernels read queries and keys (capture=qk), not capture={capture}")
+        if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            reasons.append(f"they need a CUDA device, and this run is on {device_type}")
+        from distill_lab.kernels.attention_kl import triton
+
+        if triton is None:
+            reasons.append("triton is not installed (pip install distill-lab[gpu])")
+        if getattr(self.matching, "calibrated", True) and all(  # selective pairs single heads once calibrated
+            self.matching.head_pairs(num_teacher_heads, num_student_heads, p) is None for p in self.layer_map
+        ):
+            reasons.append(f"matching={type(self.matching).__name__.lower()} averages heads in every layer pair")
+        return reasons
+
     def calibrate(
         self,
         student_attentions,

@@ -206,6 +206,15 @@ def train(cfg: DictConfig) -> dict:
             "sharded by trainer=fsdp cannot give: use matching.importance=entropy, or fix the heads with "
             "matching.heads=[...]"
         )
+    if cfg.fused_kernel and (
+        problems := attention_loss.fused_problems(
+            trainer.strategy.root_device.type, cfg.capture, num_attention_heads(teacher), num_attention_heads(student)
+        )
+    ):
+        raise ValueError(
+            f"fused_kernel=true, but the fused attention kernels cannot run here: {'; '.join(problems)}. "
+            "Use fused_kernel=null to take them wherever they apply, or fused_kernel=false."
+        )
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
