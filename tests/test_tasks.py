@@ -13,9 +13,10 @@ import math
 
 import pytest
 import torch
-from conftest import compose_config, make_image_task, make_text_task, make_tiny_config
+from conftest import CONF_DIR, compose_config, make_image_task, make_text_task, make_tiny_config
 from datasets import Dataset, DatasetDict
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForMaskedLM
 
 from distill_lab.data import build_word_tokenizer
@@ -250,10 +251,25 @@ def test_image_classification_trains_end_to_end(tmp_path):
     assert sorted(p.name for p in (out / "attention_maps").glob("*.png")) == ["epoch0.png"]
 
 
-def test_every_task_has_a_config_option():
-    from conftest import CONF_DIR
+TASK_OPTIONS = sorted(p.stem for p in (CONF_DIR / "task").glob("*.yaml"))
 
-    assert {p.stem for p in (CONF_DIR / "task").glob("*.yaml")} == set(TASKS)
+
+def test_every_task_has_a_config_option():
+    assert set(TASK_OPTIONS) == set(TASKS)
+    config = OmegaConf.load(CONF_DIR / "config.yaml")  # the task file alone sets what is optimised
+    assert OmegaConf.is_missing(config, "optimized_metric") and OmegaConf.is_missing(config, "optimized_mode")
+
+
+@pytest.mark.parametrize("option", TASK_OPTIONS)
+def test_every_task_option_optimises_its_tasks_monitor(option):
+    """``optimized_metric``/``optimized_mode`` (what the best checkpoint follows and ``train.py`` returns to
+    sweepers) are composed by Hydra before any task object exists, so each task file repeats its task's
+    ``monitor``/``monitor_mode``; here they must agree, and the monitor must be a metric the task logs."""
+    spec = OmegaConf.load(CONF_DIR / "task" / f"{option}.yaml")
+    task = get_task(spec.task.name)
+    assert task.name == option
+    assert (spec.optimized_metric, spec.optimized_mode) == (task.monitor, task.monitor_mode)
+    assert task.monitor in task.metrics("val/", 7).keys() and task.monitor_mode in ("min", "max")
 
 
 @pytest.mark.slow
