@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import chain
+
 import datasets
 import pandas as pd
 import pytest
@@ -21,7 +23,7 @@ from distill_lab.data import (
     local_files,
     synthetic_relations,
 )
-from distill_lab.data_lm import LanguageModelingData
+from distill_lab.data_lm import LanguageModelingData, synthetic_text
 
 W_WORDS = tuple(f"w{i}" for i in range(24))
 W0 = 5 + len(SYNTHETIC_WORDS)  # id of "w0"
@@ -361,3 +363,25 @@ def test_causal_lm_labels_keep_a_real_eos_when_pad_is_eos(pack):
         padding += int((~real).sum())
     assert real_eos >= 12  # every text holds an eos, and each keeps its label
     assert (padding == 0) == pack  # padded batches do have padding, packed blocks none
+
+
+def test_masked_lm_calibration_batch_leaves_the_training_masks_alone():
+    """example_batch("train") masks with a collator of its own: the run's training masks are the same whether
+    or not a calibration batch was drawn first, and the calibration batch depends on the seed alone."""
+
+    def run(calibrate: bool, seed: int = 3):
+        data = LanguageModelingData(synthetic_text(num_train=96, num_validation=16), build_word_tokenizer(), batch_size=16, seed=seed)
+        calibration = data.example_batch("train", 24) if calibrate else None
+        rng = torch.get_rng_state()
+        epochs = [[(b["input_ids"], b["labels"]) for b in data.train_dataloader()] for _ in range(2)]
+        assert torch.equal(torch.get_rng_state(), rng)  # the masks come from the seeded collator, not the global RNG
+        return data, calibration, epochs
+
+    data, calibration, epochs = run(calibrate=True)
+    _, _, uncalibrated = run(calibrate=False)
+    for with_calibration, without in zip(chain(*epochs), chain(*uncalibrated), strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(with_calibration, without, strict=True))
+    assert (calibration["labels"] != -100).sum() > 0  # masked, as a training batch is
+    for again in (data.example_batch("train", 24), run(calibrate=True)[1]):  # after training batches, another module
+        assert torch.equal(again["input_ids"], calibration["input_ids"]) and torch.equal(again["labels"], calibration["labels"])
+    assert not torch.equal(run(calibrate=True, seed=4)[1]["labels"], calibration["labels"])

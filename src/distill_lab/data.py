@@ -289,10 +289,17 @@ class TrainValidationData(lightning.LightningDataModule):
         return self._loader("validation", self.eval_batch_size, shuffle=False)
 
     def example_batch(self, split: str = "validation", size: int = 8) -> dict[str, torch.Tensor]:
-        """One collated batch of the first ``size`` examples of ``split`` (for calibration and plots)."""
+        """One batch of the first ``size`` examples of ``split`` (for calibration and plots), collated by
+        :meth:`example_collator`."""
         self.setup()
         ds = self.splits[split]
-        return self.collator(split)([ds[i] for i in range(min(size, len(ds)))])
+        return self.example_collator(split)([ds[i] for i in range(min(size, len(ds)))])
+
+    def example_collator(self, split: str) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+        """``collator(split)``; a subclass whose collator draws random numbers (masks) gives a fresh one here,
+        seeded from ``seed``, so that an example batch is the same on every call and leaves the training run's
+        draws as they would be without it."""
+        return self.collator(split)
 
     def state_dict(self) -> dict:
         """Where training is in the shuffled order, which Lightning saves in every checkpoint:

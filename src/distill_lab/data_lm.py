@@ -158,8 +158,16 @@ class LanguageModelingData(TrainValidationData):
         if split == "validation" and self.mlm:
             return DataCollatorForTokenClassification(self.tokenizer)
         if self._train_collator is None:
-            collator = DataCollatorForLanguageModeling if self.mlm else _CausalLMCollator
-            self._train_collator = collator(
-                self.tokenizer, mlm=self.mlm, mlm_probability=self.mlm_probability, seed=self.seed
-            )
+            self._train_collator = self._language_modeling_collator()
         return self._train_collator
+
+    def example_collator(self, split: str):
+        """A fresh collator seeded with ``seed``, not the run's: the calibration batch (``example_batch("train")``)
+        is masked the same on every call, and the training masks do not depend on whether it was drawn."""
+        if split == "validation" and self.mlm:
+            return self.collator(split)
+        return self._language_modeling_collator()
+
+    def _language_modeling_collator(self) -> DataCollatorForLanguageModeling:
+        collator = DataCollatorForLanguageModeling if self.mlm else _CausalLMCollator
+        return collator(self.tokenizer, mlm=self.mlm, mlm_probability=self.mlm_probability, seed=self.seed)
