@@ -89,3 +89,38 @@ def test_perplexity_sorts_lowest_first_and_is_the_default_metric_of_lm_runs(tmp_
     body = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
     assert [line.split("|")[1].strip() for line in body] == ["1", "0", "2"]
     assert "student perplexity" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.fixture
+def masked_lm_sweep(tmp_path):
+    """A masked-LM multirun as ``train.py`` writes it: the student's first metric is masked_acc, the task optimises
+    perplexity; the run with the best accuracy (1) is not the one with the lowest perplexity (2)."""
+    for i, (acc, ppl) in enumerate([(0.40, 12.0), (0.55, 11.0), (0.50, 9.5)]):
+        run = tmp_path / str(i)
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["task=masked_lm", f"loss=l{i}"]))
+        results = {
+            "task": "masked_lm",
+            "student": {"masked_acc": acc, "perplexity": ppl},
+            "teacher": {"masked_acc": 0.6, "perplexity": 8.0},
+            "parameters": {"compression": 2.0},
+        }
+        (run / "results.json").write_text(json.dumps(results))
+    return tmp_path
+
+
+def _run_order(output: str) -> list[str]:
+    return [line.split("|")[1].strip() for line in output.splitlines() if line.startswith("| ")][1:]
+
+
+def test_default_metric_is_the_one_the_task_optimises(masked_lm_sweep, capsys):
+    main([str(masked_lm_sweep)])
+    assert _run_order(capsys.readouterr().out) == ["2", "1", "0"]  # perplexity, lowest first
+    header = (masked_lm_sweep / "summary.md").read_text().splitlines()[2]  # below the shared task=masked_lm
+    assert header == "| run | loss | student perplexity | teacher perplexity | gap | compression |"
+
+
+def test_explicit_metric_wins_over_the_tasks(masked_lm_sweep, capsys):
+    main([str(masked_lm_sweep), "--metric", "masked_acc"])
+    assert _run_order(capsys.readouterr().out) == ["1", "2", "0"]  # accuracy, highest first
+    assert "| 1 | l1 | 0.5500 | 0.6000 | +0.0500 | 2.00x |" in (masked_lm_sweep / "summary.md").read_text()

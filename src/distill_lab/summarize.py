@@ -126,19 +126,32 @@ def bar_chart(rows: list[dict], path: str | Path, metric: str = "acc") -> Path:
     return Path(path)
 
 
+def default_metric(rows: list[dict]) -> str:
+    """The metric the runs optimised: the monitor of the first run's task (``perplexity`` for a language model,
+    ``acc`` for a classifier); for results without a known task, the first run's first student metric."""
+    results = rows[0]["results"]
+    task = results.get("task")
+    if task is not None:
+        from distill_lab.tasks import TASKS  # imports torch and transformers (seconds): only when asked for
+
+        if task in TASKS:
+            return TASKS[task].monitor.removeprefix("val/")
+    return next(iter(results["student"]), "acc")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory", help="a Hydra multirun directory")
     parser.add_argument(
         "--metric", default=None,
-        help="student metric to compare (acc, f1, masked_acc, perplexity); default: the runs' first metric",
+        help="student metric to compare (acc, f1, masked_acc, perplexity); default: the one the runs' task optimises",
     )
     args = parser.parse_args(argv)
     try:
         rows = collect(args.directory)
     except FileNotFoundError as err:
         parser.exit(2, f"error: {err}\n")
-    metric = args.metric or next(iter(rows[0]["results"]["student"]), "acc")
+    metric = args.metric or default_metric(rows)
     table = markdown_table(rows, metric)
     out = Path(args.directory)
     (out / "summary.md").write_text(table + "\n")
