@@ -5,6 +5,7 @@ from __future__ import annotations
 from itertools import chain
 
 import datasets
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -23,6 +24,7 @@ from distill_lab.data import (
     local_files,
     synthetic_relations,
 )
+from distill_lab.data_images import ImageFolderData
 from distill_lab.data_lm import LanguageModelingData, synthetic_text
 
 W_WORDS = tuple(f"w{i}" for i in range(24))
@@ -385,3 +387,55 @@ def test_masked_lm_calibration_batch_leaves_the_training_masks_alone():
     for again in (data.example_batch("train", 24), run(calibrate=True)[1]):  # after training batches, another module
         assert torch.equal(again["input_ids"], calibration["input_ids"]) and torch.equal(again["labels"], calibration["labels"])
     assert not torch.equal(run(calibrate=True, seed=4)[1]["labels"], calibration["labels"])
+
+
+NEG_POS = datasets.ClassLabel(names=["neg", "pos"])
+# label kind -> (train labels, validation labels, their ClassLabel features or None, label names or the error)
+LABEL_CASES = {
+    "class_label": ([1, 0, 1], [0, 1], (NEG_POS, NEG_POS), ["neg", "pos"]),
+    "string": (["pos", "neg", "neutral", "pos"], ["neutral", "pos"], None, ["neg", "neutral", "pos"]),
+    "int": ([0, 3, 1], [1, 3], None, ["0", "1", "2", "3"]),
+    "float": ([0.0, 1.0, 1.0], [1.0, 0.0], None, r"data\.label_column='label'.*float"),
+    "unseen_validation_label": (
+        ["a", "b"], ["b", "c"], None, r"validation labels \['c'\] of data\.label_column='label' do not occur in the train split"
+    ),
+    "negative_int": ([0, -1, 1], [1, 0], None, r"data\.label_column='label' holds invalid labels \[-1\]"),
+    "other_validation_classes": (  # e.g. a validation folder with other class sub-folders
+        [1, 0], [0, 1], (NEG_POS, datasets.ClassLabel(names=["neg", "neutral"])),
+        r"different classes: \['neg', 'pos'\] vs \['neg', 'neutral'\]",
+    ),
+}
+
+
+def _labelled_data(kind: str, train_labels: list, validation_labels: list, class_labels) -> DatasetDict:
+    """The labels beside texts (``kind="text"``) or beside 4 x 4 images (``kind="image"``)."""
+    splits = {}
+    for i, (split, labels) in enumerate((("train", train_labels), ("validation", validation_labels))):
+        if kind == "text":
+            rows, features = {"text": [f"w{k}" for k in range(len(labels))]}, {"text": datasets.Value("string")}
+        else:
+            rows = {"image": [np.full((4, 4, 3), 40 * k, dtype=np.uint8) for k in range(len(labels))]}
+            features = {"image": datasets.Image()}
+        label = class_labels[i] if class_labels else Dataset.from_dict({"label": labels}).features["label"]
+        splits[split] = Dataset.from_dict(rows | {"label": labels}, features=datasets.Features(features | {"label": label}))
+    return DatasetDict(splits)
+
+
+@pytest.mark.parametrize("case", list(LABEL_CASES))
+def test_text_and_image_data_map_labels_alike(tokenizer, case):
+    """Text and image classification share one label mapping: the same label kinds, names, ids and errors."""
+    train_labels, validation_labels, class_labels, expected = LABEL_CASES[case]
+    processor = transformers.ViTImageProcessorPil(size={"height": 4, "width": 4})
+    modules = [
+        TextClassificationData(_labelled_data("text", train_labels, validation_labels, class_labels), tokenizer, batch_size=8),
+        ImageFolderData(_labelled_data("image", train_labels, validation_labels, class_labels), processor, batch_size=8),
+    ]
+    for data in modules:
+        if isinstance(expected, str):
+            with pytest.raises(ValueError, match=expected):
+                data.setup()
+            continue
+        data.setup()
+        assert data.label_names == expected
+        ids = validation_labels if class_labels else [expected.index(str(label)) for label in validation_labels]
+        assert next(iter(data.val_dataloader()))["labels"].tolist() == ids

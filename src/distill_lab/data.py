@@ -2,8 +2,8 @@
 
 Loaders (:func:`hub_dataset`, :func:`local_files`, :func:`synthetic_relations`) return a DatasetDict with
 ``train`` and ``validation`` splits. :class:`TextClassificationData` takes one (or a zero-argument callable
-returning one, as Hydra's ``_partial_`` gives), validates its columns, maps labels to ids, tokenizes without
-padding and batches with dynamic padding.
+returning one, as Hydra's ``_partial_`` gives), validates its columns, maps labels to ids (:func:`class_ids`),
+tokenizes without padding and batches with dynamic padding.
 """
 
 from __future__ import annotations
@@ -186,6 +186,55 @@ def local_files(train_file: str | Path, validation_file: str | Path) -> DatasetD
         ValueError: A file does not exist or has an unsupported extension.
     """
     return DatasetDict(train=_load_file(train_file), validation=_load_file(validation_file))
+
+
+def class_ids(raw: DatasetDict, label_column: str) -> tuple[list[str], dict]:
+    """The class names of a classification dataset and the mapping from its raw label values to class ids,
+    shared by text and image classification.
+
+    - a ``ClassLabel`` (glue, an image folder's sub-folders): its own names and ids; a validation split with a
+      ``ClassLabel`` must have the same classes.
+    - strings: the train split's values, sorted.
+    - ints: the ids themselves, names ``"0"`` to the largest id in either split.
+
+    Args:
+        raw: ``train`` and ``validation`` splits, both with ``label_column`` (before any subsampling: a subset may
+            miss a class).
+        label_column: The label column (``data.label_column``).
+
+    Returns:
+        ``(names, ids)``: the class names in id order, and raw label value -> class id.
+
+    Raises:
+        ValueError: Labels of another type (e.g. float), other classes in the validation split than in the
+            train split, or ids that are no class (e.g. -1).
+    """
+    feature = raw["train"].features[label_column]
+    train_values = set(raw["train"][label_column])
+    validation_values = set(raw["validation"][label_column])
+    dtype = getattr(feature, "dtype", "")
+    key = f"data.label_column={label_column!r}"
+    if isinstance(feature, ClassLabel):  # e.g. glue: keep the dataset's own names
+        names, label_ids = list(feature.names), {i: i for i in range(feature.num_classes)}
+        other = raw["validation"].features[label_column]
+        if isinstance(other, ClassLabel) and other.names != names:
+            raise ValueError(
+                f"{key}: the train and validation splits have different classes: {names} vs {other.names}; give "
+                "both splits the same classes (for image folders, the same class sub-folders)"
+            )
+    elif dtype in ("string", "large_string"):
+        names = sorted(train_values)
+        label_ids = {name: i for i, name in enumerate(names)}
+    elif "int" in dtype:
+        names = [str(i) for i in range(max(train_values | validation_values) + 1)]
+        label_ids = {i: i for i in range(len(names))}
+    else:
+        raise ValueError(f"{key} has type {feature}; expected int or string labels")
+    if unknown := validation_values - train_values:
+        raise ValueError(f"validation labels {sorted(unknown)} of {key} do not occur in the train split")
+    if invalid := train_values - set(label_ids):
+        raise ValueError(f"{key} holds invalid labels {sorted(invalid)}")
+    return names, label_ids
 
 
 def _tokenize(batch: dict, tokenizer, columns: tuple, label_ids: dict, max_length: int) -> dict:
@@ -373,7 +422,7 @@ class TextClassificationData(TrainValidationData):
         raw = self.load_splits(
             {"text_column": self.text_column, "label_column": self.label_column, "text_pair_column": self.text_pair_column}
         )
-        label_ids = self._label_ids(raw)  # from the whole dataset, before any subsampling
+        self.label_names, label_ids = class_ids(raw, self.label_column)  # the whole dataset, before any subsampling
         self.raw = raw = self.subsample(raw)
         columns = (self.text_column, self.text_pair_column, self.label_column)
         fn_kwargs = dict(
@@ -383,32 +432,6 @@ class TextClassificationData(TrainValidationData):
             {split: ds.map(_tokenize, batched=True, remove_columns=ds.column_names, fn_kwargs=fn_kwargs)
              for split, ds in raw.items()}
         )
-
-    def _label_ids(self, raw: DatasetDict) -> dict:
-        """Set ``self.label_names`` and return the mapping from raw label values to class ids."""
-        feature = raw["train"].features[self.label_column]
-        train_values = set(raw["train"][self.label_column])
-        validation_values = set(raw["validation"][self.label_column])
-        dtype = getattr(feature, "dtype", "")
-        key = f"data.label_column={self.label_column!r}"
-        if isinstance(feature, ClassLabel):  # e.g. glue: keep the dataset's own names
-            names, label_ids = list(feature.names), {i: i for i in range(feature.num_classes)}
-        elif dtype in ("string", "large_string"):
-            names = sorted(train_values)
-            label_ids = {name: i for i, name in enumerate(names)}
-        elif "int" in dtype:
-            names = [str(i) for i in range(max(train_values | validation_values) + 1)]
-            label_ids = {i: i for i in range(len(names))}
-        else:
-            raise ValueError(f"{key} has type {feature}; expected int or string labels")
-        if unknown := validation_values - train_values:
-            raise ValueError(
-                f"validation labels {sorted(unknown)} of {key} do not occur in the train split"
-            )
-        if invalid := train_values - set(label_ids):
-            raise ValueError(f"{key} holds invalid labels {sorted(invalid)}")
-        self.label_names = names
-        return label_ids
 
     def collator(self, split: str) -> DataCollatorWithPadding:
         """Batches padded to the longest sequence in each."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from datasets import ClassLabel, DatasetDict, load_dataset
 
-from distill_lab.data import TrainValidationData
+from distill_lab.data import TrainValidationData, class_ids
 
 
 def synthetic_stripes(num_train: int = 1000, num_validation: int = 200, size: int = 32, seed: int = 0) -> DatasetDict:
@@ -61,10 +61,10 @@ class ImageFolderData(TrainValidationData):
     """Batches of ``pixel_values`` and ``labels``.
 
     Args:
-        dataset: Train and validation splits with an image column and a ``ClassLabel`` label column, as
-            :func:`image_folders` gives (see :class:`~distill_lab.data.TrainValidationData` for it and for
-            ``batch_size``, ``eval_batch_size``, ``num_workers``, ``max_train_samples``, ``max_eval_samples``,
-            ``seed``).
+        dataset: Train and validation splits with an image column and a label column: a ``ClassLabel``, as
+            :func:`image_folders` gives, or ints or strings as for text classification (see
+            :class:`~distill_lab.data.TrainValidationData` for it and for ``batch_size``, ``eval_batch_size``,
+            ``num_workers``, ``max_train_samples``, ``max_eval_samples``, ``seed``).
         image_processor: The teacher's image processor; may be assigned before :meth:`setup`.
         image_column, label_column: Column names.
     """
@@ -87,6 +87,7 @@ class ImageFolderData(TrainValidationData):
         self.image_column = image_column
         self.label_column = label_column
         self.label_names: list[str] | None = None
+        self.label_ids: dict | None = None  # raw label value -> class id, set by setup()
 
     @property
     def num_labels(self) -> int:
@@ -95,21 +96,18 @@ class ImageFolderData(TrainValidationData):
         return len(self.label_names)
 
     def setup(self, stage: str | None = None) -> None:
-        """Load, check and subsample the images (processed lazily, batch by batch)."""
+        """Load, check and subsample the images (processed lazily, batch by batch); labels are mapped to class
+        ids as for text classification (:func:`~distill_lab.data.class_ids`).
+
+        Raises:
+            ValueError: No image processor is set, a split or column is missing, or the labels are unusable.
+        """
         if self.splits is not None:
             return
         if self.image_processor is None:
             raise ValueError("ImageFolderData has no image processor: set its `image_processor` before setup()")
         raw = self.load_splits({"image_column": self.image_column, "label_column": self.label_column})
-        names = {split: raw[split].features[self.label_column] for split in ("train", "validation")}
-        if not all(isinstance(f, ClassLabel) for f in names.values()):
-            raise ValueError(f"data.label_column={self.label_column!r} must hold class labels (an image folder's sub-folders)")
-        if names["train"].names != names["validation"].names:
-            raise ValueError(
-                f"the train and validation splits have different classes: {names['train'].names} vs "
-                f"{names['validation'].names}; give both folders the same class sub-folders"
-            )
-        self.label_names = list(names["train"].names)
+        self.label_names, self.label_ids = class_ids(raw, self.label_column)  # before any subsampling
         self.splits = self.subsample(raw)  # images are processed lazily, batch by batch
 
     def collator(self, split: str):
@@ -118,4 +116,5 @@ class ImageFolderData(TrainValidationData):
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         images = [row[self.image_column].convert("RGB") for row in rows]
         pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixel_values, "labels": torch.tensor([row[self.label_column] for row in rows])}
+        labels = torch.tensor([self.label_ids[row[self.label_column]] for row in rows])
+        return {"pixel_values": pixel_values, "labels": labels}
