@@ -87,11 +87,43 @@ def test_masked_lm_loss_and_metrics_cover_only_masked_tokens():
     moved[~chosen] += 5.0
     assert float(task.output_loss(moved, out.logits, batch, 3.0, 0.5)) == pytest.approx(float(value), rel=1e-6)
     metrics = task.metrics("val/", config.vocab_size)
+    assert not metrics["masked_acc"].validate_args  # no argument checks (a device sync) per validation step
     task.update(metrics, out.logits, batch)
     result = metrics.compute()
     accuracy = (out.logits.argmax(-1)[chosen] == ids[chosen]).double().mean()
     assert float(result["val/masked_acc"]) == pytest.approx(float(accuracy))
     assert float(result["val/perplexity"]) == pytest.approx(math.exp(out.loss.item()), rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["sequence_classification", "image_classification"])
+def test_classification_metrics_are_accuracy_and_macro_f1_over_every_update(name):
+    """Accumulated over batches, against counts by hand; the metrics skip their argument checks (a device
+    sync per validation step) without changing a value."""
+    generator = torch.Generator().manual_seed(3)
+    classes = 4
+    task = get_task(name)
+    metrics = task.metrics("val/", classes)
+    assert all(not metric.validate_args for metric in metrics.values())
+    all_logits, all_labels = [], []
+    for size in (5, 8, 3):
+        logits = torch.randn(size, classes, generator=generator)
+        labels = torch.randint(0, classes, (size,), generator=generator)
+        labels[:classes] = torch.arange(classes)[:size]  # every class among the labels
+        task.update(metrics, logits, {"labels": labels})
+        all_logits.append(logits)
+        all_labels.append(labels)
+    pairs = list(zip(torch.cat(all_logits).argmax(-1).tolist(), torch.cat(all_labels).tolist(), strict=True))
+    accuracy = sum(p == t for p, t in pairs) / len(pairs)
+    f1 = []
+    for c in range(classes):
+        tp = sum(p == c and t == c for p, t in pairs)
+        fp = sum(p == c and t != c for p, t in pairs)
+        fn = sum(p != c and t == c for p, t in pairs)
+        f1.append(2 * tp / (2 * tp + fp + fn))
+    result = metrics.compute()
+    assert float(result["val/acc"]) == pytest.approx(accuracy, rel=1e-6)
+    assert float(result["val/f1"]) == pytest.approx(sum(f1) / classes, rel=1e-6)
+    assert 0.0 < accuracy < 1.0 and len(set(f1)) > 1  # not a degenerate case
 
 
 def test_unknown_task_and_teacher_without_the_task_head_are_clear_errors(tmp_path):

@@ -50,10 +50,12 @@ class SequenceClassification:
         return kd_loss(student_logits, teacher_logits, batch.get("labels"), temperature, alpha)
 
     def metrics(self, prefix: str, num_labels: int) -> MetricCollection:
+        # validate_args=False: the argument checks read the labels back from the device at every update (F1's
+        # confusion counts, a torch.bincount, still wait for the device once per update)
         return MetricCollection(
             {
-                "acc": MulticlassAccuracy(num_labels, average="micro"),
-                "f1": MulticlassF1Score(num_labels, average="macro"),
+                "acc": MulticlassAccuracy(num_labels, average="micro", validate_args=False),
+                "f1": MulticlassF1Score(num_labels, average="macro", validate_args=False),
             },
             prefix=prefix,
         )
@@ -101,9 +103,13 @@ class MaskedLM:
         return kd_loss(student_logits, teacher_logits, labels, temperature, alpha)
 
     def metrics(self, prefix: str, num_labels: int) -> MetricCollection:
+        # validate_args=False as for classification; the ignored positions are still dropped by boolean indexing
+        # inside both metrics (a device sync per update: torchmetrics' Perplexity has no option against it)
         return MetricCollection(
             {
-                "masked_acc": MulticlassAccuracy(num_labels, average="micro", ignore_index=IGNORE_INDEX, multidim_average="global"),
+                "masked_acc": MulticlassAccuracy(
+                    num_labels, average="micro", ignore_index=IGNORE_INDEX, multidim_average="global", validate_args=False
+                ),
                 "perplexity": Perplexity(ignore_index=IGNORE_INDEX),
             },
             prefix=prefix,
