@@ -439,3 +439,22 @@ def test_text_and_image_data_map_labels_alike(tokenizer, case):
         assert data.label_names == expected
         ids = validation_labels if class_labels else [expected.index(str(label)) for label in validation_labels]
         assert next(iter(data.val_dataloader()))["labels"].tolist() == ids
+
+
+@pytest.mark.parametrize(
+    ("labels", "kind"),
+    [([0.0, 1.0, 0.5], "Value('float64')"), ([[0], [1, 0], [1]], "List(Value('int64'))")],
+    ids=["float", "multi_label"],
+)
+def test_float_and_list_labels_are_a_clear_error(tokenizer, labels, kind):
+    """Regression scores or multi-label lists are refused with the column, its type, its first values and the
+    label kinds classification takes."""
+    rows = {"text": ["w0", "w1", "w2"], "label": labels}
+    data = DatasetDict(train=Dataset.from_dict(rows), validation=Dataset.from_dict(rows))
+    with pytest.raises(ValueError) as info:
+        TextClassificationData(data, tokenizer).setup()
+    message = str(info.value)
+    assert f"data.label_column='label' holds labels of type {kind} (first values: {labels})" in message
+    assert "classification needs int, string or ClassLabel labels" in message
+    assert "whole numbers" in message and "cast" in message  # 0.0/1.0 from a csv column with an empty cell
+

@@ -206,14 +206,21 @@ def class_ids(raw: DatasetDict, label_column: str) -> tuple[list[str], dict]:
         ``(names, ids)``: the class names in id order, and raw label value -> class id.
 
     Raises:
-        ValueError: Labels of another type (e.g. float), other classes in the validation split than in the
-            train split, or ids that are no class (e.g. -1).
+        ValueError: Labels of another type (float scores, multi-label lists), other classes in the validation
+            split than in the train split, or ids that are no class (e.g. -1).
     """
     feature = raw["train"].features[label_column]
+    dtype = getattr(feature, "dtype", None) or ""  # a list (multi-label) feature has none
+    key = f"data.label_column={label_column!r}"
+    if not (isinstance(feature, ClassLabel) or dtype in ("string", "large_string") or "int" in dtype):
+        raise ValueError(
+            f"{key} holds labels of type {feature} (first values: {raw['train'][:3][label_column]}); classification "
+            "needs int, string or ClassLabel labels. Float labels that are whole numbers (a csv column with an empty "
+            "cell reads as float) need a cast to int in the data; regression scores and multi-label lists are not "
+            "supported"
+        )
     train_values = set(raw["train"][label_column])
     validation_values = set(raw["validation"][label_column])
-    dtype = getattr(feature, "dtype", "")
-    key = f"data.label_column={label_column!r}"
     if isinstance(feature, ClassLabel):  # e.g. glue: keep the dataset's own names
         names, label_ids = list(feature.names), {i: i for i in range(feature.num_classes)}
         other = raw["validation"].features[label_column]
@@ -225,11 +232,9 @@ def class_ids(raw: DatasetDict, label_column: str) -> tuple[list[str], dict]:
     elif dtype in ("string", "large_string"):
         names = sorted(train_values)
         label_ids = {name: i for i, name in enumerate(names)}
-    elif "int" in dtype:
+    else:
         names = [str(i) for i in range(max(train_values | validation_values) + 1)]
         label_ids = {i: i for i in range(len(names))}
-    else:
-        raise ValueError(f"{key} has type {feature}; expected int or string labels")
     if unknown := validation_values - train_values:
         raise ValueError(f"validation labels {sorted(unknown)} of {key} do not occur in the train split")
     if invalid := train_values - set(label_ids):
