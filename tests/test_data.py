@@ -458,3 +458,44 @@ def test_float_and_list_labels_are_a_clear_error(tokenizer, labels, kind):
     assert "classification needs int, string or ClassLabel labels" in message
     assert "whole numbers" in message and "cast" in message  # 0.0/1.0 from a csv column with an empty cell
 
+
+@pytest.mark.parametrize(
+    ("option", "missing", "given"),
+    [
+        ("local", "validation_file", "train_file"),
+        ("local", "train_file", "validation_file"),
+        ("lm_local", "validation_file", "train_file"),
+        ("imagefolder", "validation_dir", "train_dir"),
+    ],
+)
+def test_a_split_left_out_of_the_config_is_named(tmp_path, option, missing, given):
+    """Hydra leaves an unset ``???`` out of a partial's arguments: the loader names the option to set, instead
+    of a TypeError about a missing positional argument."""
+    from conftest import compose_config
+
+    from distill_lab.run import instantiate
+
+    cfg = compose_config([f"data={option}", f"data.dataset.{given}='{tmp_path}'"], tmp_path / "out")
+    loader = instantiate(cfg.data.dataset)
+    with pytest.raises(ValueError, match=rf"data\.dataset\.{missing} is not set: .*data\.dataset\.{missing}="):
+        loader()
+
+
+def test_a_missing_split_names_the_option_that_picks_it(monkeypatch, tokenizer):
+    rows = {"text": ["w0 w1", "w2"], "label": [0, 1]}
+    loaded = DatasetDict(train=Dataset.from_dict(rows), test=Dataset.from_dict(rows))
+    monkeypatch.setattr("distill_lab.data.load_dataset", lambda *args, **kwargs: loaded)
+    message = r"dataset 'org/set' has no split {!r}; available splits: \['train', 'test'\]: set data\.dataset\.{}_split"
+    with pytest.raises(ValueError, match=message.format("validation", "validation")):
+        hub_dataset("org/set")
+    with pytest.raises(ValueError, match=message.format("training", "train")):
+        hub_dataset("org/set", train_split="training")
+    assert hub_dataset("org/set", validation_split="test")["validation"]["text"] == rows["text"]
+    # a DatasetDict of one's own: the data module needs exactly these two split names
+    with pytest.raises(ValueError, match=r"dataset has no 'validation' split; available splits: \['train', 'test'\].*DatasetDict\(train=.*validation="):
+        TextClassificationData(loaded, tokenizer).setup()
+    data = TextClassificationData(synthetic_relations(num_train=8, num_validation=4), tokenizer)
+    with pytest.raises(ValueError, match=r"no split 'test'.*'train' or 'validation'"):
+        data.example_batch("test")
+    with pytest.raises(ValueError, match=r"no split 'test'.*'train' or 'validation'"):
+        data.example_texts("test")

@@ -161,9 +161,12 @@ def hub_dataset(
             "For offline use, set data=local data.dataset.train_file=... data.dataset.validation_file=... "
             "(csv/tsv/json/jsonl/parquet), or data=synthetic for the built-in task."
         ) from err
-    for split in (train_split, validation_split):
+    for role, split in (("train", train_split), ("validation", validation_split)):
         if split not in loaded:
-            raise ValueError(f"dataset {label!r} has no split {split!r}; available splits: {list(loaded)}")
+            raise ValueError(
+                f"dataset {label!r} has no split {split!r}; available splits: {list(loaded)}: set "
+                f"data.dataset.{role}_split to one of them"
+            )
     return DatasetDict(train=loaded[train_split], validation=loaded[validation_split])
 
 
@@ -179,13 +182,21 @@ def _load_file(path: str | Path) -> Dataset:
     return load_dataset(builder, data_files=str(path), split="train", **options)
 
 
-def local_files(train_file: str | Path, validation_file: str | Path) -> DatasetDict:
+def local_files(train_file: str | Path | None = None, validation_file: str | Path | None = None) -> DatasetDict:
     """Load ``train`` and ``validation`` splits from local .csv, .tsv, .json, .jsonl or .parquet files.
 
     Raises:
-        ValueError: A file does not exist or has an unsupported extension.
+        ValueError: A file is not given (Hydra leaves an unset ``???`` out of a partial's arguments), does not
+            exist or has an unsupported extension.
     """
-    return DatasetDict(train=_load_file(train_file), validation=_load_file(validation_file))
+    files = {"train": train_file, "validation": validation_file}
+    for split, path in files.items():
+        if path is None:
+            raise ValueError(
+                f"data.dataset.{split}_file is not set: both splits need a file, e.g. "
+                f"data.dataset.{split}_file={split}.csv (supported extensions: {sorted(FILE_BUILDERS)})"
+            )
+    return DatasetDict({split: _load_file(path) for split, path in files.items()})
 
 
 def class_ids(raw: DatasetDict, label_column: str) -> tuple[list[str], dict]:
@@ -300,7 +311,11 @@ class TrainValidationData(lightning.LightningDataModule):
         raw = self.dataset if isinstance(self.dataset, DatasetDict) else self.dataset()
         for split in ("train", "validation"):
             if split not in raw:
-                raise ValueError(f"dataset has no {split!r} split; available splits: {list(raw)}")
+                raise ValueError(
+                    f"dataset has no {split!r} split; available splits: {list(raw)}. A data module takes a "
+                    "DatasetDict(train=..., validation=...): rename the splits, or load with hub_dataset(..., "
+                    "train_split=..., validation_split=...), which renames them"
+                )
             for key, column in columns.items():
                 if column is not None and column not in raw[split].column_names:
                     raise ValueError(
@@ -346,8 +361,14 @@ class TrainValidationData(lightning.LightningDataModule):
         """One batch of the first ``size`` examples of ``split`` (for calibration and plots), collated by
         :meth:`example_collator`."""
         self.setup()
-        ds = self.splits[split]
+        ds = self.splits[self._check_split(split)]
         return self.example_collator(split)([ds[i] for i in range(min(size, len(ds)))])
+
+    @staticmethod
+    def _check_split(split: str) -> str:
+        if split not in ("train", "validation"):
+            raise ValueError(f"no split {split!r}: a data module holds 'train' or 'validation'")
+        return split
 
     def example_collator(self, split: str) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
         """``collator(split)``; a subclass whose collator draws random numbers (masks) gives a fresh one here,
@@ -445,7 +466,8 @@ class TextClassificationData(TrainValidationData):
     def example_texts(self, split: str = "validation", size: int = 8) -> list[str]:
         """Raw texts of the examples in :meth:`example_batch`; a pair is joined by the separator token."""
         self.setup()
-        rows = self.raw[split][: min(size, len(self.raw[split]))]
+        raw = self.raw[self._check_split(split)]
+        rows = raw[: min(size, len(raw))]
         if self.text_pair_column is None:
             return rows[self.text_column]
         sep = self.tokenizer.sep_token or "|"

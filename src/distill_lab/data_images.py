@@ -40,14 +40,22 @@ def synthetic_stripes(num_train: int = 1000, num_validation: int = 200, size: in
     return DatasetDict(train=split(num_train), validation=split(num_validation))
 
 
-def image_folders(train_dir: str | Path, validation_dir: str | Path) -> DatasetDict:
+def image_folders(train_dir: str | Path | None = None, validation_dir: str | Path | None = None) -> DatasetDict:
     """``train`` and ``validation`` splits from two image folders (one sub-folder per class, same names).
 
     Raises:
-        ValueError: A folder does not exist.
+        ValueError: A folder is not given (Hydra leaves an unset ``???`` out of a partial's arguments) or does
+            not exist.
     """
+    folders = {"train": train_dir, "validation": validation_dir}
+    for split, directory in folders.items():
+        if directory is None:
+            raise ValueError(
+                f"data.dataset.{split}_dir is not set: both splits need an image folder with one sub-folder per "
+                f"class, e.g. data.dataset.{split}_dir=images/{split}"
+            )
     splits = {}
-    for split, directory in (("train", train_dir), ("validation", validation_dir)):
+    for split, directory in folders.items():
         if not Path(directory).is_dir():
             raise ValueError(
                 f"data.dataset.{split}_dir={str(directory)!r} is not a directory; give an image folder with one "
