@@ -304,16 +304,55 @@ def test_every_task_option_optimises_its_tasks_monitor(option):
     assert task.monitor in task.metrics("val/", 7).keys(keep_base=False) and task.monitor_mode in ("min", "max")
 
 
+def test_every_task_has_one_builtin_teacher():
+    from distill_lab.builtin import BUILTIN_TEACHERS, builtin_for_task, builtin_task
+
+    assert sorted(teacher.task for teacher in BUILTIN_TEACHERS.values()) == sorted(TASKS)
+    for task_name in TASKS:
+        assert builtin_task(builtin_for_task(task_name)) == task_name
+    with pytest.raises(ValueError, match="unknown built-in teacher 'chess'; valid: relations, relations-mlm"):
+        builtin_task("chess")
+
+
+DEFAULTS = {  # the built-in teachers' own max_epochs, lr, batch_size
+    "relations": (12, 1e-3, 32), "relations-mlm": (4, 2e-3, 64), "relations-clm": (4, 2e-3, 64),
+    "stripes-vit": (3, 1e-3, 32),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULTS))
+def test_builtin_teacher_options_reach_its_trainer(tmp_path, monkeypatch, name):
+    """``train_builtin_teacher`` gives every built-in teacher the options it is asked for (the language-model
+    and image teachers once trained with their own whatever was asked), keeps each one's defaults otherwise,
+    and refuses an option its trainer has no use for."""
+    from distill_lab import builtin
+
+    seen = []
+
+    def record(name, model, preprocessor, data, output_dir, max_epochs, lr, *args, **kwargs):
+        seen.append((max_epochs, lr, data.batch_size))
+        assert type(model) is type(get_task(builtin.builtin_task(name)).auto_class.from_config(model.config))
+        return 0.5
+
+    monkeypatch.setattr(builtin, "_fit_and_save", record)
+    assert builtin.train_builtin_teacher(name, tmp_path) == 0.5
+    assert builtin.train_builtin_teacher(name, tmp_path, max_epochs=2, lr=0.01, batch_size=8, seed=1) == 0.5
+    assert seen == [DEFAULTS[name], (2, 0.01, 8)]
+    if name != "relations":
+        with pytest.raises(TypeError, match="target_accuracy"):
+            builtin.train_builtin_teacher(name, tmp_path, target_accuracy=0.9)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task_name", ["masked_lm", "causal_lm"])
 def test_builtin_language_model_teachers(tmp_path, task_name):
     """``teacher=builtin`` picks the task's own built-in teacher, trains it once, and loads it through
     ``from_pretrained``; a built-in teacher of another task is refused."""
-    from distill_lab.builtin import builtin_for_task, evaluate_perplexity, train_builtin_lm_teacher
+    from distill_lab.builtin import builtin_for_task, evaluate_perplexity, train_builtin_teacher
 
     name = builtin_for_task(task_name)
     out = tmp_path / name
-    perplexity = train_builtin_lm_teacher(name, out, max_epochs=1)
+    perplexity = train_builtin_teacher(name, out, max_epochs=1)
     assert f"validation_perplexity={perplexity:.4f}" in (out / "teacher_metrics.txt").read_text()
     vocabulary = len(build_word_tokenizer())
     assert 1.0 < perplexity < vocabulary / 2  # learned something: far below a uniform guess over the words
@@ -327,10 +366,10 @@ def test_builtin_language_model_teachers(tmp_path, task_name):
 
 @pytest.mark.slow
 def test_builtin_image_teacher_learns_the_stripes(tmp_path):
-    from distill_lab.builtin import builtin_for_task, train_builtin_vit_teacher
+    from distill_lab.builtin import builtin_for_task, train_builtin_teacher
 
     assert builtin_for_task("image_classification") == "stripes-vit"
-    accuracy = train_builtin_vit_teacher(tmp_path / "vit", max_epochs=1)
+    accuracy = train_builtin_teacher("stripes-vit", tmp_path / "vit", max_epochs=1)
     assert accuracy > 0.9  # the orientation of stripes is easy: one epoch suffices
     teacher = load_teacher(str(tmp_path / "vit"), task="image_classification", builtin="auto")
     assert teacher.config.id2label == {0: "horizontal", 1: "vertical"}

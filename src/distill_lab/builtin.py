@@ -1,11 +1,15 @@
-"""The built-in offline task's teacher, trained on first use and cached with ``save_pretrained``.
+"""The built-in offline teachers, one per task, trained on first use and cached with ``save_pretrained``.
 
-The task (``distill_lab.data.synthetic_relations``) is sentiment with negation: one sentiment word whose
+The text task (``distill_lab.data.synthetic_relations``) is sentiment with negation: one sentiment word whose
 polarity flips when the word before it is "not", among neutral words and stray "not"s. Its label is a
 relation between two tokens, so a model must attend from one to the other to solve it, which makes it a
-fair small test of attention distillation. The teacher is a 4-layer BERT (hidden 64) trained here in about
+fair small test of attention distillation. Its teacher is a 4-layer BERT (hidden 64) trained here in about
 half a minute on 2 CPU cores to about 99% validation accuracy; afterwards it is an ordinary model directory that ``load_teacher`` reads
-through ``from_pretrained`` like any other.
+through ``from_pretrained`` like any other. The language-model teachers learn the same sentences as raw text,
+the image teacher the orientation of stripes.
+
+``BUILTIN_TEACHERS`` holds them all (name -> task, model configuration, trainer): a new built-in teacher is one
+entry there, with one of the trainers below or a new one.
 """
 
 from __future__ import annotations
@@ -14,16 +18,19 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertConfig, LlamaConfig, PretrainedConfig, ViTConfig
 
 from distill_lab.data import TextClassificationData, build_word_tokenizer, synthetic_relations
+from distill_lab.tasks import get_task
 
 log = logging.getLogger(__name__)
 
-TEACHER_CONFIG = dict(
+TEACHER_CONFIG = dict(  # the BERT of the text classifier and the masked LM
     hidden_size=64,
     num_hidden_layers=4,
     num_attention_heads=4,
@@ -34,19 +41,15 @@ TEACHER_CONFIG = dict(
 )
 
 
-LM_TEACHERS = {  # name -> (task, model config); trained on the built-in task's sentences as raw text
-    "relations-mlm": ("masked_lm", dict(family="bert", **TEACHER_CONFIG)),
-    "relations-clm": (
-        "causal_lm",
-        dict(family="llama", hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=128, max_position_embeddings=64, attention_dropout=0.0),
-    ),
-}
-VIT_CONFIG = dict(
-    image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
-    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-)
-BUILTIN_TEACHERS = ("relations", *LM_TEACHERS, "stripes-vit")
+@dataclass(frozen=True)
+class BuiltinTeacher:
+    """A built-in teacher: the task it is trained for, its model's configuration (the sizes; the trainer adds
+    the vocabulary or the labels of its data) and the function that trains and saves it,
+    ``train(name, output_dir, max_epochs=..., lr=..., batch_size=..., seed=...)`` -> its validation metric."""
+
+    task: str
+    config: Callable[..., PretrainedConfig]
+    train: Callable[..., float]
 
 
 def _fit_and_save(
@@ -82,51 +85,38 @@ def _fit_and_save(
     return value
 
 
-def train_builtin_vit_teacher(output_dir: str | Path, max_epochs: int = 3, lr: float = 1e-3, seed: int = 0) -> float:
-    """Train the built-in image teacher: a 4-layer ViT (32 x 32 images, 8 x 8 patches) on the built-in
-    stripes images (``distill_lab.data_images.synthetic_stripes``), saved with its image processor. Returns the
-    validation accuracy, also saved as ``teacher_metrics.txt``."""
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+def train_builtin_classifier_teacher(
+    name: str,
+    output_dir: str | Path,
+    max_epochs: int = 12,
+    lr: float = 1e-3,
+    batch_size: int = 32,
+    seed: int = 0,
+    target_accuracy: float = 0.98,
+) -> float:
+    """Train the built-in text classifier (``relations``): a 4-layer BERT on the built-in sentiment-with-negation
+    sentences, saved with its tokenizer.
 
-    from distill_lab.data_images import ImageFolderData, synthetic_stripes
-
+    Trains until the validation accuracy reaches ``target_accuracy`` (the negation relation is picked up
+    after a plateau whose length varies with the seed) or for ``max_epochs``. Returns the validation
+    accuracy, also saved as ``teacher_metrics.txt``.
+    """
+    teacher = BUILTIN_TEACHERS[name]
     torch.manual_seed(seed)
-    processor = ViTImageProcessor(size={"height": 32, "width": 32})
-    data = ImageFolderData(synthetic_stripes(seed=seed), processor, batch_size=32, seed=seed)
+    tokenizer = build_word_tokenizer()
+    data = TextClassificationData(synthetic_relations(seed=seed), tokenizer=tokenizer, batch_size=batch_size, seed=seed)
     data.setup("fit")
-    labels = dict(enumerate(data.label_names))
-    config = ViTConfig(num_labels=2, id2label=labels, label2id={v: k for k, v in labels.items()}, **VIT_CONFIG)
-    model = ViTForImageClassification(config)
+    config = teacher.config(vocab_size=len(tokenizer), num_labels=data.num_labels, pad_token_id=tokenizer.pad_token_id)
+    model = get_task(teacher.task).auto_class.from_config(config)
     return _fit_and_save(
-        "stripes-vit", model, processor, data, output_dir, max_epochs, lr,
-        lambda: evaluate_accuracy(model, data.val_dataloader()), "accuracy",
+        name, model, tokenizer, data, output_dir, max_epochs, lr,
+        lambda: evaluate_accuracy(model, data.val_dataloader()), "accuracy", done=lambda value: value >= target_accuracy,
     )
 
 
-def builtin_task(name: str) -> str:
-    """The task the built-in teacher ``name`` is trained for."""
-    if name == "relations":
-        return "sequence_classification"
-    if name in LM_TEACHERS:
-        return LM_TEACHERS[name][0]
-    if name == "stripes-vit":
-        return "image_classification"
-    raise ValueError(f"unknown built-in teacher {name!r}; valid: {', '.join(BUILTIN_TEACHERS)}")
-
-
-def builtin_for_task(task: str) -> str:
-    """The built-in teacher of ``task`` (``teacher=builtin`` picks it by ``task=``)."""
-    for name in BUILTIN_TEACHERS:
-        if builtin_task(name) == task:
-            return name
-    tasks = sorted(builtin_task(n) for n in BUILTIN_TEACHERS)
-    raise ValueError(
-        f"there is no built-in teacher for task={task} (built-in teachers exist for {', '.join(tasks)}): give "
-        "teacher=hf teacher.name_or_path=<a model trained for the task>"
-    )
-
-
-def train_builtin_lm_teacher(name: str, output_dir: str | Path, max_epochs: int = 4, lr: float = 2e-3, seed: int = 0) -> float:
+def train_builtin_lm_teacher(
+    name: str, output_dir: str | Path, max_epochs: int = 4, lr: float = 2e-3, batch_size: int = 64, seed: int = 0
+) -> float:
     """Train a built-in language-model teacher on the built-in sentences and save it with its tokenizer.
 
     ``relations-mlm`` is a 4-layer BERT masked LM, ``relations-clm`` a 4-layer LLaMA-style causal LM with
@@ -134,28 +124,100 @@ def train_builtin_lm_teacher(name: str, output_dir: str | Path, max_epochs: int 
     and the negation pattern in a minute or two on 2 CPU cores. Returns the validation perplexity, also saved
     as ``teacher_metrics.txt``.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, LlamaConfig
-
     from distill_lab.data_lm import LanguageModelingData, synthetic_text
 
-    task, spec = LM_TEACHERS[name]
-    spec = dict(spec)
-    family = spec.pop("family")
+    teacher = BUILTIN_TEACHERS[name]
+    causal = teacher.task == "causal_lm"
     torch.manual_seed(seed)
     tokenizer = build_word_tokenizer()
-    data = LanguageModelingData(synthetic_text(seed=seed), tokenizer, mlm=task == "masked_lm", batch_size=64, seed=seed)
+    data = LanguageModelingData(synthetic_text(seed=seed), tokenizer, mlm=not causal, batch_size=batch_size, seed=seed)
     data.setup("fit")
     ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    if family == "bert":
-        model = AutoModelForMaskedLM.from_config(BertConfig(**ids, **spec))
-    else:
+    if causal:
         ids.update(bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**ids, **spec))
-    causal = task == "causal_lm"
+    model = get_task(teacher.task).auto_class.from_config(teacher.config(**ids))
     return _fit_and_save(
         name, model, tokenizer, data, output_dir, max_epochs, lr,
         lambda: evaluate_perplexity(model, data.val_dataloader(), causal=causal), "perplexity",
     )
+
+
+def train_builtin_vit_teacher(
+    name: str, output_dir: str | Path, max_epochs: int = 3, lr: float = 1e-3, batch_size: int = 32, seed: int = 0
+) -> float:
+    """Train the built-in image teacher: a ViT (32 x 32 images, 8 x 8 patches) on the built-in stripes images
+    (``distill_lab.data_images.synthetic_stripes``), saved with its image processor. Returns the validation
+    accuracy, also saved as ``teacher_metrics.txt``."""
+    from transformers import ViTImageProcessor
+
+    from distill_lab.data_images import ImageFolderData, synthetic_stripes
+
+    teacher = BUILTIN_TEACHERS[name]
+    torch.manual_seed(seed)
+    processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    data = ImageFolderData(synthetic_stripes(seed=seed), processor, batch_size=batch_size, seed=seed)
+    data.setup("fit")
+    labels = dict(enumerate(data.label_names))
+    config = teacher.config(num_labels=data.num_labels, id2label=labels, label2id={v: k for k, v in labels.items()})
+    model = get_task(teacher.task).auto_class.from_config(config)
+    return _fit_and_save(
+        name, model, processor, data, output_dir, max_epochs, lr,
+        lambda: evaluate_accuracy(model, data.val_dataloader()), "accuracy",
+    )
+
+
+BUILTIN_TEACHERS = {  # name -> BuiltinTeacher; teacher=builtin picks the one of its task
+    "relations": BuiltinTeacher(
+        "sequence_classification", partial(BertConfig, **TEACHER_CONFIG), train_builtin_classifier_teacher
+    ),
+    "relations-mlm": BuiltinTeacher("masked_lm", partial(BertConfig, **TEACHER_CONFIG), train_builtin_lm_teacher),
+    "relations-clm": BuiltinTeacher(
+        "causal_lm",
+        partial(LlamaConfig, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, max_position_embeddings=64, attention_dropout=0.0),
+        train_builtin_lm_teacher,
+    ),
+    "stripes-vit": BuiltinTeacher(
+        "image_classification",
+        partial(ViTConfig, image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                intermediate_size=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+        train_builtin_vit_teacher,
+    ),
+}
+
+
+def _teacher(name: str) -> BuiltinTeacher:
+    try:
+        return BUILTIN_TEACHERS[name]
+    except KeyError:
+        raise ValueError(f"unknown built-in teacher {name!r}; valid: {', '.join(BUILTIN_TEACHERS)}") from None
+
+
+def builtin_task(name: str) -> str:
+    """The task the built-in teacher ``name`` is trained for."""
+    return _teacher(name).task
+
+
+def builtin_for_task(task: str) -> str:
+    """The built-in teacher of ``task`` (``teacher=builtin`` picks it by ``task=``)."""
+    for name, teacher in BUILTIN_TEACHERS.items():
+        if teacher.task == task:
+            return name
+    tasks = sorted(teacher.task for teacher in BUILTIN_TEACHERS.values())
+    raise ValueError(
+        f"there is no built-in teacher for task={task} (built-in teachers exist for {', '.join(tasks)}): give "
+        "teacher=hf teacher.name_or_path=<a model trained for the task>"
+    )
+
+
+def train_builtin_teacher(name: str, output_dir: str | Path, **options) -> float:
+    """Train the built-in teacher ``name`` with its own trainer and save it to ``output_dir``; returns its
+    validation metric (accuracy or perplexity), also saved as ``teacher_metrics.txt``.
+
+    ``options`` go to the trainer: ``max_epochs``, ``lr``, ``batch_size`` and ``seed`` for every teacher (each
+    has its own defaults), ``target_accuracy`` for ``relations``; one the trainer does not take is a TypeError.
+    """
+    return _teacher(name).train(name, output_dir, **options)
 
 
 @torch.no_grad()
@@ -170,39 +232,6 @@ def evaluate_perplexity(model, dataloader, causal: bool) -> float:
         total += model(**batch).loss.item() * n
         count += n
     return math.exp(total / max(count, 1))
-
-
-def train_builtin_teacher(
-    name: str,
-    output_dir: str | Path,
-    max_epochs: int = 12,
-    target_accuracy: float = 0.98,
-    lr: float = 1e-3,
-    batch_size: int = 32,
-    seed: int = 0,
-) -> float:
-    """Train the built-in teacher ``name`` and save it with its tokenizer to ``output_dir``.
-
-    Trains until the validation accuracy reaches ``target_accuracy`` (the negation relation is picked up
-    after a plateau whose length varies with the seed) or for ``max_epochs``. Returns the validation
-    accuracy, also saved as ``teacher_metrics.txt``.
-    """
-    if name in LM_TEACHERS:
-        return train_builtin_lm_teacher(name, output_dir, seed=seed)
-    if name == "stripes-vit":
-        return train_builtin_vit_teacher(output_dir, seed=seed)
-    if name != "relations":
-        raise ValueError(f"unknown built-in teacher {name!r}; valid: {', '.join(BUILTIN_TEACHERS)}")
-    torch.manual_seed(seed)
-    tokenizer = build_word_tokenizer()
-    data = TextClassificationData(synthetic_relations(seed=seed), tokenizer=tokenizer, batch_size=batch_size, seed=seed)
-    data.setup("fit")
-    config = BertConfig(vocab_size=len(tokenizer), num_labels=data.num_labels, pad_token_id=tokenizer.pad_token_id, **TEACHER_CONFIG)
-    model = BertForSequenceClassification(config)
-    return _fit_and_save(
-        name, model, tokenizer, data, output_dir, max_epochs, lr,
-        lambda: evaluate_accuracy(model, data.val_dataloader()), "accuracy", done=lambda value: value >= target_accuracy,
-    )
 
 
 @torch.no_grad()
