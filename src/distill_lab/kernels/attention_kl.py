@@ -30,7 +30,9 @@ try:
 except ImportError:  # pragma: no cover - triton is optional (the gpu extra)
     triton = None
 
-_NEG = -1.0e30  # a finite "minus infinity" for running maxima, so exp(m_old - m_new) never sees inf - inf
+# a finite "minus infinity" for running maxima, so exp(m_old - m_new) never sees inf - inf; a constexpr, since
+# compiled kernels (unlike the interpreter) may read no other module global
+_NEG = tl.constexpr(-1.0e30) if triton is not None else -1.0e30
 
 
 if triton is not None:
