@@ -17,9 +17,14 @@ from conftest import CONF_DIR, compose_config, make_image_task, make_text_task, 
 from datasets import Dataset, DatasetDict
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForMaskedLM
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+)
 
-from distill_lab.data import build_word_tokenizer
+from distill_lab.data import TextClassificationData, build_word_tokenizer, synthetic_relations
 from distill_lab.data_images import ImageFolderData, image_folders
 from distill_lab.data_lm import LanguageModelingData, synthetic_text
 from distill_lab.models import load_teacher, load_tokenizer
@@ -343,12 +348,57 @@ def test_builtin_teacher_options_reach_its_trainer(tmp_path, monkeypatch, name):
             builtin.train_builtin_teacher(name, tmp_path, target_accuracy=0.9)
 
 
+@pytest.mark.parametrize(("task_name", "family"), [("masked_lm", "bert"), ("causal_lm", "llama")])
+def test_builtin_teachers_are_evaluated_with_the_tasks_metrics(task_name, family):
+    """A built-in language-model teacher is scored by its task's metrics: perplexity is exp of the mean
+    cross-entropy over every labelled token (the model's own loss weighted by its tokens), masked accuracy the
+    share of masked tokens predicted."""
+    from distill_lab.builtin import evaluate
+
+    data = _lm_data(mlm=task_name == "masked_lm", batch_size=8)
+    config = make_tiny_config(family, vocab_size=len(data.tokenizer), pad_token_id=data.tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = get_task(task_name).auto_class.from_config(config).eval()
+    total = count = right = 0.0
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            out = model(**batch)
+            labels = batch["labels"][:, 1:] if task_name == "causal_lm" else batch["labels"]
+            n = int((labels != -100).sum())
+            total += out.loss.item() * n
+            count += n
+            right += int((out.logits.argmax(-1) == batch["labels"])[batch["labels"] != -100].sum())
+    result = evaluate(model, data.val_dataloader(), task_name)
+    assert set(result) == ({"masked_acc", "perplexity"} if task_name == "masked_lm" else {"perplexity"})
+    assert result["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    if task_name == "masked_lm":
+        assert result["masked_acc"] == pytest.approx(right / count)
+
+
+def test_builtin_classifier_accuracy_is_the_share_of_right_labels():
+    from distill_lab.builtin import evaluate, evaluate_accuracy
+
+    data = TextClassificationData(synthetic_relations(num_train=16, num_validation=40), build_word_tokenizer(), batch_size=16)
+    data.setup()
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(make_tiny_config("bert", vocab_size=len(data.tokenizer), num_labels=2))
+    right = seen = 0
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            right += int((logits.argmax(-1) == batch["labels"]).sum())
+            seen += len(batch["labels"])
+    assert seen == 40 and 0 < right < seen
+    assert evaluate_accuracy(model, data.val_dataloader()) == pytest.approx(right / seen)
+    assert set(evaluate(model, data.val_dataloader(), "sequence_classification")) == {"acc", "f1"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task_name", ["masked_lm", "causal_lm"])
 def test_builtin_language_model_teachers(tmp_path, task_name):
     """``teacher=builtin`` picks the task's own built-in teacher, trains it once, and loads it through
     ``from_pretrained``; a built-in teacher of another task is refused."""
-    from distill_lab.builtin import builtin_for_task, evaluate_perplexity, train_builtin_teacher
+    from distill_lab.builtin import builtin_for_task, evaluate, train_builtin_teacher
 
     name = builtin_for_task(task_name)
     out = tmp_path / name
@@ -359,7 +409,7 @@ def test_builtin_language_model_teachers(tmp_path, task_name):
     teacher = load_teacher(str(out), task=task_name, builtin="auto")  # cached: loaded, not retrained
     assert type(teacher) is type(get_task(task_name).auto_class.from_pretrained(out))
     data = _lm_data(mlm=task_name == "masked_lm")
-    assert math.isfinite(evaluate_perplexity(teacher, data.val_dataloader(), causal=task_name == "causal_lm"))
+    assert math.isfinite(evaluate(teacher, data.val_dataloader(), task_name)["perplexity"])
     with pytest.raises(ValueError, match=f"trained for task={task_name} and cannot teach task=sequence_classification"):
         load_teacher(str(out), task="sequence_classification", builtin=name)
 

@@ -15,7 +15,6 @@ entry there, with one of the trainers below or a new one.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,7 +109,8 @@ def train_builtin_classifier_teacher(
     model = get_task(teacher.task).auto_class.from_config(config)
     return _fit_and_save(
         name, model, tokenizer, data, output_dir, max_epochs, lr,
-        lambda: evaluate_accuracy(model, data.val_dataloader()), "accuracy", done=lambda value: value >= target_accuracy,
+        lambda: evaluate(model, data.val_dataloader(), teacher.task)["acc"], "accuracy",
+        done=lambda value: value >= target_accuracy,
     )
 
 
@@ -138,7 +138,7 @@ def train_builtin_lm_teacher(
     model = get_task(teacher.task).auto_class.from_config(teacher.config(**ids))
     return _fit_and_save(
         name, model, tokenizer, data, output_dir, max_epochs, lr,
-        lambda: evaluate_perplexity(model, data.val_dataloader(), causal=causal), "perplexity",
+        lambda: evaluate(model, data.val_dataloader(), teacher.task)["perplexity"], "perplexity",
     )
 
 
@@ -162,7 +162,7 @@ def train_builtin_vit_teacher(
     model = get_task(teacher.task).auto_class.from_config(config)
     return _fit_and_save(
         name, model, processor, data, output_dir, max_epochs, lr,
-        lambda: evaluate_accuracy(model, data.val_dataloader()), "accuracy",
+        lambda: evaluate(model, data.val_dataloader(), teacher.task)["acc"], "accuracy",
     )
 
 
@@ -221,26 +221,18 @@ def train_builtin_teacher(name: str, output_dir: str | Path, **options) -> float
 
 
 @torch.no_grad()
-def evaluate_perplexity(model, dataloader, causal: bool) -> float:
-    """exp of the mean cross-entropy over every labelled token (the model's own loss; a causal LM's labels are
-    shifted by one inside it)."""
+def evaluate(model, dataloader, task: str) -> dict[str, float]:
+    """The validation metrics of ``task`` (``distill_lab.tasks``: those a distillation run reports, e.g. ``acc``
+    and ``f1``, or ``perplexity``) of ``model`` over ``dataloader``."""
+    task = get_task(task)
+    metrics = task.metrics("", task.num_classes(model.config)).to(model.device)
     model.eval()
-    total = count = 0.0
     for batch in dataloader:
-        labels = batch["labels"][:, 1:] if causal else batch["labels"]
-        n = int((labels != -100).sum())
-        total += model(**batch).loss.item() * n
-        count += n
-    return math.exp(total / max(count, 1))
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # the metrics need no loss
+        task.update(metrics, logits, batch)
+    return {name: float(value) for name, value in metrics.compute().items()}
 
 
-@torch.no_grad()
 def evaluate_accuracy(model, dataloader) -> float:
-    model.eval()
-    correct = total = 0
-    for batch in dataloader:
-        labels = batch.pop("labels")
-        predictions = model(**batch).logits.argmax(-1)
-        correct += (predictions == labels).sum().item()
-        total += labels.numel()
-    return correct / max(total, 1)
+    """A classifier's validation accuracy over ``dataloader``."""
+    return evaluate(model, dataloader, "sequence_classification")["acc"]
