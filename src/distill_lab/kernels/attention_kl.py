@@ -275,7 +275,13 @@ class _AttentionKL(torch.autograd.Function):
 
 
 def _meta(qs, ks, qt, kt, key_valid, pairs, q_len, k_len, d_s, d_t, scale_s, scale_t, causal) -> dict:
-    block_m, block_n = _block(q_len, 64), _block(k_len, 64)
+    # a tile row of the wider head is `row` bytes; pipelined key loads take about 2 * stages * BLOCK_N * row of
+    # shared memory. Up to 256 bytes (bf16 at head size 128, float32 at 64) three stages of 64 fit; float32 at
+    # 128 asks for 213 KB so, beyond an A100's 163 KB per block, and gets two stages; float32 at 256 blocks
+    # of 32 (tests/test_kernels_compile.py checks each kernel against both GPUs' limits)
+    row = max(qs.element_size(), qt.element_size()) * _block(max(d_s, d_t), 256)
+    cap = 64 if row <= 512 else 32
+    block_m, block_n = _block(q_len, cap), _block(k_len, cap)
     args = (
         qs.stride(0), qs.stride(1), qs.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
         qt.stride(0), qt.stride(1), qt.stride(2), kt.stride(0), kt.stride(1), kt.stride(2), key_valid.stride(0),
@@ -288,6 +294,7 @@ def _meta(qs, ks, qt, kt, key_valid, pairs, q_len, k_len, d_s, d_t, scale_s, sca
         BLOCK_N=block_n,
         BLOCK_DS=_block(d_s, 256),
         BLOCK_DT=_block(d_t, 256),
+        num_stages=3 if row <= 256 else 2,
     )
     return {"args": args, "const": const, "BLOCK_M": block_m, "BLOCK_N": block_n}
 
