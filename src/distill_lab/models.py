@@ -59,7 +59,7 @@ def load_teacher(
         name_or_path: a hub name (``textattack/bert-base-uncased-SST-2``) or a local directory.
         num_labels: checked against (or given to) the classification head.
         builtin: a built-in offline teacher (``distill_lab.builtin``: ``"relations"``, ``"relations-mlm"``,
-            ``"relations-clm"``, or ``"auto"`` for the one of ``task``), trained into ``name_or_path`` first if
+            ``"relations-clm"``, ``"stripes-vit"``, or ``"auto"`` for the one of ``task``), trained into ``name_or_path`` first if
             nothing is saved there yet.
     """
     if builtin is not None:
