@@ -309,6 +309,13 @@ def test_every_task_option_optimises_its_tasks_monitor(option):
     assert task.monitor in task.metrics("val/", 7).keys(keep_base=False) and task.monitor_mode in ("min", "max")
 
 
+@pytest.mark.parametrize("option", TASK_OPTIONS)
+def test_optuna_search_optimises_in_the_tasks_direction(option, tmp_path):
+    cfg = compose_config(["hparams_search=optuna", f"task={option}"], tmp_path, return_hydra_config=True)
+    direction = {"max": "maximize", "min": "minimize"}[get_task(option).monitor_mode]
+    assert cfg.hydra.sweeper.direction == direction
+
+
 def test_every_task_has_one_builtin_teacher():
     from distill_lab.builtin import BUILTIN_TEACHERS, builtin_for_task, builtin_task
 
