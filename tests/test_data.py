@@ -481,6 +481,17 @@ def test_a_split_left_out_of_the_config_is_named(tmp_path, option, missing, give
         loader()
 
 
+@pytest.mark.parametrize("option", ["hf", "lm_hf"])
+def test_a_hub_dataset_left_out_of_the_config_is_named(tmp_path, option):
+    from conftest import compose_config
+
+    from distill_lab.run import instantiate
+
+    loader = instantiate(compose_config([f"data={option}"], tmp_path / "out").data.dataset)
+    with pytest.raises(ValueError, match=r"data\.dataset\.path is not set: .*data\.dataset\.path=glue"):
+        loader()
+
+
 def test_a_missing_split_names_the_option_that_picks_it(monkeypatch, tokenizer):
     rows = {"text": ["w0 w1", "w2"], "label": [0, 1]}
     loaded = DatasetDict(train=Dataset.from_dict(rows), test=Dataset.from_dict(rows))

@@ -130,7 +130,7 @@ def build_word_tokenizer(
 
 
 def hub_dataset(
-    path: str,
+    path: str | None = None,
     name: str | None = None,
     train_split: str = "train",
     validation_split: str = "validation",
@@ -150,8 +150,14 @@ def hub_dataset(
 
     Raises:
         RuntimeError: The dataset could not be loaded (no network, unknown name, ...).
-        ValueError: A chosen split does not exist.
+        ValueError: ``path`` is not given (Hydra leaves an unset ``???`` out of a partial's arguments), or a
+            chosen split does not exist.
     """
+    if path is None:
+        raise ValueError(
+            "data.dataset.path is not set: name the Hub dataset, e.g. data.dataset.path=glue data.dataset.name=sst2 "
+            "(or data=local with your own files)"
+        )
     label = path if name is None else f"{path}/{name}"
     try:
         loaded = load_dataset(path, name, **kwargs)
