@@ -10,12 +10,24 @@ Reuse from any test file::
     def test_something(tiny_model_factory):
         model = tiny_model_factory("llama", num_hidden_layers=2)   # eval mode, GQA 4 query / 2 key heads
         inputs = make_tiny_inputs("llama", model.config)            # padded batch: input_ids, attention_mask
+
+Below them: tiny tasks on disk and the app's config for end-to-end runs, the environment of the app in a
+subprocess (``app_env``) and a run in the background that a test interrupts (``TrainRun``), and the
+isolation of the environment variables that an in-process run sets.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import glob
 import itertools
 import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 # Without an NVIDIA driver, Triton kernels run on CPU tensors in its interpreter. Triton reads this when it is
 # first imported (torch and lightning import it), so it is set before anything else.
@@ -371,3 +383,214 @@ def torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------- the app in a subprocess
+
+TESTS_DIR = REPO_ROOT / "tests"
+
+# Inherited by a subprocess, each of these would change what the app does there; see app_env.
+SCRUBBED_VARIABLES = (
+    "WANDB_API_KEY",
+    "TRITON_INTERPRET",
+    "DISTILL_LAB_RESUME",
+    "PL_GLOBAL_SEED", "PL_SEED_WORKERS",
+    "LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID",
+    "MASTER_ADDR", "MASTER_PORT",
+    "SLURM_NTASKS",
+)  # fmt: skip
+
+
+def app_env(tmp_dir: str | Path, **extra: str) -> dict[str, str]:
+    """The environment of the app in a subprocess (``python train.py``, the DDP worker script): this process's
+    own, with the variables below set or removed, then ``extra`` (e.g. ``PYTHONWARNINGS="ignore"``).
+
+    Set:
+
+    - ``WANDB_MODE=offline``: a run never reaches the network, and the tests read the offline run files.
+    - ``HF_HUB_OFFLINE=1``, ``HF_DATASETS_OFFLINE=1``: models and data come from the test's directories.
+    - ``HF_DATASETS_CACHE=<tmp_dir>/hf-datasets``, ``DISTILL_LAB_CACHE=<tmp_dir>/cache``: the datasets' Arrow
+      caches and the built-in teacher stay in the test's directory (nothing read from or left in ``~/.cache``).
+    - ``OMP_NUM_THREADS=1``: a machine with few cores runs a test's processes side by side, and two runs that
+      must give the same numbers do the same operations on one thread.
+    - ``PYTHONPATH``: ``tests/`` first, so that an override may name a class defined in a test module
+      (``+callbacks.pace._target_=test_resume.Pace``, ``trainer.strategy._target_=test_ddp.CPUFSDPStrategy``).
+
+    Removed:
+
+    - ``WANDB_API_KEY``: with a key the app's wandb logger would go online; the runs stay offline.
+    - ``TRITON_INTERPRET``: this conftest sets it for the in-process kernel tests where there is no NVIDIA
+      driver; in a subprocess the app chooses its kernels as it would for a user.
+    - ``DISTILL_LAB_RESUME``: rank 0's ``ckpt_path=auto`` choice, handed to the DDP ranks that Lightning
+      launches (``distill_lab.resume``); an in-process run leaves it in this process, and a run inheriting it
+      together with ``LOCAL_RANK`` > 0 would take another run's checkpoint and directory.
+    - ``PL_GLOBAL_SEED``, ``PL_SEED_WORKERS``: Lightning's ``seed_everything`` in an in-process run leaves them
+      here; in a subprocess Lightning's DDP set-up re-seeds every rank from them (and seeds its distributed
+      sampler), so a run that does not seed itself (the DDP worker script) would depend on which test ran
+      before.
+    - ``LOCAL_RANK``, ``RANK``, ``WORLD_SIZE``, ``NODE_RANK``, ``LOCAL_WORLD_SIZE``, ``GROUP_RANK``,
+      ``TORCHELASTIC_RUN_ID``: present when the tests themselves run under a launcher (torchrun, a CI's);
+      Lightning would then take the subprocess for one rank of a job started outside and start no DDP
+      processes of its own, and ``LOCAL_RANK`` > 0 makes the app read the hand-over above.
+    - ``MASTER_ADDR``, ``MASTER_PORT``: a fixed address and port make two DDP runs collide (the second cannot
+      bind the port); without them Lightning picks a free port for each run.
+    - ``SLURM_NTASKS``: inside a SLURM job Lightning takes it to mean that ``srun`` started the processes and
+      waits for ranks that never come.
+    """
+    tmp_dir = Path(tmp_dir)
+    env = {name: value for name, value in os.environ.items() if name not in SCRUBBED_VARIABLES}
+    env.update(
+        WANDB_MODE="offline",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_DATASETS_CACHE=str(tmp_dir / "hf-datasets"),
+        DISTILL_LAB_CACHE=str(tmp_dir / "cache"),
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH")) if p),
+    )
+    env.update(extra)
+    return env
+
+
+def train_py(*overrides: str) -> list[str]:
+    """The command ``python train.py *overrides`` (this interpreter, the repository's ``train.py``)."""
+    return [sys.executable, str(REPO_ROOT / "train.py"), *overrides]
+
+
+class TrainRun:
+    """``command`` (see ``train_py``) started in the background in ``cwd``, for a test to wait until its run
+    reaches a step, then interrupt or kill it.
+
+    The output (stdout and stderr together) is copied to ``log`` as it comes, by a thread: a pipe that nobody
+    read would fill up and block the run while the test polls its checkpoints. The run gets a session of its
+    own, so that :meth:`kill` ends every process of it (the other DDP ranks are children of rank 0), and
+    :meth:`interrupt` (SIGINT) reaches rank 0 alone, as Ctrl-C reaches ``python train.py``'s process. A run
+    still going when the tests end is killed then.
+    """
+
+    def __init__(self, command: list[str], *, env: dict[str, str], log: str | Path, cwd: str | Path = REPO_ROOT) -> None:
+        self.cwd, self.log = Path(cwd), Path(log)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        # Where this process ignores SIGINT (pytest started as a background job of a shell script: `pytest &`),
+        # the run would inherit that, and Python never turns an ignored SIGINT into KeyboardInterrupt. A
+        # handler installed here instead is reset to the default by exec, so the run gets Ctrl-C as a user's
+        # ``python train.py`` does.
+        unignore = signal.getsignal(signal.SIGINT) == signal.SIG_IGN and threading.current_thread() is threading.main_thread()
+        if unignore:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            self.process = subprocess.Popen(
+                command, cwd=self.cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        finally:
+            if unignore:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self._copier = threading.Thread(target=self._copy_output, daemon=True)
+        self._copier.start()
+        _STARTED_RUNS.append(self)
+
+    def _copy_output(self) -> None:
+        with open(self.log, "wb") as out:
+            for chunk in iter(lambda: self.process.stdout.read1(1 << 16), b""):
+                out.write(chunk)
+                out.flush()
+
+    def output(self) -> str:
+        """What the run printed so far."""
+        return self.log.read_text(errors="replace")
+
+    def running(self) -> bool:
+        """Whether a process of the run is still alive: rank 0, or another that holds its output open."""
+        return self.process.poll() is None or self._copier.is_alive()
+
+    def wait(self, timeout: float = 300) -> int:
+        """The exit status of the process started (rank 0), once every process of the run has ended (their
+        output is closed). A run still going after ``timeout`` seconds is killed and the test fails."""
+        deadline = time.monotonic() + timeout
+        try:
+            returncode = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"the run did not end within {timeout} s:\n{self.output()[-3000:]}") from None
+        self._copier.join(max(deadline - time.monotonic(), 0.0))
+        if self._copier.is_alive():
+            self.kill()
+            raise AssertionError(
+                f"the process started ended ({returncode}) but one it started (a DDP rank) was still going after "
+                f"{timeout} s:\n{self.output()[-3000:]}"
+            )
+        return returncode
+
+    def interrupt(self) -> None:
+        """Ctrl-C: SIGINT to the process started (rank 0), not to the processes it started."""
+        self.process.send_signal(signal.SIGINT)
+
+    def kill(self) -> None:
+        """SIGKILL to every process of the run (its process group), where one is still alive."""
+        if self.running():  # while one lives, the group id is still the run's
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        self._copier.join(10)
+
+    def run_dirs(self) -> list[Path]:
+        """The run directories that Hydra made under ``cwd`` (its default ``outputs/DATE/TIME``)."""
+        return sorted(self.cwd.glob("outputs/*/*"))
+
+    def wait_for_checkpoint(
+        self, min_step: int, last: str | Path = "outputs/*/*/checkpoints/last.ckpt", timeout: float = 240
+    ) -> Path:
+        """Polls the checkpoint ``last`` (a path or a glob pattern, relative to ``cwd``; by default the
+        ``last.ckpt`` of a run in Hydra's default directories) until it holds step ``min_step`` or later;
+        returns its path. The checkpoint loads as Lightning's resume loads it (``weights_only=True``). The
+        test fails if the run ends first; a run that gets nowhere in ``timeout`` seconds is killed."""
+        pattern = str(self.cwd / last)
+        deadline, seen = time.monotonic() + timeout, {}
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"the run ended before step {min_step}:\n{self.output()[-3000:]}"
+            for path in map(Path, glob.glob(pattern)):
+                try:
+                    stamp = path.stat().st_mtime_ns
+                    if seen.get(path) == stamp:
+                        continue
+                    step = torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+                except (OSError, RuntimeError, ValueError, EOFError):  # being written: look again
+                    continue
+                seen[path] = stamp
+                if step >= min_step:
+                    return path
+            time.sleep(0.02)
+        self.kill()
+        raise AssertionError(f"no checkpoint of step {min_step} after {timeout} s:\n{self.output()[-3000:]}")
+
+
+_STARTED_RUNS: list[TrainRun] = []
+
+
+@atexit.register
+def _kill_runs_left_going() -> None:
+    for run in _STARTED_RUNS:
+        run.kill()
+
+
+# ---------------------------------------------------------------------------------------------- in-process isolation
+
+# What a run in this process (``distill_lab.run.train``) sets in ``os.environ``: the app's DDP hand-over
+# (``distill_lab.resume``) and Lightning's ``seed_everything``; and, for an offline run, Lightning's wandb
+# logger sets WANDB_MODE=dryrun.
+APP_SET_VARIABLES = ("DISTILL_LAB_RESUME", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+RESTORED_VARIABLES = (*APP_SET_VARIABLES, "WANDB_MODE")
+
+
+@pytest.fixture(autouse=True)
+def isolated_app_variables(monkeypatch):
+    """Every test starts without the variables that an in-process run sets (``APP_SET_VARIABLES``: an earlier
+    test's ``DISTILL_LAB_RESUME`` would be a later one's DDP hand-over), and gets back, after it, the values of
+    ``RESTORED_VARIABLES`` it started with (``WANDB_MODE`` is the user's choice, kept during the test)."""
+    for name in RESTORED_VARIABLES:
+        before = os.environ.get(name)
+        # setenv records the value before the test, or its absence, for monkeypatch to restore (delenv records
+        # nothing for a variable that is absent, so one that the test sets would stay)
+        monkeypatch.setenv(name, "" if before is None else before)
+        if before is None or name in APP_SET_VARIABLES:
+            monkeypatch.delenv(name)

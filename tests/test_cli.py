@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import signal
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import REPO_ROOT, make_text_task
+from conftest import REPO_ROOT, TrainRun, app_env, make_text_task, train_py
 from transformers import AutoModelForSequenceClassification
 
 pytestmark = pytest.mark.slow
@@ -35,25 +32,10 @@ def task(tmp_path_factory):
     return make_text_task(tmp_path_factory.mktemp("cli-task"))
 
 
-def _env(tmp_path: Path) -> dict:
-    env = {
-        **os.environ,
-        "WANDB_MODE": "offline",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets"),
-        "DISTILL_LAB_CACHE": str(tmp_path / "cache"),
-        "OMP_NUM_THREADS": "1",
-    }
-    for key in ("WANDB_API_KEY", "TRITON_INTERPRET"):  # no account; the app's own kernel dispatch, not the tests'
-        env.pop(key, None)
-    return env
-
-
 def cli(tmp_path: Path, *args: str, timeout: int = 600, module: str | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", module] if module else [sys.executable, "train.py"]
+    command = [sys.executable, "-m", module, *args] if module else train_py(*args)
     return subprocess.run(
-        [*command, *args], cwd=REPO_ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout
+        command, cwd=REPO_ROOT, env=app_env(tmp_path), capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -205,19 +187,12 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes(task, tmp_path):
         "trainer.max_epochs=200", "trainer.num_sanity_val_steps=0", "callbacks.attention_maps=null",
         "callbacks.last_checkpoint.every_n_train_steps=5",
     ]
-    process = subprocess.Popen(
-        [sys.executable, "train.py", *long_run, f"hydra.run.dir={first}"],
-        cwd=REPO_ROOT, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    last = first / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 300
-    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert process.poll() is None, "the run ended before it could be interrupted"
-    time.sleep(1.0)
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode != 0 and "KeyboardInterrupt" in stdout + stderr, stderr[-3000:]
+    run = TrainRun(train_py(*long_run, f"hydra.run.dir={first}"), env=app_env(tmp_path), log=tmp_path / "first.log")
+    run.wait_for_checkpoint(min_step=5, last=first / "checkpoints" / "last.ckpt")
+    assert run.process.poll() is None, "the run ended before it could be interrupted"
+    run.interrupt()
+    returncode, output = run.wait(120), run.output()
+    assert returncode != 0 and "KeyboardInterrupt" in output, output[-3000:]
     assert not (first / "results.json").exists()  # an interrupted run reports nothing as final
 
     interrupted = first / "checkpoints" / "interrupted.ckpt"

@@ -21,18 +21,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from unittest import mock
 
 import lightning as L
 import pytest
 import torch
-from conftest import REPO_ROOT, compose_config, make_text_task
+from conftest import REPO_ROOT, TrainRun, app_env, compose_config, make_text_task, train_py
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from omegaconf import OmegaConf
@@ -216,10 +213,9 @@ def launch(spec: dict, out: Path) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
     spec = {**spec, "out": str(out)}
     (out / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
         [sys.executable, __file__, str(out / "spec.json")],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO_ROOT, env=app_env(out, PYTHONWARNINGS="ignore"), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
 
 
@@ -321,17 +317,11 @@ def train_py_command(tmp_path: Path, *overrides: str) -> tuple[list[str], dict, 
     and run directory."""
     task = make_text_task(tmp_path / "task")
     out = tmp_path / "run"
-    command = [
-        sys.executable, "train.py", *task["overrides"], "student.num_layers=2", "debug=fast",
-        "data.max_train_samples=32", "logger=csv", "fused_kernel=false", f"hydra.run.dir='{out}'",
-        f"paths.cache_dir='{tmp_path / 'cache'}'", *overrides,
-    ]  # fmt: skip
-    env = {
-        **os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-        "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets"), "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore",
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
-    }  # fmt: skip
-    return command, env, out
+    command = train_py(
+        *task["overrides"], "student.num_layers=2", "debug=fast", "data.max_train_samples=32", "logger=csv",
+        "fused_kernel=false", f"hydra.run.dir='{out}'", f"paths.cache_dir='{tmp_path / 'cache'}'", *overrides,
+    )  # fmt: skip
+    return command, app_env(tmp_path, PYTHONWARNINGS="ignore"), out
 
 
 def run_train_py(tmp_path: Path, *overrides: str) -> tuple[Path, subprocess.CompletedProcess]:
@@ -369,20 +359,12 @@ def test_ctrl_c_in_one_ddp_process_saves_and_stops_without_waiting_for_the_other
         tmp_path, "trainer=ddp", "trainer.max_epochs=500", "trainer.limit_train_batches=null",
         "callbacks.attention_maps=null", "callbacks.last_checkpoint.every_n_train_steps=2",
     )  # fmt: skip
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    last = out / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 300
-    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert process.poll() is None, "the run ended before it could be interrupted"
-    time.sleep(1.0)
-    process.send_signal(signal.SIGINT)  # rank 0 only: Lightning started rank 1 as a child process
-    try:
-        stdout, stderr = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        pytest.fail("the interrupted DDP run hung")
-    assert process.returncode != 0 and "KeyboardInterrupt" in stdout + stderr, stderr[-3000:]
+    run = TrainRun(command, env=env, log=tmp_path / "run.log")
+    run.wait_for_checkpoint(min_step=2, last=out / "checkpoints" / "last.ckpt")
+    assert run.process.poll() is None, "the run ended before it could be interrupted"
+    run.interrupt()  # rank 0 only: Lightning started rank 1 as a child process
+    returncode, output = run.wait(120), run.output()  # both processes ended: the interrupted run did not hang
+    assert returncode != 0 and "KeyboardInterrupt" in output, output[-3000:]
     state = torch.load(out / "checkpoints" / "interrupted.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] >= 2 and not any(k.startswith("teacher.") for k in state["state_dict"])
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
@@ -465,11 +447,6 @@ def test_fsdp_on_two_cpu_processes_trains_like_one_process(models, tmp_path, pre
             torch.testing.assert_close(weight, teacher[name], rtol=0, atol=0, msg=name)
 
 
-if __name__ == "__main__":
-    torch.set_num_threads(1)
-    fit(json.loads(Path(sys.argv[1]).read_text()))
-
-
 @pytest.mark.slow
 def test_train_py_with_trainer_fsdp_evaluates_and_exports_the_whole_student(tmp_path):
     """``python train.py trainer=fsdp`` end to end on two CPU processes (``CPUFSDPStrategy``), with selective
@@ -504,3 +481,8 @@ def test_train_py_with_trainer_fsdp_evaluates_and_exports_the_whole_student(tmp_
         torch.testing.assert_close(exported[name], weight, rtol=0, atol=0, msg=name)
     initial = AutoModelForSequenceClassification.from_pretrained(tmp_path / "task" / "teacher").state_dict()
     assert not torch.equal(exported["classifier.weight"], initial["classifier.weight"])  # trained
+
+
+if __name__ == "__main__":  # a worker started by launch(); the DDP launcher starts rank 1 by running it again
+    torch.set_num_threads(1)
+    fit(json.loads(Path(sys.argv[1]).read_text()))

@@ -20,15 +20,13 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import REPO_ROOT, compose_config, make_text_task
+from conftest import TrainRun, app_env, compose_config, make_text_task, train_py
 from hydra.utils import instantiate
 from transformers import AutoModelForSequenceClassification
 
@@ -190,65 +188,24 @@ def cli_task(tmp_path_factory):
     return root, command
 
 
-class CliRun:
+def cli_run(cwd: Path, command: list[str], name: str) -> TrainRun:
     """``python train.py *command`` started in the background in ``cwd`` (Hydra writes ``cwd/outputs/DATE/TIME``),
-    with one torch thread, offline, its output in ``cwd/<name>.log``."""
-
-    def __init__(self, cwd: Path, command: list[str], name: str) -> None:
-        cwd.mkdir(parents=True, exist_ok=True)
-        self.cwd, self.log = cwd, cwd / f"{name}.log"
-        env = {
-            **os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "HF_DATASETS_CACHE": str(cwd / "hf-datasets"), "DISTILL_LAB_CACHE": str(cwd / "cache"),
-            "WANDB_MODE": "offline",  # tests/ on the path: the command names test_resume.Pace
-            "PYTHONPATH": os.pathsep.join(p for p in [str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH")] if p),
-        }
-        for key in ("TRITON_INTERPRET", "DISTILL_LAB_RESUME", "LOCAL_RANK"):  # the app's own, not the tests'
-            env.pop(key, None)
-        with open(self.log, "w") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, str(REPO_ROOT / "train.py"), *command], cwd=cwd, env=env, stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def wait(self, timeout: float = 300) -> int:
-        return self.process.wait(timeout=timeout)
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def run_dirs(self) -> list[Path]:
-        return sorted(self.cwd.glob("outputs/*/*"))
-
-    def wait_for_checkpoint(self, min_step: int, timeout: float = 240) -> Path:
-        """Polls ``last.ckpt`` of the run until it holds step ``min_step`` or later; returns its path."""
-        deadline, seen = time.monotonic() + timeout, None
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"the run ended before step {min_step}:\n{self.output()[-3000:]}"
-            for last in self.cwd.glob("outputs/*/*/checkpoints/last.ckpt"):
-                try:
-                    stamp = last.stat().st_mtime_ns
-                    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"] if stamp != seen else -1
-                except (OSError, RuntimeError, EOFError):  # replaced while read: look again
-                    continue
-                seen = stamp
-                if step >= min_step:
-                    return last
-            time.sleep(0.02)
-        raise AssertionError(f"no checkpoint of step {min_step} after {timeout} s:\n{self.output()[-3000:]}")
+    with one torch thread, offline, its output in ``cwd/<name>.log`` (``tests/`` on the path: the command names
+    ``test_resume.Pace``)."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    return TrainRun(train_py(*command), env=app_env(cwd), log=cwd / f"{name}.log", cwd=cwd)
 
 
 @pytest.fixture(scope="module")
 def cli_reference(cli_task):
     """The uninterrupted run of the command; it starts at once and runs beside the first interrupted one."""
     root, command = cli_task
-    run = CliRun(root / "reference", command, "reference")
+    run = cli_run(root / "reference", command, "reference")
     yield run
-    if run.process.poll() is None:
-        run.process.kill()
+    run.kill()
 
 
-def _finished_reference(run: CliRun) -> Path:
+def _finished_reference(run: TrainRun) -> Path:
     assert run.wait() == 0, run.output()[-3000:]
     (run_dir,) = run.run_dirs()
     return run_dir
@@ -258,7 +215,7 @@ def _finished_reference(run: CliRun) -> Path:
 def test_sigkill_mid_epoch_then_the_same_command_resumes_to_the_uninterrupted_result(cli_task, cli_reference):
     root, command = cli_task
     cwd = root / "killed"
-    first = CliRun(cwd, command, "first")
+    first = cli_run(cwd, command, "first")
     last = first.wait_for_checkpoint(min_step=STEPS_PER_EPOCH + 1)  # in the second epoch
     first.process.send_signal(signal.SIGKILL)
     assert first.wait(60) == -signal.SIGKILL
@@ -269,7 +226,7 @@ def test_sigkill_mid_epoch_then_the_same_command_resumes_to_the_uninterrupted_re
     assert state["TextClassificationData"] == {"train_position": [epoch, batches * 8]}
     assert not (run_dir / "results.json").exists() and not (last.parent / "interrupted.ckpt").exists()
 
-    second = CliRun(cwd, command, "second")
+    second = cli_run(cwd, command, "second")
     assert second.wait() == 0, second.output()[-3000:]
     output = second.output()
     assert f"ckpt_path=auto: resuming from {last} because {run_dir} is the latest run with the same overrides" in output
@@ -294,9 +251,9 @@ def test_sigkill_mid_epoch_then_the_same_command_resumes_to_the_uninterrupted_re
 def test_ctrl_c_leaves_an_interrupted_checkpoint_that_loads_and_resumes(cli_task, cli_reference):
     root, command = cli_task
     cwd = root / "interrupted"
-    first = CliRun(cwd, command, "first")
+    first = cli_run(cwd, command, "first")
     last = first.wait_for_checkpoint(min_step=3)
-    first.process.send_signal(signal.SIGINT)
+    first.interrupt()
     assert first.wait(120) != 0
     assert "KeyboardInterrupt" in first.output()
     interrupted = last.with_name("interrupted.ckpt")
@@ -308,7 +265,7 @@ def test_ctrl_c_leaves_an_interrupted_checkpoint_that_loads_and_resumes(cli_task
     run_dir = last.parents[1]
     assert not (run_dir / "results.json").exists()
 
-    second = CliRun(cwd, command, "second")
+    second = cli_run(cwd, command, "second")
     assert second.wait() == 0, second.output()[-3000:]
     assert f"ckpt_path=auto: resuming from {interrupted} because {run_dir}" in second.output()
     reference_dir = _finished_reference(cli_reference)
