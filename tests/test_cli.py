@@ -180,12 +180,18 @@ def test_cli_errors_name_the_key_before_training(task, tmp_path, overrides, mess
 
 def test_ctrl_c_leaves_a_checkpoint_that_resumes(task, tmp_path):
     """SIGINT mid-training: Lightning stops gracefully, ``interrupted.ckpt`` holds the state at that step,
-    and ``ckpt_path=`` continues from it to the configured end."""
+    and ``ckpt_path=`` continues from it to the configured end.
+
+    Every step is logged (``log_every_n_steps=1``): the resumed run trains 9 to 16 steps, and Lightning logs
+    a step when its count of stepped batches + 1 is a multiple of ``log_every_n_steps``; a run resumed in the
+    middle of a step also counts the repeated batch once more. With the default of 10, an interruption during
+    step 39 (or 79...) resumed into steps 39-47, counted 41-49, and logged none of them.
+    """
     first = tmp_path / "first"
     long_run = [
         *task["overrides"], "student=from_teacher", "student.num_layers=2", "logger=csv", "data.batch_size=8",
-        "trainer.max_epochs=200", "trainer.num_sanity_val_steps=0", "callbacks.attention_maps=null",
-        "callbacks.last_checkpoint.every_n_train_steps=5",
+        "trainer.max_epochs=200", "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1",
+        "callbacks.attention_maps=null", "callbacks.last_checkpoint.every_n_train_steps=5",
     ]
     run = TrainRun(train_py(*long_run, f"hydra.run.dir={first}"), env=app_env(tmp_path), log=tmp_path / "first.log")
     run.wait_for_checkpoint(min_step=5, last=first / "checkpoints" / "last.ckpt")
@@ -213,8 +219,9 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes(task, tmp_path):
     assert resumed["global_step"] == epochs * 8  # the configured end, counted from the interrupted step on
     metrics_csv = (second / "csv" / "version_0" / "metrics.csv").read_text()
     logged = [int(row["step"]) for row in csv.DictReader(metrics_csv.splitlines()) if row.get("train/loss")]
-    # the second run did not start again from step 0
+    # the second run did not start again from step 0, and logged each step it trained once
     assert logged and min(logged) >= step, f"interrupted at step {step}, resumed to {epochs * 8}:\n{metrics_csv[:2000]}"
+    assert len(logged) == len(set(logged)) == epochs * 8 - step, metrics_csv[:2000]
     results = json.loads((second / "results.json").read_text())  # the resumed run finished and reported
     assert Path(results["best_checkpoint"]).parent == second / "checkpoints" and 0.0 <= results["student"]["acc"] <= 1.0
 
