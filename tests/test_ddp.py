@@ -447,16 +447,19 @@ def test_fsdp_on_two_cpu_processes_trains_like_one_process(models, tmp_path, pre
             torch.testing.assert_close(weight, teacher[name], rtol=0, atol=0, msg=name)
 
 
+# trainer=fsdp for train.py on two CPU processes
+FSDP_ON_CPU = [
+    "trainer=fsdp", f"trainer.strategy._target_={__name__}.CPUFSDPStrategy", "trainer.accelerator=cpu",
+    "trainer.devices=2", "trainer.precision=32-true",
+]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_train_py_with_trainer_fsdp_evaluates_and_exports_the_whole_student(tmp_path):
     """``python train.py trainer=fsdp`` end to end on two CPU processes (``CPUFSDPStrategy``), with selective
     matching, whose calibration needs whole parameters: every part that touches the sharded models runs on all
     processes, and the checkpoint and the exported student hold whole tensors."""
-    fsdp = [
-        "trainer=fsdp", f"trainer.strategy._target_={__name__}.CPUFSDPStrategy", "trainer.accelerator=cpu",
-        "trainer.devices=2", "trainer.precision=32-true", "matching=selective", "matching.top_k=2",
-    ]  # fmt: skip
-    out, result = run_train_py(tmp_path, *fsdp)
+    out, result = run_train_py(tmp_path, *FSDP_ON_CPU, "matching=selective", "matching.top_k=2")
 
     assert result.stdout.count("distillation result") == 1
     results = json.loads((out / "results.json").read_text())
@@ -481,6 +484,29 @@ def test_train_py_with_trainer_fsdp_evaluates_and_exports_the_whole_student(tmp_
         torch.testing.assert_close(exported[name], weight, rtol=0, atol=0, msg=name)
     initial = AutoModelForSequenceClassification.from_pretrained(tmp_path / "task" / "teacher").state_dict()
     assert not torch.equal(exported["classifier.weight"], initial["classifier.weight"])  # trained
+
+
+@pytest.mark.slow
+def test_an_exception_under_fsdp_writes_no_interrupted_checkpoint(tmp_path):
+    """An exception in the FSDP processes writes no ``interrupted.ckpt`` (gathering the shards needs every
+    process, which an exception may have left anywhere): ``last.ckpt`` stays the newest checkpoint, the one
+    ``ckpt_path=auto`` resumes from."""
+    from distill_lab.resume import find_previous_run
+
+    crash = [f"+callbacks.crash.{k}={v}" for k, v in {"hook": "on_train_batch_start", "step": 1}.items()]
+    command, env, out = train_py_command(
+        tmp_path, *FSDP_ON_CPU, "+callbacks.crash._target_=test_resume.Crash", *crash,
+        "callbacks.attention_maps=null", "checkpoint_every_n_steps=1",
+    )  # fmt: skip
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "test crash in on_train_batch_start at step 1" in output, output[-3000:]
+    checkpoints = out / "checkpoints"
+    assert f"not writing {checkpoints / 'interrupted.ckpt'}: under FSDP it needs every process" in output
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]
+    state = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 1 and not (out / "results.json").exists()
+    assert find_previous_run(out)[0] == checkpoints / "last.ckpt"
 
 
 if __name__ == "__main__":  # a worker started by launch(); the DDP launcher starts rank 1 by running it again
