@@ -20,7 +20,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO_ROOT
 
 triton = pytest.importorskip("triton")

@@ -26,11 +26,17 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 from conftest import TrainRun, app_env, compose_config, make_text_task, train_py
 from hydra.utils import instantiate
 from transformers import AutoModelForSequenceClassification
 
-from distill_lab.resume import ResumableRandomSampler, find_previous_run, resolve_ckpt_path
+from distill_lab.resume import (
+    ResumableRandomSampler,
+    config_differences,
+    find_previous_run,
+    resolve_ckpt_path,
+)
 from distill_lab.run import train
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -428,6 +434,39 @@ def test_previous_run_is_the_latest_unfinished_one_with_the_same_overrides(tmp_p
     assert find_previous_run(named) is None
     # and a directory that Hydra does not manage (no .hydra/) has no neighbours to compare with
     assert find_previous_run(tmp_path / "plain") is None
+
+
+def test_same_overrides_under_an_edited_config_start_afresh(tmp_path, monkeypatch, caplog):
+    """A run found by its overrides is resumed only if its saved ``config.yaml`` equals this run's resolved
+    config (paths under each run's own directory compared relative to it); a run resumed in its own directory
+    under another config is resumed with a warning naming the keys that changed."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("DISTILL_LAB_RESUME", "{}")
+    outputs, overrides = tmp_path / "outputs", ["loss=kl"]
+    old = _fake_run(outputs, "2026-01-01/10-00-00", overrides, {"checkpoints/last.ckpt": 100})
+    now = _fake_run(outputs, "2026-01-01/11-00-00", overrides, {})
+
+    def config(run_dir: Path, temperature: float) -> dict:
+        paths = {"output_dir": str(run_dir), "cache_dir": f"{run_dir}/.cache"}
+        return {"paths": paths, "temperature": temperature, "logger": {"save_dir": f"{run_dir}/csv"}}
+
+    (old / "config.yaml").write_text(yaml.safe_dump(config(old, 3.0)))
+    assert config_differences(old, config(now, 3.0)) == []
+    assert find_previous_run(now, config(now, 3.0))[:2] == (old / "checkpoints" / "last.ckpt", old)
+    assert find_previous_run(now)[:2] == (old / "checkpoints" / "last.ckpt", old)  # nothing to compare with
+
+    # conf/ edited between the two commands: the same overrides, another experiment
+    assert config_differences(old, config(now, 2.0)) == ["temperature: 3.0 -> 2.0"]
+    with caplog.at_level(logging.WARNING, logger="distill_lab.resume"):
+        assert find_previous_run(now, config(now, 2.0)) is None
+        assert resolve_ckpt_path("auto", now, config(now, 2.0)) == (None, now)
+    assert "starting afresh" in caplog.text and "temperature: 3.0 -> 2.0" in caplog.text
+
+    # a directory of its own is resumed as asked, with the differences named
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="distill_lab.resume"):
+        assert find_previous_run(old, config(old, 2.0))[:2] == (old / "checkpoints" / "last.ckpt", old)
+    assert "differs from the one it started with: temperature: 3.0 -> 2.0" in caplog.text
 
 
 def test_sampler_continues_an_epoch_part_way(tmp_path):

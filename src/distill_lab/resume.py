@@ -7,12 +7,16 @@ on disk. With ``ckpt_path=auto`` (the default):
 
 1. If this run's own directory already holds a checkpoint (``hydra.run.dir=...`` named an existing
    directory, or ``train(cfg)`` was given one), that run is the previous one.
+   Where its saved ``config.yaml`` differs from this run's configuration, the differences are logged as a
+   warning (extending ``trainer.max_epochs`` this way is deliberate).
 2. Otherwise, unless the directory was named on the command line (``hydra.run.dir=`` or
    ``hydra.sweep.dir=``: a new name asks for a new run there), the previous run is the most recently active
    run directory near this one whose ``.hydra/overrides.yaml`` lists the same overrides (in any order) and
    that holds a checkpoint. "Near" means siblings and cousins: ``<root>/*/*`` for Hydra's
    ``outputs/DATE/TIME`` (so a rerun after midnight still finds its run) and ``multirun/DATE/TIME/N`` (the
-   same job of an earlier sweep).
+   same job of an earlier sweep). The same overrides are not the same run when a ``conf/`` file changed in
+   between: if that run's resolved ``config.yaml`` differs from this one's (its own paths aside), this run
+   starts afresh and the log names the keys that differ.
 
 A previous run that wrote ``results.json`` (the last thing ``train`` does) finished, and this run starts
 afresh. Only the latest matching run counts: an older unfinished run is not revived behind a newer finished
@@ -95,6 +99,36 @@ def _named_on_command_line(run_dir: Path) -> bool:
     return any(str(o).startswith(NAMED_DIR_OVERRIDES) for o in hydra or [])
 
 
+def _leaves(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _leaves(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def config_differences(run_dir: Path, config: dict) -> list[str] | None:
+    """``["key: saved -> now", ...]`` between ``run_dir/config.yaml`` (the resolved config that run wrote when
+    it started) and ``config`` (this run's, resolved), or None when the run saved none. Values naming a
+    run's own directory (``paths.output_dir`` and what interpolates it) are compared relative to it."""
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(saved, dict):
+        return None
+
+    def relative(leaves: dict) -> dict:
+        own = str(leaves.get("paths.output_dir"))
+        return {k: v.replace(own, "<output_dir>") if isinstance(v, str) else v for k, v in leaves.items()}
+
+    before, now = relative(_leaves(saved)), relative(_leaves(config))
+    missing = object()
+    return [
+        f"{key}: {before.get(key, '(unset)')!r} -> {now.get(key, '(unset)')!r}"
+        for key in sorted(before.keys() | now.keys())
+        if before.get(key, missing) != now.get(key, missing)
+    ]
+
+
 def _last_activity(run_dir: Path) -> int:
     files = [run_dir / CHECKPOINT_DIR / name for name in RESUMABLE_CHECKPOINTS] + [run_dir / FINISHED_MARKER]
     return max((p.stat().st_mtime_ns for p in files if p.is_file()), default=0)
@@ -110,16 +144,23 @@ def _nearby_runs(output_dir: Path) -> list[Path]:
     return [d for d in near if d.is_dir() and d.resolve() != output_dir.resolve() and (d / OVERRIDES_FILE).is_file()]
 
 
-def find_previous_run(output_dir: str | Path) -> tuple[Path, Path, str] | None:
+def find_previous_run(output_dir: str | Path, config: dict | None = None) -> tuple[Path, Path, str] | None:
     """The interrupted run that ``output_dir``'s run continues, as ``(checkpoint, run_dir, reason)``, or None.
 
-    See the module docstring for the rules. ``reason`` says in words why this checkpoint was chosen.
+    See the module docstring for the rules. ``config`` is this run's resolved configuration (compared with the
+    previous run's ``config.yaml``; None compares nothing). ``reason`` says in words why this checkpoint was
+    chosen.
     """
     output_dir = Path(output_dir)
     if (own := _newest_checkpoint(output_dir)) is not None:
         if (output_dir / FINISHED_MARKER).is_file():
             log.info("ckpt_path=auto: %s holds a finished run (%s); starting afresh", output_dir, FINISHED_MARKER)
             return None
+        if config is not None and (changed := config_differences(output_dir, config)):
+            log.warning(
+                "ckpt_path=auto: resuming the run in %s under a configuration that differs from the one it started "
+                "with: %s", output_dir, "; ".join(changed),
+            )  # fmt: skip
         return own, output_dir, f"this run's directory {output_dir} holds an unfinished run (no {FINISHED_MARKER})"
     overrides = _overrides(output_dir)
     if overrides is None or _named_on_command_line(output_dir):
@@ -131,6 +172,12 @@ def find_previous_run(output_dir: str | Path) -> tuple[Path, Path, str] | None:
     if (latest / FINISHED_MARKER).is_file():
         log.info("ckpt_path=auto: the latest run with the same overrides, %s, finished; starting afresh", latest)
         return None
+    if config is not None and (changed := config_differences(latest, config)):
+        log.warning(
+            "ckpt_path=auto: %s ran the same overrides but under another configuration (a conf/ file changed); "
+            "starting afresh instead of resuming it. Differences: %s", latest, "; ".join(changed),
+        )  # fmt: skip
+        return None
     checkpoint = _newest_checkpoint(latest)
     reason = (
         f"{latest} is the latest run with the same overrides as this one and it did not finish (no "
@@ -139,10 +186,13 @@ def find_previous_run(output_dir: str | Path) -> tuple[Path, Path, str] | None:
     return checkpoint, latest, reason
 
 
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> tuple[str | None, Path]:
+def resolve_ckpt_path(
+    ckpt_path: str | None, output_dir: str | Path, config: dict | None = None
+) -> tuple[str | None, Path]:
     """``(checkpoint for Trainer.fit, the directory this run writes to)`` for the ``ckpt_path`` option.
 
-    ``"auto"`` resumes the previous run of the same command in its own directory (:func:`find_previous_run`)
+    ``"auto"`` resumes the previous run of the same command and configuration (``config``, resolved) in its own
+    directory (:func:`find_previous_run`)
     or starts afresh in ``output_dir``, and records the choice in ``os.environ[DISTILL_LAB_RESUME]`` for the
     DDP ranks that Lightning launches later; ``None`` starts afresh; anything else is returned unchanged.
     """
@@ -152,7 +202,7 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> tuple[st
     if int(os.environ.get("LOCAL_RANK") or 0) > 0 and RANK_HANDOVER in os.environ:
         chosen = json.loads(os.environ[RANK_HANDOVER])  # a DDP rank that Lightning launched: rank 0 chose
         return chosen["ckpt_path"], Path(chosen["output_dir"])
-    found = find_previous_run(output_dir)
+    found = find_previous_run(output_dir, config)
     if found is None:
         ckpt_path, run_dir = None, output_dir
     else:

@@ -166,7 +166,9 @@ def train(cfg: DictConfig) -> dict:
     ``student/`` (``save_pretrained`` model and tokenizer) and ``attention_maps/``. With ``ckpt_path=auto``
     a rerun of an interrupted command resumes it in its own directory (``distill_lab.resume``).
     """
-    ckpt_path, output_dir = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    ckpt_path, output_dir = resolve_ckpt_path(
+        cfg.get("ckpt_path"), cfg.paths.output_dir, OmegaConf.to_container(cfg, resolve=True)
+    )
     cfg.paths.output_dir = str(output_dir)  # the previous run's directory when resuming it
     output_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:  # every process of a distributed run runs train(); one writes the files
