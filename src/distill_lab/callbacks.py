@@ -242,22 +242,36 @@ class ResumeRandomState(L.Callback):
     of the batch under way for one written during a step (Ctrl-C, an exception; Lightning repeats that batch).
     It is restored in ``on_train_start``, after the set-up and sanity validation that the resumed run does and
     the uninterrupted one did not.
+
+    A checkpoint written during a step also keeps the loggers' step (Lightning's ``_batches_that_stepped``)
+    as the repeated batch starts with it. Lightning assumes every checkpoint was written after a step and adds
+    one when it restarts, so without this the resumed run would log every step one later than the
+    uninterrupted run did; the saved value is put back when the first resumed batch starts.
     """
+
+    LOGGING_STEP = "logging_step"
 
     def __init__(self) -> None:
         self._batch_start: tuple[int, dict] | None = None
         self._to_restore: dict | None = None
+        self._logging_step: int | None = None
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int) -> None:
-        self._batch_start = (trainer.fit_loop.epoch_loop.batch_progress.current.ready, rng_state())
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if self._logging_step is not None:  # the first batch of a run resumed from a checkpoint written mid-step
+            epoch_loop._batches_that_stepped, self._logging_step = self._logging_step, None
+        self._batch_start = (epoch_loop.batch_progress.current.ready, rng_state(), epoch_loop._batches_that_stepped)
 
     def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict) -> None:
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
         under_way = self._batch_start is not None and progress.processed < progress.ready == self._batch_start[0]
         checkpoint["rng_state"] = self._batch_start[1] if under_way else rng_state()
+        if under_way:
+            checkpoint[self.LOGGING_STEP] = self._batch_start[2]
 
     def on_load_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict) -> None:
         self._to_restore = checkpoint.get("rng_state")
+        self._logging_step = checkpoint.get(self.LOGGING_STEP)
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if self._to_restore is not None:
