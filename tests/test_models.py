@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_image_task, make_tiny_model
 
 from distill_lab.builtin import evaluate_accuracy, train_builtin_teacher
 from distill_lab.capture import attention_modules
@@ -78,6 +78,16 @@ def test_derive_student_errors(tmp_path):
         derive_student(teacher, num_layers=2, num_heads=3)
     with pytest.raises(ValueError, match="student.init"):
         derive_student(teacher, num_layers=2, init="magic")
+
+
+def test_image_teacher_without_its_image_processor_is_named(tmp_path):
+    from distill_lab.models import load_preprocessor
+
+    teacher = Path(make_image_task(tmp_path, num_layers=1, per_class=2)["teacher"])
+    assert load_preprocessor(str(teacher), "image_classification").size == {"height": 32, "width": 32}
+    (teacher / "preprocessor_config.json").unlink()
+    with pytest.raises(ValueError, match=r"cannot load an image processor from .*teacher.*preprocessor_config\.json"):
+        load_preprocessor(str(teacher), "image_classification")
 
 
 def test_teacher_loads_by_path_frozen_and_in_eval_mode(tmp_path):

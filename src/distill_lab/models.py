@@ -127,7 +127,11 @@ def load_preprocessor(name_or_path: str, task: str = "sequence_classification", 
     try:
         return AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot load an image processor from {name_or_path!r}: {err}") from err
+        raise ValueError(
+            f"cannot load an image processor from {name_or_path!r}: an image teacher needs the image processor "
+            "it was trained with (preprocessor_config.json, written by processor.save_pretrained(directory) as "
+            f"the Hub's ViT models have it). {err}"
+        ) from err
 
 
 def count_parameters(model: nn.Module) -> int:
