@@ -258,7 +258,7 @@ def assert_same_training(one: dict, ranks: list[dict], accumulate: int = 1, rtol
 
 
 def test_ddp_config_is_lightning_ddp_that_tolerates_unused_parameters(tmp_path):
-    cfg = compose_config(["trainer=ddp"], tmp_path)
+    cfg = compose_config(["trainer=ddp", "trainer.accelerator=cpu"], tmp_path)  # two processes on any machine
     trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
     assert isinstance(trainer.strategy, DDPStrategy) and trainer.num_devices == 2
     assert trainer.strategy._ddp_kwargs == {"find_unused_parameters": True}
@@ -312,6 +312,10 @@ def test_ddp_with_gradient_accumulation_trains_like_one_process(models, tmp_path
     assert_same_training(one, run_ranks({**accumulated, "trainer": "ddp"}, tmp_path / "ddp"), accumulate=2)
 
 
+# two gloo processes on CPU, also where a GPU is (trainer=ddp picks the accelerator, and one GPU is not two)
+CPU_DDP = ("trainer=ddp", "trainer.accelerator=cpu")
+
+
 def train_py_command(tmp_path: Path, *overrides: str) -> tuple[list[str], dict, Path]:
     """``python train.py`` on a tiny text task (two processes with trainer=ddp or fsdp): command, environment
     and run directory."""
@@ -336,7 +340,7 @@ def run_train_py(tmp_path: Path, *overrides: str) -> tuple[Path, subprocess.Comp
 def test_train_py_with_trainer_ddp_writes_the_run_outputs_once(tmp_path):
     """``python train.py trainer=ddp``: Lightning starts rank 1 in the same run directory; the data is split
     between the two processes and rank 0 alone writes config.yaml, results.json and the exported student."""
-    out, result = run_train_py(tmp_path, "trainer=ddp")
+    out, result = run_train_py(tmp_path, *CPU_DDP)
 
     assert (out / "train_ddp_process_1.log").is_file()  # rank 1 ran, in rank 0's run directory
     assert result.stdout.count("distillation result") == 1  # the summary printed after results.json: once
@@ -356,7 +360,7 @@ def test_ctrl_c_in_one_ddp_process_saves_and_stops_without_waiting_for_the_other
     """SIGINT to rank 0 alone, while rank 1 goes on into the next gradient all-reduce: rank 0 writes
     ``interrupted.ckpt`` without a barrier (every DDP process holds the whole model) and the run ends."""
     command, env, out = train_py_command(
-        tmp_path, "trainer=ddp", "trainer.max_epochs=500", "trainer.limit_train_batches=null",
+        tmp_path, *CPU_DDP, "trainer.max_epochs=500", "trainer.limit_train_batches=null",
         "callbacks.attention_maps=null", "callbacks.last_checkpoint.every_n_train_steps=2",
     )  # fmt: skip
     run = TrainRun(command, env=env, log=tmp_path / "run.log")
@@ -376,7 +380,7 @@ def test_non_finite_loss_in_one_ddp_process_stops_every_process_before_the_updat
     FloatingPointError, instead of rank 0 going on into the next collective; no checkpoint holds the step."""
     poison = [f"+callbacks.poison.{k}={v}" for k, v in {"part": "output", "step": 1, "rank": 1}.items()]
     command, env, out = train_py_command(
-        tmp_path, "trainer=ddp", "+callbacks.poison._target_=test_resume.PoisonLoss", *poison,
+        tmp_path, *CPU_DDP, "+callbacks.poison._target_=test_resume.PoisonLoss", *poison,
         "callbacks.attention_maps=null", "checkpoint_every_n_steps=1",
     )  # fmt: skip
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
