@@ -514,7 +514,8 @@ ERRORS = {
     "unknown-capture": (["capture=flash"], r"unknown capture backend 'flash'; valid choices: .*qk"),
     "fused-kernel-without-qk": (
         ["fused_kernel=true", "capture=probs", "matching=global"],
-        r"fused_kernel=true, but .*\(capture=qk\), not capture=probs.*matching=global averages heads.*fused_kernel=null",
+        r"fused_kernel=true, but .*both sides must be QueryKey records \(capture=qk\).*matching=global averages heads.*"
+        r"fused_kernel=null",
     ),
     "mse-scores-needs-qk": (["loss=mse_scores", "capture=probs"], r"loss=mse_scores .*needs capture=qk, not capture=probs"),
     "gradient-importance-under-fsdp": (
@@ -541,7 +542,7 @@ def test_fused_kernel_true_without_cuda_fails_before_training(task, tmp_path, mo
     on a CPU run is refused when the run is set up, naming the config key, not at the first forward."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match=r"fused_kernel=true, but .*need a CUDA device, and this run is on cpu"):
+    with pytest.raises(ValueError, match=r"fused_kernel=true, but .*need a CUDA device, and this runs on cpu"):
         run_app(task, out, "fused_kernel=true")
     assert not (out / "checkpoints").exists()
 

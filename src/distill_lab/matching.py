@@ -550,21 +550,30 @@ class AttentionDistillationLoss(nn.Module):
         """Raise before training if the matching mode cannot pair these head counts."""
         self.matching.check_heads(num_teacher_heads, num_student_heads, self.layer_map)
 
+    def _kernel_problems(self, device_type: str | None, qk: bool) -> list[str]:
+        """Why no fused kernel can run for this loss on ``device_type`` with query/key records (``qk``) or
+        without; shared by the set-up check (:meth:`fused_problems`) and the per-layer dispatch."""
+        reasons = []
+        if not (isinstance(self.loss, AttentionLoss) and self.loss.name in ("kl", "mse", "cosine")):
+            reasons.append("only loss=kl, mse and cosine have fused kernels")
+        if not qk:
+            reasons.append("the kernels read queries and keys: both sides must be QueryKey records (capture=qk)")
+        elif device_type != "cuda" and not (self.fused and os.environ.get("TRITON_INTERPRET") == "1"):
+            # automatic dispatch (fused=None) takes the kernel on CUDA only: Triton's CPU interpreter (how the
+            # kernel tests run it) is far slower than the block-wise PyTorch path, so only fused=True asks for it
+            reasons.append(f"they need a CUDA device, and this runs on {device_type}")
+        if not reasons:
+            from distill_lab.kernels.attention_kl import triton  # imported only where it can run
+
+            if triton is None:
+                reasons.append("triton is not installed (pip install 'distill-lab[gpu]')")
+        return reasons
+
     def fused_problems(self, device_type: str, capture: str, num_teacher_heads: int, num_student_heads: int) -> list[str]:
         """Why the fused kernels cannot run for this objective on ``device_type`` with ``capture``, as far as it
         can be told before a forward (what a record may still rule out: sliding windows, soft-capping, a mask
         beyond padding and causal structure); empty where they can."""
-        reasons = []
-        if not (isinstance(self.loss, AttentionLoss) and self.loss.name in ("kl", "mse", "cosine")):
-            reasons.append("only loss=kl, mse and cosine have fused kernels")
-        if capture != "qk":
-            reasons.append(f"the kernels read queries and keys (capture=qk), not capture={capture}")
-        if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            reasons.append(f"they need a CUDA device, and this run is on {device_type}")
-        from distill_lab.kernels.attention_kl import triton
-
-        if triton is None:
-            reasons.append("triton is not installed (pip install distill-lab[gpu])")
+        reasons = self._kernel_problems(device_type, capture == "qk")
         if getattr(self.matching, "calibrated", True) and all(  # selective pairs single heads once calibrated
             self.matching.head_pairs(num_teacher_heads, num_student_heads, p) is None for p in self.layer_map
         ):
@@ -600,24 +609,12 @@ class AttentionDistillationLoss(nn.Module):
         """The head pairs for the fused kernel, or None where it does not apply (``fused=True``: an error)."""
         if self.fused is False:
             return None
-        reasons = []
-        if not (isinstance(self.loss, AttentionLoss) and self.loss.name in ("kl", "mse", "cosine")):
-            reasons.append("only loss=kl, mse and cosine have fused kernels")
-        if not (isinstance(student, QueryKey) and isinstance(teacher, QueryKey)):
-            reasons.append("both sides must be QueryKey records (capture=qk)")
-        elif not (student.query.is_cuda or (self.fused and os.environ.get("TRITON_INTERPRET") == "1")):
-            # automatic dispatch (fused=None) takes the kernel on CUDA only: Triton's CPU interpreter (how the
-            # kernel tests run it) is far slower than the block-wise PyTorch path, so only fused=True asks for it
-            reasons.append("the tensors are not on a CUDA device")
-        elif student.sliding_window or teacher.sliding_window or student.softcap or teacher.softcap:
+        qk = isinstance(student, QueryKey) and isinstance(teacher, QueryKey)
+        reasons = self._kernel_problems(student.query.device.type if qk else None, qk)
+        if not reasons and any(r.sliding_window or r.softcap for r in (student, teacher)):
             reasons.append("sliding-window or soft-capped attention is not supported")
-        elif student.causal != teacher.causal:
+        if not reasons and student.causal != teacher.causal:
             reasons.append("teacher and student differ in causality")
-        if not reasons:
-            from distill_lab.kernels.attention_kl import triton  # imported only where it can run
-
-            if triton is None:
-                reasons.append("triton is not installed")
         heads = None if reasons else self.matching.head_pairs(teacher.shape[1], student.shape[1], pair)
         if heads is None and not reasons:
             reasons.append(f"matching={type(self.matching).__name__.lower()} averages heads here")
