@@ -228,6 +228,7 @@ def evaluate(model, dataloader, task: str) -> dict[str, float]:
     metrics = task.metrics("", task.num_classes(model.config)).to(model.device)
     model.eval()
     for batch in dataloader:
+        batch = {k: v.to(model.device) for k, v in batch.items()}
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # the metrics need no loss
         task.update(metrics, logits, batch)
     return {name: float(value) for name, value in metrics.compute().items()}
