@@ -117,8 +117,10 @@ def config_differences(run_dir: Path, config: dict) -> list[str] | None:
         return None
 
     def relative(leaves: dict) -> dict:
-        own = str(leaves.get("paths.output_dir"))
-        return {k: v.replace(own, "<output_dir>") if isinstance(v, str) else v for k, v in leaves.items()}
+        own = leaves.get("paths.output_dir")
+        if not own:
+            return leaves
+        return {k: v.replace(str(own), "<output_dir>") if isinstance(v, str) else v for k, v in leaves.items()}
 
     before, now = relative(_leaves(saved)), relative(_leaves(config))
     missing = object()
