@@ -1,7 +1,7 @@
 """The fused attention-MSE and attention-cosine Triton kernels against a float64 reference written here.
 
 Without a GPU the kernels run under ``TRITON_INTERPRET=1`` on CPU tensors (small shapes); with one they run
-compiled. Under the interpreter the bf16 and determinism tests check less (see tests/test_kernels.py).
+compiled. Under the interpreter the bf16 test checks less and the determinism test is skipped (see tests/test_kernels.py).
 """
 
 from __future__ import annotations
@@ -128,6 +128,7 @@ def test_rows_without_keys_identical_models_and_no_teacher_gradient(loss):
     assert qt.grad is None and kt.grad is None  # the teacher is a constant
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="the interpreter runs programs one at a time: only a GPU can show run-to-run differences")
 @pytest.mark.parametrize("loss", LOSSES)
 def test_backward_is_deterministic(loss):
     qs, ks, qt, kt, key_valid = _inputs(33)
