@@ -9,6 +9,7 @@ spilled bytes. Compiler facts, not timings: whether a spill costs time is for ``
 
     python benchmarks/kernel_resources.py                                  # bf16, head sizes 64 and 128, H100
     python benchmarks/kernel_resources.py --dtype float32 --head-dim 128 256 --arch 80 90
+    python benchmarks/kernel_resources.py --head-dim 128 --num-warps 8            # another launch option
     python benchmarks/kernel_resources.py --json                           # one JSON list (tests read it)
 
 Triton reads ``TRITON_INTERPRET`` when the kernels are defined; it is removed here before they are imported.
@@ -105,10 +106,12 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
 
 
 def kernel_resources(
-    losses=LOSSES, dtypes=(torch.bfloat16,), head_dims=(64, 128), archs=(90,), causal: bool = True, ptxas: bool = True
+    losses=LOSSES, dtypes=(torch.bfloat16,), head_dims=(64, 128), archs=(90,), causal: bool = True, ptxas: bool = True,
+    num_warps: int | None = None,
 ) -> list[dict]:
     """One row per (loss, dtype, head size, kernel, GPU architecture): the launch's block sizes and options,
-    the shared memory it needs and the GPU's per-block limit, and (``ptxas``) registers and spills."""
+    the shared memory it needs and the GPU's per-block limit, and (``ptxas``) registers and spills.
+    ``num_warps`` replaces the launches' own (Triton's default, 4) to see what another choice would ask."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -119,6 +122,8 @@ def kernel_resources(
             for loss in losses:
                 for kernel, args, kwargs in recorded_launches(loss, dtype, head_dim, causal):
                     signature, constexprs, options = _signature(kernel, args, kwargs)
+                    if num_warps is not None:
+                        options["num_warps"] = num_warps
                     for arch in archs:
                         compiled = triton.compile(
                             ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
@@ -161,12 +166,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capability: 80 (A100), 90 (H100)")
     parser.add_argument("--bidirectional", action="store_true", help="no causal mask (the default is causal)")
+    parser.add_argument("--num-warps", type=int, help="compile with this many warps instead of the launches' own")
     parser.add_argument("--no-ptxas", action="store_true", help="skip the registers and spills report")
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON list")
     args = parser.parse_args(argv)
     rows = kernel_resources(
         args.loss, [getattr(torch, d) for d in args.dtype], args.head_dim, args.arch, not args.bidirectional,
-        ptxas=not args.no_ptxas,
+        ptxas=not args.no_ptxas, num_warps=args.num_warps,
     )  # fmt: skip
     print(json.dumps(rows) if args.json else markdown(rows))
     return rows
