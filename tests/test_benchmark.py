@@ -65,6 +65,6 @@ def test_all_variants_optimise_the_same_student(bench):
         student.zero_grad(set_to_none=True)
     assert teacher.config._attn_implementation == "sdpa" and student.config._attn_implementation == "sdpa"
     # (b) and (c) are one objective computed two ways; (a) lacks its attention term
-    (a, b, c) = losses.values()
+    a, b, c = losses["(a) logit-only KD"], losses["(b) eager maps"], losses["(c) distill-lab qk"]
     torch.testing.assert_close(c.detach(), b.detach(), rtol=1e-4, atol=1e-6)
     assert not torch.allclose(a, b)

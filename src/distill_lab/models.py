@@ -58,8 +58,8 @@ def load_teacher(
     Args:
         name_or_path: a hub name (``textattack/bert-base-uncased-SST-2``) or a local directory.
         num_labels: checked against (or given to) the classification head.
-        builtin: a built-in offline teacher (``distill_lab.builtin``: ``"relations"``, ``"relations-mlm"``,
-            ``"relations-clm"``, ``"stripes-vit"``, or ``"auto"`` for the one of ``task``), trained into ``name_or_path`` first if
+        builtin: a built-in offline teacher (a name in ``distill_lab.builtin.BUILTIN_TEACHERS``, or ``"auto"``
+            for the one of ``task``), trained into ``name_or_path`` first if
             nothing is saved there yet.
     """
     if builtin is not None:

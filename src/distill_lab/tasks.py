@@ -13,8 +13,8 @@ task                          output loss                      validation metric
 
 ``kd_loss`` is ``alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T)``, averaged over the labelled
 positions (label -100 is ignored: the unmasked tokens of a masked LM, padding). A causal LM predicts token
-t + 1 at position t, so its logits and labels are shifted by one before the loss and the metrics, as the
-models' own ``loss`` does.
+t + 1 at position t, so its labels are shifted by one against the logits (the last position gets -100)
+before the loss and the metrics, as the models' own ``loss`` does.
 """
 
 from __future__ import annotations
