@@ -452,6 +452,15 @@ def app_env(tmp_dir: str | Path, **extra: str) -> dict[str, str]:
     return env
 
 
+# two gloo processes on CPU, also where a GPU is (trainer=ddp picks the accelerator, and one GPU is not two)
+CPU_DDP = ("trainer=ddp", "trainer.accelerator=cpu")
+# trainer=fsdp on two CPU processes (test_ddp.CPUFSDPStrategy: Lightning's FSDPStrategy with device_id=cpu)
+FSDP_ON_CPU = (
+    "trainer=fsdp", "trainer.strategy._target_=test_ddp.CPUFSDPStrategy", "trainer.accelerator=cpu",
+    "trainer.devices=2", "trainer.precision=32-true",
+)  # fmt: skip
+
+
 def train_py(*overrides: str) -> list[str]:
     """The command ``python train.py *overrides`` (this interpreter, the repository's ``train.py``)."""
     return [sys.executable, str(REPO_ROOT / "train.py"), *overrides]

@@ -29,7 +29,16 @@ from unittest import mock
 import lightning as L
 import pytest
 import torch
-from conftest import REPO_ROOT, TrainRun, app_env, compose_config, make_text_task, train_py
+from conftest import (
+    CPU_DDP,
+    FSDP_ON_CPU,
+    REPO_ROOT,
+    TrainRun,
+    app_env,
+    compose_config,
+    make_text_task,
+    train_py,
+)
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from omegaconf import OmegaConf
@@ -312,10 +321,6 @@ def test_ddp_with_gradient_accumulation_trains_like_one_process(models, tmp_path
     assert_same_training(one, run_ranks({**accumulated, "trainer": "ddp"}, tmp_path / "ddp"), accumulate=2)
 
 
-# two gloo processes on CPU, also where a GPU is (trainer=ddp picks the accelerator, and one GPU is not two)
-CPU_DDP = ("trainer=ddp", "trainer.accelerator=cpu")
-
-
 def train_py_command(tmp_path: Path, *overrides: str) -> tuple[list[str], dict, Path]:
     """``python train.py`` on a tiny text task (two processes with trainer=ddp or fsdp): command, environment
     and run directory."""
@@ -451,11 +456,6 @@ def test_fsdp_on_two_cpu_processes_trains_like_one_process(models, tmp_path, pre
             torch.testing.assert_close(weight, teacher[name], rtol=0, atol=0, msg=name)
 
 
-# trainer=fsdp for train.py on two CPU processes
-FSDP_ON_CPU = [
-    "trainer=fsdp", f"trainer.strategy._target_={__name__}.CPUFSDPStrategy", "trainer.accelerator=cpu",
-    "trainer.devices=2", "trainer.precision=32-true",
-]  # fmt: skip
 
 
 @pytest.mark.slow

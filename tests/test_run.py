@@ -19,7 +19,7 @@ import datasets
 import lightning as L
 import pytest
 import torch
-from conftest import CONF_DIR, compose_config, make_image_task, make_text_task
+from conftest import CONF_DIR, FSDP_ON_CPU, compose_config, make_image_task, make_text_task
 from hydra.errors import InstantiationException, MissingConfigException
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
@@ -520,8 +520,7 @@ ERRORS = {
     "mse-scores-needs-qk": (["loss=mse_scores", "capture=probs"], r"loss=mse_scores .*needs capture=qk, not capture=probs"),
     "gradient-importance-under-fsdp": (
         [
-            "trainer=fsdp", "trainer.strategy._target_=test_ddp.CPUFSDPStrategy", "trainer.accelerator=cpu",
-            "trainer.devices=2", "trainer.precision=32-true", "matching=selective", "matching.importance=gradient",
+            *FSDP_ON_CPU, "matching=selective", "matching.importance=gradient",
         ],
         r"matching\.importance=gradient.*trainer=fsdp.*matching\.importance=entropy",
     ),  # fmt: skip
