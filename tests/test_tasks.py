@@ -333,26 +333,35 @@ DEFAULTS = {  # the built-in teachers' own max_epochs, lr, batch_size
 
 
 @pytest.mark.parametrize("name", sorted(DEFAULTS))
-def test_builtin_teacher_options_reach_its_trainer(tmp_path, monkeypatch, name):
-    """``train_builtin_teacher`` gives every built-in teacher the options it is asked for (the language-model
-    and image teachers once trained with their own whatever was asked), keeps each one's defaults otherwise,
-    and refuses an option its trainer has no use for."""
+def test_builtin_teacher_options_reach_its_training(tmp_path, monkeypatch, name):
+    """``train_builtin_teacher`` trains every built-in teacher with the options it is asked for, keeps each
+    one's defaults otherwise, stops early at ``target`` in the direction of its task's metric, and refuses an
+    option it does not know."""
     from distill_lab import builtin
 
-    seen = []
+    seen, stops = [], []
 
-    def record(name, model, preprocessor, data, output_dir, max_epochs, lr, *args, **kwargs):
+    def record(model, data, max_epochs, lr, task, metric, stop):
         seen.append((max_epochs, lr, data.batch_size))
-        assert type(model) is type(get_task(builtin.builtin_task(name)).auto_class.from_config(model.config))
-        return 0.5
+        stops.append(stop)
+        assert task == builtin.builtin_task(name) and "val/" + metric == get_task(task).monitor
+        assert type(model) is type(get_task(task).auto_class.from_config(model.config))
+        return {metric: 0.5}
 
-    monkeypatch.setattr(builtin, "_fit_and_save", record)
+    monkeypatch.setattr(builtin, "_fit", record)
     assert builtin.train_builtin_teacher(name, tmp_path) == 0.5
-    assert builtin.train_builtin_teacher(name, tmp_path, max_epochs=2, lr=0.01, batch_size=8, seed=1) == 0.5
+    assert builtin.train_builtin_teacher(name, tmp_path, max_epochs=2, lr=0.01, batch_size=8, seed=1, target=7.0) == 0.5
     assert seen == [DEFAULTS[name], (2, 0.01, 8)]
-    if name != "relations":
-        with pytest.raises(TypeError, match="target_accuracy"):
-            builtin.train_builtin_teacher(name, tmp_path, target_accuracy=0.9)
+    lower_is_better = get_task(builtin.builtin_task(name)).monitor_mode == "min"
+    assert (stops[1](6.9), stops[1](7.1)) == ((True, False) if lower_is_better else (False, True))
+    if name == "relations":  # trains until 98% accuracy unless told otherwise
+        assert (stops[0](0.98), stops[0](0.97)) == (True, False)
+    else:  # trains every epoch
+        assert not stops[0](0.0) and not stops[0](1e9)
+    metric = get_task(builtin.builtin_task(name)).monitor.removeprefix("val/")
+    assert (tmp_path / "teacher_metrics.txt").read_text() == f"validation_{metric}=0.5000\n"
+    with pytest.raises(TypeError, match="unknown options target_accuracy; valid: max_epochs, lr, batch_size, seed, target"):
+        builtin.train_builtin_teacher(name, tmp_path, target_accuracy=0.9)
 
 
 @pytest.mark.parametrize(("task_name", "family"), [("masked_lm", "bert"), ("causal_lm", "llama")])

@@ -8,18 +8,19 @@ half a minute on 2 CPU cores to about 99% validation accuracy; afterwards it is 
 through ``from_pretrained`` like any other. The language-model teachers learn the same sentences as raw text,
 the image teacher the orientation of stripes.
 
-``BUILTIN_TEACHERS`` holds them all (name -> task, model configuration, trainer): a new built-in teacher is one
-entry there, with one of the trainers below or a new one.
+``BUILTIN_TEACHERS`` holds them all (name -> task, model configuration, data, training options): a new built-in
+teacher is one entry there. ``train_builtin_teacher`` trains any of them the same way.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import BertConfig, LlamaConfig, PretrainedConfig, ViTConfig
@@ -42,146 +43,89 @@ TEACHER_CONFIG = dict(  # the BERT of the text classifier and the masked LM
 
 @dataclass(frozen=True)
 class BuiltinTeacher:
-    """A built-in teacher: the task it is trained for, its model's configuration (the sizes; the trainer adds
-    the vocabulary or the labels of its data) and the function that trains and saves it,
-    ``train(name, output_dir, max_epochs=..., lr=..., batch_size=..., seed=...)`` -> its validation metric."""
+    """A built-in teacher.
+
+    Attributes:
+        task: the task it is trained for (``distill_lab.tasks``); its monitor is the metric it is trained to.
+        config: the model's configuration (its sizes), completed with what ``data`` returns.
+        data: ``data(batch_size=..., seed=...)`` -> (data module, set up for fitting; its tokenizer or image
+            processor, saved with the model; the configuration entries the data fixes: vocabulary, labels).
+        options: the training options and their defaults: ``max_epochs``, ``lr``, ``batch_size``, ``seed`` and
+            ``target``, the validation metric at which training stops early (None: train every epoch).
+    """
 
     task: str
     config: Callable[..., PretrainedConfig]
-    train: Callable[..., float]
+    data: Callable[..., tuple[Any, Any, dict]]
+    options: Mapping[str, Any]
 
 
-def _fit_and_save(
-    name: str, model, preprocessor, data, output_dir: str | Path, max_epochs: int, lr: float,
-    evaluate: Callable[[], float], metric: str, done: Callable[[float], bool] = lambda value: False,
-) -> float:
-    """AdamW with a one-cycle schedule and gradient clipping on the model's own loss, ``evaluate()`` after
-    each epoch (stopping early once ``done``), then ``save_pretrained`` of model and preprocessor with
-    ``teacher_metrics.txt``. Returns the last evaluation."""
-    start = time.perf_counter()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    steps = max_epochs * len(data.train_dataloader())
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    log.info("training the built-in '%s' teacher (cached afterwards in %s)", name, output_dir)
-    for epoch in range(max_epochs):
-        model.train()
-        for batch in data.train_dataloader():
-            model(**batch).loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        value = evaluate()
-        log.info("teacher epoch %d: validation %s %.3f", epoch + 1, metric, value)
-        if done(value):
-            break
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir)
-    preprocessor.save_pretrained(output_dir)
-    (output_dir / "teacher_metrics.txt").write_text(f"validation_{metric}={value:.4f}\n")
-    log.info("built-in teacher ready in %.0f s: validation %s %.3f", time.perf_counter() - start, metric, value)
-    return value
-
-
-def train_builtin_classifier_teacher(
-    name: str,
-    output_dir: str | Path,
-    max_epochs: int = 12,
-    lr: float = 1e-3,
-    batch_size: int = 32,
-    seed: int = 0,
-    target_accuracy: float = 0.98,
-) -> float:
-    """Train the built-in text classifier (``relations``): a 4-layer BERT on the built-in sentiment-with-negation
-    sentences, saved with its tokenizer.
-
-    Trains until the validation accuracy reaches ``target_accuracy`` (the negation relation is picked up
-    after a plateau whose length varies with the seed) or for ``max_epochs``. Returns the validation
-    accuracy, also saved as ``teacher_metrics.txt``.
-    """
-    teacher = BUILTIN_TEACHERS[name]
-    torch.manual_seed(seed)
+def _relations_classification(batch_size: int, seed: int):
+    """The built-in sentences with their sentiment labels, through the built-in word tokenizer."""
     tokenizer = build_word_tokenizer()
     data = TextClassificationData(synthetic_relations(seed=seed), tokenizer=tokenizer, batch_size=batch_size, seed=seed)
     data.setup("fit")
-    config = teacher.config(vocab_size=len(tokenizer), num_labels=data.num_labels, pad_token_id=tokenizer.pad_token_id)
-    model = get_task(teacher.task).auto_class.from_config(config)
-    return _fit_and_save(
-        name, model, tokenizer, data, output_dir, max_epochs, lr,
-        lambda: evaluate(model, data.val_dataloader(), teacher.task)["acc"], "accuracy",
-        done=lambda value: value >= target_accuracy,
-    )
+    return data, tokenizer, dict(vocab_size=len(tokenizer), num_labels=data.num_labels, pad_token_id=tokenizer.pad_token_id)
 
 
-def train_builtin_lm_teacher(
-    name: str, output_dir: str | Path, max_epochs: int = 4, lr: float = 2e-3, batch_size: int = 64, seed: int = 0
-) -> float:
-    """Train a built-in language-model teacher on the built-in sentences and save it with its tokenizer.
-
-    ``relations-mlm`` is a 4-layer BERT masked LM, ``relations-clm`` a 4-layer LLaMA-style causal LM with
-    grouped-query attention (4 query heads, 2 key/value heads) and RoPE; both learn the sentences' word order
-    and the negation pattern in a minute or two on 2 CPU cores. Returns the validation perplexity, also saved
-    as ``teacher_metrics.txt``.
-    """
+def _relations_text(batch_size: int, seed: int, causal: bool):
+    """The built-in sentences as raw text, masked (``causal=False``) or for next-token prediction."""
     from distill_lab.data_lm import LanguageModelingData, synthetic_text
 
-    teacher = BUILTIN_TEACHERS[name]
-    causal = teacher.task == "causal_lm"
-    torch.manual_seed(seed)
     tokenizer = build_word_tokenizer()
     data = LanguageModelingData(synthetic_text(seed=seed), tokenizer, mlm=not causal, batch_size=batch_size, seed=seed)
     data.setup("fit")
     ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     if causal:
         ids.update(bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
-    model = get_task(teacher.task).auto_class.from_config(teacher.config(**ids))
-    return _fit_and_save(
-        name, model, tokenizer, data, output_dir, max_epochs, lr,
-        lambda: evaluate(model, data.val_dataloader(), teacher.task)["perplexity"], "perplexity",
-    )
+    return data, tokenizer, ids
 
 
-def train_builtin_vit_teacher(
-    name: str, output_dir: str | Path, max_epochs: int = 3, lr: float = 1e-3, batch_size: int = 32, seed: int = 0
-) -> float:
-    """Train the built-in image teacher: a ViT (32 x 32 images, 8 x 8 patches) on the built-in stripes images
-    (``distill_lab.data_images.synthetic_stripes``), saved with its image processor. Returns the validation
-    accuracy, also saved as ``teacher_metrics.txt``."""
+def _stripes(batch_size: int, seed: int):
+    """The built-in stripes images (``distill_lab.data_images.synthetic_stripes``), 32 x 32, labelled by the
+    stripes' orientation."""
     from transformers import ViTImageProcessor
 
     from distill_lab.data_images import ImageFolderData, synthetic_stripes
 
-    teacher = BUILTIN_TEACHERS[name]
-    torch.manual_seed(seed)
     processor = ViTImageProcessor(size={"height": 32, "width": 32})
     data = ImageFolderData(synthetic_stripes(seed=seed), processor, batch_size=batch_size, seed=seed)
     data.setup("fit")
     labels = dict(enumerate(data.label_names))
-    config = teacher.config(num_labels=data.num_labels, id2label=labels, label2id={v: k for k, v in labels.items()})
-    model = get_task(teacher.task).auto_class.from_config(config)
-    return _fit_and_save(
-        name, model, processor, data, output_dir, max_epochs, lr,
-        lambda: evaluate(model, data.val_dataloader(), teacher.task)["acc"], "accuracy",
-    )
+    return data, processor, dict(num_labels=data.num_labels, id2label=labels, label2id={v: k for k, v in labels.items()})
 
 
 BUILTIN_TEACHERS = {  # name -> BuiltinTeacher; teacher=builtin picks the one of its task
+    # a 4-layer BERT classifier; the negation relation is picked up after a plateau whose length varies with
+    # the seed, hence many epochs with an early stop
     "relations": BuiltinTeacher(
-        "sequence_classification", partial(BertConfig, **TEACHER_CONFIG), train_builtin_classifier_teacher
+        "sequence_classification",
+        partial(BertConfig, **TEACHER_CONFIG),
+        _relations_classification,
+        dict(max_epochs=12, lr=1e-3, batch_size=32, seed=0, target=0.98),
     ),
-    "relations-mlm": BuiltinTeacher("masked_lm", partial(BertConfig, **TEACHER_CONFIG), train_builtin_lm_teacher),
+    # a 4-layer BERT masked LM and a 4-layer LLaMA-style causal LM (grouped-query attention, 4 query heads and 2
+    # key/value heads, RoPE): both learn the sentences' word order and negation pattern in a minute or two
+    "relations-mlm": BuiltinTeacher(
+        "masked_lm",
+        partial(BertConfig, **TEACHER_CONFIG),
+        partial(_relations_text, causal=False),
+        dict(max_epochs=4, lr=2e-3, batch_size=64, seed=0, target=None),
+    ),
     "relations-clm": BuiltinTeacher(
         "causal_lm",
         partial(LlamaConfig, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                 intermediate_size=128, max_position_embeddings=64, attention_dropout=0.0),
-        train_builtin_lm_teacher,
+        partial(_relations_text, causal=True),
+        dict(max_epochs=4, lr=2e-3, batch_size=64, seed=0, target=None),
     ),
+    # a ViT on 32 x 32 images in 8 x 8 patches
     "stripes-vit": BuiltinTeacher(
         "image_classification",
         partial(ViTConfig, image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                 intermediate_size=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
-        train_builtin_vit_teacher,
+        _stripes,
+        dict(max_epochs=3, lr=1e-3, batch_size=32, seed=0, target=None),
     ),
 }
 
@@ -211,13 +155,62 @@ def builtin_for_task(task: str) -> str:
 
 
 def train_builtin_teacher(name: str, output_dir: str | Path, **options) -> float:
-    """Train the built-in teacher ``name`` with its own trainer and save it to ``output_dir``; returns its
-    validation metric (accuracy or perplexity), also saved as ``teacher_metrics.txt``.
+    """Train the built-in teacher ``name`` and save it to ``output_dir`` (model, tokenizer or image processor,
+    and ``teacher_metrics.txt`` with its validation metrics); returns the validation metric its task monitors
+    (accuracy or perplexity).
 
-    ``options`` go to the trainer: ``max_epochs``, ``lr``, ``batch_size`` and ``seed`` for every teacher (each
-    has its own defaults), ``target_accuracy`` for ``relations``; one the trainer does not take is a TypeError.
+    AdamW with a one-cycle schedule and gradient clipping on the model's own loss, an evaluation after each
+    epoch. ``options`` override the teacher's own (``BuiltinTeacher.options``): ``max_epochs``, ``lr``,
+    ``batch_size``, ``seed``, and ``target``, the validation metric at which training stops early (accuracy
+    at least, perplexity at most). An option not among them is a TypeError.
     """
-    return _teacher(name).train(name, output_dir, **options)
+    teacher = _teacher(name)
+    if unknown := sorted(set(options) - set(teacher.options)):
+        raise TypeError(
+            f"train_builtin_teacher({name!r}) got unknown options {', '.join(unknown)}; valid: "
+            f"{', '.join(teacher.options)}"
+        )
+    options = {**teacher.options, **options}
+    task = get_task(teacher.task)
+    metric, higher_is_better = task.monitor.removeprefix("val/"), task.monitor_mode == "max"
+    target = options["target"]
+
+    start = time.perf_counter()
+    torch.manual_seed(options["seed"])
+    data, preprocessor, fixed = teacher.data(batch_size=options["batch_size"], seed=options["seed"])
+    model = task.auto_class.from_config(teacher.config(**fixed))
+    log.info("training the built-in '%s' teacher (cached afterwards in %s)", name, output_dir)
+    scores = _fit(model, data, options["max_epochs"], options["lr"], teacher.task, metric, stop=lambda value: (
+        target is not None and (value >= target if higher_is_better else value <= target)
+    ))
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    preprocessor.save_pretrained(output_dir)
+    (output_dir / "teacher_metrics.txt").write_text("".join(f"validation_{k}={v:.4f}\n" for k, v in scores.items()))
+    log.info("built-in teacher ready in %.0f s: validation %s %.3f", time.perf_counter() - start, metric, scores[metric])
+    return scores[metric]
+
+
+def _fit(model, data, max_epochs: int, lr: float, task: str, metric: str, stop: Callable[[float], bool]) -> dict:
+    """Train ``model`` on its own loss for up to ``max_epochs``, evaluating after each epoch and stopping once
+    ``stop(validation metric)``; returns the last evaluation."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    steps = max_epochs * len(data.train_dataloader())
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    for epoch in range(max_epochs):
+        model.train()
+        for batch in data.train_dataloader():
+            model(**batch).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        scores = evaluate(model, data.val_dataloader(), task)
+        log.info("teacher epoch %d: validation %s %.3f", epoch + 1, metric, scores[metric])
+        if stop(scores[metric]):
+            break
+    return scores
 
 
 @torch.no_grad()
