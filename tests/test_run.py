@@ -370,6 +370,7 @@ def test_train_every_loss_and_matching(task, tmp_path, loss, matching):
     assert speed["speedup"] > 0 and speed["teacher_examples_per_s"] > 0
     assert speed["speedup"] == pytest.approx(speed["student_examples_per_s"] / speed["teacher_examples_per_s"])
     assert set(results["attention_loss"]) == set(PAIRS)
+    assert results["optimized_metric"] == "acc"
     assert all(math.isfinite(v) and v >= 0 for v in results["attention_loss"].values())
     assert results["layer_map"] == [[1, 0], [3, 1]]
     if matching == "selective":
@@ -450,6 +451,19 @@ def test_exported_student_reloads_and_equals_the_best_checkpoint(task, default_r
     assert checkpoint["teacher_scores"]["val/teacher_acc"] == default_run["metrics"]["val/teacher_acc"]
 
 
+def test_an_overridden_optimized_metric_is_followed_and_recorded(task, tmp_path):
+    """``optimized_metric=val/f1``: the best checkpoint follows F1, ``train`` returns it, and ``results.json``
+    names it for ``summarize``."""
+    out = tmp_path / "run"
+    cfg = compose_config([*task["overrides"], *BASE, "optimized_metric=val/f1"], out)
+    metrics = train(cfg)
+    assert metrics[cfg.optimized_metric] == metrics["val/f1"]
+    assert json.loads((out / "results.json").read_text())["optimized_metric"] == "f1"
+    callbacks = torch.load(out / "checkpoints" / "best.ckpt", weights_only=False)["callbacks"]
+    best = [state for state in callbacks.values() if str(state.get("best_model_path", "")).endswith("best.ckpt")]
+    assert len(best) == 1 and best[0]["monitor"] == "val/f1"
+
+
 def test_optimizer_holds_exactly_the_student_parameters(default_run):
     probe = default_run["probe"]
     assert probe["optimizer_has_teacher"] is False
@@ -511,6 +525,15 @@ ERRORS = {
     "top-k-too-large": (["matching=selective", "matching.top_k=10"], r"top_k=10.*Lower top_k"),
     "student-deeper-than-teacher": (["student.num_layers=5"], r"student\.num_layers=5"),
     "attention-weight-out-of-range": (["attention_weight=1.5"], r"attention_weight must be in \[0, 1\], got 1\.5"),
+    "optimized-metric-unknown": (
+        ["optimized_metric=val/accuracy"],
+        r"optimized_metric=val/accuracy is not a validation metric of task=sequence_classification: choose one of "
+        r"val/acc, val/f1",
+    ),
+    "optimized-mode-against-the-metric": (
+        ["optimized_metric=val/f1", "optimized_mode=min"],
+        r"optimized_mode=min, but val/f1 is better when higher: set optimized_mode=max",
+    ),
     "unknown-capture": (["capture=flash"], r"unknown capture backend 'flash'; valid choices: .*qk"),
     "fused-kernel-without-qk": (
         ["fused_kernel=true", "capture=probs", "matching=global"],

@@ -124,3 +124,13 @@ def test_explicit_metric_wins_over_the_tasks(masked_lm_sweep, capsys):
     main([str(masked_lm_sweep), "--metric", "masked_acc"])
     assert _run_order(capsys.readouterr().out) == ["1", "2", "0"]  # accuracy, highest first
     assert "| 1 | l1 | 0.5500 | 0.6000 | +0.0500 | 2.00x |" in (masked_lm_sweep / "summary.md").read_text()
+
+
+def test_default_metric_is_the_one_the_runs_optimised(masked_lm_sweep, capsys):
+    """Runs given ``optimized_metric=val/masked_acc`` are ranked by it, not by their task's perplexity."""
+    for results_file in masked_lm_sweep.rglob("results.json"):
+        results = json.loads(results_file.read_text())
+        results_file.write_text(json.dumps({**results, "optimized_metric": "masked_acc"}))
+    main([str(masked_lm_sweep)])
+    assert _run_order(capsys.readouterr().out) == ["1", "2", "0"]  # accuracy, highest first
+    assert "student masked_acc" in (masked_lm_sweep / "summary.md").read_text()

@@ -159,6 +159,23 @@ def _build_module(cfg: DictConfig, task, teacher, data) -> DistillationModule:
     )
 
 
+def _check_optimized_metric(cfg: DictConfig, task, val_metrics) -> None:
+    """``optimized_metric`` (what the best checkpoint follows, what ``train.py`` returns to a sweeper) must be
+    one of the student's validation metrics, and ``optimized_mode`` the direction in which it improves."""
+    better = {name: metric.higher_is_better for name, metric in val_metrics.items(keep_base=False)}
+    if cfg.optimized_metric not in better:
+        raise ValueError(
+            f"optimized_metric={cfg.optimized_metric} is not a validation metric of task={task.name}: choose one "
+            f"of {', '.join(better)}"
+        )
+    mode = "max" if better[cfg.optimized_metric] else "min"
+    if cfg.optimized_mode != mode:
+        raise ValueError(
+            f"optimized_mode={cfg.optimized_mode}, but {cfg.optimized_metric} is better when "
+            f"{'higher' if mode == 'max' else 'lower'}: set optimized_mode={mode}"
+        )
+
+
 def train(cfg: DictConfig) -> dict:
     """Distil the configured teacher into the student; returns the final validation metrics (``val/acc``...).
 
@@ -188,6 +205,7 @@ def train(cfg: DictConfig) -> dict:
     except ValueError as err:
         raise ValueError(f"teacher.name_or_path={cfg.teacher.name_or_path!r}: {err}") from None
     module = _build_module(cfg, task, teacher, data)
+    _check_optimized_metric(cfg, task, module.val_metrics)
     student, attention_loss = module.student, module.attention_loss
     pairs = attention_loss.layer_map
 
@@ -261,6 +279,7 @@ def train(cfg: DictConfig) -> dict:
         }
     results = {
         "task": task.name,
+        "optimized_metric": cfg.optimized_metric.removeprefix("val/"),  # what summarize ranks the runs by
         "student": {k.removeprefix("val/"): v for k, v in final.items() if k.removeprefix("val/") in metric_names},
         "teacher": {k.removeprefix("val/teacher_"): v for k, v in module.teacher_scores.items()},
         "parameters": parameters,

@@ -127,9 +127,12 @@ def bar_chart(rows: list[dict], path: str | Path, metric: str = "acc") -> Path:
 
 
 def default_metric(rows: list[dict]) -> str:
-    """The metric the runs optimised: the monitor of the first run's task (``perplexity`` for a language model,
-    ``acc`` for a classifier); for results without a known task, the first run's first student metric."""
+    """The metric the runs optimised: the first run's ``optimized_metric``; for results written without it, the
+    monitor of its task (``perplexity`` for a language model, ``acc`` for a classifier), else its first
+    student metric."""
     results = rows[0]["results"]
+    if "optimized_metric" in results:
+        return results["optimized_metric"]
     task = results.get("task")
     if task is not None:
         from distill_lab.tasks import TASKS  # imports torch and transformers (seconds): only when asked for
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("directory", help="a Hydra multirun directory")
     parser.add_argument(
         "--metric", default=None,
-        help="student metric to compare (acc, f1, masked_acc, perplexity); default: the one the runs' task optimises",
+        help="student metric to compare (acc, f1, masked_acc, perplexity); default: the one the runs optimised",
     )
     args = parser.parse_args(argv)
     try:
