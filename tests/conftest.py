@@ -12,8 +12,9 @@ Reuse from any test file::
         inputs = make_tiny_inputs("llama", model.config)            # padded batch: input_ids, attention_mask
 
 Below them: tiny tasks on disk and the app's config for end-to-end runs, the environment of the app in a
-subprocess (``app_env``) and a run in the background that a test interrupts (``TrainRun``), and the
-isolation of the environment variables that an in-process run sets.
+subprocess (``app_env``), a run to its end that must succeed or fail (``run_app``) and a run in the background
+that a test interrupts (``TrainRun``), and the isolation of the environment variables that an in-process run
+sets.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import contextlib
 import glob
 import itertools
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -464,6 +466,38 @@ FSDP_ON_CPU = (
 def train_py(*overrides: str) -> list[str]:
     """The command ``python train.py *overrides`` (this interpreter, the repository's ``train.py``)."""
     return [sys.executable, str(REPO_ROOT / "train.py"), *overrides]
+
+
+def run_app(
+    command: list[str], env: dict[str, str], *, timeout: float = 600, fails: bool = False
+) -> subprocess.CompletedProcess:
+    """``command`` (``train_py``, the DDP worker script) run to its end in the repository, where a user runs
+    ``python train.py`` (Hydra's default run directory and the config's relative paths depend on it), its
+    output captured as text.
+
+    The test fails unless the command succeeded, or with ``fails=True`` unless it failed (a wrong override, a
+    crash: the test then checks the message); either way the assertion carries the end of its stdout and
+    stderr, so that a failing test shows why. So does a command still going after ``timeout`` seconds, which
+    is killed.
+    """
+    try:
+        result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as expired:  # its output so far comes as bytes, or None
+        stdout, stderr = (b.decode(errors="replace") if b else "" for b in (expired.stdout, expired.stderr))
+        message = f"{shlex.join(command)}\ndid not end within {timeout} s\n{_output_tails(stdout, stderr)}"
+        raise AssertionError(message) from None
+    expected = "to fail" if fails else "to succeed"
+    assert (result.returncode != 0) == fails, (
+        f"{shlex.join(command)}\nexited with {result.returncode}, expected {expected}\n"
+        f"{_output_tails(result.stdout, result.stderr)}"
+    )
+    return result
+
+
+def _output_tails(stdout: str, stderr: str) -> str:
+    """The end of each stream: enough for a traceback (stderr, where the app and Lightning log) and the last
+    lines printed."""
+    return f"--- end of stdout ---\n{stdout[-3000:]}\n--- end of stderr ---\n{stderr[-6000:]}"
 
 
 class TrainRun:

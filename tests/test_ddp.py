@@ -32,11 +32,11 @@ import torch
 from conftest import (
     CPU_DDP,
     FSDP_ON_CPU,
-    REPO_ROOT,
     TrainRun,
     app_env,
     compose_config,
     make_text_task,
+    run_app,
     train_py,
 )
 from hydra.utils import instantiate
@@ -217,20 +217,18 @@ def models(tmp_path_factory) -> dict:
     return {"teacher": task["teacher"], "student": str(root / "student")}
 
 
-def launch(spec: dict, out: Path) -> subprocess.CompletedProcess:
-    """Run ``fit(spec)`` as ``python tests/test_ddp.py spec.json`` (the DDP launcher starts the other ranks)."""
+def launch(spec: dict, out: Path, *, fails: bool = False) -> subprocess.CompletedProcess:
+    """Run ``fit(spec)`` as ``python tests/test_ddp.py spec.json`` (the DDP launcher starts the other ranks),
+    which must succeed, or with ``fails=True`` fail (``run_app``)."""
     out.mkdir(parents=True, exist_ok=True)
     spec = {**spec, "out": str(out)}
     (out / "spec.json").write_text(json.dumps(spec))
-    return subprocess.run(
-        [sys.executable, __file__, str(out / "spec.json")],
-        cwd=REPO_ROOT, env=app_env(out, PYTHONWARNINGS="ignore"), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    command = [sys.executable, __file__, str(out / "spec.json")]
+    return run_app(command, app_env(out, PYTHONWARNINGS="ignore"), fails=fails)
 
 
 def run_ranks(spec: dict, out: Path) -> list[dict]:
-    result = launch(spec, out)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    launch(spec, out)
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
@@ -304,8 +302,7 @@ def test_two_ddp_processes_train_like_one_process_on_the_global_batch(models, tm
 def test_plain_ddp_refuses_unused_parameters(models, tmp_path):
     """Why conf/trainer/ddp.yaml sets find_unused_parameters: without it, the second step fails."""
     spec = {**models, **SCENARIOS["unused"], "trainer": "ddp", "trainer_kwargs": {"strategy": "ddp"}}
-    result = launch(spec, tmp_path)
-    assert result.returncode != 0
+    result = launch(spec, tmp_path, fails=True)
     assert "parameters that were not used in producing the loss" in result.stderr  # Lightning's wording
     assert not (tmp_path / "rank0.pt").exists()
 
@@ -334,11 +331,9 @@ def train_py_command(tmp_path: Path, *overrides: str) -> tuple[list[str], dict, 
 
 
 def run_train_py(tmp_path: Path, *overrides: str) -> tuple[Path, subprocess.CompletedProcess]:
-    """Runs ``train_py_command`` to the end; returns the run directory and the result."""
+    """Runs ``train_py_command`` to the end, which must succeed; returns the run directory and the result."""
     command, env, out = train_py_command(tmp_path, *overrides)
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return out, result
+    return out, run_app(command, env)
 
 
 @pytest.mark.slow
@@ -388,9 +383,8 @@ def test_non_finite_loss_in_one_ddp_process_stops_every_process_before_the_updat
         tmp_path, *CPU_DDP, "+callbacks.poison._target_=test_resume.PoisonLoss", *poison,
         "callbacks.attention_maps=null", "checkpoint_every_n_steps=1",
     )  # fmt: skip
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = run_app(command, env, timeout=300, fails=True)
     output = result.stdout + result.stderr
-    assert result.returncode != 0
     assert "non-finite loss at step 1 (epoch 0, batch 1): output loss = nan" in output  # rank 1's own message
     assert "non-finite loss at step 1 (epoch 0) in another process" in output  # rank 0's
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
@@ -502,9 +496,9 @@ def test_an_exception_under_fsdp_writes_no_interrupted_checkpoint(tmp_path):
         tmp_path, *FSDP_ON_CPU, "+callbacks.crash._target_=test_resume.Crash", *crash,
         "callbacks.attention_maps=null", "checkpoint_every_n_steps=1",
     )  # fmt: skip
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = run_app(command, env, timeout=300, fails=True)
     output = result.stdout + result.stderr
-    assert result.returncode != 0 and "test crash in on_train_batch_start at step 1" in output, output[-3000:]
+    assert "test crash in on_train_batch_start at step 1" in output, output[-3000:]
     checkpoints = out / "checkpoints"
     assert f"not writing {checkpoints / 'interrupted.ckpt'}: under FSDP it needs every process" in output
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]
