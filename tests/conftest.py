@@ -12,7 +12,7 @@ Reuse from any test file::
         inputs = make_tiny_inputs("llama", model.config)            # padded batch: input_ids, attention_mask
 
 Below them: tiny tasks on disk and the app's config for end-to-end runs, the environment of the app in a
-subprocess (``app_env``), a run to its end that must succeed or fail (``run_app``) and a run in the background
+subprocess (``app_env``), a run to its end that must succeed or fail (``run_to_end``) and a run in the background
 that a test interrupts (``TrainRun``), and the isolation of the environment variables that an in-process run
 sets.
 """
@@ -468,7 +468,7 @@ def train_py(*overrides: str) -> list[str]:
     return [sys.executable, str(REPO_ROOT / "train.py"), *overrides]
 
 
-def run_app(
+def run_to_end(
     command: list[str], env: dict[str, str], *, timeout: float = 600, fails: bool = False
 ) -> subprocess.CompletedProcess:
     """``command`` (``train_py``, the DDP worker script) run to its end in the repository, where a user runs

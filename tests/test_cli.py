@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TrainRun, app_env, make_text_task, run_app, train_py
+from conftest import TrainRun, app_env, make_text_task, run_to_end, train_py
 from transformers import AutoModelForSequenceClassification
 
 pytestmark = pytest.mark.slow
@@ -35,10 +35,10 @@ def task(tmp_path_factory):
 def cli(
     tmp_path: Path, *args: str, module: str | None = None, timeout: float = 600, fails: bool = False
 ) -> subprocess.CompletedProcess:
-    """``python train.py *args``, or ``python -m module *args``, through ``run_app`` with the app's environment
+    """``python train.py *args``, or ``python -m module *args``, through ``run_to_end`` with the app's environment
     kept in ``tmp_path``."""
     command = [sys.executable, "-m", module, *args] if module else train_py(*args)
-    return run_app(command, app_env(tmp_path), timeout=timeout, fails=fails)
+    return run_to_end(command, app_env(tmp_path), timeout=timeout, fails=fails)
 
 
 def read_wandb_history(run_file: Path) -> list[dict]:

@@ -36,7 +36,7 @@ from conftest import (
     app_env,
     compose_config,
     make_text_task,
-    run_app,
+    run_to_end,
     train_py,
 )
 from hydra.utils import instantiate
@@ -219,12 +219,12 @@ def models(tmp_path_factory) -> dict:
 
 def launch(spec: dict, out: Path, *, fails: bool = False) -> subprocess.CompletedProcess:
     """Run ``fit(spec)`` as ``python tests/test_ddp.py spec.json`` (the DDP launcher starts the other ranks),
-    which must succeed, or with ``fails=True`` fail (``run_app``)."""
+    which must succeed, or with ``fails=True`` fail (``run_to_end``)."""
     out.mkdir(parents=True, exist_ok=True)
     spec = {**spec, "out": str(out)}
     (out / "spec.json").write_text(json.dumps(spec))
     command = [sys.executable, __file__, str(out / "spec.json")]
-    return run_app(command, app_env(out, PYTHONWARNINGS="ignore"), fails=fails)
+    return run_to_end(command, app_env(out, PYTHONWARNINGS="ignore"), fails=fails)
 
 
 def run_ranks(spec: dict, out: Path) -> list[dict]:
@@ -333,7 +333,7 @@ def train_py_command(tmp_path: Path, *overrides: str) -> tuple[list[str], dict, 
 def run_train_py(tmp_path: Path, *overrides: str) -> tuple[Path, subprocess.CompletedProcess]:
     """Runs ``train_py_command`` to the end, which must succeed; returns the run directory and the result."""
     command, env, out = train_py_command(tmp_path, *overrides)
-    return out, run_app(command, env)
+    return out, run_to_end(command, env)
 
 
 @pytest.mark.slow
@@ -383,7 +383,7 @@ def test_non_finite_loss_in_one_ddp_process_stops_every_process_before_the_updat
         tmp_path, *CPU_DDP, "+callbacks.poison._target_=test_resume.PoisonLoss", *poison,
         "callbacks.attention_maps=null", "checkpoint_every_n_steps=1",
     )  # fmt: skip
-    result = run_app(command, env, timeout=300, fails=True)
+    result = run_to_end(command, env, timeout=300, fails=True)
     output = result.stdout + result.stderr
     assert "non-finite loss at step 1 (epoch 0, batch 1): output loss = nan" in output  # rank 1's own message
     assert "non-finite loss at step 1 (epoch 0) in another process" in output  # rank 0's
@@ -496,7 +496,7 @@ def test_an_exception_under_fsdp_writes_no_interrupted_checkpoint(tmp_path):
         tmp_path, *FSDP_ON_CPU, "+callbacks.crash._target_=test_resume.Crash", *crash,
         "callbacks.attention_maps=null", "checkpoint_every_n_steps=1",
     )  # fmt: skip
-    result = run_app(command, env, timeout=300, fails=True)
+    result = run_to_end(command, env, timeout=300, fails=True)
     output = result.stdout + result.stderr
     assert "test crash in on_train_batch_start at step 1" in output, output[-3000:]
     checkpoints = out / "checkpoints"

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_image_task, make_tiny_model
+from conftest import app_env, make_image_task, make_tiny_model, run_to_end, train_py
 
 from distill_lab.builtin import evaluate_accuracy, train_builtin_teacher
 from distill_lab.capture import attention_modules
 from distill_lab.data import TextClassificationData, build_word_tokenizer, synthetic_relations
 from distill_lab.models import count_parameters, derive_student, load_student, load_teacher, load_tokenizer
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _layer_params(model, index: int) -> dict[str, torch.Tensor]:
@@ -132,14 +128,11 @@ def test_builtin_teacher_is_trained_saved_and_loaded_through_from_pretrained(tmp
 @pytest.mark.slow
 def test_readme_default_command_runs_offline_end_to_end(tmp_path):
     """`python train.py` with no arguments: trains the built-in teacher, distils, exports, reports."""
-    env = {**os.environ, "WANDB_MODE": "offline", "DISTILL_LAB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-    env.pop("WANDB_API_KEY", None)
+    env = app_env(tmp_path)
+    del env["OMP_NUM_THREADS"]  # the threads a newcomer's run gets, not the one of the side-by-side test runs
+    env.update({k: v for k, v in os.environ.items() if k == "OMP_NUM_THREADS"})
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "train.py", f"hydra.run.dir={run_dir}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_to_end(train_py(f"hydra.run.dir={run_dir}"), env, timeout=900)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["teacher"]["acc"] >= 0.9  # the built-in teacher learned the negation relation
     assert results["student"]["acc"] > 0.75  # beyond what a bag of words can reach
