@@ -492,3 +492,103 @@ def test_attend_uncaptured_module_uses_sdpa():
     assert weights is None
     expected = nn.functional.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(out, expected.transpose(1, 2), atol=ATOL, rtol=0)
+
+
+def test_attend_follows_sdpa_causality_and_the_calls_sliding_window():
+    """A module without ``is_causal`` is causal where SDPA takes it to be (no mask, no flag), the call's
+    ``is_causal`` wins over the module's, and a window passed with the call (Mistral) is recorded."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
+    module = nn.Module().eval()
+    recorder = _Recorder()
+    setattr(module, _STATE, (recorder, 0))
+    out, probs = _record_and_attend(module, q, k, v, None)
+    expected = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, expected.transpose(1, 2), atol=ATOL, rtol=0)
+    lower = torch.ones(4, 4, dtype=torch.bool).tril()
+    assert (probs[..., ~lower] == 0).all() and (probs[..., lower] > 0).all()
+    module.is_causal = True
+    _, probs = _record_and_attend(module, q, k, v, None, is_causal=False)
+    assert (probs > 0).all()
+    recorder.backend = "qk"
+    _record_and_attend(module, q, k, v, None, sliding_window=3)
+    assert recorder.maps[0].sliding_window == 3 and recorder.maps[0].causal
+
+
+def test_attend_adds_the_position_bias_of_t5_style_layers():
+    """A relative-position bias passed with the call (T5) enters the scores, as in the model's own attention."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 8) for _ in range(3))
+    bias = torch.randn(1, 2, 5, 5)
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    mask[1, ..., 3:] = False
+    module, recorder = _fake_module(is_causal=False)
+    out, probs = _record_and_attend(module, q, k, v, mask, scaling=1.0, position_bias=bias)
+    scores = (q @ k.transpose(-1, -2) + bias).masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(probs, scores.softmax(-1))
+    torch.testing.assert_close(out, (scores.softmax(-1) @ v).transpose(1, 2))
+    recorder.backend = "qk"
+    _record_and_attend(module, q, k, v, mask, scaling=1.0, position_bias=bias)
+    record = recorder.maps[7]
+    torch.testing.assert_close(record.probs(slice(1, 4)), scores.softmax(-1)[:, :, 1:4])
+
+
+def _tiny_t5_encoder():
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4, dropout_rate=0.0)
+    return T5EncoderModel(config).eval()
+
+
+@pytest.mark.parametrize("backend", ["probs", "qk"])
+def test_t5_maps_include_the_relative_position_bias(backend):
+    """T5's layers add a learned relative-position bias to their scores: the captured maps equal the model's
+    own eager attentions, and the model's output does not change under the capture."""
+    model = _tiny_t5_encoder()
+    ids = torch.randint(0, 50, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    model.set_attn_implementation("sdpa")
+    with AttentionCapture(model, layers=[0, 1], backend=backend) as capture, torch.no_grad():
+        out, maps = capture(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(out.last_hidden_state, reference.last_hidden_state, atol=ATOL, rtol=0)
+    for layer in (0, 1):
+        probs = maps[layer] if backend == "probs" else maps[layer].probs()
+        valid = mask.bool()[:, None, :, None]  # padded query rows differ (eager's all-masked rows are uniform)
+        torch.testing.assert_close(probs * valid, reference.attentions[layer] * valid, atol=ATOL, rtol=0)
+
+
+def test_attention_modules_skip_cross_attention_of_encoder_decoders():
+    """BART's ``encoder_attn`` and T5's ``EncDecAttention`` share their class with self-attention."""
+    from transformers import BartConfig, BartModel, T5Config, T5Model
+
+    bart = BartModel(BartConfig(vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16))
+    assert [name for name, _ in attention_modules(bart)] == ["encoder.layers.0.self_attn", "decoder.layers.0.self_attn"]
+    t5 = T5Model(T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=16, num_layers=1, num_heads=2))
+    assert [name for name, _ in attention_modules(t5)] == [
+        "encoder.block.0.layer.0.SelfAttention", "decoder.block.0.layer.0.SelfAttention"
+    ]
+
+
+@pytest.mark.parametrize("backend", ["probs", "qk"])
+def test_reentrant_checkpointing_is_refused_not_silently_untrained(backend, tiny_model_factory):
+    """Reentrant activation checkpointing runs the layers without autograd: the recorded attention has no
+    gradient, and the attention loss would train nothing. The capture says so; non-reentrant checkpointing
+    keeps the gradient."""
+    model = tiny_model_factory("bert").train()
+    inputs = make_tiny_inputs("bert", model.config)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    with AttentionCapture(model, layers=[1], backend=backend) as capture:
+        with pytest.raises(RuntimeError, match=r"layers \[1\].*carries no gradient.*activation_checkpointing_kwargs=\{'use_reentrant': False\}"):
+            capture(**inputs)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        _, maps = capture(**inputs)
+        record = maps[1] if backend == "probs" else maps[1].query
+        assert record.requires_grad
+        with torch.no_grad():  # a teacher's forward, or validation: nothing to train, nothing refused
+            capture(**inputs)

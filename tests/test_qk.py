@@ -188,3 +188,58 @@ def test_mse_scores_needs_queries_and_keys():
     maps = torch.rand(1, 2, 3, 3).softmax(-1)
     with pytest.raises(ValueError, match="capture=qk"):
         AttentionDistillationLoss("mse_scores", "layerwise", [(0, 0)])({0: maps}, {0: maps})
+
+
+AUTOCAST_CASES = [  # (loss, mode, gram): the block-wise path for every loss, and mse_scores' Gram-matrix path
+    *((loss, mode, False) for loss in (*LOSSES, "mse_scores") for mode in ("layerwise", "global")),
+    ("mse_scores", "layerwise", True), ("mse_scores", "global", True),
+]
+
+
+@pytest.mark.parametrize(("loss", "mode", "gram"), AUTOCAST_CASES)
+def test_attention_losses_ignore_bf16_autocast(loss, mode, gram):
+    """``trainer=gpu`` trains under bf16 autocast, which would run the products of queries and keys in bf16:
+    on a student close to its teacher that rounding changes a loss by tens of percent (and cancels the Gram
+    path's terms to 0). The losses from the same float32 queries and keys are the same with and without it."""
+    torch.manual_seed(0)
+    teacher = QueryKey(torch.randn(2, 4, 32, 8), torch.randn(2, 2, 32, 8), 8**-0.5)
+    student = QueryKey(
+        (teacher.query + 0.01 * torch.randn_like(teacher.query)).requires_grad_(),
+        (teacher.key + 0.01 * torch.randn_like(teacher.key)).requires_grad_(),
+        8**-0.5,
+    )
+    mask = torch.ones(2, 32, dtype=torch.long)
+    mask[1, 20:] = 0
+    component = AttentionDistillationLoss(loss, mode, [(0, 0)], block_size=16, fused=False, gram=gram or None)
+    expected, _ = component({0: student}, {0: teacher}, mask)
+    expected_grad = torch.autograd.grad(expected, student.query)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value, _ = component({0: student}, {0: teacher}, mask)
+        assert student.scores().dtype == torch.float32
+    grad = torch.autograd.grad(value, student.query)[0]
+    assert expected > 0
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-9)
+
+
+def test_probs_capture_ignores_bf16_autocast():
+    """The probs backend computes its maps inside the model's forward, where autocast is on under bf16-mixed."""
+    from distill_lab.capture import _STATE, _record_and_attend
+
+    class Recorder:
+        backend = "probs"
+        maps = {}
+
+        def _record(self, layer, probs):
+            self.maps[layer] = probs
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8) * 3 for _ in range(3))
+    module = torch.nn.Module().eval()
+    module.is_causal = False
+    setattr(module, _STATE, (Recorder(), 0))
+    _, expected = _record_and_attend(module, q, k, v, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, probs = _record_and_attend(module, q, k, v, None)
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs, expected, rtol=1e-6, atol=1e-7)

@@ -34,18 +34,24 @@ CAPTURE_ATTENTION = "distill_lab_capture"  # the probs backend: eager attention,
 QK_ATTENTION = "distill_lab_qk"  # the qk backend: SDPA attention, queries and keys recorded
 BACKENDS = ("probs", "qk")
 _STATE = "_distill_lab_capture"  # attribute set on captured attention modules: (capture, layer index)
+# where encoder-decoder models keep cross-attention built from their self-attention class
+CROSS_ATTENTION_NAMES = frozenset({"crossattention", "cross_attention", "cross_attn", "encoder_attn", "encdecattention"})
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The self-attention modules of a transformers model, in layer order, with their qualified names.
 
     An attention module is the innermost module whose class name ends in ``Attention`` (``BertSelfAttention``,
-    ``GPT2Attention``, ``LlamaAttention``, ``ViTSelfAttention``); cross-attention modules are left out.
+    ``GPT2Attention``, ``LlamaAttention``, ``ViTSelfAttention``); cross-attention modules are left out, known
+    by their class (``...CrossAttention``), their ``is_cross_attention`` flag or, where the class is the
+    self-attention's own (BART's ``encoder_attn``, T5's ``EncDecAttention``), by their place in the model.
     """
     found = []
     for name, module in model.named_modules():
         cls = type(module).__name__
         if not cls.endswith("Attention") or "Cross" in cls or getattr(module, "is_cross_attention", False):
+            continue
+        if any(part.lower() in CROSS_ATTENTION_NAMES for part in name.split(".")):
             continue
         if any(type(child).__name__.endswith("Attention") for _, child in module.named_modules() if child is not module):
             continue
@@ -80,7 +86,11 @@ class QueryKey:
         mask: (B, 1 or H, Lq, Lk) as the model built it (additive float or boolean), or None.
 
     ``causal`` and ``sliding_window`` describe the layer itself; when ``mask`` is given it is what the scores
-    use, and ``causal`` applies only where the model built no mask.
+    use, and ``causal`` applies only where the model built no mask. ``bias`` is a per-layer additive score
+    bias (T5's relative positions), ``(B or 1, H, Lq, Lk)``.
+
+    The scores are computed in float32 even under ``torch.autocast``: a bf16 product of queries and keys
+    rounds the scores, which roughly doubles a small KL between near-equal maps.
     """
 
     query: Tensor
@@ -90,6 +100,7 @@ class QueryKey:
     causal: bool = False
     softcap: float | None = None
     sliding_window: int | None = None
+    bias: Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -105,9 +116,13 @@ class QueryKey:
         if groups > 1:  # grouped-query attention: each key head serves `groups` query heads
             key = key.repeat_interleave(groups, dim=1)
         dtype = torch.promote_types(query.dtype, torch.float32)
-        scores = torch.matmul(query.to(dtype), key.to(dtype).transpose(-1, -2)) * self.scaling
+        with torch.autocast(query.device.type, enabled=False):
+            scores = torch.matmul(query.to(dtype), key.to(dtype).transpose(-1, -2)) * self.scaling
         if self.softcap is not None:
             scores = torch.tanh(scores / self.softcap) * self.softcap
+        if self.bias is not None:
+            bias = self.bias if self.bias.shape[2] == 1 else self.bias[:, :, rows]
+            scores = scores + bias[..., : key.shape[2]].to(dtype)
         q_len, k_len = self.query.shape[2], key.shape[2]
         if self.mask is not None:
             mask = self.mask[..., :k_len] if self.mask.shape[2] == 1 else self.mask[:, :, rows, :k_len]
@@ -123,7 +138,7 @@ class QueryKey:
 
     def probs(self, rows: slice | None = None) -> Tensor:
         """Attention probabilities (B, H, rows, Lk), before dropout, in float32 (float64 for float64)."""
-        return torch.softmax(self.scores(rows), dim=-1)
+        return torch.softmax(self.scores(rows), dim=-1)  # float32: autocast keeps softmax in float32
 
 
 def _record_and_attend(
@@ -153,14 +168,17 @@ def _record_and_attend(
     capture, layer = state
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("attention sinks (s_aux) are not supported by distill-lab's capture yet")
+    is_causal = kwargs.get("is_causal")
     record = QueryKey(
         query,
         key,
         scaling if scaling is not None else query.shape[-1] ** -0.5,
         attention_mask,
-        bool(kwargs.get("is_causal", getattr(module, "is_causal", False))),
+        # as SDPA decides: the call's flag, else the module's, else causal
+        bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)),
         kwargs.get("softcap"),
-        getattr(module, "sliding_window", None),
+        kwargs.get("sliding_window") or getattr(module, "sliding_window", None),
+        kwargs.get("position_bias"),
     )
     if capture.backend == "qk":
         capture._record(layer, record)
@@ -173,6 +191,10 @@ def _record_and_attend(
     weights = nn.functional.dropout(probs, p=dropout, training=module.training)
     output = torch.matmul(weights.to(value.dtype), value).transpose(1, 2).contiguous()
     return output, probs
+
+
+def _tensors(record: Tensor | QueryKey) -> tuple[Tensor, ...]:
+    return (record.query, record.key) if isinstance(record, QueryKey) else (record,)
 
 
 def _register() -> None:
@@ -241,6 +263,16 @@ class AttentionCapture:
                 f"through the '{self.implementation}' implementation (was set_attn_implementation changed after the "
                 "capture was attached?)."
             )
+        if torch.is_grad_enabled() and self.model.training:
+            records = {i: maps[i] for i in self.layers}
+            dead = [i for i, r in records.items() if not any(t.requires_grad for t in _tensors(r))]
+            if dead:  # the attention loss would train nothing there, and nothing would say so
+                raise RuntimeError(
+                    f"the attention of layers {dead} of {type(self.model).__name__} carries no gradient, so an "
+                    "attention loss cannot train them. Activation checkpointing with use_reentrant=True runs the "
+                    "layers outside autograd: use activation_checkpointing_enable(activation_checkpointing_kwargs="
+                    "{'use_reentrant': False}). Otherwise every parameter up to those layers is frozen."
+                )
         return outputs, maps
 
     def detach(self) -> None:

@@ -257,6 +257,19 @@ def _mix_heads(
     return x, y
 
 
+def _without_autocast(fn: Callable) -> Callable:
+    """``fn`` with autocast off on its first argument's device: under bf16 autocast its products of queries and
+    keys would run in bf16, and rounding the inputs of terms that nearly cancel loses the loss entirely."""
+
+    @functools.wraps(fn)
+    def wrapper(first: Tensor, *args, **kwargs):
+        with torch.autocast(first.device.type, enabled=False):
+            return fn(first, *args, **kwargs)
+
+    return wrapper
+
+
+@_without_autocast
 def mse_scores_gram_terms(
     student_query: Tensor,
     student_key: Tensor,

@@ -611,8 +611,8 @@ class AttentionDistillationLoss(nn.Module):
             return None
         qk = isinstance(student, QueryKey) and isinstance(teacher, QueryKey)
         reasons = self._kernel_problems(student.query.device.type if qk else None, qk)
-        if not reasons and any(r.sliding_window or r.softcap for r in (student, teacher)):
-            reasons.append("sliding-window or soft-capped attention is not supported")
+        if not reasons and any(r.sliding_window or r.softcap or r.bias is not None for r in (student, teacher)):
+            reasons.append("sliding-window, soft-capped or position-biased attention is not supported")
         if not reasons and student.causal != teacher.causal:
             reasons.append("teacher and student differ in causality")
         heads = None if reasons else self.matching.head_pairs(teacher.shape[1], student.shape[1], pair)
@@ -667,8 +667,10 @@ class AttentionDistillationLoss(nn.Module):
             reasons.append("only loss=mse_scores has a Gram-matrix form")
         elif not (isinstance(student, QueryKey) and isinstance(teacher, QueryKey)):
             reasons.append("both sides must be QueryKey records (capture=qk)")
-        elif any(r.causal or r.sliding_window or r.softcap for r in (student, teacher)):
-            reasons.append("causal, sliding-window or soft-capped scores are not a plain product of queries and keys")
+        elif any(r.causal or r.sliding_window or r.softcap or r.bias is not None for r in (student, teacher)):
+            reasons.append(
+                "causal, sliding-window, soft-capped or position-biased scores are not a plain product of queries and keys"
+            )
         if reasons:
             if self.gram:
                 raise ValueError(f"gram=True, but the Gram-matrix path of mse_scores does not apply: {'; '.join(reasons)}")
