@@ -539,6 +539,8 @@ def test_selective_explicit_teacher_heads_are_assigned():
         ),
         ({"heads": [[0, 4]]}, 4, 4, r"names a head that does not exist.*student 0\.\.3"),
         ({"heads": [9]}, 4, 4, r"names a head that does not exist"),
+        ({"heads": [[0, 1], [3, 1]]}, 4, 4, r"matching.heads \[\[0, 1\], \[3, 1\]\] names a student head twice"),
+        ({"heads": [2, 2]}, 4, 4, r"matching.heads \[2, 2\] names a teacher head twice"),
     ],
 )
 def test_selective_head_errors(options, teacher_heads, student_heads, message):

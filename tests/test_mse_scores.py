@@ -314,3 +314,21 @@ def test_gram_path_on_a_tiny_bert(tiny_model_factory, gram_calls, mode, monkeypa
     assert grads.keys() == chunked_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], chunked_grads[name], rtol=1e-4, atol=1e-7)
+
+
+def test_selective_assigns_heads_on_the_scores_that_mse_scores_compares():
+    """Student head 0 has the teacher head's probabilities but scores shifted by 10 in every row (a softmax does
+    not see a per-row constant); student head 1 has the teacher's scores times 1.05. On probabilities head 0
+    is the match, on scores, which mse_scores trains, head 1 is."""
+    torch.manual_seed(0)
+    batch, length, dim = 2, 6, 4
+    query = torch.cat([torch.randn(batch, 1, length, dim), torch.zeros(batch, 1, length, 1)], -1)
+    key = torch.cat([torch.randn(batch, 1, length, dim), torch.ones(batch, 1, length, 1)], -1)  # last: constant
+    teacher = QueryKey(torch.cat([query, torch.randn_like(query)], 1), torch.cat([key, key], 1), 1.0)
+    shifted = query.clone()
+    shifted[..., -1] = 10.0  # adds 10 to every score of the row
+    student = QueryKey(torch.cat([shifted, 1.05 * query], 1), torch.cat([key, key], 1), 1.0)
+    torch.testing.assert_close(student.probs()[:, 0], teacher.probs()[:, 0])
+    for loss, match in (("mse", 0), ("mse_scores", 1)):
+        component = AttentionDistillationLoss(loss, Selective(heads=[0]), [(0, 0)])
+        assert component.calibrate({0: student}, {0: teacher}) == {"L0->0": [(0, match)]}, loss

@@ -368,6 +368,12 @@ class Selective:
                     f"matching.heads {self.heads} names a head that does not exist: the teacher has heads "
                     f"0..{num_teacher_heads - 1} and the student 0..{num_student_heads - 1}."
                 )
+            # a repeated student head would be taught twice with one set of gradients (the fused kernel keeps
+            # one pair's); a repeated teacher head among the candidates would be assigned twice
+            named = student_heads if self._fixed_pairs else teacher_heads
+            if len(set(named)) != len(named):
+                side = "student" if self._fixed_pairs else "teacher"
+                raise ValueError(f"matching.heads {self.heads} names a {side} head twice: each may appear once")
             if self._fixed_pairs:
                 for pair in pairs:
                     self.selected[pair_name(pair)] = [(int(t), int(s)) for t, s in self.heads]
@@ -384,8 +390,13 @@ class Selective:
         loss: Callable,
         pairs: Sequence[LayerPair],
         teacher_importance: Mapping[int, Tensor] | None = None,
+        compared: tuple[Mapping[int, Tensor], Mapping[int, Tensor]] | None = None,
     ) -> dict[str, list[tuple[int, int]]]:
-        """Choose and assign heads on a calibration batch; returns ``selected``."""
+        """Choose and assign heads on a calibration batch; returns ``selected``.
+
+        The maps are probabilities (head importance is their entropy); ``compared`` are the student's and the
+        teacher's maps that ``loss`` compares when they are something else (``mse_scores``: scores), by layer.
+        """
         for t_layer, s_layer in pairs:  # top_k or heads that do not fit fail here as they would in forward
             self.check_heads(teacher_maps[t_layer].shape[1], student_maps[s_layer].shape[1], [(t_layer, s_layer)])
         if self._fixed_pairs:
@@ -395,6 +406,7 @@ class Selective:
         for pair in pairs:
             t_layer, s_layer = pair
             teacher, student = teacher_maps[t_layer].detach(), student_maps[s_layer].detach()
+            loss_student, loss_teacher = (compared[0][s_layer], compared[1][t_layer]) if compared else (student, teacher)
             if self.heads is not None:
                 chosen = [int(h) for h in self.heads]
                 scores = torch.zeros(teacher.shape[1])
@@ -408,7 +420,10 @@ class Selective:
             num_student_heads = student.shape[1]
             cost = torch.stack(
                 [
-                    loss(student, teacher[:, [t]].expand(-1, num_student_heads, -1, -1), attention_mask, per_head=True)
+                    loss(
+                        loss_student, loss_teacher[:, [t]].expand(-1, num_student_heads, -1, -1), attention_mask,
+                        per_head=True,
+                    )
                     for t in chosen
                 ]
             )  # (k, H_student): loss of teacher head chosen[i] against student head j
@@ -451,6 +466,12 @@ def get_matching(name: str, **options) -> Matching:
 
 
 # ---------------------------------------------------------------------------------------------- the component
+
+
+_SCORES_NEED_QK = (
+    "loss=mse_scores compares pre-softmax attention scores, which probability maps do not carry: use capture=qk "
+    "(AttentionCapture(..., backend='qk'))."
+)
 
 
 def _probs(attention: Tensor | QueryKey, rows: slice | None = None) -> Tensor:
@@ -591,11 +612,17 @@ class AttentionDistillationLoss(nn.Module):
         if not hasattr(self.matching, "calibrate"):
             return None
         with torch.no_grad():
-            student_maps = {s: _probs(_layer_maps(student_attentions, s)) for s in self.student_layers}
-            teacher_maps = {t: _probs(_layer_maps(teacher_attentions, t)) for t in self.teacher_layers}
+            student_maps = {s: _layer_maps(student_attentions, s) for s in self.student_layers}
+            teacher_maps = {t: _layer_maps(teacher_attentions, t) for t in self.teacher_layers}
+            compared = None
+            if getattr(self.loss, "on_scores", False):  # the heads are assigned on what the loss compares
+                if not all(isinstance(r, QueryKey) for r in (*student_maps.values(), *teacher_maps.values())):
+                    raise ValueError(_SCORES_NEED_QK)
+                compared = tuple({i: _scores(r) for i, r in maps.items()} for maps in (student_maps, teacher_maps))
             return self.matching.calibrate(
-                student_maps, teacher_maps, attention_mask, self.loss, self.layer_map, teacher_importance
-            )
+                {s: _probs(r) for s, r in student_maps.items()}, {t: _probs(r) for t, r in teacher_maps.items()},
+                attention_mask, self.loss, self.layer_map, teacher_importance, compared,
+            )  # fmt: skip
 
     def _block(self, student, teacher, attention_mask, pair, rows: slice) -> tuple[Tensor, Tensor]:
         """Loss sums and weights per aligned head, (P,) each, over one block of query rows."""
@@ -745,10 +772,7 @@ class AttentionDistillationLoss(nn.Module):
             if getattr(self.loss, "on_scores", False) and not (
                 isinstance(student, QueryKey) and isinstance(teacher, QueryKey)
             ):
-                raise ValueError(
-                    "loss=mse_scores compares pre-softmax attention scores, which probability maps do not carry: "
-                    "use capture=qk (AttentionCapture(..., backend='qk'))."
-                )
+                raise ValueError(_SCORES_NEED_QK)
             if isinstance(student, QueryKey) or isinstance(teacher, QueryKey):
                 value, per_head = self._blockwise(student, teacher, attention_mask, pair, masks)
             else:
