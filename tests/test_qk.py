@@ -12,6 +12,7 @@ import torch
 from conftest import make_tiny_inputs
 
 from distill_lab.capture import AttentionCapture, QueryKey
+from distill_lab.losses import AttentionLoss
 from distill_lab.matching import AttentionDistillationLoss, Selective
 
 LOSSES = ("kl", "mse", "cosine")
@@ -243,3 +244,56 @@ def test_probs_capture_ignores_bf16_autocast():
         _, probs = _record_and_attend(module, q, k, v, None)
     assert probs.dtype == torch.float32
     torch.testing.assert_close(probs, expected, rtol=1e-6, atol=1e-7)
+
+
+def _kl_reference(student: QueryKey, teacher: QueryKey, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over real query rows of ``T^2 KL(teacher_T || student_T)``, each side ``log_softmax`` of its own
+    float64 scores over the real keys it may see (causal)."""
+    total, rows = 0.0, 0
+    batch, heads, length, _ = student.shape
+    for b in range(batch):
+        for h in range(heads):
+            for q in range(length):
+                if not mask[b, q]:
+                    continue
+                keys = mask[b].bool() & (torch.arange(length) <= q)
+                log = [
+                    torch.log_softmax(
+                        (r.query[b, h, q].double() @ r.key[b, h].double().T * r.scaling)[keys] / temperature, -1
+                    )
+                    for r in (student, teacher)
+                ]
+                total = total + temperature**2 * (log[1].exp() * (log[1] - log[0])).sum()
+                rows += 1
+    return total / rows
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kl_from_records_is_exact_for_scores_far_apart(temperature):
+    """Sharp attention (a score ~100 or more below the row's largest) gives probabilities below float32's
+    range; KL taken from probabilities would floor the student's log there, with a wrong value and no
+    gradient. From queries and keys the block-wise path takes exact log-probabilities."""
+    torch.manual_seed(0)
+    length = 9
+    teacher = QueryKey(
+        (torch.randn(2, 2, length, 4) * 12).double(), (torch.randn(2, 2, length, 4) * 12).double(), 0.5, causal=True
+    )
+    student = QueryKey(
+        (torch.randn(2, 2, length, 4) * 12).double().requires_grad_(),
+        (torch.randn(2, 2, length, 4) * 12).double().requires_grad_(),
+        0.5,
+        causal=True,
+    )
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[1, :2] = 0  # left padding
+    gaps = (teacher.scores().amax(-1, keepdim=True) - teacher.scores()).masked_fill(~torch.isfinite(teacher.scores()), 0)
+    assert gaps.max() > 150
+    component = AttentionDistillationLoss(AttentionLoss("kl", temperature=temperature), "layerwise", [(0, 0)],
+                                          block_size=4, fused=False)
+    value, _ = component({0: student}, {0: teacher}, mask)
+    expected = _kl_reference(student, teacher, mask, temperature)
+    torch.testing.assert_close(value, expected, rtol=1e-10, atol=0)
+    grads = torch.autograd.grad(value, (student.query, student.key))
+    expected_grads = torch.autograd.grad(expected, (student.query, student.key))
+    for grad, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, want, rtol=1e-8, atol=1e-12)

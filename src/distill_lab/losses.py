@@ -66,6 +66,17 @@ def _log_probs(p: Tensor, key_valid: Tensor | None, temperature: float) -> tuple
     return torch.log_softmax(log_p / temperature, dim=-1), empty.squeeze(-1)
 
 
+def _log_softmax_scores(scores: Tensor, key_valid: Tensor | None, temperature: float) -> tuple[Tensor, Tensor]:
+    """``log softmax(scores / T)`` over the valid keys, and which rows have no valid key: the exact
+    log-probabilities, where those taken from probabilities stop at the smallest positive float32 (a score
+    about 87 below the row's largest)."""
+    if key_valid is not None:
+        scores = scores.masked_fill(~key_valid, -math.inf)
+    empty = torch.isneginf(scores).all(-1, keepdim=True)
+    scores = scores.masked_fill(empty, 0.0)  # keeps log_softmax finite; the caller handles empty rows
+    return torch.log_softmax(scores / temperature, dim=-1), empty.squeeze(-1)
+
+
 def _row_terms(
     kind: str,
     student: Tensor,
@@ -78,7 +89,8 @@ def _row_terms(
 
     The loss is ``values.sum() / weights.sum()``: for MSE a row's value is its sum of squared differences
     over the valid keys and its weight the number of valid keys; for KL and cosine a row's value is the row
-    loss and its weight 1. Invalid rows have value and weight 0.
+    loss and its weight 1. Invalid rows have value and weight 0. ``kl_scores`` is KL from masked scores
+    (``-inf`` where masked) instead of probabilities.
     """
     if student.shape != teacher.shape:
         raise ValueError(
@@ -99,11 +111,14 @@ def _row_terms(
             sq = sq.masked_fill(~key_valid, 0.0)
         values = sq.sum(-1)
         weights = (n_keys.to(dtype) if n_keys is not None else ones * s.shape[-1]).expand_as(values)
-    elif kind == "kl":
-        log_t, t_empty = _log_probs(t, key_valid, temperature)
-        log_s, s_empty = _log_probs(s, key_valid, temperature)
-        # a student row with no mass on the valid keys has zero mass wherever the teacher has some
-        log_s = log_s.masked_fill(s_empty.unsqueeze(-1), _LOG_TINY).clamp_min(_LOG_TINY)
+    elif kind in ("kl", "kl_scores"):
+        log_softmax = _log_probs if kind == "kl" else _log_softmax_scores
+        log_t, t_empty = log_softmax(t, key_valid, temperature)
+        log_s, s_empty = log_softmax(s, key_valid, temperature)
+        # a student row with no mass on the valid keys has zero mass wherever the teacher has some; where the
+        # student's probability is zero (or, from probabilities, below float32's range) its log is floored
+        log_s = log_s.masked_fill(s_empty.unsqueeze(-1), _LOG_TINY)
+        log_s = log_s.clamp_min(_LOG_TINY) if kind == "kl" else log_s.masked_fill(torch.isneginf(log_s), _LOG_TINY)
         p_t = log_t.exp()
         log_t = torch.where(p_t > 0, log_t, torch.zeros_like(log_t))  # 0 * (-inf) would be NaN
         values = (p_t * (log_t - log_s)).sum(-1) * temperature**2
@@ -384,21 +399,35 @@ class AttentionLoss(nn.Module):
         return self.fn(student, teacher, attention_mask, per_head=per_head)
 
     def row_terms(
-        self, student: Tensor, teacher: Tensor, attention_mask: Tensor | None = None, query_start: int | None = None
+        self,
+        student: Tensor,
+        teacher: Tensor,
+        attention_mask: Tensor | None = None,
+        query_start: int | None = None,
+        scores: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """Per-row loss sums and weights (B, H, Lq) for a block of query rows starting at key position
-        ``query_start``: the loss over many blocks is ``sum(values) / sum(weights)`` over all of them."""
+        ``query_start``: the loss over many blocks is ``sum(values) / sum(weights)`` over all of them.
+
+        ``scores``: the inputs are masked pre-softmax scores (``-inf`` where masked), which ``mse_scores``
+        compares and from which KL takes exact log-probabilities (``takes_scores``)."""
         if self.name == "kl" and self.options.get("temperature", 1.0) <= 0:
             raise ValueError(f"temperature must be positive, got {self.options['temperature']}")
         if self.on_scores:
             student, teacher = _zero_masked(student), _zero_masked(teacher)
-        kind = "mse" if self.on_scores else self.name
+        kind = "mse" if self.on_scores else "kl_scores" if scores and self.name == "kl" else self.name
         return _row_terms(kind, student, teacher, attention_mask, query_start=query_start, **self.options)
 
     @property
     def on_scores(self) -> bool:
         """Whether the loss compares pre-softmax scores (``mse_scores``) rather than probabilities."""
         return self.name == "mse_scores"
+
+    @property
+    def takes_scores(self) -> bool:
+        """Whether ``row_terms`` can take scores where they are at hand: ``mse_scores`` needs them, KL takes
+        its log-probabilities from them exactly."""
+        return self.name in ("mse_scores", "kl")
 
     def extra_repr(self) -> str:
         return ", ".join([repr(self.name)] + [f"{k}={v}" for k, v in self.options.items()])

@@ -624,12 +624,15 @@ class AttentionDistillationLoss(nn.Module):
                 attention_mask, self.loss, self.layer_map, teacher_importance, compared,
             )  # fmt: skip
 
-    def _block(self, student, teacher, attention_mask, pair, rows: slice) -> tuple[Tensor, Tensor]:
-        """Loss sums and weights per aligned head, (P,) each, over one block of query rows."""
-        fetch = _scores if getattr(self.loss, "on_scores", False) else _probs
+    def _block(self, student, teacher, attention_mask, pair, rows: slice, scores: bool) -> tuple[Tensor, Tensor]:
+        """Loss sums and weights per aligned head, (P,) each, over one block of query rows; the loss compares
+        scores where ``scores``, else probabilities."""
+        fetch = _scores if scores else _probs
         s, t, _ = self.matching.align(fetch(student, rows), fetch(teacher, rows), pair)
         q_len, k_len = student.shape[2], student.shape[3]
-        values, weights = self.loss.row_terms(s, t, attention_mask, query_start=k_len - q_len + rows.start)
+        values, weights = self.loss.row_terms(
+            s, t, attention_mask, query_start=k_len - q_len + rows.start, scores=scores
+        )
         return values.sum(dim=(0, 2)), weights.sum(dim=(0, 2))
 
     def _fused_heads(self, student, teacher, pair, masks: dict) -> list[tuple[int, int]] | None:
@@ -739,13 +742,21 @@ class AttentionDistillationLoss(nn.Module):
             )  # fmt: skip
         else:
             q_len = student.shape[2]
+            # scores where the loss compares them (mse_scores) or, for KL, wherever heads are compared one to one
+            # (an average of heads is one of probabilities): exact log-probabilities, as the fused kernel's
+            scores = getattr(self.loss, "on_scores", False) or (
+                getattr(self.loss, "takes_scores", False)
+                and all(isinstance(r, QueryKey) for r in (student, teacher))
+                and self.matching.head_pairs(teacher.shape[1], student.shape[1], pair) is not None
+            )
             values = weights = 0.0
             for start in range(0, q_len, self.block_size):
                 rows = slice(start, min(start + self.block_size, q_len))
+                block = (student, teacher, attention_mask, pair, rows, scores)
                 if torch.is_grad_enabled() and q_len > self.block_size:  # keep only the block's inputs, recompute
-                    v, w = checkpoint(self._block, student, teacher, attention_mask, pair, rows, use_reentrant=False)
+                    v, w = checkpoint(self._block, *block, use_reentrant=False)
                 else:
-                    v, w = self._block(student, teacher, attention_mask, pair, rows)
+                    v, w = self._block(*block)
                 values, weights = values + v, weights + w
             _, _, heads = self.matching.align(_probs(student, slice(0, 0)), _probs(teacher, slice(0, 0)), pair)
         if heads is None:
