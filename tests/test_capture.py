@@ -592,3 +592,32 @@ def test_reentrant_checkpointing_is_refused_not_silently_untrained(backend, tiny
         assert record.requires_grad
         with torch.no_grad():  # a teacher's forward, or validation: nothing to train, nothing refused
             capture(**inputs)
+
+
+@pytest.mark.parametrize("backend", ["probs", "qk"])
+def test_soft_capped_models_run_eager_attention_under_the_capture(backend):
+    """Gemma 2 soft-caps its scores, which SDPA cannot do: under the capture those layers, captured or not, run
+    eager attention, so the model's output is its own eager output and the maps are its eager attentions."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                          attn_logit_softcapping=5.0, max_position_embeddings=32)
+    model = Gemma2ForCausalLM(config).eval()
+    model.set_attn_implementation("eager")
+    ids = torch.randint(0, 64, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :2] = 0
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    with AttentionCapture(model, layers=[0, 1], backend=backend) as capture, torch.no_grad():
+        out, maps = capture(input_ids=ids, attention_mask=mask)
+    real = mask.bool()
+    assert torch.isfinite(out.logits).all()  # padded queries that may see no key give zeros, not NaN
+    torch.testing.assert_close(out.logits[real], reference.logits[real], atol=ATOL, rtol=0)
+    real = real[:, None, :, None]
+    for layer in (0, 1):
+        probs = maps[layer] if backend == "probs" else maps[layer].probs()
+        assert backend == "probs" or maps[layer].softcap == 5.0
+        torch.testing.assert_close(probs * real, reference.attentions[layer] * real, atol=ATOL, rtol=0)

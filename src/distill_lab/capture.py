@@ -7,7 +7,8 @@ implementation is switched to one registered here through transformers' ``Attent
 matching ``AttentionMaskInterface`` entry, without which the function would receive no mask). In the layers
 being captured it computes eager attention in float32, records the probabilities *before* dropout and uses
 the same tensor for the layer's output, so gradients flow from the attention loss into the student's
-queries and keys. Every other layer runs SDPA as before. The ``qk`` backend keeps SDPA in the captured
+queries and keys. Every other layer runs SDPA as before (eager attention where the model soft-caps its
+scores, which SDPA cannot do). The ``qk`` backend keeps SDPA in the captured
 layers too and records their queries and keys instead (see ``QueryKey``). A requested layer that records nothing (a model
 whose attention does not go through ``AttentionInterface``) raises an error instead of passing silently.
 
@@ -137,8 +138,12 @@ class QueryKey:
         return scores
 
     def probs(self, rows: slice | None = None) -> Tensor:
-        """Attention probabilities (B, H, rows, Lk), before dropout, in float32 (float64 for float64)."""
-        return torch.softmax(self.scores(rows), dim=-1)  # float32: autocast keeps softmax in float32
+        """Attention probabilities (B, H, rows, Lk), before dropout, in float32 (float64 for float64); a row
+        that may see no key (a padded query under a boolean mask) is all zeros, as SDPA gives it, not NaN."""
+        scores = self.scores(rows)
+        empty = torch.isneginf(scores).all(-1, keepdim=True)
+        # float32 under autocast too: autocast runs softmax in float32
+        return torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
 
 
 def _record_and_attend(
@@ -155,7 +160,8 @@ def _record_and_attend(
 
     ``probs``: eager attention in float32; the pre-dropout probabilities are recorded and are the tensor
     the output is computed from. ``qk``: the output comes from SDPA as usual and the layer's queries and keys
-    are recorded as a ``QueryKey``. Layers that are not captured run SDPA.
+    are recorded as a ``QueryKey``. Layers that are not captured run SDPA, except soft-capped ones (Gemma 2),
+    which SDPA cannot run: they, captured or not, run eager attention in float32.
 
     Shape:
         query: (B, H, Lq, D) after any rotary embedding; key, value: (B, H_kv, Lk, D), H a multiple of H_kv.
@@ -163,9 +169,9 @@ def _record_and_attend(
         Returns: output (B, Lq, H, D) and, for the probs backend, the probabilities (B, H, Lq, Lk).
     """
     state = getattr(module, _STATE, None)
-    if state is None:
+    softcap = kwargs.get("softcap")
+    if state is None and softcap is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    capture, layer = state
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("attention sinks (s_aux) are not supported by distill-lab's capture yet")
     is_causal = kwargs.get("is_causal")
@@ -176,15 +182,21 @@ def _record_and_attend(
         attention_mask,
         # as SDPA decides: the call's flag, else the module's, else causal
         bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)),
-        kwargs.get("softcap"),
+        softcap,
         kwargs.get("sliding_window") or getattr(module, "sliding_window", None),
         kwargs.get("position_bias"),
     )
-    if capture.backend == "qk":
+    capture, layer = state if state is not None else (None, None)
+    if capture is not None and capture.backend == "qk":
         capture._record(layer, record)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        if softcap is None:
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
+    # eager attention: the probs backend's captured layers, and soft-capped layers (Gemma 2), which SDPA cannot run
     probs = record.probs()
-    capture._record(layer, probs)
+    if capture is not None and capture.backend == "probs":
+        capture._record(layer, probs)
     groups = query.shape[1] // value.shape[1]
     if groups > 1:
         value = value.repeat_interleave(groups, dim=1)
