@@ -170,6 +170,21 @@ def _assert_option_applied(cfg, group: str, option: str, overridden: set[str]) -
     return checked
 
 
+DATA_OPTIONS = sorted(o for g, o in GROUP_OPTIONS if g == "data")
+
+
+@pytest.mark.parametrize("option", DATA_OPTIONS)
+def test_every_data_option_takes_the_subset_and_loader_keys_as_plain_overrides(option, tmp_path):
+    """``data.max_train_samples=100`` (as the README writes it) works for every data option: the keys are in
+    each file (a key missing there would need ``+data.``), and its class takes them."""
+    import inspect
+
+    keys = {"max_train_samples": 100, "max_eval_samples": 20, "eval_batch_size": 16, "num_workers": 0}
+    cfg = compose_config([f"data={option}", *(f"data.{k}={v}" for k, v in keys.items())], tmp_path)
+    assert {k: cfg.data[k] for k in keys} == keys
+    assert set(keys) <= set(inspect.signature(get_class(cfg.data._target_)).parameters)
+
+
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
 def test_every_config_option_composes_and_instantiates(task, image_task, tmp_path, monkeypatch, group, option):
     out = tmp_path / "out"
