@@ -104,8 +104,14 @@ def test_unloadable_teacher_and_tokenizer_are_clear_errors(tmp_path):
         load_teacher(str(empty))
     with pytest.raises(ValueError, match="neither a local directory"):
         load_teacher(str(tmp_path / "missing"))
-    with pytest.raises(ValueError, match="cannot load a tokenizer"):
+    with pytest.raises(ValueError, match=r"holds no tokenizer .*tokenizer.save_pretrained\(directory\)"):
         load_tokenizer(str(empty))
+    model_only = tmp_path / "model-only"  # model.save_pretrained alone: transformers would make up a tokenizer
+    make_tiny_model("bert", model_only)
+    with pytest.raises(ValueError, match="holds no tokenizer"):
+        load_tokenizer(str(model_only))
+    with pytest.raises(ValueError, match="cannot load a tokenizer"):
+        load_tokenizer(str(tmp_path / "not-a-directory"))
     with pytest.raises(ValueError, match="unknown task"):
         load_teacher(str(empty), task="translation")
 

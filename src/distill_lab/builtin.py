@@ -15,6 +15,8 @@ teacher is one entry there. ``train_builtin_teacher`` trains any of them the sam
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -185,9 +187,13 @@ def train_builtin_teacher(name: str, output_dir: str | Path, **options) -> float
     ))
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir)
-    preprocessor.save_pretrained(output_dir)
-    (output_dir / "teacher_metrics.txt").write_text("".join(f"validation_{k}={v:.4f}\n" for k, v in scores.items()))
+    with tempfile.TemporaryDirectory(dir=output_dir.parent) as staging:
+        model.save_pretrained(staging)
+        preprocessor.save_pretrained(staging)
+        Path(staging, "teacher_metrics.txt").write_text("".join(f"validation_{k}={v:.4f}\n" for k, v in scores.items()))
+        # config.json last: load_teacher takes a directory with one for a finished teacher
+        for file in sorted(Path(staging).iterdir(), key=lambda f: f.name == "config.json"):
+            os.replace(file, output_dir / file.name)
     log.info("built-in teacher ready in %.0f s: validation %s %.3f", time.perf_counter() - start, metric, scores[metric])
     return scores[metric]
 

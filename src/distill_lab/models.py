@@ -104,12 +104,22 @@ def load_student(
     return _from_pretrained("student", name_or_path, task, num_labels, trust_remote_code)
 
 
+TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "spiece", "sentencepiece")  # how saved tokenizers' files start
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """The tokenizer saved with a model (the teacher's: the student must see the same tokens).
 
     A tokenizer without a padding token (GPT-2, LLaMA) pads with its end-of-sequence token; the padded
     positions are masked out of every loss by the attention mask and labels of -100.
     """
+    directory = Path(name_or_path)
+    if directory.is_dir() and not any(f.name.startswith(TOKENIZER_FILES) for f in directory.iterdir()):
+        # transformers would build a default tokenizer of a handful of tokens: every word unknown, silently
+        raise ValueError(
+            f"{name_or_path!r} holds no tokenizer (tokenizer.json, tokenizer_config.json, vocab files): save the "
+            "model's tokenizer beside it with tokenizer.save_pretrained(directory)"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
