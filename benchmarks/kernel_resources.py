@@ -39,9 +39,12 @@ _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", 
 _OPTIONS = ("num_warps", "num_stages")
 
 
-def recorded_launches(loss: str, dtype: torch.dtype, head_dim: int, causal: bool) -> list[tuple]:
+def recorded_launches(
+    loss: str, dtype: torch.dtype, head_dim: int, causal: bool, teacher_dtype: torch.dtype | None = None
+) -> list[tuple]:
     """``[(kernel, args, kwargs), ...]``: the launches of one forward and backward of ``loss``'s fused kernels
-    (8 student query heads over 2 key heads, 12 teacher heads, L = 300), as the wrappers make them."""
+    (8 student query heads over 2 key heads, 12 teacher heads, L = 300), as the wrappers make them; the teacher's
+    tensors in ``teacher_dtype`` where given (a float32 teacher beside a bf16 student)."""
     from triton.runtime.jit import JITFunction
 
     from distill_lab.kernels.attention_kl import attention_kl_rows
@@ -53,7 +56,7 @@ def recorded_launches(loss: str, dtype: torch.dtype, head_dim: int, causal: bool
     try:
         meta = lambda *shape, dtype=dtype: torch.empty(*shape, device="meta", dtype=dtype)  # noqa: E731
         qs, ks = meta(2, 8, 300, head_dim).requires_grad_(), meta(2, 2, 300, head_dim).requires_grad_()
-        qt, kt = meta(2, 12, 300, head_dim), meta(2, 12, 300, head_dim)
+        qt, kt = (meta(2, 12, 300, head_dim, dtype=teacher_dtype or dtype) for _ in range(2))
         heads, valid = meta(8, dtype=torch.int32), meta(2, 300, dtype=torch.int32)
         scale = head_dim**-0.5
         if loss == "kl":
@@ -77,6 +80,23 @@ def _signature(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
     constexprs = {(kernel.arg_names.index(k),): v for k, v in kwargs.items() if k not in _OPTIONS}
     signature.update({kernel.arg_names[i]: "constexpr" for (i,) in constexprs})
     return signature, constexprs, {k: v for k, v in kwargs.items() if k in _OPTIONS}
+
+
+def compile_launch(kernel, args: tuple, kwargs: dict, arch: int, num_warps: int | None = None):
+    """One recorded launch compiled by Triton for the GPU architecture ``arch`` (``compiled.asm`` holds its
+    TTIR, PTX and cubin); ``num_warps`` replaces the launch's own."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs, options = _signature(kernel, args, kwargs)
+    if num_warps is not None:
+        options["num_warps"] = num_warps
+    return triton.compile(
+        ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+        target=GPUTarget("cuda", arch, 32),
+        options=options,
+    )
 
 
 def _ptxas_report(ptx: str, arch: int) -> dict:
@@ -112,24 +132,13 @@ def kernel_resources(
     """One row per (loss, dtype, head size, kernel, GPU architecture): the launch's block sizes and options,
     the shared memory it needs and the GPU's per-block limit, and (``ptxas``) registers and spills.
     ``num_warps`` replaces the launches' own (Triton's default, 4) to see what another choice would ask."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     rows = []
     for dtype in dtypes:
         for head_dim in head_dims:
             for loss in losses:
                 for kernel, args, kwargs in recorded_launches(loss, dtype, head_dim, causal):
-                    signature, constexprs, options = _signature(kernel, args, kwargs)
-                    if num_warps is not None:
-                        options["num_warps"] = num_warps
                     for arch in archs:
-                        compiled = triton.compile(
-                            ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                            target=GPUTarget("cuda", arch, 32),
-                            options=options,
-                        )
+                        compiled = compile_launch(kernel, args, kwargs, arch, num_warps)
                         row = {
                             "loss": loss, "dtype": str(dtype).removeprefix("torch."), "head_dim": head_dim,
                             "causal": causal, "kernel": kernel.__name__, "arch": arch,

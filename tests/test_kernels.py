@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +24,7 @@ if not HAS_CUDA:  # must be set before the kernels are first decorated
 triton = pytest.importorskip("triton")
 
 from distill_lab.capture import QueryKey  # noqa: E402
-from distill_lab.kernels.attention_kl import attention_kl_rows  # noqa: E402
+from distill_lab.kernels.attention_kl import _kernel_layout, _meta, attention_kl_rows  # noqa: E402
 from distill_lab.matching import AttentionDistillationLoss, Headwise  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -200,3 +203,99 @@ def test_fused_true_where_it_cannot_apply_is_a_clear_error():
     component = AttentionDistillationLoss("mse_scores", "layerwise", [(0, 0)], fused=True)
     with pytest.raises(ValueError, match="only loss=kl, mse and cosine"):
         component({0: QueryKey(qs, ks, 0.3)}, {0: QueryKey(qs.detach(), ks.detach(), 0.3)}, key_valid)
+
+
+def _far_apart(x, storage, dim, stride, offset):
+    """``x`` copied into ``storage`` from ``offset`` on, dimension ``dim`` ``stride`` elements apart and the others
+    packed, as a view (a leaf that requires grad where ``x`` does)."""
+    strides, packed = [stride] * x.dim(), 1
+    for d in reversed(range(x.dim())):
+        if d != dim:
+            strides[d], packed = packed, packed * x.shape[d]
+    view = storage.as_strided(x.shape, strides, offset)
+    view.copy_(x.detach())
+    return view.requires_grad_(x.requires_grad)
+
+
+# each case puts one dimension of all four inputs 2^30 elements apart, so the last example or head starts 2^31
+# elements into the buffer; or their rows 2^24 apart, so that a head's 129 rows span more than 2^31 elements,
+# which the wrapper copies (the kernels' offsets within one head's rows are 32-bit)
+FAR_APART = {
+    "batch": (0, 2**30, dict(batch=3)),
+    "heads": (1, 2**30, dict(batch=1, heads=3)),
+    "rows": (2, 2**24, dict(batch=1, length=129)),
+}
+
+
+def check_far_apart(case):
+    """Every fused kernel, forward and backward, on inputs whose offsets pass 2^31 elements, against the same
+    inputs packed; run in a child process by ``test_offsets_past_2_31_elements`` (a wrapped 32-bit offset reads
+    outside the buffer, which may crash the process)."""
+    from distill_lab.kernels.attention_probs import attention_probs_rows
+
+    dim, stride, sizes = FAR_APART[case]
+    batch, heads, length = sizes.get("batch", 2), sizes.get("heads", 2), sizes.get("length", 9)
+    try:  # 8 GiB of address space; only the pages written here are ever touched (a GPU allocates it all)
+        storage = torch.empty(2**31 + 2**16, device=DEVICE)
+    except (RuntimeError, MemoryError) as error:
+        print(f"SKIP: no 8 GiB buffer here ({error})")
+        return
+    packed = _inputs(length, heads_s=heads, kv_s=heads, heads_t=heads, kv_t=heads, d_s=16, d_t=16, batch=batch)
+    far = [_far_apart(x, storage, dim, stride, 4096 * i) for i, x in enumerate(packed[:4])] + [packed[4]]
+    s_heads, t_heads = _heads(*[(heads - 1 - h, h) for h in range(heads)])
+    for loss in ("kl", "mse", "cosine"):
+        results = []
+        for qs, ks, qt, kt, key_valid in (packed, far):
+            args = (qs, ks, qt, kt, s_heads, t_heads, key_valid, 0.25, 0.3)
+            rows = attention_kl_rows(*args, 1.0, True) if loss == "kl" else attention_probs_rows(loss, *args, True)
+            results.append((rows, *torch.autograd.grad(rows.sum(), (qs, ks))))
+        for want, got in zip(*results, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=lambda m, loss=loss: f"{case}, {loss}: {m}")
+    print("OK")
+
+
+@pytest.mark.parametrize("case", list(FAR_APART))
+def test_offsets_past_2_31_elements(case):
+    """Offsets into whole tensors are 64-bit: the kernels give the same rows and gradients when the inputs' last
+    example, head or rows lie 2^31 elements or more into their buffer (as in B=16, 64 heads, L=32k, D=128) as
+    when they are packed. On CPU the 8 GiB buffer is address space only: only the pages written are ever
+    touched. (The outputs' offsets, which the wrappers allocate, are checked in tests/test_kernels_compile.py.)"""
+    code = f"import test_kernels; test_kernels.check_far_apart({case!r})"
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=600
+    )
+    output = done.stdout + done.stderr
+    if "SKIP:" in done.stdout:
+        pytest.skip(done.stdout.strip())
+    assert done.returncode == 0 and done.stdout.strip().endswith("OK"), f"exit {done.returncode}\n{output[-4000:]}"
+
+
+def test_layout_keeps_offsets_within_a_head_32_bit():
+    """The kernels' offsets within one head's (L, d) matrix are 32-bit: a head whose rows span 2^31 elements or
+    more is copied (to rows d apart), and one whose L x d reaches 2^31 is refused."""
+    packed = torch.empty(2, 4, 300, 64, device="meta")
+    heads_inner = torch.empty(2, 300, 4, 64, device="meta").transpose(1, 2)  # (B, L, H, d) as models make it
+    assert _kernel_layout(packed) is packed and _kernel_layout(heads_inner) is heads_inner
+    wide = torch.empty(2**17, 1, 1, 2**14 + 64, device="meta").permute(1, 2, 0, 3)[..., :64]  # rows 2^14 + 64 apart
+    copied = _kernel_layout(wide)
+    assert copied.is_contiguous() and copied.shape == wide.shape
+    assert _kernel_layout(packed.transpose(-1, -2)).is_contiguous()  # d not unit-stride
+    with pytest.raises(ValueError, match="2\\^31 elements per head"):
+        _kernel_layout(torch.empty(1, 1, 2**24, 128, device="meta"))
+
+
+@pytest.mark.parametrize(
+    "student, teacher", [("bfloat16", "bfloat16"), ("float32", "float32"), ("bfloat16", "float32"), ("float32", "bfloat16")]
+)
+def test_each_float32_side_gets_ieee_dot_products(student, teacher):
+    """The launch's dot-product precision is chosen per side: IEEE (full float32) for a float32 side, which TF32
+    would round, whatever the other side's dtype (e.g. a float32 teacher beside a bf16 student)."""
+    s_dtype, t_dtype = getattr(torch, student), getattr(torch, teacher)
+    qs, ks = (torch.empty(2, 4, 40, 64, device="meta", dtype=s_dtype) for _ in range(2))
+    qt, kt = (torch.empty(2, 4, 40, 64, device="meta", dtype=t_dtype) for _ in range(2))
+    key_valid = torch.empty(2, 40, device="meta", dtype=torch.int32)
+    const = _meta(qs, ks, qt, kt, key_valid, 4, 40, 40, 64, 64, 0.125, 0.125, True)["const"]
+    assert {k: v for k, v in const.items() if k.startswith("IEEE")} == {
+        "IEEE_S": student == "float32",
+        "IEEE_T": teacher == "float32",
+    }

@@ -13,6 +13,7 @@ left to the GPU tests and the benchmark.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -58,3 +59,60 @@ def test_every_fused_kernel_compiles_within_the_gpus_shared_memory(run):
     assert not too_big, f"kernels that ask for more shared memory than a thread block has: {too_big}"
     if "--no-ptxas" not in args:  # ptxas -v read back: registers per thread, at most the 255 a thread has
         assert all(isinstance(r["registers"], int) and 0 < r["registers"] <= 255 for r in rows)
+
+
+# the launches of a bf16 student beside a float32 teacher (head size 128, GQA, causal), compiled for sm_90: each
+# kernel's launch options and TTIR. Triton's types do not depend on the sizes (a stride or size is an i32
+# argument below 2^31), so the shapes of recorded_launches show the types of any real launch.
+MIXED = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import kernel_resources as kr  # first: it unsets TRITON_INTERPRET before the kernels are defined
+import torch
+
+rows = []
+for loss in ("kl", "cosine"):
+    for kernel, args, kwargs in kr.recorded_launches(loss, torch.bfloat16, 128, True, teacher_dtype=torch.float32):
+        compiled = kr.compile_launch(kernel, args, kwargs, 90)
+        precision = {k: v for k, v in kwargs.items() if k.startswith("IEEE")}
+        rows.append({"loss": loss, "kernel": kernel.__name__, "precision": precision, "ttir": compiled.asm["ttir"]})
+print(json.dumps(rows))
+"""
+
+
+@pytest.fixture(scope="module")
+def mixed_precision_launches():
+    done = subprocess.run(
+        [sys.executable, "-c", MIXED, str(SCRIPT.parent)], capture_output=True, text=True, timeout=1200
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {(r["loss"], r["kernel"]) for r in rows} == {(loss, k) for loss in ("kl", "cosine") for k in KERNELS[loss]}
+    return rows
+
+
+@pytest.mark.slow
+def test_a_float32_teacher_gets_float32_dot_products_beside_a_bf16_student(mixed_precision_launches):
+    """The wrapper asks for IEEE dot products on the float32 side only, and each kernel's float32 dot products
+    (the teacher's scores) compile as IEEE, not TF32 (TTIR prints a dot's input precision unless it is IEEE)."""
+    for r in mixed_precision_launches:
+        assert r["precision"] == {"IEEE_S": False, "IEEE_T": True}, r["kernel"]
+        dots = re.findall(r"tt\.dot (.*?) : tensor<(?:\d+x)+(\w+)> \* tensor<(?:\d+x)+(\w+)>", r["ttir"])
+        operands = sorted({(a, b) for _, a, b in dots})
+        assert operands == [("bf16", "bf16"), ("f32", "f32")], (r["kernel"], operands)
+        rounded = [d for d, a, _ in dots if a == "f32" and "inputPrecision" in d]
+        assert not rounded, f"{r['kernel']}: float32 dot products not in IEEE precision: {rounded}"
+
+
+@pytest.mark.slow
+def test_offsets_into_whole_tensors_are_64_bit(mixed_precision_launches):
+    """Every offset from a tensor argument's start that the example, head or pair index scales (input tiles,
+    row statistics, gradients) is 64-bit: in TTIR, each scalar pointer offset is an i64, except the pair's index
+    into the head maps SH and TH. With 32-bit ones a tensor of 2^31 elements or more (B=16, 64 heads, L=32k,
+    D=128) would be read and written at wrapped offsets; tests/test_kernels.py runs such offsets."""
+    for r in mixed_precision_launches:
+        scalar = re.findall(r"tt\.addptr %(\w+), %\w+ : !tt\.ptr<\w+>, (i\d+)", r["ttir"])
+        narrow = sorted({arg for arg, width in scalar if width != "i64" and arg not in ("SH", "TH")})
+        assert not narrow, f"{r['kernel']}: 32-bit offsets into {narrow}"
+        wide = {arg for arg, width in scalar if width == "i64"}
+        assert {"QS", "KS", "QT", "KT", "VALID", "LSE_S", "LSE_T"} <= wide, (r["kernel"], wide)

@@ -10,7 +10,16 @@ weighted difference) and a running log-sum-exp for the student, so no ``L x L`` 
 saves one log-sum-exp per row and side. The backward recomputes both tiles, with
 ``dKL/ds_k = p_s,k - p_t,k``: one kernel accumulates dQ over key blocks, another dK over query blocks, so no
 float atomics are needed and the result is deterministic. Gradients flow to the student's queries and keys
-only. Inputs may be bf16; every accumulation is float32.
+only. Inputs may be bf16; every accumulation is float32, and a side with float32 inputs gets float32 (IEEE)
+dot products, never TF32 (``_ieee``).
+
+Offsets that can reach a tensor's full size are 64-bit. Triton's program ids and integer arguments are 32-bit,
+so a product such as ``b * stride_b`` or ``pid * Lq * D`` wraps once a tensor has 2^31 elements or more
+(B=16, 64 head pairs, L=32k, D=128 makes 2^32, realistic for long-context distillation), and the kernel then
+reads and writes wherever the wrapped offset points. So the example, head and pair indices are 64-bit, and so
+is every offset they scale. The offsets within one head's (L, d) matrix (of the inputs and of the gradients)
+stay 32-bit, since the wrapper sees that each such matrix spans fewer than 2^31 elements (``_kernel_layout``):
+64-bit row offsets cost these kernels up to 40 more registers per thread, and spills.
 
 The kernels need Triton and a CUDA device, or ``TRITON_INTERPRET=1`` (how the CPU tests run them). The
 plain PyTorch path (``distill_lab.matching.AttentionDistillationLoss`` on ``QueryKey`` records) is the
@@ -54,9 +63,10 @@ if triton is not None:
 
     @triton.jit
     def _pair_heads(SH, TH, pid_bp, P):
-        """This program's example and the student and teacher heads of its pair (grid axis 1: B x P)."""
+        """This program's example and the student and teacher heads of its pair (grid axis 1: B x P), 64-bit:
+        they scale the strides of whole tensors (see the module docstring)."""
         pair = pid_bp % P
-        return pid_bp // P, tl.load(SH + pair), tl.load(TH + pair)
+        return (pid_bp // P).to(tl.int64), tl.load(SH + pair).to(tl.int64), tl.load(TH + pair).to(tl.int64)
 
     @triton.jit
     def _key_block(KS, KT, b, hs, ht, offs_n, offs_ds, offs_dt, key, sks_b, sks_h, sks_l, skt_b, skt_h, skt_l, GS, GT, DS, DT):
@@ -90,7 +100,7 @@ if triton is not None:
         QS, KS, QT, KT, SH, TH, VALID, KL, LSE_S, LSE_T,
         sqs_b, sqs_h, sqs_l, sks_b, sks_h, sks_l, sqt_b, sqt_h, sqt_l, skt_b, skt_h, skt_l, sv_b,
         P, LQ, LK, DS, DT, GS, GT, scale_s, scale_t,
-        CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+        CAUSAL: tl.constexpr, IEEE_S: tl.constexpr, IEEE_T: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
     ):  # fmt: skip
         pid_m = tl.program_id(0)
@@ -113,8 +123,8 @@ if triton is not None:
         for start_n in range(0, LK, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             key = offs_n[:, None] < LK
-            s, _ = _scores(qs, ks_base + offs_n[:, None] * sks_l + offs_ds[None, :], key & (offs_ds[None, :] < DS), scale_s, IEEE)
-            t, _ = _scores(qt, kt_base + offs_n[:, None] * skt_l + offs_dt[None, :], key & (offs_dt[None, :] < DT), scale_t, IEEE)
+            s, _ = _scores(qs, ks_base + offs_n[:, None] * sks_l + offs_ds[None, :], key & (offs_ds[None, :] < DS), scale_s, IEEE_S)
+            t, _ = _scores(qt, kt_base + offs_n[:, None] * skt_l + offs_dt[None, :], key & (offs_dt[None, :] < DT), scale_t, IEEE_T)
             ok = _allowed(offs_m, offs_n, VALID + b * sv_b, LQ, LK, CAUSAL)
             s = tl.where(ok, s, float("-inf"))
             t = tl.where(ok, t, float("-inf"))
@@ -131,17 +141,17 @@ if triton is not None:
         lse_t = tl.where(has_keys, m_t + tl.log(l_t), 0.0)
         lse_s = tl.where(has_keys, m_s + tl.log(l_s), 0.0)
         kl = tl.where(has_keys, acc / tl.where(has_keys, l_t, 1.0) - lse_t + lse_s, 0.0)
-        out = pid_bp * LQ + offs_m
-        tl.store(KL + out, kl, mask=row)
-        tl.store(LSE_S + out, lse_s, mask=row)
-        tl.store(LSE_T + out, lse_t, mask=row)
+        rows0 = pid_bp.to(tl.int64) * LQ  # this pair's first row in the (B, P, Lq) outputs
+        tl.store(KL + rows0 + offs_m, kl, mask=row)
+        tl.store(LSE_S + rows0 + offs_m, lse_s, mask=row)
+        tl.store(LSE_T + rows0 + offs_m, lse_t, mask=row)
 
     @triton.jit
     def _kl_bwd_dq(
         QS, KS, QT, KT, SH, TH, VALID, LSE_S, LSE_T, G, DQ,
         sqs_b, sqs_h, sqs_l, sks_b, sks_h, sks_l, sqt_b, sqt_h, sqt_l, skt_b, skt_h, skt_l, sv_b,
         P, LQ, LK, DS, DT, GS, GT, scale_s, scale_t,
-        CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+        CAUSAL: tl.constexpr, IEEE_S: tl.constexpr, IEEE_T: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
     ):  # fmt: skip
         pid_m = tl.program_id(0)
@@ -154,27 +164,27 @@ if triton is not None:
         qs, qt = _query_tiles(
             QS, QT, b, hs, ht, offs_m, offs_ds, offs_dt, row, sqs_b, sqs_h, sqs_l, sqt_b, sqt_h, sqt_l, DS, DT
         )
-        rows = pid_bp * LQ + offs_m
-        lse_s = tl.load(LSE_S + rows, mask=row, other=0.0)
-        lse_t = tl.load(LSE_T + rows, mask=row, other=0.0)
-        g = tl.load(G + rows, mask=row, other=0.0)
+        rows0 = pid_bp.to(tl.int64) * LQ  # this pair's first row in the (B, P, Lq) row statistics
+        lse_s = tl.load(LSE_S + rows0 + offs_m, mask=row, other=0.0)
+        lse_t = tl.load(LSE_T + rows0 + offs_m, mask=row, other=0.0)
+        g = tl.load(G + rows0 + offs_m, mask=row, other=0.0)
         ks_base = KS + b * sks_b + (hs // GS) * sks_h
         kt_base = KT + b * skt_b + (ht // GT) * skt_h
         dq = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
         for start_n in range(0, LK, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             key = offs_n[:, None] < LK
-            s, ks = _scores(qs, ks_base + offs_n[:, None] * sks_l + offs_ds[None, :], key & (offs_ds[None, :] < DS), scale_s, IEEE)
-            t, _ = _scores(qt, kt_base + offs_n[:, None] * skt_l + offs_dt[None, :], key & (offs_dt[None, :] < DT), scale_t, IEEE)
+            s, ks = _scores(qs, ks_base + offs_n[:, None] * sks_l + offs_ds[None, :], key & (offs_ds[None, :] < DS), scale_s, IEEE_S)
+            t, _ = _scores(qt, kt_base + offs_n[:, None] * skt_l + offs_dt[None, :], key & (offs_dt[None, :] < DT), scale_t, IEEE_T)
             ok = _allowed(offs_m, offs_n, VALID + b * sv_b, LQ, LK, CAUSAL)
             p_s = tl.where(ok, tl.exp(s - lse_s[:, None]), 0.0)
             p_t = tl.where(ok, tl.exp(t - lse_t[:, None]), 0.0)
             ds = (p_s - p_t) * g[:, None]
-            if IEEE:
+            if IEEE_S:
                 dq += tl.dot(ds.to(ks.dtype), ks, input_precision="ieee")
             else:
                 dq += tl.dot(ds.to(ks.dtype), ks)
-        out = DQ + pid_bp * LQ * DS + offs_m[:, None] * DS + offs_ds[None, :]
+        out = DQ + rows0 * DS + offs_m[:, None] * DS + offs_ds[None, :]
         tl.store(out, dq * scale_s, mask=row[:, None] & (offs_ds[None, :] < DS))
 
     @triton.jit
@@ -182,7 +192,7 @@ if triton is not None:
         QS, KS, QT, KT, SH, TH, VALID, LSE_S, LSE_T, G, DK,
         sqs_b, sqs_h, sqs_l, sks_b, sks_h, sks_l, sqt_b, sqt_h, sqt_l, skt_b, skt_h, skt_l, sv_b,
         P, LQ, LK, DS, DT, GS, GT, scale_s, scale_t,
-        CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+        CAUSAL: tl.constexpr, IEEE_S: tl.constexpr, IEEE_T: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
     ):  # fmt: skip
         pid_n = tl.program_id(0)
@@ -195,36 +205,58 @@ if triton is not None:
         ks, kt = _key_block(KS, KT, b, hs, ht, offs_n, offs_ds, offs_dt, key, sks_b, sks_h, sks_l, skt_b, skt_h, skt_l, GS, GT, DS, DT)
         qs_base = QS + b * sqs_b + hs * sqs_h
         qt_base = QT + b * sqt_b + ht * sqt_h
+        rows0 = pid_bp.to(tl.int64) * LQ  # this pair's first row in the (B, P, Lq) row statistics
         dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
         for start_m in range(0, LQ, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row = offs_m < LQ
             qs = tl.load(qs_base + offs_m[:, None] * sqs_l + offs_ds[None, :], mask=row[:, None] & (offs_ds[None, :] < DS), other=0.0)
             qt = tl.load(qt_base + offs_m[:, None] * sqt_l + offs_dt[None, :], mask=row[:, None] & (offs_dt[None, :] < DT), other=0.0)
-            rows = pid_bp * LQ + offs_m
-            lse_s = tl.load(LSE_S + rows, mask=row, other=0.0)
-            lse_t = tl.load(LSE_T + rows, mask=row, other=0.0)
-            g = tl.load(G + rows, mask=row, other=0.0)
-            if IEEE:
+            lse_s = tl.load(LSE_S + rows0 + offs_m, mask=row, other=0.0)
+            lse_t = tl.load(LSE_T + rows0 + offs_m, mask=row, other=0.0)
+            g = tl.load(G + rows0 + offs_m, mask=row, other=0.0)
+            if IEEE_S:
                 s = tl.dot(qs, tl.trans(ks), input_precision="ieee") * scale_s
-                t = tl.dot(qt, tl.trans(kt), input_precision="ieee") * scale_t
             else:
                 s = tl.dot(qs, tl.trans(ks)) * scale_s
+            if IEEE_T:
+                t = tl.dot(qt, tl.trans(kt), input_precision="ieee") * scale_t
+            else:
                 t = tl.dot(qt, tl.trans(kt)) * scale_t
             ok = _allowed(offs_m, offs_n, VALID + b * sv_b, LQ, LK, CAUSAL)
             p_s = tl.where(ok, tl.exp(s - lse_s[:, None]), 0.0)
             p_t = tl.where(ok, tl.exp(t - lse_t[:, None]), 0.0)
             ds = (p_s - p_t) * g[:, None]
-            if IEEE:
+            if IEEE_S:
                 dk += tl.dot(tl.trans(ds).to(qs.dtype), qs, input_precision="ieee")
             else:
                 dk += tl.dot(tl.trans(ds).to(qs.dtype), qs)
-        out = DK + pid_bp * LK * DS + offs_n[:, None] * DS + offs_ds[None, :]
+        out = DK + pid_bp.to(tl.int64) * LK * DS + offs_n[:, None] * DS + offs_ds[None, :]
         tl.store(out, dk * scale_s, mask=key[:, None] & (offs_ds[None, :] < DS))
 
 
 def _block(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(n)))
+
+
+def _kernel_layout(x: Tensor) -> Tensor:
+    """``x`` (B, H, L, d) as the kernels read it: unit stride along d, and each head's (L, d) matrix spanning
+    fewer than 2^31 elements, so that the kernels' 32-bit offsets within it cannot wrap (the gradients' (L, d)
+    matrices then fit too). Otherwise a contiguous copy, where a head's rows lie d apart; an error beyond that,
+    at 2^31 / d rows (16M at d = 128)."""
+    length, dim = x.shape[-2:]
+    if x.stride(-1) == 1 and max((length - 1) * x.stride(-2) + dim, length * dim) < 2**31:
+        return x
+    if length * dim >= 2**31:
+        raise ValueError(f"the fused attention kernels take at most 2^31 elements per head, got L={length}, d={dim}")
+    return x.contiguous()
+
+
+def _ieee(x: Tensor) -> bool:
+    """Whether the dot products of the side with inputs ``x`` run in full float32 (``input_precision="ieee"``):
+    float32 inputs would otherwise be rounded to TF32 by the GPU's tensor cores. Decided per side, so a float32
+    teacher keeps float32 scores beside a bf16 student, whose 16-bit products are exact either way."""
+    return x.dtype == torch.float32
 
 
 def _to_heads(dq: Tensor, dk: Tensor, qs: Tensor, ks: Tensor, s_heads: Tensor) -> tuple[Tensor, Tensor]:
@@ -244,7 +276,7 @@ def _to_heads(dq: Tensor, dk: Tensor, qs: Tensor, ks: Tensor, s_heads: Tensor) -
 class _AttentionKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qs, ks, qt, kt, s_heads, t_heads, key_valid, scale_s, scale_t, causal):
-        qs, ks, qt, kt = (x if x.stride(-1) == 1 else x.contiguous() for x in (qs, ks, qt, kt))
+        qs, ks, qt, kt = (_kernel_layout(x) for x in (qs, ks, qt, kt))
         batch, _, q_len, d_s = qs.shape
         k_len, d_t = ks.shape[2], qt.shape[3]
         pairs = s_heads.numel()
@@ -289,7 +321,8 @@ def _meta(qs, ks, qt, kt, key_valid, pairs, q_len, k_len, d_s, d_t, scale_s, sca
     )  # fmt: skip
     const = dict(
         CAUSAL=bool(causal),
-        IEEE=qs.dtype == torch.float32,
+        IEEE_S=_ieee(qs),
+        IEEE_T=_ieee(qt),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_DS=_block(d_s, 256),

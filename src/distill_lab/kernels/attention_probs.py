@@ -20,8 +20,10 @@ Backward: with ``g_k = dL/dp_s,k`` the softmax gives ``dL/ds_k = p_s,k (g_k - D)
 so ``dL/ds = p_s (c_s p_s + c_t p_t + c_0)`` with three coefficients per row, known from the saved
 statistics. The tiles are recomputed as in ``attention_kl``: one kernel accumulates dQ over key blocks,
 another dK over query blocks, with no float atomics, so the result is deterministic. Gradients flow to the
-student's queries and keys only; inputs may be bf16, every accumulation is float32. A row with no allowed key
-gives 0 and no gradient.
+student's queries and keys only; inputs may be bf16, every accumulation is float32 (a float32 side's dot
+products in float32, not TF32). A row with no allowed key gives 0 and no gradient. Offsets that can reach a
+tensor's full size are 64-bit, those within one head's (L, d) matrix 32-bit, as in ``attention_kl`` (whose
+docstring says why).
 
 The kernels need Triton and a CUDA device, or ``TRITON_INTERPRET=1`` (how the CPU tests run them). The
 plain PyTorch path (``distill_lab.matching.AttentionDistillationLoss`` on ``QueryKey`` records) is the
@@ -35,7 +37,7 @@ import os
 import torch
 from torch import Tensor
 
-from distill_lab.kernels.attention_kl import _NEG, _meta, _to_heads, triton
+from distill_lab.kernels.attention_kl import _NEG, _kernel_layout, _meta, _to_heads, triton
 
 LOSSES = ("mse", "cosine")
 
@@ -53,14 +55,14 @@ if triton is not None:
     @triton.jit
     def _key_tiles(
         qs, qt, ks_base, kt_base, valid_ptr, offs_m, offs_n, offs_ds, offs_dt, sks_l, skt_l,
-        LQ, LK, DS, DT, scale_s, scale_t, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+        LQ, LK, DS, DT, scale_s, scale_t, CAUSAL: tl.constexpr, IEEE_S: tl.constexpr, IEEE_T: tl.constexpr,
     ):  # fmt: skip
         """Both sides' scores of a (query block, key block) tile, the allowed keys, and the student's keys."""
         key = offs_n[:, None] < LK
         ks_ptrs = ks_base + offs_n[:, None] * sks_l + offs_ds[None, :]
         kt_ptrs = kt_base + offs_n[:, None] * skt_l + offs_dt[None, :]
-        s, ks = _scores(qs, ks_ptrs, key & (offs_ds[None, :] < DS), scale_s, IEEE)
-        t, _ = _scores(qt, kt_ptrs, key & (offs_dt[None, :] < DT), scale_t, IEEE)
+        s, ks = _scores(qs, ks_ptrs, key & (offs_ds[None, :] < DS), scale_s, IEEE_S)
+        t, _ = _scores(qt, kt_ptrs, key & (offs_dt[None, :] < DT), scale_t, IEEE_T)
         return s, t, _allowed(offs_m, offs_n, valid_ptr, LQ, LK, CAUSAL), ks
 
     @triton.jit
@@ -86,7 +88,8 @@ if triton is not None:
 
     @triton.jit
     def _row_coefficients(STATS, G, rows, row, LOSS: tl.constexpr):
-        """Per row: ``c_s, c_t, c_0`` of ``dL/ds = p_s (c_s p_s + c_t p_t + c_0)``, times its gradient."""
+        """Per row: ``c_s, c_t, c_0`` of ``dL/ds = p_s (c_s p_s + c_t p_t + c_0)``, times its gradient (``STATS``
+        and ``G`` point at this pair's first row, ``rows`` count from there)."""
         g = tl.load(G + rows, mask=row, other=0.0)
         x = tl.load(STATS + 3 * rows, mask=row, other=0.0)
         y = tl.load(STATS + 3 * rows + 1, mask=row, other=0.0)
@@ -104,7 +107,7 @@ if triton is not None:
         QS, KS, QT, KT, SH, TH, VALID, OUT, LSE_S, LSE_T, STATS,
         sqs_b, sqs_h, sqs_l, sks_b, sks_h, sks_l, sqt_b, sqt_h, sqt_l, skt_b, skt_h, skt_l, sv_b,
         P, LQ, LK, DS, DT, GS, GT, scale_s, scale_t,
-        LOSS: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+        LOSS: tl.constexpr, CAUSAL: tl.constexpr, IEEE_S: tl.constexpr, IEEE_T: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
     ):  # fmt: skip
         pid_m = tl.program_id(0)
@@ -129,7 +132,7 @@ if triton is not None:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             s, t, ok, _ = _key_tiles(
                 qs, qt, ks_base, kt_base, valid_ptr, offs_m, offs_n, offs_ds, offs_dt, sks_l, skt_l,
-                LQ, LK, DS, DT, scale_s, scale_t, CAUSAL, IEEE,
+                LQ, LK, DS, DT, scale_s, scale_t, CAUSAL, IEEE_S, IEEE_T,
             )  # fmt: skip
             m_s, l_s = _lse_step(m_s, l_s, tl.where(ok, s, float("-inf")))
             m_t, l_t = _lse_step(m_t, l_t, tl.where(ok, t, float("-inf")))
@@ -144,7 +147,7 @@ if triton is not None:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             s, t, ok, _ = _key_tiles(
                 qs, qt, ks_base, kt_base, valid_ptr, offs_m, offs_n, offs_ds, offs_dt, sks_l, skt_l,
-                LQ, LK, DS, DT, scale_s, scale_t, CAUSAL, IEEE,
+                LQ, LK, DS, DT, scale_s, scale_t, CAUSAL, IEEE_S, IEEE_T,
             )  # fmt: skip
             p_s, p_t = _probabilities(s, t, ok, lse_s, lse_t)
             if LOSS == "mse":
@@ -155,20 +158,21 @@ if triton is not None:
                 x += tl.sum(p_s * p_s, 1)
                 y += tl.sum(p_s * p_t, 1)
                 z += tl.sum(p_t * p_t, 1)
-        rows = pid_bp * LQ + offs_m
-        tl.store(OUT + rows, _row_value(x, y, z, LOSS), mask=row)
-        tl.store(LSE_S + rows, lse_s, mask=row)
-        tl.store(LSE_T + rows, lse_t, mask=row)
-        tl.store(STATS + 3 * rows, x, mask=row)
-        tl.store(STATS + 3 * rows + 1, y, mask=row)
-        tl.store(STATS + 3 * rows + 2, z, mask=row)
+        rows0 = pid_bp.to(tl.int64) * LQ  # this pair's first row in the (B, P, Lq) outputs
+        tl.store(OUT + rows0 + offs_m, _row_value(x, y, z, LOSS), mask=row)
+        tl.store(LSE_S + rows0 + offs_m, lse_s, mask=row)
+        tl.store(LSE_T + rows0 + offs_m, lse_t, mask=row)
+        stats = STATS + 3 * rows0
+        tl.store(stats + 3 * offs_m, x, mask=row)
+        tl.store(stats + 3 * offs_m + 1, y, mask=row)
+        tl.store(stats + 3 * offs_m + 2, z, mask=row)
 
     @triton.jit
     def _probs_bwd_dq(
         QS, KS, QT, KT, SH, TH, VALID, LSE_S, LSE_T, STATS, G, DQ,
         sqs_b, sqs_h, sqs_l, sks_b, sks_h, sks_l, sqt_b, sqt_h, sqt_l, skt_b, skt_h, skt_l, sv_b,
         P, LQ, LK, DS, DT, GS, GT, scale_s, scale_t,
-        LOSS: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+        LOSS: tl.constexpr, CAUSAL: tl.constexpr, IEEE_S: tl.constexpr, IEEE_T: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
     ):  # fmt: skip
         pid_m = tl.program_id(0)
@@ -181,10 +185,10 @@ if triton is not None:
         qs, qt = _query_tiles(
             QS, QT, b, hs, ht, offs_m, offs_ds, offs_dt, row, sqs_b, sqs_h, sqs_l, sqt_b, sqt_h, sqt_l, DS, DT
         )
-        rows = pid_bp * LQ + offs_m
-        lse_s = tl.load(LSE_S + rows, mask=row, other=0.0)
-        lse_t = tl.load(LSE_T + rows, mask=row, other=0.0)
-        c_s, c_t, c_0 = _row_coefficients(STATS, G, rows, row, LOSS)
+        rows0 = pid_bp.to(tl.int64) * LQ  # this pair's first row in the (B, P, Lq) row statistics
+        lse_s = tl.load(LSE_S + rows0 + offs_m, mask=row, other=0.0)
+        lse_t = tl.load(LSE_T + rows0 + offs_m, mask=row, other=0.0)
+        c_s, c_t, c_0 = _row_coefficients(STATS + 3 * rows0, G + rows0, offs_m, row, LOSS)
         ks_base = KS + b * sks_b + (hs // GS) * sks_h
         kt_base = KT + b * skt_b + (ht // GT) * skt_h
         dq = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
@@ -192,12 +196,12 @@ if triton is not None:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             s, t, ok, ks = _key_tiles(
                 qs, qt, ks_base, kt_base, VALID + b * sv_b, offs_m, offs_n, offs_ds, offs_dt, sks_l, skt_l,
-                LQ, LK, DS, DT, scale_s, scale_t, CAUSAL, IEEE,
+                LQ, LK, DS, DT, scale_s, scale_t, CAUSAL, IEEE_S, IEEE_T,
             )  # fmt: skip
             p_s, p_t = _probabilities(s, t, ok, lse_s, lse_t)
             ds = p_s * (c_s[:, None] * p_s + c_t[:, None] * p_t + c_0[:, None])
-            dq += _mm(ds.to(ks.dtype), ks, IEEE)
-        out = DQ + pid_bp * LQ * DS + offs_m[:, None] * DS + offs_ds[None, :]
+            dq += _mm(ds.to(ks.dtype), ks, IEEE_S)
+        out = DQ + rows0 * DS + offs_m[:, None] * DS + offs_ds[None, :]
         tl.store(out, dq * scale_s, mask=row[:, None] & (offs_ds[None, :] < DS))
 
     @triton.jit
@@ -205,7 +209,7 @@ if triton is not None:
         QS, KS, QT, KT, SH, TH, VALID, LSE_S, LSE_T, STATS, G, DK,
         sqs_b, sqs_h, sqs_l, sks_b, sks_h, sks_l, sqt_b, sqt_h, sqt_l, skt_b, skt_h, skt_l, sv_b,
         P, LQ, LK, DS, DT, GS, GT, scale_s, scale_t,
-        LOSS: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+        LOSS: tl.constexpr, CAUSAL: tl.constexpr, IEEE_S: tl.constexpr, IEEE_T: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
     ):  # fmt: skip
         pid_n = tl.program_id(0)
@@ -216,6 +220,7 @@ if triton is not None:
         offs_dt = tl.arange(0, BLOCK_DT)
         key = offs_n < LK
         ks, kt = _key_block(KS, KT, b, hs, ht, offs_n, offs_ds, offs_dt, key, sks_b, sks_h, sks_l, skt_b, skt_h, skt_l, GS, GT, DS, DT)
+        rows0 = pid_bp.to(tl.int64) * LQ  # this pair's first row in the (B, P, Lq) row statistics
         dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
         for start_m in range(0, LQ, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -224,24 +229,23 @@ if triton is not None:
                 QS, QT, b, hs, ht, offs_m, offs_ds, offs_dt, row,
                 sqs_b, sqs_h, sqs_l, sqt_b, sqt_h, sqt_l, DS, DT,
             )  # fmt: skip
-            rows = pid_bp * LQ + offs_m
-            lse_s = tl.load(LSE_S + rows, mask=row, other=0.0)
-            lse_t = tl.load(LSE_T + rows, mask=row, other=0.0)
-            c_s, c_t, c_0 = _row_coefficients(STATS, G, rows, row, LOSS)
-            s = _mm(qs, tl.trans(ks), IEEE) * scale_s
-            t = _mm(qt, tl.trans(kt), IEEE) * scale_t
+            lse_s = tl.load(LSE_S + rows0 + offs_m, mask=row, other=0.0)
+            lse_t = tl.load(LSE_T + rows0 + offs_m, mask=row, other=0.0)
+            c_s, c_t, c_0 = _row_coefficients(STATS + 3 * rows0, G + rows0, offs_m, row, LOSS)
+            s = _mm(qs, tl.trans(ks), IEEE_S) * scale_s
+            t = _mm(qt, tl.trans(kt), IEEE_T) * scale_t
             ok = _allowed(offs_m, offs_n, VALID + b * sv_b, LQ, LK, CAUSAL)
             p_s, p_t = _probabilities(s, t, ok, lse_s, lse_t)
             ds = p_s * (c_s[:, None] * p_s + c_t[:, None] * p_t + c_0[:, None])
-            dk += _mm(tl.trans(ds).to(qs.dtype), qs, IEEE)
-        out = DK + pid_bp * LK * DS + offs_n[:, None] * DS + offs_ds[None, :]
+            dk += _mm(tl.trans(ds).to(qs.dtype), qs, IEEE_S)
+        out = DK + pid_bp.to(tl.int64) * LK * DS + offs_n[:, None] * DS + offs_ds[None, :]
         tl.store(out, dk * scale_s, mask=key[:, None] & (offs_ds[None, :] < DS))
 
 
 class _AttentionProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, loss, qs, ks, qt, kt, s_heads, t_heads, key_valid, scale_s, scale_t, causal):
-        qs, ks, qt, kt = (x if x.stride(-1) == 1 else x.contiguous() for x in (qs, ks, qt, kt))
+        qs, ks, qt, kt = (_kernel_layout(x) for x in (qs, ks, qt, kt))
         batch, _, q_len, d_s = qs.shape
         k_len, d_t = ks.shape[2], qt.shape[3]
         pairs = s_heads.numel()
