@@ -545,6 +545,10 @@ ERRORS = {
         r"optimized_metric=val/accuracy is not a validation metric of task=sequence_classification: choose one of "
         r"val/acc, val/f1",
     ),
+    "optimized-metric-checked-before-the-teacher-loads": (
+        ["optimized_metric=val/accuracy", "teacher.name_or_path=/nonexistent/teacher"],
+        r"optimized_metric=val/accuracy is not a validation metric",
+    ),
     "optimized-mode-against-the-metric": (
         ["optimized_metric=val/f1", "optimized_mode=min"],
         r"optimized_mode=min, but val/f1 is better when higher: set optimized_mode=max",

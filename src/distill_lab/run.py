@@ -159,10 +159,12 @@ def _build_module(cfg: DictConfig, task, teacher, data) -> DistillationModule:
     )
 
 
-def _check_optimized_metric(cfg: DictConfig, task, val_metrics) -> None:
+def _check_optimized_metric(cfg: DictConfig, task) -> None:
     """``optimized_metric`` (what the best checkpoint follows, what ``train.py`` returns to a sweeper) must be
-    one of the student's validation metrics, and ``optimized_mode`` the direction in which it improves."""
-    better = {name: metric.higher_is_better for name, metric in val_metrics.items(keep_base=False)}
+    one of the student's validation metrics, and ``optimized_mode`` the direction in which it improves. Their
+    names and directions do not depend on the number of classes, so this needs no teacher."""
+    metrics = task.metrics("val/", 2)
+    better = {name: metric.higher_is_better for name, metric in metrics.items(keep_base=False)}
     if cfg.optimized_metric not in better:
         raise ValueError(
             f"optimized_metric={cfg.optimized_metric} is not a validation metric of task={task.name}: choose one "
@@ -194,6 +196,7 @@ def train(cfg: DictConfig) -> dict:
 
     # the task, models and data: loading errors surface here, before anything trains
     task = instantiate(cfg.task)
+    _check_optimized_metric(cfg, task)  # before the teacher, which may be trained or downloaded first
     teacher = instantiate(cfg.teacher)
     preprocessor = load_preprocessor(
         cfg.teacher.name_or_path, task.name, trust_remote_code=cfg.teacher.get("trust_remote_code", False)
@@ -205,7 +208,6 @@ def train(cfg: DictConfig) -> dict:
     except ValueError as err:
         raise ValueError(f"teacher.name_or_path={cfg.teacher.name_or_path!r}: {err}") from None
     module = _build_module(cfg, task, teacher, data)
-    _check_optimized_metric(cfg, task, module.val_metrics)
     student, attention_loss = module.student, module.attention_loss
     pairs = attention_loss.layer_map
 
