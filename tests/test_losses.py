@@ -783,3 +783,12 @@ def test_kd_loss_nan_teacher_propagates_but_ignored_positions_do_not_count():
     peaked = teacher.clone()
     peaked[:, 0] = -1e4  # exp underflows: the teacher gives class 0 exactly zero mass
     assert torch.isfinite(kd_loss(student, peaked, labels, temperature=1.0))
+
+
+@pytest.mark.parametrize("name", ["mse", "cosine"])
+def test_row_terms_refuse_scores_for_losses_on_probabilities(name):
+    """MSE and cosine compare probabilities: scores handed to them would be compared as if they were some."""
+    scores = torch.randn(1, 2, 3, 3)
+    assert not AttentionLoss(name).takes_scores and AttentionLoss("kl").takes_scores
+    with pytest.raises(ValueError, match=f"loss={name} compares probabilities, not scores"):
+        AttentionLoss(name).row_terms(scores, scores, scores=True)

@@ -276,8 +276,7 @@ class AttentionCapture:
                 "capture was attached?)."
             )
         if torch.is_grad_enabled() and self.model.training:
-            records = {i: maps[i] for i in self.layers}
-            dead = [i for i, r in records.items() if not any(t.requires_grad for t in _tensors(r))]
+            dead = [i for i in self.layers if not any(t.requires_grad for t in _tensors(maps[i]))]
             if dead:  # the attention loss would train nothing there, and nothing would say so
                 raise RuntimeError(
                     f"the attention of layers {dead} of {type(self.model).__name__} carries no gradient, so an "

@@ -413,9 +413,11 @@ class AttentionLoss(nn.Module):
         compares and from which KL takes exact log-probabilities (``takes_scores``)."""
         if self.name == "kl" and self.options.get("temperature", 1.0) <= 0:
             raise ValueError(f"temperature must be positive, got {self.options['temperature']}")
+        if scores and not self.takes_scores:
+            raise ValueError(f"loss={self.name} compares probabilities, not scores")
         if self.on_scores:
             student, teacher = _zero_masked(student), _zero_masked(teacher)
-        kind = "mse" if self.on_scores else "kl_scores" if scores and self.name == "kl" else self.name
+        kind = "mse" if self.on_scores else "kl_scores" if scores else self.name
         return _row_terms(kind, student, teacher, attention_mask, query_start=query_start, **self.options)
 
     @property
