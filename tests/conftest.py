@@ -23,6 +23,7 @@ import atexit
 import contextlib
 import glob
 import itertools
+import json
 import os
 import shlex
 import signal
@@ -461,6 +462,14 @@ FSDP_ON_CPU = (
     "trainer=fsdp", "trainer.strategy._target_=test_ddp.CPUFSDPStrategy", "trainer.accelerator=cpu",
     "trainer.devices=2", "trainer.precision=32-true",
 )  # fmt: skip
+
+
+def callback_overrides(name: str, cls: type, **options) -> list[str]:
+    """Overrides that add ``cls(**options)`` to a run's callbacks as ``callbacks.<name>``, as a user adds their
+    own callback (``cls`` is defined in a test module, which ``app_env`` puts on a subprocess's path)."""
+    return [f"+callbacks.{name}._target_={cls.__module__}.{cls.__name__}"] + [
+        f"+callbacks.{name}.{k}={json.dumps(v)}" for k, v in options.items()
+    ]
 
 
 def train_py(*overrides: str) -> list[str]:

@@ -34,6 +34,7 @@ from conftest import (
     FSDP_ON_CPU,
     TrainRun,
     app_env,
+    callback_overrides,
     compose_config,
     make_text_task,
     run_to_end,
@@ -42,6 +43,7 @@ from conftest import (
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from omegaconf import OmegaConf
+from test_resume import Crash, PoisonLoss
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification
@@ -378,9 +380,8 @@ def test_ctrl_c_in_one_ddp_process_saves_and_stops_without_waiting_for_the_other
 def test_non_finite_loss_in_one_ddp_process_stops_every_process_before_the_update(tmp_path):
     """A NaN loss on rank 1 alone: both processes decide together after backward and raise the named
     FloatingPointError, instead of rank 0 going on into the next collective; no checkpoint holds the step."""
-    poison = [f"+callbacks.poison.{k}={v}" for k, v in {"part": "output", "step": 1, "rank": 1}.items()]
     command, env, out = train_py_command(
-        tmp_path, *CPU_DDP, "+callbacks.poison._target_=test_resume.PoisonLoss", *poison,
+        tmp_path, *CPU_DDP, *callback_overrides("poison", PoisonLoss, part="output", step=1, rank=1),
         "callbacks.attention_maps=null", "checkpoint_every_n_steps=1",
     )  # fmt: skip
     result = run_to_end(command, env, timeout=300, fails=True)
@@ -491,9 +492,8 @@ def test_an_exception_under_fsdp_writes_no_interrupted_checkpoint(tmp_path):
     ``ckpt_path=auto`` resumes from."""
     from distill_lab.resume import find_previous_run
 
-    crash = [f"+callbacks.crash.{k}={v}" for k, v in {"hook": "on_train_batch_start", "step": 1}.items()]
     command, env, out = train_py_command(
-        tmp_path, *FSDP_ON_CPU, "+callbacks.crash._target_=test_resume.Crash", *crash,
+        tmp_path, *FSDP_ON_CPU, *callback_overrides("crash", Crash, hook="on_train_batch_start", step=1),
         "callbacks.attention_maps=null", "checkpoint_every_n_steps=1",
     )  # fmt: skip
     result = run_to_end(command, env, timeout=300, fails=True)

@@ -27,7 +27,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import TrainRun, app_env, compose_config, make_text_task, train_py
+from conftest import TrainRun, app_env, callback_overrides, compose_config, make_text_task, train_py
 from hydra.utils import instantiate
 from transformers import AutoModelForSequenceClassification
 
@@ -122,13 +122,6 @@ class InfiniteGradient(L.Callback):
             next(p for p in module.student.parameters() if p.grad is not None).grad.fill_(float("inf"))
 
 
-def _callback(name: str, cls: type, **kwargs) -> list[str]:
-    """Overrides that add ``cls(**kwargs)`` to the run's callbacks, as a user's own callback would be added."""
-    return [f"+callbacks.{name}._target_={__name__}.{cls.__name__}"] + [
-        f"+callbacks.{name}.{k}={json.dumps(v)}" for k, v in kwargs.items()
-    ]
-
-
 # ---------------------------------------------------------------------------------------------- shared helpers
 
 
@@ -185,7 +178,7 @@ def cli_task(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume-cli")
     task = make_text_task(root / "task", hidden_dropout_prob=0.1)
     command = [
-        *task["overrides"], *RUN, "checkpoint_every_n_steps=3", *_callback("pace", Pace, seconds=0.1),
+        *task["overrides"], *RUN, "checkpoint_every_n_steps=3", *callback_overrides("pace", Pace, seconds=0.1),
     ]
     return root, command
 
@@ -306,7 +299,7 @@ def test_crash_then_rerun_in_the_same_directory_resumes_to_the_uninterrupted_res
     hook, step = CRASHES[case]
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match=f"test crash in {hook} at step {step}"):
-        run_app(task, out, *_callback("crash", Crash, hook=hook, step=step))
+        run_app(task, out, *callback_overrides("crash", Crash, hook=hook, step=step))
     interrupted = out / "checkpoints" / "interrupted.ckpt"
     assert interrupted.is_file() and not (out / "results.json").exists()
     assert torch.load(interrupted, map_location="cpu", weights_only=True)["global_step"] == step
@@ -321,7 +314,7 @@ def test_crash_then_rerun_in_the_same_directory_resumes_to_the_uninterrupted_res
 def test_ckpt_path_null_starts_afresh_beside_an_interrupted_checkpoint(task, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="test crash"):
-        run_app(task, out, *_callback("crash", Crash, hook="on_train_batch_start", step=2))
+        run_app(task, out, *callback_overrides("crash", Crash, hook="on_train_batch_start", step=2))
     assert (out / "checkpoints" / "interrupted.ckpt").is_file()
     run_app(task, out, "ckpt_path=null", "trainer.max_epochs=1")
     # from step 0: Lightning's own fit(ckpt_path=None) -> "last" did not pick the interrupted checkpoint
@@ -335,7 +328,7 @@ def test_ckpt_path_null_starts_afresh_beside_an_interrupted_checkpoint(task, tmp
 def test_non_finite_loss_names_step_and_part_and_keeps_finite_checkpoints(task, tmp_path, part, named):
     out = tmp_path / "run"
     with pytest.raises(FloatingPointError) as info:
-        run_app(task, out, "checkpoint_every_n_steps=2", *_callback("poison", PoisonLoss, part=part, step=5))
+        run_app(task, out, "checkpoint_every_n_steps=2", *callback_overrides("poison", PoisonLoss, part=part, step=5))
     message = str(info.value)
     assert message.startswith(f"non-finite loss at step 5 (epoch 0, batch 5): {named}. Training stopped")  # only it
     checkpoints = out / "checkpoints"
@@ -347,7 +340,7 @@ def test_non_finite_loss_names_step_and_part_and_keeps_finite_checkpoints(task, 
 def test_non_finite_weights_are_never_checkpointed(task, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(FloatingPointError, match=r"non-finite weights at step 4 in student\.bert\.embeddings\.") as info:
-        run_app(task, out, "checkpoint_every_n_steps=2", *_callback("inf", InfiniteGradient, step=3))
+        run_app(task, out, "checkpoint_every_n_steps=2", *callback_overrides("inf", InfiniteGradient, step=3))
     assert "no checkpoint was written" in str(info.value)
     checkpoints = out / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]
@@ -359,7 +352,7 @@ def test_non_finite_weights_are_named_when_the_next_loss_breaks(task, tmp_path):
     """Between checkpoints the NaN update shows in the next step's loss, which says where it came from."""
     out = tmp_path / "run"
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 4 .*weights were already non-finite"):
-        run_app(task, out, "checkpoint_every_n_steps=3", *_callback("inf", InfiniteGradient, step=3))
+        run_app(task, out, "checkpoint_every_n_steps=3", *callback_overrides("inf", InfiniteGradient, step=3))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]
     assert all_finite(out / "checkpoints" / "last.ckpt")
 
