@@ -2,8 +2,10 @@
 
 The launch wrappers (``attention_kl_rows``, ``attention_probs_rows``) run forward and backward on ``meta``
 tensors with Triton's launches recorded instead of made, so every kernel gets exactly the arguments, block
-sizes and launch options a real call gives it. Each launch is then compiled by Triton's compiler and the
-ptxas that ships with triton into a cubin for the target GPU, and the table reports per kernel: the shared
+sizes and launch options a real call gives it. Each launch is then specialised as Triton's launcher
+specialises a real call (16-byte aligned pointers and integers divisible by 16 marked so, integers equal to 1
+made constants: without it loads compile unvectorised, with other registers, spills and shared memory) and
+compiled by Triton's compiler and the ptxas that ships with triton into a cubin for the target GPU, and the table reports per kernel: the shared
 memory one thread block needs (against the GPU's per-block limit), and ptxas's registers per thread and
 spilled bytes. Compiler facts, not timings: whether a spill costs time is for ``bench_distill.py --kernel``.
 
@@ -69,17 +71,30 @@ def recorded_launches(
     return launches
 
 
-def _signature(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
-    """Triton's ``signature`` and ``constexprs`` for one recorded launch, and its launch options."""
-    signature = {}
-    for name, value in zip(kernel.arg_names, args, strict=False):
-        if isinstance(value, torch.Tensor):
-            signature[name] = "*" + _TYPES[value.dtype]
+def _signature(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, dict]:
+    """Triton's ``signature``, ``constexprs`` and ``attrs`` for one recorded launch, as the launcher specialises
+    a real call (``triton.runtime.jit``): a pointer aligned to 16 bytes (as torch allocates) and an integer
+    divisible by 16 are marked so (``tt.divisibility``, which lets loads vectorise), an integer equal to 1 becomes
+    a constant; and its launch options."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    signature, constexprs, attrs = {}, {}, {}
+    values = dict(zip(kernel.arg_names, args, strict=False)) | {k: v for k, v in kwargs.items() if k not in _OPTIONS}
+    for i, param in enumerate(kernel.params):
+        value = values[param.name]
+        if param.is_constexpr:
+            kind, spec = "constexpr", None
         else:
-            signature[name] = "fp32" if isinstance(value, float) else "i32"
-    constexprs = {(kernel.arg_names.index(k),): v for k, v in kwargs.items() if k not in _OPTIONS}
-    signature.update({kernel.arg_names[i]: "constexpr" for (i,) in constexprs})
-    return signature, constexprs, {k: v for k, v in kwargs.items() if k in _OPTIONS}
+            kind, spec = native_specialize_impl(
+                CUDABackend, value, param.is_const, not param.do_not_specialize, not param.do_not_specialize_on_alignment
+            )
+        signature[param.name] = kind
+        if kind == "constexpr":
+            constexprs[(i,)] = value
+        elif isinstance(spec, str):
+            attrs[(i,)] = CUDABackend.parse_attr(spec)
+    return signature, constexprs, attrs, {k: v for k, v in kwargs.items() if k in _OPTIONS}
 
 
 def compile_launch(kernel, args: tuple, kwargs: dict, arch: int, num_warps: int | None = None):
@@ -89,11 +104,11 @@ def compile_launch(kernel, args: tuple, kwargs: dict, arch: int, num_warps: int 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    signature, constexprs, options = _signature(kernel, args, kwargs)
+    signature, constexprs, attrs, options = _signature(kernel, args, kwargs)
     if num_warps is not None:
         options["num_warps"] = num_warps
     return triton.compile(
-        ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+        ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", arch, 32),
         options=options,
     )

@@ -309,8 +309,9 @@ class _AttentionKL(torch.autograd.Function):
 def _meta(qs, ks, qt, kt, key_valid, pairs, q_len, k_len, d_s, d_t, scale_s, scale_t, causal) -> dict:
     # a tile row of the wider head is `row` bytes; pipelined key loads take about 2 * stages * BLOCK_N * row of
     # shared memory. Up to 256 bytes (bf16 at head size 128, float32 at 64) three stages of 64 fit; float32 at
-    # 128 asks for 213 KB so, beyond an A100's 163 KB per block, and gets two stages; float32 at 256 blocks
-    # of 32 (tests/test_kernels_compile.py checks each kernel against both GPUs' limits)
+    # 128 would ask for 192 KB so, beyond an A100's 163 KB per block, and gets two stages (128 KB); float32 at
+    # 256 blocks of 32 (benchmarks/RESULTS.md; tests/test_kernels_compile.py checks each kernel against both
+    # GPUs' limits)
     row = max(qs.element_size(), qt.element_size()) * _block(max(d_s, d_t), 256)
     cap = 64 if row <= 512 else 32
     block_m, block_n = _block(q_len, cap), _block(k_len, cap)
