@@ -47,11 +47,17 @@ _NEG = tl.constexpr(-1.0e30) if triton is not None else -1.0e30
 if triton is not None:
 
     @triton.jit
+    def _mm(a, b, IEEE: tl.constexpr):
+        """``a @ b``; in full float32 where ``IEEE`` (a float32 side, see ``_ieee``), else as the GPU's tensor
+        cores take the inputs."""
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
     def _scores(q, k_ptrs, kv_mask, scale, IEEE: tl.constexpr):
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        if IEEE:
-            return tl.dot(q, tl.trans(k), input_precision="ieee") * scale, k
-        return tl.dot(q, tl.trans(k)) * scale, k
+        return _mm(q, tl.trans(k), IEEE) * scale, k
 
     @triton.jit
     def _allowed(offs_m, offs_n, valid_ptr, LQ, LK, CAUSAL: tl.constexpr):
@@ -180,10 +186,7 @@ if triton is not None:
             p_s = tl.where(ok, tl.exp(s - lse_s[:, None]), 0.0)
             p_t = tl.where(ok, tl.exp(t - lse_t[:, None]), 0.0)
             ds = (p_s - p_t) * g[:, None]
-            if IEEE_S:
-                dq += tl.dot(ds.to(ks.dtype), ks, input_precision="ieee")
-            else:
-                dq += tl.dot(ds.to(ks.dtype), ks)
+            dq += _mm(ds.to(ks.dtype), ks, IEEE_S)
         out = DQ + rows0 * DS + offs_m[:, None] * DS + offs_ds[None, :]
         tl.store(out, dq * scale_s, mask=row[:, None] & (offs_ds[None, :] < DS))
 
@@ -215,22 +218,13 @@ if triton is not None:
             lse_s = tl.load(LSE_S + rows0 + offs_m, mask=row, other=0.0)
             lse_t = tl.load(LSE_T + rows0 + offs_m, mask=row, other=0.0)
             g = tl.load(G + rows0 + offs_m, mask=row, other=0.0)
-            if IEEE_S:
-                s = tl.dot(qs, tl.trans(ks), input_precision="ieee") * scale_s
-            else:
-                s = tl.dot(qs, tl.trans(ks)) * scale_s
-            if IEEE_T:
-                t = tl.dot(qt, tl.trans(kt), input_precision="ieee") * scale_t
-            else:
-                t = tl.dot(qt, tl.trans(kt)) * scale_t
+            s = _mm(qs, tl.trans(ks), IEEE_S) * scale_s
+            t = _mm(qt, tl.trans(kt), IEEE_T) * scale_t
             ok = _allowed(offs_m, offs_n, VALID + b * sv_b, LQ, LK, CAUSAL)
             p_s = tl.where(ok, tl.exp(s - lse_s[:, None]), 0.0)
             p_t = tl.where(ok, tl.exp(t - lse_t[:, None]), 0.0)
             ds = (p_s - p_t) * g[:, None]
-            if IEEE_S:
-                dk += tl.dot(tl.trans(ds).to(qs.dtype), qs, input_precision="ieee")
-            else:
-                dk += tl.dot(tl.trans(ds).to(qs.dtype), qs)
+            dk += _mm(tl.trans(ds).to(qs.dtype), qs, IEEE_S)
         out = DK + pid_bp.to(tl.int64) * LK * DS + offs_n[:, None] * DS + offs_ds[None, :]
         tl.store(out, dk * scale_s, mask=key[:, None] & (offs_ds[None, :] < DS))
 

@@ -44,13 +44,7 @@ LOSSES = ("mse", "cosine")
 if triton is not None:
     import triton.language as tl
 
-    from distill_lab.kernels.attention_kl import _allowed, _key_block, _pair_heads, _query_tiles, _scores
-
-    @triton.jit
-    def _mm(a, b, IEEE: tl.constexpr):
-        if IEEE:
-            return tl.dot(a, b, input_precision="ieee")
-        return tl.dot(a, b)
+    from distill_lab.kernels.attention_kl import _allowed, _key_block, _mm, _pair_heads, _query_tiles, _scores
 
     @triton.jit
     def _key_tiles(
