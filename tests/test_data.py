@@ -441,6 +441,67 @@ def test_text_and_image_data_map_labels_alike(tokenizer, case):
         assert next(iter(data.val_dataloader()))["labels"].tolist() == ids
 
 
+MNLI = datasets.ClassLabel(names=["entailment", "neutral", "contradiction"])  # glue's order
+MNLI_TEACHER = ["CONTRADICTION", "NEUTRAL", "ENTAILMENT"]  # an MNLI classifier's id2label in another order
+
+
+def _both_modules(tokenizer, data_args: tuple, **options) -> list:
+    processor = transformers.ViTImageProcessorPil(size={"height": 4, "width": 4})
+    return [
+        TextClassificationData(_labelled_data("text", *data_args), tokenizer, batch_size=8, **options),
+        ImageFolderData(_labelled_data("image", *data_args), processor, batch_size=8, **options),
+    ]
+
+
+@pytest.mark.parametrize("kind", ["class_label", "string"])
+def test_named_classes_are_numbered_as_the_teacher_numbers_them(tokenizer, kind):
+    """The data's class names are matched to the teacher's id2label by name, ignoring case: a validation
+    example of class "entailment" (glue id 0) gets the teacher's id of ENTAILMENT, 2, and the names follow the
+    teacher's order."""
+    names = ["entailment", "neutral", "contradiction"]
+    train, validation = [0, 1, 2, 0], [2, 0, 1, 0]
+    if kind == "class_label":
+        data_args = (train, validation, (MNLI, MNLI))
+    else:  # strings, "Entailment" in other case
+        data_args = ([names[i].title() for i in train], [names[i].title() for i in validation], None)
+    for data in _both_modules(tokenizer, data_args, model_labels=MNLI_TEACHER):
+        data.setup()
+        assert data.label_names == MNLI_TEACHER
+        teacher_ids = [MNLI_TEACHER.index(names[i].upper()) for i in validation]
+        assert teacher_ids == [0, 2, 1, 2]
+        assert next(iter(data.val_dataloader()))["labels"].tolist() == teacher_ids
+
+
+def test_classes_unknown_to_the_teacher_are_an_error_unless_matching_is_off(tokenizer):
+    """Other class names than the teacher's are refused, naming both lists and the way out;
+    data.match_label_names=false takes the data's ids as they are."""
+    data_args = ([1, 0, 1], [0, 1], (NEG_POS, NEG_POS))
+    for data in _both_modules(tokenizer, data_args, model_labels=["NEGATIVE", "POSITIVE"]):
+        with pytest.raises(ValueError) as info:
+            data.setup()
+        message = str(info.value)
+        assert "the data's classes ['neg', 'pos'] are not the teacher's ['NEGATIVE', 'POSITIVE']" in message
+        assert "data.match_label_names=false" in message
+    for data in _both_modules(tokenizer, data_args, model_labels=["NEGATIVE", "POSITIVE"], match_label_names=False):
+        data.setup()
+        assert data.label_names == ["neg", "pos"]
+        assert next(iter(data.val_dataloader()))["labels"].tolist() == [0, 1]
+
+
+def test_int_labels_and_unnamed_teachers_stay_positional(tokenizer):
+    """Int labels carry no names to match, and a teacher with transformers' placeholder names (LABEL_0, ...)
+    names no class: ids are taken as they are."""
+    for data in _both_modules(tokenizer, ([1, 0, 1], [0, 1], None), model_labels=["POSITIVE", "NEGATIVE"]):
+        data.setup()
+        assert data.label_names == ["0", "1"]
+        assert next(iter(data.val_dataloader()))["labels"].tolist() == [0, 1]
+    from distill_lab.tasks import model_label_names
+
+    assert model_label_names(transformers.BertConfig(num_labels=3)) is None
+    named = transformers.BertConfig(id2label=dict(enumerate(MNLI_TEACHER)))
+    assert model_label_names(named) == MNLI_TEACHER
+
+
 @pytest.mark.parametrize(
     ("labels", "kind"),
     [([0.0, 1.0, 0.5], "Value('float64')"), ([[0], [1, 0], [1]], "List(Value('int64'))")],

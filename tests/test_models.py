@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import app_env, make_image_task, make_tiny_model, run_to_end, train_py
+from transformers import AutoConfig
 
 from distill_lab.builtin import evaluate_accuracy, train_builtin_teacher
 from distill_lab.capture import attention_modules
@@ -95,6 +96,20 @@ def test_teacher_loads_by_path_frozen_and_in_eval_mode(tmp_path):
         torch.testing.assert_close(teacher.state_dict()[key], value)
     student = load_student(str(tmp_path / "t"), teacher=teacher)
     assert student.config.num_labels == teacher.config.num_labels
+
+
+def test_a_student_by_name_reads_its_classes_as_the_teacher_does(tmp_path):
+    """load_student gives the student the teacher's id2label and label2id, not transformers' LABEL_0, LABEL_1:
+    the exported student names its predictions as the teacher does."""
+    names = {0: "NEGATIVE", 1: "POSITIVE"}
+    make_tiny_model("bert", tmp_path / "t", num_labels=2, id2label=names, label2id={v: k for k, v in names.items()})
+    assert load_teacher(str(tmp_path / "t")).config.id2label == names
+    make_tiny_model("bert", tmp_path / "s", num_labels=2, num_hidden_layers=1)
+    teacher = load_teacher(str(tmp_path / "t"))
+    student = load_student(str(tmp_path / "s"), teacher=teacher)
+    assert student.config.id2label == names and student.config.label2id == {"NEGATIVE": 0, "POSITIVE": 1}
+    student.save_pretrained(tmp_path / "exported")
+    assert AutoConfig.from_pretrained(tmp_path / "exported").id2label == names
 
 
 def test_unloadable_teacher_and_tokenizer_are_clear_errors(tmp_path):

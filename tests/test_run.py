@@ -626,6 +626,45 @@ def test_teacher_with_other_labels_must_be_fine_tuned_on_the_task(tmp_path):
     assert not (out / "checkpoints").exists()
 
 
+def _teacher_always_predicting(teacher_dir: Path, label: int, id2label: dict[int, str]) -> None:
+    """Rewrite a saved classifier so that it predicts ``label`` for every input, under the given label names."""
+    model = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    with torch.no_grad():
+        model.classifier.bias.copy_(torch.where(torch.arange(model.config.num_labels) == label, 100.0, -100.0))
+    model.config.id2label, model.config.label2id = id2label, {v: k for k, v in id2label.items()}
+    model.save_pretrained(teacher_dir)
+
+
+def test_data_labels_are_numbered_by_the_teachers_label_names(tmp_path):
+    """MNLI-style: string labels whose sorted order ("negative" 0, "positive" 1) is not the teacher's id2label
+    (POSITIVE 0, NEGATIVE 1). A teacher that always answers POSITIVE scores 1.0 on all-positive validation data
+    when the labels follow its names, and 0.0 when they are read by position (data.match_label_names=false);
+    other names are an error before training."""
+    task = make_text_task(tmp_path / "task")
+    _teacher_always_predicting(Path(task["teacher"]), 0, {0: "POSITIVE", 1: "NEGATIVE"})
+    names = {0: "negative", 1: "positive"}
+    for split in ("train", "validation"):
+        with open(task[f"{split}_file"], newline="") as f:
+            rows = list(csv.DictReader(f))
+        rows = [r | {"label": names[int(r["label"])]} for r in rows if split == "train" or r["label"] == "1"]
+        with open(task[f"{split}_file"], "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["text", "label"])
+            writer.writeheader()
+            writer.writerows(rows)
+    by_name = run_app(task, tmp_path / "by-name")
+    assert by_name["val/teacher_acc"] == 1.0
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "by-name" / "student")
+    assert exported.config.id2label == {0: "POSITIVE", 1: "NEGATIVE"}
+    by_position = run_app(task, tmp_path / "by-position", "data.match_label_names=false")
+    assert by_position["val/teacher_acc"] == 0.0
+
+    _teacher_always_predicting(Path(task["teacher"]), 0, {0: "POS", 1: "NEG"})
+    out = tmp_path / "other-names"
+    with pytest.raises(ValueError, match=r"the data's classes \['negative', 'positive'\] are not the teacher's \['POS', 'NEG'\]"):
+        run_app(task, out)
+    assert not (out / "checkpoints").exists()
+
+
 def test_tokenizer_of_the_teacher_is_used(task):
     assert load_tokenizer(task["teacher"]).get_vocab() == build_word_tokenizer().get_vocab()
 

@@ -205,7 +205,9 @@ def local_files(train_file: str | Path | None = None, validation_file: str | Pat
     return DatasetDict({split: _load_file(path) for split, path in files.items()})
 
 
-def class_ids(raw: DatasetDict, label_column: str) -> tuple[list[str], dict]:
+def class_ids(
+    raw: DatasetDict, label_column: str, model_labels: list[str] | None = None, match_label_names: bool = True
+) -> tuple[list[str], dict]:
     """The class names of a classification dataset and the mapping from its raw label values to class ids,
     shared by text and image classification.
 
@@ -214,17 +216,28 @@ def class_ids(raw: DatasetDict, label_column: str) -> tuple[list[str], dict]:
     - strings: the train split's values, sorted.
     - ints: the ids themselves, names ``"0"`` to the largest id in either split.
 
+    Where the model (the teacher) names its classes, named classes (a ``ClassLabel`` or strings) are then mapped
+    to the model's ids by name, ignoring case: MNLI's ``entailment, neutral, contradiction`` against a teacher
+    whose ``id2label`` reads ``CONTRADICTION, NEUTRAL, ENTAILMENT`` swaps ids 0 and 2, where a positional
+    reading would teach (and score) the student against swapped labels. Int labels carry no names and stay
+    positional.
+
     Args:
         raw: ``train`` and ``validation`` splits, both with ``label_column`` (before any subsampling: a subset may
             miss a class).
         label_column: The label column (``data.label_column``).
+        model_labels: The model's class names in id order (:func:`~distill_lab.tasks.model_label_names`), or
+            None where the model has none (transformers' ``LABEL_0, LABEL_1, ...``).
+        match_label_names: False takes the data's class ids as the model's (``data.match_label_names=false``:
+            the same classes under other names, in the same order).
 
     Returns:
         ``(names, ids)``: the class names in id order, and raw label value -> class id.
 
     Raises:
         ValueError: Labels of another type (float scores, multi-label lists), other classes in the validation
-            split than in the train split, or ids that are no class (e.g. -1).
+            split than in the train split, ids that are no class (e.g. -1), or named classes other than the
+            model's.
     """
     feature = raw["train"].features[label_column]
     dtype = getattr(feature, "dtype", None) or ""  # a list (multi-label) feature has none
@@ -256,7 +269,28 @@ def class_ids(raw: DatasetDict, label_column: str) -> tuple[list[str], dict]:
         raise ValueError(f"validation labels {sorted(unknown)} of {key} do not occur in the train split")
     if invalid := train_values - set(label_ids):
         raise ValueError(f"{key} holds invalid labels {sorted(invalid)}")
+    named = isinstance(feature, ClassLabel) or dtype in ("string", "large_string")
+    if model_labels is not None and match_label_names and named:
+        names, label_ids = _to_model_ids(names, label_ids, model_labels, key)
     return names, label_ids
+
+
+def _label_key(name) -> str:
+    return str(name).strip().casefold()
+
+
+def _to_model_ids(names: list[str], label_ids: dict, model_labels: list[str], key: str) -> tuple[list[str], dict]:
+    """The data's named classes renumbered as the model numbers them (its ``id2label``), matched by name."""
+    model_ids = {_label_key(name): i for i, name in enumerate(model_labels)}
+    data_keys = [_label_key(name) for name in names]
+    if sorted(data_keys) != sorted(model_ids) or len(model_ids) != len(model_labels):
+        raise ValueError(
+            f"{key}: the data's classes {names} are not the teacher's {list(model_labels)} (its config's id2label, "
+            "compared by name, ignoring case). Give the teacher trained on these classes; if they are the same "
+            "classes under other names, in the same id order, set data.match_label_names=false"
+        )
+    renumbered = [model_ids[k] for k in data_keys]
+    return list(model_labels), {value: renumbered[i] for value, i in label_ids.items()}
 
 
 def _tokenize(batch: dict, tokenizer, columns: tuple, label_ids: dict, max_length: int) -> dict:
@@ -407,6 +441,8 @@ class TextClassificationData(TrainValidationData):
         text_pair_column: Column holding the second text of a pair (e.g. MNLI's hypothesis), or None.
         label_column: Column holding the labels: ints (or a ClassLabel) or strings.
         max_length: Sequences are truncated to this many tokens.
+        model_labels, match_label_names: The teacher's class names (``run.py`` passes its ``id2label``) and
+            whether the data's named classes are mapped to them by name: see :func:`class_ids`.
         dataset, batch_size, eval_batch_size, num_workers, max_train_samples, max_eval_samples, seed: see
             :class:`TrainValidationData`.
     """
@@ -425,6 +461,8 @@ class TextClassificationData(TrainValidationData):
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
         seed: int = 0,
+        model_labels: list[str] | None = None,
+        match_label_names: bool = True,
     ) -> None:
         super().__init__(dataset, batch_size, eval_batch_size, num_workers, max_train_samples, max_eval_samples, seed)
         self.tokenizer = tokenizer
@@ -432,6 +470,8 @@ class TextClassificationData(TrainValidationData):
         self.text_pair_column = text_pair_column
         self.label_column = label_column
         self.max_length = max_length
+        self.model_labels = model_labels
+        self.match_label_names = match_label_names
         self.label_names: list[str] | None = None
 
     @property
@@ -454,7 +494,9 @@ class TextClassificationData(TrainValidationData):
         raw = self.load_splits(
             {"text_column": self.text_column, "label_column": self.label_column, "text_pair_column": self.text_pair_column}
         )
-        self.label_names, label_ids = class_ids(raw, self.label_column)  # the whole dataset, before any subsampling
+        self.label_names, label_ids = class_ids(  # the whole dataset, before any subsampling
+            raw, self.label_column, self.model_labels, self.match_label_names
+        )
         self.raw = raw = self.subsample(raw)
         columns = (self.text_column, self.text_pair_column, self.label_column)
         fn_kwargs = dict(

@@ -75,6 +75,8 @@ class ImageFolderData(TrainValidationData):
             ``num_workers``, ``max_train_samples``, ``max_eval_samples``, ``seed``).
         image_processor: The teacher's image processor; may be assigned before :meth:`setup`.
         image_column, label_column: Column names.
+        model_labels, match_label_names: The teacher's class names and whether the data's classes are mapped to
+            them by name (:func:`~distill_lab.data.class_ids`).
     """
 
     def __init__(
@@ -89,9 +91,13 @@ class ImageFolderData(TrainValidationData):
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
         seed: int = 0,
+        model_labels: list[str] | None = None,
+        match_label_names: bool = True,
     ) -> None:
         super().__init__(dataset, batch_size, eval_batch_size, num_workers, max_train_samples, max_eval_samples, seed)
         self.image_processor = image_processor
+        self.model_labels = model_labels
+        self.match_label_names = match_label_names
         self.image_column = image_column
         self.label_column = label_column
         self.label_names: list[str] | None = None
@@ -115,7 +121,9 @@ class ImageFolderData(TrainValidationData):
         if self.image_processor is None:
             raise ValueError("ImageFolderData has no image processor: set its `image_processor` before setup()")
         raw = self.load_splits({"image_column": self.image_column, "label_column": self.label_column})
-        self.label_names, self.label_ids = class_ids(raw, self.label_column)  # before any subsampling
+        self.label_names, self.label_ids = class_ids(  # before any subsampling
+            raw, self.label_column, self.model_labels, self.match_label_names
+        )
         self.splits = self.subsample(raw)  # images are processed lazily, batch by batch
 
     def collator(self, split: str):

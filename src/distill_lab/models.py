@@ -98,20 +98,23 @@ def load_student(
     task: str = "sequence_classification",
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
-    """A student by hub name or path, with the teacher's number of labels."""
-    classifies = teacher is not None and task.endswith("classification")
-    num_labels = teacher.config.num_labels if classifies else None
-    return _from_pretrained("student", name_or_path, task, num_labels, trust_remote_code)
+    """A student by hub name or path, with the teacher's labels (their number and names: the exported student
+    reads its predictions as the teacher does)."""
+    if teacher is None or not task.endswith("classification"):
+        return _from_pretrained("student", name_or_path, task, None, trust_remote_code)
+    labels = {"id2label": dict(teacher.config.id2label), "label2id": dict(teacher.config.label2id)}
+    return _from_pretrained("student", name_or_path, task, teacher.config.num_labels, trust_remote_code, **labels)
 
 
 TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "spiece", "sentencepiece")  # how saved tokenizers' files start
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
     """The tokenizer saved with a model (the teacher's: the student must see the same tokens).
 
     A tokenizer without a padding token (GPT-2, LLaMA) pads with its end-of-sequence token; the padded
-    positions are masked out of every loss by the attention mask and labels of -100.
+    positions are masked out of every loss by the attention mask and labels of -100. ``revision`` (a hub
+    branch, tag or commit) is the teacher's: its tokenizer at the same version.
     """
     directory = Path(name_or_path)
     if directory.is_dir() and not any(f.name.startswith(TOKENIZER_FILES) for f in directory.iterdir()):
@@ -121,7 +124,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
             "model's tokenizer beside it with tokenizer.save_pretrained(directory)"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, **({"revision": revision} if revision else {})
+        )
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot load a tokenizer from {name_or_path!r}: {err}") from err
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
@@ -129,13 +134,17 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_preprocessor(name_or_path: str, task: str = "sequence_classification", trust_remote_code: bool = False):
+def load_preprocessor(
+    name_or_path: str, task: str = "sequence_classification", trust_remote_code: bool = False, revision: str | None = None
+):
     """What turns the task's raw inputs into model inputs: the teacher's tokenizer for text tasks, its image
-    processor (resizing, normalisation) for image tasks."""
+    processor (resizing, normalisation) for image tasks; both at the teacher's ``revision``."""
     if get_task(task).inputs == "text":
-        return load_tokenizer(name_or_path, trust_remote_code)
+        return load_tokenizer(name_or_path, trust_remote_code, revision)
     try:
-        return AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        return AutoImageProcessor.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, **({"revision": revision} if revision else {})
+        )
     except (OSError, ValueError) as err:
         raise ValueError(
             f"cannot load an image processor from {name_or_path!r}: an image teacher needs the image processor "

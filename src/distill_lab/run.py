@@ -199,9 +199,16 @@ def train(cfg: DictConfig) -> dict:
     _check_optimized_metric(cfg, task)  # before the teacher, which may be trained or downloaded first
     teacher = instantiate(cfg.teacher)
     preprocessor = load_preprocessor(
-        cfg.teacher.name_or_path, task.name, trust_remote_code=cfg.teacher.get("trust_remote_code", False)
+        cfg.teacher.name_or_path,
+        task.name,
+        trust_remote_code=cfg.teacher.get("trust_remote_code", False),
+        revision=cfg.teacher.get("revision"),
     )
-    data = instantiate(cfg.data, **{"image_processor" if task.inputs == "image" else "tokenizer": preprocessor})
+    data = instantiate(
+        cfg.data,
+        **{"image_processor" if task.inputs == "image" else "tokenizer": preprocessor},
+        **task.data_options(teacher),
+    )
     data.setup("fit")
     try:
         task.check(teacher, data)

@@ -38,6 +38,15 @@ from distill_lab.losses import kd_loss
 IGNORE_INDEX = -100
 
 
+def model_label_names(config) -> list[str] | None:
+    """A classifier's class names in id order (its config's ``id2label``), or None where they are transformers'
+    placeholders ``LABEL_0, LABEL_1, ...`` (a head given only ``num_labels``), which name no class."""
+    names = [str(config.id2label[i]) for i in range(config.num_labels)] if config.id2label else []
+    if not names or names == [f"LABEL_{i}" for i in range(len(names))]:
+        return None
+    return names
+
+
 class SequenceClassification:
     """One label per example; logits ``(B, C)``, labels ``(B,)``."""
 
@@ -66,6 +75,11 @@ class SequenceClassification:
     def num_classes(self, config) -> int:
         """The size of the model's output distribution: its labels."""
         return config.num_labels
+
+    def data_options(self, teacher) -> dict:
+        """What the data module takes from the teacher: its class names, to number the data's classes as the
+        teacher does (:func:`~distill_lab.data.class_ids`)."""
+        return {"model_labels": model_label_names(teacher.config)}
 
     def check(self, teacher, data) -> None:
         """The teacher's head must fit the data's labels: a classifier is fine-tuned on its task first."""
@@ -126,6 +140,10 @@ class MaskedLM:
     def num_classes(self, config) -> int:
         """The size of the model's output distribution: its vocabulary."""
         return config.vocab_size
+
+    def data_options(self, teacher) -> dict:
+        """Token ids are the tokenizer's: nothing to take from the teacher."""
+        return {}
 
     def check(self, teacher, data) -> None:
         masked = self.name == "masked_lm"
