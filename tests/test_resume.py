@@ -86,6 +86,13 @@ class Crash(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self._maybe_crash(trainer, "on_train_batch_end")
 
+    def on_validation_start(self, trainer, module) -> None:
+        if not trainer.sanity_checking:
+            self._maybe_crash(trainer, "on_validation_start")
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self._maybe_crash(trainer, "on_train_epoch_start")
+
 
 class PoisonLoss(L.Callback):
     """From step ``step`` on, makes one part of the loss NaN with finite weights: ``part="output"`` turns the
@@ -162,6 +169,21 @@ def assert_same_losses(losses: dict[int, float], reference: dict[int, float], fi
     loggers' step, which Lightning's restart would advance by one)."""
     assert sorted(losses) == list(range(first_step, TOTAL_STEPS))
     assert losses == pytest.approx({step: reference[step] for step in range(first_step, TOTAL_STEPS)}, rel=1e-6, abs=1e-9)
+
+
+def validation_history(run_dir: Path) -> dict[tuple[int, int], dict[str, float]]:
+    """``{(epoch, step): {"val/acc": ..., ...}}`` from every CSV logger version of ``run_dir`` (a resumed run
+    logs the next version): what each validation logged, the final one (``trainer.validate``, logged as the
+    epoch after the last) included. One validated in two versions must have logged the same numbers in both."""
+    history: dict[tuple[int, int], dict[str, float]] = {}
+    for metrics in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
+        with open(metrics, newline="") as f:
+            for row in csv.DictReader(f):
+                values = {k: float(v) for k, v in row.items() if k.startswith("val/") and v}
+                if values:
+                    when = int(row["epoch"]), int(row["step"])
+                    assert history.setdefault(when, values) == pytest.approx(values, rel=1e-6, abs=1e-9), when
+    return history
 
 
 def loop_position(checkpoint: dict) -> tuple[int, int]:
@@ -309,6 +331,45 @@ def test_crash_then_rerun_in_the_same_directory_resumes_to_the_uninterrupted_res
     assert f"resuming from {interrupted} because this run's directory {out} holds an unfinished run" in caplog.text
     assert_same_result(out, reference)
     assert_same_losses(train_losses(out, version=1), train_losses(reference), step)
+
+
+KILLS_AFTER_A_DUE_CHECKPOINT = {  # (hook, step, overrides, last.ckpt left): a SIGKILL after the step of a checkpoint
+    # due on epoch 0's last batch (step 8, checkpoints every 4 steps), killed during or after its validation
+    "during-the-epochs-validation": ("on_validation_start", 8, ["checkpoint_every_n_steps=4"], 4),
+    "after-the-epochs-validation": ("on_train_epoch_start", 8, ["checkpoint_every_n_steps=4"], 8),
+    # due on step 4, which a mid-epoch validation follows (every 4 batches), killed during it
+    "during-a-mid-epoch-validation": (
+        "on_validation_start", 4, ["checkpoint_every_n_steps=2", "+trainer.val_check_interval=4"], 2,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(KILLS_AFTER_A_DUE_CHECKPOINT))
+def test_a_step_checkpoint_that_a_validation_follows_keeps_that_validation(task, tmp_path, case):
+    """A step checkpoint due on a batch that a validation follows is written after that validation (on an
+    epoch's last batch, at the end of the epoch): resumed from a checkpoint written before it, Lightning took
+    the validation (and the epoch) for done, so it never ran: its metrics were never logged and the best
+    checkpoint never saw it (the next best was written as ``best-v1.ckpt`` beside a stale ``best.ckpt``)."""
+    hook, step, overrides, last_step = KILLS_AFTER_A_DUE_CHECKPOINT[case]
+    reference = tmp_path / "reference"
+    run_app(task, reference, *overrides)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="test crash"):
+        run_app(task, out, *overrides, *callback_overrides("crash", Crash, hook=hook, step=step))
+    (out / "checkpoints" / "interrupted.ckpt").unlink()  # as a SIGKILL leaves the run
+    last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == last_step
+
+    run_app(task, out, *overrides)
+    history, reference_history = validation_history(out), validation_history(reference)
+    assert history == reference_history and len(history) == len(reference_history)
+    assert_same_result(out, reference)
+    assert_same_losses(train_losses(out, version=1), train_losses(reference), last_step)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    best, best_reference = (
+        torch.load(d / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True) for d in (out, reference)
+    )
+    assert (best["epoch"], best["global_step"]) == (best_reference["epoch"], best_reference["global_step"])
 
 
 def test_ckpt_path_null_starts_afresh_beside_an_interrupted_checkpoint(task, tmp_path):

@@ -154,10 +154,47 @@ class LastCheckpoint(ModelCheckpoint):
     N only (at the end of training only if it never wrote one), so after a run of 64 steps with N = 5 the
     "last" checkpoint holds step 60 and resuming from it repeats four steps. Here the end of training always
     writes it too, so ``last.ckpt`` of a finished run is its final state.
+
+    A step checkpoint due on an epoch's last batch is written at the end of the epoch (``on_train_epoch_end``,
+    after its validation and the best checkpoint's, which Lightning calls first), and one due on a batch
+    that a mid-epoch validation follows (``trainer.val_check_interval``) at the end of that validation.
+    Written in ``on_train_batch_end``, as Lightning 2.6 writes it, a resume takes that validation for done
+    (and the epoch for finished, on its last batch): it never runs, its metrics are never logged and the
+    best checkpoint never sees it. Written after it, the checkpoint holds the best checkpoint's record of it
+    and Lightning resumes with the next batch or epoch.
     """
 
     def __init__(self, dirpath: str, every_n_train_steps: int = 100, **kwargs) -> None:
         super().__init__(dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=every_n_train_steps, **kwargs)
+        self._deferred_to: str | None = None  # "validation_end" or "epoch_end": where a due step checkpoint waits
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        epoch_loop = trainer.fit_loop.epoch_loop
+        progress = epoch_loop.batch_progress
+        if progress.is_last_batch or progress.current.ready >= trainer.num_training_batches:
+            wait_for = "epoch_end"
+        elif epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+            wait_for = "validation_end"
+        else:
+            super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
+            return
+        if self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0:
+            self._deferred_to = wait_for
+
+    def _save_deferred(self, trainer: L.Trainer, now: str) -> None:
+        if self._deferred_to != now:
+            return
+        self._deferred_to = None
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, module)
+        self._save_deferred(trainer, "validation_end")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, module)
+        self._save_deferred(trainer, "epoch_end")
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if self._last_global_step_saved != trainer.global_step or not self._last_checkpoint_saved:
