@@ -20,6 +20,8 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -32,7 +34,9 @@ from hydra.utils import instantiate
 from transformers import AutoModelForSequenceClassification
 
 from distill_lab.resume import (
+    LOCK_FILE,
     ResumableRandomSampler,
+    RunDirectoryLocked,
     config_differences,
     find_previous_run,
     resolve_ckpt_path,
@@ -186,6 +190,35 @@ def validation_history(run_dir: Path) -> dict[tuple[int, int], dict[str, float]]
     return history
 
 
+class LockHolder:
+    """Another process that holds ``run_dir``'s lock (as a live run does) until :meth:`kill`."""
+
+    SCRIPT = (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'%d\\n' % os.getpid()); print('locked', flush=True); "
+        "time.sleep(600)"
+    )
+
+    def __init__(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", self.SCRIPT, str(run_dir / LOCK_FILE)], stdout=subprocess.PIPE, text=True
+        )
+        assert self.process.stdout.readline() == "locked\n"
+
+    def kill(self) -> None:
+        self.process.kill()  # SIGKILL: the kernel releases the lock of a process however it dies
+        self.process.wait()
+
+
+@pytest.fixture
+def lock_holders():
+    holders = []
+    yield lambda run_dir: holders.append(LockHolder(run_dir)) or holders[-1]
+    for holder in holders:
+        holder.kill()
+
+
 def loop_position(checkpoint: dict) -> tuple[int, int]:
     """``(epoch, batches processed in it)`` as Lightning's loops recorded them in ``checkpoint``."""
     loops = checkpoint["loops"]["fit_loop"]
@@ -250,7 +283,7 @@ def test_sigkill_mid_epoch_then_the_same_command_resumes_to_the_uninterrupted_re
     assert f"Restored all states from the checkpoint at {last}" in output
     # the rerun continued in the first run's directory; the one Hydra made for it holds only .hydra/ and its log
     (new_dir,) = [d for d in second.run_dirs() if d != run_dir]
-    assert sorted(p.name for p in new_dir.iterdir()) == [".hydra", "train.log"]
+    assert sorted(p.name for p in new_dir.iterdir()) == [".hydra", LOCK_FILE, "train.log"]
     assert (run_dir / "results.json").is_file()
     final = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert final["global_step"] == TOTAL_STEPS
@@ -288,6 +321,30 @@ def test_ctrl_c_leaves_an_interrupted_checkpoint_that_loads_and_resumes(cli_task
     reference_dir = _finished_reference(cli_reference)
     assert_same_result(run_dir, reference_dir)
     assert_same_losses(train_losses(run_dir, version=1), train_losses(reference_dir), state["global_step"])
+
+
+@pytest.mark.slow
+def test_a_second_copy_of_a_running_command_starts_afresh_beside_it(cli_task, cli_reference):
+    """The same command started again while the first still runs finds the first's unfinished run (a
+    checkpoint, no results.json) but not its lock: it starts afresh in its own directory, and each run ends
+    with the uninterrupted result, untouched by the other."""
+    root, command = cli_task
+    # paced slower (about 12 s of steps), so that the first still runs when the second starts
+    command = [o for o in command if not o.startswith("+callbacks.pace.seconds=")] + ["+callbacks.pace.seconds=0.5"]
+    cwd = root / "twice"
+    first = cli_run(cwd, command, "first")
+    first_dir = first.wait_for_checkpoint(min_step=3).parents[1]
+    second = cli_run(cwd, command, "second")
+    assert second.wait() == 0, second.output()[-3000:]
+    assert first.wait() == 0, first.output()[-3000:]
+    (second_dir,) = [d for d in second.run_dirs() if d != first_dir]
+    assert f"{first_dir}, the latest run with the same overrides, is still running" in second.output()
+    assert "resuming from" not in second.output()
+    reference_dir = _finished_reference(cli_reference)
+    for run_dir in (first_dir, second_dir):
+        assert [p.name for p in (run_dir / "csv").iterdir()] == ["version_0"]  # one run wrote here
+        assert_same_result(run_dir, reference_dir)
+        assert train_losses(run_dir) == train_losses(reference_dir)
 
 
 # ---------------------------------------------------------------------------------------------- 2. in process: crashes
@@ -380,6 +437,18 @@ def test_ckpt_path_null_starts_afresh_beside_an_interrupted_checkpoint(task, tmp
     run_app(task, out, "ckpt_path=null", "trainer.max_epochs=1")
     # from step 0: Lightning's own fit(ckpt_path=None) -> "last" did not pick the interrupted checkpoint
     assert sorted(train_losses(out, version=1)) == list(range(STEPS_PER_EPOCH))
+
+
+def test_a_run_directory_in_use_by_a_live_process_is_refused_before_anything_trains(task, tmp_path, lock_holders):
+    out = tmp_path / "run"
+    holder = lock_holders(out)
+    for ckpt_path in ("auto", "null"):
+        with pytest.raises(RunDirectoryLocked, match=f"process {holder.process.pid} is running there"):
+            run_app(task, out, f"ckpt_path={ckpt_path}")
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # not even config.yaml
+    holder.kill()
+    run_app(task, out, "trainer.max_epochs=1")  # the lock died with its holder
+    assert (out / "results.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------- 3. non-finite stops
@@ -517,6 +586,40 @@ def test_same_overrides_under_an_edited_config_start_afresh(tmp_path, monkeypatc
     with caplog.at_level(logging.WARNING, logger="distill_lab.resume"):
         assert find_previous_run(old, config(old, 2.0))[:2] == (old / "checkpoints" / "last.ckpt", old)
     assert "differs from the one it started with: temperature: 3.0 -> 2.0" in caplog.text
+
+
+def test_auto_resumes_no_run_whose_process_is_alive(tmp_path, monkeypatch, caplog, lock_holders):
+    """A run that holds its directory's lock is alive: a second copy of its command starts afresh beside it
+    instead of writing into it; killed (SIGKILL), it is resumed. DDP ranks other than 0 lock nothing, so the
+    processes that Lightning starts in rank 0's directory are not refused."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("DISTILL_LAB_RESUME", "{}")
+    outputs, overrides = tmp_path / "outputs", ["loss=kl"]
+    first = _fake_run(outputs, "2026-01-01/10-00-00", overrides, {"checkpoints/last.ckpt": 100})
+    second = _fake_run(outputs, "2026-01-01/10-00-05", overrides, {})
+    holder = lock_holders(first)
+    with caplog.at_level(logging.INFO, logger="distill_lab.resume"):
+        assert find_previous_run(second) is None
+        assert resolve_ckpt_path("auto", second) == (None, second)
+    assert f"{first}, the latest run with the same overrides, is still running (process {holder.process.pid}" in caplog.text
+    assert (second / LOCK_FILE).read_text() == f"{os.getpid()}\n"  # this process now holds its own directory
+
+    # a third copy started in the same second as the second gets the same directory, which is refused
+    third = subprocess.run(
+        [sys.executable, "-c", "import sys; from distill_lab.resume import resolve_ckpt_path; resolve_ckpt_path(None, sys.argv[1])", str(second)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert third.returncode != 0 and f"RunDirectoryLocked: {second} is in use: process {os.getpid()}" in third.stderr
+
+    # a DDP rank other than 0 in a locked directory is one of its run's processes
+    monkeypatch.setattr("distill_lab.resume.rank_zero_only.rank", 1)
+    assert resolve_ckpt_path(None, first) == (None, first)
+    monkeypatch.setattr("distill_lab.resume.rank_zero_only.rank", 0)
+    with pytest.raises(RunDirectoryLocked, match=f"process {holder.process.pid} is running there"):
+        resolve_ckpt_path("auto", first)
+
+    holder.kill()
+    assert find_previous_run(second)[:2] == (first / "checkpoints" / "last.ckpt", first)
 
 
 def test_sampler_continues_an_epoch_part_way(tmp_path):

@@ -32,6 +32,13 @@ Lightning launches for the other ranks (``LOCAL_RANK`` > 0, started after rank 0
 choice, handed over in the ``DISTILL_LAB_RESUME`` environment variable, so that every rank restores the
 same checkpoint and writes to the same directory.
 
+**One process per run directory** (:func:`lock_run_dir`): a run holds an ``fcntl.flock`` lock on
+``<run dir>/.run.lock`` while its process lives (rank 0's, in a distributed run; the kernel drops it when the
+process dies, SIGKILL included). ``ckpt_path=auto`` does not resume a run whose lock is held, which is a run
+still going (a second copy of its command starts afresh in its own directory, and the log says why), and a
+run whose own directory is locked (named with ``hydra.run.dir=``, or made by Hydra in the same second as
+another's) stops with :class:`RunDirectoryLocked` before anything is loaded or written.
+
 **Where in the data** (:class:`ResumableRandomSampler`, :func:`training_position`). A mid-epoch
 checkpoint must resume on the batch after the last one trained, in the same order, or the resumed run
 trains on different data than an uninterrupted one. Lightning 2.6 offers ``state_dict()`` on the
@@ -49,6 +56,7 @@ masks than the uninterrupted one.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -59,6 +67,7 @@ import numpy as np
 import torch
 import yaml
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import RandomSampler
 
 log = logging.getLogger(__name__)
@@ -70,6 +79,83 @@ OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 HYDRA_FILE = Path(".hydra") / "hydra.yaml"
 NAMED_DIR_OVERRIDES = ("hydra.run.dir=", "hydra.sweep.dir=")
 RANK_HANDOVER = "DISTILL_LAB_RESUME"
+LOCK_FILE = ".run.lock"
+
+
+# ---------------------------------------------------------------------------------------------- the run's lock
+
+
+class RunDirectoryLocked(RuntimeError):
+    """Another live process holds the lock of the run directory this run would write to."""
+
+
+_HELD_LOCKS: dict[Path, int] = {}  # run directory (resolved) -> the open lock file this process holds
+
+
+def _lock_holder(run_dir: Path) -> str:
+    try:
+        pid = (run_dir / LOCK_FILE).read_text().strip()
+    except OSError:
+        pid = ""
+    return f"process {pid}" if pid else "another process"
+
+
+def is_locked(run_dir: str | Path) -> bool:
+    """Whether another process holds ``run_dir``'s lock (a lock this process holds does not count)."""
+    run_dir = Path(run_dir)
+    if run_dir.resolve() in _HELD_LOCKS:
+        return False
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # no lock file: no run has locked it
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the lock if it was taken
+    return False
+
+
+def lock_run_dir(run_dir: str | Path) -> None:
+    """Hold ``run_dir/.run.lock`` (``fcntl.flock``) until this process ends, or raise :class:`RunDirectoryLocked`
+    if another process holds it.
+
+    The kernel releases the lock when its holder dies, however it dies (SIGKILL included), so a killed run's
+    directory can be resumed at once; a directory locked is one a live process is writing to. This process
+    taking a lock it already holds is a no-op (``train`` called again in one process, e.g. after a crash).
+    The lock file holds the holder's process id, which the error names.
+    """
+    run_dir = Path(run_dir)
+    key = run_dir.resolve()
+    if key in _HELD_LOCKS:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunDirectoryLocked(
+            f"{run_dir} is in use: {_lock_holder(run_dir)} is running there (it holds {run_dir / LOCK_FILE}), and "
+            "two runs writing one directory would mix their checkpoints, logs and results. Wait for it to end, "
+            "or choose another directory (hydra.run.dir=...). Hydra names a run's directory by the second it "
+            "started: two commands started within one second get the same one."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD_LOCKS[key] = fd
+
+
+def _lock_free_or_log(run_dir: Path) -> bool:
+    if is_locked(run_dir):
+        log.info(
+            "ckpt_path=auto: %s, the latest run with the same overrides, is still running (%s holds its lock); "
+            "starting afresh instead of writing beside it", run_dir, _lock_holder(run_dir),
+        )  # fmt: skip
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- the checkpoint
@@ -174,6 +260,8 @@ def find_previous_run(output_dir: str | Path, config: dict | None = None) -> tup
     if (latest / FINISHED_MARKER).is_file():
         log.info("ckpt_path=auto: the latest run with the same overrides, %s, finished; starting afresh", latest)
         return None
+    if not _lock_free_or_log(latest):
+        return None
     if config is not None and (changed := config_differences(latest, config)):
         log.warning(
             "ckpt_path=auto: %s ran the same overrides but under another configuration (a conf/ file changed); "
@@ -197,14 +285,28 @@ def resolve_ckpt_path(
     directory (:func:`find_previous_run`)
     or starts afresh in ``output_dir``, and records the choice in ``os.environ[DISTILL_LAB_RESUME]`` for the
     DDP ranks that Lightning launches later; ``None`` starts afresh; anything else is returned unchanged.
+
+    Whatever the value, the process of rank 0 (the only one of a run that is not distributed) locks the
+    directory it will write to (:func:`lock_run_dir`) and raises :class:`RunDirectoryLocked` when a live
+    process holds ``output_dir`` already; the other ranks lock nothing. ``auto`` resumes no run whose process
+    is alive.
     """
     output_dir = Path(output_dir)
-    if ckpt_path != "auto":
-        return ckpt_path, output_dir
-    if int(os.environ.get("LOCAL_RANK") or 0) > 0 and RANK_HANDOVER in os.environ:
+    if ckpt_path == "auto" and int(os.environ.get("LOCAL_RANK") or 0) > 0 and RANK_HANDOVER in os.environ:
         chosen = json.loads(os.environ[RANK_HANDOVER])  # a DDP rank that Lightning launched: rank 0 chose
         return chosen["ckpt_path"], Path(chosen["output_dir"])
+    if rank_zero_only.rank > 0:  # another process of a distributed run: rank 0 holds the directory's lock
+        return ckpt_path, output_dir
+    lock_run_dir(output_dir)
+    if ckpt_path != "auto":
+        return ckpt_path, output_dir
     found = find_previous_run(output_dir, config)
+    if found is not None and found[1] != output_dir:
+        try:
+            lock_run_dir(found[1])
+        except RunDirectoryLocked:  # it started again between the look and the lock
+            _lock_free_or_log(found[1])
+            found = None
     if found is None:
         ckpt_path, run_dir = None, output_dir
     else:
