@@ -262,9 +262,11 @@ def make_text_task(
     ``AutoModelForCausalLM``) and the CSVs hold the same sentences as raw text (``data=lm_local``).
 
     Returns ``{"dir", "teacher", "train_file", "validation_file"}`` (strings) and ``"overrides"``: the Hydra
-    overrides that point a run at them (``teacher=hf teacher.name_or_path=... data=local ...``).
+    overrides that point a run at them (``teacher=hf teacher.name_or_path=... data=local ...``,
+    ``data.max_length``: 64, or fewer where the model's position table holds fewer).
     """
     from distill_lab.data import build_word_tokenizer, synthetic_relations
+    from distill_lab.models import position_limit
     from distill_lab.tasks import get_task
 
     if family not in TEXT_FAMILIES:
@@ -285,6 +287,7 @@ def make_text_task(
     teacher_dir = root / "teacher"
     model.save_pretrained(teacher_dir)
     tokenizer.save_pretrained(teacher_dir)
+    max_length = min(64, position_limit(model) or 64)  # RoBERTa's positions start past its padding id
 
     splits = synthetic_relations(num_train=num_train, num_validation=num_validation, seed=seed)
     files = {}
@@ -303,6 +306,7 @@ def make_text_task(
             "data=local" if task == "sequence_classification" else "data=lm_local",
             f"data.dataset.train_file='{files['train']}'",
             f"data.dataset.validation_file='{files['validation']}'",
+            f"data.max_length={max_length}",  # within the tiny models' position tables; the sentences are shorter
         ],
     }
 

@@ -571,3 +571,23 @@ def test_a_missing_split_names_the_option_that_picks_it(monkeypatch, tokenizer):
         data.example_batch("test")
     with pytest.raises(ValueError, match=r"no split 'test'.*'train' or 'validation'"):
         data.example_texts("test")
+
+
+@pytest.mark.parametrize(
+    ("module", "option", "message"),
+    [
+        (TextClassificationData, {"batch_size": 0}, "data.batch_size=0 must be a whole number of at least 1"),
+        (ImageFolderData, {"num_workers": -1}, "data.num_workers=-1 must be a whole number of at least 0"),
+        (
+            LanguageModelingData, {"max_train_samples": 0},
+            "data.max_train_samples=0 must be a whole number of at least 1 (or null: every example)",
+        ),
+        (LanguageModelingData, {"max_length": 0}, "data.max_length=0 must be a whole number of at least 1"),
+        (TextClassificationData, {"batch_size": 8.5}, "data.batch_size=8.5 must be a whole number of at least 1"),
+    ],
+)
+def test_sizes_out_of_range_are_refused_when_the_module_is_built(module, option, message):
+    """Every data module checks its counts when it is built, naming the config key, not at the first batch."""
+    with pytest.raises(ValueError) as info:
+        module(DatasetDict(), **option)
+    assert str(info.value) == message

@@ -19,7 +19,7 @@ import datasets
 import lightning as L
 import pytest
 import torch
-from conftest import CONF_DIR, FSDP_ON_CPU, compose_config, make_image_task, make_text_task
+from conftest import CONF_DIR, FSDP_ON_CPU, compose_config, make_image_task, make_text_task, make_tiny_model
 from hydra.errors import InstantiationException, MissingConfigException
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
@@ -29,7 +29,7 @@ from distill_lab.data import TextClassificationData, build_word_tokenizer
 from distill_lab.data_images import ImageFolderData
 from distill_lab.data_lm import LanguageModelingData
 from distill_lab.losses import AttentionLoss
-from distill_lab.matching import MATCHING_MODES
+from distill_lab.matching import MATCHING_MODES, AttentionDistillationLoss
 from distill_lab.models import load_tokenizer
 from distill_lab.run import _build_logger, train
 from distill_lab.tasks import TASKS
@@ -529,6 +529,7 @@ def test_causal_teachers_train_headwise(tmp_path, family):
 # ---------------------------------------------------------------------------------------------- 6. errors
 
 
+NO_TEACHER = "teacher.name_or_path=/nonexistent/teacher"
 ERRORS = {
     "layer-out-of-range": (["layer_map=[[9,0]]"], r"teacher layer 9 does not exist.*valid indices are 0\.\.3"),
     "student-layer-out-of-range": (["layer_map=[[3,5]]"], r"student layer 5 does not exist.*valid indices are 0\.\.1"),
@@ -539,7 +540,6 @@ ERRORS = {
     "missing-column": (["data.text_column=sentence"], r"data\.text_column='sentence'.*available columns: \['text', 'label'\]"),
     "top-k-too-large": (["matching=selective", "matching.top_k=10"], r"top_k=10.*Lower top_k"),
     "student-deeper-than-teacher": (["student.num_layers=5"], r"student\.num_layers=5"),
-    "attention-weight-out-of-range": (["attention_weight=1.5"], r"attention_weight must be in \[0, 1\], got 1\.5"),
     "optimized-metric-unknown": (
         ["optimized_metric=val/accuracy"],
         r"optimized_metric=val/accuracy is not a validation metric of task=sequence_classification: choose one of "
@@ -552,6 +552,28 @@ ERRORS = {
     "optimized-mode-against-the-metric": (
         ["optimized_metric=val/f1", "optimized_mode=min"],
         r"optimized_mode=min, but val/f1 is better when higher: set optimized_mode=max",
+    ),
+    # what the config alone tells: refused before the teacher is loaded (it does not exist here)
+    "alpha-out-of-range": (["alpha=1.5", NO_TEACHER], r"alpha=1\.5 must be in \[0, 1\] \(the cross-entropy's share"),
+    "temperature-zero": (["temperature=0", NO_TEACHER], r"temperature=0 must be above 0"),
+    "attention-weight-out-of-range": (["attention_weight=-0.1", NO_TEACHER], r"attention_weight=-0\.1 must be in \[0, 1\]"),
+    "warmup-ratio-one": (["warmup_ratio=1", NO_TEACHER], r"warmup_ratio=1 must be in \[0, 1\)"),
+    "batch-size-zero": (["data.batch_size=0", NO_TEACHER], r"data\.batch_size=0 must be a whole number of at least 1"),
+    "eval-batch-size-zero": (
+        ["data.eval_batch_size=0", NO_TEACHER], r"data\.eval_batch_size=0 must be .* at least 1 \(or null: data\.batch_size\)"
+    ),
+    "task-and-data-of-other-kinds": (
+        ["task=masked_lm", NO_TEACHER],
+        r"task=masked_lm takes data=lm_synthetic \| lm_local \| lm_hf, but the data config builds TextClassificationData",
+    ),
+    "image-task-on-text-data": (
+        ["task=image_classification", NO_TEACHER],
+        r"task=image_classification takes data=synthetic_images \| imagefolder, but .* builds TextClassificationData",
+    ),
+    "max-length-past-the-teachers-positions": (  # the tiny BERT's table has 64 positions
+        ["data.max_length=65"],
+        r"data\.max_length=65, but the teacher \(BertForSequenceClassification\) has position embeddings for 64 "
+        r"tokens: set data\.max_length=64 or less",
     ),
     "unknown-capture": (["capture=flash"], r"unknown capture backend 'flash'; valid choices: .*qk"),
     "fused-kernel-without-qk": (
@@ -576,6 +598,48 @@ def test_configuration_errors_fail_before_training(task, tmp_path, case):
     with pytest.raises(ValueError, match=message):
         run_app(task, out, *overrides)
     assert not (out / "checkpoints").exists() and not (out / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"attention_weight": 1.5}, "attention_weight must be in [0, 1], got 1.5"),
+        ({"alpha": -0.1}, "alpha must be in [0, 1], got -0.1"),
+        ({"temperature": 0.0}, "temperature must be above 0, got 0.0"),
+    ],
+)
+def test_the_module_refuses_objective_settings_out_of_range(tmp_path, option, message):
+    """Used without train.py, the module checks the objective's settings when it is built, not at the first step."""
+    from distill_lab.module import DistillationModule
+
+    model = make_tiny_model("bert", tmp_path / "model")
+    attention_loss = AttentionDistillationLoss("kl", "layerwise", [(0, 0)])
+    with pytest.raises(ValueError) as info:
+        DistillationModule(model, model, attention_loss, torch.optim.SGD, **option)
+    assert str(info.value) == message
+
+
+def test_a_student_with_another_vocabulary_fails_before_training(tmp_path):
+    """student=hf on a language-model task: the output loss compares the two distributions token by token, so
+    a student whose vocabulary differs from the teacher's is refused when the run is set up, not at the first
+    step's shape mismatch."""
+    from transformers import AutoModelForMaskedLM
+
+    task = make_text_task(tmp_path / "task", task="masked_lm")
+    config = AutoModelForMaskedLM.from_pretrained(task["teacher"]).config
+    config.vocab_size += 8
+    config.num_hidden_layers = 2
+    AutoModelForMaskedLM.from_config(config).save_pretrained(tmp_path / "student")
+    out = tmp_path / "run"
+    overrides = [*task["overrides"], "student=hf", f"student.name_or_path='{tmp_path / 'student'}'", "debug=fast", "logger=csv"]
+    with pytest.raises(ValueError) as info:
+        train(compose_config(overrides, out))
+    size = config.vocab_size
+    assert str(info.value) == (
+        f"the student's output has {size} entries but the teacher's {size - 8} (task=masked_lm: the vocabulary): "
+        "the student must use the teacher's tokenizer and vocabulary"
+    )
+    assert not (out / "checkpoints").exists()
 
 
 def test_fused_kernel_true_without_cuda_fails_before_training(task, tmp_path, monkeypatch):

@@ -303,6 +303,28 @@ def _tokenize(batch: dict, tokenizer, columns: tuple, label_ids: dict, max_lengt
     return features
 
 
+def check_sizes(options) -> None:
+    """The data options that count something must be whole numbers in range: ``batch_size``, ``max_length`` and,
+    where set, ``eval_batch_size``, ``max_train_samples``, ``max_eval_samples`` at least 1, ``num_workers`` at
+    least 0. Checked by the data modules and, from the config, before a run loads anything.
+
+    Args:
+        options: The data options (a ``data`` config or a data module's arguments); absent keys are skipped.
+
+    Raises:
+        ValueError: Naming the ``data.`` key, its value and what it takes.
+    """
+    required = {"batch_size": 1, "max_length": 1, "num_workers": 0}
+    optional = {"eval_batch_size": "data.batch_size", "max_train_samples": "every example", "max_eval_samples": "every example"}
+    for key in (*required, *optional):
+        if key not in options or (key in optional and options[key] is None):
+            continue
+        value, least = options[key], required.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            null = f" (or null: {optional[key]})" if key in optional else ""
+            raise ValueError(f"data.{key}={value} must be a whole number of at least {least}{null}")
+
+
 class TrainValidationData(lightning.LightningDataModule):
     """What every data module shares: a train/validation DatasetDict loaded once, checked and subsampled;
     seeded loaders that a run resumed mid-epoch continues (``distill_lab.resume``); ``example_batch``.
@@ -331,6 +353,10 @@ class TrainValidationData(lightning.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        check_sizes(
+            dict(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                 max_train_samples=max_train_samples, max_eval_samples=max_eval_samples)
+        )  # fmt: skip
         self.dataset = dataset
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -465,6 +491,7 @@ class TextClassificationData(TrainValidationData):
         match_label_names: bool = True,
     ) -> None:
         super().__init__(dataset, batch_size, eval_batch_size, num_workers, max_train_samples, max_eval_samples, seed)
+        check_sizes({"max_length": max_length})
         self.tokenizer = tokenizer
         self.text_column = text_column
         self.text_pair_column = text_pair_column

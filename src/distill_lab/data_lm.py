@@ -27,7 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from distill_lab.data import TrainValidationData, synthetic_relations
+from distill_lab.data import TrainValidationData, check_sizes, synthetic_relations
 
 
 def synthetic_text(num_train: int = 4000, num_validation: int = 500, seed: int = 0) -> DatasetDict:
@@ -79,6 +79,7 @@ class LanguageModelingData(TrainValidationData):
         seed: int = 0,
     ) -> None:
         super().__init__(dataset, batch_size, eval_batch_size, num_workers, max_train_samples, max_eval_samples, seed)
+        check_sizes({"max_length": max_length})
         self.tokenizer = tokenizer
         self.mlm = mlm
         self.mlm_probability = mlm_probability

@@ -153,6 +153,21 @@ def load_preprocessor(
         ) from err
 
 
+POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")  # BERT/RoBERTa, GPT-2, OPT/BART
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """How many tokens a model with a learned table of absolute positions (BERT, RoBERTa, GPT-2) takes: the
+    table's rows, less the offset of RoBERTa's positions past the padding index (514 rows, 512 tokens). None
+    where positions are rotary or relative (LLaMA, T5) or the inputs are no tokens (ViT's patch positions are a
+    parameter, not an embedding table): nothing caps the length there."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES:
+            offset = module.padding_idx + 1 if module.padding_idx is not None else getattr(module, "offset", 0)
+            return module.num_embeddings - offset
+    return None
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -84,6 +84,10 @@ class DistillationModule(L.LightningModule):
         )
         if not 0.0 <= attention_weight <= 1.0:
             raise ValueError(f"attention_weight must be in [0, 1], got {attention_weight}")
+        if not 0.0 <= alpha <= 1.0:  # kd_loss checks both too, but only at the first step
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be above 0, got {temperature}")
         self.teacher = teacher.eval().requires_grad_(False)
         self.student = student
         self.attention_loss = attention_loss

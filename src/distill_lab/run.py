@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
+from hydra.utils import get_object
 from hydra.utils import instantiate as _hydra_instantiate
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
@@ -25,8 +26,11 @@ from rich.console import Console
 from rich.table import Table
 
 from distill_lab.capture import num_attention_heads
+from distill_lab.data import TextClassificationData, check_sizes
+from distill_lab.data_images import ImageFolderData
+from distill_lab.data_lm import LanguageModelingData
 from distill_lab.matching import AttentionDistillationLoss, layer_map
-from distill_lab.models import count_parameters, load_preprocessor
+from distill_lab.models import count_parameters, load_preprocessor, position_limit
 from distill_lab.module import DistillationModule
 from distill_lab.resume import resolve_ckpt_path
 
@@ -125,6 +129,13 @@ def _build_module(cfg: DictConfig, task, teacher, data) -> DistillationModule:
     """The student (derived from ``teacher`` or loaded), the attention objective (layer pairs, loss, matching
     mode; head counts checked now) and the Lightning module that holds them."""
     student = instantiate(cfg.student, teacher=teacher)
+    if (size := task.num_classes(student.config)) != (wanted := task.num_classes(teacher.config)):
+        # the output loss compares the two distributions entry by entry: a vocabulary of another size
+        raise ValueError(
+            f"the student's output has {size} entries but the teacher's {wanted} (task={task.name}: "
+            f"{'the vocabulary' if task.inputs == 'text' and not task.name.endswith('classification') else 'the labels'}"
+            "): the student must use the teacher's tokenizer and vocabulary"
+        )
     pairs = layer_map(
         teacher.config.num_hidden_layers,
         student.config.num_hidden_layers,
@@ -178,6 +189,42 @@ def _check_optimized_metric(cfg: DictConfig, task) -> None:
         )
 
 
+def _check_settings(cfg: DictConfig, task) -> None:
+    """What the config alone can tell is wrong, checked before a teacher is loaded, downloaded or trained: the
+    objective's weights and temperature, the data option's kind against the task, and the data sizes."""
+    ranges = {
+        "attention_weight": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "alpha": (lambda v: 0 <= v <= 1, "in [0, 1] (the cross-entropy's share of the output loss)"),
+        "temperature": (lambda v: v > 0, "above 0 (1 leaves the logits as they are; 2 to 4 is usual)"),
+        "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1) (the share of the optimizer steps spent warming up)"),
+    }
+    for key, (valid, rule) in ranges.items():
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not valid(value):
+            raise ValueError(f"{key}={value} must be {rule}")
+    data_class = get_object(cfg.data._target_)
+    kinds = (TextClassificationData, ImageFolderData, LanguageModelingData)  # your own module is yours to pair
+    if isinstance(data_class, type) and issubclass(data_class, kinds) and not issubclass(
+        data_class, get_object(task.data_module)
+    ):
+        raise ValueError(
+            f"task={task.name} takes data={' | '.join(task.data_configs)}, but the data config builds "
+            f"{data_class.__name__}: choose a data option of the task"
+        )
+    task.check_data_config(cfg.data)
+    check_sizes(cfg.data)
+
+
+def _check_positions(model, role: str, max_length: int | None) -> None:
+    """``data.max_length`` tokens must fit a model with a table of absolute positions (BERT's 512)."""
+    limit = position_limit(model)
+    if max_length is not None and limit is not None and max_length > limit:
+        raise ValueError(
+            f"data.max_length={max_length}, but the {role} ({type(model).__name__}) has position embeddings for "
+            f"{limit} tokens: set data.max_length={limit} or less"
+        )
+
+
 def train(cfg: DictConfig) -> dict:
     """Distil the configured teacher into the student; returns the final validation metrics (``val/acc``...).
 
@@ -197,7 +244,9 @@ def train(cfg: DictConfig) -> dict:
     # the task, models and data: loading errors surface here, before anything trains
     task = instantiate(cfg.task)
     _check_optimized_metric(cfg, task)  # before the teacher, which may be trained or downloaded first
+    _check_settings(cfg, task)
     teacher = instantiate(cfg.teacher)
+    _check_positions(teacher, "teacher", cfg.data.get("max_length"))
     preprocessor = load_preprocessor(
         cfg.teacher.name_or_path,
         task.name,
@@ -217,6 +266,7 @@ def train(cfg: DictConfig) -> dict:
     module = _build_module(cfg, task, teacher, data)
     student, attention_loss = module.student, module.attention_loss
     pairs = attention_loss.layer_map
+    _check_positions(student, "student", cfg.data.get("max_length"))
 
     parameters = {  # counted now: a sharded strategy leaves each process a part of every tensor
         "teacher": count_parameters(teacher),

@@ -54,6 +54,8 @@ class SequenceClassification:
     auto_class = AutoModelForSequenceClassification
     monitor, monitor_mode = "val/acc", "max"
     inputs = "text"
+    data_module = "distill_lab.data.TextClassificationData"  # what its data options build (conf/data/)
+    data_configs = ("synthetic", "local", "hf")
 
     def output_loss(self, student_logits: Tensor, teacher_logits: Tensor, batch: Mapping[str, Tensor], temperature: float, alpha: float) -> Tensor:
         return kd_loss(student_logits, teacher_logits, batch.get("labels"), temperature, alpha)
@@ -81,6 +83,9 @@ class SequenceClassification:
         teacher does (:func:`~distill_lab.data.class_ids`)."""
         return {"model_labels": model_label_names(teacher.config)}
 
+    def check_data_config(self, data_cfg: Mapping) -> None:
+        """What the ``data`` config alone can tell, before anything loads (the class is checked by ``run.py``)."""
+
     def check(self, teacher, data) -> None:
         """The teacher's head must fit the data's labels: a classifier is fine-tuned on its task first."""
         if teacher.config.num_labels != data.num_labels:
@@ -97,6 +102,8 @@ class ImageClassification(SequenceClassification):
     name = "image_classification"
     auto_class = AutoModelForImageClassification
     inputs = "image"
+    data_module = "distill_lab.data_images.ImageFolderData"
+    data_configs = ("synthetic_images", "imagefolder")
 
 
 class MaskedLM:
@@ -107,6 +114,8 @@ class MaskedLM:
     auto_class = AutoModelForMaskedLM
     monitor, monitor_mode = "val/perplexity", "min"
     inputs = "text"
+    data_module = "distill_lab.data_lm.LanguageModelingData"
+    data_configs = ("lm_synthetic", "lm_local", "lm_hf")
 
     def _positions(self, logits: Tensor, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         return logits, batch["labels"]
@@ -145,14 +154,18 @@ class MaskedLM:
         """Token ids are the tokenizer's: nothing to take from the teacher."""
         return {}
 
-    def check(self, teacher, data) -> None:
+    def check_data_config(self, data_cfg: Mapping) -> None:
+        """``data.mlm`` must be the task's: masking for ``masked_lm``, none for ``causal_lm``."""
         masked = self.name == "masked_lm"
-        if getattr(data, "mlm", masked) != masked:
+        if data_cfg.get("mlm", masked) != masked:
             raise ValueError(
-                f"task={self.name} needs data.mlm={str(masked).lower()}, got data.mlm={str(data.mlm).lower()}: "
+                f"task={self.name} needs data.mlm={str(masked).lower()}, got data.mlm={str(data_cfg['mlm']).lower()}: "
                 f"{'masked' if masked else 'causal'} language modelling "
                 f"{'masks tokens' if masked else 'predicts every next token, nothing masked'}"
             )
+
+    def check(self, teacher, data) -> None:
+        self.check_data_config({"mlm": data.mlm} if hasattr(data, "mlm") else {})
         if teacher.config.vocab_size < len(data.tokenizer):
             raise ValueError(
                 f"the tokenizer has {len(data.tokenizer)} tokens but the teacher's vocabulary only "
