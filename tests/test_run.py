@@ -736,6 +736,29 @@ def test_tokenizer_of_the_teacher_is_used(task):
 # ---------------------------------------------------------------------------------------------- 7. resume
 
 
+def test_wandb_goes_online_with_the_key_that_wandb_login_saved(tmp_path, monkeypatch):
+    """``wandb login`` saves the key in the netrc file, not in the environment: with a key there for the wandb
+    host, a run logs online as wandb would; without one, with a key for another host, or under
+    WANDB_MODE=offline, it writes an offline run."""
+    for name in ("WANDB_API_KEY", "NETRC", "WANDB_BASE_URL", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    node = compose_config(["logger=wandb"], tmp_path / "run").logger
+    assert _build_logger(node)._offline
+    saved = tmp_path / ".netrc"
+    saved.write_text(f"machine api.wandb.ai\n  login user\n  password {'k' * 40}\n")
+    saved.chmod(0o600)
+    assert not _build_logger(node)._offline
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert _build_logger(node)._offline
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")  # the key is another host's
+    assert _build_logger(node)._offline
+    monkeypatch.delenv("WANDB_BASE_URL")
+    monkeypatch.setenv("NETRC", str(saved.rename(tmp_path / "netrc-elsewhere")))
+    assert not _build_logger(node)._offline
+
+
 def test_resumed_run_continues_its_wandb_run(task, tmp_path, monkeypatch):
     """``ckpt_path=auto`` resuming in the interrupted run's directory continues its wandb run (same id, both
     offline run directories there for `wandb sync`); a fresh run elsewhere starts a new one."""

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import netrc
 import os
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import lightning as L
 import torch
@@ -55,6 +57,19 @@ def _wandb_run_id(run_dir: Path) -> str | None:
     return max(runs, key=lambda name: name.split("run-", 1)[1]).rsplit("-", 1)[1] if runs else None
 
 
+def wandb_logged_in() -> bool:
+    """Whether wandb has an API key without asking for one: ``WANDB_API_KEY``, or the key that ``wandb login``
+    saved in the netrc file (``NETRC``, else ``~/.netrc``) for the wandb host (``WANDB_BASE_URL``, else
+    api.wandb.ai), as wandb itself looks them up."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC") or None).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):  # no netrc file, or one wandb could not read either
+        return False
+
+
 def _build_logger(cfg: DictConfig | None, resumed_dir: Path | None = None):
     """The configured logger; a wandb run that resumes in ``resumed_dir`` continues that directory's wandb run."""
     if not cfg:
@@ -63,7 +78,7 @@ def _build_logger(cfg: DictConfig | None, resumed_dir: Path | None = None):
     if cfg.get("_target_", "").endswith("WandbLogger"):
         if cfg.get("offline") is None:
             # no API key (or WANDB_MODE=offline): write an offline run that `wandb sync` can upload later
-            offline = not os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled")
+            offline = not wandb_logged_in() or os.environ.get("WANDB_MODE") in ("offline", "disabled")
             cfg = OmegaConf.merge(cfg, {"offline": offline})
         if resumed_dir is not None and cfg.get("id") is None and (run_id := _wandb_run_id(resumed_dir)):
             log.info("wandb: continuing run %s of %s", run_id, resumed_dir)
