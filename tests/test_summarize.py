@@ -89,6 +89,38 @@ def test_perplexity_sorts_lowest_first_and_is_the_default_metric_of_lm_runs(tmp_
     body = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
     assert [line.split("|")[1].strip() for line in body] == ["1", "0", "2"]
     assert "student perplexity" in (tmp_path / "summary.md").read_text()
+    assert body[0].endswith("| 9.5000 | 8.0000 | +1.5000 | 2.00x |")  # the student is 1.5 behind: positive
+
+
+def test_the_direction_recorded_in_results_decides_order_and_gap(tmp_path, capsys):
+    """A metric recorded as lower-is-better in results.json (whatever its name) ranks lowest first, and its gap
+    is student minus teacher: positive when the student is behind."""
+    for i, error in enumerate([0.30, 0.20]):
+        run = tmp_path / str(i)
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"loss=l{i}"]))
+        results = {
+            "student": {"error": error}, "teacher": {"error": 0.1}, "parameters": {"compression": 2.0},
+            "higher_is_better": {"error": False}, "optimized_metric": "error",
+        }
+        (run / "results.json").write_text(json.dumps(results))
+    main([str(tmp_path)])
+    assert _run_order(capsys.readouterr().out) == ["1", "0"]
+    assert "| 1 | l1 | 0.2000 | 0.1000 | +0.1000 | 2.00x |" in (tmp_path / "summary.md").read_text()
+
+
+def test_runs_without_results_are_named_not_dropped(sweep, tmp_path, capsys):
+    """A sweep job that wrote no results.json (killed, failed, still running) is listed under the table."""
+    for name in ("11", "12"):
+        (sweep / name / ".hydra").mkdir(parents=True)
+        (sweep / name / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["loss=cosine"]))
+    main([str(sweep)])
+    note = "not in the table, without results.json (unfinished, failed or running): 11, 12"
+    assert note in capsys.readouterr().out and (sweep / "summary.md").read_text().strip().endswith(note)
+    empty = tmp_path / "empty-sweep"
+    (empty / "0" / ".hydra").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"no results.json below .*empty-sweep \(1 runs without one: 0\)"):
+        collect(empty)
 
 
 @pytest.fixture

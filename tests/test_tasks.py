@@ -258,6 +258,11 @@ def test_language_model_tasks_train_end_to_end(tmp_path, task_name, family):
     assert results["task"] == task_name
     expected = {"masked_acc", "perplexity"} if task_name == "masked_lm" else {"perplexity"}
     assert set(results["student"]) == set(results["teacher"]) == expected
+    # the gap is how far the student is behind, positive when worse, in each metric's own direction
+    assert results["higher_is_better"] == {"perplexity": False} | ({"masked_acc": True} if "masked_acc" in expected else {})
+    for name, better in results["higher_is_better"].items():
+        behind = results["teacher"][name] - results["student"][name] if better else results["student"][name] - results["teacher"][name]
+        assert results["gap"][name] == pytest.approx(behind)
     assert math.isfinite(metrics["val/perplexity"]) and metrics["val/perplexity"] > 1.0
     assert set(results["attention_loss"]) >= {"L1->0", "L3->1"}
     assert "best.ckpt" in results["best_checkpoint"]

@@ -366,7 +366,15 @@ def train(cfg: DictConfig) -> dict:
         "best_checkpoint": best or None,
         "student_dir": str(student_dir),
     }
-    results["gap"] = {k: results["teacher"][k] - v for k, v in results["student"].items() if k in results["teacher"]}
+    # how far the student is behind, positive when worse: teacher - student for accuracy, the reverse for perplexity
+    results["higher_is_better"] = {
+        name.removeprefix("val/"): bool(metric.higher_is_better) for name, metric in module.val_metrics.items(keep_base=False)
+    }
+    results["gap"] = {
+        k: (results["teacher"][k] - v) * (1 if results["higher_is_better"].get(k, True) else -1)
+        for k, v in results["student"].items()
+        if k in results["teacher"]
+    }
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     _print_summary(results)
     if logger and getattr(logger, "_offline", False):

@@ -2,7 +2,8 @@
 
 Reads every ``results.json`` below the directory with the run's ``.hydra/overrides.yaml``, prints a markdown
 table (one row per run, the overrides as columns, the student's metric and its gap to the teacher), writes it
-to ``summary.md`` and draws ``summary.png``, a bar chart of the student metric per run.
+to ``summary.md`` and draws ``summary.png``, a bar chart of the student metric per run. Runs that wrote no
+``results.json`` (unfinished, failed, or still running) are named below the table.
 """
 
 from __future__ import annotations
@@ -47,11 +48,30 @@ def collect(directory: str | Path) -> list[dict]:
             }
         )
     if not rows:
-        raise FileNotFoundError(f"no results.json below {directory}: is it a finished multirun directory?")
+        missing = unfinished(directory)
+        named = f" ({len(missing)} runs without one: {', '.join(missing)})" if missing else ""
+        raise FileNotFoundError(f"no results.json below {directory}{named}: is it a finished multirun directory?")
     return rows
 
 
-LOWER_IS_BETTER = ("perplexity", "loss")
+def unfinished(directory: str | Path) -> list[str]:
+    """The runs below ``directory`` (directories with Hydra's ``.hydra/``) without a ``results.json``: unfinished,
+    failed or still running, in run order."""
+    directory = Path(directory)
+    runs = sorted((h.parent for h in directory.rglob(".hydra") if h.is_dir()), key=_natural_key)
+    return [
+        run.name if run == directory else run.relative_to(directory).as_posix()
+        for run in runs
+        if not (run / "results.json").exists()
+    ]
+
+
+LOWER_IS_BETTER = ("perplexity", "loss")  # for results.json written before it recorded higher_is_better
+
+
+def higher_is_better(row: dict, metric: str) -> bool:
+    """The direction of ``metric``, as the run's ``results.json`` records it (from the metric itself)."""
+    return row["results"].get("higher_is_better", {}).get(metric, metric not in LOWER_IS_BETTER)
 
 
 def _score(row: dict, metric: str) -> float:
@@ -60,7 +80,7 @@ def _score(row: dict, metric: str) -> float:
     value = row["results"]["student"].get(metric)
     if value is None or math.isnan(value):
         return float("-inf")
-    return -value if metric in LOWER_IS_BETTER else value
+    return value if higher_is_better(row, metric) else -value
 
 
 def _cell(value) -> str:
@@ -85,7 +105,9 @@ def shared_overrides(rows: list[dict]) -> dict[str, str]:
 
 def markdown_table(rows: list[dict], metric: str = "acc") -> str:
     """One line per run, best student ``metric`` first (lowest for perplexity; runs without it last); the overrides that differ
-    between runs as columns (those they share in a line above the table); ``gap`` is teacher minus student."""
+    between runs as columns (those they share in a line above the table). ``gap`` is how far the student is
+    behind the teacher, positive when it is worse: teacher minus student for accuracy, student minus teacher
+    for perplexity."""
     keys = varying_overrides(rows)
     header = ["run", *keys, f"student {metric}", f"teacher {metric}", "gap", "compression"]
     shared = shared_overrides(rows)
@@ -98,7 +120,9 @@ def markdown_table(rows: list[dict], metric: str = "acc") -> str:
         cells += [
             f"{student:.4f}" if student is not None else "",
             f"{teacher:.4f}" if teacher is not None else "",
-            f"{teacher - student:+.4f}" if None not in (student, teacher) else "",
+            f"{(teacher - student) * (1 if higher_is_better(row, metric) else -1):+.4f}"
+            if None not in (student, teacher)
+            else "",
             f"{res['parameters']['compression']:.2f}x",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -156,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"error: {err}\n")
     metric = args.metric or default_metric(rows)
     table = markdown_table(rows, metric)
+    if missing := unfinished(args.directory):
+        table += f"\n\nnot in the table, without results.json (unfinished, failed or running): {', '.join(missing)}"
     out = Path(args.directory)
     (out / "summary.md").write_text(table + "\n")
     bar_chart(rows, out / "summary.png", metric)
