@@ -112,6 +112,32 @@ def test_a_student_by_name_reads_its_classes_as_the_teacher_does(tmp_path):
     assert AutoConfig.from_pretrained(tmp_path / "exported").id2label == names
 
 
+def test_the_tokenizer_and_image_processor_load_at_the_teachers_revision(tmp_path, monkeypatch):
+    """teacher.revision pins the hub version of the teacher's preprocessor too, not only of its weights (a
+    local directory has no revisions, so the call is recorded)."""
+    from types import SimpleNamespace
+
+    import transformers
+
+    from distill_lab import models
+    from distill_lab.models import load_preprocessor
+
+    make_tiny_model("bert", tmp_path / "t")
+    build_word_tokenizer().save_pretrained(tmp_path / "t")
+    calls = []
+
+    def from_pretrained(name, **kwargs):
+        calls.append(kwargs)
+        return SimpleNamespace(pad_token="[PAD]")
+
+    for auto in (transformers.AutoTokenizer, transformers.AutoImageProcessor):
+        monkeypatch.setattr(getattr(models, auto.__name__), "from_pretrained", from_pretrained)
+    load_preprocessor(str(tmp_path / "t"), "sequence_classification", revision="v1.2")
+    load_preprocessor(str(tmp_path / "t"), "image_classification", revision="abc123")
+    load_preprocessor(str(tmp_path / "t"), "sequence_classification")
+    assert [call.get("revision") for call in calls] == ["v1.2", "abc123", None]
+
+
 def test_unloadable_teacher_and_tokenizer_are_clear_errors(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
