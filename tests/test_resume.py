@@ -98,6 +98,23 @@ class Crash(L.Callback):
         self._maybe_crash(trainer, "on_train_epoch_start")
 
 
+class CrashInBatch(L.Callback):
+    """Raises ``RuntimeError`` in ``hook`` during the training batch ``batch`` (counted over all epochs)."""
+
+    def __init__(self, hook: str, batch: int) -> None:
+        self.hook, self.batch = hook, batch
+
+    def _maybe_crash(self, trainer, hook: str) -> None:
+        if hook == self.hook and trainer.fit_loop.epoch_loop.total_batch_idx == self.batch:
+            raise RuntimeError(f"test crash in {hook} of batch {self.batch}")
+
+    def on_before_backward(self, trainer, module, loss) -> None:
+        self._maybe_crash(trainer, "on_before_backward")
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self._maybe_crash(trainer, "on_train_batch_end")
+
+
 class PoisonLoss(L.Callback):
     """From step ``step`` on, makes one part of the loss NaN with finite weights: ``part="output"`` turns the
     student's logits NaN (a forward hook on its classifier; the attention maps come before it and stay
@@ -427,6 +444,35 @@ def test_a_step_checkpoint_that_a_validation_follows_keeps_that_validation(task,
         torch.load(d / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True) for d in (out, reference)
     )
     assert (best["epoch"], best["global_step"]) == (best_reference["epoch"], best_reference["global_step"])
+
+
+ACCUMULATION_CRASHES = {  # batches 8-9 and 10-11 are the first two windows of epoch 1; step 5 ends 8-9
+    "after-a-windows-first-batch": ("on_train_batch_end", 10),
+    "during-a-windows-last-batch": ("on_before_backward", 11),
+}
+
+
+@pytest.mark.parametrize("case", list(ACCUMULATION_CRASHES))
+def test_a_crash_inside_a_gradient_accumulation_window_resumes_at_its_first_batch(task, tmp_path, case):
+    """Under ``trainer.accumulate_grad_batches=2`` an interruption after batch 10 of epoch 1's second window
+    (batches 10-11), or during batch 11, leaves a checkpoint without batch 10's gradient: it resumes at batch
+    10 (epoch 1, example 16) and steps on both batches' gradients, as the uninterrupted run did."""
+    hook, batch = ACCUMULATION_CRASHES[case]
+    accumulate = "trainer.accumulate_grad_batches=2"
+    reference = tmp_path / "reference"
+    run_app(task, reference, accumulate)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match=f"test crash in {hook} of batch {batch}"):
+        run_app(task, out, accumulate, *callback_overrides("crash", CrashInBatch, hook=hook, batch=batch))
+    state = torch.load(out / "checkpoints" / "interrupted.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 5 and loop_position(state) == (1, 2)
+    assert state["TextClassificationData"] == {"train_position": [1, 16]}
+
+    run_app(task, out, accumulate)
+    assert_same_result(out, reference)
+    losses, reference_losses = train_losses(out, version=1), train_losses(reference)
+    assert sorted(losses) == list(range(5, TOTAL_STEPS // 2))
+    assert losses == pytest.approx({step: reference_losses[step] for step in losses}, rel=1e-6, abs=1e-9)
 
 
 def test_ckpt_path_null_starts_afresh_beside_an_interrupted_checkpoint(task, tmp_path):

@@ -22,7 +22,14 @@ from torch import Tensor  # noqa: E402
 
 from distill_lab.capture import QueryKey  # noqa: E402
 from distill_lab.matching import pair_name  # noqa: E402
-from distill_lab.resume import describe_names, non_finite_parameters, rng_state, set_rng_state  # noqa: E402
+from distill_lab.resume import (  # noqa: E402
+    accumulation_window_start,
+    describe_names,
+    non_finite_parameters,
+    rewind_to_batch,
+    rng_state,
+    set_rng_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -263,10 +270,13 @@ class InterruptedCheckpoint(L.Callback):
                 return
             if not trainer.is_global_zero:
                 return
-            checkpoint = trainer._checkpoint_connector.dump_checkpoint()  # what save_checkpoint writes
-            trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, self.ckpt_path)
-        else:
-            trainer.save_checkpoint(self.ckpt_path)
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint()  # what trainer.save_checkpoint writes
+        if (start := accumulation_window_start(trainer)) is not None:
+            # inside a gradient-accumulation window: its gradients are not in the checkpoint, so the resumed run
+            # replays the window from its first batch (the data module and ResumeRandomState record the same)
+            rewind_to_batch(checkpoint["loops"], start)
+            log.info("stopped inside a gradient-accumulation window: %s resumes at its first batch, %d", self.ckpt_path, start)
+        trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, self.ckpt_path)
         log.info("%s stopped training at step %d; saved %s", type(exception).__name__, trainer.global_step, self.ckpt_path)
 
 
@@ -278,7 +288,8 @@ class ResumeRandomState(L.Callback):
     between steps (step and epoch checkpoints; Lightning resumes with the next batch), the state at the start
     of the batch under way for one written during a step (Ctrl-C, an exception; Lightning repeats that batch).
     It is restored in ``on_train_start``, after the set-up and sanity validation that the resumed run does and
-    the uninterrupted one did not.
+    the uninterrupted one did not. A checkpoint written inside a gradient-accumulation window saves the state
+    at the window's first batch, which the resumed run repeats (``resume.accumulation_window_start``).
 
     A checkpoint written during a step also keeps the loggers' step (Lightning's ``_batches_that_stepped``)
     as the repeated batch starts with it. Lightning assumes every checkpoint was written after a step and adds
@@ -289,7 +300,8 @@ class ResumeRandomState(L.Callback):
     LOGGING_STEP = "logging_step"
 
     def __init__(self) -> None:
-        self._batch_start: tuple[int, dict] | None = None
+        self._batch_start: tuple[int, dict, int] | None = None
+        self._window_start: tuple[int, dict, int] | None = None  # of the gradient-accumulation window under way
         self._to_restore: dict | None = None
         self._logging_step: int | None = None
 
@@ -298,13 +310,18 @@ class ResumeRandomState(L.Callback):
         if self._logging_step is not None:  # the first batch of a run resumed from a checkpoint written mid-step
             epoch_loop._batches_that_stepped, self._logging_step = self._logging_step, None
         self._batch_start = (epoch_loop.batch_progress.current.ready, rng_state(), epoch_loop._batches_that_stepped)
+        if batch_idx % trainer.accumulate_grad_batches == 0:
+            self._window_start = self._batch_start
 
     def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict) -> None:
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
         under_way = self._batch_start is not None and progress.processed < progress.ready == self._batch_start[0]
-        checkpoint["rng_state"] = self._batch_start[1] if under_way else rng_state()
-        if under_way:
-            checkpoint[self.LOGGING_STEP] = self._batch_start[2]
+        start = self._batch_start if under_way else None
+        if accumulation_window_start(trainer) is not None and self._window_start is not None:
+            start = self._window_start  # a resume replays the accumulation window (see InterruptedCheckpoint)
+        checkpoint["rng_state"] = rng_state() if start is None else start[1]
+        if start is not None:
+            checkpoint[self.LOGGING_STEP] = start[2]
 
     def on_load_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict) -> None:
         self._to_restore = checkpoint.get("rng_state")

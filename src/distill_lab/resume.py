@@ -372,7 +372,8 @@ def training_position(trainer) -> tuple[int, int] | None:
     Lightning resumes an epoch at its loop's ``processed`` batch count: a checkpoint written after a batch's
     optimizer step (step checkpoints, ``on_train_batch_end``) moves on to the next batch, one written while a
     step was under way (Ctrl-C, an exception) repeats that batch. An epoch whose batches are all processed, or
-    a checkpoint between epochs, resumes at the start of the next epoch.
+    a checkpoint between epochs, resumes at the start of the next epoch. One written inside a
+    gradient-accumulation window resumes at the window's first batch (:func:`accumulation_window_start`).
     """
     if trainer is None or trainer.state.fn != TrainerFn.FITTING:
         return None
@@ -382,7 +383,44 @@ def training_position(trainer) -> tuple[int, int] | None:
     batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
     if batches >= trainer.num_training_batches:
         return epochs.processed + 1, 0
-    return epochs.processed, batches
+    start = accumulation_window_start(trainer)
+    return epochs.processed, batches if start is None else start
+
+
+def accumulation_window_start(trainer) -> int | None:
+    """The batch (of this epoch) where the gradient-accumulation window under way began, when a checkpoint
+    written now would fall inside it; None otherwise.
+
+    With ``accumulate_grad_batches`` = A, Lightning steps after batches A-1, 2A-1... of each epoch (and its last).
+    A checkpoint written after some of a window's batches but before its step (Ctrl-C or an exception) holds
+    none of their gradients: resumed at the batch it stopped on, the window's step would take the gradients
+    of its last batches only. Such a checkpoint must resume at the window's first batch, replaying it whole.
+    """
+    if trainer is None or trainer.state.fn != TrainerFn.FITTING or trainer.accumulate_grad_batches <= 1:
+        return None
+    epochs = trainer.fit_loop.epoch_progress.current
+    batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    if epochs.started <= epochs.processed or batches >= trainer.num_training_batches:
+        return None
+    into = batches % trainer.accumulate_grad_batches
+    return batches - into if into else None
+
+
+def rewind_to_batch(loops: dict, batch: int) -> None:
+    """Rewrites a checkpoint's loop state (``checkpoint["loops"]``, written during this epoch's batch ``batch``
+    or later) so that Lightning resumes the epoch at ``batch``: as it records a checkpoint written when that
+    batch was about to start (its ``on_train_batch_start``), the optimizer's zeroing of the gradients, done
+    on a window's first batch, undone with it. Optimizer steps stay as they are: none was taken since."""
+    fit = loops["fit_loop"]
+    progress = fit["epoch_loop.batch_progress"]
+    for key, value in {"ready": batch + 1, "started": batch, "processed": batch, "completed": batch}.items():
+        progress["total"][key] -= progress["current"][key] - value
+        progress["current"][key] = value
+    progress["is_last_batch"] = False
+    zero_grad = fit["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]["zero_grad"]
+    for counts in (zero_grad["total"], zero_grad["current"]):
+        for key in ("ready", "started", "completed"):
+            counts[key] -= 1
 
 
 # ---------------------------------------------------------------------------------------------- random state
