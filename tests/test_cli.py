@@ -125,10 +125,11 @@ def test_cli_kl_headwise_with_offline_wandb(task, tmp_path):
 
 def test_multirun_sweep_and_summary(task, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    cli(
-        tmp_path, "-m", "loss=mse,kl", "matching=layerwise,global", *task["overrides"], *FAST, "logger=csv",
+    command = (
+        "-m", "loss=mse,kl", "matching=layerwise,global", *task["overrides"], *FAST, "logger=csv",
         "callbacks.attention_maps=null", f"hydra.sweep.dir={sweep_dir}",
-    )
+    )  # fmt: skip
+    cli(tmp_path, *command)
     runs = sorted(p.parent for p in sweep_dir.glob("*/results.json"))
     assert [p.name for p in runs] == ["0", "1", "2", "3"]
     combos = {tuple(yaml.safe_load((p / ".hydra" / "overrides.yaml").read_text())[:2]) for p in runs}
@@ -152,6 +153,22 @@ def test_multirun_sweep_and_summary(task, tmp_path):
     order = [line.split("|")[1].strip() for line in table[2:]]
     assert [accuracies[r] for r in order] == sorted(accuracies.values(), reverse=True)  # best first
     assert (sweep_dir / "summary.md").exists() and (sweep_dir / "summary.png").stat().st_size > 1000
+
+    # the sweep interrupted in its last job (killed after its last checkpoint, before results.json), then rerun:
+    # the finished jobs are not trained again (their files untouched), the last one resumes and finishes
+    last = json.loads((runs[3] / "results.json").read_text())
+    (runs[3] / "results.json").unlink()
+    stamps = {  # what the runs wrote (Hydra rewrites .hydra/ and appends to train.log in a job's directory)
+        p: p.stat().st_mtime_ns
+        for run in runs[:3] for p in run.rglob("*") if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"
+    }  # fmt: skip
+    rerun = cli(tmp_path, *command)
+    log = rerun.stdout + rerun.stderr
+    assert log.count("its results are reused, nothing is trained") == 3
+    assert f"resuming from {runs[3] / 'checkpoints'}" in log
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    again = json.loads((runs[3] / "results.json").read_text())
+    assert again["student"] == pytest.approx(last["student"]) and again["teacher"] == pytest.approx(last["teacher"])
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import datasets
 import lightning as L
 import pytest
 import torch
+import yaml
 from conftest import CONF_DIR, FSDP_ON_CPU, compose_config, make_image_task, make_text_task, make_tiny_model
 from hydra.errors import InstantiationException, MissingConfigException
 from hydra.utils import get_class, instantiate
@@ -757,6 +759,41 @@ def test_wandb_goes_online_with_the_key_that_wandb_login_saved(tmp_path, monkeyp
     monkeypatch.delenv("WANDB_BASE_URL")
     monkeypatch.setenv("NETRC", str(saved.rename(tmp_path / "netrc-elsewhere")))
     assert not _build_logger(node)._offline
+
+
+def test_a_finished_run_is_not_trained_again_in_its_own_directory(task, tmp_path):
+    """A command rerun with the directory of its finished run (hydra.run.dir=...) stops before anything is
+    loaded, instead of piling a second run's checkpoints (best-v1.ckpt...) and logs onto the first's."""
+    out = tmp_path / "named"
+    run_app(task, out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(ValueError, match=r"named holds a finished run \(results\.json\).*Choose another hydra\.run\.dir"):
+        run_app(task, out)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_a_finished_sweep_job_is_found_as_a_rerun_would_find_it(tmp_path):
+    """finished_run: the run a rerun would repeat, if it finished under the same configuration: the job's own
+    directory, or the same job (same overrides) of an earlier sweep, unless a newer copy of it is unfinished."""
+    from test_resume import _fake_run
+
+    from distill_lab.resume import finished_run
+
+    root, job = tmp_path / "multirun" / "2026-01-01", ["loss=kl", "seed=1"]
+    earlier = _fake_run(root, "10-00-00/0", job, {"checkpoints/last.ckpt": 100, "results.json": 101})
+    _fake_run(root, "10-00-00/1", ["loss=mse", "seed=1"], {"checkpoints/last.ckpt": 300, "results.json": 301})
+    rerun = _fake_run(root, "11-00-00/0", job[::-1], {})
+    (earlier / "config.yaml").write_text(yaml.safe_dump({"paths": {"output_dir": str(earlier)}, "alpha": 0.3}))
+    assert finished_run(rerun) == earlier and finished_run(earlier) == earlier
+    assert finished_run(rerun, {"paths": {"output_dir": str(rerun)}, "alpha": 0.3}) == earlier
+    assert finished_run(rerun, {"paths": {"output_dir": str(rerun)}, "alpha": 0.5}) is None  # conf/ edited
+    newer = _fake_run(root, "10-30-00/0", job, {"checkpoints/last.ckpt": 200})  # a later copy, interrupted
+    assert finished_run(rerun) is None
+    (newer / "results.json").touch()
+    os.utime(newer / "results.json", (250, 250))
+    assert finished_run(rerun) == newer
+    named = _fake_run(root, "12-00-00/0", job, {}, hydra=[f"hydra.sweep.dir={root}/12-00-00"])
+    assert finished_run(named) is None  # a sweep directory named anew asks for new runs
 
 
 def test_resumed_run_continues_its_wandb_run(task, tmp_path, monkeypatch):

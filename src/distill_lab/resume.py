@@ -19,7 +19,9 @@ on disk. With ``ckpt_path=auto`` (the default):
    starts afresh and the log names the keys that differ.
 
 A previous run that wrote ``results.json`` (the last thing ``train`` does) finished, and this run starts
-afresh. Only the latest matching run counts: an older unfinished run is not revived behind a newer finished
+afresh; ``run.train`` first asks :func:`finished_run` whether it would repeat one under the same
+configuration: a job of a rerun sweep then returns that job's results without training, and a single run
+whose own directory holds a finished run stops. Only the latest matching run counts: an older unfinished run is not revived behind a newer finished
 one. The checkpoint is the newer of ``checkpoints/last.ckpt`` (every ``checkpoint_every_n_steps`` steps and
 at the end of training) and ``checkpoints/interrupted.ckpt`` (Ctrl-C or an exception). The resumed run
 continues *in the previous run's directory*: its checkpoint callbacks keep tracking the best epoch across the
@@ -39,7 +41,8 @@ still going (a second copy of its command starts afresh in its own directory, an
 run whose own directory is locked (named with ``hydra.run.dir=``, or made by Hydra in the same second as
 another's) stops with :class:`RunDirectoryLocked` before anything is loaded or written.
 
-**Where in the data** (:class:`ResumableRandomSampler`, :func:`training_position`). A mid-epoch
+**Where in the data** (:class:`ResumableRandomSampler`, :class:`ResumableDistributedSampler` in a
+distributed run, :func:`training_position`). A mid-epoch
 checkpoint must resume on the batch after the last one trained, in the same order, or the resumed run
 trains on different data than an uninterrupted one. Lightning 2.6 offers ``state_dict()`` on the
 dataloader for this, but it does not work here: the loader's state is taken after the fetcher has already
@@ -68,7 +71,7 @@ import torch
 import yaml
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
-from torch.utils.data import RandomSampler
+from torch.utils.data import DistributedSampler, RandomSampler
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +279,31 @@ def find_previous_run(output_dir: str | Path, config: dict | None = None) -> tup
     return checkpoint, latest, reason
 
 
+def finished_run(output_dir: str | Path, config: dict | None = None) -> Path | None:
+    """The finished run (one that wrote ``results.json``) that this run would repeat, or None: this run's own
+    directory if it finished, else, for a directory Hydra made, the latest nearby run with the same overrides
+    if that one finished (the same search as :func:`find_previous_run`). A run saved under another
+    configuration (``config``, compared with its ``config.yaml``) is not the same run."""
+    output_dir = Path(output_dir)
+    candidate = output_dir
+    if not (output_dir / FINISHED_MARKER).is_file():
+        overrides = _overrides(output_dir)
+        if overrides is None or _named_on_command_line(output_dir):
+            return None
+        runs = [
+            d for d in _nearby_runs(output_dir)
+            if _overrides(d) == overrides and (_newest_checkpoint(d) or (d / FINISHED_MARKER).is_file())
+        ]  # fmt: skip
+        if not runs:
+            return None
+        candidate = max(runs, key=_last_activity)
+        if not (candidate / FINISHED_MARKER).is_file():
+            return None
+    if config is not None and config_differences(candidate, config):
+        return None
+    return candidate
+
+
 def resolve_ckpt_path(
     ckpt_path: str | None, output_dir: str | Path, config: dict | None = None
 ) -> tuple[str | None, Path]:
@@ -342,8 +370,7 @@ class ResumableRandomSampler(RandomSampler):
     mid-epoch sees exactly the examples the interrupted run had not trained on, in the same order. ``len``
     stays the full epoch, as Lightning counts a resumed epoch's batches from its beginning.
 
-    It subclasses ``RandomSampler`` so that Lightning recognises a shuffled loader: under DDP it replaces it
-    with its own ``DistributedSampler`` (which cannot resume mid-epoch; Lightning warns).
+    It is the sampler of a run in one process; a distributed run takes :class:`ResumableDistributedSampler`.
     """
 
     def __init__(self, data_source, seed: int = 0, epoch: int = 0, start: int = 0) -> None:
@@ -355,14 +382,40 @@ class ResumableRandomSampler(RandomSampler):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.data_source), generator=generator)
-        start, self.start = self.start, 0
-        if start:
-            log.info(
-                "the training data continues epoch %d at example %d of %d (so Lightning's warning that the "
-                "dataloader is not resumable does not apply)", self.epoch, start, len(order)
-            )
-        yield from order[start:].tolist()
+        order = torch.randperm(len(self.data_source), generator=generator).tolist()
+        self.start, start = 0, self.start
+        yield from _skip(order, start, self.epoch)
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """:class:`ResumableRandomSampler` for one process of a distributed run: process ``rank`` of
+    ``num_replicas`` visits positions ``rank, rank + num_replicas, ...`` of the same seeded permutation of epoch
+    ``e`` (``torch.randperm(n)`` seeded with ``seed + e``), padded at its end with its first examples to a
+    multiple of ``num_replicas``, which is ``DistributedSampler(shuffle=True, seed=seed)``'s order exactly.
+    ``start`` skips the first ``start`` examples of this process's share of the next iteration only.
+
+    Being a ``DistributedSampler``, Lightning keeps it: a ``RandomSampler`` it replaces under DDP with its own
+    ``DistributedSampler``, which restarts a resumed epoch's order from its beginning (and is seeded by
+    ``seed_everything``, not by the data's seed).
+    """
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int = 0, epoch: int = 0, start: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        order = list(super().__iter__())
+        self.start, start = 0, self.start
+        yield from _skip(order, start, self.epoch)
+
+
+def _skip(order: list[int], start: int, epoch: int) -> list[int]:
+    if start:
+        log.info(
+            "the training data continues epoch %d at example %d of %d (so Lightning's warning that the "
+            "dataloader is not resumable does not apply)", epoch, start, len(order)
+        )
+    return order[start:]
 
 
 def training_position(trainer) -> tuple[int, int] | None:

@@ -17,7 +17,9 @@ from urllib.parse import urlparse
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import get_object
 from hydra.utils import instantiate as _hydra_instantiate
 from lightning.pytorch.loggers import WandbLogger
@@ -34,7 +36,7 @@ from distill_lab.data_lm import LanguageModelingData
 from distill_lab.matching import AttentionDistillationLoss, layer_map
 from distill_lab.models import count_parameters, load_preprocessor, position_limit
 from distill_lab.module import DistillationModule
-from distill_lab.resume import resolve_ckpt_path
+from distill_lab.resume import finished_run, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +242,29 @@ def _check_positions(model, role: str, max_length: int | None) -> None:
         )
 
 
+def _in_multirun() -> bool:
+    """Whether this is a job of a Hydra multirun (``train.py -m ...``)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _returned_metrics(results: dict) -> dict:
+    """What ``train`` returns (to a sweeper): the student's final validation metrics and the teacher's."""
+    metrics = {f"val/{k}": v for k, v in results["student"].items()}
+    metrics.update({f"val/teacher_{k}": v for k, v in results["teacher"].items()})
+    return metrics
+
+
+def _reuse_results(done: Path) -> dict:
+    """A sweep job that already finished (in ``done``, under the same overrides and configuration) is not
+    trained again: its results are returned (to the sweeper) as they are, and stay where they are, as a resumed
+    job's results land in its first directory."""
+    log.info(
+        "ckpt_path=auto: this job finished in %s under the same overrides and configuration; its results are "
+        "reused, nothing is trained (ckpt_path=null trains it again)", done,
+    )  # fmt: skip
+    return _returned_metrics(json.loads((done / "results.json").read_text()))
+
+
 def train(cfg: DictConfig) -> dict:
     """Distil the configured teacher into the student; returns the final validation metrics (``val/acc``...).
 
@@ -247,9 +272,18 @@ def train(cfg: DictConfig) -> dict:
     ``student/`` (``save_pretrained`` model and tokenizer) and ``attention_maps/``. With ``ckpt_path=auto``
     a rerun of an interrupted command resumes it in its own directory (``distill_lab.resume``).
     """
-    ckpt_path, output_dir = resolve_ckpt_path(
-        cfg.get("ckpt_path"), cfg.paths.output_dir, OmegaConf.to_container(cfg, resolve=True)
-    )
+    config, own_dir = OmegaConf.to_container(cfg, resolve=True), Path(cfg.paths.output_dir)
+    if cfg.get("ckpt_path") == "auto":
+        done = finished_run(own_dir, config)
+        if done is not None and _in_multirun():  # a rerun of an interrupted sweep: finished jobs are not retrained
+            return _reuse_results(done)
+        if (own_dir / "results.json").is_file():  # a directory named again (hydra.run.dir=, hydra.sweep.dir=)
+            raise ValueError(
+                f"{own_dir} holds a finished run (results.json): training again there would pile a second run's "
+                "checkpoints and logs onto the first's. Choose another hydra.run.dir (hydra.sweep.dir for a "
+                "sweep), or delete the directory to train it again there"
+            )
+    ckpt_path, output_dir = resolve_ckpt_path(cfg.get("ckpt_path"), own_dir, config)
     cfg.paths.output_dir = str(output_dir)  # the previous run's directory when resuming it
     output_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:  # every process of a distributed run runs train(); one writes the files
@@ -382,6 +416,4 @@ def train(cfg: DictConfig) -> dict:
     if isinstance(logger, WandbLogger):
         # Lightning leaves the wandb run open; the next job of a multirun in this process would log into it
         logger.experiment.finish()
-    metrics = {f"val/{k}": v for k, v in results["student"].items()}
-    metrics.update({f"val/teacher_{k}": v for k, v in results["teacher"].items()})
-    return metrics
+    return _returned_metrics(results)
