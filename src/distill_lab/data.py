@@ -188,6 +188,18 @@ def _load_file(path: str | Path) -> Dataset:
     return load_dataset(builder, data_files=str(path), split="train", **options)
 
 
+def check_both_splits(sources: dict, kind: str, need: str, example: str) -> None:
+    """Both splits' sources must be given: Hydra leaves an unset ``???`` out of a partial's arguments, so an
+    option left out of the config arrives as None. ``sources`` maps split -> ``data.dataset.<split>_<kind>``;
+    ``example`` (with ``{split}``) completes the message's example."""
+    for split, source in sources.items():
+        if source is None:
+            raise ValueError(
+                f"data.dataset.{split}_{kind} is not set: both splits need {need}, e.g. "
+                f"data.dataset.{split}_{kind}={example.format(split=split)}"
+            )
+
+
 def local_files(train_file: str | Path | None = None, validation_file: str | Path | None = None) -> DatasetDict:
     """Load ``train`` and ``validation`` splits from local .csv, .tsv, .json, .jsonl or .parquet files.
 
@@ -196,12 +208,7 @@ def local_files(train_file: str | Path | None = None, validation_file: str | Pat
             exist or has an unsupported extension.
     """
     files = {"train": train_file, "validation": validation_file}
-    for split, path in files.items():
-        if path is None:
-            raise ValueError(
-                f"data.dataset.{split}_file is not set: both splits need a file, e.g. "
-                f"data.dataset.{split}_file={split}.csv (supported extensions: {sorted(FILE_BUILDERS)})"
-            )
+    check_both_splits(files, "file", "a file", f"{{split}}.csv (supported extensions: {sorted(FILE_BUILDERS)})")
     return DatasetDict({split: _load_file(path) for split, path in files.items()})
 
 

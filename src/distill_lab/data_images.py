@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from datasets import ClassLabel, DatasetDict, load_dataset
 
-from distill_lab.data import TrainValidationData, class_ids
+from distill_lab.data import TrainValidationData, check_both_splits, class_ids
 
 
 def synthetic_stripes(num_train: int = 1000, num_validation: int = 200, size: int = 32, seed: int = 0) -> DatasetDict:
@@ -48,12 +48,7 @@ def image_folders(train_dir: str | Path | None = None, validation_dir: str | Pat
             not exist.
     """
     folders = {"train": train_dir, "validation": validation_dir}
-    for split, directory in folders.items():
-        if directory is None:
-            raise ValueError(
-                f"data.dataset.{split}_dir is not set: both splits need an image folder with one sub-folder per "
-                f"class, e.g. data.dataset.{split}_dir=images/{split}"
-            )
+    check_both_splits(folders, "dir", "an image folder with one sub-folder per class", "images/{split}")
     splits = {}
     for split, directory in folders.items():
         if not Path(directory).is_dir():
