@@ -557,7 +557,10 @@ ERRORS = {
     ),
     # what the config alone tells: refused before the teacher is loaded (it does not exist here)
     "alpha-out-of-range": (["alpha=1.5", NO_TEACHER], r"alpha=1\.5 must be in \[0, 1\] \(the cross-entropy's share"),
-    "temperature-zero": (["temperature=0", NO_TEACHER], r"temperature=0 must be above 0"),
+    "temperature-zero": (["temperature=0", NO_TEACHER], r"^temperature=0 must be above 0"),
+    "attention-kl-temperature-negative": (
+        ["loss.temperature=-1", NO_TEACHER], r"loss\.temperature=-1 must be above 0 \(the attention KL's; temperature= is"
+    ),
     "attention-weight-out-of-range": (["attention_weight=-0.1", NO_TEACHER], r"attention_weight=-0\.1 must be in \[0, 1\]"),
     "warmup-ratio-one": (["warmup_ratio=1", NO_TEACHER], r"warmup_ratio=1 must be in \[0, 1\)"),
     "batch-size-zero": (["data.batch_size=0", NO_TEACHER], r"data\.batch_size=0 must be a whole number of at least 1"),

@@ -215,8 +215,10 @@ def _check_settings(cfg: DictConfig, task) -> None:
         "temperature": (lambda v: v > 0, "above 0 (1 leaves the logits as they are; 2 to 4 is usual)"),
         "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1) (the share of the optimizer steps spent warming up)"),
     }
+    if "temperature" in cfg.loss:  # the attention KL's own, beside the output loss's
+        ranges["loss.temperature"] = (lambda v: v > 0, "above 0 (the attention KL's; temperature= is the output loss's)")
     for key, (valid, rule) in ranges.items():
-        value = cfg.get(key)
+        value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int | float) or not valid(value):
             raise ValueError(f"{key}={value} must be {rule}")
     data_class = get_object(cfg.data._target_)
