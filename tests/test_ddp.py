@@ -43,7 +43,7 @@ from conftest import (
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from omegaconf import OmegaConf
-from test_resume import Crash, PoisonLoss
+from test_resume import RUN, Crash, PoisonLoss, assert_same_result, train_losses, validation_history
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification
@@ -392,6 +392,63 @@ def test_non_finite_loss_in_one_ddp_process_stops_every_process_before_the_updat
     assert checkpoints == ["last.ckpt"]  # no interrupted.ckpt of the stopped step
     state = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 1
+
+
+DDP_EPOCHS, DDP_STEPS_PER_EPOCH = 3, 4  # 64 examples in batches of 8 on each of two processes
+DDP_RESUMES = {  # (hook, step, checkpoint_every_n_steps, what the rerun resumes from, its step)
+    # a SIGKILL after the step checkpoint of step 5 (epoch 1, after its first batch); the crash only stops the run
+    "killed-after-a-step-checkpoint": ("on_train_batch_start", 6, 5, "last.ckpt", 5),
+    # an exception during step 5 (epoch 1, batch 1): interrupted.ckpt, written by rank 0 alone, repeats that batch
+    "exception-during-a-step": ("on_before_backward", 5, 100, "interrupted.ckpt", 5),
+}  # in both, the two processes' random states differ when the checkpoint is written (as they do at most steps)
+
+
+@pytest.fixture(scope="module")
+def ddp_resume_task(tmp_path_factory):
+    """The tiny task of ``test_resume`` (dropout on, 64 training examples, batches of 8, 3 epochs) under
+    ``trainer=ddp`` on two CPU processes, and its uninterrupted run's directory."""
+    root = tmp_path_factory.mktemp("ddp-resume")
+    task = make_text_task(root / "task", hidden_dropout_prob=0.1)
+    overrides = [*task["overrides"], *RUN, *CPU_DDP, f"paths.cache_dir='{root / 'cache'}'"]
+    reference = root / "reference"
+    run_to_end(train_py(*overrides, f"hydra.run.dir='{reference}'"), app_env(root, PYTHONWARNINGS="ignore"))
+    return root, overrides, reference
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(DDP_RESUMES))
+def test_a_ddp_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(ddp_resume_task, tmp_path, case):
+    """Two processes stopped in epoch 1 and rerun: each continues its share of the epoch's seeded order at the
+    batch after the checkpoint (not from the epoch's start, as Lightning's own DistributedSampler would), with
+    its own random state (restored from the checkpoint, which holds every process's), so the run ends with the uninterrupted run's weights, results, validation history
+    and logged losses."""
+    root, overrides, reference = ddp_resume_task
+    hook, step, every, checkpoint, resumed_step = DDP_RESUMES[case]
+    out = tmp_path / "run"
+    command = train_py(*overrides, f"hydra.run.dir='{out}'", f"checkpoint_every_n_steps={every}")
+    env = app_env(tmp_path, PYTHONWARNINGS="ignore")
+    crashed = run_to_end([*command, *callback_overrides("crash", Crash, hook=hook, step=step)], env, fails=True)
+    assert f"test crash in {hook} at step {step}" in crashed.stdout + crashed.stderr
+    if checkpoint == "last.ckpt":
+        (out / "checkpoints" / "interrupted.ckpt").unlink()  # as a SIGKILL leaves the run
+    state = torch.load(out / "checkpoints" / checkpoint, map_location="cpu", weights_only=True)
+    assert state["global_step"] == resumed_step
+    batches = resumed_step - DDP_STEPS_PER_EPOCH
+    assert state["TextClassificationData"] == {"train_position": [1, batches * 8]}  # examples of each process
+    rank0, rank1 = state["rng_states"]  # each process's own random state
+    assert not torch.equal(rank0["torch"], rank1["torch"]) and torch.equal(rank0["torch"], state["rng_state"]["torch"])
+
+    result = run_to_end(command, env)
+    assert f"Restored all states from the checkpoint at {out / 'checkpoints' / checkpoint}" in result.stdout + result.stderr
+    assert_same_result(out, reference)  # the best checkpoint's evaluation and export
+    last, reference_last = (torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu") for d in (out, reference))
+    assert last["global_step"] == reference_last["global_step"] == DDP_EPOCHS * DDP_STEPS_PER_EPOCH
+    for name, weight in reference_last["state_dict"].items():  # the final weights
+        torch.testing.assert_close(last["state_dict"][name], weight, rtol=1e-5, atol=1e-6, msg=name)
+    assert validation_history(out) == validation_history(reference)
+    losses, reference_losses = train_losses(out, version=1), train_losses(reference)
+    assert sorted(losses) == list(range(resumed_step, DDP_EPOCHS * DDP_STEPS_PER_EPOCH))
+    assert losses == pytest.approx({s: reference_losses[s] for s in losses}, rel=1e-6, abs=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------- trainer=fsdp

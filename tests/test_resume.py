@@ -35,6 +35,7 @@ from transformers import AutoModelForSequenceClassification
 
 from distill_lab.resume import (
     LOCK_FILE,
+    ResumableDistributedSampler,
     ResumableRandomSampler,
     RunDirectoryLocked,
     config_differences,
@@ -679,3 +680,22 @@ def test_sampler_continues_an_epoch_part_way(tmp_path):
     assert list(sampler) == full[2]
     assert list(ResumableRandomSampler(data, seed=4)) != full[0]
 
+
+def test_distributed_sampler_shards_the_same_order_and_continues_each_share_part_way():
+    """Process r of 3 visits positions r, r + 3... of the one-process order (padded with its first examples
+    to 21, as ``DistributedSampler`` pads), which is ``DistributedSampler``'s order; ``start`` skips the first
+    examples of this process's share, once."""
+    data = list(range(20))
+    full = list(ResumableRandomSampler(data, seed=3, epoch=1))
+    shares = [list(ResumableDistributedSampler(data, num_replicas=3, rank=r, seed=3, epoch=1)) for r in range(3)]
+    padded = full + full[:1]
+    assert shares == [padded[r::3] for r in range(3)]
+    for r in range(3):
+        torch_sampler = torch.utils.data.DistributedSampler(data, num_replicas=3, rank=r, shuffle=True, seed=3)
+        torch_sampler.set_epoch(1)
+        assert list(torch_sampler) == shares[r]
+    sampler = ResumableDistributedSampler(data, num_replicas=3, rank=1, seed=3, epoch=1, start=4)
+    assert len(sampler) == 7 and list(sampler) == shares[1][4:]
+    assert list(sampler) == shares[1]
+    sampler.set_epoch(2)
+    assert list(sampler) == list(ResumableRandomSampler(data, seed=3, epoch=2))[1::3]

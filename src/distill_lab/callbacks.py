@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.strategies import FSDPStrategy  # noqa: E402
-from lightning.pytorch.trainer.states import TrainerFn  # noqa: E402
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from distill_lab.capture import QueryKey  # noqa: E402
@@ -291,6 +291,13 @@ class ResumeRandomState(L.Callback):
     the uninterrupted one did not. A checkpoint written inside a gradient-accumulation window saves the state
     at the window's first batch, which the resumed run repeats (``resume.accumulation_window_start``).
 
+    In a distributed run every process has a state of its own (each draws for its own share of the batch, and
+    how many numbers a draw takes can depend on the batch's shape), so a checkpoint holds every process's
+    (``rng_states``, by rank; ``rng_state`` is rank 0's) and each process restores its own. A step or epoch
+    checkpoint gathers them when it is written (every process writes it together); ``interrupted.ckpt`` is
+    written by rank 0 alone, which cannot ask the others, so every process's state at the start of each batch
+    is gathered when the batch starts (one small all-gather per batch, only in a distributed run).
+
     A checkpoint written during a step also keeps the loggers' step (Lightning's ``_batches_that_stepped``)
     as the repeated batch starts with it. Lightning assumes every checkpoint was written after a step and adds
     one when it restarts, so without this the resumed run would log every step one later than the
@@ -298,18 +305,30 @@ class ResumeRandomState(L.Callback):
     """
 
     LOGGING_STEP = "logging_step"
+    PER_RANK = "rng_states"
 
     def __init__(self) -> None:
-        self._batch_start: tuple[int, dict, int] | None = None
-        self._window_start: tuple[int, dict, int] | None = None  # of the gradient-accumulation window under way
+        # (batch ready count, random state of every process by rank, logging step) at a batch's start
+        self._batch_start: tuple[int, list[dict], int] | None = None
+        self._window_start: tuple[int, list[dict], int] | None = None  # of the gradient-accumulation window under way
         self._to_restore: dict | None = None
         self._logging_step: int | None = None
+
+    @staticmethod
+    def _every_rank(trainer: L.Trainer, state: dict) -> list[dict]:
+        """``state`` of every process, by rank (a collective: every process must call it)."""
+        if trainer.world_size == 1:
+            return [state]
+        states = [None] * trainer.world_size
+        torch.distributed.all_gather_object(states, state)
+        return states
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int) -> None:
         epoch_loop = trainer.fit_loop.epoch_loop
         if self._logging_step is not None:  # the first batch of a run resumed from a checkpoint written mid-step
             epoch_loop._batches_that_stepped, self._logging_step = self._logging_step, None
-        self._batch_start = (epoch_loop.batch_progress.current.ready, rng_state(), epoch_loop._batches_that_stepped)
+        states = self._every_rank(trainer, rng_state())
+        self._batch_start = (epoch_loop.batch_progress.current.ready, states, epoch_loop._batches_that_stepped)
         if batch_idx % trainer.accumulate_grad_batches == 0:
             self._window_start = self._batch_start
 
@@ -319,12 +338,23 @@ class ResumeRandomState(L.Callback):
         start = self._batch_start if under_way else None
         if accumulation_window_start(trainer) is not None and self._window_start is not None:
             start = self._window_start  # a resume replays the accumulation window (see InterruptedCheckpoint)
-        checkpoint["rng_state"] = rng_state() if start is None else start[1]
         if start is not None:
+            states = start[1]
             checkpoint[self.LOGGING_STEP] = start[2]
+        elif trainer.state.status == TrainerStatus.INTERRUPTED:  # rank 0 alone (InterruptedCheckpoint): no gather
+            states = [rng_state()]
+        else:  # every process writes a step, epoch or best checkpoint together
+            states = self._every_rank(trainer, rng_state())
+        checkpoint["rng_state"] = states[0]
+        if trainer.world_size > 1 and len(states) == trainer.world_size:
+            checkpoint[self.PER_RANK] = states
 
     def on_load_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict) -> None:
-        self._to_restore = checkpoint.get("rng_state")
+        states = checkpoint.get(self.PER_RANK)
+        if states is not None and len(states) == trainer.world_size:
+            self._to_restore = states[trainer.global_rank]
+        else:  # one process's state (another number of processes, or an older checkpoint): every process takes it
+            self._to_restore = checkpoint.get("rng_state")
         self._logging_step = checkpoint.get(self.LOGGING_STEP)
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:

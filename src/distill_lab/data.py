@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from distill_lab.resume import ResumableRandomSampler, training_position
+from distill_lab.resume import ResumableDistributedSampler, ResumableRandomSampler, training_position
 
 # the built-in task's vocabulary: sentiment words, neutral filler and the negation that flips a sentiment word
 POSITIVE_WORDS: tuple[str, ...] = ("good", "great", "fine", "nice", "happy", "best")
@@ -412,7 +412,10 @@ class TrainValidationData(lightning.LightningDataModule):
         if shuffle:  # a seeded order per epoch, which a run resumed mid-epoch continues
             epoch, start = self._resume_at or (0, 0)
             self._resume_at = None
-            sampler = ResumableRandomSampler(self.splits[split], self.seed, epoch, start)
+            if (shards := self._distributed_shards()) is not None:  # this process's share of the same order
+                sampler = ResumableDistributedSampler(self.splits[split], **shards, seed=self.seed, epoch=epoch, start=start)
+            else:
+                sampler = ResumableRandomSampler(self.splits[split], self.seed, epoch, start)
         # worker seeds come from this generator, not from the global RNG: a resumed run starts loaders at other
         # moments than an uninterrupted one, and must not shift the dropout masks drawn after them
         generator = torch.Generator().manual_seed(self.seed)
@@ -421,6 +424,17 @@ class TrainValidationData(lightning.LightningDataModule):
             collate_fn=self.collator(split), num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _distributed_shards(self) -> dict | None:
+        """``{"num_replicas", "rank"}`` where Lightning would give the training loader a ``DistributedSampler``
+        (a distributed strategy, ``use_distributed_sampler`` on); None in one process or outside a trainer.
+        Validation keeps Lightning's sampler: in dataset order, each process a share."""
+        trainer = self.trainer
+        if trainer is None or not trainer._accelerator_connector.use_distributed_sampler:
+            return None
+        if not trainer._accelerator_connector.is_distributed:
+            return None
+        return dict(trainer.distributed_sampler_kwargs)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled (seeded) training batches."""

@@ -50,7 +50,8 @@ prefetched the next batch (one batch too far), and it is never loaded back when 
 reads ``trainer.estimated_stepping_batches`` (which ours does; Lightning issue #20550) because that builds the
 loader before the checkpoint's loop state is restored. So the position comes from the trainer's own loop
 progress when the checkpoint is written, is saved by the data module (``TextClassificationData.state_dict``,
-restored before any loader is built), and the sampler starts its epoch part-way through.
+restored before any loader is built), and the sampler starts its epoch part-way through (in a distributed
+run, each process's sampler its share of the epoch: the position counts the examples of one process's share).
 
 **Random state** (:func:`rng_state`, :func:`set_rng_state`, used by ``callbacks.ResumeRandomState``):
 Lightning checkpoints hold no random-number-generator state, so a resumed run would draw different dropout
