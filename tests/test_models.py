@@ -11,7 +11,7 @@ import torch
 from conftest import app_env, make_image_task, make_tiny_model, run_to_end, train_py
 from transformers import AutoConfig
 
-from distill_lab.builtin import evaluate_accuracy, train_builtin_teacher
+from distill_lab.builtin import evaluate, train_builtin_teacher
 from distill_lab.capture import attention_modules
 from distill_lab.data import TextClassificationData, build_word_tokenizer, synthetic_relations
 from distill_lab.models import count_parameters, derive_student, load_student, load_teacher, load_tokenizer
@@ -159,14 +159,14 @@ def test_unloadable_teacher_and_tokenizer_are_clear_errors(tmp_path):
 
 def test_builtin_teacher_is_trained_saved_and_loaded_through_from_pretrained(tmp_path):
     out = tmp_path / "teacher"
-    accuracy = train_builtin_teacher("relations", out, max_epochs=1)
+    accuracy = train_builtin_teacher("relations", out, max_epochs=1, attempts=1)
     assert (out / "config.json").exists() and (out / "teacher_metrics.txt").exists()
     assert (out / "teacher_metrics.txt").read_text().startswith(f"validation_acc={accuracy:.4f}\nvalidation_f1=")
     teacher = load_teacher(str(out), builtin="relations")  # cached: loads, does not retrain
     tokenizer = load_tokenizer(str(out))
     data = TextClassificationData(synthetic_relations(seed=0), tokenizer=tokenizer, batch_size=64)
     data.setup()
-    assert evaluate_accuracy(teacher, data.val_dataloader()) == pytest.approx(accuracy)
+    assert evaluate(teacher, data.val_dataloader(), "sequence_classification")["acc"] == pytest.approx(accuracy)
     assert tokenizer("good not bad")["input_ids"] == build_word_tokenizer()("good not bad")["input_ids"]
     with pytest.raises(ValueError, match="unknown built-in teacher"):
         train_builtin_teacher("chess", tmp_path / "x")

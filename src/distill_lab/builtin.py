@@ -245,8 +245,3 @@ def evaluate(model, dataloader, task: str) -> dict[str, float]:
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # the metrics need no loss
         task.update(metrics, logits, batch)
     return {name: float(value) for name, value in metrics.compute().items()}
-
-
-def evaluate_accuracy(model, dataloader) -> float:
-    """A classifier's validation accuracy over ``dataloader``."""
-    return evaluate(model, dataloader, "sequence_classification")["acc"]
