@@ -98,6 +98,10 @@ class Crash(L.Callback):
     def on_train_epoch_start(self, trainer, module) -> None:
         self._maybe_crash(trainer, "on_train_epoch_start")
 
+    def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking and batch_idx == 1:
+            self._maybe_crash(trainer, "on_validation_batch_start")
+
 
 class CrashInBatch(L.Callback):
     """Raises ``RuntimeError`` in ``hook`` during the training batch ``batch`` (counted over all epochs)."""
@@ -431,9 +435,49 @@ def test_a_step_checkpoint_that_a_validation_follows_keeps_that_validation(task,
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="test crash"):
         run_app(task, out, *overrides, *callback_overrides("crash", Crash, hook=hook, step=step))
-    (out / "checkpoints" / "interrupted.ckpt").unlink()  # as a SIGKILL leaves the run
+    (out / "checkpoints" / "interrupted.ckpt").unlink(missing_ok=True)  # as a SIGKILL leaves the run (an exception
+    # during a validation writes none)
     last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == last_step
+
+    run_app(task, out, *overrides)
+    history, reference_history = validation_history(out), validation_history(reference)
+    assert history == reference_history and len(history) == len(reference_history)
+    assert_same_result(out, reference)
+    assert_same_losses(train_losses(out, version=1), train_losses(reference), last_step)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    best, best_reference = (
+        torch.load(d / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True) for d in (out, reference)
+    )
+    assert (best["epoch"], best["global_step"]) == (best_reference["epoch"], best_reference["global_step"])
+
+
+CRASHES_DURING_VALIDATION = {  # (hook, step, overrides, the checkpoint resumed and its step)
+    # epoch 0's validation, after its last step (8); last.ckpt of step 4 is the newest checkpoint
+    "the-epochs-validation": ("on_validation_start", 8, ["checkpoint_every_n_steps=4"], 4),
+    # a mid-epoch validation (every 4 batches) after step 4, whose due checkpoint waits for it: step 2's is the newest
+    "a-mid-epoch-validation": (
+        "on_validation_start", 4, ["checkpoint_every_n_steps=2", "+trainer.val_check_interval=4"], 2,
+    ),
+    # half-way through epoch 0's validation, its first batch done
+    "a-validation-batch": ("on_validation_batch_start", 8, ["checkpoint_every_n_steps=4"], 4),
+}
+
+
+@pytest.mark.parametrize("case", list(CRASHES_DURING_VALIDATION))
+def test_an_exception_during_validation_writes_no_checkpoint_and_the_validation_is_redone(task, tmp_path, case):
+    """An exception (Ctrl-C too) during a validation inside fit writes no ``interrupted.ckpt``: Lightning would
+    resume one as if the validation had run (its metrics never logged, the best checkpoint never seeing it).
+    The rerun resumes the checkpoint before and validates again, ending with the uninterrupted run's
+    validation history, results and ``best.ckpt``."""
+    hook, step, overrides, last_step = CRASHES_DURING_VALIDATION[case]
+    reference = tmp_path / "reference"
+    run_app(task, reference, *overrides)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match=f"test crash in {hook} at step {step}"):
+        run_app(task, out, *overrides, *callback_overrides("crash", Crash, hook=hook, step=step))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == last_step
 
     run_app(task, out, *overrides)
     history, reference_history = validation_history(out), validation_history(reference)

@@ -238,7 +238,8 @@ class InterruptedCheckpoint(L.Callback):
     Unlike Lightning's ``OnExceptionCheckpoint`` it writes nothing on a non-finite stop (a
     ``FloatingPointError``: see ``DistillationModule.training_step`` and :class:`FiniteCheckpoints`) nor while
     the trainable weights are non-finite: resuming there would replay the failing step, and the last good
-    ``last.ckpt`` must stay the newest checkpoint. Only exceptions during ``fit`` count (the final validation
+    ``last.ckpt`` must stay the newest checkpoint; nor during a validation inside ``fit`` (resumed, Lightning
+    would take that validation for done). Only exceptions during ``fit`` count (the final validation
     of the best checkpoint holds no training state worth saving). It is deliberately not an
     ``OnExceptionCheckpoint``: with one present Lightning turns ``fit(ckpt_path=None)`` into ``"last"`` and
     resumes from this directory's newest checkpoint, and ``ckpt_path=null`` must mean a fresh start.
@@ -254,6 +255,14 @@ class InterruptedCheckpoint(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
         if trainer.state.fn != TrainerFn.FITTING:
+            return
+        if trainer.validating:
+            # Lightning resumes a checkpoint written now as if this validation had run: its metrics would never
+            # be logged nor seen by the best checkpoint. The newest checkpoint on disk was written before it
+            # (LastCheckpoint writes one due on the batch a validation follows after that validation), and a run
+            # resumed from it trains the steps since again and validates.
+            log.warning("%s during validation: not writing %s, the newest checkpoint resumes before this validation",
+                        type(exception).__name__, self.ckpt_path)  # fmt: skip
             return
         if isinstance(exception, FloatingPointError):
             log.warning("a non-finite stop writes no %s; the last good checkpoint is the newest", self.ckpt_path)
