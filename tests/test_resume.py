@@ -423,6 +423,21 @@ KILLS_AFTER_A_DUE_CHECKPOINT = {  # (hook, step, overrides, last.ckpt left): a S
 }
 
 
+def assert_validated_as_the_reference(out: Path, reference: Path, resumed_step: int) -> None:
+    """A run resumed from step ``resumed_step`` ended as the uninterrupted ``reference``: every validation in
+    its history, its results and student, its losses after the step, and a single best.ckpt of the same epoch
+    and step."""
+    history, reference_history = validation_history(out), validation_history(reference)
+    assert history == reference_history and len(history) == len(reference_history)
+    assert_same_result(out, reference)
+    assert_same_losses(train_losses(out, version=1), train_losses(reference), resumed_step)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    best, best_reference = (
+        torch.load(d / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True) for d in (out, reference)
+    )
+    assert (best["epoch"], best["global_step"]) == (best_reference["epoch"], best_reference["global_step"])
+
+
 @pytest.mark.parametrize("case", list(KILLS_AFTER_A_DUE_CHECKPOINT))
 def test_a_step_checkpoint_that_a_validation_follows_keeps_that_validation(task, tmp_path, case):
     """A step checkpoint due on a batch that a validation follows is written after that validation (on an
@@ -441,15 +456,7 @@ def test_a_step_checkpoint_that_a_validation_follows_keeps_that_validation(task,
     assert last["global_step"] == last_step
 
     run_app(task, out, *overrides)
-    history, reference_history = validation_history(out), validation_history(reference)
-    assert history == reference_history and len(history) == len(reference_history)
-    assert_same_result(out, reference)
-    assert_same_losses(train_losses(out, version=1), train_losses(reference), last_step)
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
-    best, best_reference = (
-        torch.load(d / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True) for d in (out, reference)
-    )
-    assert (best["epoch"], best["global_step"]) == (best_reference["epoch"], best_reference["global_step"])
+    assert_validated_as_the_reference(out, reference, last_step)
 
 
 CRASHES_DURING_VALIDATION = {  # (hook, step, overrides, the checkpoint resumed and its step)
@@ -480,15 +487,7 @@ def test_an_exception_during_validation_writes_no_checkpoint_and_the_validation_
     assert torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == last_step
 
     run_app(task, out, *overrides)
-    history, reference_history = validation_history(out), validation_history(reference)
-    assert history == reference_history and len(history) == len(reference_history)
-    assert_same_result(out, reference)
-    assert_same_losses(train_losses(out, version=1), train_losses(reference), last_step)
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
-    best, best_reference = (
-        torch.load(d / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True) for d in (out, reference)
-    )
-    assert (best["epoch"], best["global_step"]) == (best_reference["epoch"], best_reference["global_step"])
+    assert_validated_as_the_reference(out, reference, last_step)
 
 
 ACCUMULATION_CRASHES = {  # batches 8-9 and 10-11 are the first two windows of epoch 1; step 5 ends 8-9
