@@ -465,7 +465,8 @@ class TrainValidationData(lightning.LightningDataModule):
 
     def state_dict(self) -> dict:
         """Where training is in the shuffled order, which Lightning saves in every checkpoint:
-        ``{"train_position": [epoch, examples already trained in it]}`` (see ``resume.training_position``)."""
+        ``{"train_position": [epoch, examples already trained in it]}`` (see ``resume.training_position``); in a
+        distributed run the examples of each process's share, the same number in every process."""
         position = training_position(self.trainer)
         if position is None:
             return {}
