@@ -29,6 +29,7 @@ from unittest import mock
 import lightning as L
 import pytest
 import torch
+import yaml
 from conftest import (
     CPU_DDP,
     FSDP_ON_CPU,
@@ -341,8 +342,10 @@ def run_train_py(tmp_path: Path, *overrides: str) -> tuple[Path, subprocess.Comp
 @pytest.mark.slow
 def test_train_py_with_trainer_ddp_writes_the_run_outputs_once(tmp_path):
     """``python train.py trainer=ddp``: Lightning starts rank 1 in the same run directory; the data is split
-    between the two processes and rank 0 alone writes config.yaml, results.json and the exported student."""
-    out, result = run_train_py(tmp_path, *CPU_DDP)
+    between the two processes and rank 0 alone writes config.yaml, results.json and the exported student. The
+    31 validation examples, which Lightning's sampler pads to 32 by repeating the first, are each counted once:
+    the reported accuracies are those of one process over the whole validation set."""
+    out, result = run_train_py(tmp_path, *CPU_DDP, "data.max_eval_samples=31")
 
     assert (out / "train_ddp_process_1.log").is_file()  # rank 1 ran, in rank 0's run directory
     assert result.stdout.count("distillation result") == 1  # the summary printed after results.json: once
@@ -355,6 +358,22 @@ def test_train_py_with_trainer_ddp_writes_the_run_outputs_once(tmp_path):
     last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 2
     assert str(out / "checkpoints" / "best.ckpt") == results["best_checkpoint"]
+
+    from distill_lab.builtin import evaluate
+    from distill_lab.data import TextClassificationData, local_files
+    from distill_lab.models import load_tokenizer
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    files = {k: config["data"]["dataset"][k] for k in ("train_file", "validation_file")}
+    data = TextClassificationData(
+        local_files(**files), load_tokenizer(str(out / "student")), max_eval_samples=31, seed=config["data"]["seed"]
+    )
+    data.setup()
+    assert len(data.splits["validation"]) == 31
+    teacher = AutoModelForSequenceClassification.from_pretrained(tmp_path / "task" / "teacher")
+    for role, model in (("student", student), ("teacher", teacher)):
+        scores = evaluate(model, data.val_dataloader(), "sequence_classification")
+        assert results[role]["acc"] == pytest.approx(scores["acc"], abs=1e-6), role
 
 
 @pytest.mark.slow

@@ -241,6 +241,10 @@ class DistillationModule(L.LightningModule):
         step = self(batch)
         loss, attention_loss, details = step.loss, step.attention_loss, step.details
         student_logits, teacher_logits = step.student_logits, step.teacher_logits
+        if (real := self._unrepeated_rows(batch_idx, len(student_logits))) is not None:
+            # the metrics count every validation example once, as in one process
+            rows = {k: v[real] for k, v in batch.items() if isinstance(v, Tensor) and len(v) == len(real)}
+            batch, student_logits, teacher_logits = rows, student_logits[real], teacher_logits[real]
         self.task.update(self.val_metrics, student_logits, batch)
         if not self.teacher_scores and not self.trainer.sanity_checking:
             self.task.update(self.teacher_metrics, teacher_logits, batch)
@@ -252,6 +256,21 @@ class DistillationModule(L.LightningModule):
         # callbacks.AttentionMapCallback draws from it (no forward of its own, which FSDP would need every process
         # to join)
         return step
+
+    def _unrepeated_rows(self, batch_idx: int, rows: int) -> Tensor | None:
+        """Which rows of validation batch ``batch_idx`` are examples this process is the first to see, or None
+        when all are. Under DDP, Lightning's ``DistributedSampler`` pads the validation set to a multiple of the
+        process count by repeating its first examples at the end; process ``r`` takes every ``world``-th example
+        from position ``r``, so its row ``j`` is a repeat exactly when ``r + j * world`` reaches the set's size."""
+        loader = self.trainer.val_dataloaders
+        sampler = getattr(loader, "sampler", None)
+        if not isinstance(sampler, torch.utils.data.DistributedSampler) or sampler.shuffle or sampler.drop_last:
+            return None
+        size = len(sampler.dataset)
+        if size % sampler.num_replicas == 0:
+            return None
+        positions = sampler.rank + (batch_idx * loader.batch_size + torch.arange(rows)) * sampler.num_replicas
+        return (positions < size).to(self.device)
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
