@@ -84,6 +84,7 @@ def test_cli_kl_headwise_with_offline_wandb(task, tmp_path):
     run_dir = tmp_path / "run"
     proc = cli(tmp_path, "loss=kl", "matching=headwise", *task["overrides"], *FAST, f"hydra.run.dir={run_dir}")
     output = proc.stdout + proc.stderr
+    assert "in eval mode at the start of training" not in output  # the frozen teacher's eval mode is on purpose
 
     # the run directory: Hydra's record, the resolved config, results, checkpoint, export, attention maps
     overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())

@@ -12,6 +12,7 @@ import logging
 import netrc
 import os
 import time
+import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -39,6 +40,9 @@ from distill_lab.module import DistillationModule
 from distill_lab.resume import finished_run, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
+# the frozen teacher is in eval mode on purpose (no dropout, no gradients): Lightning's warning about modules in
+# eval mode at the start of training says nothing about a distillation run
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 def instantiate(cfg, *args, **kwargs):
