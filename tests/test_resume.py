@@ -639,8 +639,9 @@ def test_previous_run_is_the_latest_unfinished_one_with_the_same_overrides(tmp_p
     # a directory named explicitly (hydra.run.dir) resumes its own unfinished run, whatever its neighbours
     named = _fake_run(tmp_path / "runs", "mine", ["loss=mse"], {"checkpoints/last.ckpt": 10})
     assert find_previous_run(named)[:2] == (named / "checkpoints" / "last.ckpt", named)
-    (named / "results.json").touch()
-    assert find_previous_run(named) is None
+    (named / "results.json").touch()  # finished: named again, it is refused (piling a second run onto it)
+    with pytest.raises(ValueError, match=r"mine holds a finished run \(results\.json\).*Choose another hydra\.run\.dir"):
+        find_previous_run(named)
     # and a directory that Hydra does not manage (no .hydra/) has no neighbours to compare with
     assert find_previous_run(tmp_path / "plain") is None
 

@@ -19,9 +19,9 @@ on disk. With ``ckpt_path=auto`` (the default):
    starts afresh and the log names the keys that differ.
 
 A previous run that wrote ``results.json`` (the last thing ``train`` does) finished, and this run starts
-afresh; ``run.train`` first asks :func:`finished_run` whether it would repeat one under the same
-configuration: a job of a rerun sweep then returns that job's results without training, and a single run
-whose own directory holds a finished run stops. Only the latest matching run counts: an older unfinished run is not revived behind a newer finished
+afresh, unless it is this run's own directory (named again): that is an error. ``run.train`` first asks
+:func:`finished_run` whether a job of a rerun sweep repeats a finished one under the same configuration, and
+then returns that job's results without training. Only the latest matching run counts: an older unfinished run is not revived behind a newer finished
 one. The checkpoint is the newer of ``checkpoints/last.ckpt`` (every ``checkpoint_every_n_steps`` steps and
 at the end of training) and ``checkpoints/interrupted.ckpt`` (Ctrl-C or an exception). The resumed run
 continues *in the previous run's directory*: its checkpoint callbacks keep tracking the best epoch across the
@@ -238,16 +238,20 @@ def _nearby_runs(output_dir: Path) -> list[Path]:
 
 def find_previous_run(output_dir: str | Path, config: dict | None = None) -> tuple[Path, Path, str] | None:
     """The interrupted run that ``output_dir``'s run continues, as ``(checkpoint, run_dir, reason)``, or None.
+    Raises ValueError when ``output_dir`` itself holds a finished run.
 
     See the module docstring for the rules. ``config`` is this run's resolved configuration (compared with the
     previous run's ``config.yaml``; None compares nothing). ``reason`` says in words why this checkpoint was
     chosen.
     """
     output_dir = Path(output_dir)
+    if (output_dir / FINISHED_MARKER).is_file():  # a directory named again (hydra.run.dir=, hydra.sweep.dir=)
+        raise ValueError(
+            f"{output_dir} holds a finished run ({FINISHED_MARKER}): training again there would pile a second "
+            "run's checkpoints and logs onto the first's. Choose another hydra.run.dir (hydra.sweep.dir for a "
+            "sweep), or delete the directory to train it again there"
+        )
     if (own := _newest_checkpoint(output_dir)) is not None:
-        if (output_dir / FINISHED_MARKER).is_file():
-            log.info("ckpt_path=auto: %s holds a finished run (%s); starting afresh", output_dir, FINISHED_MARKER)
-            return None
         if config is not None and (changed := config_differences(output_dir, config)):
             log.warning(
                 "ckpt_path=auto: resuming the run in %s under a configuration that differs from the one it started "

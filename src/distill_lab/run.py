@@ -279,16 +279,8 @@ def train(cfg: DictConfig) -> dict:
     a rerun of an interrupted command resumes it in its own directory (``distill_lab.resume``).
     """
     config, own_dir = OmegaConf.to_container(cfg, resolve=True), Path(cfg.paths.output_dir)
-    if cfg.get("ckpt_path") == "auto":
-        done = finished_run(own_dir, config)
-        if done is not None and _in_multirun():  # a rerun of an interrupted sweep: finished jobs are not retrained
-            return _reuse_results(done)
-        if (own_dir / "results.json").is_file():  # a directory named again (hydra.run.dir=, hydra.sweep.dir=)
-            raise ValueError(
-                f"{own_dir} holds a finished run (results.json): training again there would pile a second run's "
-                "checkpoints and logs onto the first's. Choose another hydra.run.dir (hydra.sweep.dir for a "
-                "sweep), or delete the directory to train it again there"
-            )
+    if cfg.get("ckpt_path") == "auto" and _in_multirun() and (done := finished_run(own_dir, config)) is not None:
+        return _reuse_results(done)  # a rerun of an interrupted sweep: its finished jobs are not trained again
     ckpt_path, output_dir = resolve_ckpt_path(cfg.get("ckpt_path"), own_dir, config)
     cfg.paths.output_dir = str(output_dir)  # the previous run's directory when resuming it
     output_dir.mkdir(parents=True, exist_ok=True)
