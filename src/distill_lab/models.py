@@ -124,9 +124,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
             "model's tokenizer beside it with tokenizer.save_pretrained(directory)"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            name_or_path, trust_remote_code=trust_remote_code, **({"revision": revision} if revision else {})
-        )
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot load a tokenizer from {name_or_path!r}: {err}") from err
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
@@ -142,9 +140,7 @@ def load_preprocessor(
     if get_task(task).inputs == "text":
         return load_tokenizer(name_or_path, trust_remote_code, revision)
     try:
-        return AutoImageProcessor.from_pretrained(
-            name_or_path, trust_remote_code=trust_remote_code, **({"revision": revision} if revision else {})
-        )
+        return AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as err:
         raise ValueError(
             f"cannot load an image processor from {name_or_path!r}: an image teacher needs the image processor "

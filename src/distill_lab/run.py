@@ -31,13 +31,12 @@ from rich.console import Console
 from rich.table import Table
 
 from distill_lab.capture import num_attention_heads
-from distill_lab.data import TextClassificationData, check_sizes
-from distill_lab.data_images import ImageFolderData
-from distill_lab.data_lm import LanguageModelingData
+from distill_lab.data import check_sizes
 from distill_lab.matching import AttentionDistillationLoss, layer_map
 from distill_lab.models import count_parameters, load_preprocessor, position_limit
 from distill_lab.module import DistillationModule
 from distill_lab.resume import finished_run, resolve_ckpt_path
+from distill_lab.tasks import TASKS
 
 log = logging.getLogger(__name__)
 # the frozen teacher is in eval mode on purpose (no dropout, no gradients): Lightning's warning about modules in
@@ -226,7 +225,7 @@ def _check_settings(cfg: DictConfig, task) -> None:
         if isinstance(value, bool) or not isinstance(value, int | float) or not valid(value):
             raise ValueError(f"{key}={value} must be {rule}")
     data_class = get_object(cfg.data._target_)
-    kinds = (TextClassificationData, ImageFolderData, LanguageModelingData)  # your own module is yours to pair
+    kinds = tuple({get_object(t.data_module) for t in TASKS.values()})  # your own module is yours to pair
     if isinstance(data_class, type) and issubclass(data_class, kinds) and not issubclass(
         data_class, get_object(task.data_module)
     ):
