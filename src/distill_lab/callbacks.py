@@ -305,7 +305,8 @@ class ResumeRandomState(L.Callback):
     (``rng_states``, by rank; ``rng_state`` is rank 0's) and each process restores its own. A step or epoch
     checkpoint gathers them when it is written (every process writes it together); ``interrupted.ckpt`` is
     written by rank 0 alone, which cannot ask the others, so every process's state at the start of each batch
-    is gathered when the batch starts (one small all-gather per batch, only in a distributed run).
+    is gathered when the batch starts: one small all-gather per batch in a DDP run, over a gloo (CPU) group so
+    that it waits for no device, and none under FSDP, which writes no ``interrupted.ckpt``.
 
     A checkpoint written during a step also keeps the loggers' step (Lightning's ``_batches_that_stepped``)
     as the repeated batch starts with it. Lightning assumes every checkpoint was written after a step and adds
@@ -322,21 +323,29 @@ class ResumeRandomState(L.Callback):
         self._window_start: tuple[int, list[dict], int] | None = None  # of the gradient-accumulation window under way
         self._to_restore: dict | None = None
         self._logging_step: int | None = None
+        self._gather_each_batch = False
+        self._group = None  # the process group the states travel in (None: the default one)
 
-    @staticmethod
-    def _every_rank(trainer: L.Trainer, state: dict) -> list[dict]:
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        self._gather_each_batch = trainer.world_size > 1 and not isinstance(trainer.strategy, FSDPStrategy)
+        distributed = trainer.world_size > 1 and torch.distributed.is_initialized()
+        if distributed and self._group is None and torch.distributed.get_backend() != "gloo":
+            # the states are CPU objects: NCCL would copy them to the device and wait for it at every gather
+            self._group = torch.distributed.new_group(backend="gloo")
+
+    def _every_rank(self, trainer: L.Trainer, state: dict) -> list[dict]:
         """``state`` of every process, by rank (a collective: every process must call it)."""
         if trainer.world_size == 1:
             return [state]
         states = [None] * trainer.world_size
-        torch.distributed.all_gather_object(states, state)
+        torch.distributed.all_gather_object(states, state, group=self._group)
         return states
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int) -> None:
         epoch_loop = trainer.fit_loop.epoch_loop
         if self._logging_step is not None:  # the first batch of a run resumed from a checkpoint written mid-step
             epoch_loop._batches_that_stepped, self._logging_step = self._logging_step, None
-        states = self._every_rank(trainer, rng_state())
+        states = self._every_rank(trainer, rng_state()) if self._gather_each_batch else [rng_state()]
         self._batch_start = (epoch_loop.batch_progress.current.ready, states, epoch_loop._batches_that_stepped)
         if batch_idx % trainer.accumulate_grad_batches == 0:
             self._window_start = self._batch_start
