@@ -423,15 +423,15 @@ KILLS_AFTER_A_DUE_CHECKPOINT = {  # (hook, step, overrides, last.ckpt left): a S
 }
 
 
-def assert_validated_as_the_reference(out: Path, reference: Path, resumed_step: int) -> None:
+def assert_validated_as_the_reference(out: Path, reference: Path, resumed_step: int, *kept: str) -> None:
     """A run resumed from step ``resumed_step`` ended as the uninterrupted ``reference``: every validation in
     its history, its results and student, its losses after the step, and a single best.ckpt of the same epoch
-    and step."""
+    and step (beside last.ckpt and the ``kept`` checkpoints the interruption left)."""
     history, reference_history = validation_history(out), validation_history(reference)
     assert history == reference_history and len(history) == len(reference_history)
     assert_same_result(out, reference)
     assert_same_losses(train_losses(out, version=1), train_losses(reference), resumed_step)
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(["best.ckpt", "last.ckpt", *kept])
     best, best_reference = (
         torch.load(d / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True) for d in (out, reference)
     )
@@ -450,8 +450,7 @@ def test_a_step_checkpoint_that_a_validation_follows_keeps_that_validation(task,
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="test crash"):
         run_app(task, out, *overrides, *callback_overrides("crash", Crash, hook=hook, step=step))
-    (out / "checkpoints" / "interrupted.ckpt").unlink(missing_ok=True)  # as a SIGKILL leaves the run (an exception
-    # during a validation writes none)
+    (out / "checkpoints" / "interrupted.ckpt").unlink()  # as a SIGKILL leaves the run
     last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == last_step
 
@@ -459,35 +458,36 @@ def test_a_step_checkpoint_that_a_validation_follows_keeps_that_validation(task,
     assert_validated_as_the_reference(out, reference, last_step)
 
 
-CRASHES_DURING_VALIDATION = {  # (hook, step, overrides, the checkpoint resumed and its step)
-    # epoch 0's validation, after its last step (8); last.ckpt of step 4 is the newest checkpoint
-    "the-epochs-validation": ("on_validation_start", 8, ["checkpoint_every_n_steps=4"], 4),
-    # a mid-epoch validation (every 4 batches) after step 4, whose due checkpoint waits for it: step 2's is the newest
-    "a-mid-epoch-validation": (
-        "on_validation_start", 4, ["checkpoint_every_n_steps=2", "+trainer.val_check_interval=4"], 2,
-    ),
-    # half-way through epoch 0's validation, its first batch done
-    "a-validation-batch": ("on_validation_batch_start", 8, ["checkpoint_every_n_steps=4"], 4),
+CRASHES_DURING_VALIDATION = {  # (hook, step, overrides): interrupted.ckpt is written at the validation's step
+    # epoch 0's validation, after its last step (8); last.ckpt of step 4 is the newest step checkpoint
+    "the-epochs-validation": ("on_validation_start", 8, ["checkpoint_every_n_steps=4"]),
+    # a mid-epoch validation (every 4 batches) after step 4, whose due checkpoint waits for it
+    "a-mid-epoch-validation": ("on_validation_start", 4, ["checkpoint_every_n_steps=2", "+trainer.val_check_interval=4"]),
+    # half-way through epoch 0's validation, its first batch done (resumed as written, Lightning would skip it)
+    "a-validation-batch": ("on_validation_batch_start", 8, ["checkpoint_every_n_steps=4"]),
 }
 
 
 @pytest.mark.parametrize("case", list(CRASHES_DURING_VALIDATION))
-def test_an_exception_during_validation_writes_no_checkpoint_and_the_validation_is_redone(task, tmp_path, case):
-    """An exception (Ctrl-C too) during a validation inside fit writes no ``interrupted.ckpt``: Lightning would
-    resume one as if the validation had run (its metrics never logged, the best checkpoint never seeing it).
-    The rerun resumes the checkpoint before and validates again, ending with the uninterrupted run's
-    validation history, results and ``best.ckpt``."""
-    hook, step, overrides, last_step = CRASHES_DURING_VALIDATION[case]
+def test_an_exception_during_validation_resumes_by_running_that_validation_again(task, tmp_path, caplog, case):
+    """An exception (Ctrl-C too) during a validation inside fit writes ``interrupted.ckpt`` at that step, which
+    resumes by running the whole validation again (``restart_validation``): as Lightning wrote it, the resumed
+    run skipped the validation's finished batches (or the whole validation), so its metrics were wrong or never
+    logged and the best checkpoint never saw it. Nothing trained before the exception is trained again, and
+    the run ends with the uninterrupted run's validation history, results and ``best.ckpt``."""
+    hook, step, overrides = CRASHES_DURING_VALIDATION[case]
     reference = tmp_path / "reference"
     run_app(task, reference, *overrides)
     out = tmp_path / "run"
-    with pytest.raises(RuntimeError, match=f"test crash in {hook} at step {step}"):
-        run_app(task, out, *overrides, *callback_overrides("crash", Crash, hook=hook, step=step))
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]
-    assert torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == last_step
+    crash = callback_overrides("crash", Crash, hook=hook, step=step)
+    with caplog.at_level(logging.INFO, logger="distill_lab.callbacks"), pytest.raises(RuntimeError, match="test crash"):
+        run_app(task, out, *overrides, *crash)
+    interrupted = out / "checkpoints" / "interrupted.ckpt"
+    assert "stopped during a validation" in caplog.text
+    assert torch.load(interrupted, map_location="cpu", weights_only=True)["global_step"] == step
 
     run_app(task, out, *overrides)
-    assert_validated_as_the_reference(out, reference, last_step)
+    assert_validated_as_the_reference(out, reference, step, "interrupted.ckpt")
 
 
 ACCUMULATION_CRASHES = {  # batches 8-9 and 10-11 are the first two windows of epoch 1; step 5 ends 8-9

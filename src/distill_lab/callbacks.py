@@ -26,6 +26,7 @@ from distill_lab.resume import (  # noqa: E402
     accumulation_window_start,
     describe_names,
     non_finite_parameters,
+    restart_validation,
     rewind_to_batch,
     rng_state,
     set_rng_state,
@@ -238,8 +239,8 @@ class InterruptedCheckpoint(L.Callback):
     Unlike Lightning's ``OnExceptionCheckpoint`` it writes nothing on a non-finite stop (a
     ``FloatingPointError``: see ``DistillationModule.training_step`` and :class:`FiniteCheckpoints`) nor while
     the trainable weights are non-finite: resuming there would replay the failing step, and the last good
-    ``last.ckpt`` must stay the newest checkpoint; nor during a validation inside ``fit`` (resumed, Lightning
-    would take that validation for done). Only exceptions during ``fit`` count (the final validation
+    ``last.ckpt`` must stay the newest checkpoint. One written during a validation inside ``fit`` resumes by
+    running that validation again (``resume.restart_validation``). Only exceptions during ``fit`` count (the final validation
     of the best checkpoint holds no training state worth saving). It is deliberately not an
     ``OnExceptionCheckpoint``: with one present Lightning turns ``fit(ckpt_path=None)`` into ``"last"`` and
     resumes from this directory's newest checkpoint, and ``ckpt_path=null`` must mean a fresh start.
@@ -255,14 +256,6 @@ class InterruptedCheckpoint(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
         if trainer.state.fn != TrainerFn.FITTING:
-            return
-        if trainer.validating:
-            # Lightning resumes a checkpoint written now as if this validation had run: its metrics would never
-            # be logged nor seen by the best checkpoint. The newest checkpoint on disk was written before it
-            # (LastCheckpoint writes one due on the batch a validation follows after that validation), and a run
-            # resumed from it trains the steps since again and validates.
-            log.warning("%s during validation: not writing %s, the newest checkpoint resumes before this validation",
-                        type(exception).__name__, self.ckpt_path)  # fmt: skip
             return
         if isinstance(exception, FloatingPointError):
             log.warning("a non-finite stop writes no %s; the last good checkpoint is the newest", self.ckpt_path)
@@ -285,6 +278,10 @@ class InterruptedCheckpoint(L.Callback):
             # replays the window from its first batch (the data module and ResumeRandomState record the same)
             rewind_to_batch(checkpoint["loops"], start)
             log.info("stopped inside a gradient-accumulation window: %s resumes at its first batch, %d", self.ckpt_path, start)
+        elif trainer.validating:
+            # as written, Lightning would resume after the validation's last finished batch (or take it for done)
+            restart_validation(checkpoint["loops"])
+            log.info("stopped during a validation: %s resumes by running it again", self.ckpt_path)
         trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, self.ckpt_path)
         log.info("%s stopped training at step %d; saved %s", type(exception).__name__, trainer.global_step, self.ckpt_path)
 

@@ -481,6 +481,22 @@ def rewind_to_batch(loops: dict, batch: int) -> None:
             counts[key] -= 1
 
 
+def restart_validation(loops: dict) -> None:
+    """Rewrites the loop state of a checkpoint written during a validation inside ``fit`` so that Lightning
+    resumes by running that validation again from its first batch, then trains on.
+
+    As written, Lightning takes such a checkpoint for one written after the validation's last finished batch:
+    it skips the batches before it and reports metrics of the rest only (or, stopped before the first batch,
+    takes the validation for done). Recorded as stopped during its first batch, the validation restarts
+    whole: the training batch before it is complete and the optimizer state untouched, since validation
+    changes neither."""
+    progress = loops["fit_loop"]["epoch_loop.val_loop.batch_progress"]
+    for key, value in {"ready": 1, "started": 1, "processed": 0, "completed": 0}.items():
+        progress["total"][key] -= progress["current"][key] - value
+        progress["current"][key] = value
+    progress["is_last_batch"] = False
+
+
 # ---------------------------------------------------------------------------------------------- random state
 
 
