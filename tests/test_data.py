@@ -488,6 +488,18 @@ def test_classes_unknown_to_the_teacher_are_an_error_unless_matching_is_off(toke
         assert next(iter(data.val_dataloader()))["labels"].tolist() == [0, 1]
 
 
+def test_a_teacher_naming_a_class_twice_is_an_error_unless_matching_is_off(tokenizer):
+    """An id2label with the same name twice (here in another case) cannot number the data's classes by name:
+    the error says so instead of calling the classes different."""
+    data_args = ([1, 0, 1], [0, 1], (NEG_POS, NEG_POS))
+    for data in _both_modules(tokenizer, data_args, model_labels=["pos", "POS"]):
+        with pytest.raises(ValueError, match=r"the teacher's id2label \['pos', 'POS'\] names a class twice"):
+            data.setup()
+    for data in _both_modules(tokenizer, data_args, model_labels=["pos", "POS"], match_label_names=False):
+        data.setup()
+        assert next(iter(data.val_dataloader()))["labels"].tolist() == [0, 1]
+
+
 def test_int_labels_and_unnamed_teachers_stay_positional(tokenizer):
     """Int labels carry no names to match, and a teacher with transformers' placeholder names (LABEL_0, ...)
     names no class: ids are taken as they are."""

@@ -289,8 +289,14 @@ def _label_key(name) -> str:
 def _to_model_ids(names: list[str], label_ids: dict, model_labels: list[str], key: str) -> tuple[list[str], dict]:
     """The data's named classes renumbered as the model numbers them (its ``id2label``), matched by name."""
     model_ids = {_label_key(name): i for i, name in enumerate(model_labels)}
+    if len(model_ids) != len(model_labels):
+        raise ValueError(
+            f"{key}: the teacher's id2label {list(model_labels)} names a class twice (ignoring case), so the data's "
+            f"classes {names} cannot be matched to its ids by name; if the data's ids are the teacher's, set "
+            "data.match_label_names=false, else fix the teacher config's id2label"
+        )
     data_keys = [_label_key(name) for name in names]
-    if sorted(data_keys) != sorted(model_ids) or len(model_ids) != len(model_labels):
+    if sorted(data_keys) != sorted(model_ids):
         raise ValueError(
             f"{key}: the data's classes {names} are not the teacher's {list(model_labels)} (its config's id2label, "
             "compared by name, ignoring case). Give the teacher trained on these classes; if they are the same "
