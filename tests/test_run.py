@@ -647,6 +647,26 @@ def test_a_student_with_another_vocabulary_fails_before_training(tmp_path):
     assert not (out / "checkpoints").exists()
 
 
+def test_max_length_past_a_students_positions_fails_before_training(task, tmp_path):
+    """student=hf whose table of absolute positions is shorter than the teacher's (32 against 64): a
+    ``data.max_length`` that the teacher takes but the student does not is refused at set-up, naming the student,
+    not at the first batch's index error."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = AutoModelForSequenceClassification.from_pretrained(task["teacher"]).config
+    config.max_position_embeddings, config.num_hidden_layers = 32, 2
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "student")
+    out = tmp_path / "run"
+    student = ["student=hf", f"student.name_or_path='{tmp_path / 'student'}'"]
+    with pytest.raises(ValueError) as info:
+        train(compose_config([*task["overrides"], *student, "debug=fast", "logger=csv", "data.max_length=48"], out))
+    assert str(info.value) == (
+        "data.max_length=48, but the student (BertForSequenceClassification) has position embeddings for 32 tokens: "
+        "set data.max_length=32 or less"
+    )
+    assert not (out / "checkpoints").exists()
+
+
 def test_fused_kernel_true_without_cuda_fails_before_training(task, tmp_path, monkeypatch):
     """Outside Triton's interpreter (which the test session turns on for the kernel tests), ``fused_kernel=true``
     on a CPU run is refused when the run is set up, naming the config key, not at the first forward."""
@@ -762,6 +782,10 @@ def test_wandb_goes_online_with_the_key_that_wandb_login_saved(tmp_path, monkeyp
     monkeypatch.delenv("WANDB_BASE_URL")
     monkeypatch.setenv("NETRC", str(saved.rename(tmp_path / "netrc-elsewhere")))
     assert not _build_logger(node)._offline
+    # an entry for the host without a key, or a file that cannot be parsed (wandb finds no key either): offline
+    for text in ("machine api.wandb.ai\n  login user\n", 'garbage "unterminated\n'):
+        (tmp_path / "netrc-elsewhere").write_text(text)
+        assert _build_logger(node)._offline, text
 
 
 def test_a_finished_run_is_not_trained_again_in_its_own_directory(task, tmp_path):

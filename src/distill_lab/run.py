@@ -70,9 +70,10 @@ def wandb_logged_in() -> bool:
         return True
     host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
     try:
-        return netrc.netrc(os.environ.get("NETRC") or None).authenticators(host) is not None
+        entry = netrc.netrc(os.environ.get("NETRC") or None).authenticators(host)
     except (OSError, netrc.NetrcParseError):  # no netrc file, or one wandb could not read either
         return False
+    return bool(entry and entry[2])  # (login, account, password): the key is the password
 
 
 def _build_logger(cfg: DictConfig | None, resumed_dir: Path | None = None):
