@@ -270,7 +270,8 @@ class DistillationModule(L.LightningModule):
         if size % sampler.num_replicas == 0:
             return None
         positions = sampler.rank + (batch_idx * loader.batch_size + torch.arange(rows)) * sampler.num_replicas
-        return (positions < size).to(self.device)
+        real = positions < size  # on the CPU: only a process's last batch can hold a repeat
+        return None if bool(real.all()) else real.to(self.device)
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
