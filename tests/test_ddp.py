@@ -377,6 +377,29 @@ def test_train_py_with_trainer_ddp_writes_the_run_outputs_once(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("eval_batch_size", [1, 2])
+def test_ddp_validation_losses_count_each_example_once(tmp_path, eval_batch_size):
+    """31 validation examples on two processes: Lightning's sampler pads the set to 32, so rank 1's last batch
+    ends with the first example again: all of it in batches of one (its metric update of no rows crashed the
+    run), half of it in batches of two (its losses averaged the repeat in). The attention losses that
+    results.json reports (the final validation's ``val/attention/*``) are those of one process over the 31
+    examples. Every example is cut to 6 tokens, so no batch holds padding and a batch's loss is the mean of its
+    examples' whatever the batching. The runs train nothing (``trainer.max_epochs=0``): both validate the same
+    student, initialised from the seed."""
+    common = [
+        "data.max_eval_samples=31", f"data.eval_batch_size={eval_batch_size}", "data.max_length=6",
+        "trainer.limit_val_batches=null", "trainer.max_epochs=0", "student.init=random", "callbacks.attention_maps=null",
+    ]  # fmt: skip
+    ddp, _ = run_train_py(tmp_path / "ddp", *CPU_DDP, *common)
+    one, _ = run_train_py(tmp_path / "one", *common)
+    reported, expected = (json.loads((d / "results.json").read_text()) for d in (ddp, one))
+    assert reported["student"] == pytest.approx(expected["student"], abs=1e-6)
+    assert sorted(reported["attention_loss"]) == sorted(expected["attention_loss"]) and expected["attention_loss"]
+    for pair, value in expected["attention_loss"].items():
+        assert reported["attention_loss"][pair] == pytest.approx(value, rel=1e-5), pair
+
+
+@pytest.mark.slow
 def test_ctrl_c_in_one_ddp_process_saves_and_stops_without_waiting_for_the_other(tmp_path):
     """SIGINT to rank 0 alone, while rank 1 goes on into the next gradient all-reduce: rank 0 writes
     ``interrupted.ckpt`` without a barrier (every DDP process holds the whole model) and the run ends."""

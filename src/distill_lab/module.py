@@ -14,13 +14,15 @@ from typing import NamedTuple
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 from torch.distributed.fsdp import FullyShardedDataParallel
+from torchmetrics import Metric
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from distill_lab.capture import AttentionCapture
 from distill_lab.losses import distillation_objective
-from distill_lab.matching import AttentionDistillationLoss, gradient_head_importance
+from distill_lab.matching import AttentionDistillationLoss, gradient_head_importance, pair_name
 from distill_lab.resume import describe_names, non_finite_parameters
 from distill_lab.tasks import SequenceClassification
 
@@ -43,6 +45,26 @@ class Step(NamedTuple):
 def _batch_size(batch: Mapping[str, Tensor]) -> int | None:
     inputs = batch.get("input_ids", batch.get("pixel_values"))
     return inputs.shape[0] if inputs is not None else None
+
+
+class WeightedMean(Metric):
+    """The mean of values, each weighted (by its batch's size), over every process when computed. torchmetrics'
+    ``MeanMetric`` drops the weights under ``nan_strategy="disable"``, and its other strategies drop NaN values or
+    raise on them, at a wait for the device per update; a NaN loss here makes the mean NaN, as it should."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("weight", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, value: Tensor, weight: float) -> None:
+        self.total += value.detach().float() * weight
+        self.weight += weight
+
+    def compute(self) -> Tensor:
+        return self.total / self.weight
 
 
 class DistillationModule(L.LightningModule):
@@ -99,6 +121,11 @@ class DistillationModule(L.LightningModule):
         num_classes = self.task.num_classes(student.config)
         self.val_metrics = self.task.metrics("val/", num_classes)
         self.teacher_metrics = self.task.metrics("val/teacher_", num_classes)
+        # the validation losses, each example counted once (a batch weighs its size). Not Lightning's averaging of
+        # logged values: it syncs the summed batch sizes of the processes as a mean of integers, which rounds
+        # down when they counted different numbers of examples (DDP, the repeats left out) and biased the mean
+        names = ["loss", "attention_loss", *(f"attention/{pair_name(p)}" for p in attention_loss.layer_map)]
+        self.val_losses = torch.nn.ModuleDict({name: WeightedMean() for name in names})
         self.teacher_scores: dict[str, float] = {}
         self.strict_loading = False  # checkpoints leave the frozen teacher out
         self._since_update: list = []  # (loss, parts, batch index) of the micro-batches since the last update
@@ -242,17 +269,22 @@ class DistillationModule(L.LightningModule):
         loss, attention_loss, details = step.loss, step.attention_loss, step.details
         student_logits, teacher_logits = step.student_logits, step.teacher_logits
         if (real := self._unrepeated_rows(batch_idx, len(student_logits))) is not None:
-            # the metrics count every validation example once, as in one process
+            # the metrics and losses count every validation example once, as in one process
             rows = {k: v[real] for k, v in batch.items() if isinstance(v, Tensor) and len(v) == len(real)}
             batch, student_logits, teacher_logits = rows, student_logits[real], teacher_logits[real]
-        self.task.update(self.val_metrics, student_logits, batch)
-        if not self.teacher_scores and not self.trainer.sanity_checking:
-            self.task.update(self.teacher_metrics, teacher_logits, batch)
-        batch_size = _batch_size(batch)
-        # averaged over every process's share of the validation set under DDP (the metrics sync themselves)
-        self.log_dict({"val/loss": loss, "val/attention_loss": attention_loss}, batch_size=batch_size, sync_dist=True)
-        pairs = {f"val/attention/{k}": v for k, v in details.items() if "/" not in k}
-        self.log_dict(pairs, batch_size=batch_size, sync_dist=True)
+            if len(student_logits) and not isinstance(self.trainer.strategy, FSDPStrategy):
+                # the losses of this process's own examples: a forward of those alone, in this process only (this
+                # step runs inside DDP's forward; under FSDP a forward would need every process to join)
+                own = self(batch)
+                loss, attention_loss, details = own.loss, own.attention_loss, own.details
+        if len(student_logits):  # none where every row is a repeat (a metric update of no rows fails)
+            self.task.update(self.val_metrics, student_logits, batch)
+            if not self.teacher_scores and not self.trainer.sanity_checking:
+                self.task.update(self.teacher_metrics, teacher_logits, batch)
+        weight = float(len(student_logits))  # 0 where every row is a repeat: the batch's losses then weigh nothing
+        losses = {"loss": loss, "attention_loss": attention_loss, **{f"attention/{k}": details[k] for k in details}}
+        for name, mean in self.val_losses.items():
+            mean.update(losses[name], weight)
         # callbacks.AttentionMapCallback draws from it (no forward of its own, which FSDP would need every process
         # to join)
         return step
@@ -274,8 +306,11 @@ class DistillationModule(L.LightningModule):
         return None if bool(real.all()) else real.to(self.device)
 
     def on_validation_epoch_end(self) -> None:
+        # over every process's share of the validation set under DDP and FSDP (the metrics sync themselves)
+        self.log_dict({f"val/{name}": mean.compute() for name, mean in self.val_losses.items()})
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
-        self.val_metrics.reset()
+        for metric in (*self.val_losses.values(), self.val_metrics):
+            metric.reset()
         if not self.teacher_scores and not self.trainer.sanity_checking:
             # the teacher is frozen: measure it once, then keep showing it so the gap is always visible
             self.teacher_scores = {k: float(v) for k, v in self.teacher_metrics.compute().items()}
