@@ -442,6 +442,8 @@ DDP_RESUMES = {  # (hook, step, checkpoint_every_n_steps, what the rerun resumes
     "killed-after-a-step-checkpoint": ("on_train_batch_start", 6, 5, "last.ckpt", 5),
     # an exception during step 5 (epoch 1, batch 1): interrupted.ckpt, written by rank 0 alone, repeats that batch
     "exception-during-a-step": ("on_before_backward", 5, 100, "interrupted.ckpt", 5),
+    # an exception in epoch 1's validation, after its last step (8): interrupted.ckpt resumes by running it again
+    "exception-during-a-validation": ("on_validation_start", 8, 100, "interrupted.ckpt", 8),
 }  # in both, the two processes' random states differ when the checkpoint is written (as they do at most steps)
 
 
@@ -475,8 +477,8 @@ def test_a_ddp_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(ddp_resume_ta
         (out / "checkpoints" / "interrupted.ckpt").unlink()  # as a SIGKILL leaves the run
     state = torch.load(out / "checkpoints" / checkpoint, map_location="cpu", weights_only=True)
     assert state["global_step"] == resumed_step
-    batches = resumed_step - DDP_STEPS_PER_EPOCH
-    assert state["TextClassificationData"] == {"train_position": [1, batches * 8]}  # examples of each process
+    epoch, batches = divmod(resumed_step, DDP_STEPS_PER_EPOCH)  # where the next batch starts
+    assert state["TextClassificationData"] == {"train_position": [epoch, batches * 8]}  # examples of each process
     rank0, rank1 = state["rng_states"]  # each process's own random state
     assert not torch.equal(rank0["torch"], rank1["torch"]) and torch.equal(rank0["torch"], state["rng_state"]["torch"])
 

@@ -303,7 +303,9 @@ class ResumeRandomState(L.Callback):
     checkpoint gathers them when it is written (every process writes it together); ``interrupted.ckpt`` is
     written by rank 0 alone, which cannot ask the others, so every process's state at the start of each batch
     is gathered when the batch starts: one small all-gather per batch in a DDP run, over a gloo (CPU) group so
-    that it waits for no device, and none under FSDP, which writes no ``interrupted.ckpt``.
+    that it waits for no device, and none under FSDP, which writes no ``interrupted.ckpt``; and when a
+    validation inside ``fit`` starts, for one written during it (which resumes by running it again, and draws
+    nothing). One written between two steps (an exception in a callback after a step) holds rank 0's only.
 
     A checkpoint written during a step also keeps the loggers' step (Lightning's ``_batches_that_stepped``)
     as the repeated batch starts with it. Lightning assumes every checkpoint was written after a step and adds
@@ -318,6 +320,7 @@ class ResumeRandomState(L.Callback):
         # (batch ready count, random state of every process by rank, logging step) at a batch's start
         self._batch_start: tuple[int, list[dict], int] | None = None
         self._window_start: tuple[int, list[dict], int] | None = None  # of the gradient-accumulation window under way
+        self._validation_start: list[dict] | None = None  # every process's state when a validation in fit began
         self._to_restore: dict | None = None
         self._logging_step: int | None = None
         self._gather_each_batch = False
@@ -347,6 +350,14 @@ class ResumeRandomState(L.Callback):
         if batch_idx % trainer.accumulate_grad_batches == 0:
             self._window_start = self._batch_start
 
+    def on_validation_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # once per validation: what a run resumed from an interrupted.ckpt written during it restores in each process
+        if self._gather_each_batch and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._validation_start = self._every_rank(trainer, rng_state())
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._validation_start = None
+
     def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict) -> None:
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
         under_way = self._batch_start is not None and progress.processed < progress.ready == self._batch_start[0]
@@ -357,7 +368,8 @@ class ResumeRandomState(L.Callback):
             states = start[1]
             checkpoint[self.LOGGING_STEP] = start[2]
         elif trainer.state.status == TrainerStatus.INTERRUPTED:  # rank 0 alone (InterruptedCheckpoint): no gather
-            states = [rng_state()]
+            # during a validation (which draws nothing), every process's state as it began
+            states = self._validation_start if trainer.validating and self._validation_start else [rng_state()]
         else:  # every process writes a step, epoch or best checkpoint together
             states = self._every_rank(trainer, rng_state())
         checkpoint["rng_state"] = states[0]
