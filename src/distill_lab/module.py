@@ -306,9 +306,10 @@ class DistillationModule(L.LightningModule):
         return None if bool(real.all()) else real.to(self.device)
 
     def on_validation_epoch_end(self) -> None:
-        # over every process's share of the validation set under DDP and FSDP (the metrics sync themselves)
-        self.log_dict({f"val/{name}": mean.compute() for name, mean in self.val_losses.items()})
-        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        # over every process's share of the validation set under DDP and FSDP: the metrics sync themselves, so
+        # every process logs the same values (sync_dist averages equal values, and Lightning warns without it)
+        self.log_dict({f"val/{name}": mean.compute() for name, mean in self.val_losses.items()}, sync_dist=True)
+        self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)
         for metric in (*self.val_losses.values(), self.val_metrics):
             metric.reset()
         if not self.teacher_scores and not self.trainer.sanity_checking:
@@ -316,7 +317,7 @@ class DistillationModule(L.LightningModule):
             self.teacher_scores = {k: float(v) for k, v in self.teacher_metrics.compute().items()}
             self.teacher_metrics.reset()
         if self.teacher_scores:
-            self.log_dict(self.teacher_scores)
+            self.log_dict(self.teacher_scores, sync_dist=True)
 
     # ------------------------------------------------------------------------------------------ optimisation
 
