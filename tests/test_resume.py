@@ -519,14 +519,24 @@ def test_a_crash_inside_a_gradient_accumulation_window_resumes_at_its_first_batc
     assert losses == pytest.approx({step: reference_losses[step] for step in losses}, rel=1e-6, abs=1e-9)
 
 
-def test_ckpt_path_null_starts_afresh_beside_an_interrupted_checkpoint(task, tmp_path):
+def test_ckpt_path_null_starts_afresh_beside_an_interrupted_checkpoint(task, tmp_path, caplog):
+    """ckpt_path=null in a directory holding an unfinished run trains from step 0 and moves that run's
+    checkpoints to checkpoints.1: left beside the new run's, Lightning versioned those (last-v1.ckpt,
+    best-v1.ckpt) and a later ckpt_path=auto resumed the old run's. In a finished run's directory it is refused."""
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="test crash"):
         run_app(task, out, *callback_overrides("crash", Crash, hook="on_train_batch_start", step=2))
-    assert (out / "checkpoints" / "interrupted.ckpt").is_file()
-    run_app(task, out, "ckpt_path=null", "trainer.max_epochs=1")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["interrupted.ckpt"]
+    with caplog.at_level(logging.WARNING, logger="distill_lab.resume"):
+        run_app(task, out, "ckpt_path=null", "trainer.max_epochs=1")
+    assert f"holds an earlier unfinished run's checkpoints: moved them to {out / 'checkpoints.1'}" in caplog.text
     # from step 0: Lightning's own fit(ckpt_path=None) -> "last" did not pick the interrupted checkpoint
     assert sorted(train_losses(out, version=1)) == list(range(STEPS_PER_EPOCH))
+    assert sorted(p.name for p in (out / "checkpoints.1").iterdir()) == ["interrupted.ckpt"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert json.loads((out / "results.json").read_text())["best_checkpoint"] == str(out / "checkpoints" / "best.ckpt")
+    with pytest.raises(ValueError, match=r"holds a finished run \(results\.json\)"):
+        run_app(task, out, "ckpt_path=null")
 
 
 def test_a_run_directory_in_use_by_a_live_process_is_refused_before_anything_trains(task, tmp_path, lock_holders):

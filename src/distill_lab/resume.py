@@ -236,6 +236,29 @@ def _nearby_runs(output_dir: Path) -> list[Path]:
     return [d for d in near if d.is_dir() and d.resolve() != output_dir.resolve() and (d / OVERRIDES_FILE).is_file()]
 
 
+def _refuse_finished(output_dir: Path) -> None:
+    if (output_dir / FINISHED_MARKER).is_file():  # a directory named again (hydra.run.dir=, hydra.sweep.dir=)
+        raise ValueError(
+            f"{output_dir} holds a finished run ({FINISHED_MARKER}): training again there would pile a second "
+            "run's checkpoints and logs onto the first's. Choose another hydra.run.dir (hydra.sweep.dir for a "
+            "sweep), or delete the directory to train it again there"
+        )
+
+
+def _set_aside_checkpoints(output_dir: Path) -> None:
+    """A fresh start in a directory that holds an unfinished run's checkpoints moves them to ``checkpoints.N``
+    (the first free N): left in place, Lightning would version the new run's (``last-v1.ckpt``,
+    ``best-v1.ckpt``) beside them, and a later ``ckpt_path=auto`` would resume the old run's."""
+    checkpoints = output_dir / "checkpoints"
+    if not any(checkpoints.glob("*.ckpt")):
+        return
+    n = 1
+    while (aside := output_dir / f"checkpoints.{n}").exists():
+        n += 1
+    checkpoints.rename(aside)
+    log.warning("starting afresh in %s, which holds an earlier unfinished run's checkpoints: moved them to %s", output_dir, aside)
+
+
 def find_previous_run(output_dir: str | Path, config: dict | None = None) -> tuple[Path, Path, str] | None:
     """The interrupted run that ``output_dir``'s run continues, as ``(checkpoint, run_dir, reason)``, or None.
     Raises ValueError when ``output_dir`` itself holds a finished run.
@@ -245,12 +268,7 @@ def find_previous_run(output_dir: str | Path, config: dict | None = None) -> tup
     chosen.
     """
     output_dir = Path(output_dir)
-    if (output_dir / FINISHED_MARKER).is_file():  # a directory named again (hydra.run.dir=, hydra.sweep.dir=)
-        raise ValueError(
-            f"{output_dir} holds a finished run ({FINISHED_MARKER}): training again there would pile a second "
-            "run's checkpoints and logs onto the first's. Choose another hydra.run.dir (hydra.sweep.dir for a "
-            "sweep), or delete the directory to train it again there"
-        )
+    _refuse_finished(output_dir)
     if (own := _newest_checkpoint(output_dir)) is not None:
         if config is not None and (changed := config_differences(output_dir, config)):
             log.warning(
@@ -317,7 +335,9 @@ def resolve_ckpt_path(
     ``"auto"`` resumes the previous run of the same command and configuration (``config``, resolved) in its own
     directory (:func:`find_previous_run`)
     or starts afresh in ``output_dir``, and records the choice in ``os.environ[DISTILL_LAB_RESUME]`` for the
-    DDP ranks that Lightning launches later; ``None`` starts afresh; anything else is returned unchanged.
+    DDP ranks that Lightning launches later; ``None`` starts afresh; anything else is returned unchanged. A run
+    of its own in ``output_dir`` (``None``, or a checkpoint from elsewhere) is refused where ``output_dir`` holds a
+    finished run, and moves an unfinished run's checkpoints there aside (``checkpoints.1``...).
 
     Whatever the value, the process of rank 0 (the only one of a run that is not distributed) locks the
     directory it will write to (:func:`lock_run_dir`) and raises :class:`RunDirectoryLocked` when a live
@@ -332,6 +352,12 @@ def resolve_ckpt_path(
         return ckpt_path, output_dir
     lock_run_dir(output_dir)
     if ckpt_path != "auto":
+        elsewhere = ckpt_path is not None and Path(ckpt_path).is_file()  # not Lightning's "last", "hpc"...
+        if elsewhere:
+            elsewhere = (output_dir / "checkpoints").resolve() not in Path(ckpt_path).resolve().parents
+        if ckpt_path is None or elsewhere:  # a run of its own here, not one resumed from this directory
+            _refuse_finished(output_dir)
+            _set_aside_checkpoints(output_dir)
         return ckpt_path, output_dir
     found = find_previous_run(output_dir, config)
     if found is not None and found[1] != output_dir:
