@@ -240,8 +240,8 @@ class InterruptedCheckpoint(L.Callback):
     ``FloatingPointError``: see ``DistillationModule.training_step`` and :class:`FiniteCheckpoints`) nor while
     the trainable weights are non-finite: resuming there would replay the failing step, and the last good
     ``last.ckpt`` must stay the newest checkpoint. One written during a validation inside ``fit`` resumes by
-    running that validation again (``resume.restart_validation``). Only exceptions during ``fit`` count (the final validation
-    of the best checkpoint holds no training state worth saving). It is deliberately not an
+    running that validation again (``resume.restart_validation``). Only exceptions during ``fit`` count (the
+    final validation of the best checkpoint holds no training state worth saving). It is deliberately not an
     ``OnExceptionCheckpoint``: with one present Lightning turns ``fit(ckpt_path=None)`` into ``"last"`` and
     resumes from this directory's newest checkpoint, and ``ckpt_path=null`` must mean a fresh start.
     """
