@@ -47,6 +47,11 @@ def _batch_size(batch: Mapping[str, Tensor]) -> int | None:
     return inputs.shape[0] if inputs is not None else None
 
 
+def _rows(batch: Mapping[str, Tensor], keep: Tensor) -> dict[str, Tensor]:
+    """The rows ``keep`` (a boolean mask) of every per-example tensor of ``batch``."""
+    return {k: v[keep] for k, v in batch.items() if isinstance(v, Tensor) and len(v) == len(keep)}
+
+
 class WeightedMean(Metric):
     """The mean of values, each weighted (by its batch's size), over every process when computed. torchmetrics'
     ``MeanMetric`` drops the weights under ``nan_strategy="disable"``, and its other strategies drop NaN values or
@@ -264,20 +269,22 @@ class DistillationModule(L.LightningModule):
             "newest checkpoint holds the last good weights. Lower optimizer.lr, or check the data of this batch."
         )
 
-    def validation_step(self, batch, batch_idx) -> Step:
+    def validation_step(self, batch, batch_idx) -> Step | None:
+        # the metrics and losses count every validation example once, as in one process (see _unrepeated_rows)
+        real = self._unrepeated_rows(batch_idx, _batch_size(batch))
+        if real is not None and not isinstance(self.trainer.strategy, FSDPStrategy):
+            # DDP: the forward of this process's own examples only (no collective runs inside this step)
+            batch, real = _rows(batch, real), None
+            if not _batch_size(batch):  # every row a repeat: nothing to count
+                return None
         step = self(batch)
         loss, attention_loss, details = step.loss, step.attention_loss, step.details
         student_logits, teacher_logits = step.student_logits, step.teacher_logits
-        if (real := self._unrepeated_rows(batch_idx, len(student_logits))) is not None:
-            # the metrics and losses count every validation example once, as in one process
-            rows = {k: v[real] for k, v in batch.items() if isinstance(v, Tensor) and len(v) == len(real)}
-            batch, student_logits, teacher_logits = rows, student_logits[real], teacher_logits[real]
-            if len(student_logits) and not isinstance(self.trainer.strategy, FSDPStrategy):
-                # the losses of this process's own examples: a forward of those alone, in this process only (this
-                # step runs inside DDP's forward; under FSDP a forward would need every process to join)
-                own = self(batch)
-                loss, attention_loss, details = own.loss, own.attention_loss, own.details
-        if len(student_logits):  # none where every row is a repeat (a metric update of no rows fails)
+        if real is not None:
+            # FSDP: every process runs the forward on its whole batch (each joins the others' parameter gathers);
+            # the repeats are left out of the metrics, not of the losses
+            batch, student_logits, teacher_logits = _rows(batch, real), student_logits[real], teacher_logits[real]
+        if len(student_logits):  # a metric update of no rows fails
             self.task.update(self.val_metrics, student_logits, batch)
             if not self.teacher_scores and not self.trainer.sanity_checking:
                 self.task.update(self.teacher_metrics, teacher_logits, batch)
@@ -289,14 +296,14 @@ class DistillationModule(L.LightningModule):
         # to join)
         return step
 
-    def _unrepeated_rows(self, batch_idx: int, rows: int) -> Tensor | None:
+    def _unrepeated_rows(self, batch_idx: int, rows: int | None) -> Tensor | None:
         """Which rows of validation batch ``batch_idx`` are examples this process is the first to see, or None
         when all are. Under DDP, Lightning's ``DistributedSampler`` pads the validation set to a multiple of the
         process count by repeating its first examples at the end; process ``r`` takes every ``world``-th example
         from position ``r``, so its row ``j`` is a repeat exactly when ``r + j * world`` reaches the set's size."""
         loader = self.trainer.val_dataloaders
         sampler = getattr(loader, "sampler", None)
-        if not isinstance(sampler, torch.utils.data.DistributedSampler) or sampler.shuffle or sampler.drop_last:
+        if rows is None or not isinstance(sampler, torch.utils.data.DistributedSampler) or sampler.shuffle or sampler.drop_last:
             return None
         size = len(sampler.dataset)
         if size % sampler.num_replicas == 0:
