@@ -612,6 +612,27 @@ def _fake_run(root: Path, name: str, overrides: list[str], files: dict[str, int]
     return run_dir
 
 
+def test_a_fresh_start_sets_an_unfinished_runs_checkpoints_aside_but_a_resume_of_its_own_does_not(tmp_path, monkeypatch):
+    """resolve_ckpt_path with a run directory holding an unfinished run's checkpoints: ckpt_path=null or a
+    checkpoint from elsewhere start a run of their own there (checkpoints/ moved to checkpoints.1, .2...); a
+    checkpoint of that directory itself, or Lightning's "last" (no file), resume it (nothing moved)."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    run = _fake_run(tmp_path, "run", ["loss=kl"], {"checkpoints/last.ckpt": 100})
+    own = run / "checkpoints" / "last.ckpt"
+    for ckpt_path in (str(own), "last"):
+        assert resolve_ckpt_path(ckpt_path, run) == (ckpt_path, run)
+        assert own.is_file()
+    elsewhere = _fake_run(tmp_path, "other", ["loss=kl"], {"checkpoints/last.ckpt": 100}) / "checkpoints" / "last.ckpt"
+    assert resolve_ckpt_path(str(elsewhere), run) == (str(elsewhere), run)
+    assert (run / "checkpoints.1" / "last.ckpt").is_file() and not (run / "checkpoints").exists()
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "interrupted.ckpt").touch()
+    assert resolve_ckpt_path(None, run) == (None, run)
+    assert (run / "checkpoints.2" / "interrupted.ckpt").is_file() and not (run / "checkpoints").exists()
+    assert resolve_ckpt_path(None, run) == (None, run)  # nothing left to move
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoints")) == ["checkpoints.1", "checkpoints.2"]
+
+
 def test_previous_run_is_the_latest_unfinished_one_with_the_same_overrides(tmp_path, monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setenv("DISTILL_LAB_RESUME", "{}")  # restored afterwards: resolve_ckpt_path records its choice

@@ -624,6 +624,22 @@ def test_the_module_refuses_objective_settings_out_of_range(tmp_path, option, me
     assert str(info.value) == message
 
 
+def test_weighted_mean_weighs_each_value_by_its_batch_and_keeps_nan():
+    """The validation losses' average: each batch's value counts as many times as its rows (a batch of repeats
+    only, weight 0, not at all), and a NaN loss makes the mean NaN instead of being dropped."""
+    from distill_lab.module import WeightedMean
+
+    mean = WeightedMean()
+    for value, weight in ((1.0, 3.0), (5.0, 1.0), (100.0, 0.0)):
+        mean.update(torch.tensor(value, dtype=torch.bfloat16), weight)
+    assert mean.compute().item() == pytest.approx((1.0 * 3 + 5.0) / 4)
+    mean.update(torch.tensor(float("nan")), 2.0)
+    assert math.isnan(mean.compute().item())
+    mean.reset()
+    mean.update(torch.tensor(2.0), 1.0)
+    assert mean.compute().item() == 2.0
+
+
 def test_a_student_with_another_vocabulary_fails_before_training(tmp_path):
     """student=hf on a language-model task: the output loss compares the two distributions token by token, so
     a student whose vocabulary differs from the teacher's is refused when the run is set up, not at the first

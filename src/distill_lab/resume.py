@@ -352,10 +352,11 @@ def resolve_ckpt_path(
         return ckpt_path, output_dir
     lock_run_dir(output_dir)
     if ckpt_path != "auto":
-        elsewhere = ckpt_path is not None and Path(ckpt_path).is_file()  # not Lightning's "last", "hpc"...
-        if elsewhere:
-            elsewhere = (output_dir / "checkpoints").resolve() not in Path(ckpt_path).resolve().parents
-        if ckpt_path is None or elsewhere:  # a run of its own here, not one resumed from this directory
+        # resuming this directory's run: a checkpoint file in it, or Lightning's "last", "hpc"... (no file)
+        resumes_here = ckpt_path is not None and (
+            not Path(ckpt_path).is_file() or (output_dir / "checkpoints").resolve() in Path(ckpt_path).resolve().parents
+        )
+        if not resumes_here:  # a run of its own here
             _refuse_finished(output_dir)
             _set_aside_checkpoints(output_dir)
         return ckpt_path, output_dir
@@ -496,11 +497,7 @@ def rewind_to_batch(loops: dict, batch: int) -> None:
     batch was about to start (its ``on_train_batch_start``), the optimizer's zeroing of the gradients, done
     on a window's first batch, undone with it. Optimizer steps stay as they are: none was taken since."""
     fit = loops["fit_loop"]
-    progress = fit["epoch_loop.batch_progress"]
-    for key, value in {"ready": batch + 1, "started": batch, "processed": batch, "completed": batch}.items():
-        progress["total"][key] -= progress["current"][key] - value
-        progress["current"][key] = value
-    progress["is_last_batch"] = False
+    _set_progress(fit["epoch_loop.batch_progress"], ready=batch + 1, started=batch, processed=batch, completed=batch)
     zero_grad = fit["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]["zero_grad"]
     for counts in (zero_grad["total"], zero_grad["current"]):
         for key in ("ready", "started", "completed"):
@@ -516,8 +513,13 @@ def restart_validation(loops: dict) -> None:
     takes the validation for done). Recorded as stopped during its first batch, the validation restarts
     whole: the training batch before it is complete and the optimizer state untouched, since validation
     changes neither."""
-    progress = loops["fit_loop"]["epoch_loop.val_loop.batch_progress"]
-    for key, value in {"ready": 1, "started": 1, "processed": 0, "completed": 0}.items():
+    _set_progress(loops["fit_loop"]["epoch_loop.val_loop.batch_progress"], ready=1, started=1, processed=0, completed=0)
+
+
+def _set_progress(progress: dict, **current: int) -> None:
+    """Sets a saved loop's batch counts of the current run (epoch or validation) to ``current``, its totals by as
+    much, and marks the batch as not the last."""
+    for key, value in current.items():
         progress["total"][key] -= progress["current"][key] - value
         progress["current"][key] = value
     progress["is_last_batch"] = False
