@@ -412,6 +412,26 @@ def test_crash_then_rerun_in_the_same_directory_resumes_to_the_uninterrupted_res
     assert_same_losses(train_losses(out, version=1), train_losses(reference), step)
 
 
+@pytest.mark.slow
+def test_a_masked_lm_run_resumed_mid_epoch_masks_and_ends_as_the_uninterrupted_one(tmp_path_factory):
+    """The training masks of a masked-LM run are drawn from the seed, the epoch and the batch's examples, so a
+    run resumed mid-epoch masks the rest of its batches as the uninterrupted run did and ends as it did."""
+    root = tmp_path_factory.mktemp("resume-mlm")
+    task = make_text_task(root / "task", task="masked_lm", hidden_dropout_prob=0.1)
+    reference, out = root / "reference", root / "run"
+    run_app(task, reference)
+    with pytest.raises(RuntimeError, match="test crash in on_before_backward at step 10"):
+        run_app(task, out, *callback_overrides("crash", Crash, hook="on_before_backward", step=10))
+    run_app(task, out)
+    got, want = (json.loads((d / "results.json").read_text()) for d in (out, reference))
+    assert got["student"]["perplexity"] == pytest.approx(want["student"]["perplexity"], rel=1e-5)
+    assert got["attention_loss"] == pytest.approx(want["attention_loss"], rel=1e-5, abs=1e-9)
+    last, reference_last = (torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu") for d in (out, reference))
+    for name, weight in reference_last["state_dict"].items():
+        torch.testing.assert_close(last["state_dict"][name], weight, rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_losses(train_losses(out, version=1), train_losses(reference), 10)
+
+
 KILLS_AFTER_A_DUE_CHECKPOINT = {  # (hook, step, overrides, last.ckpt left): a SIGKILL after the step of a checkpoint
     # due on epoch 0's last batch (step 8, checkpoints every 4 steps), killed during or after its validation
     "during-the-epochs-validation": ("on_validation_start", 8, ["checkpoint_every_n_steps=4"], 4),

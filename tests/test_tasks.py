@@ -155,7 +155,7 @@ def test_masked_lm_data_masks_dynamically_for_training_and_once_for_validation()
     data = _lm_data(mlm=True)
     tokenizer = data.tokenizer
     special = set(tokenizer.all_special_ids)
-    first, second = list(data.train_dataloader()), list(data.train_dataloader())
+    first = list(data.train_dataloader())
     masked = torch.cat([(b["labels"] != -100).flatten() for b in first])
     real = torch.cat([b["attention_mask"].flatten().bool() for b in first])
     assert 0.08 < masked.sum() / real.sum() < 0.25  # about 15% of the tokens
@@ -163,11 +163,52 @@ def test_masked_lm_data_masks_dynamically_for_training_and_once_for_validation()
         chosen = batch["labels"] != -100
         assert not any(int(t) in special for t in batch["labels"][chosen])  # [CLS], [SEP], [PAD] never masked
         assert (batch["input_ids"][chosen] == tokenizer.mask_token_id).float().mean() > 0.5  # 80/10/10
-    assert any(not torch.equal(a["labels"], b["labels"]) for a, b in zip(first, second, strict=True))  # dynamic
+    # dynamic: new masks every epoch (test_masked_lm_training_masks_depend_on_seed_epoch_and_examples_alone)
     val_a, val_b = list(data.val_dataloader()), list(data.val_dataloader())
     for a, b in zip(val_a, val_b, strict=True):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])  # fixed
         assert ((a["labels"] != -100) & (a["attention_mask"] == 0)).sum() == 0
+
+
+def _training_epoch(data: LanguageModelingData, epoch: int) -> tuple[list[dict], dict[int, torch.Tensor]]:
+    """The batches of ``data``'s training epoch ``epoch`` and, by example, the positions masked in it."""
+    loader = data.train_dataloader()
+    loader.sampler.set_epoch(epoch)  # as Lightning does before every epoch
+    order = [index for _, index in loader.sampler]  # the sampler yields (epoch, index) for the masks
+    batches = list(loader)
+    rows = [row for batch in batches for row in batch["labels"] != -100]
+    return batches, {index: row.nonzero().flatten() for index, row in zip(order, rows, strict=True)}
+
+
+def _assert_same_batches(batches: list[dict], expected: list[dict]) -> None:
+    assert len(batches) == len(expected)
+    for batch, reference in zip(batches, expected, strict=True):
+        assert batch.keys() == reference.keys()
+        assert all(torch.equal(batch[key], reference[key]) for key in batch)
+
+
+def test_masked_lm_training_masks_depend_on_seed_epoch_and_examples_alone():
+    """A training batch's masks are drawn from the data seed, the epoch and the batch's examples: each epoch
+    masks an example anew; a loader resumed mid-epoch (from a checkpoint's ``train_position``) and loaders with
+    worker processes mask exactly as the uninterrupted loader in the main process; the global random state is
+    left as it was (the dropout masks must not depend on the data's draws)."""
+    data = _lm_data(mlm=True)
+    rng = torch.get_rng_state()
+    epochs = [_training_epoch(data, epoch) for epoch in range(2)]
+    assert torch.equal(torch.get_rng_state(), rng)
+    (epoch0, masked0), (epoch1, masked1) = epochs
+    assert masked0.keys() == masked1.keys() and len(masked0) == 64
+    moved = sum(not torch.equal(masked0[i], masked1[i]) for i in masked0)
+    assert moved > 48  # masked elsewhere in epoch 1 (about 2 of 14 tokens: the same positions twice is rare)
+    _assert_same_batches(_training_epoch(data, 1)[0], epoch1)  # the same epoch again: the same masks
+
+    resumed = _lm_data(mlm=True)
+    resumed.load_state_dict({"train_position": [1, 32]})  # epoch 1 after its first two batches of 16
+    _assert_same_batches(list(resumed.train_dataloader()), epoch1[2:])
+    for workers in (1, 2):  # each worker process draws as the main process does
+        _assert_same_batches(_training_epoch(_lm_data(mlm=True, num_workers=workers), 1)[0], epoch1)
+    _, other_seed = _training_epoch(_lm_data(mlm=True, seed=1), 0)
+    assert sum(not torch.equal(masked0[i], other_seed[i]) for i in masked0 if i in other_seed) > 0
 
 
 def test_validation_masks_do_not_repeat_across_map_batches():
@@ -397,6 +438,24 @@ def test_a_builtin_teacher_short_of_its_target_is_retrained_from_the_next_seed(t
     for key, value in runs[kept][2].state_dict().items():
         assert torch.equal(saved.state_dict()[key], value), key
     assert (tmp_path / "teacher_metrics.txt").read_text() == f"validation_acc={accuracies[kept]:.4f}\n"
+
+
+def test_builtin_teacher_training_visits_a_new_order_each_epoch():
+    """``_fit`` sets the training sampler's epoch as Lightning does: every epoch its own shuffled order (and
+    masked-LM masks), not the first epoch's again."""
+    from distill_lab import builtin
+
+    data = TextClassificationData(synthetic_relations(num_train=48, num_validation=8), build_word_tokenizer(), batch_size=16)
+    data.setup()
+    model = AutoModelForSequenceClassification.from_config(make_tiny_config("bert", vocab_size=len(data.tokenizer)))
+    seen, forward = [], model.forward
+    model.forward = lambda **batch: seen.append(batch["input_ids"]) or forward(**batch)
+    builtin._fit(model, data, max_epochs=2, lr=1e-3, task="sequence_classification", metric="acc", stop=lambda _: False)
+    first, second = seen[:3], seen[4:7]  # each epoch: 3 training batches, then 1 validation batch
+    assert len(seen) == 8 and not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    pad = data.tokenizer.pad_token_id
+    orders = [[tuple(t for t in row.tolist() if t != pad) for batch in epoch for row in batch] for epoch in (first, second)]
+    assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1]  # the same examples, reordered
 
 
 @pytest.mark.parametrize(("task_name", "family"), [("masked_lm", "bert"), ("causal_lm", "llama")])

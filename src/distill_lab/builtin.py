@@ -216,11 +216,12 @@ def _fit(model, data, max_epochs: int, lr: float, task: str, metric: str, stop: 
     """Train ``model`` on its own loss for up to ``max_epochs``, evaluating after each epoch and stopping once
     ``stop(validation metric)``; returns the last evaluation."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    steps = max_epochs * len(data.train_dataloader())
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    train = data.train_dataloader()
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max_epochs * len(train), pct_start=0.1)
     for epoch in range(max_epochs):
         model.train()
-        for batch in data.train_dataloader():
+        train.sampler.set_epoch(epoch)  # each epoch its own order (and masks), as Lightning does
+        for batch in train:
             model(**batch).loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()

@@ -338,12 +338,33 @@ def check_sizes(options) -> None:
             raise ValueError(f"data.{key}={value} must be a whole number of at least {least}{null}")
 
 
+class EpochTagged(torch.utils.data.Dataset):
+    """A dataset read through a sampler made with ``tagged=True`` (``resume.ResumableRandomSampler``), which
+    yields ``(epoch, index)`` pairs: row ``index`` of ``dataset`` with ``{KEY: (epoch, index)}`` added, so that a
+    collator can draw the batch's random numbers (masks) from its epoch and examples. They are then the same
+    however the batch is fetched (in the main process or a worker) and in a resumed run, and new each epoch."""
+
+    KEY = "epoch_and_index"
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        return {**self.dataset[index], self.KEY: (epoch, index)}
+
+
 class TrainValidationData(lightning.LightningDataModule):
     """What every data module shares: a train/validation DatasetDict loaded once, checked and subsampled;
     seeded loaders that a run resumed mid-epoch continues (``distill_lab.resume``); ``example_batch``.
 
     A subclass prepares ``self.splits`` in ``setup()`` (with :meth:`load_splits` and :meth:`subsample`) and
-    turns rows into a batch in ``collator(split)``.
+    turns rows into a batch in ``collator(split)``. One whose training collator draws random numbers sets
+    ``epoch_tagged``: its training rows then carry their ``(epoch, index)`` (:class:`EpochTagged`), for the
+    collator to draw from them rather than from a generator's running state.
 
     Args:
         dataset: A DatasetDict with ``train`` and ``validation`` splits, or a zero-argument callable returning
@@ -354,6 +375,8 @@ class TrainValidationData(lightning.LightningDataModule):
         max_train_samples, max_eval_samples: If set, a seeded random subset of this many examples.
         seed: Seed for subsampling and shuffling (and whatever else a subclass draws, e.g. masks).
     """
+
+    epoch_tagged = False
 
     def __init__(
         self,
@@ -414,19 +437,22 @@ class TrainValidationData(lightning.LightningDataModule):
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         self.setup()
-        sampler = None
+        dataset, sampler = self.splits[split], None
         if shuffle:  # a seeded order per epoch, which a run resumed mid-epoch continues
             epoch, start = self._resume_at or (0, 0)
             self._resume_at = None
+            if tagged := self.epoch_tagged:
+                dataset = EpochTagged(dataset)
+            position = dict(seed=self.seed, epoch=epoch, start=start, tagged=tagged)
             if (shards := self._distributed_shards()) is not None:  # this process's share of the same order
-                sampler = ResumableDistributedSampler(self.splits[split], **shards, seed=self.seed, epoch=epoch, start=start)
+                sampler = ResumableDistributedSampler(dataset, **shards, **position)
             else:
-                sampler = ResumableRandomSampler(self.splits[split], self.seed, epoch, start)
+                sampler = ResumableRandomSampler(dataset, **position)
         # worker seeds come from this generator, not from the global RNG: a resumed run starts loaders at other
         # moments than an uninterrupted one, and must not shift the dropout masks drawn after them
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
-            self.splits[split], batch_size=batch_size, sampler=sampler, generator=generator,
+            dataset, batch_size=batch_size, sampler=sampler, generator=generator,
             collate_fn=self.collator(split), num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

@@ -8,7 +8,9 @@ transformers' ``DataCollatorForLanguageModeling``:
 
 - masked LM: tokens are masked dynamically, anew in every training batch (BERT's 80/10/10 rule,
   ``mlm_probability`` of the tokens); ``labels`` hold the original ids at masked positions and -100 elsewhere.
-  The validation split is masked once, with a fixed seed, so its metrics compare across epochs and runs.
+  A training batch's masks are drawn from the seed, the epoch and the batch's examples alone, so they are new
+  each epoch, and the same in a resumed run and whatever ``num_workers``. The validation split is masked
+  once, with a fixed seed, so its metrics compare across epochs and runs.
 - causal LM: ``labels`` are the input ids, -100 at padding (``attention_mask`` 0) only: a tokenizer whose
   padding token is its eos token (GPT-2, LLaMA) keeps the targets of the real eos tokens in the text. The
   task shifts them by one.
@@ -16,6 +18,7 @@ transformers' ``DataCollatorForLanguageModeling``:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from itertools import chain
 
@@ -27,7 +30,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from distill_lab.data import TrainValidationData, check_sizes, synthetic_relations
+from distill_lab.data import EpochTagged, TrainValidationData, check_sizes, synthetic_relations
 
 
 def synthetic_text(num_train: int = 4000, num_validation: int = 500, seed: int = 0) -> DatasetDict:
@@ -45,6 +48,28 @@ class _CausalLMCollator(DataCollatorForLanguageModeling):
         batch = super().torch_call(examples)
         batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         return batch
+
+
+class _EpochMaskedCollator(DataCollatorForLanguageModeling):
+    """``DataCollatorForLanguageModeling(mlm=True)`` for training rows read through :class:`~distill_lab.data.EpochTagged`:
+    each batch is masked with random numbers seeded by ``seed`` and the batch's ``(epoch, index)`` pairs.
+
+    The transformers collator's own ``seed`` gives a generator whose running state decides the masks: a
+    resumed run starts it over (and so masks the rest of the run unlike the uninterrupted one), each worker
+    process holds a copy of its own, and every process of a distributed run draws the same sequence. Here the
+    masks are a function of the examples and the epoch; the global generator is left as it was.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, mlm_probability: float, seed: int) -> None:
+        super().__init__(tokenizer, mlm=True, mlm_probability=mlm_probability)  # no seed: it draws from torch's
+        self.draw_seed = seed
+
+    def torch_call(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        tags = [example.pop(EpochTagged.KEY) for example in examples]
+        digest = hashlib.blake2b(repr((self.draw_seed, tags)).encode(), digest_size=8).digest()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int.from_bytes(digest, "little"))
+            return super().torch_call(examples)
 
 
 class LanguageModelingData(TrainValidationData):
@@ -86,7 +111,11 @@ class LanguageModelingData(TrainValidationData):
         self.text_column = text_column
         self.max_length = max_length
         self.pack = pack
-        self._train_collator: DataCollatorForLanguageModeling | None = None
+
+    @property
+    def epoch_tagged(self) -> bool:
+        """Masked LM: the training rows carry their epoch and index, which the masks are drawn from."""
+        return self.mlm
 
     def _check_tokenizer(self) -> None:
         if self.tokenizer is None:
@@ -154,17 +183,17 @@ class LanguageModelingData(TrainValidationData):
         }
 
     def collator(self, split: str):
-        """Training batches are masked as they are drawn, by one seeded collator for the whole run (each epoch
-        masks anew); validation batches are padded (labels with -100)."""
+        """Masked LM: training batches are masked as they are drawn, from their epoch and examples
+        (:class:`_EpochMaskedCollator`); validation batches, masked in ``setup``, are padded (labels -100)."""
         if split == "validation" and self.mlm:
             return DataCollatorForTokenClassification(self.tokenizer)
-        if self._train_collator is None:
-            self._train_collator = self._language_modeling_collator()
-        return self._train_collator
+        if self.mlm:
+            return _EpochMaskedCollator(self.tokenizer, self.mlm_probability, self.seed)
+        return self._language_modeling_collator()
 
     def example_collator(self, split: str):
-        """A fresh collator seeded with ``seed``, not the run's: the calibration batch (``example_batch("train")``)
-        is masked the same on every call, and the training masks do not depend on whether it was drawn."""
+        """For rows read without an epoch (``example_batch("train")``, the calibration batch): a collator seeded
+        with ``seed``, so that the batch is masked the same on every call."""
         if split == "validation" and self.mlm:
             return self.collator(split)
         return self._language_modeling_collator()

@@ -402,12 +402,15 @@ class ResumableRandomSampler(RandomSampler):
     mid-epoch sees exactly the examples the interrupted run had not trained on, in the same order. ``len``
     stays the full epoch, as Lightning counts a resumed epoch's batches from its beginning.
 
+    With ``tagged`` it yields ``(epoch, index)`` pairs instead of indices, for a dataset that hands a row its
+    epoch (``data.EpochTagged``: masked-LM masks drawn from the epoch and the examples).
+
     It is the sampler of a run in one process; a distributed run takes :class:`ResumableDistributedSampler`.
     """
 
-    def __init__(self, data_source, seed: int = 0, epoch: int = 0, start: int = 0) -> None:
+    def __init__(self, data_source, seed: int = 0, epoch: int = 0, start: int = 0, tagged: bool = False) -> None:
         super().__init__(data_source)
-        self.seed, self.epoch, self.start = seed, epoch, start
+        self.seed, self.epoch, self.start, self.tagged = seed, epoch, start, tagged
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -416,7 +419,7 @@ class ResumableRandomSampler(RandomSampler):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.data_source), generator=generator).tolist()
         self.start, start = 0, self.start
-        yield from _skip(order, start, self.epoch)
+        yield from _skip(order, start, self.epoch, self.tagged)
 
 
 class ResumableDistributedSampler(DistributedSampler):
@@ -424,30 +427,33 @@ class ResumableDistributedSampler(DistributedSampler):
     ``num_replicas`` visits positions ``rank, rank + num_replicas, ...`` of the same seeded permutation of epoch
     ``e`` (``torch.randperm(n)`` seeded with ``seed + e``), padded at its end with its first examples to a
     multiple of ``num_replicas``, which is ``DistributedSampler(shuffle=True, seed=seed)``'s order exactly.
-    ``start`` skips the first ``start`` examples of this process's share of the next iteration only.
+    ``start`` skips the first ``start`` examples of this process's share of the next iteration only; ``tagged``
+    as there.
 
     Being a ``DistributedSampler``, Lightning keeps it: a ``RandomSampler`` it replaces under DDP with its own
     ``DistributedSampler``, which restarts a resumed epoch's order from its beginning (and is seeded by
     ``seed_everything``, not by the data's seed).
     """
 
-    def __init__(self, dataset, num_replicas: int, rank: int, seed: int = 0, epoch: int = 0, start: int = 0) -> None:
+    def __init__(
+        self, dataset, num_replicas: int, rank: int, seed: int = 0, epoch: int = 0, start: int = 0, tagged: bool = False
+    ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.epoch, self.start = epoch, start
+        self.epoch, self.start, self.tagged = epoch, start, tagged
 
     def __iter__(self):
         order = list(super().__iter__())
         self.start, start = 0, self.start
-        yield from _skip(order, start, self.epoch)
+        yield from _skip(order, start, self.epoch, self.tagged)
 
 
-def _skip(order: list[int], start: int, epoch: int) -> list[int]:
+def _skip(order: list[int], start: int, epoch: int, tagged: bool) -> list:
     if start:
         log.info(
             "the training data continues epoch %d at example %d of %d (so Lightning's warning that the "
             "dataloader is not resumable does not apply)", epoch, start, len(order)
         )
-    return order[start:]
+    return [(epoch, i) for i in order[start:]] if tagged else order[start:]
 
 
 def training_position(trainer) -> tuple[int, int] | None:
