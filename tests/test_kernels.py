@@ -177,6 +177,25 @@ def test_fused_component_equals_the_block_path(matching, loss, causal):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("loss", ["kl", "mse", "cosine"])
+def test_fused_kernels_apply_the_records_padding_without_an_attention_mask(loss, causal):
+    """Called without ``attention_mask``, the loss still takes the keys that the models' own masks hide out of
+    the softmax (the block-wise path applies each record's mask), and counts every query row, as the
+    block-wise path does."""
+    qs, ks, qt, kt, key_valid = _inputs(13, d_t=8)
+    assert not key_valid.bool().all()  # an example with padding
+    mask = key_valid.bool()[:, None, None, :].expand(-1, 1, 13, -1)
+    if causal:
+        mask = mask & torch.ones(13, 13, dtype=torch.bool, device=DEVICE).tril()
+    values = []
+    for fused in (True, False):
+        student, teacher = QueryKey(qs, ks, 8**-0.5, mask, causal=causal), QueryKey(qt, kt, 8**-0.5, mask, causal=causal)
+        component = AttentionDistillationLoss(loss, "layerwise", [(0, 0)], block_size=8, fused=fused)
+        values.append(component({0: student}, {0: teacher}, None)[0])
+    torch.testing.assert_close(values[0], values[1], atol=1e-6, rtol=1e-5)
+
+
 def test_fused_kernels_refuse_a_mask_beyond_padding_and_causal_structure():
     """The kernels apply key padding and the causal flag only: a record whose mask adds a bias (ALiBi-like)
     keeps the block-wise path (fused=True: an error), so the bias is never silently dropped."""

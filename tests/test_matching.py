@@ -296,6 +296,7 @@ def test_headwise_per_layer_head_map():
         ([[0, 1], [2, 1]], r"each student head at most once"),
         ([], r"each student head at most once"),
         ([[0, 1, 2]], r"\[teacher_head, student_head\] pairs"),
+        ([[[], 0]], r"gives student head 0 no teacher head"),  # an average of no heads would be NaN
     ],
 )
 def test_headwise_head_map_errors(head_map, message):

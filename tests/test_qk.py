@@ -297,3 +297,33 @@ def test_kl_from_records_is_exact_for_scores_far_apart(temperature):
     expected_grads = torch.autograd.grad(expected, (student.query, student.key))
     for grad, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, want, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("loss", "gram", "records"),
+    [("kl", None, True), ("mse", None, True), ("cosine", None, True), ("mse_scores", True, True),
+     ("mse_scores", False, True), ("kl", None, False), ("mse", None, False)],
+)  # fmt: skip
+def test_no_gradient_reaches_the_teacher(loss, gram, records):
+    """The teacher's maps, queries and keys are the target: whatever the path (block-wise from records, the
+    Gram-matrix form of mse_scores, maps, a callable loss), the gradient reaches the student's side only."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(2, 4, 9, 8, generator=generator, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    qs, ks, qt, kt = tensors
+    mask = torch.tensor([[1] * 9, [1] * 6 + [0] * 3])
+    for component in (
+        AttentionDistillationLoss(loss, "layerwise", [(0, 0)], block_size=4, gram=gram),
+        AttentionDistillationLoss(AttentionLoss(loss), "global", [(0, 0)], block_size=4),
+        AttentionDistillationLoss(lambda s, t, m, per_head=False: (s - t).square().mean(), "layerwise", [(0, 0)]),
+    ):
+        if loss == "mse_scores" and component.loss.__class__ is not AttentionLoss:
+            continue
+        for tensor in tensors:
+            tensor.grad = None
+        student, teacher = QueryKey(qs, ks, 8**-0.5), QueryKey(qt, kt, 8**-0.5)
+        if not records:  # probability maps
+            student, teacher = student.probs(), teacher.probs()
+        value, _ = component({0: student}, {0: teacher}, mask)
+        value.backward()
+        assert qs.grad is not None and qs.grad.abs().sum() > 0
+        assert qt.grad is None and kt.grad is None

@@ -101,7 +101,7 @@ def _row_terms(
     if student.dim() != 4:
         raise ValueError(f"attention maps must be (batch, heads, query, key); got shape {tuple(student.shape)}")
     dtype = _compute_dtype(student)
-    s, t = student.to(dtype), teacher.to(dtype)
+    s, t = student.to(dtype), teacher.to(dtype).detach()  # the teacher is the target: no gradient reaches it
     key_valid, row_valid, n_keys = _validity(s.shape, s.device, attention_mask, query_start)
     ones = torch.ones((), dtype=dtype, device=s.device)
 
@@ -354,7 +354,7 @@ def mse_scores_gram_terms(
         keys, rows = keys[:, 0, 0], rows[:, 0]
     else:
         count = torch.tensor(float(batch * q_len * k_len), dtype=dtype, device=device)
-    x_t, y_t = _mix_heads(teacher_query, teacher_key, t_w.cpu(), teacher_scaling, rows, keys, dtype)
+    x_t, y_t = _mix_heads(teacher_query.detach(), teacher_key.detach(), t_w.cpu(), teacher_scaling, rows, keys, dtype)
     x_s, y_s = _mix_heads(student_query, student_key, s_w.cpu(), student_scaling, rows, keys, dtype)
 
     def inner(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:  # <A^T B, C^T D> per (b, p)
@@ -392,6 +392,8 @@ class AttentionLoss(nn.Module):
         self.name = name
         self.options = options
         self.fn = functools.partial(get_attention_loss(name), **options)
+        if name == "kl" and not options.get("temperature", 1.0) > 0:  # every path, the fused kernel's too
+            raise ValueError(f"temperature must be positive, got {options['temperature']}")
 
     def forward(
         self, student: Tensor, teacher: Tensor, attention_mask: Tensor | None = None, per_head: bool = False
@@ -411,8 +413,6 @@ class AttentionLoss(nn.Module):
 
         ``scores``: the inputs are masked pre-softmax scores (``-inf`` where masked), which ``mse_scores``
         compares and from which KL takes exact log-probabilities (``takes_scores``)."""
-        if self.name == "kl" and self.options.get("temperature", 1.0) <= 0:
-            raise ValueError(f"temperature must be positive, got {self.options['temperature']}")
         if scores and not self.takes_scores:
             raise ValueError(f"loss={self.name} compares probabilities, not scores")
         if self.on_scores:

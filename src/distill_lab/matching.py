@@ -15,6 +15,7 @@ how the teacher's heads are compared with the student's:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -228,6 +229,11 @@ class Headwise:
             if isinstance(entry, str) or len(entry) != 2:
                 raise ValueError(f"head_map entries must be [teacher_head, student_head] pairs; got {entry!r}")
             group = tuple(entry[0]) if isinstance(entry[0], Iterable) else (entry[0],)
+            if not group:
+                raise ValueError(
+                    f"head_map for {pair_name(pair)} gives student head {entry[1]} no teacher head ({entry!r}): name "
+                    "at least one teacher head to average, or leave the student head out"
+                )
             heads.append((tuple(int(h) for h in group), int(entry[1])))
         for group, s in heads:
             bad_t = [h for h in group if not 0 <= h < num_teacher_heads]
@@ -497,6 +503,13 @@ def _padding_keys(record: QueryKey, masks: dict) -> tuple[bool, Tensor | None]:
     return keys is not None, keys
 
 
+def _detached(maps: Tensor | QueryKey) -> Tensor | QueryKey:
+    """Teacher maps or records that no gradient flows back into."""
+    if isinstance(maps, QueryKey):
+        return dataclasses.replace(maps, query=maps.query.detach(), key=maps.key.detach())
+    return maps.detach()
+
+
 def _layer_maps(attentions, layer: int) -> Tensor | None:
     """One layer's maps from a {layer: maps} mapping (None when not captured) or a sequence indexed by layer."""
     return attentions.get(layer) if isinstance(attentions, Mapping) else attentions[layer]
@@ -655,24 +668,30 @@ class AttentionDistillationLoss(nn.Module):
             raise ValueError(f"fused=True, but the fused attention kernel does not apply: {'; '.join(reasons)}")
         return None if reasons else heads
 
-    def _fused_pair(self, student: QueryKey, teacher: QueryKey, attention_mask, heads) -> tuple[Tensor, Tensor]:
+    def _fused_pair(self, student: QueryKey, teacher: QueryKey, attention_mask, heads, masks: dict) -> tuple[Tensor, Tensor]:
         """Loss sums and weights per head pair, (P,) each, from the fused kernel of the loss, weighted as
-        ``losses._row_terms`` weights rows."""
+        ``losses._row_terms`` weights rows: the softmax over the keys that both records' masks and
+        ``attention_mask`` let through, the rows and MSE's key counts from ``attention_mask`` (None: all)."""
         from distill_lab.kernels.attention_kl import attention_kl_rows
         from distill_lab.kernels.attention_probs import attention_probs_rows
 
         batch, _, q_len, k_len = student.shape
         device = student.query.device
-        keys = (attention_mask if attention_mask is not None else torch.ones(batch, k_len, device=device)).to(
-            device=device, dtype=torch.int32
-        ).contiguous()
+        given = torch.ones(batch, k_len, dtype=torch.bool, device=device)
+        if attention_mask is not None:
+            given = attention_mask.to(device) > 0
+        keys = given
+        for record in (student, teacher):  # the kernels apply one key mask: what each model's own mask hides too
+            if (record_keys := _padding_keys(record, masks)[1]) is not None:
+                keys = keys & record_keys.to(device)
+        keys = keys.to(torch.int32).contiguous()
         inputs = (
             student.query, student.key, teacher.query, teacher.key,
             torch.tensor([s for _, s in heads], dtype=torch.int32, device=device),
             torch.tensor([t for t, _ in heads], dtype=torch.int32, device=device),
             keys, student.scaling, teacher.scaling,
         )  # fmt: skip
-        valid = (keys[:, k_len - q_len :] > 0) & (keys.sum(-1, keepdim=True) > 0)  # (B, Lq) query rows
+        valid = given[:, k_len - q_len :] & (keys.sum(-1, keepdim=True) > 0)  # (B, Lq) query rows
         weights = valid[:, None, :].float()
         name = self.loss.name
         if name == "kl":
@@ -682,7 +701,7 @@ class AttentionDistillationLoss(nn.Module):
             rows = attention_probs_rows(name, *inputs, student.causal)
         values = rows * weights
         if name == "mse":  # a row's squared errors are averaged over the example's real keys
-            weights = weights * keys.sum(-1)[:, None, None]
+            weights = weights * given.sum(-1)[:, None, None]
         weights = weights.expand_as(rows)
         return values.sum(dim=(0, 2)), weights.sum(dim=(0, 2))
 
@@ -732,7 +751,7 @@ class AttentionDistillationLoss(nn.Module):
         fused_heads = self._fused_heads(student, teacher, pair, masks)
         gram = None if fused_heads is not None else self._gram_plan(student, teacher, pair, masks)
         if fused_heads is not None:
-            values, weights = self._fused_pair(student, teacher, attention_mask, fused_heads)
+            values, weights = self._fused_pair(student, teacher, attention_mask, fused_heads, masks)
             heads = [s for _, s in fused_heads] if self.matching.per_head else None
         elif gram is not None:
             keys, s_w, t_w, heads = gram
@@ -773,6 +792,7 @@ class AttentionDistillationLoss(nn.Module):
             student, teacher = _layer_maps(student_attentions, s_layer), _layer_maps(teacher_attentions, t_layer)
             if student is None or teacher is None:
                 raise ValueError(f"no attention map for layer pair {pair_name(pair)}; was the layer captured?")
+            teacher = _detached(teacher)  # the target, on every path (a custom loss callable too)
             if student.shape[0] != teacher.shape[0] or student.shape[-2:] != teacher.shape[-2:]:
                 raise ValueError(
                     f"teacher and student attention maps for {pair_name(pair)} differ in batch or sequence length: "
