@@ -33,6 +33,7 @@ import yaml
 from conftest import (
     CPU_DDP,
     FSDP_ON_CPU,
+    REPO_ROOT,
     TrainRun,
     app_env,
     callback_overrides,
@@ -493,6 +494,39 @@ def test_a_ddp_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(ddp_resume_ta
     assert validation_history(out) == validation_history(reference)
     losses, reference_losses = train_losses(out, version=1), train_losses(reference)
     assert sorted(losses) == list(range(resumed_step, DDP_EPOCHS * DDP_STEPS_PER_EPOCH))
+    assert losses == pytest.approx({s: reference_losses[s] for s in losses}, rel=1e-6, abs=1e-9)
+
+
+def torchrun(*overrides: str) -> list[str]:
+    """``torchrun --standalone --nproc_per_node=2 train.py *overrides``: two processes that each run train.py."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO_ROOT / "train.py"),
+        *overrides,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_process_resumes_the_same_checkpoint_with_the_same_command(ddp_resume_task, tmp_path):
+    """torchrun starts both processes, each running train.py with ckpt_path=auto: without a named run directory
+    (each process would compose its own from the clock) they stop before anything is loaded; with one, a run
+    stopped by an exception during step 5 is resumed by the same command in both processes from rank 0's
+    interrupted.ckpt, and ends as the uninterrupted run (Lightning's own DDP launcher) does."""
+    root, overrides, reference = ddp_resume_task
+    env = app_env(tmp_path, PYTHONWARNINGS="ignore")
+    unnamed = subprocess.run(torchrun(*overrides), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert unnamed.returncode != 0
+    assert "one of several that torchrun or srun started" in unnamed.stdout + unnamed.stderr
+    assert not list(tmp_path.glob("outputs/*/*/checkpoints"))
+
+    out = tmp_path / "run"
+    command = torchrun(*overrides, f"hydra.run.dir='{out}'")
+    run_to_end([*command, *callback_overrides("crash", Crash, hook="on_before_backward", step=5)], env, fails=True)
+    assert torch.load(out / "checkpoints" / "interrupted.ckpt", map_location="cpu", weights_only=True)["global_step"] == 5
+    result = run_to_end(command, env)
+    assert f"resuming from {out / 'checkpoints' / 'interrupted.ckpt'}" in result.stdout + result.stderr
+    assert_same_result(out, reference)
+    losses, reference_losses = train_losses(out, version=1), train_losses(reference)
+    assert sorted(losses) == list(range(5, DDP_EPOCHS * DDP_STEPS_PER_EPOCH))
     assert losses == pytest.approx({s: reference_losses[s] for s in losses}, rel=1e-6, abs=1e-9)
 
 

@@ -32,7 +32,10 @@ always starts afresh; any other value is a checkpoint path (or one of Lightning'
 passed to ``Trainer.fit`` as it is, training in this run's own directory. Under DDP the processes that
 Lightning launches for the other ranks (``LOCAL_RANK`` > 0, started after rank 0 chose) take rank 0's
 choice, handed over in the ``DISTILL_LAB_RESUME`` environment variable, so that every rank restores the
-same checkpoint and writes to the same directory.
+same checkpoint and writes to the same directory. Processes that torchrun or srun start all run ``train.py``
+side by side (:func:`started_by_a_launcher`), in one named directory (``run.py`` requires ``hydra.run.dir=``
+there): the ranks above 0 make rank 0's choice themselves, from that directory's own checkpoints, which no
+process changes before every process has started.
 
 **One process per run directory** (:func:`lock_run_dir`): a run holds an ``fcntl.flock`` lock on
 ``<run dir>/.run.lock`` while its process lives (rank 0's, in a distributed run; the kernel drops it when the
@@ -327,6 +330,15 @@ def finished_run(output_dir: str | Path, config: dict | None = None) -> Path | N
     return candidate
 
 
+def started_by_a_launcher() -> bool:
+    """Whether torchrun or srun started this process as one of a distributed run's processes, each running
+    ``train.py`` on its own, rather than Lightning's DDP launcher, which starts the ranks above 0 from rank 0
+    after rank 0 chose where to resume (``DISTILL_LAB_RESUME``)."""
+    if torch.distributed.is_available() and torch.distributed.is_torchelastic_launched():
+        return True
+    return int(os.environ.get("SLURM_NTASKS") or 1) > 1 and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+
+
 def resolve_ckpt_path(
     ckpt_path: str | None, output_dir: str | Path, config: dict | None = None
 ) -> tuple[str | None, Path]:
@@ -339,6 +351,9 @@ def resolve_ckpt_path(
     of its own in ``output_dir`` (``None``, or a checkpoint from elsewhere) is refused where ``output_dir`` holds a
     finished run, and moves an unfinished run's checkpoints there aside (``checkpoints.1``...).
 
+    A rank above 0 that torchrun or srun started (no hand-over) resolves ``"auto"`` to its directory's newest
+    checkpoint, rank 0's choice in the named directory that such a run must have.
+
     Whatever the value, the process of rank 0 (the only one of a run that is not distributed) locks the
     directory it will write to (:func:`lock_run_dir`) and raises :class:`RunDirectoryLocked` when a live
     process holds ``output_dir`` already; the other ranks lock nothing. ``auto`` resumes no run whose process
@@ -349,6 +364,10 @@ def resolve_ckpt_path(
         chosen = json.loads(os.environ[RANK_HANDOVER])  # a DDP rank that Lightning launched: rank 0 chose
         return chosen["ckpt_path"], Path(chosen["output_dir"])
     if rank_zero_only.rank > 0:  # another process of a distributed run: rank 0 holds the directory's lock
+        if ckpt_path == "auto":  # started beside rank 0 by torchrun or srun, in the directory rank 0 writes to
+            _refuse_finished(output_dir)  # as rank 0 does, which finds this directory's newest checkpoint
+            own = _newest_checkpoint(output_dir)
+            return (None if own is None else str(own)), output_dir
         return ckpt_path, output_dir
     lock_run_dir(output_dir)
     if ckpt_path != "auto":

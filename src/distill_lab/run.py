@@ -35,7 +35,7 @@ from distill_lab.data import check_sizes
 from distill_lab.matching import AttentionDistillationLoss, layer_map
 from distill_lab.models import count_parameters, load_preprocessor, position_limit
 from distill_lab.module import DistillationModule
-from distill_lab.resume import finished_run, resolve_ckpt_path
+from distill_lab.resume import NAMED_DIR_OVERRIDES, finished_run, resolve_ckpt_path, started_by_a_launcher
 from distill_lab.tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -248,6 +248,20 @@ def _check_positions(model, role: str, max_length: int | None) -> None:
         )
 
 
+def _check_launched_directory() -> None:
+    """Processes that torchrun or srun start each compose their own config: Hydra's directory of the clock
+    (``outputs/DATE/TIME``) can differ between them by a second, and then they would neither write to one run
+    directory nor resume the same checkpoint. Such a run must name its directory."""
+    if not started_by_a_launcher() or not HydraConfig.initialized():
+        return
+    if not any(str(o).startswith(NAMED_DIR_OVERRIDES) for o in HydraConfig.get().overrides.hydra):
+        raise ValueError(
+            "this process is one of several that torchrun or srun started, and each composes its own run directory "
+            "from the clock (outputs/DATE/TIME), which can differ between them: give them one, e.g. "
+            "hydra.run.dir=outputs/my_run (under SLURM: hydra.run.dir=outputs/$SLURM_JOB_ID)"
+        )
+
+
 def _in_multirun() -> bool:
     """Whether this is a job of a Hydra multirun (``train.py -m ...``)."""
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
@@ -278,6 +292,7 @@ def train(cfg: DictConfig) -> dict:
     ``student/`` (``save_pretrained`` model and tokenizer) and ``attention_maps/``. With ``ckpt_path=auto``
     a rerun of an interrupted command resumes it in its own directory (``distill_lab.resume``).
     """
+    _check_launched_directory()
     config, own_dir = OmegaConf.to_container(cfg, resolve=True), Path(cfg.paths.output_dir)
     if cfg.get("ckpt_path") == "auto" and _in_multirun() and (done := finished_run(own_dir, config)) is not None:
         return _reuse_results(done)  # a rerun of an interrupted sweep: its finished jobs are not trained again
