@@ -103,6 +103,17 @@ class Crash(L.Callback):
             self._maybe_crash(trainer, "on_validation_batch_start")
 
 
+class RecordLearningRate(L.Callback):
+    """Appends ``[global step, learning rate]`` of each training batch's start to the JSON-lines file ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps([trainer.global_step, trainer.optimizers[0].param_groups[0]["lr"]]) + "\n")
+
+
 class CrashInBatch(L.Callback):
     """Raises ``RuntimeError`` in ``hook`` during the training batch ``batch`` (counted over all epochs)."""
 
@@ -438,7 +449,7 @@ KILLS_AFTER_A_DUE_CHECKPOINT = {  # (hook, step, overrides, last.ckpt left): a S
     "after-the-epochs-validation": ("on_train_epoch_start", 8, ["checkpoint_every_n_steps=4"], 8),
     # due on step 4, which a mid-epoch validation follows (every 4 batches), killed during it
     "during-a-mid-epoch-validation": (
-        "on_validation_start", 4, ["checkpoint_every_n_steps=2", "+trainer.val_check_interval=4"], 2,
+        "on_validation_start", 4, ["checkpoint_every_n_steps=2", "trainer.val_check_interval=4"], 2,
     ),
 }
 
@@ -482,7 +493,7 @@ CRASHES_DURING_VALIDATION = {  # (hook, step, overrides): interrupted.ckpt is wr
     # epoch 0's validation, after its last step (8); last.ckpt of step 4 is the newest step checkpoint
     "the-epochs-validation": ("on_validation_start", 8, ["checkpoint_every_n_steps=4"]),
     # a mid-epoch validation (every 4 batches) after step 4, whose due checkpoint waits for it
-    "a-mid-epoch-validation": ("on_validation_start", 4, ["checkpoint_every_n_steps=2", "+trainer.val_check_interval=4"]),
+    "a-mid-epoch-validation": ("on_validation_start", 4, ["checkpoint_every_n_steps=2", "trainer.val_check_interval=4"]),
     # half-way through epoch 0's validation, its first batch done (resumed as written, Lightning would skip it)
     "a-validation-batch": ("on_validation_batch_start", 8, ["checkpoint_every_n_steps=4"]),
 }
@@ -537,6 +548,32 @@ def test_a_crash_inside_a_gradient_accumulation_window_resumes_at_its_first_batc
     losses, reference_losses = train_losses(out, version=1), train_losses(reference)
     assert sorted(losses) == list(range(5, TOTAL_STEPS // 2))
     assert losses == pytest.approx({step: reference_losses[step] for step in losses}, rel=1e-6, abs=1e-9)
+
+
+def test_a_run_resumed_under_another_learning_rate_trains_on_at_it(task, tmp_path, caplog):
+    """The README's advice after a non-finite loss: lower optimizer.lr and resume. Lightning restores the
+    checkpoint's optimizer and schedule (the old base rate); the module scales them to the configured rate, so
+    the resumed steps run at half the rates of the same schedule when the rate is halved."""
+    out, rates = tmp_path / "run", tmp_path / "rates"
+
+    def learning_rates(name: str) -> dict[int, float]:
+        lines = (rates / name).read_text().splitlines()
+        return {step: lr for step, lr in map(json.loads, lines)}
+
+    rates.mkdir()
+    record = [*callback_overrides("record", RecordLearningRate, path=str(rates / "first"))]
+    with pytest.raises(RuntimeError, match="test crash in on_before_backward at step 10"):
+        run_app(task, out, *record, *callback_overrides("crash", Crash, hook="on_before_backward", step=10))
+    record = [*callback_overrides("record", RecordLearningRate, path=str(rates / "resumed"))]
+    with caplog.at_level(logging.WARNING, logger="distill_lab.module"):
+        run_app(task, out, "optimizer.lr=0.0025", *record)  # RUN's is 0.005
+    assert "optimizer.lr=0.0025, and the checkpoint's run used 0.005: training on at 0.5 times" in caplog.text
+    first, resumed = learning_rates("first"), learning_rates("resumed")
+    assert sorted(resumed) == list(range(10, TOTAL_STEPS)) and max(first) == 10  # step 10 crashed, and is repeated
+    assert resumed[10] == pytest.approx(first[10] / 2, rel=1e-12)
+    warm_up = int(0.1 * TOTAL_STEPS)  # then the linear decay to 0 at TOTAL_STEPS, at the new base rate
+    for step, rate in resumed.items():
+        assert rate == pytest.approx(0.0025 * (TOTAL_STEPS - step) / (TOTAL_STEPS - warm_up), rel=1e-9), step
 
 
 def test_ckpt_path_null_starts_afresh_beside_an_interrupted_checkpoint(task, tmp_path, caplog):
@@ -762,6 +799,34 @@ def test_auto_resumes_no_run_whose_process_is_alive(tmp_path, monkeypatch, caplo
 
     holder.kill()
     assert find_previous_run(second)[:2] == (first / "checkpoints" / "last.ckpt", first)
+
+
+def test_a_process_that_torchrun_or_srun_started_beside_rank_zero_resumes_its_directorys_checkpoint(tmp_path, monkeypatch):
+    """Under torchrun or srun no rank hands its choice to another: a rank above 0 resolves ``auto`` as rank 0
+    does in the named directory such a run has (its newest checkpoint; none: afresh; a finished run: an error)."""
+    from distill_lab import resume
+
+    for variable in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_NAME", resume.RANK_HANDOVER):
+        monkeypatch.delenv(variable, raising=False)
+    assert not resume.started_by_a_launcher()
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert resume.started_by_a_launcher()
+    monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # an allocation for launching by hand (as Lightning reads it)
+    assert not resume.started_by_a_launcher()
+    monkeypatch.delenv("SLURM_JOB_NAME")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    assert resume.started_by_a_launcher()
+
+    monkeypatch.setattr(resume.rank_zero_only, "rank", 1)
+    run = _fake_run(tmp_path, "run", ["loss=kl"], {"checkpoints/last.ckpt": 1, "checkpoints/interrupted.ckpt": 2})
+    assert resolve_ckpt_path("auto", run) == (str(run / "checkpoints" / "interrupted.ckpt"), run)
+    assert not (run / LOCK_FILE).exists()  # rank 0 holds the lock
+    empty = tmp_path / "empty"
+    assert resolve_ckpt_path("auto", empty) == (None, empty)
+    (run / "results.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds a finished run"):
+        resolve_ckpt_path("auto", run)
 
 
 def test_sampler_continues_an_epoch_part_way(tmp_path):

@@ -9,6 +9,7 @@ builds them from the config.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
@@ -25,6 +26,8 @@ from distill_lab.losses import distillation_objective
 from distill_lab.matching import AttentionDistillationLoss, gradient_head_importance, pair_name
 from distill_lab.resume import describe_names, non_finite_parameters
 from distill_lab.tasks import SequenceClassification
+
+log = logging.getLogger(__name__)
 
 TEACHER_PREFIX = "teacher."
 
@@ -327,6 +330,26 @@ class DistillationModule(L.LightningModule):
             self.log_dict(self.teacher_scores, sync_dist=True)
 
     # ------------------------------------------------------------------------------------------ optimisation
+
+    def on_train_start(self) -> None:
+        """A run resumed under another ``optimizer.lr`` than its checkpoint's trains on at the configured rate.
+
+        Lightning restores the checkpoint's optimizer and schedule, whose base rate is the one the run started
+        with, so a changed ``optimizer.lr`` (e.g. lowered after a non-finite loss) would have no effect. The
+        schedule keeps its position (warm-up, linear decay); only its base rate changes."""
+        scheduler = self.lr_schedulers()
+        configured = self.optimizer_factory([torch.nn.Parameter(torch.zeros(()))]).defaults["lr"]
+        if scheduler is None or all(base == configured for base in scheduler.base_lrs):
+            return
+        log.warning(
+            "optimizer.lr=%g, and the checkpoint's run used %s: training on at %g times the rates of its schedule",
+            configured, ", ".join(f"{base:g}" for base in sorted(set(scheduler.base_lrs))),
+            configured / scheduler.base_lrs[0],
+        )  # fmt: skip
+        for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] *= configured / base
+            group["initial_lr"] = configured
+        scheduler.base_lrs = [configured] * len(scheduler.base_lrs)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory([p for p in self.student.parameters() if p.requires_grad])
