@@ -733,6 +733,13 @@ def test_previous_run_is_the_latest_unfinished_one_with_the_same_overrides(tmp_p
     # and a directory that Hydra does not manage (no .hydra/) has no neighbours to compare with
     assert find_previous_run(tmp_path / "plain") is None
 
+    # a sweep's job continues the same job of a sweep of an earlier date (rerun after midnight)
+    sweeps = tmp_path / "multirun"
+    job = _fake_run(sweeps, "2026-01-02/00-10-00/1", same, {})
+    earlier = _fake_run(sweeps, "2026-01-01/23-00-00/1", same, {"checkpoints/last.ckpt": 100})
+    _fake_run(sweeps, "2026-01-01/23-00-00/0", other, {"checkpoints/last.ckpt": 200})  # another job of that sweep
+    assert find_previous_run(job)[:2] == (earlier / "checkpoints" / "last.ckpt", earlier)
+
 
 def test_same_overrides_under_an_edited_config_start_afresh(tmp_path, monkeypatch, caplog):
     """A run found by its overrides is resumed only if its saved ``config.yaml`` equals this run's resolved

@@ -1,7 +1,8 @@
 """Distillation losses: attention maps (MSE, KL, cosine) and outputs (soft-target KD).
 
 Pure PyTorch. Every attention loss takes the student's map first and the teacher's second, both attention
-probabilities whose rows sum to 1, and an optional padding mask. A masked position is excluded both as a
+probabilities whose rows sum to 1 (``attention_mse_scores``: pre-softmax scores), and an optional padding
+mask. The teacher's is the target: no gradient flows into it. A masked position is excluded both as a
 query row and as a key column. Losses are computed in float32 (or float64 when given float64) whatever the
 input dtype, so bf16 maps neither overflow nor lose the small differences that distillation is about.
 

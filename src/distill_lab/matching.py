@@ -519,7 +519,7 @@ class AttentionDistillationLoss(nn.Module):
     """The attention part of the objective: a loss, a matching mode and a layer map.
 
     Args:
-        loss: a loss name (``"mse"``, ``"kl"``, ``"cosine"``) or a callable
+        loss: a loss name (``"mse"``, ``"kl"``, ``"cosine"``, ``"mse_scores"``) or a callable
             ``loss(student, teacher, attention_mask, per_head=False)`` such as ``AttentionLoss("kl")``.
         matching: a mode name (``"layerwise"``, ``"headwise"``, ``"global"``, ``"selective"``) or a mode object.
         layer_map: ``[(teacher_layer, student_layer), ...]``, 0-based (see ``layer_map()``).

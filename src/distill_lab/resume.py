@@ -13,8 +13,8 @@ on disk. With ``ckpt_path=auto`` (the default):
    ``hydra.sweep.dir=``: a new name asks for a new run there), the previous run is the most recently active
    run directory near this one whose ``.hydra/overrides.yaml`` lists the same overrides (in any order) and
    that holds a checkpoint. "Near" means siblings and cousins: ``<root>/*/*`` for Hydra's
-   ``outputs/DATE/TIME`` (so a rerun after midnight still finds its run) and ``multirun/DATE/TIME/N`` (the
-   same job of an earlier sweep). The same overrides are not the same run when a ``conf/`` file changed in
+   ``outputs/DATE/TIME`` (so a rerun after midnight still finds its run) and, for ``multirun/DATE/TIME/N``,
+   the same job of an earlier sweep (``multirun/*/*/N``, any date too). The same overrides are not the same run when a ``conf/`` file changed in
    between: if that run's resolved ``config.yaml`` differs from this one's (its own paths aside), this run
    starts afresh and the log names the keys that differ.
 
@@ -230,10 +230,13 @@ def _last_activity(run_dir: Path) -> int:
 
 
 def _nearby_runs(output_dir: Path) -> list[Path]:
-    """Run directories beside ``output_dir`` (siblings) and one level up (cousins), without ``output_dir``."""
+    """Run directories beside ``output_dir`` (siblings) and one level up (cousins), and for a sweep's job
+    (``multirun/DATE/TIME/N``) the jobs of every sweep (``multirun/*/*/*``), without ``output_dir``."""
     parent = output_dir.parent
     try:
         near = set(parent.iterdir()) | set(parent.parent.glob("*/*"))
+        if output_dir.name.isdigit():  # Hydra numbers a sweep's jobs: earlier sweeps may be of another date
+            near |= set(parent.parent.parent.glob("*/*/*"))
     except OSError:
         return []
     return [d for d in near if d.is_dir() and d.resolve() != output_dir.resolve() and (d / OVERRIDES_FILE).is_file()]
