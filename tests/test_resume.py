@@ -711,7 +711,15 @@ def test_previous_run_is_the_latest_unfinished_one_with_the_same_overrides(tmp_p
     named = _fake_run(outputs, "2026-01-02/00-06-00", same, {}, hydra=[f"hydra.run.dir={outputs}/2026-01-02/00-06-00"])
     assert find_previous_run(named) is None
     assert resolve_ckpt_path(None, now) == (None, now)
-    assert resolve_ckpt_path("some/where.ckpt", now) == ("some/where.ckpt", now)
+    elsewhere = tmp_path / "some" / "where.ckpt"
+    elsewhere.parent.mkdir()
+    elsewhere.touch()
+    assert resolve_ckpt_path(str(elsewhere), now) == (str(elsewhere), now)
+    for name in ("last", "hpc", "registry:my-model", "s3://bucket/run/last.ckpt"):  # Lightning's to resolve
+        assert resolve_ckpt_path(name, now) == (name, now)
+    for wrong in ("auot", str(tmp_path / "some" / "missing.ckpt")):  # refused before anything loads
+        with pytest.raises(ValueError, match=f"ckpt_path={wrong} is no checkpoint file.*auto.*null"):
+            resolve_ckpt_path(wrong, now)
 
     # a newer Ctrl-C checkpoint wins over last.ckpt; an older one does not
     (old / "checkpoints" / "interrupted.ckpt").touch()

@@ -563,6 +563,10 @@ ERRORS = {
     ),
     "attention-weight-out-of-range": (["attention_weight=-0.1", NO_TEACHER], r"attention_weight=-0\.1 must be in \[0, 1\]"),
     "warmup-ratio-one": (["warmup_ratio=1", NO_TEACHER], r"warmup_ratio=1 must be in \[0, 1\)"),
+    "no-epoch": (["trainer.max_epochs=0", NO_TEACHER], r"trainer\.max_epochs=0 trains nothing: the student would be exported"),
+    "no-step": (["trainer.max_steps=0", NO_TEACHER], r"trainer\.max_steps=0 trains nothing"),
+    "no-batch": (["trainer.limit_train_batches=0", NO_TEACHER], r"trainer\.limit_train_batches=0 trains nothing"),
+    "ckpt-path-typo": (["ckpt_path=auot", NO_TEACHER], r"ckpt_path=auot is no checkpoint file.*auto.*null"),
     "batch-size-zero": (["data.batch_size=0", NO_TEACHER], r"data\.batch_size=0 must be a whole number of at least 1"),
     "eval-batch-size-zero": (
         ["data.eval_batch_size=0", NO_TEACHER], r"data\.eval_batch_size=0 must be .* at least 1 \(or null: data\.batch_size\)"
@@ -603,6 +607,60 @@ def test_configuration_errors_fail_before_training(task, tmp_path, case):
     with pytest.raises(ValueError, match=message):
         run_app(task, out, *overrides)
     assert not (out / "checkpoints").exists() and not (out / "results.json").exists()
+
+
+HF_STUDENT = ["student=hf", "debug=fast", "logger=csv", "fused_kernel=false"]
+
+
+@pytest.fixture(scope="module")
+def students(task, tmp_path_factory):
+    """Students that ``task``'s BERT teacher cannot teach, each saved with a tokenizer, and one it can."""
+    root = tmp_path_factory.mktemp("students")
+    gpt2 = make_text_task(root / "gpt2", family="gpt2", num_layers=2)["teacher"]  # the teacher's tokenizer
+    other = make_text_task(root / "other", num_layers=2)["teacher"]
+    words = build_word_tokenizer().get_vocab()
+    reordered = sorted((w for w in words if not w.startswith("[")), key=lambda w: words[w], reverse=True)
+    build_word_tokenizer(reordered).save_pretrained(other)  # the same words (and vocabulary size), other ids
+    small = root / "small"  # no tokenizer: the embeddings tell
+    make_tiny_model("bert", small, num_hidden_layers=2, num_attention_heads=4, vocab_size=12, num_labels=2)
+    build_word_tokenizer().save_pretrained(small)
+    (small / "tokenizer.json").unlink()
+    (small / "tokenizer_config.json").unlink()
+    three = make_text_task(root / "three", num_layers=2, num_labels=3)["teacher"]  # a head for 3 labels
+    return {"gpt2": gpt2, "other": other, "small": str(small), "three": three}
+
+
+@pytest.mark.parametrize(
+    ("student", "message"),
+    [
+        ("gpt2", r"the teacher's attention \(BertForSequenceClassification\) is bidirectional and the student's "
+                 r"\(GPT2ForSequenceClassification\) causal.*cannot match.*student=from_teacher"),
+        ("other", r"student\.name_or_path=.* has a tokenizer of its own that is not the teacher's \(\d+ of the "
+                  r"teacher's \d+ tokens are missing or have other ids\)"),
+        ("small", r"the student's input embeddings hold 12 token ids, the teacher's tokenizer \d+"),
+    ],
+)  # fmt: skip
+def test_a_student_that_cannot_learn_the_teachers_attention_is_refused_before_training(task, students, tmp_path, student, message):
+    """A causal student of a bidirectional teacher, or one that reads other token ids than the teacher's
+    tokenizer gives, would train without an error and learn nothing it could use."""
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        train(compose_config([*task["overrides"], *HF_STUDENT, f"student.name_or_path='{students[student]}'"], out))
+    assert not (out / "checkpoints").exists()
+
+
+def test_a_student_saved_with_another_number_of_labels_gets_a_fresh_head(task, students, tmp_path, caplog):
+    """A student checkpoint whose classifier has 3 labels, for a 2-label teacher: the head is initialised
+    afresh (transformers would refuse the checkpoint) and the log says so; the exported student has 2."""
+    import logging
+
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="distill_lab.models"):
+        train(compose_config([*task["overrides"], *HF_STUDENT, f"student.name_or_path='{students['three']}'"], out))
+    assert "saved with a head for another number of labels than the teacher's 2" in caplog.text
+    assert "classifier.weight" in caplog.text
+    exported = AutoModelForSequenceClassification.from_pretrained(out / "student")
+    assert exported.config.num_labels == 2 and exported.classifier.weight.shape[0] == 2
 
 
 @pytest.mark.parametrize(
@@ -870,3 +928,14 @@ def test_resume_from_last_checkpoint_continues(task, tmp_path):
     logged = [int(r["step"]) for r in read_metrics_csv(second) if r["train/loss"]]
     assert logged == [4, 5, 6, 7]  # the second run trained only the second epoch
     assert resumed["teacher_scores"] == torch.load(last, map_location="cpu", weights_only=False)["teacher_scores"]
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
+def test_debug_fast_shortens_an_experiment_too(tmp_path, experiment):
+    """``debug`` comes last in the defaults list (as in the lightning-hydra-template): ``experiment=X
+    debug=fast`` is X's recipe in a smoke run, one epoch of a few batches, not X's full length."""
+    cfg = compose_config([f"experiment={experiment}", "debug=fast"], tmp_path)
+    fast = OmegaConf.load(CONF_DIR / "debug" / "fast.yaml")
+    assert cfg.trainer.max_epochs == fast.trainer.max_epochs == 1
+    assert cfg.trainer.limit_train_batches == fast.trainer.limit_train_batches
+    assert cfg.data.max_train_samples == fast.data.max_train_samples

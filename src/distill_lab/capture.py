@@ -65,6 +65,14 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def is_causal(model: nn.Module) -> bool | None:
+    """Whether the model's self-attention is causal (each position sees only earlier ones: GPT-2, LLaMA) or
+    bidirectional (BERT, ViT), from its attention modules' ``is_causal`` flags; None where they do not say
+    (no flag, or layers that differ)."""
+    flags = {getattr(module, "is_causal", None) for _, module in attention_modules(model)}
+    return flags.pop() if len(flags) == 1 and None not in flags else None
+
+
 def num_attention_heads(model: nn.Module) -> int:
     """Query heads per layer, read from the model's config."""
     config = getattr(model, "config", None)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedModel
 
+from distill_lab.capture import is_causal
 from distill_lab.matching import layer_map
 from distill_lab.tasks import get_task
 
@@ -99,11 +100,69 @@ def load_student(
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """A student by hub name or path, with the teacher's labels (their number and names: the exported student
-    reads its predictions as the teacher does)."""
+    reads its predictions as the teacher does). A classification head saved for another number of labels
+    is initialised afresh, with a warning."""
     if teacher is None or not task.endswith("classification"):
         return _from_pretrained("student", name_or_path, task, None, trust_remote_code)
     labels = {"id2label": dict(teacher.config.id2label), "label2id": dict(teacher.config.label2id)}
-    return _from_pretrained("student", name_or_path, task, teacher.config.num_labels, trust_remote_code, **labels)
+    student, info = _from_pretrained(
+        "student", name_or_path, task, teacher.config.num_labels, trust_remote_code, **labels,
+        ignore_mismatched_sizes=True, output_loading_info=True,
+    )  # fmt: skip
+    if mismatched := [str(entry[0] if isinstance(entry, tuple) else entry) for entry in info.get("mismatched_keys", [])]:
+        log.warning(
+            "the student %r was saved with a head for another number of labels than the teacher's %d: %s "
+            "initialised afresh", name_or_path, teacher.config.num_labels, ", ".join(sorted(mismatched)),
+        )  # fmt: skip
+    return student
+
+
+def check_student(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer=None, name_or_path: str | None = None) -> None:
+    """Refuse, before training, a student that cannot learn the teacher's attention: one whose attention is
+    causal where the teacher's is bidirectional (or the other way round), whose input embeddings miss ids of
+    the teacher's tokenizer (``tokenizer``), or whose own saved tokenizer (``name_or_path``) is another.
+
+    Attention maps are compared position by position and the student reads the teacher's token ids, so both
+    must tokenize alike; a causal student can put no weight on later tokens, which a bidirectional teacher's
+    maps hold, so its attention loss could not approach 0.
+    """
+    kinds = {role: is_causal(model) for role, model in (("teacher", teacher), ("student", student))}
+    if None not in kinds.values() and kinds["teacher"] != kinds["student"]:
+        name = {True: "causal (each token sees only earlier ones)", False: "bidirectional"}
+        raise ValueError(
+            f"the teacher's attention ({type(teacher).__name__}) is {name[kinds['teacher']]} and the student's "
+            f"({type(student).__name__}) {name[kinds['student']]}: their attention maps cannot match. Distil into "
+            "a student of the teacher's kind (student=from_teacher derives one)"
+        )
+    if tokenizer is None:
+        return
+    embeddings = student.get_input_embeddings()
+    if embeddings is not None and embeddings.num_embeddings < len(tokenizer):
+        raise ValueError(
+            f"the student's input embeddings hold {embeddings.num_embeddings} token ids, the teacher's tokenizer "
+            f"{len(tokenizer)}: the student must use the teacher's tokenizer and vocabulary"
+        )
+    if name_or_path is None or not has_tokenizer(name_or_path):
+        return
+    own = load_tokenizer(name_or_path)
+    theirs, ours = tokenizer.get_vocab(), own.get_vocab()
+    if theirs != ours:
+        differ = sum(ours.get(token) != index for token, index in theirs.items())
+        raise ValueError(
+            f"student.name_or_path={name_or_path!r} has a tokenizer of its own that is not the teacher's ({differ} of "
+            f"the teacher's {len(theirs)} tokens are missing or have other ids): the student reads the teacher's "
+            "token ids, and the attention maps are compared position by position. Use a student trained with the "
+            "teacher's tokenizer, or student=from_teacher"
+        )
+
+
+def has_tokenizer(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` holds a saved tokenizer: a local directory with tokenizer files, or a hub name
+    (whose files only loading can tell)."""
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return not path.exists()
+    return any(f.name.startswith(TOKENIZER_FILES) for f in path.iterdir())
 
 
 TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "spiece", "sentencepiece")  # how saved tokenizers' files start

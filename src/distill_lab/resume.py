@@ -342,6 +342,21 @@ def started_by_a_launcher() -> bool:
     return int(os.environ.get("SLURM_NTASKS") or 1) > 1 and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
 
 
+LIGHTNING_CKPT_NAMES = ("last", "hpc", "registry")  # what Trainer.fit(ckpt_path=...) takes besides a path
+
+
+def _check_ckpt_path(ckpt_path: str | None) -> None:
+    """A ``ckpt_path`` that names no checkpoint (a typo, a missing file) is an error now, not after the teacher
+    and data have loaded. Remote paths (``s3://...``) are left to Lightning."""
+    if ckpt_path in (None, "auto") or str(ckpt_path).split(":")[0] in LIGHTNING_CKPT_NAMES or "://" in str(ckpt_path):
+        return
+    if not Path(ckpt_path).is_file():
+        raise ValueError(
+            f"ckpt_path={ckpt_path} is no checkpoint file. Give a checkpoint (e.g. <run>/checkpoints/last.ckpt), auto "
+            "(resume the previous run of this command, the default) or null (start afresh)"
+        )
+
+
 def resolve_ckpt_path(
     ckpt_path: str | None, output_dir: str | Path, config: dict | None = None
 ) -> tuple[str | None, Path]:
@@ -363,6 +378,7 @@ def resolve_ckpt_path(
     is alive.
     """
     output_dir = Path(output_dir)
+    _check_ckpt_path(ckpt_path)
     if ckpt_path == "auto" and int(os.environ.get("LOCAL_RANK") or 0) > 0 and RANK_HANDOVER in os.environ:
         chosen = json.loads(os.environ[RANK_HANDOVER])  # a DDP rank that Lightning launched: rank 0 chose
         return chosen["ckpt_path"], Path(chosen["output_dir"])

@@ -33,7 +33,7 @@ from rich.table import Table
 from distill_lab.capture import num_attention_heads
 from distill_lab.data import check_sizes
 from distill_lab.matching import AttentionDistillationLoss, layer_map
-from distill_lab.models import count_parameters, load_preprocessor, position_limit
+from distill_lab.models import check_student, count_parameters, load_preprocessor, position_limit
 from distill_lab.module import DistillationModule
 from distill_lab.resume import NAMED_DIR_OVERRIDES, finished_run, resolve_ckpt_path, started_by_a_launcher
 from distill_lab.tasks import TASKS
@@ -150,6 +150,7 @@ def _build_module(cfg: DictConfig, task, teacher, data) -> DistillationModule:
     """The student (derived from ``teacher`` or loaded), the attention objective (layer pairs, loss, matching
     mode; head counts checked now) and the Lightning module that holds them."""
     student = instantiate(cfg.student, teacher=teacher)
+    check_student(student, teacher, getattr(data, "tokenizer", None), cfg.student.get("name_or_path"))
     if (size := task.num_classes(student.config)) != (wanted := task.num_classes(teacher.config)):
         # the output loss compares the two distributions entry by entry: a vocabulary of another size
         raise ValueError(
@@ -236,6 +237,12 @@ def _check_settings(cfg: DictConfig, task) -> None:
         )
     task.check_data_config(cfg.data)
     check_sizes(cfg.data)
+    for key in ("max_epochs", "max_steps", "limit_train_batches"):
+        if (value := cfg.trainer.get(key)) is not None and not isinstance(value, bool) and value == 0:
+            raise ValueError(
+                f"trainer.{key}={value} trains nothing: the student would be exported untrained. Give at least one "
+                "epoch, step or batch (max_steps=-1 and limit_train_batches=null leave the limit to max_epochs)"
+            )
 
 
 def _check_positions(model, role: str, max_length: int | None) -> None:
