@@ -1,5 +1,7 @@
 """Distil a teacher into a student: ``python train.py [group=option ...]`` (see conf/ and the README)."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -13,4 +15,13 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Trainer.fit and validate stop on Ctrl-C themselves (and save interrupted.ckpt)
+        print(
+            "\nStopped by Ctrl-C outside training (loading, the built-in teacher's training, the export). Run the "
+            "same command again: a distillation run resumes from its newest checkpoint, a built-in teacher trains "
+            "from its start.",
+            file=sys.stderr,
+        )
+        sys.exit(130)

@@ -552,8 +552,8 @@ class TrainRun:
                 out.flush()
 
     def output(self) -> str:
-        """What the run printed so far."""
-        return self.log.read_text(errors="replace")
+        """What the run printed so far (nothing before the copying thread has opened the log)."""
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def running(self) -> bool:
         """Whether a process of the run is still alive: rank 0, or another that holds its output open."""
