@@ -563,9 +563,6 @@ ERRORS = {
     ),
     "attention-weight-out-of-range": (["attention_weight=-0.1", NO_TEACHER], r"attention_weight=-0\.1 must be in \[0, 1\]"),
     "warmup-ratio-one": (["warmup_ratio=1", NO_TEACHER], r"warmup_ratio=1 must be in \[0, 1\)"),
-    "no-epoch": (["trainer.max_epochs=0", NO_TEACHER], r"trainer\.max_epochs=0 trains nothing: the student would be exported"),
-    "no-step": (["trainer.max_steps=0", NO_TEACHER], r"trainer\.max_steps=0 trains nothing"),
-    "no-batch": (["trainer.limit_train_batches=0", NO_TEACHER], r"trainer\.limit_train_batches=0 trains nothing"),
     "ckpt-path-typo": (["ckpt_path=auot", NO_TEACHER], r"ckpt_path=auot is no checkpoint file.*auto.*null"),
     "batch-size-zero": (["data.batch_size=0", NO_TEACHER], r"data\.batch_size=0 must be a whole number of at least 1"),
     "eval-batch-size-zero": (
@@ -939,3 +936,19 @@ def test_debug_fast_shortens_an_experiment_too(tmp_path, experiment):
     assert cfg.trainer.max_epochs == fast.trainer.max_epochs == 1
     assert cfg.trainer.limit_train_batches == fast.trainer.limit_train_batches
     assert cfg.data.max_train_samples == fast.data.max_train_samples
+
+
+def test_a_run_that_trains_nothing_says_so(task, tmp_path, caplog, capsys):
+    """``trainer.max_epochs=0`` evaluates the student as built (a baseline before distillation): allowed, but
+    the log warns before anything runs, results.json records ``trained_steps`` 0 and the printed table says
+    that the student was not trained. A run that trains records its optimizer steps."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="distill_lab.run"):
+        run_app(task, tmp_path / "baseline", "trainer.max_epochs=0")
+    assert "trainer.max_epochs=0: nothing is trained; the results are the student's as built" in caplog.text
+    assert json.loads((tmp_path / "baseline" / "results.json").read_text())["trained_steps"] == 0
+    assert "the student was not trained (0 steps)" in capsys.readouterr().out
+    run_app(task, tmp_path / "trained")
+    assert json.loads((tmp_path / "trained" / "results.json").read_text())["trained_steps"] == 4  # debug=fast
+    assert "not trained" not in capsys.readouterr().out

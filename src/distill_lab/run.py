@@ -143,6 +143,8 @@ def _print_summary(results: dict) -> None:
     if s is not None:  # not measured under FSDP
         table.add_row("examples/s", f"{s['teacher_examples_per_s']:,.0f}", f"{s['student_examples_per_s']:,.0f}")
         table.add_row("inference speed-up", "", f"{s['speedup']:.2f}x")
+    if not results["trained_steps"]:
+        table.caption = "the student was not trained (0 steps): its scores as built"
     Console().print(table)
 
 
@@ -239,10 +241,10 @@ def _check_settings(cfg: DictConfig, task) -> None:
     check_sizes(cfg.data)
     for key in ("max_epochs", "max_steps", "limit_train_batches"):
         if (value := cfg.trainer.get(key)) is not None and not isinstance(value, bool) and value == 0:
-            raise ValueError(
-                f"trainer.{key}={value} trains nothing: the student would be exported untrained. Give at least one "
-                "epoch, step or batch (max_steps=-1 and limit_train_batches=null leave the limit to max_epochs)"
-            )
+            log.warning(
+                "trainer.%s=%s: nothing is trained; the results are the student's as built (a baseline before "
+                "distillation), and results.json records \"trained_steps\": 0", key, value,
+            )  # fmt: skip
 
 
 def _check_positions(model, role: str, max_length: int | None) -> None:
@@ -419,6 +421,7 @@ def train(cfg: DictConfig) -> dict:
         "selected_heads": getattr(attention_loss.matching, "selected", None) or None,
         "best_checkpoint": best or None,
         "student_dir": str(student_dir),
+        "trained_steps": trainer.global_step,  # optimizer steps; 0: the student as built, untrained
     }
     # how far the student is behind, positive when worse: teacher - student for accuracy, the reverse for perplexity
     results["higher_is_better"] = {
