@@ -378,7 +378,7 @@ def test_train_py_with_trainer_ddp_writes_the_run_outputs_once(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("strategy", "eval_batch_size"), [("ddp", 1), ("ddp", 2), ("fsdp", 1)])
+@pytest.mark.parametrize(("strategy", "eval_batch_size"), [("ddp", 1), ("ddp", 2), ("fsdp", 1), ("fsdp", 2)])
 def test_validation_on_two_processes_counts_each_example_once(tmp_path, strategy, eval_batch_size):
     """31 validation examples on two processes: Lightning's sampler pads the set to 32, so rank 1's last batch
     ends with the first example again: all of it in batches of one (its metric update of no rows crashed the
@@ -386,8 +386,8 @@ def test_validation_on_two_processes_counts_each_example_once(tmp_path, strategy
     that results.json reports (the final validation's ``val/attention/*``) are those of one process over the 31
     examples. Every example is cut to 6 tokens, so no batch holds padding and a batch's loss is the mean of its
     examples' whatever the batching. The runs train nothing (``trainer.max_epochs=0``): both validate the same
-    student, initialised from the seed. Under FSDP every process runs its whole batch and the repeats leave the
-    metrics only, so batches of one (where a repeat's batch weighs nothing) are the case its losses get right."""
+    student, initialised from the seed. Under FSDP every process runs the forward on its whole batch, and the
+    losses and metrics are taken again over its own rows from that forward's logits and attention."""
     common = [
         "data.max_eval_samples=31", f"data.eval_batch_size={eval_batch_size}", "data.max_length=6",
         "trainer.limit_val_batches=null", "trainer.max_epochs=0", "student.init=random", "callbacks.attention_maps=null",

@@ -9,6 +9,7 @@ builds them from the config.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
@@ -21,7 +22,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torchmetrics import Metric
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
-from distill_lab.capture import AttentionCapture
+from distill_lab.capture import AttentionCapture, QueryKey
 from distill_lab.losses import distillation_objective
 from distill_lab.matching import AttentionDistillationLoss, gradient_head_importance, pair_name
 from distill_lab.resume import describe_names, non_finite_parameters
@@ -53,6 +54,20 @@ def _batch_size(batch: Mapping[str, Tensor]) -> int | None:
 def _rows(batch: Mapping[str, Tensor], keep: Tensor) -> dict[str, Tensor]:
     """The rows ``keep`` (a boolean mask) of every per-example tensor of ``batch``."""
     return {k: v[keep] for k, v in batch.items() if isinstance(v, Tensor) and len(v) == len(keep)}
+
+
+def _map_rows(maps: Mapping, keep: Tensor) -> dict:
+    """The rows ``keep`` of captured attention (``{layer: probabilities or QueryKey record}``); a record's mask
+    or bias that is shared by the batch (first dimension 1) stays whole."""
+
+    def rows(x: Tensor | None) -> Tensor | None:
+        return x if x is None or x.shape[0] != len(keep) else x[keep]
+
+    return {
+        layer: dataclasses.replace(m, query=m.query[keep], key=m.key[keep], mask=rows(m.mask), bias=rows(m.bias))
+        if isinstance(m, QueryKey) else m[keep]
+        for layer, m in maps.items()
+    }  # fmt: skip
 
 
 class WeightedMean(Metric):
@@ -203,21 +218,16 @@ class DistillationModule(L.LightningModule):
         with torch.no_grad():
             teacher_out, teacher_maps = self.teacher_capture(**inputs)
         student_out, student_maps = self.student_capture(**inputs)
-        output_loss = self.task.output_loss(
-            student_out.logits, teacher_out.logits, batch, self.hparams.temperature, self.hparams.alpha
-        )
-        attention_loss, details = self.attention_loss(student_maps, teacher_maps, inputs.get("attention_mask"))
+        return self._objective(batch, student_out.logits, teacher_out.logits, student_maps, teacher_maps)
+
+    def _objective(self, batch: Mapping[str, Tensor], student_logits, teacher_logits, student_maps, teacher_maps) -> Step:
+        """The loss and its parts from the two models' outputs on ``batch`` (their forwards already run)."""
+        output_loss = self.task.output_loss(student_logits, teacher_logits, batch, self.hparams.temperature, self.hparams.alpha)
+        attention_loss, details = self.attention_loss(student_maps, teacher_maps, batch.get("attention_mask"))
         loss = distillation_objective(output_loss, attention_loss, self.hparams.attention_weight)
         return Step(
-            loss,
-            output_loss,
-            attention_loss,
-            details,
-            student_out.logits,
-            teacher_out.logits,
-            student_maps,
-            teacher_maps,
-        )
+            loss, output_loss, attention_loss, details, student_logits, teacher_logits, student_maps, teacher_maps
+        )  # fmt: skip
 
     def training_step(self, batch, batch_idx):
         loss, output_loss, attention_loss, details, *_ = self(batch)
@@ -280,13 +290,19 @@ class DistillationModule(L.LightningModule):
             batch, real = _rows(batch, real), None
             if not _batch_size(batch):  # every row a repeat: nothing to count
                 return None
-        step = self(batch)
-        loss, attention_loss, details = step.loss, step.attention_loss, step.details
-        student_logits, teacher_logits = step.student_logits, step.teacher_logits
+        step = own = self(batch)
         if real is not None:
             # FSDP: every process runs the forward on its whole batch (each joins the others' parameter gathers);
-            # the repeats are left out of the metrics, not of the losses
-            batch, student_logits, teacher_logits = _rows(batch, real), student_logits[real], teacher_logits[real]
+            # the losses and metrics are then taken over its own rows, from that forward's logits and attention
+            # (which needs no parameter, so no other process)
+            batch = _rows(batch, real)
+            if real.any():
+                maps = (_map_rows(step.student_maps, real), _map_rows(step.teacher_maps, real))
+                own = self._objective(batch, step.student_logits[real], step.teacher_logits[real], *maps)
+            else:  # every row a repeat: the losses below weigh nothing
+                own = step._replace(student_logits=step.student_logits[real], teacher_logits=step.teacher_logits[real])
+        loss, attention_loss, details = own.loss, own.attention_loss, own.details
+        student_logits, teacher_logits = own.student_logits, own.teacher_logits
         if len(student_logits):  # a metric update of no rows fails
             self.task.update(self.val_metrics, student_logits, batch)
             if not self.teacher_scores and not self.trainer.sanity_checking:
