@@ -710,6 +710,10 @@ def test_previous_run_is_the_latest_unfinished_one_with_the_same_overrides(tmp_p
     # a directory named with hydra.run.dir= wants a run of its own there, not one found beside it
     named = _fake_run(outputs, "2026-01-02/00-06-00", same, {}, hydra=[f"hydra.run.dir={outputs}/2026-01-02/00-06-00"])
     assert find_previous_run(named) is None
+    # run.py says whether the directory was named, from its live Hydra config (under torchrun every process
+    # writes .hydra/ at once, so the files are not read back then); that answer wins over the files
+    assert find_previous_run(now, named=True) is None
+    assert find_previous_run(named, named=False)[:2] == (old / "checkpoints" / "last.ckpt", old)
     assert resolve_ckpt_path(None, now) == (None, now)
     elsewhere = tmp_path / "some" / "where.ckpt"
     elsewhere.parent.mkdir()

@@ -265,13 +265,16 @@ def _set_aside_checkpoints(output_dir: Path) -> None:
     log.warning("starting afresh in %s, which holds an earlier unfinished run's checkpoints: moved them to %s", output_dir, aside)
 
 
-def find_previous_run(output_dir: str | Path, config: dict | None = None) -> tuple[Path, Path, str] | None:
+def find_previous_run(
+    output_dir: str | Path, config: dict | None = None, named: bool | None = None
+) -> tuple[Path, Path, str] | None:
     """The interrupted run that ``output_dir``'s run continues, as ``(checkpoint, run_dir, reason)``, or None.
     Raises ValueError when ``output_dir`` itself holds a finished run.
 
     See the module docstring for the rules. ``config`` is this run's resolved configuration (compared with the
-    previous run's ``config.yaml``; None compares nothing). ``reason`` says in words why this checkpoint was
-    chosen.
+    previous run's ``config.yaml``; None compares nothing). ``named``: whether the directory was named on the
+    command line (``hydra.run.dir=``), as the caller knows it from its live Hydra config; None reads it from the
+    directory's ``.hydra/hydra.yaml``. ``reason`` says in words why this checkpoint was chosen.
     """
     output_dir = Path(output_dir)
     _refuse_finished(output_dir)
@@ -283,7 +286,7 @@ def find_previous_run(output_dir: str | Path, config: dict | None = None) -> tup
             )  # fmt: skip
         return own, output_dir, f"this run's directory {output_dir} holds an unfinished run (no {FINISHED_MARKER})"
     overrides = _overrides(output_dir)
-    if overrides is None or _named_on_command_line(output_dir):
+    if overrides is None or (_named_on_command_line(output_dir) if named is None else named):
         return None  # not a Hydra-made directory, or one named on purpose: nothing to look for elsewhere
     trained = [d for d in _nearby_runs(output_dir) if _overrides(d) == overrides and _newest_checkpoint(d)]
     if not trained:
@@ -308,7 +311,7 @@ def find_previous_run(output_dir: str | Path, config: dict | None = None) -> tup
     return checkpoint, latest, reason
 
 
-def finished_run(output_dir: str | Path, config: dict | None = None) -> Path | None:
+def finished_run(output_dir: str | Path, config: dict | None = None, named: bool | None = None) -> Path | None:
     """The finished run (one that wrote ``results.json``) that this run would repeat, or None: this run's own
     directory if it finished, else, for a directory Hydra made, the latest nearby run with the same overrides
     if that one finished (the same search as :func:`find_previous_run`). A run saved under another
@@ -317,7 +320,7 @@ def finished_run(output_dir: str | Path, config: dict | None = None) -> Path | N
     candidate = output_dir
     if not (output_dir / FINISHED_MARKER).is_file():
         overrides = _overrides(output_dir)
-        if overrides is None or _named_on_command_line(output_dir):
+        if overrides is None or (_named_on_command_line(output_dir) if named is None else named):
             return None
         runs = [
             d for d in _nearby_runs(output_dir)
@@ -358,7 +361,7 @@ def _check_ckpt_path(ckpt_path: str | None) -> None:
 
 
 def resolve_ckpt_path(
-    ckpt_path: str | None, output_dir: str | Path, config: dict | None = None
+    ckpt_path: str | None, output_dir: str | Path, config: dict | None = None, named: bool | None = None
 ) -> tuple[str | None, Path]:
     """``(checkpoint for Trainer.fit, the directory this run writes to)`` for the ``ckpt_path`` option.
 
@@ -398,7 +401,7 @@ def resolve_ckpt_path(
             _refuse_finished(output_dir)
             _set_aside_checkpoints(output_dir)
         return ckpt_path, output_dir
-    found = find_previous_run(output_dir, config)
+    found = find_previous_run(output_dir, config, named)
     if found is not None and found[1] != output_dir:
         try:
             lock_run_dir(found[1])

@@ -257,13 +257,19 @@ def _check_positions(model, role: str, max_length: int | None) -> None:
         )
 
 
+def _named_directory() -> bool | None:
+    """Whether this run's directory was named on the command line (``hydra.run.dir=``, ``hydra.sweep.dir=``),
+    from the live Hydra config; None outside ``@hydra.main`` (``train(cfg)`` called directly)."""
+    if not HydraConfig.initialized():
+        return None
+    return any(str(o).startswith(NAMED_DIR_OVERRIDES) for o in HydraConfig.get().overrides.hydra)
+
+
 def _check_launched_directory() -> None:
     """Processes that torchrun or srun start each compose their own config: Hydra's directory of the clock
     (``outputs/DATE/TIME``) can differ between them by a second, and then they would neither write to one run
     directory nor resume the same checkpoint. Such a run must name its directory."""
-    if not started_by_a_launcher() or not HydraConfig.initialized():
-        return
-    if not any(str(o).startswith(NAMED_DIR_OVERRIDES) for o in HydraConfig.get().overrides.hydra):
+    if started_by_a_launcher() and _named_directory() is False:
         raise ValueError(
             "this process is one of several that torchrun or srun started, and each composes its own run directory "
             "from the clock (outputs/DATE/TIME), which can differ between them: give them one, e.g. "
@@ -303,9 +309,10 @@ def train(cfg: DictConfig) -> dict:
     """
     _check_launched_directory()
     config, own_dir = OmegaConf.to_container(cfg, resolve=True), Path(cfg.paths.output_dir)
-    if cfg.get("ckpt_path") == "auto" and _in_multirun() and (done := finished_run(own_dir, config)) is not None:
+    named = _named_directory()  # known from Hydra, not read back from the .hydra/ files that every rank writes
+    if cfg.get("ckpt_path") == "auto" and _in_multirun() and (done := finished_run(own_dir, config, named)) is not None:
         return _reuse_results(done)  # a rerun of an interrupted sweep: its finished jobs are not trained again
-    ckpt_path, output_dir = resolve_ckpt_path(cfg.get("ckpt_path"), own_dir, config)
+    ckpt_path, output_dir = resolve_ckpt_path(cfg.get("ckpt_path"), own_dir, config, named)
     cfg.paths.output_dir = str(output_dir)  # the previous run's directory when resuming it
     output_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:  # every process of a distributed run runs train(); one writes the files
