@@ -646,6 +646,19 @@ def test_a_student_that_cannot_learn_the_teachers_attention_is_refused_before_tr
     assert not (out / "checkpoints").exists()
 
 
+def test_a_student_whose_tokenizer_adds_tokens_to_the_teachers_is_accepted(task, tmp_path):
+    """The check compares ids of the teacher's tokens: a student tokenizer with the same ids and tokens of its
+    own beyond them reads the teacher's ids as the teacher does."""
+    from distill_lab.data import SYNTHETIC_WORDS
+    from distill_lab.models import check_student
+
+    student_dir = make_text_task(tmp_path / "student", num_layers=2)["teacher"]
+    build_word_tokenizer([*SYNTHETIC_WORDS, "extra"]).save_pretrained(student_dir)
+    teacher = AutoModelForSequenceClassification.from_pretrained(task["teacher"])
+    student = AutoModelForSequenceClassification.from_pretrained(student_dir)
+    check_student(student, teacher, load_tokenizer(task["teacher"]), student_dir)  # no error
+
+
 def test_a_student_saved_with_another_number_of_labels_gets_a_fresh_head(task, students, tmp_path, caplog):
     """A student checkpoint whose classifier has 3 labels, for a 2-label teacher: the head is initialised
     afresh (transformers would refuse the checkpoint) and the log says so; the exported student has 2."""
