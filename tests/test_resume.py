@@ -210,15 +210,15 @@ def assert_same_losses(losses: dict[int, float], reference: dict[int, float], fi
 
 def validation_history(run_dir: Path) -> dict[tuple[int, int], dict[str, float]]:
     """``{(epoch, step): {"val/acc": ..., ...}}`` from every CSV logger version of ``run_dir`` (a resumed run
-    logs the next version): what each validation logged, the final one (``trainer.validate``, logged as the
-    epoch after the last) included. One validated in two versions must have logged the same numbers in both."""
+    logs the next version): what each validation logged, and the final evaluation of the best checkpoint
+    (``best/...``). One validated in two versions must have logged the same numbers in both."""
     history: dict[tuple[int, int], dict[str, float]] = {}
     for metrics in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
         with open(metrics, newline="") as f:
             for row in csv.DictReader(f):
-                values = {k: float(v) for k, v in row.items() if k.startswith("val/") and v}
+                values = {k: float(v) for k, v in row.items() if k.startswith(("val/", "best/")) and v}
                 if values:
-                    when = int(row["epoch"]), int(row["step"])
+                    when = int(row["epoch"]) if row["epoch"] else "best", int(row["step"])  # best/: no epoch
                     assert history.setdefault(when, values) == pytest.approx(values, rel=1e-6, abs=1e-9), when
     return history
 

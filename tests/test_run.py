@@ -965,3 +965,18 @@ def test_a_run_that_trains_nothing_says_so(task, tmp_path, caplog, capsys):
     run_app(task, tmp_path / "trained")
     assert json.loads((tmp_path / "trained" / "results.json").read_text())["trained_steps"] == 4  # debug=fast
     assert "not trained" not in capsys.readouterr().out
+
+
+def test_the_best_checkpoints_evaluation_is_logged_under_best_not_as_another_validation(task, tmp_path):
+    """The loggers' val/ curves hold the validations of training only (one per epoch here); the evaluation of
+    the best checkpoint that results.json reports comes once, under best/, at the last step."""
+    out = tmp_path / "run"
+    run_app(task, out, "trainer.max_epochs=2", "trainer.limit_val_batches=null")
+    rows = read_metrics_csv(out)
+    validations = [r for r in rows if r.get("val/acc")]
+    assert [int(r["epoch"]) for r in validations] == [0, 1]
+    (best,) = [r for r in rows if r.get("best/acc")]
+    results = json.loads((out / "results.json").read_text())
+    assert float(best["best/acc"]) == pytest.approx(results["student"]["acc"])
+    assert float(best["best/attention/L3->1"]) == pytest.approx(results["attention_loss"]["L3->1"], rel=1e-5)
+    assert int(best["step"]) == max(int(r["step"]) for r in rows)

@@ -36,16 +36,20 @@ log = logging.getLogger(__name__)
 
 
 def plot_attention_pairs(teacher_maps, student_maps, pairs, tokens=None, title=""):
-    """A figure with one row per layer pair: teacher and student attention (head-averaged) side by side.
+    """A figure with one row per layer pair: teacher and student attention (head-averaged) side by side, on one
+    colour scale per pair (0 to the larger of the two maps' largest weight, shown by the row's colour bar), so
+    that their brightness compares.
 
     Shape:
         teacher_maps, student_maps: {layer: (H, L, L)} for one example, padding already removed.
     """
-    fig, axes = plt.subplots(len(pairs), 2, figsize=(7, 3.2 * len(pairs)), squeeze=False)
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(7.6, 3.2 * len(pairs)), squeeze=False, layout="constrained")
     for row, (t_layer, s_layer) in enumerate(pairs):
-        for col, (who, maps, layer) in enumerate((("teacher", teacher_maps, t_layer), ("student", student_maps, s_layer))):
+        shown = [maps[layer].float().mean(0).cpu().numpy() for maps, layer in ((teacher_maps, t_layer), (student_maps, s_layer))]
+        top = max(float(m.max()) for m in shown) or 1.0
+        for col, (who, layer) in enumerate((("teacher", t_layer), ("student", s_layer))):
             ax = axes[row][col]
-            ax.imshow(maps[layer].float().mean(0).cpu().numpy(), cmap="viridis", vmin=0.0)
+            image = ax.imshow(shown[col], cmap="viridis", vmin=0.0, vmax=top)
             ax.set_title(f"{who} layer {layer} ({pair_name((t_layer, s_layer))})", fontsize=9)
             if tokens is not None and len(tokens) <= 40:
                 ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=6)
@@ -53,9 +57,9 @@ def plot_attention_pairs(teacher_maps, student_maps, pairs, tokens=None, title="
             else:
                 ax.set_xticks([])
                 ax.set_yticks([])
+        fig.colorbar(image, ax=axes[row].tolist(), fraction=0.046, pad=0.02)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     return fig
 
 

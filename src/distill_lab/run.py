@@ -388,7 +388,14 @@ def train(cfg: DictConfig) -> dict:
             trainer.save_checkpoint(best)
         module = _build_module(cfg, task, instantiate(cfg.teacher), data)
         student, attention_loss = module.student, module.attention_loss
+    # the best checkpoint's evaluation is no point of the validation curve (it would show an epoch that never ran,
+    # with an earlier epoch's numbers): the loggers get its values under best/ instead
+    loggers, trainer.loggers = trainer.loggers, []
     final = trainer.validate(module, datamodule=data, ckpt_path=best or None, verbose=False)[0]
+    trainer.loggers = loggers
+    for each in loggers:
+        each.log_metrics({f"best/{k.removeprefix('val/')}": v for k, v in final.items()}, step=trainer.global_step)
+        each.save()
     metric_names = [k.removeprefix("val/") for k in module.val_metrics.keys(keep_base=False)]
     # both models back on their own attention: the export must not name the capture's implementation, and the
     # throughput below must not time the teacher with its capture (eager maps or recorded queries) attached
