@@ -603,3 +603,54 @@ def test_sizes_out_of_range_are_refused_when_the_module_is_built(module, option,
     with pytest.raises(ValueError) as info:
         module(DatasetDict(), **option)
     assert str(info.value) == message
+
+
+def test_a_tsv_reads_quote_characters_as_text(tmp_path):
+    """A tab-separated file's '"' is text: a cell that starts with one (GLUE's .tsv files hold such) neither
+    swallows the rows after it into one field nor drops its quote."""
+    rows = ['"the movie\t1', "it was good\t0", 'bad plot ok"\t0', 'a "fine" actor\t1']
+    for split in ("train", "validation"):
+        (tmp_path / f"{split}.tsv").write_text("text\tlabel\n" + "\n".join(rows) + "\n")
+    splits = local_files(tmp_path / "train.tsv", tmp_path / "validation.tsv")
+    assert splits["train"]["text"] == ['"the movie', "it was good", 'bad plot ok"', 'a "fine" actor']
+    assert splits["train"]["label"] == [1, 0, 0, 1]
+
+
+def test_empty_data_is_refused_naming_the_file_or_split(tmp_path):
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "header.csv").write_text("text,label\n")
+    (tmp_path / "rows.csv").write_text("text,label\ngood,1\nbad,0\n")
+    for empty in ("empty.csv", "header.csv"):  # datasets' own errors name no file
+        with pytest.raises(ValueError, match=rf"cannot read data file '.*{empty}' as csv: .*is it empty"):
+            local_files(tmp_path / "rows.csv", tmp_path / empty)
+    no_rows = DatasetDict(train=Dataset.from_dict({"text": ["good"], "label": [1]}), validation=Dataset.from_dict({"text": [], "label": []}))
+    with pytest.raises(ValueError, match="the validation split holds no examples"):
+        TextClassificationData(no_rows, build_word_tokenizer()).setup()
+
+
+def test_language_model_batches_pad_on_the_right_whatever_the_tokenizers_side():
+    """A tokenizer that pads on the left (LLaMA's, Gemma's) would make the causal task predict a text's first
+    token from padding and cut the masked-LM validation texts to their padding: the data module pads on the
+    right, with a copy, and the teacher's tokenizer keeps its side (it is saved with the student)."""
+    for mlm in (False, True):
+        tokenizer = build_word_tokenizer()
+        tokenizer.padding_side = "left"
+        texts = Dataset.from_dict({"text": ["good", "the movie was not bad", "it is fine"]})
+        data = LanguageModelingData(DatasetDict(train=texts, validation=texts), tokenizer, mlm=mlm, batch_size=3)
+        data.setup()
+        assert tokenizer.padding_side == "left" and data.tokenizer.padding_side == "right"
+        for batch in (next(iter(data.train_dataloader())), next(iter(data.val_dataloader()))):
+            mask = batch["attention_mask"]
+            assert (mask[:, 1:] <= mask[:, :-1]).all() and not mask.all()  # real tokens first, padding after them
+            assert (batch["labels"][mask == 0] == -100).all()
+        if mlm:  # each validation row keeps its text (cut back to its length after masking)
+            assert [len(ids) for ids in data.splits["validation"]["input_ids"]] == [3, 7, 5]
+
+
+def test_language_model_splits_with_no_examples_are_refused():
+    texts = Dataset.from_dict({"text": ["good movie", "bad plot"]})
+    packed = LanguageModelingData(DatasetDict(train=texts, validation=texts), build_word_tokenizer(), pack=True, max_length=50)
+    with pytest.raises(ValueError, match=r"the train split holds no examples after tokenization and packing into blocks of data\.max_length=50"):
+        packed.setup()
+    with pytest.raises(ValueError, match=r"data\.mlm_probability=0 must be in \(0, 1\]"):
+        LanguageModelingData(DatasetDict(train=texts, validation=texts), build_word_tokenizer(), mlm_probability=0)

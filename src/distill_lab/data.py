@@ -8,6 +8,7 @@ tokenizes without padding and batches with dynamic padding.
 
 from __future__ import annotations
 
+import csv
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,7 +30,8 @@ NEGATION = "not"
 SYNTHETIC_WORDS: tuple[str, ...] = (*POSITIVE_WORDS, *NEGATIVE_WORDS, *NEUTRAL_WORDS, NEGATION)
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 FILE_BUILDERS: dict[str, tuple[str, dict]] = {  # extension -> (datasets builder, builder options)
-    ".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}),
+    # a tab-separated file's quote characters are text (GLUE's .tsv files hold unbalanced '"'): no quoting
+    ".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE}),
     ".json": ("json", {}), ".jsonl": ("json", {}), ".parquet": ("parquet", {}),
 }
 MODEL_COLUMNS: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids", "labels")
@@ -185,7 +187,14 @@ def _load_file(path: str | Path) -> Dataset:
     if not path.is_file():
         raise ValueError(f"data file {str(path)!r} does not exist ({supported})")
     builder, options = FILE_BUILDERS[suffix]
-    return load_dataset(builder, data_files=str(path), split="train", **options)
+    try:
+        return load_dataset(builder, data_files=str(path), split="train", **options)
+    except Exception as err:  # datasets names neither the file nor, often, the cause (an empty file...)
+        cause = err.__cause__ or err.__context__ or err
+        raise ValueError(
+            f"cannot read data file {str(path)!r} as {builder}: {type(cause).__name__}: {cause} (is it empty, or not "
+            f"{suffix[1:]}?)"
+        ) from err
 
 
 def check_both_splits(sources: dict, kind: str, need: str, example: str) -> None:
@@ -408,7 +417,7 @@ class TrainValidationData(lightning.LightningDataModule):
         column name; None is skipped).
 
         Raises:
-            ValueError: A split or a column is missing (the available ones are listed).
+            ValueError: A split or a column is missing (the available ones are listed), or a split is empty.
         """
         raw = self.dataset if isinstance(self.dataset, DatasetDict) else self.dataset()
         for split in ("train", "validation"):
@@ -423,6 +432,8 @@ class TrainValidationData(lightning.LightningDataModule):
                     raise ValueError(
                         f"data.{key}={column!r} not in {split} split; available columns: {raw[split].column_names}"
                     )
+            if len(raw[split]) == 0:
+                raise ValueError(f"the {split} split holds no examples: give the data at least one row in each split")
         return DatasetDict(train=raw["train"], validation=raw["validation"])
 
     def subsample(self, raw: DatasetDict) -> DatasetDict:

@@ -18,6 +18,7 @@ transformers' ``DataCollatorForLanguageModeling``:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Callable
 from itertools import chain
@@ -81,8 +82,9 @@ class LanguageModelingData(TrainValidationData):
         mlm_probability: Share of tokens masked for ``mlm=True``.
         text_column: Column holding the text.
         max_length: Texts are truncated to this many tokens, or packed into blocks of this length.
-        pack: Concatenate the tokenized texts and cut them into blocks of ``max_length`` (no padding); the
-            last incomplete block is dropped.
+        pack: Concatenate the tokenized texts and cut them into blocks of ``max_length`` (no padding), 1000
+            texts at a time (as transformers' ``run_mlm`` and ``run_clm`` do): the incomplete block at the end of
+            each 1000 is dropped, at most ``max_length - 1`` tokens of 1000 texts.
         dataset, batch_size, eval_batch_size, num_workers, max_train_samples, max_eval_samples, seed: see
             :class:`~distill_lab.data.TrainValidationData` (the seed also draws the masks).
     """
@@ -105,6 +107,8 @@ class LanguageModelingData(TrainValidationData):
     ) -> None:
         super().__init__(dataset, batch_size, eval_batch_size, num_workers, max_train_samples, max_eval_samples, seed)
         check_sizes({"max_length": max_length})
+        if mlm and not 0 < mlm_probability <= 1:
+            raise ValueError(f"data.mlm_probability={mlm_probability} must be in (0, 1]: the share of tokens masked (0.15 is BERT's)")
         self.tokenizer = tokenizer
         self.mlm = mlm
         self.mlm_probability = mlm_probability
@@ -133,6 +137,12 @@ class LanguageModelingData(TrainValidationData):
         if self.splits is not None:
             return
         self._check_tokenizer()
+        if self.tokenizer.padding_side != "right":
+            # the labels (-100 at padding, shifted by the causal task) and the validation masks cut back to each
+            # text's length assume padding on the right: this module pads there, with a copy (the teacher's
+            # tokenizer, saved with the student, keeps its side, e.g. LLaMA's left padding for generation)
+            self.tokenizer = copy.copy(self.tokenizer)
+            self.tokenizer.padding_side = "right"
         self.raw = raw = self.subsample(self.load_splits({"text_column": self.text_column}))
         splits = DatasetDict(
             {
@@ -143,6 +153,14 @@ class LanguageModelingData(TrainValidationData):
         )
         if self.pack:
             splits = splits.map(self._pack, batched=True)
+        for split, rows in splits.items():
+            if len(rows) == 0:
+                raise ValueError(
+                    f"the {split} split holds no examples after tokenization"
+                    + (f" and packing into blocks of data.max_length={self.max_length} tokens: it has fewer tokens "
+                       "than one block; lower data.max_length or set data.pack=false" if self.pack else
+                       f" (data.text_column={self.text_column!r} holds no text that the tokenizer keeps)")
+                )  # fmt: skip
         if self.mlm:  # fixed masks for validation: the same positions every epoch
             splits["validation"] = splits["validation"].map(
                 self._mask_once, batched=True, batch_size=256, with_indices=True,
