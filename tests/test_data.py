@@ -654,3 +654,19 @@ def test_language_model_splits_with_no_examples_are_refused():
         packed.setup()
     with pytest.raises(ValueError, match=r"data\.mlm_probability=0 must be in \(0, 1\]"):
         LanguageModelingData(DatasetDict(train=texts, validation=texts), build_word_tokenizer(), mlm_probability=0)
+
+
+def test_empty_values_are_refused_naming_the_column_and_string_digits_sort_as_numbers(tmp_path):
+    """A null text, pair or label names its column and split (it failed inside the tokenizer or a sort); labels
+    that are whole numbers written as strings are numbered as numbers ("2" is class 2, not after "10")."""
+    tokenizer = build_word_tokenizer()
+    good = Dataset.from_dict({"text": ["good", "bad", "fine"], "label": ["0", "1", "2"]})
+    for column, values in (("text", ["good", None, "fine"]), ("label", ["0", None, "2"])):
+        broken = good.remove_columns(column).add_column(column, values)
+        with pytest.raises(ValueError, match=rf"data\.{column}_column='{column}': 1 examples of the validation split have no value"):
+            TextClassificationData(DatasetDict(train=good, validation=broken), tokenizer).setup()
+    labels = [str(i) for i in range(12)]
+    digits = Dataset.from_dict({"text": ["good"] * 12, "label": labels})
+    data = TextClassificationData(DatasetDict(train=digits, validation=digits), tokenizer)
+    data.setup()
+    assert data.label_names == labels and data.splits["train"]["labels"] == list(range(12))

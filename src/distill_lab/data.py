@@ -229,7 +229,7 @@ def class_ids(
 
     - a ``ClassLabel`` (glue, an image folder's sub-folders): its own names and ids; a validation split with a
       ``ClassLabel`` must have the same classes.
-    - strings: the train split's values, sorted.
+    - strings: the train split's values, sorted (as numbers where all are whole numbers: ``"2"`` before ``"10"``).
     - ints: the ids themselves, names ``"0"`` to the largest id in either split.
 
     Where the model (the teacher) names its classes, named classes (a ``ClassLabel`` or strings) are then mapped
@@ -276,7 +276,8 @@ def class_ids(
                 "both splits the same classes (for image folders, the same class sub-folders)"
             )
     elif dtype in ("string", "large_string"):
-        names = sorted(train_values)
+        numeric = all(v.strip().lstrip("-").isdigit() for v in train_values)
+        names = sorted(train_values, key=lambda v: (int(v), v) if numeric else (0, v))
         label_ids = {name: i for i, name in enumerate(names)}
     else:
         names = [str(i) for i in range(max(train_values | validation_values) + 1)]
@@ -417,7 +418,8 @@ class TrainValidationData(lightning.LightningDataModule):
         column name; None is skipped).
 
         Raises:
-            ValueError: A split or a column is missing (the available ones are listed), or a split is empty.
+            ValueError: A split or a column is missing (the available ones are listed), a split is empty, or a
+                column has empty values.
         """
         raw = self.dataset if isinstance(self.dataset, DatasetDict) else self.dataset()
         for split in ("train", "validation"):
@@ -431,6 +433,11 @@ class TrainValidationData(lightning.LightningDataModule):
                 if column is not None and column not in raw[split].column_names:
                     raise ValueError(
                         f"data.{key}={column!r} not in {split} split; available columns: {raw[split].column_names}"
+                    )
+                if column is not None and (missing := raw[split].data.column(column).null_count):  # Arrow's count
+                    raise ValueError(
+                        f"data.{key}={column!r}: {missing} examples of the {split} split have no value there (an "
+                        "empty cell or null); fill or drop them"
                     )
             if len(raw[split]) == 0:
                 raise ValueError(f"the {split} split holds no examples: give the data at least one row in each split")
