@@ -109,13 +109,22 @@ def test_the_direction_recorded_in_results_decides_order_and_gap(tmp_path, capsy
     assert "| 1 | l1 | 0.2000 | 0.1000 | +0.1000 | 2.00x |" in (tmp_path / "summary.md").read_text()
 
 
+def test_a_metric_no_run_reports_is_an_error_listing_those_they_do(sweep, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([str(sweep), "--metric", "perplexity"])
+    assert info.value.code == 2
+    assert "error: no run reports --metric perplexity; they report acc" in capsys.readouterr().err
+    assert not (sweep / "summary.md").exists()
+
+
 def test_runs_without_results_are_named_not_dropped(sweep, tmp_path, capsys):
-    """A sweep job that wrote no results.json (killed, failed, still running) is listed under the table."""
+    """A sweep job that wrote no results.json (killed, failed, still running) is listed under the table, with
+    its overrides, which tell what to rerun."""
     for name in ("11", "12"):
         (sweep / name / ".hydra").mkdir(parents=True)
         (sweep / name / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["loss=cosine"]))
     main([str(sweep)])
-    note = "not in the table, without results.json (unfinished, failed or running): 11, 12"
+    note = "not in the table, without results.json (unfinished, failed or running): 11 (loss=cosine), 12 (loss=cosine)"
     assert note in capsys.readouterr().out and (sweep / "summary.md").read_text().strip().endswith(note)
     empty = tmp_path / "empty-sweep"
     (empty / "0" / ".hydra").mkdir(parents=True)

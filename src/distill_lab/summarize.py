@@ -56,14 +56,20 @@ def collect(directory: str | Path) -> list[dict]:
 
 def unfinished(directory: str | Path) -> list[str]:
     """The runs below ``directory`` (directories with Hydra's ``.hydra/``) without a ``results.json``: unfinished,
-    failed or still running, in run order."""
+    failed or still running, in run order, each with its overrides (``2 (loss=mse seed=1)``) where it has any."""
     directory = Path(directory)
     runs = sorted((h.parent for h in directory.rglob(".hydra") if h.is_dir()), key=_natural_key)
-    return [
-        run.name if run == directory else run.relative_to(directory).as_posix()
-        for run in runs
-        if not (run / "results.json").exists()
-    ]
+    named = []
+    for run in runs:
+        if (run / "results.json").exists():
+            continue
+        name = run.name if run == directory else run.relative_to(directory).as_posix()
+        try:
+            overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) or []
+        except (OSError, yaml.YAMLError):
+            overrides = []
+        named.append(f"{name} ({' '.join(map(str, overrides))})" if overrides else name)
+    return named
 
 
 LOWER_IS_BETTER = ("perplexity", "loss")  # for results.json written before it recorded higher_is_better
@@ -179,6 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     except FileNotFoundError as err:
         parser.exit(2, f"error: {err}\n")
     metric = args.metric or default_metric(rows)
+    reported = sorted({m for row in rows for m in row["results"]["student"]})
+    if metric not in reported:
+        parser.exit(2, f"error: no run reports --metric {metric}; they report {', '.join(reported)}\n")
     table = markdown_table(rows, metric)
     if missing := unfinished(args.directory):
         table += f"\n\nnot in the table, without results.json (unfinished, failed or running): {', '.join(missing)}"
