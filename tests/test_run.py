@@ -980,3 +980,24 @@ def test_the_best_checkpoints_evaluation_is_logged_under_best_not_as_another_val
     assert float(best["best/acc"]) == pytest.approx(results["student"]["acc"])
     assert float(best["best/attention/L3->1"]) == pytest.approx(results["attention_loss"]["L3->1"], rel=1e-5)
     assert int(best["step"]) == max(int(r["step"]) for r in rows)
+
+
+def test_throughput_is_measured_with_the_models_taking_turns():
+    """Teacher and student are timed pass by pass in turn (best of the passes), not one after the other, so a
+    change of the machine's load slows both alike; each model is in eval mode and warmed up first."""
+    from distill_lab.run import measure_throughput
+
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name, self.weight = name, torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, attention_mask):
+            calls.append((self.name, self.training))
+
+    batch = {"input_ids": torch.zeros(3, 5, dtype=torch.long), "attention_mask": torch.ones(3, 5), "labels": torch.zeros(3)}
+    speeds = measure_throughput({"teacher": Recorder("teacher"), "student": Recorder("student")}, [batch] * 2, repeats=3)
+    assert calls == [("teacher", False), ("student", False)] + [(n, False) for n in ["teacher"] * 2 + ["student"] * 2] * 3
+    assert set(speeds) == {"teacher", "student"} and all(v > 0 for v in speeds.values())

@@ -97,23 +97,29 @@ def _build_callbacks(cfg: DictConfig | None) -> list:
 
 
 @torch.no_grad()
-def measure_throughput(model, batches, repeats: int = 3) -> float:
-    """Examples per second of ``model``'s forward over ``batches`` (best of ``repeats`` passes)."""
-    model.eval()
-    device = next(model.parameters()).device
-    batches = [{k: v.to(device) for k, v in b.items() if k != "labels"} for b in batches]
-    model(**batches[0])  # warm-up
-    best = float("inf")
+def measure_throughput(models: dict, batches, repeats: int = 5) -> dict[str, float]:
+    """Examples per second of each model's forward over ``batches``, by name: the best of ``repeats`` passes,
+    the models taking turns pass by pass, so that a machine whose load changes meanwhile slows each alike."""
+    best = dict.fromkeys(models, float("inf"))
+    inputs = {}
+    for name, model in models.items():
+        model.eval()
+        device = next(model.parameters()).device
+        inputs[name] = [{k: v.to(device) for k, v in b.items() if k != "labels"} for b in batches]
+        model(**inputs[name][0])  # warm-up
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for batch in batches:
-            model(**batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return sum(next(iter(b.values())).shape[0] for b in batches) / best
+        for name, model in models.items():
+            device = next(model.parameters()).device
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for batch in inputs[name]:
+                model(**batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best[name] = min(best[name], time.perf_counter() - start)
+    examples = sum(next(iter(b.values())).shape[0] for b in batches)
+    return {name: examples / seconds for name, seconds in best.items()}
 
 
 def _whole_student(trainer: L.Trainer, sharded_student: torch.nn.Module) -> torch.nn.Module:
@@ -415,7 +421,8 @@ def train(cfg: DictConfig) -> dict:
         inference = None
     else:
         batches = [data.example_batch("validation", cfg.data.get("eval_batch_size") or cfg.data.batch_size)] * 4
-        teacher_speed, student_speed = measure_throughput(teacher, batches), measure_throughput(student, batches)
+        speeds = measure_throughput({"teacher": teacher, "student": student}, batches)
+        teacher_speed, student_speed = speeds["teacher"], speeds["student"]
         inference = {
             "teacher_examples_per_s": teacher_speed,
             "student_examples_per_s": student_speed,
