@@ -670,3 +670,17 @@ def test_empty_values_are_refused_naming_the_column_and_string_digits_sort_as_nu
     data = TextClassificationData(DatasetDict(train=digits, validation=digits), tokenizer)
     data.setup()
     assert data.label_names == labels and data.splits["train"]["labels"] == list(range(12))
+
+
+@pytest.mark.parametrize(("pair", "max_length"), [(False, 2), (True, 4)])
+def test_a_max_length_that_leaves_no_room_for_text_is_refused(pair, max_length):
+    """At or below the special tokens' count (plus one per text of a pair) the tokenizer cannot truncate and
+    keeps every token, silently: refused, naming the count."""
+    columns = {"text": ["good movie was fine"], "label": [1], "hypothesis": ["it is bad"]}
+    splits = DatasetDict(train=Dataset.from_dict(columns), validation=Dataset.from_dict(columns))
+    data = TextClassificationData(splits, build_word_tokenizer(), max_length=max_length, text_pair_column="hypothesis" if pair else None)
+    with pytest.raises(ValueError, match=rf"data\.max_length={max_length} leaves no room for text: the tokenizer adds {3 if pair else 2} special"):
+        data.setup()
+    data = TextClassificationData(splits, build_word_tokenizer(), max_length=max_length + 1, text_pair_column="hypothesis" if pair else None)
+    data.setup()
+    assert len(data.splits["train"]["input_ids"][0]) == max_length + 1  # truncated to max_length

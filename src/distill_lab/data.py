@@ -590,6 +590,13 @@ class TextClassificationData(TrainValidationData):
             return
         if self.tokenizer is None:
             raise ValueError("TextClassificationData has no tokenizer: set its `tokenizer` before setup()")
+        special = self.tokenizer.num_special_tokens_to_add(pair=self.text_pair_column is not None)
+        if self.max_length <= special + (self.text_pair_column is not None):
+            # the tokenizer then keeps every token (it cannot truncate below its special tokens), silently
+            raise ValueError(
+                f"data.max_length={self.max_length} leaves no room for text: the tokenizer adds {special} special "
+                f"tokens to each {'pair' if self.text_pair_column else 'text'}; give at least {special + 2}"
+            )
         raw = self.load_splits(
             {"text_column": self.text_column, "label_column": self.label_column, "text_pair_column": self.text_pair_column}
         )
