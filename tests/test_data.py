@@ -684,3 +684,13 @@ def test_a_max_length_that_leaves_no_room_for_text_is_refused(pair, max_length):
     data = TextClassificationData(splits, build_word_tokenizer(), max_length=max_length + 1, text_pair_column="hypothesis" if pair else None)
     data.setup()
     assert len(data.splits["train"]["input_ids"][0]) == max_length + 1  # truncated to max_length
+
+
+def test_epoch_tagged_rows_read_a_batch_at_once_as_one_by_one():
+    """``EpochTagged.__getitems__`` (what the DataLoader calls for a batch) gives the rows ``__getitem__`` gives."""
+    from distill_lab.data import EpochTagged
+
+    tagged = EpochTagged(Dataset.from_dict({"input_ids": [[2, 5, 3], [2, 3], [2, 7, 8, 3]]}))
+    keys = [(1, 2), (1, 0)]
+    assert tagged.__getitems__(keys) == [tagged[key] for key in keys]
+    assert tagged[(1, 2)] == {"input_ids": [2, 7, 8, 3], EpochTagged.KEY: (1, 2)}

@@ -792,3 +792,20 @@ def test_row_terms_refuse_scores_for_losses_on_probabilities(name):
     assert not AttentionLoss(name).takes_scores and AttentionLoss("kl").takes_scores
     with pytest.raises(ValueError, match=f"loss={name} compares probabilities, not scores"):
         AttentionLoss(name).row_terms(scores, scores, scores=True)
+
+
+def test_the_functional_losses_send_no_gradient_to_the_teacher(gen):
+    """Called directly (not through AttentionDistillationLoss, which detaches the teacher itself), each loss
+    and the Gram-matrix terms of mse_scores treat the teacher as a target: its tensors get no gradient."""
+    from distill_lab.losses import attention_mse_scores, mse_scores_gram_terms
+
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    for loss in (attention_mse, attention_kl, attention_cosine, attention_mse_scores):
+        student = random_maps((2, 3, 6, 6), gen).requires_grad_()
+        teacher = random_maps((2, 3, 6, 6), gen).requires_grad_()
+        loss(student, teacher, mask).backward()
+        assert student.grad is not None and teacher.grad is None, loss.__name__
+    qs, ks, qt, kt = (torch.randn(2, 3, 6, 4, generator=gen, dtype=F64, requires_grad=True) for _ in range(4))
+    values, _ = mse_scores_gram_terms(qs, ks, qt, kt, mask)
+    values.sum().backward()
+    assert qs.grad is not None and ks.grad is not None and qt.grad is None and kt.grad is None

@@ -366,6 +366,11 @@ class EpochTagged(torch.utils.data.Dataset):
         epoch, index = key
         return {**self.dataset[index], self.KEY: (epoch, index)}
 
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[dict]:
+        """A batch's rows in one read of the dataset (the ``DataLoader`` takes this over ``__getitem__``)."""
+        rows = self.dataset.__getitems__([index for _, index in keys])
+        return [{**row, self.KEY: tuple(key)} for row, key in zip(rows, keys, strict=True)]
+
 
 class TrainValidationData(lightning.LightningDataModule):
     """What every data module shares: a train/validation DatasetDict loaded once, checked and subsampled;

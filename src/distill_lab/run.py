@@ -102,20 +102,19 @@ def measure_throughput(models: dict, batches, repeats: int = 5) -> dict[str, flo
     the models taking turns pass by pass, so that a machine whose load changes meanwhile slows each alike."""
     best = dict.fromkeys(models, float("inf"))
     inputs = {}
+    devices = {name: next(model.parameters()).device for name, model in models.items()}
     for name, model in models.items():
         model.eval()
-        device = next(model.parameters()).device
-        inputs[name] = [{k: v.to(device) for k, v in b.items() if k != "labels"} for b in batches]
+        inputs[name] = [{k: v.to(devices[name]) for k, v in b.items() if k != "labels"} for b in batches]
         model(**inputs[name][0])  # warm-up
     for _ in range(repeats):
         for name, model in models.items():
-            device = next(model.parameters()).device
-            if device.type == "cuda":
+            if devices[name].type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
             for batch in inputs[name]:
                 model(**batch)
-            if device.type == "cuda":
+            if devices[name].type == "cuda":
                 torch.cuda.synchronize()
             best[name] = min(best[name], time.perf_counter() - start)
     examples = sum(next(iter(b.values())).shape[0] for b in batches)
@@ -271,11 +270,11 @@ def _named_directory() -> bool | None:
     return any(str(o).startswith(NAMED_DIR_OVERRIDES) for o in HydraConfig.get().overrides.hydra)
 
 
-def _check_launched_directory() -> None:
+def _check_launched_directory(named: bool | None) -> None:
     """Processes that torchrun or srun start each compose their own config: Hydra's directory of the clock
     (``outputs/DATE/TIME``) can differ between them by a second, and then they would neither write to one run
     directory nor resume the same checkpoint. Such a run must name its directory."""
-    if started_by_a_launcher() and _named_directory() is False:
+    if started_by_a_launcher() and named is False:
         raise ValueError(
             "this process is one of several that torchrun or srun started, and each composes its own run directory "
             "from the clock (outputs/DATE/TIME), which can differ between them: give them one, e.g. "
@@ -313,9 +312,9 @@ def train(cfg: DictConfig) -> dict:
     ``student/`` (``save_pretrained`` model and tokenizer) and ``attention_maps/``. With ``ckpt_path=auto``
     a rerun of an interrupted command resumes it in its own directory (``distill_lab.resume``).
     """
-    _check_launched_directory()
-    config, own_dir = OmegaConf.to_container(cfg, resolve=True), Path(cfg.paths.output_dir)
     named = _named_directory()  # known from Hydra, not read back from the .hydra/ files that every rank writes
+    _check_launched_directory(named)
+    config, own_dir = OmegaConf.to_container(cfg, resolve=True), Path(cfg.paths.output_dir)
     if cfg.get("ckpt_path") == "auto" and _in_multirun() and (done := finished_run(own_dir, config, named)) is not None:
         return _reuse_results(done)  # a rerun of an interrupted sweep: its finished jobs are not trained again
     ckpt_path, output_dir = resolve_ckpt_path(cfg.get("ckpt_path"), own_dir, config, named)
@@ -397,8 +396,10 @@ def train(cfg: DictConfig) -> dict:
     # the best checkpoint's evaluation is no point of the validation curve (it would show an epoch that never ran,
     # with an earlier epoch's numbers): the loggers get its values under best/ instead
     loggers, trainer.loggers = trainer.loggers, []
-    final = trainer.validate(module, datamodule=data, ckpt_path=best or None, verbose=False)[0]
-    trainer.loggers = loggers
+    try:
+        final = trainer.validate(module, datamodule=data, ckpt_path=best or None, verbose=False)[0]
+    finally:
+        trainer.loggers = loggers
     for each in loggers:
         each.log_metrics({f"best/{k.removeprefix('val/')}": v for k, v in final.items()}, step=trainer.global_step)
         each.save()
