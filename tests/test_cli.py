@@ -120,6 +120,10 @@ def test_cli_kl_headwise_with_offline_wandb(task, tmp_path):
         heads = [row[f"train/attention/L1->0/h{h}"] for h in range(4)]
         assert row["train/attention/L1->0"] == pytest.approx(sum(heads) / 4, rel=1e-5)
         assert row["train/loss"] == pytest.approx(0.7 * row["train/output_loss"] + 0.3 * row["train/attention_loss"], rel=1e-5)
+    # the attention-map image is logged at the step of the validation that drew it
+    (validation,) = [row["trainer/global_step"] for row in history if "val/acc" in row]
+    (image,) = [row["trainer/global_step"] for row in history if "attention_maps/filenames" in row]
+    assert image == validation
 
 
 # ---------------------------------------------------------------------------------------------- sweeps

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from itertools import chain
 
 import datasets
@@ -152,6 +153,17 @@ def test_local_files_reads_every_format(tmp_path, monkeypatch, suffix):
         assert data[split].column_names == ["sentence", "label"]
         assert data[split]["sentence"] == frame["sentence"].tolist()
         assert data[split]["label"] == frame["label"].tolist()
+
+
+def test_local_file_names_are_not_glob_patterns(tmp_path, monkeypatch):
+    """A file name with glob characters is that file: datasets would read train[v2].csv as the pattern that
+    matches trainv.csv and train2.csv, and silently train on those."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    named, decoy = tmp_path / "train[v2].csv", tmp_path / "trainv.csv"
+    _frame(6).to_csv(named, index=False)
+    _frame(2, offset=50).to_csv(decoy, index=False)
+    data = local_files(named, named)
+    assert data["train"]["sentence"] == _frame(6)["sentence"].tolist()
 
 
 def test_local_files_rejects_unknown_extension_and_missing_file(tmp_path):
@@ -486,6 +498,24 @@ def test_classes_unknown_to_the_teacher_are_an_error_unless_matching_is_off(toke
         data.setup()
         assert data.label_names == ["neg", "pos"]
         assert next(iter(data.val_dataloader()))["labels"].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("kind", ["class_label", "string"])
+def test_data_with_some_of_the_teachers_classes_is_numbered_by_name_with_a_warning(tokenizer, kind, caplog):
+    """Data that holds only some of the teacher's classes (a binary subset of MNLI, a small file that lacks the
+    rare class) is numbered by name as the full set is, keeps the teacher's classes, and says which are absent."""
+    two = datasets.ClassLabel(names=["contradiction", "entailment"])
+    if kind == "class_label":
+        data_args = ([0, 1, 1], [1, 0], (two, two))
+    else:
+        data_args = (["contradiction", "entailment", "entailment"], ["entailment", "contradiction"], None)
+    for data in _both_modules(tokenizer, data_args, model_labels=MNLI_TEACHER):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="distill_lab.data"):
+            data.setup()
+        assert data.label_names == MNLI_TEACHER and data.num_labels == 3
+        assert next(iter(data.val_dataloader()))["labels"].tolist() == [2, 0]  # ENTAILMENT, CONTRADICTION
+        assert "the data has no class ['NEUTRAL'] of the teacher's" in caplog.text
 
 
 def test_a_teacher_naming_a_class_twice_is_an_error_unless_matching_is_off(tokenizer):

@@ -283,6 +283,16 @@ def test_image_folder_data(tmp_path):
         image_folders("/nope", task["validation_dir"])
 
 
+def test_image_folder_names_are_not_glob_patterns(tmp_path):
+    """A folder named with glob characters is that folder, not the pattern datasets would make of it
+    (images[1] matching images1)."""
+    task = make_image_task(tmp_path / "images[1]", per_class=2)
+    make_image_task(tmp_path / "images1", per_class=1)  # the folder the pattern images[1] would match
+    assert (tmp_path / "images1" / "train").is_dir()
+    folders = image_folders(task["train_dir"], task["validation_dir"])
+    assert folders["train"].num_rows == 4 and folders["train"].features["label"].names == ["horizontal", "vertical"]
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 
 

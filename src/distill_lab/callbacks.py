@@ -151,12 +151,15 @@ class AttentionMapCallback(L.Callback):
         path = self.dirpath / f"epoch{epoch}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
+        # the step this validation's scalars are logged at: Lightning logs with the count of batches that have
+        # stepped, which is raised only after a validation that runs inside the epoch (global_step is already 1 up)
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):  # wandb
-                logger.log_image(key="attention_maps", images=[str(path)], step=trainer.global_step)
+                logger.log_image(key="attention_maps", images=[str(path)], step=step)
             elif hasattr(getattr(logger, "experiment", None), "add_image"):  # tensorboard
                 image = torch.from_numpy(plt.imread(path)[..., :3]).permute(2, 0, 1)
-                logger.experiment.add_image("attention_maps", image, trainer.global_step)
+                logger.experiment.add_image("attention_maps", image, step)
 
 
 class LastCheckpoint(ModelCheckpoint):

@@ -9,6 +9,8 @@ tokenizes without padding and batches with dynamic padding.
 from __future__ import annotations
 
 import csv
+import glob
+import logging
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +23,8 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from distill_lab.resume import ResumableDistributedSampler, ResumableRandomSampler, training_position
+
+log = logging.getLogger(__name__)
 
 # the built-in task's vocabulary: sentiment words, neutral filler and the negation that flips a sentiment word
 POSITIVE_WORDS: tuple[str, ...] = ("good", "great", "fine", "nice", "happy", "best")
@@ -188,7 +192,8 @@ def _load_file(path: str | Path) -> Dataset:
         raise ValueError(f"data file {str(path)!r} does not exist ({supported})")
     builder, options = FILE_BUILDERS[suffix]
     try:
-        return load_dataset(builder, data_files=str(path), split="train", **options)
+        # datasets reads data_files as glob patterns: train[v2].csv would name trainv.csv or train2.csv
+        return load_dataset(builder, data_files=glob.escape(str(path)), split="train", **options)
     except Exception as err:  # datasets names neither the file nor, often, the cause (an empty file...)
         cause = err.__cause__ or err.__context__ or err
         raise ValueError(
@@ -252,8 +257,8 @@ def class_ids(
 
     Raises:
         ValueError: Labels of another type (float scores, multi-label lists), other classes in the validation
-            split than in the train split, ids that are no class (e.g. -1), or named classes other than the
-            model's.
+            split than in the train split, ids that are no class (e.g. -1), or named classes the model does not
+            have (a subset of the model's classes is numbered as the model numbers them, with a warning).
     """
     feature = raw["train"].features[label_column]
     dtype = getattr(feature, "dtype", None) or ""  # a list (multi-label) feature has none
@@ -306,12 +311,18 @@ def _to_model_ids(names: list[str], label_ids: dict, model_labels: list[str], ke
             "data.match_label_names=false, else fix the teacher config's id2label"
         )
     data_keys = [_label_key(name) for name in names]
-    if sorted(data_keys) != sorted(model_ids):
+    if not set(data_keys) <= set(model_ids):
         raise ValueError(
             f"{key}: the data's classes {names} are not the teacher's {list(model_labels)} (its config's id2label, "
             "compared by name, ignoring case). Give the teacher trained on these classes; if they are the same "
             "classes under other names, in the same id order, set data.match_label_names=false"
         )
+    if absent := [name for name in model_labels if _label_key(name) not in data_keys]:
+        # a subset of the teacher's classes is still numbered by name: the student keeps the teacher's head
+        log.warning(
+            "%s: the data has no class %s of the teacher's %s; the student keeps all %d of the teacher's classes",
+            key, absent, list(model_labels), len(model_labels),
+        )  # fmt: skip
     renumbered = [model_ids[k] for k in data_keys]
     return list(model_labels), {value: renumbered[i] for value, i in label_ids.items()}
 

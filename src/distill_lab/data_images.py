@@ -8,6 +8,7 @@ teacher's image processor (resizing and normalisation as the teacher was trained
 
 from __future__ import annotations
 
+import glob
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,7 +57,8 @@ def image_folders(train_dir: str | Path | None = None, validation_dir: str | Pat
                 f"data.dataset.{split}_dir={str(directory)!r} is not a directory; give an image folder with one "
                 "sub-folder per class"
             )
-        splits[split] = load_dataset("imagefolder", data_dir=str(directory), split="train")
+        # data_dir is a glob pattern to datasets: a folder named images[1] would read images1
+        splits[split] = load_dataset("imagefolder", data_dir=glob.escape(str(directory)), split="train")
     return DatasetDict(splits)
 
 
