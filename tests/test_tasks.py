@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from conftest import CONF_DIR, compose_config, make_image_task, make_text_task, 
 from datasets import Dataset, DatasetDict
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from PIL import UnidentifiedImageError
 from transformers import (
     AutoImageProcessor,
     AutoModelForCausalLM,
@@ -281,6 +284,18 @@ def test_image_folder_data(tmp_path):
         ImageFolderData(image_folders(task["train_dir"], task["validation_dir"]), data.image_processor).setup()
     with pytest.raises(ValueError, match="train_dir='/nope' is not a directory"):
         image_folders("/nope", task["validation_dir"])
+
+
+def test_a_file_that_is_no_image_is_named_at_its_first_batch(tmp_path):
+    """Images are decoded batch by batch (the README says so): a file that is not an image stops the first
+    batch that holds it, with an error that names the file."""
+    task = make_image_task(tmp_path, per_class=2)
+    bad = Path(task["train_dir"]) / "horizontal" / "saved-page.png"
+    bad.write_bytes(b"<html>not an image</html>")
+    data = ImageFolderData(image_folders(task["train_dir"], task["validation_dir"]), AutoImageProcessor.from_pretrained(task["teacher"]), batch_size=8)
+    data.setup()
+    with pytest.raises(UnidentifiedImageError, match=re.escape(str(bad))):
+        next(iter(data.train_dataloader()))
 
 
 def test_image_folder_names_are_not_glob_patterns(tmp_path):
