@@ -19,6 +19,7 @@ wandb). Results go to stdout as a markdown table and, with ``--out``, to a file.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -43,8 +44,26 @@ PRESETS = {
     "tiny": dict(family="llama", hidden=64, layers=4, heads=4, kv_heads=2, ffn=128, student_layers=2, vocab=500),
 }
 
+# the issue's targets on one H100 in bf16: (preset, L) -> the most (c) may cost, as a multiple of (a)'s step
+STEP_TARGETS = {("bert-base", 512): 1.10, ("llama-1b", 2048): 1.35}
+KERNEL_TARGET = 1.5  # fused KL forward+backward against SDPA forward+backward, head dims 64 and 128
+LONG = ("llama-1b", 8192)  # (c) must run here on one 80 GB GPU with every student layer matched
+GPU_GIB = 80
+
+# torch < 2.5 names it only under torch.cuda
+OutOfMemory = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+
 
 def build_models(preset: dict, max_len: int, dtype: torch.dtype, device: str):
+    with torch.device(device):  # initialised where they run: a 1B model's CPU initialisation takes half a minute
+        teacher = _teacher(preset, max_len)
+        student = derive_student(teacher, preset["student_layers"])
+    teacher.to(dtype=dtype).eval().requires_grad_(False)
+    student.to(dtype=dtype).train()
+    return teacher, student
+
+
+def _teacher(preset: dict, max_len: int):
     if preset["family"] == "bert":
         config = BertConfig(
             vocab_size=preset["vocab"], hidden_size=preset["hidden"], num_hidden_layers=preset["layers"],
@@ -59,10 +78,7 @@ def build_models(preset: dict, max_len: int, dtype: torch.dtype, device: str):
             max_position_embeddings=max(2048, max_len),
         )  # fmt: skip
         teacher = LlamaForCausalLM(config)
-    student = derive_student(teacher, preset["student_layers"])
-    teacher.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    student.to(device=device, dtype=dtype).train()
-    return teacher, student
+    return teacher
 
 
 def make_batch(preset: dict, batch: int, length: int, device: str) -> dict:
@@ -113,7 +129,10 @@ def variants(teacher, student, pairs, batch) -> dict[str, Variant]:
         loss.backward()
         return loss
 
-    component = AttentionDistillationLoss("kl", "layerwise", pairs)
+    # on CUDA the fused kernel or an error: (c) must not time the block-wise fallback under the fast path's name
+    device = batch["input_ids"].device
+    component = AttentionDistillationLoss("kl", "layerwise", pairs, fused=True if device.type == "cuda" else None)
+    component.to(device)
     captures = {}
 
     def attach():
@@ -141,7 +160,8 @@ def variants(teacher, student, pairs, batch) -> dict[str, Variant]:
 
 
 def time_step(fn: Callable, params, device: str, warmup: int, steps: int) -> dict:
-    """Median step time (ms) and peak memory (GiB, CUDA only) of ``fn`` followed by an SGD update."""
+    """Median step time (ms) and peak memory (GiB, CUDA only: allocated by tensors, and reserved by the caching
+    allocator, which is what the GPU must hold) of ``fn`` followed by an SGD update; ``oom`` where it ran out."""
     optimizer = torch.optim.SGD(params, lr=1e-6)
     cuda = device.startswith("cuda")
     try:
@@ -161,27 +181,34 @@ def time_step(fn: Callable, params, device: str, warmup: int, steps: int) -> dic
             if cuda:
                 torch.cuda.synchronize()
             times.append((time.perf_counter() - start) * 1e3)
-    except torch.OutOfMemoryError:
+    except OutOfMemory:
         optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.empty_cache()
-        return {"ms": None, "peak_gib": None, "oom": True}
+        return {"ms": None, "peak_gib": None, "reserved_gib": None, "oom": True}  # the caller frees the memory
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    return {"ms": statistics.median(times), "peak_gib": peak, "oom": False}
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else None
+    return {"ms": statistics.median(times), "peak_gib": peak, "reserved_gib": reserved, "oom": False}
+
+
+def free(device: str) -> None:
+    """Return what the last variant left (an out-of-memory's tensors are freed only once its frames are gone)."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def run_training(args) -> list[str]:
     preset = PRESETS[args.preset]
     dtype = getattr(torch, args.dtype)
     lines = [
-        f"### Training step, preset `{args.preset}`, {args.dtype}, batch {args.batch}",
+        f"## Training step, preset `{args.preset}`, {args.dtype}, batch {args.batch}, {device_name(args.device)}",
         "",
-        "| L | variant | step ms | tokens/s | peak GiB | vs (a) | (b)/(c) |",
-        "|---|---|---|---|---|---|---|",
+        "| L | variant | step ms | tokens/s | peak GiB | reserved GiB | vs (a) | (b)/(c) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    checks = []
+    teacher, student = build_models(preset, max(args.seq), dtype, args.device)  # once, for every length
+    pairs = layer_map(preset["layers"], preset["student_layers"], "uniform")
     for length in args.seq:
-        teacher, student = build_models(preset, length, dtype, args.device)
-        pairs = layer_map(preset["layers"], preset["student_layers"], "uniform")
         batch = make_batch(preset, args.batch, length, args.device)
         results = {}
         for name, variant in variants(teacher, student, pairs, batch).items():
@@ -190,6 +217,8 @@ def run_training(args) -> list[str]:
                 results[name] = time_step(variant.step, list(student.parameters()), args.device, args.warmup, args.steps)
             finally:
                 variant.leave()
+            del variant  # its closures hold the captures and the component
+            free(args.device)
             if not args.quiet:
                 print(f"L={length} {name}: {results[name]}", file=sys.stderr)
         base = results["(a) logit-only KD"]["ms"]
@@ -197,16 +226,44 @@ def run_training(args) -> list[str]:
         tokens = args.batch * length
         for name, r in results.items():
             if r["oom"]:
-                lines.append(f"| {length} | {name} | OOM | | | | |")
+                lines.append(f"| {length} | {name} | OOM | | | | | |")
                 continue
             ratio = f"{r['ms'] / base:.2f}x" if base else ""
             slow = f"{r['ms'] / fast:.2f}x" if name.startswith("(b)") and fast else ""
-            peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "n/a"
-            lines.append(f"| {length} | {name} | {r['ms']:.1f} | {tokens / r['ms'] * 1e3:,.0f} | {peak} | {ratio} | {slow} |")
-        del teacher, student
-        if args.device.startswith("cuda"):
-            torch.cuda.empty_cache()
-    return lines
+            peak, reserved = (f"{r[k]:.1f}" if r[k] is not None else "n/a" for k in ("peak_gib", "reserved_gib"))
+            lines.append(
+                f"| {length} | {name} | {r['ms']:.1f} | {tokens / r['ms'] * 1e3:,.0f} | {peak} | {reserved} | {ratio} | {slow} |"
+            )
+        checks += step_checks(args.preset, length, results)
+    return lines + (["", "Against the targets:", "", *checks] if checks else [])
+
+
+def _verdict(value: float, limit: float) -> str:
+    return "met" if value <= limit else f"missed by {(value / limit - 1) * 100:.0f}%"
+
+
+def step_checks(preset: str, length: int, results: dict) -> list[str]:
+    """The issue's targets that this preset and length measure, each with its measured value and verdict."""
+    base, fast, eager = (results[k] for k in ("(a) logit-only KD", "(c) distill-lab qk", "(b) eager maps"))
+    checks = []
+    if (limit := STEP_TARGETS.get((preset, length))) is not None:
+        if base["oom"] or fast["oom"]:
+            checks.append(f"- L = {length}: (c)/(a) at most {limit:.2f}x: not measured (out of memory)")
+        else:
+            ratio = fast["ms"] / base["ms"]
+            checks.append(f"- L = {length}: (c)/(a) at most {limit:.2f}x: {ratio:.2f}x, {_verdict(ratio, limit)}")
+    if (preset, length) == LONG:
+        if fast["oom"]:
+            checks.append(f"- L = {length}: (c) runs with every student layer matched: out of memory, missed")
+        else:
+            held = fast["reserved_gib"]
+            fits = "met" if held is not None and held <= GPU_GIB else f"missed ({held} GiB)"
+            other = "ran out of memory" if eager["oom"] else f"held {eager['reserved_gib']:.1f} GiB"
+            checks.append(
+                f"- L = {length}: (c) runs on one {GPU_GIB} GB GPU with every student layer matched: it held "
+                f"{held:.1f} GiB, {fits}; (b) {other}"
+            )
+    return checks
 
 
 def run_kernel(args) -> list[str]:
@@ -216,11 +273,12 @@ def run_kernel(args) -> list[str]:
 
     dtype = getattr(torch, args.dtype)
     lines = [
-        f"### Kernels alone, causal, {args.dtype}, batch {args.batch}, {args.kernel_heads} heads",
+        f"## Kernels alone, causal, {args.dtype}, batch {args.batch}, {args.kernel_heads} heads, {device_name(args.device)}",
         "",
         "| L | head dim | SDPA fwd+bwd ms | fused KL ms | KL / SDPA | fused MSE ms | MSE / SDPA | fused cosine ms | cosine / SDPA |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    checks = []
     for length in args.seq:
         for dim in args.head_dim:
             shape = (args.batch, args.kernel_heads, length, dim)
@@ -239,12 +297,43 @@ def run_kernel(args) -> list[str]:
                 "cosine": lambda inputs=inputs: attention_probs_rows("cosine", *inputs, True).sum().backward(),
             }
             sdpa_ms = time_step(sdpa, [q, k, v], args.device, args.warmup, args.steps)["ms"]
-            cells = [f"{length}", f"{dim}", f"{sdpa_ms:.3g}"]
-            for fused in kernels.values():
+            free(args.device)
+            cells = [f"{length}", f"{dim}", f"{sdpa_ms:.3g}" if sdpa_ms is not None else "OOM"]
+            for loss, fused in kernels.items():
                 fused_ms = time_step(fused, [q, k], args.device, args.warmup, args.steps)["ms"]
-                cells += [f"{fused_ms:.3g}", f"{fused_ms / sdpa_ms:.2f}x"]
+                free(args.device)
+                if fused_ms is None:
+                    cells += ["OOM", ""]
+                    continue
+                ratio = fused_ms / sdpa_ms if sdpa_ms else None
+                cells += [f"{fused_ms:.3g}", f"{ratio:.2f}x" if ratio is not None else ""]
+                if loss == "kl" and dim in (64, 128) and ratio is not None:
+                    checks.append(
+                        f"- L = {length}, head dim {dim}: fused KL at most {KERNEL_TARGET}x SDPA: {ratio:.2f}x, "
+                        f"{_verdict(ratio, KERNEL_TARGET)}"
+                    )
             lines.append("| " + " | ".join(cells) + " |")
-    return lines
+            del q, k, v, qt, kt, inputs, kernels, sdpa
+            free(args.device)
+    return lines + (["", "Against the targets:", "", *checks] if checks else [])
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def versions() -> str:
+    import transformers
+
+    try:
+        import triton
+
+        kernels = f"triton {triton.__version__}"
+    except ImportError:
+        kernels = "no triton"
+    return f"torch {torch.__version__}, transformers {transformers.__version__}, {kernels}"
 
 
 def main(argv: list[str] | None = None) -> list[str]:
@@ -262,9 +351,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--out", type=Path, help="append the markdown table to this file")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     lines = run_kernel(args) if args.kernel else run_training(args)
-    lines = [*lines, "", f"Device: {device_name}; torch {torch.__version__}. Command: `python benchmarks/bench_distill.py {' '.join(argv if argv is not None else sys.argv[1:])}`", ""]
+    command = f"python benchmarks/bench_distill.py {' '.join(argv if argv is not None else sys.argv[1:])}"
+    lines = [*lines, "", f"Device: {device_name(args.device)}; {versions()}. Command: `{command}`", ""]
     print("\n".join(lines))
     if args.out:
         with args.out.open("a") as fh:

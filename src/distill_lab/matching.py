@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -433,6 +432,8 @@ class Selective:
                     for t in chosen
                 ]
             )  # (k, H_student): loss of teacher head chosen[i] against student head j
+            from scipy.optimize import linear_sum_assignment  # here: the rest of the module runs without scipy
+
             rows, cols = linear_sum_assignment(cost.float().cpu().numpy())
             self.selected[pair_name(pair)] = [(chosen[r], int(c)) for r, c in zip(rows, cols, strict=True)]
             self.importance[pair_name(pair)] = [round(float(x), 6) for x in scores]
@@ -571,6 +572,7 @@ class AttentionDistillationLoss(nn.Module):
         if (weights < 0).any() or weights.sum() <= 0:
             raise ValueError(f"layer_weights must be non-negative with a positive sum; got {layer_weights}")
         self.register_buffer("layer_weights", weights / weights.sum(), persistent=False)
+        self._head_indices: dict = {}  # (device, head pairs) -> the kernels' head index tensors, made once
 
     @property
     def teacher_layers(self) -> list[int]:
@@ -685,10 +687,15 @@ class AttentionDistillationLoss(nn.Module):
             if (record_keys := _padding_keys(record, masks)[1]) is not None:
                 keys = keys & record_keys.to(device)
         keys = keys.to(torch.int32).contiguous()
+        index_key = (device, tuple(heads))
+        if index_key not in self._head_indices:  # a host-to-device copy, which waits for the GPU: once, not per step
+            self._head_indices[index_key] = (
+                torch.tensor([s for _, s in heads], dtype=torch.int32, device=device),
+                torch.tensor([t for t, _ in heads], dtype=torch.int32, device=device),
+            )
+        student_heads, teacher_heads = self._head_indices[index_key]
         inputs = (
-            student.query, student.key, teacher.query, teacher.key,
-            torch.tensor([s for _, s in heads], dtype=torch.int32, device=device),
-            torch.tensor([t for t, _ in heads], dtype=torch.int32, device=device),
+            student.query, student.key, teacher.query, teacher.key, student_heads, teacher_heads,
             keys, student.scaling, teacher.scaling,
         )  # fmt: skip
         valid = given[:, k_len - q_len :] & (keys.sum(-1, keepdim=True) > 0)  # (B, Lq) query rows
