@@ -74,11 +74,15 @@ def _heads(*pairs):
     return s, t
 
 
-@pytest.mark.parametrize("length", [1, 17, 40])
+@pytest.mark.parametrize("length", [1, 17, 40, 150])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_forward_and_gradients_match_the_reference(length, causal, temperature):
-    qs, ks, qt, kt, key_valid = _inputs(length)
+    # 150 rows and keys make three 64-wide blocks: a causal query block skips the key blocks past its last
+    # row, and a key block the query blocks before its first key; one example keeps it quick
+    qs, ks, qt, kt, key_valid = _inputs(length, batch=1 if length == 150 else 2)
+    if length == 150:
+        key_valid[0, 120:] = 0
     s_heads, t_heads = _heads((3, 0), (1, 1), (0, 2), (2, 3))  # a permuted head map, GQA on both sides
     a_s, a_t = 8**-0.5, 12**-0.5
     rows = attention_kl_rows(qs, ks, qt, kt, s_heads, t_heads, key_valid, a_s, a_t, temperature, causal)

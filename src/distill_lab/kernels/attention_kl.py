@@ -68,6 +68,23 @@ if triton is not None:
         return ok
 
     @triton.jit
+    def _keys_end(pid_m, LQ, LK, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+        """One past the last key that query block ``pid_m`` may see: under a causal mask its last row ``m`` sees
+        keys up to ``m + LK - LQ``, so the key blocks beyond are masked whole and are not visited (half the
+        work of a causal model); ``LK`` otherwise."""
+        if CAUSAL:
+            return tl.minimum((pid_m + 1) * BLOCK_M + (LK - LQ), LK)
+        return LK
+
+    @triton.jit
+    def _queries_start(pid_n, LQ, LK, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The first query block that sees a key of key block ``pid_n``: under a causal mask row ``m`` sees key
+        ``n`` when ``m >= n - (LK - LQ)``, so the query blocks before it are not visited; 0 otherwise."""
+        if CAUSAL:
+            return tl.maximum(pid_n * BLOCK_N - (LK - LQ), 0) // BLOCK_M * BLOCK_M
+        return 0
+
+    @triton.jit
     def _pair_heads(SH, TH, pid_bp, P):
         """This program's example and the student and teacher heads of its pair (grid axis 1: B x P), 64-bit:
         they scale the strides of whole tensors (see the module docstring)."""
@@ -126,7 +143,7 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M], tl.float32)
         m_s = tl.full([BLOCK_M], _NEG, tl.float32)
         l_s = tl.zeros([BLOCK_M], tl.float32)
-        for start_n in range(0, LK, BLOCK_N):
+        for start_n in range(0, _keys_end(pid_m, LQ, LK, CAUSAL, BLOCK_M), BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             key = offs_n[:, None] < LK
             s, _ = _scores(qs, ks_base + offs_n[:, None] * sks_l + offs_ds[None, :], key & (offs_ds[None, :] < DS), scale_s, IEEE_S)
@@ -177,7 +194,7 @@ if triton is not None:
         ks_base = KS + b * sks_b + (hs // GS) * sks_h
         kt_base = KT + b * skt_b + (ht // GT) * skt_h
         dq = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
-        for start_n in range(0, LK, BLOCK_N):
+        for start_n in range(0, _keys_end(pid_m, LQ, LK, CAUSAL, BLOCK_M), BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             key = offs_n[:, None] < LK
             s, ks = _scores(qs, ks_base + offs_n[:, None] * sks_l + offs_ds[None, :], key & (offs_ds[None, :] < DS), scale_s, IEEE_S)
@@ -210,7 +227,7 @@ if triton is not None:
         qt_base = QT + b * sqt_b + ht * sqt_h
         rows0 = pid_bp.to(tl.int64) * LQ  # this pair's first row in the (B, P, Lq) row statistics
         dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
-        for start_m in range(0, LQ, BLOCK_M):
+        for start_m in range(_queries_start(pid_n, LQ, LK, CAUSAL, BLOCK_M, BLOCK_N), LQ, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row = offs_m < LQ
             qs = tl.load(qs_base + offs_m[:, None] * sqs_l + offs_ds[None, :], mask=row[:, None] & (offs_ds[None, :] < DS), other=0.0)

@@ -44,7 +44,16 @@ LOSSES = ("mse", "cosine")
 if triton is not None:
     import triton.language as tl
 
-    from distill_lab.kernels.attention_kl import _allowed, _key_block, _mm, _pair_heads, _query_tiles, _scores
+    from distill_lab.kernels.attention_kl import (
+        _allowed,
+        _key_block,
+        _keys_end,
+        _mm,
+        _pair_heads,
+        _queries_start,
+        _query_tiles,
+        _scores,
+    )
 
     @triton.jit
     def _key_tiles(
@@ -122,7 +131,7 @@ if triton is not None:
         l_s = tl.zeros([BLOCK_M], tl.float32)
         m_t = tl.full([BLOCK_M], _NEG, tl.float32)
         l_t = tl.zeros([BLOCK_M], tl.float32)
-        for start_n in range(0, LK, BLOCK_N):
+        for start_n in range(0, _keys_end(pid_m, LQ, LK, CAUSAL, BLOCK_M), BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             s, t, ok, _ = _key_tiles(
                 qs, qt, ks_base, kt_base, valid_ptr, offs_m, offs_n, offs_ds, offs_dt, sks_l, skt_l,
@@ -137,7 +146,7 @@ if triton is not None:
         x = tl.zeros([BLOCK_M], tl.float32)
         y = tl.zeros([BLOCK_M], tl.float32)
         z = tl.zeros([BLOCK_M], tl.float32)
-        for start_n in range(0, LK, BLOCK_N):
+        for start_n in range(0, _keys_end(pid_m, LQ, LK, CAUSAL, BLOCK_M), BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             s, t, ok, _ = _key_tiles(
                 qs, qt, ks_base, kt_base, valid_ptr, offs_m, offs_n, offs_ds, offs_dt, sks_l, skt_l,
@@ -186,7 +195,7 @@ if triton is not None:
         ks_base = KS + b * sks_b + (hs // GS) * sks_h
         kt_base = KT + b * skt_b + (ht // GT) * skt_h
         dq = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
-        for start_n in range(0, LK, BLOCK_N):
+        for start_n in range(0, _keys_end(pid_m, LQ, LK, CAUSAL, BLOCK_M), BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             s, t, ok, ks = _key_tiles(
                 qs, qt, ks_base, kt_base, VALID + b * sv_b, offs_m, offs_n, offs_ds, offs_dt, sks_l, skt_l,
@@ -216,7 +225,7 @@ if triton is not None:
         ks, kt = _key_block(KS, KT, b, hs, ht, offs_n, offs_ds, offs_dt, key, sks_b, sks_h, sks_l, skt_b, skt_h, skt_l, GS, GT, DS, DT)
         rows0 = pid_bp.to(tl.int64) * LQ  # this pair's first row in the (B, P, Lq) row statistics
         dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
-        for start_m in range(0, LQ, BLOCK_M):
+        for start_m in range(_queries_start(pid_n, LQ, LK, CAUSAL, BLOCK_M, BLOCK_N), LQ, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row = offs_m < LQ
             qs, qt = _query_tiles(
