@@ -65,6 +65,53 @@ def test_gqa_student_with_fewer_heads_keeps_a_valid_key_value_grouping(tmp_path)
     assert torch.isfinite(out.logits).all()
 
 
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_a_student_attends_per_layer_as_the_teacher_layer_it_starts_from(tmp_path, family):
+    """Per-layer settings (``layer_types``: sliding or full attention) follow the teacher layer each student
+    layer is copied from, and the student saves and loads (transformers refuses a config whose layer_types
+    has another length than its layers)."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, Qwen2Config
+
+    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+    if family == "qwen2":  # full attention in layers 0-1, a sliding window from layer 2 on
+        config = Qwen2Config(**shape, use_sliding_window=True, sliding_window=6, max_window_layers=2)
+    else:  # sliding and full attention alternate
+        config = Gemma2Config(**shape, head_dim=8, sliding_window=6)
+    teacher = AutoModelForCausalLM.from_config(config)
+    types = teacher.config.layer_types
+    assert len(set(types)) == 2
+    for layers, sources in ((2, [1, 3]), (3, [0, 2, 3])):  # layer_map(4, n, "uniform")
+        student = derive_student(teacher, num_layers=layers)
+        assert student.config.layer_types == [types[t] for t in sources]
+        student.save_pretrained(tmp_path / f"{family}-{layers}")
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / f"{family}-{layers}")
+        assert loaded.config.layer_types == student.config.layer_types
+        ids = torch.randint(0, 64, (1, 12))
+        torch.testing.assert_close(loaded(input_ids=ids).logits, student.eval()(input_ids=ids).logits)
+
+
+def test_the_feed_forward_width_is_set_under_each_configs_own_name(tmp_path):
+    """student.intermediate_size reaches DistilBERT's hidden_dim as it reaches BERT's intermediate_size; a
+    config without a width distill-lab knows is an error rather than a silently wider student."""
+    from transformers import (
+        BloomConfig,
+        BloomForCausalLM,
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+        ViTConfig,
+        ViTForImageClassification,
+    )
+
+    teacher = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=64, dim=32, hidden_dim=64, n_layers=4, n_heads=4))
+    student = derive_student(teacher, num_layers=2, intermediate_size=16)
+    assert student.config.hidden_dim == 16 and student.distilbert.transformer.layer[0].ffn.lin1.out_features == 16
+    vit = ViTForImageClassification(ViTConfig(image_size=8, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37))
+    assert derive_student(vit, num_layers=1, intermediate_size=16).config.intermediate_size == 16
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4))  # 4 x hidden, fixed
+    with pytest.raises(ValueError, match="student.intermediate_size=16: the teacher's BloomConfig names its feed-forward width"):
+        derive_student(bloom, num_layers=1, intermediate_size=16)
+
+
 def test_derive_student_errors(tmp_path):
     teacher = make_tiny_model("bert", tmp_path, num_hidden_layers=4)
     with pytest.raises(ValueError, match="num_layers=5 must be between 1 and the teacher's 4"):

@@ -432,7 +432,8 @@ class Selective:
                     for t in chosen
                 ]
             )  # (k, H_student): loss of teacher head chosen[i] against student head j
-            from scipy.optimize import linear_sum_assignment  # here: the rest of the module runs without scipy
+            # imported here: the rest of the module (and the benchmark) runs without scipy
+            from scipy.optimize import linear_sum_assignment
 
             rows, cols = linear_sum_assignment(cost.float().cpu().numpy())
             self.selected[pair_name(pair)] = [(chosen[r], int(c)) for r, c in zip(rows, cols, strict=True)]

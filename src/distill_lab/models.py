@@ -229,6 +229,18 @@ def count_parameters(model: nn.Module) -> int:
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
+def _per_layer_settings(config, sources: list[int], num_teacher_layers: int) -> None:
+    """Shorten the config's per-layer lists (``layer_types`` of Qwen2, Gemma2/3, ModernBERT: sliding or full
+    attention; ``no_rope_layers`` ...) to the student's layers, each entry taken from the teacher layer that the
+    student layer starts from, so that a student layer attends as its teacher layer does. Any list or tuple
+    with one entry per teacher layer counts; transformers refuses to save a config whose ``layer_types`` has
+    another length than ``num_hidden_layers``."""
+    for key, value in vars(config).items():
+        if isinstance(value, (list, tuple)) and len(value) == num_teacher_layers and key != "architectures":
+            setattr(config, key, type(value)(value[t] for t in sources))
+            log.info("student config: %s taken from the teacher's layers %s", key, sources)
+
+
 def derive_student(
     teacher: PreTrainedModel,
     num_layers: int,
@@ -251,6 +263,8 @@ def derive_student(
             f"student.num_layers={num_layers} must be between 1 and the teacher's {num_teacher_layers} layers"
         )
     config.num_hidden_layers = num_layers
+    source_layer = dict((s, t) for t, s in layer_map(num_teacher_layers, num_layers, "uniform"))
+    _per_layer_settings(config, [source_layer[j] for j in range(num_layers)], num_teacher_layers)
     if hidden_size is not None:
         config.hidden_size = hidden_size
     if num_heads is not None:
@@ -262,9 +276,16 @@ def derive_student(
         if getattr(config, "head_dim", None) is not None:
             config.head_dim = config.hidden_size // num_heads
     if intermediate_size is not None:
-        for key in ("intermediate_size", "n_inner"):
-            if hasattr(config, key):
-                setattr(config, key, intermediate_size)
+        # the feed-forward width: BERT, LLaMA...; GPT-2; DistilBERT; T5; OPT
+        widths = [key for key in ("intermediate_size", "n_inner", "hidden_dim", "d_ff", "ffn_dim") if hasattr(config, key)]
+        if not widths:
+            raise ValueError(
+                f"student.intermediate_size={intermediate_size}: the teacher's {type(config).__name__} names its "
+                "feed-forward width by no key distill-lab knows (intermediate_size, n_inner, hidden_dim, d_ff, "
+                "ffn_dim); leave student.intermediate_size null, or pass a student config of your own"
+            )
+        for key in widths:
+            setattr(config, key, intermediate_size)
     if config.hidden_size % config.num_attention_heads:
         raise ValueError(
             f"the student's hidden_size {config.hidden_size} is not divisible by its {config.num_attention_heads} heads"
@@ -273,7 +294,6 @@ def derive_student(
         raise ValueError(f"student.init={init!r}; valid: 'teacher', 'random'")
     student = type(teacher)(config)
     if init == "teacher":
-        source_layer = dict((s, t) for t, s in layer_map(num_teacher_layers, num_layers, "uniform"))
         teacher_state = teacher.state_dict()
         copied, total = 0, 0
         with torch.no_grad():
