@@ -621,3 +621,138 @@ def test_soft_capped_models_run_eager_attention_under_the_capture(backend):
         probs = maps[layer] if backend == "probs" else maps[layer].probs()
         assert backend == "probs" or maps[layer].softcap == 5.0
         torch.testing.assert_close(probs * real, reference.attentions[layer] * real, atol=ATOL, rtol=0)
+
+
+def test_attention_arguments_the_capture_would_drop_are_refused():
+    """GPT-OSS hands its attention learned sinks (``s_aux``): the capture does not apply them, so the captured
+    maps and the model's outputs would silently differ from the model's own. Any argument the capture neither
+    applies nor knows to be neutral is refused at the first forward, in captured and uncaptured layers alike."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    config = GptOssConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1, sliding_window=6,
+    )  # fmt: skip
+    model = GptOssForCausalLM(config).eval()
+    for backend in ("qk", "probs"):
+        for layers in ([0], [1]):
+            sinks = r"GptOssAttention passes its attention s_aux \(attention sinks\), which"
+            with AttentionCapture(model, layers=layers, backend=backend) as capture, pytest.raises(NotImplementedError, match=sinks):
+                capture(input_ids=torch.tensor([[3, 4, 5, 6]]))
+    # neutral arguments (position_ids, use_cache) and an applied one (sliding_window) pass
+    from transformers import MistralConfig, MistralForCausalLM
+
+    mistral = MistralForCausalLM(MistralConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=3,
+    )).eval()  # fmt: skip
+    with AttentionCapture(mistral, layers=[0], backend="qk") as capture:
+        _, maps = capture(input_ids=torch.tensor([[3, 4, 5, 6, 7]]))
+    assert maps[0].sliding_window == 3
+
+
+@pytest.mark.parametrize("kind", ["bart", "t5", "albert"])
+def test_models_without_one_self_attention_per_layer_are_refused(kind):
+    """Encoder-decoders (the decoder's self-attention follows the encoder's under one layer count) and shared
+    layers (ALBERT: one module for every layer) cannot be named by a layer map: refused by the capture and by
+    derive_student, rather than captured from the wrong layer."""
+    from transformers import AlbertConfig, AlbertModel, BartConfig, BartModel, T5Config, T5Model
+
+    from distill_lab.models import derive_student
+
+    if kind == "bart":
+        model = BartModel(BartConfig(vocab_size=50, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                                     decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16))
+        message = "BartModel is an encoder-decoder model"
+    elif kind == "t5":
+        model = T5Model(T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=16, num_layers=2, num_heads=2))
+        message = "T5Model is an encoder-decoder model"
+    else:
+        model = AlbertModel(AlbertConfig(vocab_size=50, embedding_size=16, hidden_size=16, num_hidden_layers=4,
+                                         num_attention_heads=2, intermediate_size=16))
+        message = r"AlbertModel has 1 self-attention modules for its 4 layers"
+    for backend in ("qk", "probs"):
+        with pytest.raises(ValueError, match=message):
+            AttentionCapture(model, layers=[0], backend=backend)
+    with pytest.raises(ValueError, match=message):
+        derive_student(model, num_layers=1)
+
+
+def test_a_model_is_captured_by_one_capture_at_a_time(tiny_model_factory):
+    """A second capture on a captured model would take over its modules and, on detach, remove the first
+    one's; it is refused. After the first detaches, a new capture works and the model gets its own
+    implementation back."""
+    model = tiny_model_factory("bert")
+    inputs = make_tiny_inputs("bert", model.config)
+    first = AttentionCapture(model, layers=[0], backend="qk")
+    with pytest.raises(ValueError, match="is already being captured"):
+        AttentionCapture(model, layers=[1], backend="probs")
+    _, maps = first(**inputs)
+    assert list(maps) == [0]
+    first.detach()
+    assert model.config._attn_implementation == "sdpa"
+    with AttentionCapture(model, layers=[1], backend="probs") as second:
+        assert list(second(**inputs)[1]) == [1]
+    assert model.config._attn_implementation == "sdpa"
+
+
+def _architecture(name: str):
+    """A tiny random model (base class, no head) of architecture ``name``, in eval mode."""
+    import transformers as T
+
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4)
+    gqa = dict(common, num_key_value_heads=2, pad_token_id=0)
+    configs = {
+        "distilbert": lambda: T.DistilBertConfig(vocab_size=64, dim=32, hidden_dim=40, n_layers=2, n_heads=4),
+        "electra": lambda: T.ElectraConfig(**common, embedding_size=32),
+        "modernbert": lambda: T.ModernBertConfig(**common, pad_token_id=0, local_attention=4, global_attn_every_n_layers=2),
+        "opt": lambda: T.OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=40, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32),
+        "gpt_neox": lambda: T.GPTNeoXConfig(**common),
+        "qwen2": lambda: T.Qwen2Config(**gqa, use_sliding_window=True, sliding_window=4, max_window_layers=1),
+        "qwen3": lambda: T.Qwen3Config(**gqa, head_dim=8),
+        "mistral": lambda: T.MistralConfig(**gqa, sliding_window=4),
+        "gemma2": lambda: T.Gemma2Config(**gqa, head_dim=8, sliding_window=4),
+        "gemma3": lambda: T.Gemma3TextConfig(**gqa, head_dim=8, sliding_window=4),
+        "phi3": lambda: T.Phi3Config(**gqa),
+        "olmo2": lambda: T.Olmo2Config(**gqa),
+        "smollm3": lambda: T.SmolLM3Config(**gqa),
+        "deit": lambda: T.DeiTConfig(image_size=8, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40),
+    }
+    torch.manual_seed(0)
+    return T.AutoModel.from_config(configs[name]()).eval()
+
+
+@pytest.mark.parametrize("backend", ["probs", "qk"])
+@pytest.mark.parametrize(
+    "name",
+    ["distilbert", "electra", "modernbert", "opt", "gpt_neox", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3",
+     "olmo2", "smollm3", "deit"],
+)  # fmt: skip
+def test_more_architectures_capture_their_own_attention(name, backend):
+    """Beyond the families the other tests use: encoders, decoders with grouped-query attention, sliding
+    windows (Qwen2, Mistral, Gemma 2/3, ModernBERT's local layers) and soft-capping (Gemma 2). Each captures
+    the maps its own eager attention returns, on the real rows of a right-padded batch, and its output does not
+    change under the capture."""
+    model = _architecture(name)
+    if name == "deit":
+        inputs = {"pixel_values": torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))}
+        valid = torch.ones(2, 1, 6, 1, dtype=torch.bool)  # 4 patches, the CLS and distillation tokens
+    else:
+        ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+        mask = torch.ones(2, 9, dtype=torch.long)
+        mask[1, 6:] = 0
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        valid = mask.bool()[:, None, :, None]
+    own = model.config._attn_implementation  # sdpa, or eager where the model has no SDPA path (Gemma 2)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        reference = model(**inputs, output_attentions=True)
+    model.set_attn_implementation(own)
+    with AttentionCapture(model, layers=[0, 1], backend=backend) as capture, torch.no_grad():
+        out, maps = capture(**inputs)
+    assert model.config._attn_implementation == own
+    hidden = valid[:, 0]  # (B, L, 1): the real positions
+    torch.testing.assert_close(out.last_hidden_state * hidden, reference.last_hidden_state * hidden, atol=ATOL, rtol=1e-4)
+    for layer in (0, 1):
+        probs = maps[layer] if backend == "probs" else maps[layer].probs()
+        torch.testing.assert_close(probs * valid, reference.attentions[layer].float() * valid, atol=ATOL, rtol=0)

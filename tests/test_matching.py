@@ -297,6 +297,9 @@ def test_headwise_per_layer_head_map():
         ([], r"each student head at most once"),
         ([[0, 1, 2]], r"\[teacher_head, student_head\] pairs"),
         ([[[], 0]], r"gives student head 0 no teacher head"),  # an average of no heads would be NaN
+        ([["12", 0]], r"heads must be whole numbers"),  # not heads 1 and 2
+        ([[1.5, 0]], r"heads must be whole numbers"),
+        ({"L3->1": [[0, 0]]}, r"names layer pairs \['L3->1'\] that the layer map does not have; its pairs are \['L0->0'\]"),
     ],
 )
 def test_headwise_head_map_errors(head_map, message):
@@ -555,6 +558,14 @@ def test_selective_head_errors(options, teacher_heads, student_heads, message):
         component(s, t)
 
 
+@pytest.mark.parametrize("heads", [[], [0, [1, 1]], ["0", "3"], [[0, 1, 2]], [True]])
+def test_selective_heads_must_be_a_list_of_heads_or_of_pairs(heads):
+    """An empty list (a stack of nothing at the first forward), a mix of heads and pairs (a failure at
+    calibration) and heads that are no whole numbers are refused when the mode is built."""
+    with pytest.raises(ValueError, match=r"matching.heads=.*non-empty list of teacher heads.*not a mix"):
+        Selective(heads=heads)
+
+
 def test_selective_option_errors():
     with pytest.raises(ValueError, match=r"unknown head importance 'magic'; valid: 'entropy', 'gradient'"):
         Selective(importance="magic")
@@ -762,6 +773,9 @@ def test_layer_weights():
         AttentionDistillationLoss(layer_map=pairs, layer_weights=[1, -1])
     with pytest.raises(ValueError, match=r"non-negative with a positive sum"):
         AttentionDistillationLoss(layer_map=pairs, layer_weights=[0, 0])
+    for weights in ([1, float("nan")], [1, float("inf")]):  # NaN in every loss, or the finite pair weighted 0
+        with pytest.raises(ValueError, match=r"finite and non-negative"):
+            AttentionDistillationLoss(layer_map=pairs, layer_weights=weights)
     with pytest.raises(ValueError, match="no pairs"):
         AttentionDistillationLoss(layer_map=[])
 

@@ -35,6 +35,17 @@ CAPTURE_ATTENTION = "distill_lab_capture"  # the probs backend: eager attention,
 QK_ATTENTION = "distill_lab_qk"  # the qk backend: SDPA attention, queries and keys recorded
 BACKENDS = ("probs", "qk")
 _STATE = "_distill_lab_capture"  # attribute set on captured attention modules: (capture, layer index)
+
+# keyword arguments a model may pass its attention function, beyond query, key, value, mask, scaling, dropout:
+# those the capture applies (the rest of the record's mask: causality, window, soft cap, T5's bias) and those
+# that do not change what attention computes. Any other (DeepSeek-V3.2's sparse `indices`, attention `sinks`,
+# packed-sequence boundaries) would be dropped, and with it part of the model's attention: an error instead.
+_APPLIED_ARGUMENTS = frozenset({"is_causal", "sliding_window", "softcap", "position_bias"})
+_NEUTRAL_ARGUMENTS = frozenset({
+    "position_ids", "cache_position", "use_cache", "past_key_values", "past_key_value", "layer_idx", "deterministic",
+    "return_dict", "output_attentions", "output_hidden_states", "output_router_logits", "num_items_in_batch",
+    "max_length_q", "max_length_k",
+})  # fmt: skip
 # where encoder-decoder models keep cross-attention built from their self-attention class
 CROSS_ATTENTION_NAMES = frozenset({"crossattention", "cross_attention", "cross_attn", "encoder_attn", "encdecattention"})
 
@@ -63,6 +74,29 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
             "whose class name ends in 'Attention')."
         )
     return found
+
+
+def check_capturable(model: nn.Module) -> None:
+    """Refuse a model whose attention modules are not one per layer, which layer maps, layer indices and
+    derived students all assume: encoder-decoder models (T5, BART: the decoder's self-attention follows the
+    encoder's, under one layer count), layers that share one module (ALBERT) and hybrid models whose other
+    layers have no attention (Qwen3-Next's linear-attention layers), where layer i would not be attention
+    module i."""
+    config = getattr(model, "config", None)
+    name = type(model).__name__
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{name} is an encoder-decoder model: distill-lab distils encoders (BERT, RoBERTa, ViT, T5's encoder "
+            "alone, T5EncoderModel) and decoders (GPT-2, LLaMA-family), whose layers each hold one self-attention"
+        )
+    layers = getattr(config, "num_hidden_layers", None)
+    modules = attention_modules(model)
+    if layers is not None and len(modules) != layers:
+        raise ValueError(
+            f"{name} has {len(modules)} self-attention modules for its {layers} layers (layers that share one module, "
+            "as ALBERT's do, or layers without attention in a hybrid model), so layer i is not attention module i "
+            "and no layer map can name the layers distill-lab captures: this architecture is not supported"
+        )
 
 
 def is_causal(model: nn.Module) -> bool | None:
@@ -177,11 +211,10 @@ def _record_and_attend(
         Returns: output (B, Lq, H, D) and, for the probs backend, the probabilities (B, H, Lq, Lk).
     """
     state = getattr(module, _STATE, None)
+    _check_arguments(module, kwargs)
     softcap = kwargs.get("softcap")
     if state is None and softcap is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("attention sinks (s_aux) are not supported by distill-lab's capture yet")
     is_causal = kwargs.get("is_causal")
     record = QueryKey(
         query,
@@ -211,6 +244,21 @@ def _record_and_attend(
     weights = nn.functional.dropout(probs, p=dropout, training=module.training)
     output = torch.matmul(weights.to(value.dtype), value).transpose(1, 2).contiguous()
     return output, probs
+
+
+def _check_arguments(module: nn.Module, kwargs: dict) -> None:
+    """Refuse what the model asks of its attention that the capture would silently leave out."""
+    unknown = [
+        name for name, value in kwargs.items()
+        if value is not None and name not in _APPLIED_ARGUMENTS and name not in _NEUTRAL_ARGUMENTS
+    ]  # fmt: skip
+    if unknown:
+        sinks = " (attention sinks)" if {"s_aux", "sinks"} & set(unknown) else ""
+        raise NotImplementedError(
+            f"{type(module).__name__} passes its attention {', '.join(sorted(unknown))}{sinks}, which distill-lab's "
+            "capture does not apply: the captured attention would differ from the model's. This architecture is "
+            "not supported yet; open an issue naming it"
+        )
 
 
 def _tensors(record: Tensor | QueryKey) -> tuple[Tensor, ...]:
@@ -248,8 +296,14 @@ class AttentionCapture:
         self.implementation = QK_ATTENTION if backend == "qk" else CAPTURE_ATTENTION
         self.model = model
         self.layers = sorted(set(int(i) for i in layers))
+        check_capturable(model)
         self.modules = attention_modules(model)
         self.num_layers = len(self.modules)
+        if taken := [name for name, module in self.modules if hasattr(module, _STATE)]:
+            raise ValueError(
+                f"{type(model).__name__} is already being captured (its attention modules {taken[:3]} record for "
+                "another AttentionCapture): detach that one first, one capture per model"
+            )
         bad = [i for i in self.layers if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(

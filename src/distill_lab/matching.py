@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
@@ -34,6 +35,11 @@ HeadPair = tuple[tuple[int, ...], int]  # (teacher heads averaged together, stud
 
 
 # ---------------------------------------------------------------------------------------------- layer maps
+
+
+def _is_index(value) -> bool:
+    """A whole number (a Python or numpy int, not a bool or a string) that can name a head or a layer."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _layer_names(names_or_model) -> list[str] | None:
@@ -227,7 +233,9 @@ class Headwise:
         for entry in spec:
             if isinstance(entry, str) or len(entry) != 2:
                 raise ValueError(f"head_map entries must be [teacher_head, student_head] pairs; got {entry!r}")
-            group = tuple(entry[0]) if isinstance(entry[0], Iterable) else (entry[0],)
+            group = tuple(entry[0]) if isinstance(entry[0], Iterable) and not isinstance(entry[0], str) else (entry[0],)
+            if not all(_is_index(h) for h in (*group, entry[1])):
+                raise ValueError(f"head_map for {pair_name(pair)}: heads must be whole numbers; got {entry!r}")
             if not group:
                 raise ValueError(
                     f"head_map for {pair_name(pair)} gives student head {entry[1]} no teacher head ({entry!r}): name "
@@ -247,6 +255,13 @@ class Headwise:
         return heads
 
     def check_heads(self, num_teacher_heads, num_student_heads, pairs):
+        if isinstance(self.head_map, Mapping):  # a key that names no pair would be ignored, and its map unused
+            names = [pair_name(pair) for pair in pairs]
+            if unknown := [key for key in self.head_map if key not in names]:
+                raise ValueError(
+                    f"matching.head_map names layer pairs {unknown} that the layer map does not have; its pairs "
+                    f"are {names}"
+                )
         for pair in pairs:
             self._pairs_for(pair, num_teacher_heads, num_student_heads)
 
@@ -349,6 +364,18 @@ class Selective:
         self.top_k = top_k
         self.importance_method = importance
         self.heads = list(heads) if heads is not None else None
+        if self.heads is not None:
+            singles = all(_is_index(h) for h in self.heads)
+            pairs = all(
+                isinstance(h, Sequence) and not isinstance(h, str) and len(h) == 2 and all(_is_index(x) for x in h)
+                for h in self.heads
+            )
+            if not self.heads or not (singles or pairs):
+                raise ValueError(
+                    f"matching.heads={heads!r}: give a non-empty list of teacher heads to choose from ([0, 3, 5]) or "
+                    "of [teacher_head, student_head] pairs ([[0, 0], [3, 1]]), not a mix"
+                )
+            self.heads = [int(h) if singles else [int(h[0]), int(h[1])] for h in self.heads]
         self.selected: dict[str, list[tuple[int, int]]] = {}
         self.importance: dict[str, list[float]] = {}
         self._fixed_pairs = self.heads is not None and all(not isinstance(h, int) for h in self.heads)
@@ -570,8 +597,8 @@ class AttentionDistillationLoss(nn.Module):
                 f"layer_weights has {len(layer_weights)} entries for {len(self.layer_map)} layer pairs {self.layer_map}"
             )
         weights = torch.tensor(layer_weights if layer_weights is not None else [1.0] * len(self.layer_map))
-        if (weights < 0).any() or weights.sum() <= 0:
-            raise ValueError(f"layer_weights must be non-negative with a positive sum; got {layer_weights}")
+        if not torch.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"layer_weights must be finite and non-negative with a positive sum; got {layer_weights}")
         self.register_buffer("layer_weights", weights / weights.sum(), persistent=False)
         self._head_indices: dict = {}  # (device, head pairs) -> the kernels' head index tensors, made once
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedModel
 
-from distill_lab.capture import is_causal
+from distill_lab.capture import check_capturable, is_causal
 from distill_lab.matching import layer_map
 from distill_lab.tasks import get_task
 
@@ -256,6 +256,7 @@ def derive_student(
     the embeddings and head from the teacher's, wherever the tensor shapes agree; everything else keeps its
     random initialisation. ``init="random"`` skips the copy. The split is logged.
     """
+    check_capturable(teacher)  # one self-attention per layer, or no layer map could pair teacher and student
     config = copy.deepcopy(teacher.config)
     num_teacher_layers = config.num_hidden_layers
     if not 1 <= num_layers <= num_teacher_layers:
