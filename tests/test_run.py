@@ -564,6 +564,16 @@ ERRORS = {
     "attention-weight-out-of-range": (["attention_weight=-0.1", NO_TEACHER], r"attention_weight=-0\.1 must be in \[0, 1\]"),
     "warmup-ratio-one": (["warmup_ratio=1", NO_TEACHER], r"warmup_ratio=1 must be in \[0, 1\)"),
     "ckpt-path-typo": (["ckpt_path=auot", NO_TEACHER], r"ckpt_path=auot is no checkpoint file.*auto.*null"),
+    "validation-off": (
+        ["trainer.limit_val_batches=0", NO_TEACHER], r"trainer\.limit_val_batches=0 turns validation off.*limit_val_batches=0\.1"
+    ),
+    "training-without-end": (
+        ["trainer.max_epochs=-1", "trainer.max_steps=-1", NO_TEACHER],
+        r"trainer\.max_epochs=-1 with trainer\.max_steps=-1 never ends training",
+    ),
+    "head-map-of-no-layer-pair": (
+        ["matching=headwise", "+matching.head_map={L9-0: [[0, 0]]}"], r"matching\.head_map names layer pairs \['L9-0'\]"
+    ),
     "batch-size-zero": (["data.batch_size=0", NO_TEACHER], r"data\.batch_size=0 must be a whole number of at least 1"),
     "eval-batch-size-zero": (
         ["data.eval_batch_size=0", NO_TEACHER], r"data\.eval_batch_size=0 must be .* at least 1 \(or null: data\.batch_size\)"
@@ -780,6 +790,9 @@ def test_attention_map_example_is_one_row_of_the_validation_step(tmp_path):
     AttentionMapCallback(str(tmp_path), example_index=7).setup(trainer, None, "fit")
     with pytest.raises(ValueError, match=r"example_index=8.*validation batch of 8"):
         AttentionMapCallback(str(tmp_path), example_index=8).setup(trainer, None, "fit")
+    # the README's override composes (no leading +) and reaches the callback
+    cfg = compose_config(["callbacks.attention_maps.example_index=3"], tmp_path / "run")
+    assert instantiate(cfg.callbacks.attention_maps).example_index == 3
 
 
 def test_unloadable_teacher_is_named(task, tmp_path):

@@ -244,12 +244,32 @@ def _check_settings(cfg: DictConfig, task) -> None:
         )
     task.check_data_config(cfg.data)
     check_sizes(cfg.data)
+    _check_trainer_limits(cfg.trainer)
     for key in ("max_epochs", "max_steps", "limit_train_batches"):
         if (value := cfg.trainer.get(key)) is not None and not isinstance(value, bool) and value == 0:
             log.warning(
                 "trainer.%s=%s: nothing is trained; the results are the student's as built (a baseline before "
                 "distillation), and results.json records \"trained_steps\": 0", key, value,
             )  # fmt: skip
+
+
+def _check_trainer_limits(trainer: DictConfig) -> None:
+    """Trainer settings the run cannot end well with, refused before anything loads: no validation (it picks
+    the best checkpoint and measures the results, so the run would train, then fail at its end) and no end of
+    training (the learning-rate schedule decays over a finite number of steps)."""
+    limit = trainer.get("limit_val_batches")
+    if limit is not None and not isinstance(limit, bool) and limit == 0:
+        raise ValueError(
+            f"trainer.limit_val_batches={limit} turns validation off, but validation picks the best checkpoint and "
+            "measures the results the run reports: keep some (e.g. trainer.limit_val_batches=0.1 for a tenth of "
+            "the validation set, or data.max_eval_samples=200)"
+        )
+    if trainer.get("max_steps", -1) == -1 and trainer.get("max_epochs") == -1:
+        raise ValueError(
+            f"trainer.max_epochs={trainer.get('max_epochs')} with trainer.max_steps={trainer.get('max_steps', -1)} "
+            "never ends training, and the learning rate decays linearly to 0 over the run's steps: set "
+            "trainer.max_epochs or trainer.max_steps"
+        )
 
 
 def _check_positions(model, role: str, max_length: int | None) -> None:
