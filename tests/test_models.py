@@ -90,6 +90,19 @@ def test_a_student_attends_per_layer_as_the_teacher_layer_it_starts_from(tmp_pat
         torch.testing.assert_close(loaded(input_ids=ids).logits, student.eval()(input_ids=ids).logits)
 
 
+def test_a_tensor_only_the_first_teacher_layer_has_is_copied_from_there():
+    """T5 keeps its relative-position bias in block 0 only; student block 0 starts from teacher block 1, which
+    has none, so the bias comes from teacher block 0 instead of staying random."""
+    from transformers import T5Config, T5EncoderModel
+
+    teacher = T5EncoderModel(T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=16, num_layers=4, num_heads=2))
+    student = derive_student(teacher, num_layers=2)
+    bias = "block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    torch.testing.assert_close(student.encoder.state_dict()[bias], teacher.encoder.state_dict()[bias], rtol=0, atol=0)
+    q = "block.0.layer.0.SelfAttention.q.weight"  # the rest of block 0 from teacher block 1
+    torch.testing.assert_close(student.encoder.state_dict()[q], teacher.encoder.state_dict()[q.replace("block.0", "block.1")], rtol=0, atol=0)
+
+
 def test_the_feed_forward_width_is_set_under_each_configs_own_name(tmp_path):
     """student.intermediate_size reaches DistilBERT's hidden_dim as it reaches BERT's intermediate_size; a
     config without a width distill-lab knows is an error rather than a silently wider student."""

@@ -305,7 +305,8 @@ def derive_student(
                 if match:
                     layer = int(match.group(1))
                     source = f"{key[: match.start()]}.{source_layer.get(layer, layer)}.{key[match.end() :]}"
-                value = teacher_state.get(source)
+                # a tensor only the teacher's first layer has (T5's relative-position bias) comes from there
+                value = teacher_state.get(source, teacher_state.get(key))
                 if value is not None and value.shape == param.shape:
                     param.copy_(value)
                     copied += 1
