@@ -200,6 +200,25 @@ def test_fused_kernels_apply_the_records_padding_without_an_attention_mask(loss,
     torch.testing.assert_close(values[0], values[1], atol=1e-6, rtol=1e-5)
 
 
+def test_a_sliding_window_that_spans_every_key_keeps_the_fused_kernel():
+    """A window at least as long as the keys hides nothing (Mistral's 4096 at shorter lengths): the fused
+    kernel runs and equals the block-wise path. A shorter window is refused by fused=True, as the kernels
+    apply no window."""
+    qs, ks, qt, kt, key_valid = _inputs(21, d_t=8)
+    mask = key_valid.bool()[:, None, None, :].expand(-1, 1, 21, -1) & torch.ones(21, 21, dtype=torch.bool, device=DEVICE).tril()
+    values = []
+    for fused in (True, False):
+        student = QueryKey(qs, ks, 8**-0.5, mask, causal=True, sliding_window=21)
+        teacher = QueryKey(qt, kt, 8**-0.5, mask, causal=True, sliding_window=4096)
+        values.append(AttentionDistillationLoss("kl", "layerwise", [(0, 0)], fused=fused)({0: student}, {0: teacher}, key_valid)[0])
+    torch.testing.assert_close(values[0], values[1], atol=1e-6, rtol=1e-5)
+    window = mask & torch.ones(21, 21, dtype=torch.bool, device=DEVICE).triu(-7)
+    student = QueryKey(qs, ks, 8**-0.5, window, causal=True, sliding_window=8)
+    teacher = QueryKey(qt, kt, 8**-0.5, window, causal=True, sliding_window=8)
+    with pytest.raises(ValueError, match="sliding-window"):
+        AttentionDistillationLoss("kl", "layerwise", [(0, 0)], fused=True)({0: student}, {0: teacher}, key_valid)
+
+
 def test_fused_kernels_refuse_a_mask_beyond_padding_and_causal_structure():
     """The kernels apply key padding and the causal flag only: a record whose mask adds a bias (ALiBi-like)
     keeps the block-wise path (fused=True: an error), so the bias is never silently dropped."""

@@ -37,6 +37,12 @@ HeadPair = tuple[tuple[int, ...], int]  # (teacher heads averaged together, stud
 # ---------------------------------------------------------------------------------------------- layer maps
 
 
+def _windowed(record: QueryKey) -> bool:
+    """Whether a sliding window hides keys of these records: not where it spans every key (Mistral's 4096 at
+    L = 2048), whose mask is then padding and causal structure alone."""
+    return record.sliding_window is not None and record.sliding_window < record.shape[3]
+
+
 def _is_index(value) -> bool:
     """A whole number (a Python or numpy int, not a bool or a string) that can name a head or a layer."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -684,7 +690,7 @@ class AttentionDistillationLoss(nn.Module):
             return None
         qk = isinstance(student, QueryKey) and isinstance(teacher, QueryKey)
         reasons = self._kernel_problems(student.query.device.type if qk else None, qk)
-        if not reasons and any(r.sliding_window or r.softcap or r.bias is not None for r in (student, teacher)):
+        if not reasons and any(_windowed(r) or r.softcap or r.bias is not None for r in (student, teacher)):
             reasons.append("sliding-window, soft-capped or position-biased attention is not supported")
         if not reasons and student.causal != teacher.causal:
             reasons.append("teacher and student differ in causality")
@@ -751,7 +757,7 @@ class AttentionDistillationLoss(nn.Module):
             reasons.append("only loss=mse_scores has a Gram-matrix form")
         elif not (isinstance(student, QueryKey) and isinstance(teacher, QueryKey)):
             reasons.append("both sides must be QueryKey records (capture=qk)")
-        elif any(r.causal or r.sliding_window or r.softcap or r.bias is not None for r in (student, teacher)):
+        elif any(r.causal or _windowed(r) or r.softcap or r.bias is not None for r in (student, teacher)):
             reasons.append(
                 "causal, sliding-window, soft-capped or position-biased scores are not a plain product of queries and keys"
             )
