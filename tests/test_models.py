@@ -125,6 +125,25 @@ def test_the_feed_forward_width_is_set_under_each_configs_own_name(tmp_path):
         derive_student(bloom, num_layers=1, intermediate_size=16)
 
 
+def test_a_head_size_of_its_own_stays_and_a_derived_one_follows_the_width(tmp_path):
+    """Gemma's head size is its own (256 at any width): a student with fewer heads keeps it. LLaMA's is the
+    width over the heads: a narrower student gets its own (it kept the teacher's 8 at width 16)."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    gemma = AutoModelForCausalLM.from_config(Gemma2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16,
+    ))  # fmt: skip
+    student = derive_student(gemma, num_layers=1, num_heads=3)  # 32 is no multiple of 3: fine with its own size
+    assert student.config.head_dim == 16 and student.config.num_key_value_heads == 1
+    assert student.model.layers[0].self_attn.q_proj.out_features == 3 * 16
+    assert torch.isfinite(student(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
+    llama = make_tiny_model("llama", tmp_path, num_hidden_layers=2)  # width 32, 4 heads of 8
+    narrow = derive_student(llama, num_layers=1, hidden_size=16)
+    assert narrow.config.head_dim == 4 and narrow.model.layers[0].self_attn.q_proj.out_features == 16
+    assert derive_student(llama, num_layers=1, num_heads=2).config.head_dim == 16
+
+
 def test_derive_student_errors(tmp_path):
     teacher = make_tiny_model("bert", tmp_path, num_hidden_layers=4)
     with pytest.raises(ValueError, match="num_layers=5 must be between 1 and the teacher's 4"):

@@ -266,6 +266,10 @@ def derive_student(
     config.num_hidden_layers = num_layers
     source_layer = dict((s, t) for t, s in layer_map(num_teacher_layers, num_layers, "uniform"))
     _per_layer_settings(config, [source_layer[j] for j in range(num_layers)], num_teacher_layers)
+    # a head size of its own (Gemma: 256 at any width) stays; one derived from the width (LLaMA, Qwen3's
+    # configs store hidden / heads) is derived again from the student's
+    head_dim = getattr(config, "head_dim", None)
+    own_head_dim = head_dim is not None and head_dim != config.hidden_size // config.num_attention_heads
     if hidden_size is not None:
         config.hidden_size = hidden_size
     if num_heads is not None:
@@ -274,8 +278,8 @@ def derive_student(
             config.num_key_value_heads = min(config.num_key_value_heads, num_heads)
             while num_heads % config.num_key_value_heads:
                 config.num_key_value_heads -= 1
-        if getattr(config, "head_dim", None) is not None:
-            config.head_dim = config.hidden_size // num_heads
+    if head_dim is not None and not own_head_dim:
+        config.head_dim = config.hidden_size // config.num_attention_heads
     if intermediate_size is not None:
         # the feed-forward width: BERT, LLaMA...; GPT-2; DistilBERT; T5; OPT
         widths = [key for key in ("intermediate_size", "n_inner", "hidden_dim", "d_ff", "ffn_dim") if hasattr(config, key)]
@@ -287,7 +291,7 @@ def derive_student(
             )
         for key in widths:
             setattr(config, key, intermediate_size)
-    if config.hidden_size % config.num_attention_heads:
+    if not own_head_dim and config.hidden_size % config.num_attention_heads:
         raise ValueError(
             f"the student's hidden_size {config.hidden_size} is not divisible by its {config.num_attention_heads} heads"
         )
