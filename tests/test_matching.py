@@ -288,6 +288,11 @@ def test_headwise_per_layer_head_map():
     assert close(total, (details["L3->1"] + details["L0->0"]) / 2)
 
 
+def test_a_per_pair_head_map_from_the_command_line():
+    """Hydra's override grammar takes no ">" in a dict key, so ``L3-1`` names the pair ``L3->1`` too."""
+    assert Headwise({"L3-1": [[0, 1]], "L0->0": [[1, 0]]}).head_map == {"L3->1": [[0, 1]], "L0->0": [[1, 0]]}
+
+
 @pytest.mark.parametrize(
     ("head_map", "message"),
     [

@@ -572,7 +572,7 @@ ERRORS = {
         r"trainer\.max_epochs=-1 with trainer\.max_steps=-1 never ends training",
     ),
     "head-map-of-no-layer-pair": (
-        ["matching=headwise", "+matching.head_map={L9-0: [[0, 0]]}"], r"matching\.head_map names layer pairs \['L9-0'\]"
+        ["matching=headwise", "matching.head_map={L9-0: [[0, 0]]}"], r"matching\.head_map names layer pairs \['L9->0'\]"
     ),
     "batch-size-zero": (["data.batch_size=0", NO_TEACHER], r"data\.batch_size=0 must be a whole number of at least 1"),
     "eval-batch-size-zero": (

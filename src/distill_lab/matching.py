@@ -19,6 +19,7 @@ import dataclasses
 import math
 import numbers
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
@@ -225,6 +226,8 @@ class Headwise:
     per_head = True
 
     def __init__(self, head_map: Sequence | Mapping[str, Sequence] | None = None) -> None:
+        if isinstance(head_map, Mapping):  # "L5-1" as "L5->1": Hydra's override grammar takes no ">" in a key
+            head_map = {re.sub(r"^L(\d+)-(\d+)$", r"L\1->\2", str(key)): value for key, value in head_map.items()}
         self.head_map = head_map
 
     def _pairs_for(self, pair: LayerPair, num_teacher_heads: int, num_student_heads: int) -> list[HeadPair]:
