@@ -756,3 +756,21 @@ def test_more_architectures_capture_their_own_attention(name, backend):
     for layer in (0, 1):
         probs = maps[layer] if backend == "probs" else maps[layer].probs()
         torch.testing.assert_close(probs * valid, reference.attentions[layer].float() * valid, atol=ATOL, rtol=0)
+
+
+def test_model_inputs_handed_on_to_the_attention_are_not_refused():
+    """A LLaMA classifier passes the batch's token_type_ids (from a BERT-style tokenizer) down to every
+    attention call in its kwargs: an argument that changes nothing there is accepted."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0,
+    )).eval()  # fmt: skip
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        own = model(input_ids=ids, token_type_ids=torch.zeros_like(ids)).logits
+    with AttentionCapture(model, layers=[0, 1], backend="qk") as capture, torch.no_grad():
+        out, maps = capture(input_ids=ids, token_type_ids=torch.zeros_like(ids))
+    torch.testing.assert_close(out.logits, own)
+    assert sorted(maps) == [0, 1]

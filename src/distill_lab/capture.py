@@ -44,7 +44,10 @@ _APPLIED_ARGUMENTS = frozenset({"is_causal", "sliding_window", "softcap", "posit
 _NEUTRAL_ARGUMENTS = frozenset({
     "position_ids", "cache_position", "use_cache", "past_key_values", "past_key_value", "layer_idx", "deterministic",
     "return_dict", "output_attentions", "output_hidden_states", "output_router_logits", "num_items_in_batch",
-    "max_length_q", "max_length_k",
+    "max_length_q", "max_length_k", "logits_to_keep",
+    # model inputs that a model's forward hands on in its **kwargs (LLaMA's classifier, given a batch that a
+    # BERT-style tokenizer made, passes token_type_ids down to every attention call)
+    "token_type_ids", "labels", "special_tokens_mask", "inputs_embeds", "pixel_values", "return_loss",
 })  # fmt: skip
 # where encoder-decoder models keep cross-attention built from their self-attention class
 CROSS_ATTENTION_NAMES = frozenset({"crossattention", "cross_attention", "cross_attn", "encoder_attn", "encdecattention"})
