@@ -261,7 +261,7 @@ def test_ctrl_c_while_the_builtin_teacher_trains_stops_with_a_message_not_a_trac
     assert returncode == 130, output[-3000:]
     assert "Stopped by Ctrl-C outside training" in output and "Run the same command again" in output
     assert "Traceback" not in output, output[-3000:]
-    assert not (tmp_path / "cache" / "builtin-sequence_classification" / "config.json").exists()  # no half teacher
+    assert not (tmp_path / "cache" / "builtin-sequence_classification-v2" / "config.json").exists()  # no half teacher
 
 
 def test_parallel_launcher_and_optuna_search(task, tmp_path):

@@ -192,7 +192,7 @@ def test_every_config_option_composes_and_instantiates(task, image_task, tmp_pat
     out = tmp_path / "out"
     cache = tmp_path / "cache"
     # the built-in teacher's cache already holds a model, so teacher=builtin loads it instead of training one
-    shutil.copytree(task["teacher"], cache / "builtin-sequence_classification")
+    shutil.copytree(task["teacher"], cache / "builtin-sequence_classification-v2")
     fills = {  # values the option files leave to the user (???)
         "teacher.name_or_path": task["teacher"],
         "student.name_or_path": task["teacher"],
@@ -305,7 +305,7 @@ def test_every_config_option_composes_and_instantiates(task, image_task, tmp_pat
         for key, value in saved.state_dict().items():
             assert torch.equal(teacher.state_dict()[key], value), key
         if option == "builtin":
-            assert not (cache / "builtin-sequence_classification" / "teacher_metrics.txt").exists()  # loaded, not trained
+            assert not (cache / "builtin-sequence_classification-v2" / "teacher_metrics.txt").exists()  # loaded, not trained
     elif group == "student":
         teacher = AutoModelForSequenceClassification.from_pretrained(task["teacher"])
         student = instantiate(node, teacher=teacher)

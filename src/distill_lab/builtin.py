@@ -32,11 +32,6 @@ from distill_lab.tasks import get_task
 
 log = logging.getLogger(__name__)
 
-# raised whenever what a built-in teacher learns changes (its data, model or training): a cached teacher of
-# another recipe is trained anew, so that every run of a release distils the teacher that release describes
-RECIPE = 2
-RECIPE_FILE = "distill_lab_recipe.txt"
-
 TEACHER_CONFIG = dict(  # the BERT of the text classifier and the masked LM
     hidden_size=64,
     num_hidden_layers=4,
@@ -163,16 +158,6 @@ def builtin_for_task(task: str) -> str:
     )
 
 
-def cached_teacher_is_current(name: str, directory: str | Path) -> bool | None:
-    """Whether ``directory`` holds built-in teacher ``name`` as this release trains it: None where it holds no
-    finished teacher (no ``config.json``), False where one of another recipe (or teacher) is cached there."""
-    directory = Path(directory)
-    if not (directory / "config.json").exists():
-        return None
-    marker = directory / RECIPE_FILE
-    return marker.exists() and marker.read_text().split() == [name, str(RECIPE)]
-
-
 def train_builtin_teacher(name: str, output_dir: str | Path, **options) -> float:
     """Train the built-in teacher ``name`` and save it to ``output_dir`` (model, tokenizer or image processor,
     and ``teacher_metrics.txt`` with its validation metrics); returns the validation metric its task monitors
@@ -220,7 +205,6 @@ def train_builtin_teacher(name: str, output_dir: str | Path, **options) -> float
         model.save_pretrained(staging)
         preprocessor.save_pretrained(staging)
         Path(staging, "teacher_metrics.txt").write_text("".join(f"validation_{k}={v:.4f}\n" for k, v in scores.items()))
-        Path(staging, RECIPE_FILE).write_text(f"{name} {RECIPE}\n")
         # config.json last: load_teacher takes a directory with one for a finished teacher
         for file in sorted(Path(staging).iterdir(), key=lambda f: f.name == "config.json"):
             os.replace(file, output_dir / file.name)

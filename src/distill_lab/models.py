@@ -60,16 +60,11 @@ def load_teacher(
         name_or_path: a hub name (``textattack/bert-base-uncased-SST-2``) or a local directory.
         num_labels: checked against (or given to) the classification head.
         builtin: a built-in offline teacher (a name in ``distill_lab.builtin.BUILTIN_TEACHERS``, or ``"auto"``
-            for the one of ``task``), trained into ``name_or_path`` first if nothing is saved there yet, or a
-            teacher of an earlier recipe (``distill_lab.builtin.RECIPE``).
+            for the one of ``task``), trained into ``name_or_path`` first if
+            nothing is saved there yet.
     """
     if builtin is not None:
-        from distill_lab.builtin import (
-            builtin_for_task,
-            builtin_task,
-            cached_teacher_is_current,
-            train_builtin_teacher,
-        )
+        from distill_lab.builtin import builtin_for_task, builtin_task, train_builtin_teacher
 
         builtin = builtin_for_task(task) if builtin == "auto" else builtin
         if builtin_task(builtin) != task:
@@ -77,13 +72,7 @@ def load_teacher(
                 f"the built-in teacher {builtin!r} is trained for task={builtin_task(builtin)} and cannot teach "
                 f"task={task}: give teacher=hf teacher.name_or_path=<a model trained for the task>"
             )
-        current = cached_teacher_is_current(builtin, name_or_path)
-        if current is False:
-            log.warning(
-                "%s holds a built-in teacher of an earlier recipe (or another teacher): training the '%s' teacher "
-                "anew in its place", name_or_path, builtin,
-            )  # fmt: skip
-        if not current:
+        if not (Path(name_or_path) / "config.json").exists():
             train_builtin_teacher(builtin, name_or_path)
     kwargs = {"revision": revision} if revision else {}
     teacher, info = _from_pretrained(
