@@ -114,6 +114,19 @@ class RecordLearningRate(L.Callback):
             f.write(json.dumps([trainer.global_step, trainer.optimizers[0].param_groups[0]["lr"]]) + "\n")
 
 
+class CtrlCBeforeUpdate(L.Callback):
+    """Sends this process ``times`` SIGINTs once the gradients of step ``step`` are computed, right before the
+    optimizer updates the weights: what a Ctrl-C during a step's update does."""
+
+    def __init__(self, step: int, times: int = 1) -> None:
+        self.step, self.times = step, times
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        if trainer.global_step == self.step:
+            for _ in range(self.times):
+                os.kill(os.getpid(), signal.SIGINT)
+
+
 class CrashInBatch(L.Callback):
     """Raises ``RuntimeError`` in ``hook`` during the training batch ``batch`` (counted over all epochs)."""
 
@@ -421,6 +434,37 @@ def test_crash_then_rerun_in_the_same_directory_resumes_to_the_uninterrupted_res
     assert f"resuming from {interrupted} because this run's directory {out} holds an unfinished run" in caplog.text
     assert_same_result(out, reference)
     assert_same_losses(train_losses(out, version=1), train_losses(reference), step)
+
+
+@pytest.fixture
+def restore_sigint():
+    """Lightning ignores SIGINT once it has caught a KeyboardInterrupt (while it shuts down): give the test
+    process its Ctrl-C back."""
+    yield
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.mark.usefixtures("restore_sigint")
+def test_a_ctrl_c_during_a_step_is_taken_when_the_step_ends(task, reference, tmp_path, caplog):
+    """A Ctrl-C arriving as the optimizer updates the weights would otherwise interrupt the update half done
+    (some parameters and Adam moments updated, others not): the step finishes, interrupted.ckpt holds its
+    result, and the same command resumes with the next batch to the uninterrupted result. A second Ctrl-C
+    stops at once, before the update."""
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="distill_lab.callbacks"), pytest.raises(SystemExit):
+        run_app(task, out, *callback_overrides("ctrl_c", CtrlCBeforeUpdate, step=10))
+    assert "Ctrl-C: stopping when this training step ends (press Ctrl-C again to stop now)" in caplog.text
+    state = torch.load(out / "checkpoints" / "interrupted.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 11  # step 10's update was made, and the run stopped after it
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's again
+    run_app(task, out)
+    assert_same_result(out, reference)
+    assert_same_losses(train_losses(out, version=1), train_losses(reference), 11)
+
+    twice = tmp_path / "twice"
+    with pytest.raises(SystemExit):
+        run_app(task, twice, *callback_overrides("ctrl_c", CtrlCBeforeUpdate, step=10, times=2))
+    assert torch.load(twice / "checkpoints" / "interrupted.ckpt", map_location="cpu", weights_only=True)["global_step"] == 10
 
 
 @pytest.mark.slow
