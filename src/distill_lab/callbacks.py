@@ -253,17 +253,53 @@ class InterruptedCheckpoint(L.Callback):
     final validation of the best checkpoint holds no training state worth saving). It is deliberately not an
     ``OnExceptionCheckpoint``: with one present Lightning turns ``fit(ckpt_path=None)`` into ``"last"`` and
     resumes from this directory's newest checkpoint, and ``ckpt_path=null`` must mean a fresh start.
+
+    A Ctrl-C during a training step is taken when the step ends (a second one stops at once). Python raises
+    the KeyboardInterrupt wherever the program is: inside the optimizer's update it would leave some
+    parameters (and their Adam moments) updated and others not, a state the uninterrupted run never had. The
+    step finishes, this checkpoint holds its result, and the resumed run starts with the next batch.
     """
 
     def __init__(self, dirpath: str, filename: str = "interrupted") -> None:
         self.dirpath = Path(dirpath)
         self.filename = filename
+        self._sigint = None  # the SIGINT handler a step under way replaced, to hold Ctrl-C back until it ends
+        self._deferring = False
+        self._interrupted = False  # a Ctrl-C came during the step under way
+
+    def _defer_interrupt(self, signum, frame) -> None:
+        if self._interrupted:  # a second Ctrl-C: stop now
+            self._stop_deferring()
+            raise KeyboardInterrupt
+        self._interrupted = True
+        log.warning("Ctrl-C: stopping when this training step ends (press Ctrl-C again to stop now)")
+
+    def _stop_deferring(self) -> None:
+        if self._deferring and signal.getsignal(signal.SIGINT) == self._defer_interrupt:
+            # (not where Lightning has since set its own, to ignore Ctrl-C while it shuts down)
+            signal.signal(signal.SIGINT, self._sigint if self._sigint is not None else signal.default_int_handler)
+        self._deferring, self._sigint = False, None
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int) -> None:
+        if threading.current_thread() is threading.main_thread() and not self._deferring:
+            self._sigint = signal.signal(signal.SIGINT, self._defer_interrupt)
+            self._deferring = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        self._stop_deferring()
+        if self._interrupted:
+            self._interrupted = False
+            raise KeyboardInterrupt  # between steps: the checkpoint holds this step's result
+
+    def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        self._stop_deferring()
 
     @property
     def ckpt_path(self) -> str:
         return str(self.dirpath / f"{self.filename}.ckpt")
 
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        self._stop_deferring()
         if trainer.state.fn != TrainerFn.FITTING:
             return
         if isinstance(exception, FloatingPointError):
@@ -316,12 +352,6 @@ class ResumeRandomState(L.Callback):
     validation inside ``fit`` starts, for one written during it (which resumes by running it again, and draws
     nothing). One written between two steps (an exception in a callback after a step) holds rank 0's only.
 
-    A Ctrl-C during a training step is taken when the step ends: a SIGINT that Python turned into a
-    KeyboardInterrupt mid-step could land inside the optimizer's update, some parameters (and their Adam
-    moments) updated and others not, and a run resumed from such a checkpoint would differ from the
-    uninterrupted one. The step finishes, ``interrupted.ckpt`` holds its result, and the run resumes with the next
-    batch. A second Ctrl-C stops at once.
-
     A checkpoint written during a step also keeps the loggers' step (Lightning's ``_batches_that_stepped``)
     as the repeated batch starts with it. Lightning assumes every checkpoint was written after a step and adds
     one when it restarts, so without this the resumed run would log every step one later than the
@@ -340,9 +370,6 @@ class ResumeRandomState(L.Callback):
         self._logging_step: int | None = None
         self._gather_each_batch = False
         self._group = None  # the process group the states travel in (None: the default one)
-        self._deferring = False  # a training step is under way, holding Ctrl-C back until it ends
-        self._sigint = None  # the SIGINT handler it replaced
-        self._interrupted = False  # a Ctrl-C came during the step under way
 
     def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
         self._gather_each_batch = trainer.world_size > 1 and not isinstance(trainer.strategy, FSDPStrategy)
@@ -359,35 +386,7 @@ class ResumeRandomState(L.Callback):
         torch.distributed.all_gather_object(states, state, group=self._group)
         return states
 
-    def _defer_interrupt(self, signum, frame) -> None:
-        if self._interrupted:  # a second Ctrl-C: stop now
-            self._stop_deferring()
-            raise KeyboardInterrupt
-        self._interrupted = True
-        log.warning("Ctrl-C: stopping when this training step ends (press Ctrl-C again to stop now)")
-
-    def _stop_deferring(self) -> None:
-        if self._deferring and signal.getsignal(signal.SIGINT) == self._defer_interrupt:
-            # (not where Lightning has since set its own, to ignore Ctrl-C while it shuts down)
-            signal.signal(signal.SIGINT, self._sigint if self._sigint is not None else signal.default_int_handler)
-        self._deferring, self._sigint = False, None
-
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        self._stop_deferring()
-        if self._interrupted:
-            self._interrupted = False
-            raise KeyboardInterrupt  # between steps: interrupted.ckpt holds this step's result
-
-    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
-        self._stop_deferring()
-
-    def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
-        self._stop_deferring()
-
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int) -> None:
-        if threading.current_thread() is threading.main_thread() and not self._deferring:
-            self._sigint = signal.signal(signal.SIGINT, self._defer_interrupt)  # Ctrl-C waits for the step's end
-            self._deferring = True
         epoch_loop = trainer.fit_loop.epoch_loop
         if self._logging_step is not None:  # the first batch of a run resumed from a checkpoint written mid-step
             epoch_loop._batches_that_stepped, self._logging_step = self._logging_step, None
