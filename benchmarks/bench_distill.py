@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -217,7 +218,6 @@ def run_training(args) -> list[str]:
                 results[name] = time_step(variant.step, list(student.parameters()), args.device, args.warmup, args.steps)
             finally:
                 variant.leave()
-            del variant  # its closures hold the captures and the component
             free(args.device)
             if not args.quiet:
                 print(f"L={length} {name}: {results[name]}", file=sys.stderr)
@@ -238,6 +238,10 @@ def run_training(args) -> list[str]:
     return lines + (["", "Against the targets:", "", *checks] if checks else [])
 
 
+def _gib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} GiB"
+
+
 def _verdict(value: float, limit: float) -> str:
     return "met" if value <= limit else f"missed by {(value / limit - 1) * 100:.0f}%"
 
@@ -256,12 +260,12 @@ def step_checks(preset: str, length: int, results: dict) -> list[str]:
         if fast["oom"]:
             checks.append(f"- L = {length}: (c) runs with every student layer matched: out of memory, missed")
         else:
-            held = fast["reserved_gib"]
-            fits = "met" if held is not None and held <= GPU_GIB else f"missed ({held} GiB)"
-            other = "ran out of memory" if eager["oom"] else f"held {eager['reserved_gib']:.1f} GiB"
+            held = fast["reserved_gib"]  # None off CUDA: no memory measured
+            fits = "not measured" if held is None else "met" if held <= GPU_GIB else "missed"
+            other = "ran out of memory" if eager["oom"] else f"held {_gib(eager['reserved_gib'])}"
             checks.append(
                 f"- L = {length}: (c) runs on one {GPU_GIB} GB GPU with every student layer matched: it held "
-                f"{held:.1f} GiB, {fits}; (b) {other}"
+                f"{_gib(held)}, {fits}; (b) {other}"
             )
     return checks
 
@@ -325,8 +329,6 @@ def device_name(device: str) -> str:
 
 
 def versions() -> str:
-    import transformers
-
     try:
         import triton
 

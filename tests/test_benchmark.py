@@ -88,8 +88,12 @@ def test_the_targets_are_checked_against_the_measured_ratios(bench):
     assert bench.step_checks("llama-1b", 2048, llama) == ["- L = 2048: (c)/(a) at most 1.35x: 1.25x, met"]
     (long,) = bench.step_checks("llama-1b", 8192, llama)
     assert "it held 31.0 GiB, met; (b) ran out of memory" in long
+    llama["(b) eager maps"] = _result(90.0, 120.0)
+    assert "held 31.0 GiB, met; (b) held 120.0 GiB" in bench.step_checks("llama-1b", 8192, llama)[-1]
+    cpu = {name: _result(r["ms"] or 1.0) for name, r in llama.items()}  # times, but no memory counted
+    assert "it held n/a, not measured; (b) held n/a" in bench.step_checks("llama-1b", 8192, cpu)[-1]
     llama["(c) distill-lab qk"] = _result(None)
-    assert "out of memory, missed" in bench.step_checks("llama-1b", 8192, llama)[0]
+    assert "out of memory, missed" in bench.step_checks("llama-1b", 8192, llama)[-1]
 
 
 def test_an_out_of_memory_is_a_table_cell_not_a_crash(bench, monkeypatch):

@@ -79,12 +79,12 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def check_capturable(model: nn.Module) -> None:
-    """Refuse a model whose attention modules are not one per layer, which layer maps, layer indices and
-    derived students all assume: encoder-decoder models (T5, BART: the decoder's self-attention follows the
-    encoder's, under one layer count), layers that share one module (ALBERT) and hybrid models whose other
-    layers have no attention (Qwen3-Next's linear-attention layers), where layer i would not be attention
-    module i."""
+def check_capturable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's :func:`attention_modules`, refusing a model whose attention modules are not one per layer,
+    which layer maps, layer indices and derived students all assume: encoder-decoder models (T5, BART: the
+    decoder's self-attention follows the encoder's, under one layer count), layers that share one module
+    (ALBERT) and hybrid models whose other layers have no attention (Qwen3-Next's linear-attention layers),
+    where layer i would not be attention module i."""
     config = getattr(model, "config", None)
     name = type(model).__name__
     if getattr(config, "is_encoder_decoder", False):
@@ -100,6 +100,7 @@ def check_capturable(model: nn.Module) -> None:
             "as ALBERT's do, or layers without attention in a hybrid model), so layer i is not attention module i "
             "and no layer map can name the layers distill-lab captures: this architecture is not supported"
         )
+    return modules
 
 
 def is_causal(model: nn.Module) -> bool | None:
@@ -299,8 +300,7 @@ class AttentionCapture:
         self.implementation = QK_ATTENTION if backend == "qk" else CAPTURE_ATTENTION
         self.model = model
         self.layers = sorted(set(int(i) for i in layers))
-        check_capturable(model)
-        self.modules = attention_modules(model)
+        self.modules = check_capturable(model)
         self.num_layers = len(self.modules)
         if taken := [name for name, module in self.modules if hasattr(module, _STATE)]:
             raise ValueError(

@@ -38,12 +38,6 @@ HeadPair = tuple[tuple[int, ...], int]  # (teacher heads averaged together, stud
 # ---------------------------------------------------------------------------------------------- layer maps
 
 
-def _windowed(record: QueryKey) -> bool:
-    """Whether a sliding window hides keys of these records: not where it spans every key (Mistral's 4096 at
-    L = 2048), whose mask is then padding and causal structure alone."""
-    return record.sliding_window is not None and record.sliding_window < record.shape[3]
-
-
 def _is_index(value) -> bool:
     """A whole number (a Python or numpy int, not a bool or a string) that can name a head or a layer."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -527,6 +521,12 @@ def _probs(attention: Tensor | QueryKey, rows: slice | None = None) -> Tensor:
 
 def _scores(attention: QueryKey, rows: slice | None = None) -> Tensor:
     return attention.scores(rows)
+
+
+def _windowed(record: QueryKey) -> bool:
+    """Whether a sliding window hides keys of these records: not where it spans every key (Mistral's 4096 at
+    L = 2048), whose mask is then padding and causal structure alone."""
+    return record.sliding_window is not None and record.sliding_window < record.shape[3]
 
 
 def _padding_keys(record: QueryKey, masks: dict) -> tuple[bool, Tensor | None]:
