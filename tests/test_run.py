@@ -429,6 +429,38 @@ def test_probs_capture_matches_the_qk_default(task, tmp_path):
         assert float(first["qk"][key]) == pytest.approx(float(first["probs"][key]), rel=1e-4, abs=1e-7), key
 
 
+class MicroBatchLosses(L.Callback):
+    """Records the objective of every training micro-batch (Lightning hands ``on_train_batch_end`` the loss
+    divided by ``accumulate_grad_batches``)."""
+
+    records: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        MicroBatchLosses.records.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
+
+
+def test_accumulated_steps_log_the_mean_of_their_micro_batches(task, tmp_path):
+    """Under accumulate_grad_batches=2 each logged step's losses are the means over its two micro-batches (the
+    objective its update minimised), not the last micro-batch's; the parts keep their relation to the total."""
+    MicroBatchLosses.records = []
+    run_app(task, tmp_path, "matching=headwise", "trainer.accumulate_grad_batches=2",
+            "+callbacks.micro_batches._target_=test_run.MicroBatchLosses")  # fmt: skip
+    micro = MicroBatchLosses.records
+    steps = [r for r in read_metrics_csv(tmp_path) if r["train/loss"]]
+    assert len(micro) == 4 and [int(r["step"]) for r in steps] == [0, 1]  # debug=fast: 4 batches, 2 updates
+    # the second update's micro-batches differ (the first's barely: the student starts as the teacher's layers), so
+    # its mean and its last micro-batch can be told apart
+    assert abs(micro[2] - micro[3]) > 1e-4 * abs(micro[3])
+    for row, window in zip(steps, (micro[:2], micro[2:]), strict=True):
+        assert float(row["train/loss"]) == pytest.approx(sum(window) / 2, rel=1e-6)
+        total = 0.7 * float(row["train/output_loss"]) + 0.3 * float(row["train/attention_loss"])
+        assert float(row["train/loss"]) == pytest.approx(total, rel=1e-5)
+        pairs = [float(row[f"train/attention/{pair}"]) for pair in PAIRS]
+        assert float(row["train/attention_loss"]) == pytest.approx(sum(pairs) / len(pairs), rel=1e-5)
+        heads = [float(row[f"train/attention/L3->1/h{h}"]) for h in range(4)]
+        assert float(row["train/attention/L3->1"]) == pytest.approx(sum(heads) / len(heads), rel=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- 3. export
 
 

@@ -151,7 +151,7 @@ class DistillationModule(L.LightningModule):
         self.val_losses = torch.nn.ModuleDict({name: WeightedMean() for name in names})
         self.teacher_scores: dict[str, float] = {}
         self.strict_loading = False  # checkpoints leave the frozen teacher out
-        self._since_update: list = []  # (loss, parts, batch index) of the micro-batches since the last update
+        self._since_update: list = []  # (logged losses, batch index) of the micro-batches since the last update
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -231,43 +231,51 @@ class DistillationModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss, output_loss, attention_loss, details, *_ = self(batch)
-        pairs = {f"layer pair {k}": v.detach() for k, v in details.items() if "/" not in k}
-        parts = {"output loss": output_loss.detach(), **pairs, "attention loss": attention_loss.detach()}
-        self._since_update.append((loss.detach(), parts, batch_idx))  # checked before the update: no sync here
-        batch_size = _batch_size(batch)
-        self.log_dict(
-            {"train/loss": loss, "train/output_loss": output_loss, "train/attention_loss": attention_loss},
-            prog_bar=True,
-            batch_size=batch_size,
-        )
-        self.log_dict({f"train/attention/{k}": v for k, v in details.items()}, batch_size=batch_size)
+        logged = {"train/loss": loss, "train/output_loss": output_loss, "train/attention_loss": attention_loss}
+        logged.update({f"train/attention/{k}": v for k, v in details.items()})
+        # kept until the update: checked for finiteness and logged there (no wait for the device here)
+        self._since_update.append(({k: v.detach() for k, v in logged.items()}, batch_idx))
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        self._stop_if_not_finite()
+        micro_batches, self._since_update = self._since_update, []
+        if not micro_batches:
+            return
+        self._stop_if_not_finite(micro_batches)
+        self._log_update(micro_batches)
 
-    def _stop_if_not_finite(self) -> None:
+    def _log_update(self, micro_batches: list) -> None:
+        """Log the losses of one optimizer update: under ``trainer.accumulate_grad_batches`` the mean over the
+        micro-batches whose gradients it sums (each weighs the same in that sum, whatever its size), not the
+        last micro-batch's values alone, which is all Lightning would log of values logged per batch."""
+        names = micro_batches[0][0]
+        mean = {k: torch.stack([logged[k] for logged, _ in micro_batches]).mean() for k in names}
+        progress = ("train/loss", "train/output_loss", "train/attention_loss")
+        self.log_dict({k: mean[k] for k in progress}, prog_bar=True)
+        self.log_dict({k: v for k, v in mean.items() if k not in progress})
+
+    def _stop_if_not_finite(self, micro_batches: list) -> None:
         """Stop on a non-finite loss before the update, naming the step and the part that went non-finite (the
         output loss, layer pairs). Checked once per optimizer step, after backward: one wait for the device
         per step, and under DDP or FSDP one decision for all processes (a loss that is non-finite on one of them
         has made every process's averaged gradients so), so they all stop together. The update never happens
         and no checkpoint of it is written (``callbacks.InterruptedCheckpoint`` skips a ``FloatingPointError``),
         so the newest checkpoint on disk holds the last good weights."""
-        micro_batches, self._since_update = self._since_update, []
-        if not micro_batches:
-            return
-        finite = bool(torch.stack([loss for loss, _, _ in micro_batches]).isfinite().all())
+        finite = bool(torch.stack([logged["train/loss"] for logged, _ in micro_batches]).isfinite().all())
         if self.trainer.strategy.reduce_boolean_decision(finite, all=True):
             return
         where = f"non-finite loss at step {self.global_step} (epoch {self.current_epoch}"
-        bad_here = [(parts, i) for loss, parts, i in micro_batches if not torch.isfinite(loss)]
+        bad_here = [(logged, i) for logged, i in micro_batches if not torch.isfinite(logged["train/loss"])]
         if not bad_here:
             raise FloatingPointError(
                 f"{where}) in another process. Training stopped before this step's update; the newest checkpoint "
                 "holds the last good weights."
             )
-        parts, batch_idx = bad_here[0]
-        attention = parts.pop("attention loss")
+        logged, batch_idx = bad_here[0]
+        attention = logged["train/attention_loss"]
+        pairs = {k.removeprefix("train/attention/"): v for k, v in logged.items() if k.startswith("train/attention/")}
+        parts = {"output loss": logged["train/output_loss"]}
+        parts.update({f"layer pair {k}": v for k, v in pairs.items() if "/" not in k})  # not the heads ("L3->1/h0")
         bad = [f"{name} = {v.item()}" for name, v in parts.items() if not torch.isfinite(v)]
         if not bad:  # every part is finite, their weighted sum is not
             bad = [f"the weighted sum of output loss {parts['output loss'].item()} and attention loss {attention.item()}"]
