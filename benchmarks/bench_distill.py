@@ -61,6 +61,8 @@ def build_models(preset: dict, max_len: int, dtype: torch.dtype, device: str):
         student = derive_student(teacher, preset["student_layers"])
     teacher.to(dtype=dtype).eval().requires_grad_(False)
     student.to(dtype=dtype).train()
+    for model in (teacher, student):  # no variant reuses a key/value cache: none builds one (as distill-lab's doesn't)
+        model.config.use_cache = False
     return teacher, student
 
 

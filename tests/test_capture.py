@@ -140,6 +140,21 @@ def test_causal_maps_with_left_padding(family, tiny_model_factory):
         assert (torch.triu(m[1, :, 3:, 3:], diagonal=1) == 0).all()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_decoder_builds_no_key_value_cache_unless_asked(family, tiny_model_factory):
+    """A loss reuses no cache: a decoder runs with use_cache=False (its config's default is True), so the
+    teacher's keys and values are not kept through the student's forward; a caller's own use_cache wins, and
+    models whose forward takes no use_cache (BERT, ViT) get none."""
+    model = tiny_model_factory(family, num_hidden_layers=2)
+    inputs = make_tiny_inputs(family, model.config)
+    with AttentionCapture(model, [0, 1], "qk") as capture, torch.no_grad():
+        outputs, _ = capture(**inputs)
+        assert getattr(outputs, "past_key_values", None) is None
+        if family in CAUSAL_FAMILIES:
+            assert model.config.use_cache  # the exported student keeps its config's default for generation
+            assert capture(**inputs, use_cache=True)[0].past_key_values is not None
+
+
 def test_bfloat16_model_gives_float32_maps(tiny_model_factory):
     model = tiny_model_factory("llama", num_hidden_layers=2).to(torch.bfloat16)
     inputs = make_tiny_inputs("llama", model.config)

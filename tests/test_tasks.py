@@ -74,6 +74,79 @@ def test_causal_lm_loss_and_perplexity_are_next_token(tmp_path):
     assert float(metrics.compute()["val/perplexity"]) == pytest.approx(math.exp(out.loss.item()), rel=1e-4)
 
 
+def test_perplexity_stays_finite_where_a_targets_probability_underflows():
+    """exp of the mean cross-entropy over the labelled positions, over updates, float64 reference; a target whose
+    probability is below float32's smallest (torchmetrics' Perplexity took its log: inf) counts its finite loss."""
+    task = get_task("causal_lm")
+    metrics = task.metrics("val/", 5)
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(2, 4, 5, generator=g), torch.randn(1, 6, 5, generator=g)]
+    logits[0][1, 2] = torch.tensor([0.0, 110.0, 0.0, 0.0, 0.0])  # target 0 at about exp(-110): 0 in float32
+    labels = [torch.tensor([[1, 2, 3, -100], [4, 4, 3, 0]]), torch.tensor([[2, 2, 1, 0, -100, -100]])]
+    total, count = 0.0, 0
+    for x, y in zip(logits, labels, strict=True):
+        batch = {"labels": y}
+        task.update(metrics, x, batch)
+        shifted = y[:, 1:].reshape(-1)
+        keep = shifted != -100
+        log_p = torch.log_softmax(x[:, :-1].double().reshape(-1, 5), -1)[keep]
+        total -= log_p[torch.arange(int(keep.sum())), shifted[keep]].sum().item()
+        count += int(keep.sum())
+        assert int(task.output_count(batch)) == int(keep.sum())
+    perplexity = float(metrics.compute()["val/perplexity"])
+    assert math.isfinite(perplexity) and perplexity == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def _padded(examples: list[dict]) -> dict:
+    """Right-padded batch of ``{"input_ids", "labels"}`` examples (pad id 0, label -100)."""
+    length = max(len(e["input_ids"]) for e in examples)
+    pad = [length - len(e["input_ids"]) for e in examples]
+    return {
+        "input_ids": torch.tensor([e["input_ids"] + [0] * n for e, n in zip(examples, pad, strict=True)]),
+        "attention_mask": torch.tensor([[1] * len(e["input_ids"]) + [0] * n for e, n in zip(examples, pad, strict=True)]),
+        "labels": torch.tensor([e["input_ids"] + [-100] * n for e, n in zip(examples, pad, strict=True)]),
+    }
+
+
+@pytest.mark.parametrize("loss", ["kl", "mse"])
+def test_validation_losses_do_not_depend_on_how_the_set_is_batched(tmp_path, loss):
+    """A language model's val/output_loss weighs each labelled token once and the attention losses each valid
+    row (KL) or (row, key) entry (MSE): in batches of 1, 2 or 4, in any order, they equal the losses of the whole
+    set as one batch, and val/loss their objective. (Each batch weighing its examples gave a 3-token text the
+    weight of a 40-token one.)"""
+    import functools
+
+    import lightning as L
+
+    from distill_lab.matching import AttentionDistillationLoss
+    from distill_lab.module import DistillationModule
+
+    config = make_tiny_config("gpt2", pad_token_id=0, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        teacher = AutoModelForCausalLM.from_config(config)
+        student = AutoModelForCausalLM.from_config(make_tiny_config("gpt2", pad_token_id=0, num_hidden_layers=1))
+    g = torch.Generator().manual_seed(1)
+    examples = [{"input_ids": torch.randint(3, config.vocab_size, (n,), generator=g).tolist()} for n in (40, 3, 9, 2)]
+
+    def validate(order, batch_size):
+        component = AttentionDistillationLoss(loss, "layerwise", [(1, 0)])
+        module = DistillationModule(teacher, student, component, functools.partial(torch.optim.AdamW), task=get_task("causal_lm"))
+        loader = torch.utils.data.DataLoader([examples[i] for i in order], batch_size=batch_size, collate_fn=_padded)
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        metrics = trainer.validate(module, loader, verbose=False)[0]
+        module.teacher_capture.detach(), module.student_capture.detach()
+        return metrics
+
+    whole = validate([0, 1, 2, 3], 4)
+    assert whole["val/loss"] == pytest.approx(0.7 * whole["val/output_loss"] + 0.3 * whole["val/attention_loss"], rel=1e-6)
+    assert whole["val/attention_loss"] == pytest.approx(whole["val/attention/L1->0"], rel=1e-6)
+    for order, batch_size in (([0, 1, 2, 3], 1), ([0, 1, 2, 3], 2), ([0, 2, 1, 3], 2), ([3, 1, 0, 2], 3)):
+        batched = validate(order, batch_size)
+        for name in ("val/loss", "val/output_loss", "val/attention_loss", "val/attention/L1->0", "val/perplexity"):
+            assert batched[name] == pytest.approx(whole[name], rel=1e-5), (name, order, batch_size)
+
+
 def test_masked_lm_loss_and_metrics_cover_only_masked_tokens():
     config = make_tiny_config("bert")
     model = AutoModelForMaskedLM.from_config(config).eval()

@@ -21,6 +21,7 @@ Usage::
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -290,7 +291,10 @@ class AttentionCapture:
             block by block, so no ``L x L`` map outlives a block.
 
     Calling the capture runs the model and returns ``(outputs, maps)``, ``maps[layer]`` a tensor or a
-    ``QueryKey``; ``distill_lab.matching.AttentionDistillationLoss`` takes either.
+    ``QueryKey``; ``distill_lab.matching.AttentionDistillationLoss`` takes either. A decoder is run with
+    ``use_cache=False`` unless the call says otherwise: a loss reuses no key/value cache, and a teacher's would
+    stay alive through the student's forward and the losses (at long lengths, a copy of every layer's keys and
+    values).
     """
 
     def __init__(self, model: nn.Module, layers: Iterable[int], backend: str = "probs") -> None:
@@ -301,6 +305,10 @@ class AttentionCapture:
         self.model = model
         self.layers = sorted(set(int(i) for i in layers))
         self.modules = check_capturable(model)
+        # a config's use_cache (BERT's too) matters only where the forward takes it: decoders
+        self._no_cache = bool(getattr(getattr(model, "config", None), "use_cache", False)) and (
+            "use_cache" in inspect.signature(model.forward).parameters
+        )
         self.num_layers = len(self.modules)
         if taken := [name for name, module in self.modules if hasattr(module, _STATE)]:
             raise ValueError(
@@ -331,6 +339,8 @@ class AttentionCapture:
 
     def __call__(self, *args, **kwargs):
         self._maps = {}
+        if self._no_cache:
+            kwargs.setdefault("use_cache", False)
         outputs = self.model(*args, **kwargs)
         maps, self._maps = self._maps, {}
         missing = [i for i in self.layers if i not in maps]

@@ -140,6 +140,17 @@ def _row_terms(
     return values, weights
 
 
+def averaged_elements(shape: tuple[int, ...], attention_mask: Tensor | None, per_key: bool) -> int | Tensor:
+    """How many elements one head's loss over maps of ``shape`` (B, H, Lq, Lk) averages over: the valid query
+    rows (KL, cosine), or with ``per_key`` their valid keys (MSE: ``(b, valid q, valid k)``). The weight of a
+    batch's attention loss in a mean over batches that equals the loss over their union (but for rows where the
+    teacher has no mass, which KL leaves out: none with ordinary masks)."""
+    _, rows, n_keys = _validity(shape, attention_mask.device if attention_mask is not None else None, attention_mask)
+    if rows is None:
+        return shape[0] * shape[2] * (shape[3] if per_key else 1)
+    return (rows * n_keys).sum() if per_key else rows.sum()
+
+
 def _reduce(values: Tensor, weights: Tensor, per_head: bool) -> Tensor:
     if per_head:
         return values.sum(dim=(0, 2)) / weights.sum(dim=(0, 2)).clamp_min(1.0)

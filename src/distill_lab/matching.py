@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from distill_lab.capture import AttentionCapture, QueryKey, attention_modules
-from distill_lab.losses import AttentionLoss, key_padding, mse_scores_gram_terms
+from distill_lab.losses import AttentionLoss, averaged_elements, key_padding, mse_scores_gram_terms
 
 LayerRef = int | str
 LayerPair = tuple[int, int]
@@ -622,6 +622,14 @@ class AttentionDistillationLoss(nn.Module):
     def check(self, num_teacher_heads: int, num_student_heads: int) -> None:
         """Raise before training if the matching mode cannot pair these head counts."""
         self.matching.check_heads(num_teacher_heads, num_student_heads, self.layer_map)
+
+    def elements(self, student_attentions, attention_mask: Tensor | None = None) -> int | Tensor:
+        """How many elements each layer pair's loss on this batch averages over, per head (valid query rows, or
+        their valid keys for the MSE losses; a loss callable of one's own is taken to average over rows): the
+        weight of the batch's attention losses in a mean over batches that equals the loss over their union."""
+        shape = _layer_maps(student_attentions, self.layer_map[0][1]).shape
+        per_key = isinstance(self.loss, AttentionLoss) and self.loss.name in ("mse", "mse_scores")
+        return averaged_elements(tuple(shape), attention_mask, per_key)
 
     def _kernel_problems(self, device_type: str | None, qk: bool) -> list[str]:
         """Why no fused kernel can run for this loss on ``device_type`` with query/key records (``qk``) or

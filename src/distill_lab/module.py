@@ -71,9 +71,10 @@ def _map_rows(maps: Mapping, keep: Tensor) -> dict:
 
 
 class WeightedMean(Metric):
-    """The mean of values, each weighted (by its batch's size), over every process when computed. torchmetrics'
-    ``MeanMetric`` drops the weights under ``nan_strategy="disable"``, and its other strategies drop NaN values or
-    raise on them, at a wait for the device per update; a NaN loss here makes the mean NaN, as it should."""
+    """The mean of values, each weighted (by what its batch's mean averages over), over every process when
+    computed. torchmetrics' ``MeanMetric`` drops the weights under ``nan_strategy="disable"``, and its other
+    strategies drop NaN values or raise on them, at a wait for the device per update; a NaN loss here makes the
+    mean NaN, as it should."""
 
     full_state_update = False
 
@@ -82,7 +83,7 @@ class WeightedMean(Metric):
         self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
         self.add_state("weight", torch.tensor(0.0), dist_reduce_fx="sum")
 
-    def update(self, value: Tensor, weight: float) -> None:
+    def update(self, value: Tensor, weight: float | Tensor) -> None:
         self.total += value.detach().float() * weight
         self.weight += weight
 
@@ -144,10 +145,13 @@ class DistillationModule(L.LightningModule):
         num_classes = self.task.num_classes(student.config)
         self.val_metrics = self.task.metrics("val/", num_classes)
         self.teacher_metrics = self.task.metrics("val/teacher_", num_classes)
-        # the validation losses, each example counted once (a batch weighs its size). Not Lightning's averaging of
-        # logged values: it syncs the summed batch sizes of the processes as a mean of integers, which rounds
-        # down when they counted different numbers of examples (DDP, the repeats left out) and biased the mean
-        names = ["loss", "attention_loss", *(f"attention/{pair_name(p)}" for p in attention_loss.layer_map)]
+        # the validation losses over the whole set: each batch's mean weighs what it averages over (the output
+        # loss: examples, or a language model's labelled tokens; the attention losses: valid query rows, or their
+        # valid keys for MSE), so the result does not depend on how the examples were batched or shared between
+        # processes; val/loss is then the objective of those two means. Not Lightning's averaging of logged values:
+        # it weighs batch sizes, synced as a mean of integers, which rounds down when the processes counted
+        # different numbers of examples (DDP, the repeats left out)
+        names = ["output_loss", "attention_loss", *(f"attention/{pair_name(p)}" for p in attention_loss.layer_map)]
         self.val_losses = torch.nn.ModuleDict({name: WeightedMean() for name in names})
         self.teacher_scores: dict[str, float] = {}
         self.strict_loading = False  # checkpoints leave the frozen teacher out
@@ -309,16 +313,20 @@ class DistillationModule(L.LightningModule):
                 own = self._objective(batch, step.student_logits[real], step.teacher_logits[real], *maps)
             else:  # every row a repeat: the losses below weigh nothing
                 own = step._replace(student_logits=step.student_logits[real], teacher_logits=step.teacher_logits[real])
-        loss, attention_loss, details = own.loss, own.attention_loss, own.details
+        attention_loss, details = own.attention_loss, own.details
         student_logits, teacher_logits = own.student_logits, own.teacher_logits
         if len(student_logits):  # a metric update of no rows fails
             self.task.update(self.val_metrics, student_logits, batch)
             if not self.teacher_scores and not self.trainer.sanity_checking:
                 self.task.update(self.teacher_metrics, teacher_logits, batch)
-        weight = float(len(student_logits))  # 0 where every row is a repeat: the batch's losses then weigh nothing
-        losses = {"loss": loss, "attention_loss": attention_loss, **{f"attention/{k}": details[k] for k in details}}
+        # 0 where every row is a repeat: the batch's losses then weigh nothing
+        output_weight = self.task.output_count(batch)
+        attention_weight = self.attention_loss.elements(own.student_maps, batch.get("attention_mask"))
         for name, mean in self.val_losses.items():
-            mean.update(losses[name], weight)
+            if name == "output_loss":
+                mean.update(own.output_loss, output_weight)
+            else:
+                mean.update(attention_loss if name == "attention_loss" else details[name.removeprefix("attention/")], attention_weight)
         # callbacks.AttentionMapCallback draws from it (no forward of its own, which FSDP would need every process
         # to join)
         return step
@@ -342,7 +350,11 @@ class DistillationModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         # over every process's share of the validation set under DDP and FSDP: the metrics sync themselves, so
         # every process logs the same values (sync_dist averages equal values, and Lightning warns without it)
-        self.log_dict({f"val/{name}": mean.compute() for name, mean in self.val_losses.items()}, sync_dist=True)
+        means = {f"val/{name}": mean.compute() for name, mean in self.val_losses.items()}
+        means["val/loss"] = distillation_objective(
+            means["val/output_loss"], means["val/attention_loss"], self.hparams.attention_weight
+        )
+        self.log_dict(means, sync_dist=True)
         self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)
         for metric in (*self.val_losses.values(), self.val_metrics):
             metric.reset()

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
-from torchmetrics.text import Perplexity
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageClassification,
@@ -45,6 +45,35 @@ def model_label_names(config) -> list[str] | None:
     if not names or names == [f"LABEL_{i}" for i in range(len(names))]:
         return None
     return names
+
+
+class Perplexity(Metric):
+    """``exp`` of the mean cross-entropy over the labelled positions (label -100 ignored), over every batch and
+    process: ``exp`` of the model's own loss on the whole set.
+
+    torchmetrics' ``Perplexity`` takes the log of softmax probabilities, so one target whose probability is
+    below float32's smallest (a logit about 104 under its row's largest) made the whole epoch's perplexity
+    ``inf``; and it drops the ignored positions by boolean indexing, a wait for the device per update. This
+    takes ``cross_entropy`` (a log-softmax, finite) in float32 and counts the targets on the device."""
+
+    full_state_update = False
+    higher_is_better = False
+
+    def __init__(self, ignore_index: int = -100) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, logits: Tensor, labels: Tensor) -> None:
+        """``logits`` (..., V), ``labels`` (...)."""
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        targets = labels.reshape(-1)
+        self.total += F.cross_entropy(flat, targets, ignore_index=self.ignore_index, reduction="sum")
+        self.count += (targets != self.ignore_index).sum()
+
+    def compute(self) -> Tensor:
+        return torch.exp(self.total / self.count)
 
 
 class SequenceClassification:
@@ -73,6 +102,11 @@ class SequenceClassification:
 
     def update(self, metrics: MetricCollection, logits: Tensor, batch: Mapping[str, Tensor]) -> None:
         metrics.update(logits, batch["labels"])
+
+    def output_count(self, batch: Mapping[str, Tensor]) -> int | Tensor:
+        """What the output loss of ``batch`` averages over: its examples. The weight of the batch's loss in a mean
+        over batches that equals the loss of their union."""
+        return len(batch["labels"])
 
     def num_classes(self, config) -> int:
         """The size of the model's output distribution: its labels."""
@@ -117,8 +151,16 @@ class MaskedLM:
     data_module = "distill_lab.data_lm.LanguageModelingData"
     data_configs = ("lm_synthetic", "lm_local", "lm_hf")
 
+    def _labels(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """The targets, aligned with the logits' positions."""
+        return batch["labels"]
+
     def _positions(self, logits: Tensor, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        return logits, batch["labels"]
+        return logits, self._labels(batch)
+
+    def output_count(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """What the output loss of ``batch`` averages over: its labelled positions (counted on the device)."""
+        return (self._labels(batch) != IGNORE_INDEX).sum()
 
     def output_loss(self, student_logits: Tensor, teacher_logits: Tensor, batch: Mapping[str, Tensor], temperature: float, alpha: float) -> Tensor:
         student_logits, labels = self._positions(student_logits, batch)
@@ -126,8 +168,8 @@ class MaskedLM:
         return kd_loss(student_logits, teacher_logits, labels, temperature, alpha)
 
     def metrics(self, prefix: str, num_labels: int) -> MetricCollection:
-        # validate_args=False as for classification; the ignored positions are still dropped by boolean indexing
-        # inside both metrics (a device sync per update: torchmetrics' Perplexity has no option against it)
+        # validate_args=False as for classification; the accuracy still drops the ignored positions by boolean
+        # indexing (a device sync per update)
         return MetricCollection(
             {
                 "masked_acc": MulticlassAccuracy(
@@ -142,7 +184,7 @@ class MaskedLM:
         logits, labels = self._positions(logits, batch)
         for name, metric in metrics.items(keep_base=True):
             if name.endswith("perplexity"):
-                metric.update(logits.float(), labels)
+                metric.update(logits, labels)
             else:  # accuracy over the labelled positions, (N, V) against (N,)
                 metric.update(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
@@ -180,10 +222,10 @@ class CausalLM(MaskedLM):
     name = "causal_lm"
     auto_class = AutoModelForCausalLM
 
-    def _positions(self, logits: Tensor, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def _labels(self, batch: Mapping[str, Tensor]) -> Tensor:
         # position i predicts token i + 1: shift the labels (small) rather than slice the logits (B, L, V), whose
         # non-contiguous slice every flattening downstream would copy; the last position gets no target
-        return logits, F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+        return F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
 
     def metrics(self, prefix: str, num_labels: int) -> MetricCollection:
         return MetricCollection({"perplexity": Perplexity(ignore_index=IGNORE_INDEX)}, prefix=prefix)
