@@ -99,7 +99,7 @@ def test_cli_kl_headwise_with_offline_wandb(task, tmp_path):
     assert Path(results["best_checkpoint"]).exists()
     student = AutoModelForSequenceClassification.from_pretrained(run_dir / "student")
     assert student.config.num_hidden_layers == 2
-    assert sorted(p.name for p in (run_dir / "attention_maps").glob("*.png")) == ["epoch0.png"]
+    assert sorted(p.name for p in (run_dir / "attention_maps").glob("*.png")) == ["epoch0-step4.png"]
     assert "distillation result" in output and "compression" in output
 
     # wandb ran offline (no key), said how to upload, and its run file holds the per-layer and per-head keys

@@ -407,7 +407,7 @@ def test_train_every_loss_and_matching(task, tmp_path, loss, matching):
     assert saved_cfg.paths.output_dir == str(out) and saved_cfg.trainer.default_root_dir == str(out)
     assert (out / "checkpoints" / "best.ckpt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
     assert (out / "student" / "config.json").is_file() and (out / "student" / "tokenizer.json").is_file()
-    assert (out / "attention_maps" / "epoch0.png").is_file()
+    assert sorted(p.name for p in (out / "attention_maps").glob("*.png")) == ["epoch0-step4.png"]
 
     rows = read_metrics_csv(out)
     steps = [r for r in rows if r["train/loss"]]
@@ -459,6 +459,13 @@ def test_accumulated_steps_log_the_mean_of_their_micro_batches(task, tmp_path):
         assert float(row["train/attention_loss"]) == pytest.approx(sum(pairs) / len(pairs), rel=1e-5)
         heads = [float(row[f"train/attention/L3->1/h{h}"]) for h in range(4)]
         assert float(row["train/attention/L3->1"]) == pytest.approx(sum(heads) / len(heads), rel=1e-5)
+
+
+def test_each_validation_of_an_epoch_keeps_its_attention_map(task, tmp_path):
+    """Two validations in one epoch (trainer.val_check_interval=2 of 4 batches) leave two images, named by
+    epoch and step; one file per epoch kept only the last."""
+    run_app(task, tmp_path, "trainer.val_check_interval=2")
+    assert sorted(p.name for p in (tmp_path / "attention_maps").glob("*.png")) == ["epoch0-step2.png", "epoch0-step4.png"]
 
 
 # ---------------------------------------------------------------------------------------------- 3. export

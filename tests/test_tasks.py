@@ -429,7 +429,7 @@ def test_image_classification_trains_end_to_end(tmp_path):
     assert results["task"] == "image_classification" and set(results["student"]) == {"acc", "f1"}
     assert set(results["attention_loss"]) == {"L1->0", "L3->1"} and all(v > 0 for v in results["attention_loss"].values())
     assert (out / "student" / "preprocessor_config.json").exists()
-    assert sorted(p.name for p in (out / "attention_maps").glob("*.png")) == ["epoch0.png"]
+    assert sorted(p.name for p in (out / "attention_maps").glob("*.png")) == ["epoch0-step3.png"]  # 3 batches
 
 
 TASK_OPTIONS = sorted(p.stem for p in (CONF_DIR / "task").glob("*.yaml"))

@@ -87,7 +87,7 @@ class AttentionMapCallback(L.Callback):
     from that validation step itself, so the callback runs no forward of its own: under FSDP a forward needs
     every process to take part.
 
-    Saves ``{dirpath}/epoch{N}.png`` and logs the image to a wandb or TensorBoard logger as
+    Saves ``{dirpath}/epoch{N}-step{S}.png`` (``S`` the optimizer steps taken) and logs the image to a wandb or TensorBoard logger as
     ``attention_maps``. Validation outside ``fit`` (``trainer.validate``, e.g. the final evaluation of the best
     checkpoint) draws nothing: it belongs to no training epoch, and ``current_epoch`` would then name one that
     never ran.
@@ -150,7 +150,8 @@ class AttentionMapCallback(L.Callback):
             teacher_maps, student_maps, module.attention_loss.layer_map, tokens, f"attention, epoch {epoch} (head mean)"
         )
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        path = self.dirpath / f"epoch{epoch}.png"
+        # one file per validation: several run in an epoch under trainer.val_check_interval
+        path = self.dirpath / f"epoch{epoch}-step{trainer.global_step}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         # the step this validation's scalars are logged at: Lightning logs with the count of batches that have
