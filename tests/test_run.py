@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import shutil
@@ -959,17 +960,21 @@ def test_a_finished_sweep_job_is_found_as_a_rerun_would_find_it(tmp_path):
     assert finished_run(named) is None  # a sweep directory named anew asks for new runs
 
 
-def test_resumed_run_continues_its_wandb_run(task, tmp_path, monkeypatch):
+def test_resumed_run_continues_its_wandb_run(task, tmp_path, monkeypatch, caplog):
     """``ckpt_path=auto`` resuming in the interrupted run's directory continues its wandb run (same id, both
-    offline run directories there for `wandb sync`); a fresh run elsewhere starts a new one."""
+    offline run directories there, and both in the printed `wandb sync` command: the newest alone holds only
+    the resumed part of the history); a fresh run elsewhere starts a new one."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     out = tmp_path / "run"
     run_app(task, out, "logger=wandb", "trainer.max_epochs=1")
     (out / "results.json").unlink()  # as an interrupted run leaves it: checkpoints, no results
-    run_app(task, out, "logger=wandb", "trainer.max_epochs=2")  # the same command: resumes here
+    with caplog.at_level(logging.INFO, logger="distill_lab.run"):
+        run_app(task, out, "logger=wandb", "trainer.max_epochs=2")  # the same command: resumes here
     runs = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({name.rsplit("-", 1)[1] for name in runs}) == 1, runs
+    sync = " ".join(str(out / "wandb" / name) for name in runs)
+    assert f"upload the run with: wandb sync {sync}" in caplog.text
     assert torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] == 2
     other = tmp_path / "other"
     run_app(task, other, "logger=wandb", "trainer.max_epochs=1", "ckpt_path=null")

@@ -477,7 +477,10 @@ def train(cfg: DictConfig) -> dict:
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     _print_summary(results)
     if logger and getattr(logger, "_offline", False):
-        log.info("wandb ran offline; upload the run with: wandb sync %s", Path(logger.experiment.dir).parent)
+        # a resumed run continues its wandb run in a folder of its own: the history is split over all of them
+        folder = Path(logger.experiment.dir).parent
+        parts = sorted(folder.parent.glob(f"offline-run-*-{logger.experiment.id}")) or [folder]
+        log.info("wandb ran offline; upload the run with: wandb sync %s", " ".join(str(p) for p in parts))
     if isinstance(logger, WandbLogger):
         # Lightning leaves the wandb run open; the next job of a multirun in this process would log into it
         logger.experiment.finish()
