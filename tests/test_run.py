@@ -469,6 +469,19 @@ def test_each_validation_of_an_epoch_keeps_its_attention_map(task, tmp_path):
     assert sorted(p.name for p in (tmp_path / "attention_maps").glob("*.png")) == ["epoch0-step2.png", "epoch0-step4.png"]
 
 
+def test_steps_after_the_last_validation_are_named_as_left_out_of_the_export(task, tmp_path, caplog):
+    """max_steps=6 with a validation at the end of each 4-batch epoch: steps 5 and 6 are never validated, so
+    the export (the best validated checkpoint) leaves them out, and the run says so."""
+    with caplog.at_level(logging.WARNING, logger="distill_lab.run"):
+        run_app(task, tmp_path, "trainer.max_epochs=2", "trainer.max_steps=6")
+    assert "the last 2 optimizer steps (after the validation at step 4) were never validated" in caplog.text
+    assert json.loads((tmp_path / "results.json").read_text())["trained_steps"] == 6
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="distill_lab.run"):
+        run_app(task, tmp_path / "whole", "trainer.max_epochs=2", "trainer.max_steps=8")
+    assert "never validated" not in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------- 3. export
 
 

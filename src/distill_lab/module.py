@@ -156,6 +156,7 @@ class DistillationModule(L.LightningModule):
         self.teacher_scores: dict[str, float] = {}
         self.strict_loading = False  # checkpoints leave the frozen teacher out
         self._since_update: list = []  # (logged losses, batch index) of the micro-batches since the last update
+        self.validated_step: int | None = None  # the optimizer steps taken at the last validation inside fit
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -358,6 +359,8 @@ class DistillationModule(L.LightningModule):
         self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)
         for metric in (*self.val_losses.values(), self.val_metrics):
             metric.reset()
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self.validated_step = self.global_step
         if not self.teacher_scores and not self.trainer.sanity_checking:
             # the teacher is frozen: measure it once, then keep showing it so the gap is always visible
             self.teacher_scores = {k: float(v) for k, v in self.teacher_metrics.compute().items()}

@@ -403,6 +403,13 @@ def train(cfg: DictConfig) -> dict:
 
     # final evaluation of the best checkpoint, the export, and the run's record
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if best and module.validated_step is not None and trainer.global_step > module.validated_step:
+        log.warning(
+            "the last %d optimizer steps (after the validation at step %d) were never validated: student/ and "
+            "results.json are the best validated checkpoint's, without them. To have the final weights validated, "
+            "make trainer.max_steps a multiple of trainer.val_check_interval (or of the batches of an epoch).",
+            trainer.global_step - module.validated_step, module.validated_step,
+        )  # fmt: skip
     sharded = isinstance(trainer.strategy, FSDPStrategy)
     if sharded:
         # Lightning wraps a module in FSDP once: the wrapper of its root (embeddings and heads, outside the
