@@ -320,9 +320,10 @@ class DistillationModule(L.LightningModule):
             self.task.update(self.val_metrics, student_logits, batch)
             if not self.teacher_scores and not self.trainer.sanity_checking:
                 self.task.update(self.teacher_metrics, teacher_logits, batch)
-        # 0 where every row is a repeat: the batch's losses then weigh nothing
-        output_weight = self.task.output_count(batch)
-        attention_weight = self.attention_loss.elements(own.student_maps, batch.get("attention_mask"))
+        output_weight = attention_weight = 0  # where every row is a repeat: the batch's losses weigh nothing
+        if len(student_logits):  # (under FSDP the records are then the whole batch's, the mask of no row)
+            output_weight = self.task.output_count(batch)
+            attention_weight = self.attention_loss.elements(own.student_maps, batch.get("attention_mask"))
         for name, mean in self.val_losses.items():
             if name == "output_loss":
                 mean.update(own.output_loss, output_weight)
