@@ -253,8 +253,9 @@ class DistillationModule(L.LightningModule):
         """Log the losses of one optimizer update: under ``trainer.accumulate_grad_batches`` the mean over the
         micro-batches whose gradients it sums (each weighs the same in that sum, whatever its size), not the
         last micro-batch's values alone, which is all Lightning would log of values logged per batch."""
-        names = micro_batches[0][0]
-        mean = {k: torch.stack([logged[k] for logged, _ in micro_batches]).mean() for k in names}
+        mean = micro_batches[0][0]  # one micro-batch (no accumulation): its values, no kernel per logged value
+        if len(micro_batches) > 1:
+            mean = {k: torch.stack([logged[k] for logged, _ in micro_batches]).mean() for k in mean}
         progress = ("train/loss", "train/output_loss", "train/attention_loss")
         self.log_dict({k: mean[k] for k in progress}, prog_bar=True)
         self.log_dict({k: v for k, v in mean.items() if k not in progress})
