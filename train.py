@@ -17,7 +17,9 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:  # Trainer.fit and validate stop on Ctrl-C themselves (and save interrupted.ckpt)
+    except (
+        KeyboardInterrupt
+    ):  # Trainer.fit and validate stop on Ctrl-C themselves (and save interrupted.ckpt)
         print(
             "\nStopped by Ctrl-C outside training (loading, the built-in teacher's training, the export). Run the "
             "same command again: a distillation run resumes from its newest checkpoint, a built-in teacher trains "

@@ -38,11 +38,17 @@ from distill_lab.models import derive_student  # noqa: E402
 
 PRESETS = {
     # BERT-base-sized teacher (12 layers, 12 heads, 768) into 6 layers, all six student layers matched
-    "bert-base": dict(family="bert", hidden=768, layers=12, heads=12, kv_heads=12, ffn=3072, student_layers=6, vocab=30522),
+    "bert-base": dict(
+        family="bert", hidden=768, layers=12, heads=12, kv_heads=12, ffn=3072, student_layers=6, vocab=30522
+    ),
     # a LLaMA-style 1B-sized teacher (GQA, RoPE; random weights) into half its depth
-    "llama-1b": dict(family="llama", hidden=2048, layers=16, heads=32, kv_heads=8, ffn=8192, student_layers=8, vocab=32000),
+    "llama-1b": dict(
+        family="llama", hidden=2048, layers=16, heads=32, kv_heads=8, ffn=8192, student_layers=8, vocab=32000
+    ),
     # tiny shapes for a CPU smoke run
-    "tiny": dict(family="llama", hidden=64, layers=4, heads=4, kv_heads=2, ffn=128, student_layers=2, vocab=500),
+    "tiny": dict(
+        family="llama", hidden=64, layers=4, heads=4, kv_heads=2, ffn=128, student_layers=2, vocab=500
+    ),
 }
 
 # the issue's targets on one H100 in bf16: (preset, L) -> the most (c) may cost, as a multiple of (a)'s step
@@ -56,12 +62,17 @@ OutOfMemory = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemory
 
 
 def build_models(preset: dict, max_len: int, dtype: torch.dtype, device: str):
-    with torch.device(device):  # initialised where they run: a 1B model's CPU initialisation takes half a minute
+    with torch.device(
+        device
+    ):  # initialised where they run: a 1B model's CPU initialisation takes half a minute
         teacher = _teacher(preset, max_len)
         student = derive_student(teacher, preset["student_layers"])
     teacher.to(dtype=dtype).eval().requires_grad_(False)
     student.to(dtype=dtype).train()
-    for model in (teacher, student):  # no variant reuses a key/value cache: none builds one (as distill-lab's doesn't)
+    for model in (
+        teacher,
+        student,
+    ):  # no variant reuses a key/value cache: none builds one (as distill-lab's doesn't)
         model.config.use_cache = False
     return teacher, student
 
@@ -103,7 +114,9 @@ def _kd(student_logits, teacher_logits, batch):
 class Variant:
     """A training step with what it needs set up around the timed loop (attention implementation, captures)."""
 
-    def __init__(self, step: Callable[[], torch.Tensor], enter: Callable = lambda: None, leave: Callable = lambda: None):
+    def __init__(
+        self, step: Callable[[], torch.Tensor], enter: Callable = lambda: None, leave: Callable = lambda: None
+    ):
         self.step, self.enter, self.leave = step, enter, leave
 
 
@@ -134,7 +147,9 @@ def variants(teacher, student, pairs, batch) -> dict[str, Variant]:
 
     # on CUDA the fused kernel or an error: (c) must not time the block-wise fallback under the fast path's name
     device = batch["input_ids"].device
-    component = AttentionDistillationLoss("kl", "layerwise", pairs, fused=True if device.type == "cuda" else None)
+    component = AttentionDistillationLoss(
+        "kl", "layerwise", pairs, fused=True if device.type == "cuda" else None
+    )
     component.to(device)
     captures = {}
 
@@ -157,7 +172,9 @@ def variants(teacher, student, pairs, batch) -> dict[str, Variant]:
 
     return {
         "(a) logit-only KD": Variant(logit_only),
-        "(b) eager maps": Variant(toolkit_eager, lambda: set_implementation("eager"), lambda: set_implementation("sdpa")),
+        "(b) eager maps": Variant(
+            toolkit_eager, lambda: set_implementation("eager"), lambda: set_implementation("sdpa")
+        ),
         "(c) distill-lab qk": Variant(distill_lab_fast, attach, detach),
     }
 
@@ -186,7 +203,12 @@ def time_step(fn: Callable, params, device: str, warmup: int, steps: int) -> dic
             times.append((time.perf_counter() - start) * 1e3)
     except OutOfMemory:
         optimizer.zero_grad(set_to_none=True)
-        return {"ms": None, "peak_gib": None, "reserved_gib": None, "oom": True}  # the caller frees the memory
+        return {
+            "ms": None,
+            "peak_gib": None,
+            "reserved_gib": None,
+            "oom": True,
+        }  # the caller frees the memory
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else None
     return {"ms": statistics.median(times), "peak_gib": peak, "reserved_gib": reserved, "oom": False}
@@ -217,7 +239,9 @@ def run_training(args) -> list[str]:
         for name, variant in variants(teacher, student, pairs, batch).items():
             variant.enter()
             try:
-                results[name] = time_step(variant.step, list(student.parameters()), args.device, args.warmup, args.steps)
+                results[name] = time_step(
+                    variant.step, list(student.parameters()), args.device, args.warmup, args.steps
+                )
             finally:
                 variant.leave()
             free(args.device)
@@ -232,7 +256,9 @@ def run_training(args) -> list[str]:
                 continue
             ratio = f"{r['ms'] / base:.2f}x" if base else ""
             slow = f"{r['ms'] / fast:.2f}x" if name.startswith("(b)") and fast else ""
-            peak, reserved = (f"{r[k]:.1f}" if r[k] is not None else "n/a" for k in ("peak_gib", "reserved_gib"))
+            peak, reserved = (
+                f"{r[k]:.1f}" if r[k] is not None else "n/a" for k in ("peak_gib", "reserved_gib")
+            )
             lines.append(
                 f"| {length} | {name} | {r['ms']:.1f} | {tokens / r['ms'] * 1e3:,.0f} | {peak} | {reserved} | {ratio} | {slow} |"
             )
@@ -257,7 +283,9 @@ def step_checks(preset: str, length: int, results: dict) -> list[str]:
             checks.append(f"- L = {length}: (c)/(a) at most {limit:.2f}x: not measured (out of memory)")
         else:
             ratio = fast["ms"] / base["ms"]
-            checks.append(f"- L = {length}: (c)/(a) at most {limit:.2f}x: {ratio:.2f}x, {_verdict(ratio, limit)}")
+            checks.append(
+                f"- L = {length}: (c)/(a) at most {limit:.2f}x: {ratio:.2f}x, {_verdict(ratio, limit)}"
+            )
     if (preset, length) == LONG:
         if fast["oom"]:
             checks.append(f"- L = {length}: (c) runs with every student layer matched: out of memory, missed")
@@ -288,7 +316,9 @@ def run_kernel(args) -> list[str]:
     for length in args.seq:
         for dim in args.head_dim:
             shape = (args.batch, args.kernel_heads, length, dim)
-            q, k, v = (torch.randn(shape, device=args.device, dtype=dtype, requires_grad=True) for _ in range(3))
+            q, k, v = (
+                torch.randn(shape, device=args.device, dtype=dtype, requires_grad=True) for _ in range(3)
+            )
             qt, kt = (torch.randn(shape, device=args.device, dtype=dtype) for _ in range(2))
             heads = torch.arange(args.kernel_heads, device=args.device, dtype=torch.int32)
             valid = torch.ones(args.batch, length, device=args.device, dtype=torch.int32)
@@ -300,7 +330,9 @@ def run_kernel(args) -> list[str]:
             kernels = {
                 "kl": lambda inputs=inputs: attention_kl_rows(*inputs, 1.0, True).sum().backward(),
                 "mse": lambda inputs=inputs: attention_probs_rows("mse", *inputs, True).sum().backward(),
-                "cosine": lambda inputs=inputs: attention_probs_rows("cosine", *inputs, True).sum().backward(),
+                "cosine": lambda inputs=inputs: (
+                    attention_probs_rows("cosine", *inputs, True).sum().backward()
+                ),
             }
             sdpa_ms = time_step(sdpa, [q, k, v], args.device, args.warmup, args.steps)["ms"]
             free(args.device)
@@ -349,7 +381,11 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--kernel", action="store_true", help="benchmark the fused KL, MSE and cosine kernels against SDPA instead")
+    parser.add_argument(
+        "--kernel",
+        action="store_true",
+        help="benchmark the fused KL, MSE and cosine kernels against SDPA instead",
+    )
     parser.add_argument("--kernel-heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--out", type=Path, help="append the markdown table to this file")

@@ -80,14 +80,20 @@ def _signature(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, dic
     from triton.backends.nvidia.compiler import CUDABackend
 
     signature, constexprs, attrs = {}, {}, {}
-    values = dict(zip(kernel.arg_names, args, strict=False)) | {k: v for k, v in kwargs.items() if k not in _OPTIONS}
+    values = dict(zip(kernel.arg_names, args, strict=False)) | {
+        k: v for k, v in kwargs.items() if k not in _OPTIONS
+    }
     for i, param in enumerate(kernel.params):
         value = values[param.name]
         if param.is_constexpr:
             kind, spec = "constexpr", None
         else:
             kind, spec = native_specialize_impl(
-                CUDABackend, value, param.is_const, not param.do_not_specialize, not param.do_not_specialize_on_alignment
+                CUDABackend,
+                value,
+                param.is_const,
+                not param.do_not_specialize,
+                not param.do_not_specialize_on_alignment,
             )
         signature[param.name] = kind
         if kind == "constexpr":
@@ -141,7 +147,12 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
 
 
 def kernel_resources(
-    losses=LOSSES, dtypes=(torch.bfloat16,), head_dims=(64, 128), archs=(90,), causal: bool = True, ptxas: bool = True,
+    losses=LOSSES,
+    dtypes=(torch.bfloat16,),
+    head_dims=(64, 128),
+    archs=(90,),
+    causal: bool = True,
+    ptxas: bool = True,
     num_warps: int | None = None,
 ) -> list[dict]:
     """One row per (loss, dtype, head size, kernel, GPU architecture): the launch's block sizes and options,
@@ -186,11 +197,17 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--loss", nargs="+", default=list(LOSSES), choices=LOSSES)
-    parser.add_argument("--dtype", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"])
+    parser.add_argument(
+        "--dtype", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"]
+    )
     parser.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capability: 80 (A100), 90 (H100)")
+    parser.add_argument(
+        "--arch", type=int, nargs="+", default=[90], help="compute capability: 80 (A100), 90 (H100)"
+    )
     parser.add_argument("--bidirectional", action="store_true", help="no causal mask (the default is causal)")
-    parser.add_argument("--num-warps", type=int, help="compile with this many warps instead of the launches' own")
+    parser.add_argument(
+        "--num-warps", type=int, help="compile with this many warps instead of the launches' own"
+    )
     parser.add_argument("--no-ptxas", action="store_true", help="skip the registers and spills report")
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON list")
     args = parser.parse_args(argv)

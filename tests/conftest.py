@@ -244,8 +244,16 @@ CONF_DIR = REPO_ROOT / "conf"
 
 
 def make_text_task(
-    tmp_path: str | Path, family: str = "bert", num_layers: int = 4, num_heads: int = 4, *, seed: int = 0,
-    num_train: int = 64, num_validation: int = 32, task: str = "sequence_classification", **config_overrides,
+    tmp_path: str | Path,
+    family: str = "bert",
+    num_layers: int = 4,
+    num_heads: int = 4,
+    *,
+    seed: int = 0,
+    num_train: int = 64,
+    num_validation: int = 32,
+    task: str = "sequence_classification",
+    **config_overrides,
 ) -> dict:
     """A tiny distillation task on disk: a random teacher sequence classifier and the data files.
 
@@ -270,13 +278,18 @@ def make_text_task(
     from distill_lab.tasks import get_task
 
     if family not in TEXT_FAMILIES:
-        raise ValueError(f"make_text_task: family {family!r} is not a text family; choose from {TEXT_FAMILIES}")
+        raise ValueError(
+            f"make_text_task: family {family!r} is not a text family; choose from {TEXT_FAMILIES}"
+        )
     root = Path(tmp_path)
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = build_word_tokenizer()
     overrides = dict(
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id, num_labels=2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=2,
     )
     if family == "llama":  # keep the grouped-query attention: half as many key/value heads
         overrides["num_key_value_heads"] = max(num_heads // 2, 1)
@@ -312,7 +325,10 @@ def make_text_task(
 
 
 def compose_config(
-    overrides: list[str], output_dir: str | Path, cache_dir: str | Path | None = None, return_hydra_config: bool = False
+    overrides: list[str],
+    output_dir: str | Path,
+    cache_dir: str | Path | None = None,
+    return_hydra_config: bool = False,
 ):
     """The app's config (``conf/config.yaml``) composed with Hydra's compose API, as ``train.py`` would see it.
 
@@ -333,7 +349,9 @@ def compose_config(
         return compose("config", overrides=[*paths, *overrides], return_hydra_config=return_hydra_config)
 
 
-def make_image_task(tmp_path: str | Path, num_layers: int = 4, num_heads: int = 4, *, seed: int = 0, per_class: int = 12) -> dict:
+def make_image_task(
+    tmp_path: str | Path, num_layers: int = 4, num_heads: int = 4, *, seed: int = 0, per_class: int = 12
+) -> dict:
     """A tiny image task on disk: a random ViT classifier (32x32 images, 8x8 patches: 16 patches and a CLS
     token) with its image processor in ``teacher/``, and image folders ``train/`` and ``validation/`` with two
     classes, ``horizontal`` and ``vertical`` stripes (PNG). Returns the paths and the Hydra ``overrides``
@@ -344,9 +362,17 @@ def make_image_task(tmp_path: str | Path, num_layers: int = 4, num_heads: int = 
 
     root = Path(tmp_path)
     config = ViTConfig(
-        image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=num_layers,
-        num_attention_heads=num_heads, intermediate_size=37, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, num_labels=2, id2label={0: "horizontal", 1: "vertical"},
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=37,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=2,
+        id2label={0: "horizontal", 1: "vertical"},
         label2id={"horizontal": 0, "vertical": 1},
     )
     with torch.random.fork_rng(devices=[]):
@@ -362,8 +388,12 @@ def make_image_task(tmp_path: str | Path, num_layers: int = 4, num_heads: int = 
             folder.mkdir(parents=True)
             for i in range(count):
                 stripes = (np.arange(32) // rng.integers(2, 6) % 2 * 200).astype(np.uint8)
-                image = np.broadcast_to(stripes[:, None] if label == "horizontal" else stripes[None, :], (32, 32))
-                pixels = np.stack([image, rng.integers(0, 60, (32, 32)).astype(np.uint8), image // 2], axis=-1)
+                image = np.broadcast_to(
+                    stripes[:, None] if label == "horizontal" else stripes[None, :], (32, 32)
+                )
+                pixels = np.stack(
+                    [image, rng.integers(0, 60, (32, 32)).astype(np.uint8), image // 2], axis=-1
+                )
                 Image.fromarray(np.ascontiguousarray(pixels)).save(folder / f"{i}.png")
     return {
         "dir": str(root),
@@ -494,7 +524,9 @@ def run_to_end(
     is killed.
     """
     try:
-        result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(
+            command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired as expired:  # its output so far comes as bytes, or None
         stdout, stderr = (b.decode(errors="replace") if b else "" for b in (expired.stdout, expired.stderr))
         message = f"{shlex.join(command)}\ndid not end within {timeout} s\n{_output_tails(stdout, stderr)}"
@@ -524,19 +556,29 @@ class TrainRun:
     still going when the tests end is killed then.
     """
 
-    def __init__(self, command: list[str], *, env: dict[str, str], log: str | Path, cwd: str | Path = REPO_ROOT) -> None:
+    def __init__(
+        self, command: list[str], *, env: dict[str, str], log: str | Path, cwd: str | Path = REPO_ROOT
+    ) -> None:
         self.cwd, self.log = Path(cwd), Path(log)
         self.log.parent.mkdir(parents=True, exist_ok=True)
         # Where this process ignores SIGINT (pytest started as a background job of a shell script: `pytest &`),
         # the run would inherit that, and Python never turns an ignored SIGINT into KeyboardInterrupt. A
         # handler installed here instead is reset to the default by exec, so the run gets Ctrl-C as a user's
         # ``python train.py`` does.
-        unignore = signal.getsignal(signal.SIGINT) == signal.SIG_IGN and threading.current_thread() is threading.main_thread()
+        unignore = (
+            signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            and threading.current_thread() is threading.main_thread()
+        )
         if unignore:
             signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             self.process = subprocess.Popen(
-                command, cwd=self.cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+                command,
+                cwd=self.cwd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         finally:
             if unignore:
@@ -567,7 +609,9 @@ class TrainRun:
             returncode = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"the run did not end within {timeout} s:\n{self.output()[-3000:]}") from None
+            raise AssertionError(
+                f"the run did not end within {timeout} s:\n{self.output()[-3000:]}"
+            ) from None
         self._copier.join(max(deadline - time.monotonic(), 0.0))
         if self._copier.is_alive():
             self.kill()
@@ -603,7 +647,9 @@ class TrainRun:
         pattern = str(self.cwd / last)
         deadline, seen = time.monotonic() + timeout, {}
         while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"the run ended before step {min_step}:\n{self.output()[-3000:]}"
+            assert self.process.poll() is None, (
+                f"the run ended before step {min_step}:\n{self.output()[-3000:]}"
+            )
             for path in map(Path, glob.glob(pattern)):
                 try:
                     stamp = path.stat().st_mtime_ns

@@ -439,6 +439,7 @@ def test_attention_modules_skip_cross_attention(tiny_model_factory):
 
 class _Recorder:
     backend = "probs"
+
     def __init__(self):
         self.maps = {}
 
@@ -573,7 +574,9 @@ def test_t5_maps_include_the_relative_position_bias(backend):
     torch.testing.assert_close(out.last_hidden_state, reference.last_hidden_state, atol=ATOL, rtol=0)
     for layer in (0, 1):
         probs = maps[layer] if backend == "probs" else maps[layer].probs()
-        valid = mask.bool()[:, None, :, None]  # padded query rows differ (eager's all-masked rows are uniform)
+        valid = mask.bool()[
+            :, None, :, None
+        ]  # padded query rows differ (eager's all-masked rows are uniform)
         torch.testing.assert_close(probs * valid, reference.attentions[layer] * valid, atol=ATOL, rtol=0)
 
 
@@ -581,12 +584,26 @@ def test_attention_modules_skip_cross_attention_of_encoder_decoders():
     """BART's ``encoder_attn`` and T5's ``EncDecAttention`` share their class with self-attention."""
     from transformers import BartConfig, BartModel, T5Config, T5Model
 
-    bart = BartModel(BartConfig(vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                                decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16))
-    assert [name for name, _ in attention_modules(bart)] == ["encoder.layers.0.self_attn", "decoder.layers.0.self_attn"]
+    bart = BartModel(
+        BartConfig(
+            vocab_size=50,
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=16,
+            decoder_ffn_dim=16,
+        )
+    )
+    assert [name for name, _ in attention_modules(bart)] == [
+        "encoder.layers.0.self_attn",
+        "decoder.layers.0.self_attn",
+    ]
     t5 = T5Model(T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=16, num_layers=1, num_heads=2))
     assert [name for name, _ in attention_modules(t5)] == [
-        "encoder.block.0.layer.0.SelfAttention", "decoder.block.0.layer.0.SelfAttention"
+        "encoder.block.0.layer.0.SelfAttention",
+        "decoder.block.0.layer.0.SelfAttention",
     ]
 
 
@@ -599,7 +616,10 @@ def test_reentrant_checkpointing_is_refused_not_silently_untrained(backend, tiny
     inputs = make_tiny_inputs("bert", model.config)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     with AttentionCapture(model, layers=[1], backend=backend) as capture:
-        with pytest.raises(RuntimeError, match=r"layers \[1\].*carries no gradient.*activation_checkpointing_kwargs=\{'use_reentrant': False\}"):
+        with pytest.raises(
+            RuntimeError,
+            match=r"layers \[1\].*carries no gradient.*activation_checkpointing_kwargs=\{'use_reentrant': False\}",
+        ):
             capture(**inputs)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         _, maps = capture(**inputs)
@@ -616,9 +636,18 @@ def test_soft_capped_models_run_eager_attention_under_the_capture(backend):
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)
-    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
-                          attn_logit_softcapping=5.0, max_position_embeddings=32)
+    config = Gemma2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=4,
+        attn_logit_softcapping=5.0,
+        max_position_embeddings=32,
+    )
     model = Gemma2ForCausalLM(config).eval()
     model.set_attn_implementation("eager")
     ids = torch.randint(0, 64, (2, 7))
@@ -652,7 +681,10 @@ def test_attention_arguments_the_capture_would_drop_are_refused():
     for backend in ("qk", "probs"):
         for layers in ([0], [1]):
             sinks = r"GptOssAttention passes its attention s_aux \(attention sinks\), which"
-            with AttentionCapture(model, layers=layers, backend=backend) as capture, pytest.raises(NotImplementedError, match=sinks):
+            with (
+                AttentionCapture(model, layers=layers, backend=backend) as capture,
+                pytest.raises(NotImplementedError, match=sinks),
+            ):
                 capture(input_ids=torch.tensor([[3, 4, 5, 6]]))
     # neutral arguments (position_ids, use_cache) and an applied one (sliding_window) pass
     from transformers import MistralConfig, MistralForCausalLM
@@ -676,15 +708,33 @@ def test_models_without_one_self_attention_per_layer_are_refused(kind):
     from distill_lab.models import derive_student
 
     if kind == "bart":
-        model = BartModel(BartConfig(vocab_size=50, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-                                     decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16))
+        model = BartModel(
+            BartConfig(
+                vocab_size=50,
+                d_model=16,
+                encoder_layers=2,
+                decoder_layers=2,
+                encoder_attention_heads=2,
+                decoder_attention_heads=2,
+                encoder_ffn_dim=16,
+                decoder_ffn_dim=16,
+            )
+        )
         message = "BartModel is an encoder-decoder model"
     elif kind == "t5":
         model = T5Model(T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=16, num_layers=2, num_heads=2))
         message = "T5Model is an encoder-decoder model"
     else:
-        model = AlbertModel(AlbertConfig(vocab_size=50, embedding_size=16, hidden_size=16, num_hidden_layers=4,
-                                         num_attention_heads=2, intermediate_size=16))
+        model = AlbertModel(
+            AlbertConfig(
+                vocab_size=50,
+                embedding_size=16,
+                hidden_size=16,
+                num_hidden_layers=4,
+                num_attention_heads=2,
+                intermediate_size=16,
+            )
+        )
         message = r"AlbertModel has 1 self-attention modules for its 4 layers"
     for backend in ("qk", "probs"):
         with pytest.raises(ValueError, match=message):
@@ -715,13 +765,24 @@ def _architecture(name: str):
     """A tiny random model (base class, no head) of architecture ``name``, in eval mode."""
     import transformers as T
 
-    common = dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4)
+    common = dict(
+        vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4
+    )
     gqa = dict(common, num_key_value_heads=2, pad_token_id=0)
     configs = {
         "distilbert": lambda: T.DistilBertConfig(vocab_size=64, dim=32, hidden_dim=40, n_layers=2, n_heads=4),
         "electra": lambda: T.ElectraConfig(**common, embedding_size=32),
-        "modernbert": lambda: T.ModernBertConfig(**common, pad_token_id=0, local_attention=4, global_attn_every_n_layers=2),
-        "opt": lambda: T.OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=40, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32),
+        "modernbert": lambda: T.ModernBertConfig(
+            **common, pad_token_id=0, local_attention=4, global_attn_every_n_layers=2
+        ),
+        "opt": lambda: T.OPTConfig(
+            vocab_size=64,
+            hidden_size=32,
+            ffn_dim=40,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+        ),
         "gpt_neox": lambda: T.GPTNeoXConfig(**common),
         "qwen2": lambda: T.Qwen2Config(**gqa, use_sliding_window=True, sliding_window=4, max_window_layers=1),
         "qwen3": lambda: T.Qwen3Config(**gqa, head_dim=8),
@@ -731,7 +792,14 @@ def _architecture(name: str):
         "phi3": lambda: T.Phi3Config(**gqa),
         "olmo2": lambda: T.Olmo2Config(**gqa),
         "smollm3": lambda: T.SmolLM3Config(**gqa),
-        "deit": lambda: T.DeiTConfig(image_size=8, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40),
+        "deit": lambda: T.DeiTConfig(
+            image_size=8,
+            patch_size=4,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=40,
+        ),
     }
     torch.manual_seed(0)
     return T.AutoModel.from_config(configs[name]()).eval()
@@ -767,10 +835,14 @@ def test_more_architectures_capture_their_own_attention(name, backend):
         out, maps = capture(**inputs)
     assert model.config._attn_implementation == own
     hidden = valid[:, 0]  # (B, L, 1): the real positions
-    torch.testing.assert_close(out.last_hidden_state * hidden, reference.last_hidden_state * hidden, atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(
+        out.last_hidden_state * hidden, reference.last_hidden_state * hidden, atol=ATOL, rtol=1e-4
+    )
     for layer in (0, 1):
         probs = maps[layer] if backend == "probs" else maps[layer].probs()
-        torch.testing.assert_close(probs * valid, reference.attentions[layer].float() * valid, atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            probs * valid, reference.attentions[layer].float() * valid, atol=ATOL, rtol=0
+        )
 
 
 def test_model_inputs_handed_on_to_the_attention_are_not_refused():

@@ -73,7 +73,10 @@ def read_wandb_history(run_file: Path) -> list[dict]:
         record.ParseFromString(payload)
         if record.WhichOneof("record_type") == "history":
             rows.append(
-                {"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in record.history.item}
+                {
+                    "/".join(item.nested_key) or item.key: json.loads(item.value_json)
+                    for item in record.history.item
+                }
             )
     return rows
 
@@ -83,9 +86,13 @@ def read_wandb_history(run_file: Path) -> list[dict]:
 
 def test_cli_kl_headwise_with_offline_wandb(task, tmp_path):
     run_dir = tmp_path / "run"
-    proc = cli(tmp_path, "loss=kl", "matching=headwise", *task["overrides"], *FAST, f"hydra.run.dir={run_dir}")
+    proc = cli(
+        tmp_path, "loss=kl", "matching=headwise", *task["overrides"], *FAST, f"hydra.run.dir={run_dir}"
+    )
     output = proc.stdout + proc.stderr
-    assert "in eval mode at the start of training" not in output  # the frozen teacher's eval mode is on purpose
+    assert (
+        "in eval mode at the start of training" not in output
+    )  # the frozen teacher's eval mode is on purpose
 
     # the run directory: Hydra's record, the resolved config, results, checkpoint, export, attention maps
     overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
@@ -119,7 +126,9 @@ def test_cli_kl_headwise_with_offline_wandb(task, tmp_path):
         assert row["train/attention_loss"] == pytest.approx(sum(pairs) / 2, rel=1e-5)
         heads = [row[f"train/attention/L1->0/h{h}"] for h in range(4)]
         assert row["train/attention/L1->0"] == pytest.approx(sum(heads) / 4, rel=1e-5)
-        assert row["train/loss"] == pytest.approx(0.7 * row["train/output_loss"] + 0.3 * row["train/attention_loss"], rel=1e-5)
+        assert row["train/loss"] == pytest.approx(
+            0.7 * row["train/output_loss"] + 0.3 * row["train/attention_loss"], rel=1e-5
+        )
     # the attention-map image is logged at the step of the validation that drew it
     (validation,) = [row["trainer/global_step"] for row in history if "val/acc" in row]
     (image,) = [row["trainer/global_step"] for row in history if "attention_maps/filenames" in row]
@@ -139,7 +148,9 @@ def test_multirun_sweep_and_summary(task, tmp_path):
     runs = sorted(p.parent for p in sweep_dir.glob("*/results.json"))
     assert [p.name for p in runs] == ["0", "1", "2", "3"]
     combos = {tuple(yaml.safe_load((p / ".hydra" / "overrides.yaml").read_text())[:2]) for p in runs}
-    assert combos == {(f"loss={loss}", f"matching={m}") for loss in ("mse", "kl") for m in ("layerwise", "global")}
+    assert combos == {
+        (f"loss={loss}", f"matching={m}") for loss in ("mse", "kl") for m in ("layerwise", "global")
+    }
     for run in runs:  # each combination trained its own student, with the loss it was given
         config = yaml.safe_load((run / "config.yaml").read_text())
         overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
@@ -174,7 +185,9 @@ def test_multirun_sweep_and_summary(task, tmp_path):
     assert f"resuming from {runs[3] / 'checkpoints'}" in log
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     again = json.loads((runs[3] / "results.json").read_text())
-    assert again["student"] == pytest.approx(last["student"]) and again["teacher"] == pytest.approx(last["teacher"])
+    assert again["student"] == pytest.approx(last["student"]) and again["teacher"] == pytest.approx(
+        last["teacher"]
+    )
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -185,7 +198,10 @@ def test_multirun_sweep_and_summary(task, tmp_path):
     [
         (["loss=huber"], r"Could not find 'loss/huber'.*Available options.*cosine.*kl.*mse"),
         (["layer_map=[[9,0],[3,1]]"], r"teacher layer 9 does not exist.*0\.\.3"),
-        (["data.text_column=sentence"], r"data\.text_column='sentence' not in train split; available columns: \['text', 'label'\]"),
+        (
+            ["data.text_column=sentence"],
+            r"data\.text_column='sentence' not in train split; available columns: \['text', 'label'\]",
+        ),
     ],
     ids=["unknown-loss", "missing-layer", "missing-column"],
 )
@@ -211,11 +227,20 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes(task, tmp_path):
     """
     first = tmp_path / "first"
     long_run = [
-        *task["overrides"], "student=from_teacher", "student.num_layers=2", "logger=csv", "data.batch_size=8",
-        "trainer.max_epochs=200", "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1",
-        "callbacks.attention_maps=null", "callbacks.last_checkpoint.every_n_train_steps=5",
+        *task["overrides"],
+        "student=from_teacher",
+        "student.num_layers=2",
+        "logger=csv",
+        "data.batch_size=8",
+        "trainer.max_epochs=200",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.log_every_n_steps=1",
+        "callbacks.attention_maps=null",
+        "callbacks.last_checkpoint.every_n_train_steps=5",
     ]
-    run = TrainRun(train_py(*long_run, f"hydra.run.dir={first}"), env=app_env(tmp_path), log=tmp_path / "first.log")
+    run = TrainRun(
+        train_py(*long_run, f"hydra.run.dir={first}"), env=app_env(tmp_path), log=tmp_path / "first.log"
+    )
     run.wait_for_checkpoint(min_step=5, last=first / "checkpoints" / "last.ckpt")
     assert run.process.poll() is None, "the run ended before it could be interrupted"
     run.interrupt()
@@ -234,24 +259,37 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes(task, tmp_path):
     epochs = step // 8 + 2
     second = tmp_path / "second"
     cli(
-        tmp_path, *long_run, f"trainer.max_epochs={epochs}", f"ckpt_path='{interrupted}'", f"hydra.run.dir={second}"
+        tmp_path,
+        *long_run,
+        f"trainer.max_epochs={epochs}",
+        f"ckpt_path='{interrupted}'",
+        f"hydra.run.dir={second}",
     )
     resumed = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert resumed["global_step"] == epochs * 8  # the configured end, counted from the interrupted step on
     metrics_csv = (second / "csv" / "version_0" / "metrics.csv").read_text()
     logged = [int(row["step"]) for row in csv.DictReader(metrics_csv.splitlines()) if row.get("train/loss")]
     # the second run did not start again from step 0, and logged each step it trained once
-    assert logged and min(logged) >= step, f"interrupted at step {step}, resumed to {epochs * 8}:\n{metrics_csv[:2000]}"
+    assert logged and min(logged) >= step, (
+        f"interrupted at step {step}, resumed to {epochs * 8}:\n{metrics_csv[:2000]}"
+    )
     assert len(logged) == len(set(logged)) == epochs * 8 - step, metrics_csv[:2000]
     results = json.loads((second / "results.json").read_text())  # the resumed run finished and reported
-    assert Path(results["best_checkpoint"]).parent == second / "checkpoints" and 0.0 <= results["student"]["acc"] <= 1.0
+    assert (
+        Path(results["best_checkpoint"]).parent == second / "checkpoints"
+        and 0.0 <= results["student"]["acc"] <= 1.0
+    )
 
 
 @pytest.mark.slow
 def test_ctrl_c_while_the_builtin_teacher_trains_stops_with_a_message_not_a_traceback(tmp_path):
     """Ctrl-C outside Trainer.fit (here: the built-in teacher's training on first use) ends the command with
     exit status 130 and a message saying what a rerun does, not a KeyboardInterrupt traceback from torch."""
-    run = TrainRun(train_py("logger=csv", f"hydra.run.dir={tmp_path / 'run'}"), env=app_env(tmp_path), log=tmp_path / "log")
+    run = TrainRun(
+        train_py("logger=csv", f"hydra.run.dir={tmp_path / 'run'}"),
+        env=app_env(tmp_path),
+        log=tmp_path / "log",
+    )
     deadline = time.monotonic() + 240
     while "teacher epoch 1:" not in run.output():
         assert run.process.poll() is None and time.monotonic() < deadline, run.output()[-3000:]
@@ -261,7 +299,9 @@ def test_ctrl_c_while_the_builtin_teacher_trains_stops_with_a_message_not_a_trac
     assert returncode == 130, output[-3000:]
     assert "Stopped by Ctrl-C outside training" in output and "Run the same command again" in output
     assert "Traceback" not in output, output[-3000:]
-    assert not (tmp_path / "cache" / "builtin-sequence_classification-v2" / "config.json").exists()  # no half teacher
+    assert not (
+        tmp_path / "cache" / "builtin-sequence_classification-v2" / "config.json"
+    ).exists()  # no half teacher
 
 
 def test_parallel_launcher_and_optuna_search(task, tmp_path):
@@ -275,13 +315,20 @@ def test_parallel_launcher_and_optuna_search(task, tmp_path):
 
     search = tmp_path / "search"
     cli(
-        tmp_path, "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=3",
-        *common, f"hydra.sweep.dir={search}",
+        tmp_path,
+        "-m",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.sampler.n_startup_trials=3",
+        *common,
+        f"hydra.sweep.dir={search}",
     )
     trials = sorted(search.glob("*/results.json"))
     assert len(trials) == 3
     sampled = [yaml.safe_load((p.parent / "config.yaml").read_text()) for p in trials]
-    assert len({c["attention_weight"] for c in sampled}) == 3 and all(0.0 <= c["attention_weight"] <= 0.9 for c in sampled)
+    assert len({c["attention_weight"] for c in sampled}) == 3 and all(
+        0.0 <= c["attention_weight"] <= 0.9 for c in sampled
+    )
     best = yaml.safe_load((search / "optimization_results.yaml").read_text())
     accuracies = [json.loads(p.read_text())["student"]["acc"] for p in trials]
     assert best["best_value"] == pytest.approx(max(accuracies), abs=1e-6)

@@ -337,7 +337,9 @@ def test_tiny_bert_forward_on_a_training_batch(synthetic, tokenizer):
 
 
 def test_class_label_names_are_kept(tokenizer):
-    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
+    )
     rows = {"text": ["w0", "w1", "w2"], "label": [1, 0, 1]}
     ds = Dataset.from_dict(rows, features=features)
     dm = TextClassificationData(DatasetDict(train=ds, validation=ds), tokenizer)
@@ -351,7 +353,9 @@ def _eos_padded_tokenizer() -> transformers.PreTrainedTokenizerFast:
     vocab = {token: i for i, token in enumerate(("<eos>", "<unk>", *SYNTHETIC_WORDS))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>"
+    )
     tokenizer.pad_token = tokenizer.eos_token  # as for GPT-2 and LLaMA
     return tokenizer
 
@@ -359,9 +363,15 @@ def _eos_padded_tokenizer() -> transformers.PreTrainedTokenizerFast:
 @pytest.mark.parametrize("pack", [False, True])
 def test_causal_lm_labels_keep_a_real_eos_when_pad_is_eos(pack):
     """Labels are -100 at padding (attention_mask 0) only, not at every token equal to the padding id."""
-    texts = Dataset.from_dict({"text": ["the movie <eos> was good <eos>", "bad <eos>", "it is <eos> not fine"] * 4})
+    texts = Dataset.from_dict(
+        {"text": ["the movie <eos> was good <eos>", "bad <eos>", "it is <eos> not fine"] * 4}
+    )
     data = LanguageModelingData(
-        DatasetDict(train=texts, validation=texts), _eos_padded_tokenizer(), mlm=False, max_length=5, pack=pack,
+        DatasetDict(train=texts, validation=texts),
+        _eos_padded_tokenizer(),
+        mlm=False,
+        max_length=5,
+        pack=pack,
         batch_size=3,
     )
     data.setup()
@@ -384,11 +394,15 @@ def test_masked_lm_calibration_batch_leaves_the_training_masks_alone():
     or not a calibration batch was drawn first, and the calibration batch depends on the seed alone."""
 
     def run(calibrate: bool, seed: int = 3):
-        data = LanguageModelingData(synthetic_text(num_train=96, num_validation=16), build_word_tokenizer(), batch_size=16, seed=seed)
+        data = LanguageModelingData(
+            synthetic_text(num_train=96, num_validation=16), build_word_tokenizer(), batch_size=16, seed=seed
+        )
         calibration = data.example_batch("train", 24) if calibrate else None
         rng = torch.get_rng_state()
         epochs = [[(b["input_ids"], b["labels"]) for b in data.train_dataloader()] for _ in range(2)]
-        assert torch.equal(torch.get_rng_state(), rng)  # the masks come from the seeded collator, not the global RNG
+        assert torch.equal(
+            torch.get_rng_state(), rng
+        )  # the masks come from the seeded collator, not the global RNG
         return data, calibration, epochs
 
     data, calibration, epochs = run(calibrate=True)
@@ -396,8 +410,13 @@ def test_masked_lm_calibration_batch_leaves_the_training_masks_alone():
     for with_calibration, without in zip(chain(*epochs), chain(*uncalibrated), strict=True):
         assert all(torch.equal(a, b) for a, b in zip(with_calibration, without, strict=True))
     assert (calibration["labels"] != -100).sum() > 0  # masked, as a training batch is
-    for again in (data.example_batch("train", 24), run(calibrate=True)[1]):  # after training batches, another module
-        assert torch.equal(again["input_ids"], calibration["input_ids"]) and torch.equal(again["labels"], calibration["labels"])
+    for again in (
+        data.example_batch("train", 24),
+        run(calibrate=True)[1],
+    ):  # after training batches, another module
+        assert torch.equal(again["input_ids"], calibration["input_ids"]) and torch.equal(
+            again["labels"], calibration["labels"]
+        )
     assert not torch.equal(run(calibrate=True, seed=4)[1]["labels"], calibration["labels"])
 
 
@@ -409,11 +428,16 @@ LABEL_CASES = {
     "int": ([0, 3, 1], [1, 3], None, ["0", "1", "2", "3"]),
     "float": ([0.0, 1.0, 1.0], [1.0, 0.0], None, r"data\.label_column='label'.*float"),
     "unseen_validation_label": (
-        ["a", "b"], ["b", "c"], None, r"validation labels \['c'\] of data\.label_column='label' do not occur in the train split"
+        ["a", "b"],
+        ["b", "c"],
+        None,
+        r"validation labels \['c'\] of data\.label_column='label' do not occur in the train split",
     ),
     "negative_int": ([0, -1, 1], [1, 0], None, r"data\.label_column='label' holds invalid labels \[-1\]"),
     "other_validation_classes": (  # e.g. a validation folder with other class sub-folders
-        [1, 0], [0, 1], (NEG_POS, datasets.ClassLabel(names=["neg", "neutral"])),
+        [1, 0],
+        [0, 1],
+        (NEG_POS, datasets.ClassLabel(names=["neg", "neutral"])),
         r"different classes: \['neg', 'pos'\] vs \['neg', 'neutral'\]",
     ),
 }
@@ -424,12 +448,17 @@ def _labelled_data(kind: str, train_labels: list, validation_labels: list, class
     splits = {}
     for i, (split, labels) in enumerate((("train", train_labels), ("validation", validation_labels))):
         if kind == "text":
-            rows, features = {"text": [f"w{k}" for k in range(len(labels))]}, {"text": datasets.Value("string")}
+            rows, features = (
+                {"text": [f"w{k}" for k in range(len(labels))]},
+                {"text": datasets.Value("string")},
+            )
         else:
             rows = {"image": [np.full((4, 4, 3), 40 * k, dtype=np.uint8) for k in range(len(labels))]}
             features = {"image": datasets.Image()}
         label = class_labels[i] if class_labels else Dataset.from_dict({"label": labels}).features["label"]
-        splits[split] = Dataset.from_dict(rows | {"label": labels}, features=datasets.Features(features | {"label": label}))
+        splits[split] = Dataset.from_dict(
+            rows | {"label": labels}, features=datasets.Features(features | {"label": label})
+        )
     return DatasetDict(splits)
 
 
@@ -439,8 +468,12 @@ def test_text_and_image_data_map_labels_alike(tokenizer, case):
     train_labels, validation_labels, class_labels, expected = LABEL_CASES[case]
     processor = transformers.ViTImageProcessorPil(size={"height": 4, "width": 4})
     modules = [
-        TextClassificationData(_labelled_data("text", train_labels, validation_labels, class_labels), tokenizer, batch_size=8),
-        ImageFolderData(_labelled_data("image", train_labels, validation_labels, class_labels), processor, batch_size=8),
+        TextClassificationData(
+            _labelled_data("text", train_labels, validation_labels, class_labels), tokenizer, batch_size=8
+        ),
+        ImageFolderData(
+            _labelled_data("image", train_labels, validation_labels, class_labels), processor, batch_size=8
+        ),
     ]
     for data in modules:
         if isinstance(expected, str):
@@ -449,7 +482,9 @@ def test_text_and_image_data_map_labels_alike(tokenizer, case):
             continue
         data.setup()
         assert data.label_names == expected
-        ids = validation_labels if class_labels else [expected.index(str(label)) for label in validation_labels]
+        ids = (
+            validation_labels if class_labels else [expected.index(str(label)) for label in validation_labels]
+        )
         assert next(iter(data.val_dataloader()))["labels"].tolist() == ids
 
 
@@ -494,7 +529,9 @@ def test_classes_unknown_to_the_teacher_are_an_error_unless_matching_is_off(toke
         message = str(info.value)
         assert "the data's classes ['neg', 'pos'] are not the teacher's ['NEGATIVE', 'POSITIVE']" in message
         assert "data.match_label_names=false" in message
-    for data in _both_modules(tokenizer, data_args, model_labels=["NEGATIVE", "POSITIVE"], match_label_names=False):
+    for data in _both_modules(
+        tokenizer, data_args, model_labels=["NEGATIVE", "POSITIVE"], match_label_names=False
+    ):
         data.setup()
         assert data.label_names == ["neg", "pos"]
         assert next(iter(data.val_dataloader()))["labels"].tolist() == [0, 1]
@@ -580,7 +617,9 @@ def test_a_split_left_out_of_the_config_is_named(tmp_path, option, missing, give
 
     cfg = compose_config([f"data={option}", f"data.dataset.{given}='{tmp_path}'"], tmp_path / "out")
     loader = instantiate(cfg.data.dataset)
-    with pytest.raises(ValueError, match=rf"data\.dataset\.{missing} is not set: .*data\.dataset\.{missing}="):
+    with pytest.raises(
+        ValueError, match=rf"data\.dataset\.{missing} is not set: .*data\.dataset\.{missing}="
+    ):
         loader()
 
 
@@ -606,7 +645,10 @@ def test_a_missing_split_names_the_option_that_picks_it(monkeypatch, tokenizer):
         hub_dataset("org/set", train_split="training")
     assert hub_dataset("org/set", validation_split="test")["validation"]["text"] == rows["text"]
     # a DatasetDict of one's own: the data module needs exactly these two split names
-    with pytest.raises(ValueError, match=r"dataset has no 'validation' split; available splits: \['train', 'test'\].*DatasetDict\(train=.*validation="):
+    with pytest.raises(
+        ValueError,
+        match=r"dataset has no 'validation' split; available splits: \['train', 'test'\].*DatasetDict\(train=.*validation=",
+    ):
         TextClassificationData(loaded, tokenizer).setup()
     data = TextClassificationData(synthetic_relations(num_train=8, num_validation=4), tokenizer)
     with pytest.raises(ValueError, match=r"no split 'test'.*'train' or 'validation'"):
@@ -621,11 +663,16 @@ def test_a_missing_split_names_the_option_that_picks_it(monkeypatch, tokenizer):
         (TextClassificationData, {"batch_size": 0}, "data.batch_size=0 must be a whole number of at least 1"),
         (ImageFolderData, {"num_workers": -1}, "data.num_workers=-1 must be a whole number of at least 0"),
         (
-            LanguageModelingData, {"max_train_samples": 0},
+            LanguageModelingData,
+            {"max_train_samples": 0},
             "data.max_train_samples=0 must be a whole number of at least 1 (or null: every example)",
         ),
         (LanguageModelingData, {"max_length": 0}, "data.max_length=0 must be a whole number of at least 1"),
-        (TextClassificationData, {"batch_size": 8.5}, "data.batch_size=8.5 must be a whole number of at least 1"),
+        (
+            TextClassificationData,
+            {"batch_size": 8.5},
+            "data.batch_size=8.5 must be a whole number of at least 1",
+        ),
     ],
 )
 def test_sizes_out_of_range_are_refused_when_the_module_is_built(module, option, message):
@@ -653,7 +700,10 @@ def test_empty_data_is_refused_naming_the_file_or_split(tmp_path):
     for empty in ("empty.csv", "header.csv"):  # datasets' own errors name no file
         with pytest.raises(ValueError, match=rf"cannot read data file '.*{empty}' as csv: .*is it empty"):
             local_files(tmp_path / "rows.csv", tmp_path / empty)
-    no_rows = DatasetDict(train=Dataset.from_dict({"text": ["good"], "label": [1]}), validation=Dataset.from_dict({"text": [], "label": []}))
+    no_rows = DatasetDict(
+        train=Dataset.from_dict({"text": ["good"], "label": [1]}),
+        validation=Dataset.from_dict({"text": [], "label": []}),
+    )
     with pytest.raises(ValueError, match="the validation split holds no examples"):
         TextClassificationData(no_rows, build_word_tokenizer()).setup()
 
@@ -666,12 +716,16 @@ def test_language_model_batches_pad_on_the_right_whatever_the_tokenizers_side():
         tokenizer = build_word_tokenizer()
         tokenizer.padding_side = "left"
         texts = Dataset.from_dict({"text": ["good", "the movie was not bad", "it is fine"]})
-        data = LanguageModelingData(DatasetDict(train=texts, validation=texts), tokenizer, mlm=mlm, batch_size=3)
+        data = LanguageModelingData(
+            DatasetDict(train=texts, validation=texts), tokenizer, mlm=mlm, batch_size=3
+        )
         data.setup()
         assert tokenizer.padding_side == "left" and data.tokenizer.padding_side == "right"
         for batch in (next(iter(data.train_dataloader())), next(iter(data.val_dataloader()))):
             mask = batch["attention_mask"]
-            assert (mask[:, 1:] <= mask[:, :-1]).all() and not mask.all()  # real tokens first, padding after them
+            assert (
+                mask[:, 1:] <= mask[:, :-1]
+            ).all() and not mask.all()  # real tokens first, padding after them
             assert (batch["labels"][mask == 0] == -100).all()
         if mlm:  # each validation row keeps its text (cut back to its length after masking)
             assert [len(ids) for ids in data.splits["validation"]["input_ids"]] == [3, 7, 5]
@@ -679,11 +733,18 @@ def test_language_model_batches_pad_on_the_right_whatever_the_tokenizers_side():
 
 def test_language_model_splits_with_no_examples_are_refused():
     texts = Dataset.from_dict({"text": ["good movie", "bad plot"]})
-    packed = LanguageModelingData(DatasetDict(train=texts, validation=texts), build_word_tokenizer(), pack=True, max_length=50)
-    with pytest.raises(ValueError, match=r"the train split holds no examples after tokenization and packing into blocks of data\.max_length=50"):
+    packed = LanguageModelingData(
+        DatasetDict(train=texts, validation=texts), build_word_tokenizer(), pack=True, max_length=50
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"the train split holds no examples after tokenization and packing into blocks of data\.max_length=50",
+    ):
         packed.setup()
     with pytest.raises(ValueError, match=r"data\.mlm_probability=0 must be in \(0, 1\]"):
-        LanguageModelingData(DatasetDict(train=texts, validation=texts), build_word_tokenizer(), mlm_probability=0)
+        LanguageModelingData(
+            DatasetDict(train=texts, validation=texts), build_word_tokenizer(), mlm_probability=0
+        )
 
 
 def test_empty_values_are_refused_naming_the_column_and_string_digits_sort_as_numbers(tmp_path):
@@ -693,7 +754,10 @@ def test_empty_values_are_refused_naming_the_column_and_string_digits_sort_as_nu
     good = Dataset.from_dict({"text": ["good", "bad", "fine"], "label": ["0", "1", "2"]})
     for column, values in (("text", ["good", None, "fine"]), ("label", ["0", None, "2"])):
         broken = good.remove_columns(column).add_column(column, values)
-        with pytest.raises(ValueError, match=rf"data\.{column}_column='{column}': 1 examples of the validation split have no value"):
+        with pytest.raises(
+            ValueError,
+            match=rf"data\.{column}_column='{column}': 1 examples of the validation split have no value",
+        ):
             TextClassificationData(DatasetDict(train=good, validation=broken), tokenizer).setup()
     labels = [str(i) for i in range(12)]
     digits = Dataset.from_dict({"text": ["good"] * 12, "label": labels})
@@ -708,10 +772,20 @@ def test_a_max_length_that_leaves_no_room_for_text_is_refused(pair, max_length):
     keeps every token, silently: refused, naming the count."""
     columns = {"text": ["good movie was fine"], "label": [1], "hypothesis": ["it is bad"]}
     splits = DatasetDict(train=Dataset.from_dict(columns), validation=Dataset.from_dict(columns))
-    data = TextClassificationData(splits, build_word_tokenizer(), max_length=max_length, text_pair_column="hypothesis" if pair else None)
-    with pytest.raises(ValueError, match=rf"data\.max_length={max_length} leaves no room for text: the tokenizer adds {3 if pair else 2} special"):
+    data = TextClassificationData(
+        splits, build_word_tokenizer(), max_length=max_length, text_pair_column="hypothesis" if pair else None
+    )
+    with pytest.raises(
+        ValueError,
+        match=rf"data\.max_length={max_length} leaves no room for text: the tokenizer adds {3 if pair else 2} special",
+    ):
         data.setup()
-    data = TextClassificationData(splits, build_word_tokenizer(), max_length=max_length + 1, text_pair_column="hypothesis" if pair else None)
+    data = TextClassificationData(
+        splits,
+        build_word_tokenizer(),
+        max_length=max_length + 1,
+        text_pair_column="hypothesis" if pair else None,
+    )
     data.setup()
     assert len(data.splits["train"]["input_ids"][0]) == max_length + 1  # truncated to max_length
 

@@ -160,7 +160,9 @@ class SlicedBatches(L.LightningDataModule):
         rank, world = self.trainer.global_rank, self.trainer.world_size
         share = GLOBAL_BATCH // world
         examples = fixed_examples()
-        mine = [examples[step * GLOBAL_BATCH + rank * share + i] for step in range(STEPS) for i in range(share)]
+        mine = [
+            examples[step * GLOBAL_BATCH + rank * share + i] for step in range(STEPS) for i in range(share)
+        ]
         return DataLoader(mine, batch_size=share // self.trainer.accumulate_grad_batches, shuffle=False)
 
 
@@ -181,7 +183,12 @@ def fit(spec: dict) -> None:
     attention_loss = AttentionDistillationLoss("kl", "layerwise", spec["layer_map"], block_size=5)
     optimizer = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=0.1)
     module = distill_lab.module.DistillationModule(
-        teacher, student, attention_loss, optimizer, attention_weight=spec["attention_weight"], warmup_ratio=0.0
+        teacher,
+        student,
+        attention_loss,
+        optimizer,
+        attention_weight=spec["attention_weight"],
+        warmup_ratio=0.0,
     )
     cfg = compose_config([f"trainer={spec['trainer']}"], spec["out"])
     kwargs = dict(spec.get("trainer_kwargs", {}))
@@ -260,7 +267,9 @@ def assert_same_training(one: dict, ranks: list[dict], accumulate: int = 1, rtol
                 if grad is None:
                     assert got[name] is None, f"step {step}: {name} has a gradient here, none in one process"
                 else:
-                    torch.testing.assert_close(got[name], grad, rtol=rtol, atol=atol, msg=f"step {step}: {name}")
+                    torch.testing.assert_close(
+                        got[name], grad, rtol=rtol, atol=atol, msg=f"step {step}: {name}"
+                    )
         for name, weight in one["student_weights"].items():
             torch.testing.assert_close(rank["student_weights"][name], weight, rtol=rtol, atol=atol, msg=name)
 
@@ -367,7 +376,10 @@ def test_train_py_with_trainer_ddp_writes_the_run_outputs_once(tmp_path):
     config = yaml.safe_load((out / "config.yaml").read_text())
     files = {k: config["data"]["dataset"][k] for k in ("train_file", "validation_file")}
     data = TextClassificationData(
-        local_files(**files), load_tokenizer(str(out / "student")), max_eval_samples=31, seed=config["data"]["seed"]
+        local_files(**files),
+        load_tokenizer(str(out / "student")),
+        max_eval_samples=31,
+        seed=config["data"]["seed"],
     )
     data.setup()
     assert len(data.splits["validation"]) == 31
@@ -396,7 +408,10 @@ def test_validation_on_two_processes_counts_each_example_once(tmp_path, strategy
     one, _ = run_train_py(tmp_path / "one", *common)
     reported, expected = (json.loads((d / "results.json").read_text()) for d in (ddp, one))
     assert reported["student"] == pytest.approx(expected["student"], abs=1e-6)
-    assert sorted(reported["attention_loss"]) == sorted(expected["attention_loss"]) and expected["attention_loss"]
+    assert (
+        sorted(reported["attention_loss"]) == sorted(expected["attention_loss"])
+        and expected["attention_loss"]
+    )
     for pair, value in expected["attention_loss"].items():
         assert reported["attention_loss"][pair] == pytest.approx(value, rel=1e-5), pair
 
@@ -473,21 +488,32 @@ def test_a_ddp_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(ddp_resume_ta
     out = tmp_path / "run"
     command = train_py(*overrides, f"hydra.run.dir='{out}'", f"checkpoint_every_n_steps={every}")
     env = app_env(tmp_path, PYTHONWARNINGS="ignore")
-    crashed = run_to_end([*command, *callback_overrides("crash", Crash, hook=hook, step=step)], env, fails=True)
+    crashed = run_to_end(
+        [*command, *callback_overrides("crash", Crash, hook=hook, step=step)], env, fails=True
+    )
     assert f"test crash in {hook} at step {step}" in crashed.stdout + crashed.stderr
     if checkpoint == "last.ckpt":
         (out / "checkpoints" / "interrupted.ckpt").unlink()  # as a SIGKILL leaves the run
     state = torch.load(out / "checkpoints" / checkpoint, map_location="cpu", weights_only=True)
     assert state["global_step"] == resumed_step
     epoch, batches = divmod(resumed_step, DDP_STEPS_PER_EPOCH)  # where the next batch starts
-    assert state["TextClassificationData"] == {"train_position": [epoch, batches * 8]}  # examples of each process
+    assert state["TextClassificationData"] == {
+        "train_position": [epoch, batches * 8]
+    }  # examples of each process
     rank0, rank1 = state["rng_states"]  # each process's own random state
-    assert not torch.equal(rank0["torch"], rank1["torch"]) and torch.equal(rank0["torch"], state["rng_state"]["torch"])
+    assert not torch.equal(rank0["torch"], rank1["torch"]) and torch.equal(
+        rank0["torch"], state["rng_state"]["torch"]
+    )
 
     result = run_to_end(command, env)
-    assert f"Restored all states from the checkpoint at {out / 'checkpoints' / checkpoint}" in result.stdout + result.stderr
+    assert (
+        f"Restored all states from the checkpoint at {out / 'checkpoints' / checkpoint}"
+        in result.stdout + result.stderr
+    )
     assert_same_result(out, reference)  # the best checkpoint's evaluation and export
-    last, reference_last = (torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu") for d in (out, reference))
+    last, reference_last = (
+        torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu") for d in (out, reference)
+    )
     assert last["global_step"] == reference_last["global_step"] == DDP_EPOCHS * DDP_STEPS_PER_EPOCH
     for name, weight in reference_last["state_dict"].items():  # the final weights
         torch.testing.assert_close(last["state_dict"][name], weight, rtol=1e-5, atol=1e-6, msg=name)
@@ -506,22 +532,33 @@ def torchrun(*overrides: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_under_torchrun_every_process_resumes_the_same_checkpoint_with_the_same_command(ddp_resume_task, tmp_path):
+def test_under_torchrun_every_process_resumes_the_same_checkpoint_with_the_same_command(
+    ddp_resume_task, tmp_path
+):
     """torchrun starts both processes, each running train.py with ckpt_path=auto: without a named run directory
     (each process would compose its own from the clock) they stop before anything is loaded; with one, a run
     stopped by an exception during step 5 is resumed by the same command in both processes from rank 0's
     interrupted.ckpt, and ends as the uninterrupted run (Lightning's own DDP launcher) does."""
     root, overrides, reference = ddp_resume_task
     env = app_env(tmp_path, PYTHONWARNINGS="ignore")
-    unnamed = subprocess.run(torchrun(*overrides), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    unnamed = subprocess.run(
+        torchrun(*overrides), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert unnamed.returncode != 0
     assert "one of several that torchrun or srun started" in unnamed.stdout + unnamed.stderr
     assert not list(tmp_path.glob("outputs/*/*/checkpoints"))
 
     out = tmp_path / "run"
     command = torchrun(*overrides, f"hydra.run.dir='{out}'")
-    run_to_end([*command, *callback_overrides("crash", Crash, hook="on_before_backward", step=5)], env, fails=True)
-    assert torch.load(out / "checkpoints" / "interrupted.ckpt", map_location="cpu", weights_only=True)["global_step"] == 5
+    run_to_end(
+        [*command, *callback_overrides("crash", Crash, hook="on_before_backward", step=5)], env, fails=True
+    )
+    assert (
+        torch.load(out / "checkpoints" / "interrupted.ckpt", map_location="cpu", weights_only=True)[
+            "global_step"
+        ]
+        == 5
+    )
     result = run_to_end(command, env)
     assert f"resuming from {out / 'checkpoints' / 'interrupted.ckpt'}" in result.stdout + result.stderr
     assert_same_result(out, reference)
@@ -544,7 +581,9 @@ def test_fsdp_config_builds_lightning_fsdp_with_the_expected_settings(tmp_path, 
     strategy = instantiate(node.strategy)  # the strategy alone builds without a GPU
     assert type(strategy) is FSDPStrategy
     assert strategy.sharding_strategy == ShardingStrategy.FULL_SHARD and strategy._state_dict_type == "full"
-    assert strategy.kwargs["use_orig_params"] is True  # frozen teacher and trained student share the root unit
+    assert (
+        strategy.kwargs["use_orig_params"] is True
+    )  # frozen teacher and trained student share the root unit
     policy = strategy.kwargs["auto_wrap_policy"]
     assert isinstance(policy, ModuleWrapPolicy)
     blocks = {"bert": "BertLayer", "llama": "LlamaDecoderLayer", "gpt2": "GPT2Block", "vit": "ViTLayer"}
@@ -585,8 +624,6 @@ def test_fsdp_on_two_cpu_processes_trains_like_one_process(models, tmp_path, pre
             torch.testing.assert_close(got, weight, rtol=tolerance, atol=tolerance, msg=name)
         for name, weight in rank["teacher_weights"].items():  # frozen
             torch.testing.assert_close(weight, teacher[name], rtol=0, atol=0, msg=name)
-
-
 
 
 @pytest.mark.slow

@@ -56,7 +56,9 @@ def reference_rows(qs, ks, qt, kt, s_heads, t_heads, key_valid, a_s, a_t, temper
     return out
 
 
-def _inputs(length, heads_s=4, kv_s=2, heads_t=4, kv_t=2, d_s=8, d_t=12, batch=2, dtype=torch.float32, seed=0):
+def _inputs(
+    length, heads_s=4, kv_s=2, heads_t=4, kv_t=2, d_s=8, d_t=12, batch=2, dtype=torch.float32, seed=0
+):
     g = torch.Generator().manual_seed(seed)
     qs = torch.randn(batch, heads_s, length, d_s, generator=g).to(DEVICE, dtype).requires_grad_()
     ks = torch.randn(batch, kv_s, length, d_s, generator=g).to(DEVICE, dtype).requires_grad_()
@@ -118,7 +120,10 @@ def test_kernels_use_no_atomics():
         assert "tl.atomic" not in inspect.getsource(module), module.__name__
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="the interpreter runs programs one at a time: only a GPU can show run-to-run differences")
+@pytest.mark.skipif(
+    not HAS_CUDA,
+    reason="the interpreter runs programs one at a time: only a GPU can show run-to-run differences",
+)
 def test_backward_is_deterministic():
     qs, ks, qt, kt, key_valid = _inputs(33)
     s_heads, t_heads = _heads((0, 0), (1, 1), (2, 2), (3, 3))
@@ -165,7 +170,9 @@ def test_fused_component_equals_the_block_path(matching, loss, causal):
             "headwise": Headwise([[2, 0], [0, 1], [3, 3]]),
             "selective": Selective(heads=[[1, 2], [3, 0]]),
         }[matching]
-        attention_loss = AttentionLoss("kl", temperature=2.0) if loss == "kl" else AttentionLoss(loss)  # as configured
+        attention_loss = (
+            AttentionLoss("kl", temperature=2.0) if loss == "kl" else AttentionLoss(loss)
+        )  # as configured
         component = AttentionDistillationLoss(attention_loss, mode, [(0, 0)], block_size=8, fused=fused)
         component.check(4, 4)
         value, details = component({0: student}, {0: teacher}, key_valid)
@@ -194,7 +201,10 @@ def test_fused_kernels_apply_the_records_padding_without_an_attention_mask(loss,
         mask = mask & torch.ones(13, 13, dtype=torch.bool, device=DEVICE).tril()
     values = []
     for fused in (True, False):
-        student, teacher = QueryKey(qs, ks, 8**-0.5, mask, causal=causal), QueryKey(qt, kt, 8**-0.5, mask, causal=causal)
+        student, teacher = (
+            QueryKey(qs, ks, 8**-0.5, mask, causal=causal),
+            QueryKey(qt, kt, 8**-0.5, mask, causal=causal),
+        )
         component = AttentionDistillationLoss(loss, "layerwise", [(0, 0)], block_size=8, fused=fused)
         values.append(component({0: student}, {0: teacher}, None)[0])
     torch.testing.assert_close(values[0], values[1], atol=1e-6, rtol=1e-5)
@@ -205,18 +215,27 @@ def test_a_sliding_window_that_spans_every_key_keeps_the_fused_kernel():
     kernel runs and equals the block-wise path. A shorter window is refused by fused=True, as the kernels
     apply no window."""
     qs, ks, qt, kt, key_valid = _inputs(21, d_t=8)
-    mask = key_valid.bool()[:, None, None, :].expand(-1, 1, 21, -1) & torch.ones(21, 21, dtype=torch.bool, device=DEVICE).tril()
+    mask = (
+        key_valid.bool()[:, None, None, :].expand(-1, 1, 21, -1)
+        & torch.ones(21, 21, dtype=torch.bool, device=DEVICE).tril()
+    )
     values = []
     for fused in (True, False):
         student = QueryKey(qs, ks, 8**-0.5, mask, causal=True, sliding_window=21)
         teacher = QueryKey(qt, kt, 8**-0.5, mask, causal=True, sliding_window=4096)
-        values.append(AttentionDistillationLoss("kl", "layerwise", [(0, 0)], fused=fused)({0: student}, {0: teacher}, key_valid)[0])
+        values.append(
+            AttentionDistillationLoss("kl", "layerwise", [(0, 0)], fused=fused)(
+                {0: student}, {0: teacher}, key_valid
+            )[0]
+        )
     torch.testing.assert_close(values[0], values[1], atol=1e-6, rtol=1e-5)
     window = mask & torch.ones(21, 21, dtype=torch.bool, device=DEVICE).triu(-7)
     student = QueryKey(qs, ks, 8**-0.5, window, causal=True, sliding_window=8)
     teacher = QueryKey(qt, kt, 8**-0.5, window, causal=True, sliding_window=8)
     with pytest.raises(ValueError, match="sliding-window"):
-        AttentionDistillationLoss("kl", "layerwise", [(0, 0)], fused=True)({0: student}, {0: teacher}, key_valid)
+        AttentionDistillationLoss("kl", "layerwise", [(0, 0)], fused=True)(
+            {0: student}, {0: teacher}, key_valid
+        )
 
 
 def test_fused_kernels_refuse_a_mask_beyond_padding_and_causal_structure():
@@ -226,7 +245,9 @@ def test_fused_kernels_refuse_a_mask_beyond_padding_and_causal_structure():
     bias = torch.where(key_valid.bool(), 0.5, float("-inf"))[:, None, None, :].expand(-1, 1, 9, -1)
     student, teacher = QueryKey(qs, ks, 8**-0.5, bias), QueryKey(qt, kt, 8**-0.5, bias)
     with pytest.raises(ValueError, match="more than key padding and causal structure"):
-        AttentionDistillationLoss("kl", "layerwise", [(0, 0)], fused=True)({0: student}, {0: teacher}, key_valid)
+        AttentionDistillationLoss("kl", "layerwise", [(0, 0)], fused=True)(
+            {0: student}, {0: teacher}, key_valid
+        )
     padding = torch.where(key_valid.bool(), 0.0, float("-inf"))[:, None, None, :].expand(-1, 1, 9, -1)
     fused, _ = AttentionDistillationLoss("kl", "layerwise", [(0, 0)], fused=True)(
         {0: QueryKey(qs, ks, 8**-0.5, padding)}, {0: QueryKey(qt, kt, 8**-0.5, padding)}, key_valid
@@ -282,17 +303,25 @@ def check_far_apart(case):
     except (RuntimeError, MemoryError) as error:
         print(f"SKIP: no 8 GiB buffer here ({error})")
         return
-    packed = _inputs(length, heads_s=heads, kv_s=heads, heads_t=heads, kv_t=heads, d_s=16, d_t=16, batch=batch)
+    packed = _inputs(
+        length, heads_s=heads, kv_s=heads, heads_t=heads, kv_t=heads, d_s=16, d_t=16, batch=batch
+    )
     far = [_far_apart(x, storage, dim, stride, 4096 * i) for i, x in enumerate(packed[:4])] + [packed[4]]
     s_heads, t_heads = _heads(*[(heads - 1 - h, h) for h in range(heads)])
     for loss in ("kl", "mse", "cosine"):
         results = []
         for qs, ks, qt, kt, key_valid in (packed, far):
             args = (qs, ks, qt, kt, s_heads, t_heads, key_valid, 0.25, 0.3)
-            rows = attention_kl_rows(*args, 1.0, True) if loss == "kl" else attention_probs_rows(loss, *args, True)
+            rows = (
+                attention_kl_rows(*args, 1.0, True)
+                if loss == "kl"
+                else attention_probs_rows(loss, *args, True)
+            )
             results.append((rows, *torch.autograd.grad(rows.sum(), (qs, ks))))
         for want, got in zip(*results, strict=True):
-            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=lambda m, loss=loss: f"{case}, {loss}: {m}")
+            torch.testing.assert_close(
+                got, want, atol=1e-6, rtol=1e-5, msg=lambda m, loss=loss: f"{case}, {loss}: {m}"
+            )
     print("OK")
 
 
@@ -309,7 +338,9 @@ def test_offsets_past_2_31_elements(case):
     output = done.stdout + done.stderr
     if "SKIP:" in done.stdout:
         pytest.skip(done.stdout.strip())
-    assert done.returncode == 0 and done.stdout.strip().endswith("OK"), f"exit {done.returncode}\n{output[-4000:]}"
+    assert done.returncode == 0 and done.stdout.strip().endswith("OK"), (
+        f"exit {done.returncode}\n{output[-4000:]}"
+    )
 
 
 def test_layout_keeps_offsets_within_a_head_32_bit():
@@ -318,7 +349,9 @@ def test_layout_keeps_offsets_within_a_head_32_bit():
     packed = torch.empty(2, 4, 300, 64, device="meta")
     heads_inner = torch.empty(2, 300, 4, 64, device="meta").transpose(1, 2)  # (B, L, H, d) as models make it
     assert _kernel_layout(packed) is packed and _kernel_layout(heads_inner) is heads_inner
-    wide = torch.empty(2**17, 1, 1, 2**14 + 64, device="meta").permute(1, 2, 0, 3)[..., :64]  # rows 2^14 + 64 apart
+    wide = torch.empty(2**17, 1, 1, 2**14 + 64, device="meta").permute(1, 2, 0, 3)[
+        ..., :64
+    ]  # rows 2^14 + 64 apart
     copied = _kernel_layout(wide)
     assert copied.is_contiguous() and copied.shape == wide.shape
     assert _kernel_layout(packed.transpose(-1, -2)).is_contiguous()  # d not unit-stride
@@ -327,7 +360,8 @@ def test_layout_keeps_offsets_within_a_head_32_bit():
 
 
 @pytest.mark.parametrize(
-    "student, teacher", [("bfloat16", "bfloat16"), ("float32", "float32"), ("bfloat16", "float32"), ("float32", "bfloat16")]
+    "student, teacher",
+    [("bfloat16", "bfloat16"), ("float32", "float32"), ("bfloat16", "float32"), ("float32", "bfloat16")],
 )
 def test_each_float32_side_gets_ieee_dot_products(student, teacher):
     """The launch's dot-product precision is chosen per side: IEEE (full float32) for a float32 side, which TF32

@@ -38,14 +38,21 @@ RUNS = {
     "fp32-128": ["--loss", "kl", "--dtype", "float32", "--head-dim", "128", "--arch", "80", "--bidirectional", "--no-ptxas"],
     "fp32-256": ["--loss", "mse", "--dtype", "float32", "--head-dim", "256", "--arch", "80", "--no-ptxas"],
 }  # fmt: skip
-TILES = {"bf16-128": ([64, 64], 3), "bf16-256": ([64, 64], 2), "fp32-128": ([64, 64], 2), "fp32-256": ([32, 32], 2)}
+TILES = {
+    "bf16-128": ([64, 64], 3),
+    "bf16-256": ([64, 64], 2),
+    "fp32-128": ([64, 64], 2),
+    "fp32-256": ([32, 32], 2),
+}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", list(RUNS))
 def test_every_fused_kernel_compiles_within_the_gpus_shared_memory(run):
     args = RUNS[run]
-    done = subprocess.run([sys.executable, str(SCRIPT), *args, "--json"], capture_output=True, text=True, timeout=1200)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--json"], capture_output=True, text=True, timeout=1200
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
     losses = args[args.index("--loss") + 1 : args.index("--dtype")]
@@ -87,7 +94,9 @@ def mixed_precision_launches():
     )
     assert done.returncode == 0, done.stderr[-4000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert {(r["loss"], r["kernel"]) for r in rows} == {(loss, k) for loss in ("kl", "cosine") for k in KERNELS[loss]}
+    assert {(r["loss"], r["kernel"]) for r in rows} == {
+        (loss, k) for loss in ("kl", "cosine") for k in KERNELS[loss]
+    }
     return rows
 
 

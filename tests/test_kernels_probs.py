@@ -128,7 +128,10 @@ def test_rows_without_keys_identical_models_and_no_teacher_gradient(loss):
     assert qt.grad is None and kt.grad is None  # the teacher is a constant
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="the interpreter runs programs one at a time: only a GPU can show run-to-run differences")
+@pytest.mark.skipif(
+    not HAS_CUDA,
+    reason="the interpreter runs programs one at a time: only a GPU can show run-to-run differences",
+)
 @pytest.mark.parametrize("loss", LOSSES)
 def test_backward_is_deterministic(loss):
     qs, ks, qt, kt, key_valid = _inputs(33)

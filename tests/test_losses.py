@@ -584,7 +584,9 @@ def test_kl_nonpositive_temperature_raises(temperature, gen):
     with pytest.raises(ValueError, match="temperature"):
         attention_kl(maps, maps, temperature=temperature)
     with pytest.raises(ValueError, match="temperature must be positive"):
-        AttentionLoss("kl", temperature=temperature)  # when it is made: before any path (the fused kernel's too)
+        AttentionLoss(
+            "kl", temperature=temperature
+        )  # when it is made: before any path (the fused kernel's too)
 
 
 @pytest.mark.parametrize("name", ["mse", "kl", "cosine"])

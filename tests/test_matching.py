@@ -304,7 +304,10 @@ def test_a_per_pair_head_map_from_the_command_line():
         ([[[], 0]], r"gives student head 0 no teacher head"),  # an average of no heads would be NaN
         ([["12", 0]], r"heads must be whole numbers"),  # not heads 1 and 2
         ([[1.5, 0]], r"heads must be whole numbers"),
-        ({"L3->1": [[0, 0]]}, r"names layer pairs \['L3->1'\] that the layer map does not have; its pairs are \['L0->0'\]"),
+        (
+            {"L3->1": [[0, 0]]},
+            r"names layer pairs \['L3->1'\] that the layer map does not have; its pairs are \['L0->0'\]",
+        ),
     ],
 )
 def test_headwise_head_map_errors(head_map, message):
@@ -548,7 +551,12 @@ def test_selective_explicit_teacher_heads_are_assigned():
         ),
         ({"heads": [[0, 4]]}, 4, 4, r"names a head that does not exist.*student 0\.\.3"),
         ({"heads": [9]}, 4, 4, r"names a head that does not exist"),
-        ({"heads": [[0, 1], [3, 1]]}, 4, 4, r"matching.heads \[\[0, 1\], \[3, 1\]\] names a student head twice"),
+        (
+            {"heads": [[0, 1], [3, 1]]},
+            4,
+            4,
+            r"matching.heads \[\[0, 1\], \[3, 1\]\] names a student head twice",
+        ),
         ({"heads": [2, 2]}, 4, 4, r"matching.heads \[2, 2\] names a teacher head twice"),
     ],
 )

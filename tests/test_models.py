@@ -37,7 +37,9 @@ def test_derived_student_copies_the_mapped_teacher_layers(tmp_path, family):
             torch.testing.assert_close(s_params[key], t_params[key], rtol=0, atol=0)
     # everything outside the layers (embeddings, head) is copied too
     t_state = teacher.state_dict()
-    outside = [k for k in student.state_dict() if ".layer." not in k and ".layers." not in k and ".h." not in k]
+    outside = [
+        k for k in student.state_dict() if ".layer." not in k and ".layers." not in k and ".h." not in k
+    ]
     assert outside
     for key in outside:
         torch.testing.assert_close(student.state_dict()[key], t_state[key], rtol=0, atol=0)
@@ -47,9 +49,16 @@ def test_derived_student_copies_the_mapped_teacher_layers(tmp_path, family):
 def test_random_init_and_narrower_student(tmp_path):
     teacher = make_tiny_model("bert", tmp_path, num_hidden_layers=4)
     random_student = derive_student(teacher, num_layers=2, init="random")
-    assert not torch.equal(_layer_params(random_student, 0)["attention.self.query.weight"], _layer_params(teacher, 1)["attention.self.query.weight"])
+    assert not torch.equal(
+        _layer_params(random_student, 0)["attention.self.query.weight"],
+        _layer_params(teacher, 1)["attention.self.query.weight"],
+    )
     narrow = derive_student(teacher, num_layers=2, num_heads=2, hidden_size=16, intermediate_size=20)
-    assert (narrow.config.hidden_size, narrow.config.num_attention_heads, narrow.config.intermediate_size) == (16, 2, 20)
+    assert (
+        narrow.config.hidden_size,
+        narrow.config.num_attention_heads,
+        narrow.config.intermediate_size,
+    ) == (16, 2, 20)
     # shapes differ, so those tensors keep their random initialisation; the model still runs
     assert narrow.bert.embeddings.word_embeddings.weight.shape == (teacher.config.vocab_size, 16)
     logits = narrow(input_ids=torch.tensor([[5, 6, 7]])).logits
@@ -72,7 +81,14 @@ def test_a_student_attends_per_layer_as_the_teacher_layer_it_starts_from(tmp_pat
     has another length than its layers)."""
     from transformers import AutoModelForCausalLM, Gemma2Config, Qwen2Config
 
-    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+    shape = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     if family == "qwen2":  # full attention in layers 0-1, a sliding window from layer 2 on
         config = Qwen2Config(**shape, use_sliding_window=True, sliding_window=6, max_window_layers=2)
     else:  # sliding and full attention alternate
@@ -98,9 +114,16 @@ def test_a_tensor_only_the_first_teacher_layer_has_is_copied_from_there():
     teacher = T5EncoderModel(T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=16, num_layers=4, num_heads=2))
     student = derive_student(teacher, num_layers=2)
     bias = "block.0.layer.0.SelfAttention.relative_attention_bias.weight"
-    torch.testing.assert_close(student.encoder.state_dict()[bias], teacher.encoder.state_dict()[bias], rtol=0, atol=0)
+    torch.testing.assert_close(
+        student.encoder.state_dict()[bias], teacher.encoder.state_dict()[bias], rtol=0, atol=0
+    )
     q = "block.0.layer.0.SelfAttention.q.weight"  # the rest of block 0 from teacher block 1
-    torch.testing.assert_close(student.encoder.state_dict()[q], teacher.encoder.state_dict()[q.replace("block.0", "block.1")], rtol=0, atol=0)
+    torch.testing.assert_close(
+        student.encoder.state_dict()[q],
+        teacher.encoder.state_dict()[q.replace("block.0", "block.1")],
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_the_feed_forward_width_is_set_under_each_configs_own_name(tmp_path):
@@ -115,13 +138,32 @@ def test_the_feed_forward_width_is_set_under_each_configs_own_name(tmp_path):
         ViTForImageClassification,
     )
 
-    teacher = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=64, dim=32, hidden_dim=64, n_layers=4, n_heads=4))
+    teacher = DistilBertForSequenceClassification(
+        DistilBertConfig(vocab_size=64, dim=32, hidden_dim=64, n_layers=4, n_heads=4)
+    )
     student = derive_student(teacher, num_layers=2, intermediate_size=16)
-    assert student.config.hidden_dim == 16 and student.distilbert.transformer.layer[0].ffn.lin1.out_features == 16
-    vit = ViTForImageClassification(ViTConfig(image_size=8, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37))
+    assert (
+        student.config.hidden_dim == 16
+        and student.distilbert.transformer.layer[0].ffn.lin1.out_features == 16
+    )
+    vit = ViTForImageClassification(
+        ViTConfig(
+            image_size=8,
+            patch_size=4,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=37,
+        )
+    )
     assert derive_student(vit, num_layers=1, intermediate_size=16).config.intermediate_size == 16
-    bloom = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4))  # 4 x hidden, fixed
-    with pytest.raises(ValueError, match="student.intermediate_size=16: the teacher's BloomConfig names its feed-forward width"):
+    bloom = BloomForCausalLM(
+        BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)
+    )  # 4 x hidden, fixed
+    with pytest.raises(
+        ValueError,
+        match="student.intermediate_size=16: the teacher's BloomConfig names its feed-forward width",
+    ):
         derive_student(bloom, num_layers=1, intermediate_size=16)
 
 
@@ -134,7 +176,9 @@ def test_a_head_size_of_its_own_stays_and_a_derived_one_follows_the_width(tmp_pa
         vocab_size=64, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16,
     ))  # fmt: skip
-    student = derive_student(gemma, num_layers=1, num_heads=3)  # 32 is no multiple of 3: fine with its own size
+    student = derive_student(
+        gemma, num_layers=1, num_heads=3
+    )  # 32 is no multiple of 3: fine with its own size
     assert student.config.head_dim == 16 and student.config.num_key_value_heads == 1
     assert student.model.layers[0].self_attn.q_proj.out_features == 3 * 16
     assert torch.isfinite(student(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
@@ -162,7 +206,9 @@ def test_image_teacher_without_its_image_processor_is_named(tmp_path):
     teacher = Path(make_image_task(tmp_path, num_layers=1, per_class=2)["teacher"])
     assert load_preprocessor(str(teacher), "image_classification").size == {"height": 32, "width": 32}
     (teacher / "preprocessor_config.json").unlink()
-    with pytest.raises(ValueError, match=r"cannot load an image processor from .*teacher.*preprocessor_config\.json"):
+    with pytest.raises(
+        ValueError, match=r"cannot load an image processor from .*teacher.*preprocessor_config\.json"
+    ):
         load_preprocessor(str(teacher), "image_classification")
 
 
@@ -181,7 +227,9 @@ def test_a_student_by_name_reads_its_classes_as_the_teacher_does(tmp_path):
     """load_student gives the student the teacher's id2label and label2id, not transformers' LABEL_0, LABEL_1:
     the exported student names its predictions as the teacher does."""
     names = {0: "NEGATIVE", 1: "POSITIVE"}
-    make_tiny_model("bert", tmp_path / "t", num_labels=2, id2label=names, label2id={v: k for k, v in names.items()})
+    make_tiny_model(
+        "bert", tmp_path / "t", num_labels=2, id2label=names, label2id={v: k for k, v in names.items()}
+    )
     assert load_teacher(str(tmp_path / "t")).config.id2label == names
     make_tiny_model("bert", tmp_path / "s", num_labels=2, num_hidden_layers=1)
     teacher = load_teacher(str(tmp_path / "t"))
@@ -226,7 +274,9 @@ def test_unloadable_teacher_and_tokenizer_are_clear_errors(tmp_path):
         load_teacher(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match=r"holds no tokenizer .*tokenizer.save_pretrained\(directory\)"):
         load_tokenizer(str(empty))
-    model_only = tmp_path / "model-only"  # model.save_pretrained alone: transformers would make up a tokenizer
+    model_only = (
+        tmp_path / "model-only"
+    )  # model.save_pretrained alone: transformers would make up a tokenizer
     make_tiny_model("bert", model_only)
     with pytest.raises(ValueError, match="holds no tokenizer"):
         load_tokenizer(str(model_only))
@@ -240,12 +290,16 @@ def test_builtin_teacher_is_trained_saved_and_loaded_through_from_pretrained(tmp
     out = tmp_path / "teacher"
     accuracy = train_builtin_teacher("relations", out, max_epochs=1, attempts=1)
     assert (out / "config.json").exists() and (out / "teacher_metrics.txt").exists()
-    assert (out / "teacher_metrics.txt").read_text().startswith(f"validation_acc={accuracy:.4f}\nvalidation_f1=")
+    assert (
+        (out / "teacher_metrics.txt").read_text().startswith(f"validation_acc={accuracy:.4f}\nvalidation_f1=")
+    )
     teacher = load_teacher(str(out), builtin="relations")  # cached: loads, does not retrain
     tokenizer = load_tokenizer(str(out))
     data = TextClassificationData(synthetic_relations(seed=0), tokenizer=tokenizer, batch_size=64)
     data.setup()
-    assert evaluate(teacher, data.val_dataloader(), "sequence_classification")["acc"] == pytest.approx(accuracy)
+    assert evaluate(teacher, data.val_dataloader(), "sequence_classification")["acc"] == pytest.approx(
+        accuracy
+    )
     assert tokenizer("good not bad")["input_ids"] == build_word_tokenizer()("good not bad")["input_ids"]
     with pytest.raises(ValueError, match="unknown built-in teacher"):
         train_builtin_teacher("chess", tmp_path / "x")

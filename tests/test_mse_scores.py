@@ -38,7 +38,9 @@ CASES = {
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
-def _record(gen, batch, length, heads, kv_heads, dim, attention_mask, mask_format="bool", dtype=F64) -> QueryKey:
+def _record(
+    gen, batch, length, heads, kv_heads, dim, attention_mask, mask_format="bool", dtype=F64
+) -> QueryKey:
     """A bidirectional layer's record with the key-padding mask a BERT builds, (B, 1, L, L)."""
     query = torch.randn(batch, heads, length, dim, generator=gen, dtype=F64).to(dtype).requires_grad_()
     key = torch.randn(batch, kv_heads, length, dim, generator=gen, dtype=F64).to(dtype).requires_grad_()
@@ -96,7 +98,9 @@ def _reference(student: QueryKey, teacher: QueryKey, attention_mask, entries) ->
 
 
 def _component_run(student, teacher, attention_mask, mode, gram, block_size=5):
-    component = AttentionDistillationLoss("mse_scores", MODES[mode](), [(0, 0)], block_size=block_size, gram=gram)
+    component = AttentionDistillationLoss(
+        "mse_scores", MODES[mode](), [(0, 0)], block_size=block_size, gram=gram
+    )
     value, details = component({0: student}, {0: teacher}, attention_mask)
     grads = torch.autograd.grad(value, [student.query, student.key])
     return value, details, grads
@@ -132,7 +136,9 @@ def test_gram_path_equals_reference_and_blockwise(gram_calls, mode, case, teache
     for grad, want_grad in zip(grads, want_grads, strict=True):
         torch.testing.assert_close(grad, want_grad)
 
-    chunked, chunked_details, chunked_grads = _component_run(student, teacher, attention_mask, mode, gram=False)
+    chunked, chunked_details, chunked_grads = _component_run(
+        student, teacher, attention_mask, mode, gram=False
+    )
     assert gram_calls == [1]
     torch.testing.assert_close(value, chunked)
     assert details.keys() == chunked_details.keys()
@@ -169,7 +175,9 @@ def test_gram_terms_direct(heads):
     eye = torch.eye(4, dtype=F64)
     entries = [(eye.mean(0), eye.mean(0), None)] if heads is None else [(eye[t], eye[s], s) for t, s in heads]
     assert values.shape == weights.shape == (len(entries),)
-    assert (weights == 17 * 17 + 12 * 12).all()  # valid queries x valid keys; the padded example counts nothing
+    assert (
+        weights == 17 * 17 + 12 * 12
+    ).all()  # valid queries x valid keys; the padded example counts nothing
     for j, entry in enumerate(entries):
         want, _ = _reference(student, teacher, attention_mask, [entry])
         torch.testing.assert_close(values[j] / weights[j], want)
@@ -193,10 +201,15 @@ def test_identical_scores_give_zero(mode):
 
     rotation, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=F64))
     rotated = QueryKey(
-        (query @ rotation).float().requires_grad_(), (key @ rotation).float().requires_grad_(), dim**-0.5, mask
+        (query @ rotation).float().requires_grad_(),
+        (key @ rotation).float().requires_grad_(),
+        dim**-0.5,
+        mask,
     )
     value, _, grads = _component_run(rotated, teacher, attention_mask, mode, gram=True)
-    exact = QueryKey(*(x.detach().double().requires_grad_() for x in (rotated.query, rotated.key)), dim**-0.5, mask)
+    exact = QueryKey(
+        *(x.detach().double().requires_grad_() for x in (rotated.query, rotated.key)), dim**-0.5, mask
+    )
     want, _, want_grads = _component_run(exact, teacher, attention_mask, mode, gram=False)
     scale = teacher.scores().masked_fill(~mask, 0.0).square().mean()  # the mean squared score, about 60
     assert want < 1e-12 * scale  # the float32 rounding of the rotated inputs
@@ -248,7 +261,9 @@ def test_causal_records_keep_the_blockwise_path(gram_calls):
     "make_mask",
     [
         lambda keys: keys[:, None, None, :] & torch.ones(7, 7, dtype=torch.bool).tril(),  # causal, unflagged
-        lambda keys: torch.where(keys, torch.tensor(0.5, dtype=F64), -1e300)[:, None, None, :].expand(2, 1, 7, 7),  # a bias
+        lambda keys: torch.where(keys, torch.tensor(0.5, dtype=F64), -1e300)[:, None, None, :].expand(
+            2, 1, 7, 7
+        ),  # a bias
         lambda keys: keys[:, None, None, :].repeat(1, 4, 7, 1).index_fill_(1, torch.tensor([2]), False),
     ],
     ids=["query_dependent", "additive_bias", "head_dependent"],
@@ -291,7 +306,9 @@ def test_gram_path_on_a_tiny_bert(tiny_model_factory, gram_calls, mode, monkeypa
     monkeypatch.setattr(matching_module, "key_padding", counted)
     results = {}
     for gram in (True, False):
-        component = AttentionDistillationLoss("mse_scores", MODES[mode](), [(1, 0), (3, 1)], block_size=4, gram=gram)
+        component = AttentionDistillationLoss(
+            "mse_scores", MODES[mode](), [(1, 0), (3, 1)], block_size=4, gram=gram
+        )
         student.zero_grad(set_to_none=True)
         with AttentionCapture(teacher, [1, 3], "qk") as tc, AttentionCapture(student, [0, 1], "qk") as sc:
             with torch.no_grad():
@@ -303,7 +320,10 @@ def test_gram_path_on_a_tiny_bert(tiny_model_factory, gram_calls, mode, monkeypa
         grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
         results[gram] = value.detach(), details, grads
     assert len(gram_calls) == 2  # one per layer pair, from the gram=True run
-    assert mask_checks == [1, 1]  # each model's one mask, checked once (not per layer pair); gram=False: never
+    assert mask_checks == [
+        1,
+        1,
+    ]  # each model's one mask, checked once (not per layer pair); gram=False: never
     assert all(p.grad is None for p in teacher.parameters())
     (value, details, grads), (chunked, chunked_details, chunked_grads) = results[True], results[False]
     assert value > 0 and grads
@@ -323,7 +343,9 @@ def test_selective_assigns_heads_on_the_scores_that_mse_scores_compares():
     torch.manual_seed(0)
     batch, length, dim = 2, 6, 4
     query = torch.cat([torch.randn(batch, 1, length, dim), torch.zeros(batch, 1, length, 1)], -1)
-    key = torch.cat([torch.randn(batch, 1, length, dim), torch.ones(batch, 1, length, 1)], -1)  # last: constant
+    key = torch.cat(
+        [torch.randn(batch, 1, length, dim), torch.ones(batch, 1, length, 1)], -1
+    )  # last: constant
     teacher = QueryKey(torch.cat([query, torch.randn_like(query)], 1), torch.cat([key, key], 1), 1.0)
     shifted = query.clone()
     shifted[..., -1] = 10.0  # adds 10 to every score of the row

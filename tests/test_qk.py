@@ -22,13 +22,18 @@ MODES = ("layerwise", "headwise", "global", "selective")
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
-def _run(teacher, student, inputs, backend, loss, mode, block_size, teacher_layers=(1, 3), student_layers=(0, 1)):
+def _run(
+    teacher, student, inputs, backend, loss, mode, block_size, teacher_layers=(1, 3), student_layers=(0, 1)
+):
     """Attention loss, its details and the student's gradients through one backend."""
     pairs = list(zip(teacher_layers, student_layers, strict=True))
     matching = Selective(heads=[[0, 1], [3, 0]]) if mode == "selective" else mode
     component = AttentionDistillationLoss(loss, matching, pairs, block_size=block_size)
     student.zero_grad(set_to_none=True)
-    with AttentionCapture(teacher, teacher_layers, backend) as tc, AttentionCapture(student, student_layers, backend) as sc:
+    with (
+        AttentionCapture(teacher, teacher_layers, backend) as tc,
+        AttentionCapture(student, student_layers, backend) as sc,
+    ):
         with torch.no_grad():
             _, teacher_maps = tc(**inputs)
         _, student_maps = sc(**inputs)
@@ -53,7 +58,9 @@ def test_qk_records_give_the_probs_backend_maps(tiny_model_factory, family):
         record = records[layer]
         assert isinstance(record, QueryKey)
         assert record.shape == tuple(maps[layer].shape)
-        assert record.key.shape[1] == getattr(model.config, "num_key_value_heads", model.config.num_attention_heads)
+        assert record.key.shape[1] == getattr(
+            model.config, "num_key_value_heads", model.config.num_attention_heads
+        )
         # queries of real tokens: the same probabilities, whole or block by block
         real = inputs["attention_mask"].bool()[:, None, :, None].expand_as(maps[layer])
         full = record.probs()
@@ -113,7 +120,10 @@ def test_selective_calibrates_on_qk_records(tiny_model_factory):
     chosen = {}
     for backend in ("probs", "qk"):
         component = AttentionDistillationLoss("kl", Selective(top_k=2), [(1, 0), (3, 1)])
-        with AttentionCapture(teacher, [1, 3], backend) as tc, AttentionCapture(student, [0, 1], backend) as sc:
+        with (
+            AttentionCapture(teacher, [1, 3], backend) as tc,
+            AttentionCapture(student, [0, 1], backend) as sc,
+        ):
             with torch.no_grad():
                 _, teacher_maps = tc(**inputs)
                 _, student_maps = sc(**inputs)
@@ -161,8 +171,14 @@ def test_qk_loss_keeps_no_quadratic_state_for_the_backward():
 def test_mse_scores_matches_tinybert_reference(causal, block_size):
     """TinyBERT's loss: MSE of pre-softmax scores, masked entries 0, mean over valid (query, key) elements."""
     g = torch.Generator().manual_seed(0)
-    q_s, k_s = torch.randn(2, 4, 7, 8, generator=g, dtype=torch.float64), torch.randn(2, 2, 7, 8, generator=g, dtype=torch.float64)
-    q_t, k_t = torch.randn(2, 4, 7, 8, generator=g, dtype=torch.float64), torch.randn(2, 4, 7, 8, generator=g, dtype=torch.float64)
+    q_s, k_s = (
+        torch.randn(2, 4, 7, 8, generator=g, dtype=torch.float64),
+        torch.randn(2, 2, 7, 8, generator=g, dtype=torch.float64),
+    )
+    q_t, k_t = (
+        torch.randn(2, 4, 7, 8, generator=g, dtype=torch.float64),
+        torch.randn(2, 4, 7, 8, generator=g, dtype=torch.float64),
+    )
     q_s.requires_grad_()
     mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
     additive = (1.0 - mask[:, None, None, :].double()) * torch.finfo(torch.float64).min
@@ -193,7 +209,8 @@ def test_mse_scores_needs_queries_and_keys():
 
 AUTOCAST_CASES = [  # (loss, mode, gram): the block-wise path for every loss, and mse_scores' Gram-matrix path
     *((loss, mode, False) for loss in (*LOSSES, "mse_scores") for mode in ("layerwise", "global")),
-    ("mse_scores", "layerwise", True), ("mse_scores", "global", True),
+    ("mse_scores", "layerwise", True),
+    ("mse_scores", "global", True),
 ]
 
 
@@ -246,7 +263,9 @@ def test_probs_capture_ignores_bf16_autocast():
     torch.testing.assert_close(probs, expected, rtol=1e-6, atol=1e-7)
 
 
-def _kl_reference(student: QueryKey, teacher: QueryKey, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+def _kl_reference(
+    student: QueryKey, teacher: QueryKey, mask: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """Mean over real query rows of ``T^2 KL(teacher_T || student_T)``, each side ``log_softmax`` of its own
     float64 scores over the real keys it may see (causal)."""
     total, rows = 0.0, 0
@@ -259,7 +278,8 @@ def _kl_reference(student: QueryKey, teacher: QueryKey, mask: torch.Tensor, temp
                 keys = mask[b].bool() & (torch.arange(length) <= q)
                 log = [
                     torch.log_softmax(
-                        (r.query[b, h, q].double() @ r.key[b, h].double().T * r.scaling)[keys] / temperature, -1
+                        (r.query[b, h, q].double() @ r.key[b, h].double().T * r.scaling)[keys] / temperature,
+                        -1,
                     )
                     for r in (student, teacher)
                 ]
@@ -276,7 +296,10 @@ def test_kl_from_records_is_exact_for_scores_far_apart(temperature):
     torch.manual_seed(0)
     length = 9
     teacher = QueryKey(
-        (torch.randn(2, 2, length, 4) * 12).double(), (torch.randn(2, 2, length, 4) * 12).double(), 0.5, causal=True
+        (torch.randn(2, 2, length, 4) * 12).double(),
+        (torch.randn(2, 2, length, 4) * 12).double(),
+        0.5,
+        causal=True,
     )
     student = QueryKey(
         (torch.randn(2, 2, length, 4) * 12).double().requires_grad_(),
@@ -286,10 +309,13 @@ def test_kl_from_records_is_exact_for_scores_far_apart(temperature):
     )
     mask = torch.ones(2, length, dtype=torch.long)
     mask[1, :2] = 0  # left padding
-    gaps = (teacher.scores().amax(-1, keepdim=True) - teacher.scores()).masked_fill(~torch.isfinite(teacher.scores()), 0)
+    gaps = (teacher.scores().amax(-1, keepdim=True) - teacher.scores()).masked_fill(
+        ~torch.isfinite(teacher.scores()), 0
+    )
     assert gaps.max() > 150
-    component = AttentionDistillationLoss(AttentionLoss("kl", temperature=temperature), "layerwise", [(0, 0)],
-                                          block_size=4, fused=False)
+    component = AttentionDistillationLoss(
+        AttentionLoss("kl", temperature=temperature), "layerwise", [(0, 0)], block_size=4, fused=False
+    )
     value, _ = component({0: student}, {0: teacher}, mask)
     expected = _kl_reference(student, teacher, mask, temperature)
     torch.testing.assert_close(value, expected, rtol=1e-10, atol=0)
@@ -308,13 +334,18 @@ def test_no_gradient_reaches_the_teacher(loss, gram, records):
     """The teacher's maps, queries and keys are the target: whatever the path (block-wise from records, the
     Gram-matrix form of mse_scores, maps, a callable loss), the gradient reaches the student's side only."""
     generator = torch.Generator().manual_seed(0)
-    tensors = [torch.randn(2, 4, 9, 8, generator=generator, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    tensors = [
+        torch.randn(2, 4, 9, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+        for _ in range(4)
+    ]
     qs, ks, qt, kt = tensors
     mask = torch.tensor([[1] * 9, [1] * 6 + [0] * 3])
     for component in (
         AttentionDistillationLoss(loss, "layerwise", [(0, 0)], block_size=4, gram=gram),
         AttentionDistillationLoss(AttentionLoss(loss), "global", [(0, 0)], block_size=4),
-        AttentionDistillationLoss(lambda s, t, m, per_head=False: (s - t).square().mean(), "layerwise", [(0, 0)]),
+        AttentionDistillationLoss(
+            lambda s, t, m, per_head=False: (s - t).square().mean(), "layerwise", [(0, 0)]
+        ),
     ):
         if loss == "mse_scores" and component.loss.__class__ is not AttentionLoss:
             continue

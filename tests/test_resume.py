@@ -50,9 +50,18 @@ EPOCHS, STEPS_PER_EPOCH = 3, 8
 TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
 PAIRS = ["L1->0", "L3->1"]  # the uniform map of the 4 teacher layers onto 2 student layers
 RUN = [
-    "student=from_teacher", "student.num_layers=2", "logger=csv", "data.batch_size=8", f"trainer.max_epochs={EPOCHS}",
-    "trainer.log_every_n_steps=1", "optimizer.lr=0.005", "fused_kernel=false", "callbacks.attention_maps=null",
-    "callbacks.progress_bar=null", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
+    "student=from_teacher",
+    "student.num_layers=2",
+    "logger=csv",
+    "data.batch_size=8",
+    f"trainer.max_epochs={EPOCHS}",
+    "trainer.log_every_n_steps=1",
+    "optimizer.lr=0.005",
+    "fused_kernel=false",
+    "callbacks.attention_maps=null",
+    "callbacks.progress_bar=null",
+    "+trainer.enable_progress_bar=false",
+    "+trainer.enable_model_summary=false",
 ]
 
 
@@ -156,7 +165,9 @@ class PoisonLoss(L.Callback):
         if trainer.global_step != self.step or self.rank not in (None, trainer.global_rank):
             return
         if self.part == "output":
-            module.student.classifier.register_forward_hook(lambda layer, inputs, output: output * float("nan"))
+            module.student.classifier.register_forward_hook(
+                lambda layer, inputs, output: output * float("nan")
+            )
             return
         original, pair = module.attention_loss.forward, self.part
 
@@ -195,7 +206,9 @@ def assert_same_result(run_dir: Path, reference_dir: Path) -> None:
         assert got["teacher"][key] == pytest.approx(want["teacher"][key], abs=1e-6), key
     assert set(got["attention_loss"]) == set(want["attention_loss"]) == set(PAIRS)
     for pair in PAIRS:
-        assert got["attention_loss"][pair] == pytest.approx(want["attention_loss"][pair], rel=1e-5, abs=1e-9), pair
+        assert got["attention_loss"][pair] == pytest.approx(
+            want["attention_loss"][pair], rel=1e-5, abs=1e-9
+        ), pair
     got_weights, want_weights = student_weights(run_dir), student_weights(reference_dir)
     assert got_weights.keys() == want_weights.keys()
     for name, value in want_weights.items():
@@ -218,7 +231,9 @@ def assert_same_losses(losses: dict[int, float], reference: dict[int, float], fi
     reference's logged step (after an interruption *during* a step too: ``ResumeRandomState`` keeps the
     loggers' step, which Lightning's restart would advance by one)."""
     assert sorted(losses) == list(range(first_step, TOTAL_STEPS))
-    assert losses == pytest.approx({step: reference[step] for step in range(first_step, TOTAL_STEPS)}, rel=1e-6, abs=1e-9)
+    assert losses == pytest.approx(
+        {step: reference[step] for step in range(first_step, TOTAL_STEPS)}, rel=1e-6, abs=1e-9
+    )
 
 
 def validation_history(run_dir: Path) -> dict[tuple[int, int], dict[str, float]]:
@@ -268,7 +283,9 @@ def lock_holders():
 def loop_position(checkpoint: dict) -> tuple[int, int]:
     """``(epoch, batches processed in it)`` as Lightning's loops recorded them in ``checkpoint``."""
     loops = checkpoint["loops"]["fit_loop"]
-    return loops["epoch_progress"]["current"]["processed"], loops["epoch_loop.batch_progress"]["current"]["processed"]
+    return loops["epoch_progress"]["current"]["processed"], loops["epoch_loop.batch_progress"]["current"][
+        "processed"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- 1. the CLI: kill, Ctrl-C
@@ -279,7 +296,10 @@ def cli_task(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume-cli")
     task = make_text_task(root / "task", hidden_dropout_prob=0.1)
     command = [
-        *task["overrides"], *RUN, "checkpoint_every_n_steps=3", *callback_overrides("pace", Pace, seconds=0.1),
+        *task["overrides"],
+        *RUN,
+        "checkpoint_every_n_steps=3",
+        *callback_overrides("pace", Pace, seconds=0.1),
     ]
     return root, command
 
@@ -318,14 +338,19 @@ def test_sigkill_mid_epoch_then_the_same_command_resumes_to_the_uninterrupted_re
     run_dir = last.parents[1]
     state = torch.load(last, map_location="cpu", weights_only=True)
     epoch, batches = loop_position(state)
-    assert STEPS_PER_EPOCH < state["global_step"] < TOTAL_STEPS and epoch >= 1 and 0 < batches < STEPS_PER_EPOCH
+    assert (
+        STEPS_PER_EPOCH < state["global_step"] < TOTAL_STEPS and epoch >= 1 and 0 < batches < STEPS_PER_EPOCH
+    )
     assert state["TextClassificationData"] == {"train_position": [epoch, batches * 8]}
     assert not (run_dir / "results.json").exists() and not (last.parent / "interrupted.ckpt").exists()
 
     second = cli_run(cwd, command, "second")
     assert second.wait() == 0, second.output()[-3000:]
     output = second.output()
-    assert f"ckpt_path=auto: resuming from {last} because {run_dir} is the latest run with the same overrides" in output
+    assert (
+        f"ckpt_path=auto: resuming from {last} because {run_dir} is the latest run with the same overrides"
+        in output
+    )
     assert f"Restored all states from the checkpoint at {last}" in output
     # the rerun continued in the first run's directory; the one Hydra made for it holds only .hydra/ and its log
     (new_dir,) = [d for d in second.run_dirs() if d != run_dir]
@@ -376,7 +401,9 @@ def test_a_second_copy_of_a_running_command_starts_afresh_beside_it(cli_task, cl
     with the uninterrupted result, untouched by the other."""
     root, command = cli_task
     # paced slower (about 12 s of steps), so that the first still runs when the second starts
-    command = [o for o in command if not o.startswith("+callbacks.pace.seconds=")] + ["+callbacks.pace.seconds=0.5"]
+    command = [o for o in command if not o.startswith("+callbacks.pace.seconds=")] + [
+        "+callbacks.pace.seconds=0.5"
+    ]
     cwd = root / "twice"
     first = cli_run(cwd, command, "first")
     first_dir = first.wait_for_checkpoint(min_step=3).parents[1]
@@ -402,7 +429,9 @@ def task(tmp_path_factory):
 
 
 def run_app(task: dict, output_dir: Path, *overrides: str) -> dict:
-    return train(compose_config([*task["overrides"], *RUN, "checkpoint_every_n_steps=3", *overrides], output_dir))
+    return train(
+        compose_config([*task["overrides"], *RUN, "checkpoint_every_n_steps=3", *overrides], output_dir)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -420,7 +449,9 @@ CRASHES = {  # how Lightning resumes from the interrupted.ckpt written by each
 
 
 @pytest.mark.parametrize("case", list(CRASHES))
-def test_crash_then_rerun_in_the_same_directory_resumes_to_the_uninterrupted_result(task, reference, tmp_path, caplog, case):
+def test_crash_then_rerun_in_the_same_directory_resumes_to_the_uninterrupted_result(
+    task, reference, tmp_path, caplog, case
+):
     hook, step = CRASHES[case]
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match=f"test crash in {hook} at step {step}"):
@@ -431,7 +462,10 @@ def test_crash_then_rerun_in_the_same_directory_resumes_to_the_uninterrupted_res
 
     with caplog.at_level(logging.INFO, logger="distill_lab.resume"):
         run_app(task, out)  # the same directory, ckpt_path=auto
-    assert f"resuming from {interrupted} because this run's directory {out} holds an unfinished run" in caplog.text
+    assert (
+        f"resuming from {interrupted} because this run's directory {out} holds an unfinished run"
+        in caplog.text
+    )
     assert_same_result(out, reference)
     assert_same_losses(train_losses(out, version=1), train_losses(reference), step)
 
@@ -464,7 +498,12 @@ def test_a_ctrl_c_during_a_step_is_taken_when_the_step_ends(task, reference, tmp
     twice = tmp_path / "twice"
     with pytest.raises(SystemExit):
         run_app(task, twice, *callback_overrides("ctrl_c", CtrlCBeforeUpdate, step=10, times=2))
-    assert torch.load(twice / "checkpoints" / "interrupted.ckpt", map_location="cpu", weights_only=True)["global_step"] == 10
+    assert (
+        torch.load(twice / "checkpoints" / "interrupted.ckpt", map_location="cpu", weights_only=True)[
+            "global_step"
+        ]
+        == 10
+    )
 
 
 @pytest.mark.slow
@@ -481,7 +520,9 @@ def test_a_masked_lm_run_resumed_mid_epoch_masks_and_ends_as_the_uninterrupted_o
     got, want = (json.loads((d / "results.json").read_text()) for d in (out, reference))
     assert got["student"]["perplexity"] == pytest.approx(want["student"]["perplexity"], rel=1e-5)
     assert got["attention_loss"] == pytest.approx(want["attention_loss"], rel=1e-5, abs=1e-9)
-    last, reference_last = (torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu") for d in (out, reference))
+    last, reference_last = (
+        torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu") for d in (out, reference)
+    )
     for name, weight in reference_last["state_dict"].items():
         torch.testing.assert_close(last["state_dict"][name], weight, rtol=1e-5, atol=1e-6, msg=name)
     assert_same_losses(train_losses(out, version=1), train_losses(reference), 10)
@@ -493,7 +534,10 @@ KILLS_AFTER_A_DUE_CHECKPOINT = {  # (hook, step, overrides, last.ckpt left): a S
     "after-the-epochs-validation": ("on_train_epoch_start", 8, ["checkpoint_every_n_steps=4"], 8),
     # due on step 4, which a mid-epoch validation follows (every 4 batches), killed during it
     "during-a-mid-epoch-validation": (
-        "on_validation_start", 4, ["checkpoint_every_n_steps=2", "trainer.val_check_interval=4"], 2,
+        "on_validation_start",
+        4,
+        ["checkpoint_every_n_steps=2", "trainer.val_check_interval=4"],
+        2,
     ),
 }
 
@@ -506,9 +550,12 @@ def assert_validated_as_the_reference(out: Path, reference: Path, resumed_step: 
     assert history == reference_history and len(history) == len(reference_history)
     assert_same_result(out, reference)
     assert_same_losses(train_losses(out, version=1), train_losses(reference), resumed_step)
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(["best.ckpt", "last.ckpt", *kept])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(
+        ["best.ckpt", "last.ckpt", *kept]
+    )
     best, best_reference = (
-        torch.load(d / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True) for d in (out, reference)
+        torch.load(d / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+        for d in (out, reference)
     )
     assert (best["epoch"], best["global_step"]) == (best_reference["epoch"], best_reference["global_step"])
 
@@ -537,14 +584,20 @@ CRASHES_DURING_VALIDATION = {  # (hook, step, overrides): interrupted.ckpt is wr
     # epoch 0's validation, after its last step (8); last.ckpt of step 4 is the newest step checkpoint
     "the-epochs-validation": ("on_validation_start", 8, ["checkpoint_every_n_steps=4"]),
     # a mid-epoch validation (every 4 batches) after step 4, whose due checkpoint waits for it
-    "a-mid-epoch-validation": ("on_validation_start", 4, ["checkpoint_every_n_steps=2", "trainer.val_check_interval=4"]),
+    "a-mid-epoch-validation": (
+        "on_validation_start",
+        4,
+        ["checkpoint_every_n_steps=2", "trainer.val_check_interval=4"],
+    ),
     # half-way through epoch 0's validation, its first batch done (resumed as written, Lightning would skip it)
     "a-validation-batch": ("on_validation_batch_start", 8, ["checkpoint_every_n_steps=4"]),
 }
 
 
 @pytest.mark.parametrize("case", list(CRASHES_DURING_VALIDATION))
-def test_an_exception_during_validation_resumes_by_running_that_validation_again(task, tmp_path, caplog, case):
+def test_an_exception_during_validation_resumes_by_running_that_validation_again(
+    task, tmp_path, caplog, case
+):
     """An exception (Ctrl-C too) during a validation inside fit writes ``interrupted.ckpt`` at that step, which
     resumes by running the whole validation again (``restart_validation``): as Lightning wrote it, the resumed
     run skipped the validation's finished batches (or the whole validation), so its metrics were wrong or never
@@ -555,7 +608,10 @@ def test_an_exception_during_validation_resumes_by_running_that_validation_again
     run_app(task, reference, *overrides)
     out = tmp_path / "run"
     crash = callback_overrides("crash", Crash, hook=hook, step=step)
-    with caplog.at_level(logging.INFO, logger="distill_lab.callbacks"), pytest.raises(RuntimeError, match="test crash"):
+    with (
+        caplog.at_level(logging.INFO, logger="distill_lab.callbacks"),
+        pytest.raises(RuntimeError, match="test crash"),
+    ):
         run_app(task, out, *overrides, *crash)
     interrupted = out / "checkpoints" / "interrupted.ckpt"
     assert "stopped during a validation" in caplog.text
@@ -613,7 +669,9 @@ def test_a_run_resumed_under_another_learning_rate_trains_on_at_it(task, tmp_pat
         run_app(task, out, "optimizer.lr=0.0025", *record)  # RUN's is 0.005
     assert "optimizer.lr=0.0025, and the checkpoint's run used 0.005: training on at 0.5 times" in caplog.text
     first, resumed = learning_rates("first"), learning_rates("resumed")
-    assert sorted(resumed) == list(range(10, TOTAL_STEPS)) and max(first) == 10  # step 10 crashed, and is repeated
+    assert (
+        sorted(resumed) == list(range(10, TOTAL_STEPS)) and max(first) == 10
+    )  # step 10 crashed, and is repeated
     assert resumed[10] == pytest.approx(first[10] / 2, rel=1e-12)
     warm_up = int(0.1 * TOTAL_STEPS)  # then the linear decay to 0 at TOTAL_STEPS, at the new base rate
     for step, rate in resumed.items():
@@ -630,17 +688,23 @@ def test_ckpt_path_null_starts_afresh_beside_an_interrupted_checkpoint(task, tmp
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["interrupted.ckpt"]
     with caplog.at_level(logging.WARNING, logger="distill_lab.resume"):
         run_app(task, out, "ckpt_path=null", "trainer.max_epochs=1")
-    assert f"holds an earlier unfinished run's checkpoints: moved them to {out / 'checkpoints.1'}" in caplog.text
+    assert (
+        f"holds an earlier unfinished run's checkpoints: moved them to {out / 'checkpoints.1'}" in caplog.text
+    )
     # from step 0: Lightning's own fit(ckpt_path=None) -> "last" did not pick the interrupted checkpoint
     assert sorted(train_losses(out, version=1)) == list(range(STEPS_PER_EPOCH))
     assert sorted(p.name for p in (out / "checkpoints.1").iterdir()) == ["interrupted.ckpt"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
-    assert json.loads((out / "results.json").read_text())["best_checkpoint"] == str(out / "checkpoints" / "best.ckpt")
+    assert json.loads((out / "results.json").read_text())["best_checkpoint"] == str(
+        out / "checkpoints" / "best.ckpt"
+    )
     with pytest.raises(ValueError, match=r"holds a finished run \(results\.json\)"):
         run_app(task, out, "ckpt_path=null")
 
 
-def test_a_run_directory_in_use_by_a_live_process_is_refused_before_anything_trains(task, tmp_path, lock_holders):
+def test_a_run_directory_in_use_by_a_live_process_is_refused_before_anything_trains(
+    task, tmp_path, lock_holders
+):
     out = tmp_path / "run"
     holder = lock_holders(out)
     for ckpt_path in ("auto", "null"):
@@ -655,22 +719,35 @@ def test_a_run_directory_in_use_by_a_live_process_is_refused_before_anything_tra
 # ---------------------------------------------------------------------------------------------- 3. non-finite stops
 
 
-@pytest.mark.parametrize(("part", "named"), [("L3->1", "layer pair L3->1 = nan"), ("output", "output loss = nan")])
+@pytest.mark.parametrize(
+    ("part", "named"), [("L3->1", "layer pair L3->1 = nan"), ("output", "output loss = nan")]
+)
 def test_non_finite_loss_names_step_and_part_and_keeps_finite_checkpoints(task, tmp_path, part, named):
     out = tmp_path / "run"
     with pytest.raises(FloatingPointError) as info:
-        run_app(task, out, "checkpoint_every_n_steps=2", *callback_overrides("poison", PoisonLoss, part=part, step=5))
+        run_app(
+            task,
+            out,
+            "checkpoint_every_n_steps=2",
+            *callback_overrides("poison", PoisonLoss, part=part, step=5),
+        )
     message = str(info.value)
-    assert message.startswith(f"non-finite loss at step 5 (epoch 0, batch 5): {named}. Training stopped")  # only it
+    assert message.startswith(
+        f"non-finite loss at step 5 (epoch 0, batch 5): {named}. Training stopped"
+    )  # only it
     checkpoints = out / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]  # no interrupted.ckpt of the NaN step
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "last.ckpt"
+    ]  # no interrupted.ckpt of the NaN step
     assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 4
     assert all_finite(checkpoints / "last.ckpt") and not (out / "results.json").exists()
 
 
 def test_non_finite_weights_are_never_checkpointed(task, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(FloatingPointError, match=r"non-finite weights at step 4 in student\.bert\.embeddings\.") as info:
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite weights at step 4 in student\.bert\.embeddings\."
+    ) as info:
         run_app(task, out, "checkpoint_every_n_steps=2", *callback_overrides("inf", InfiniteGradient, step=3))
     assert "no checkpoint was written" in str(info.value)
     checkpoints = out / "checkpoints"
@@ -682,7 +759,9 @@ def test_non_finite_weights_are_never_checkpointed(task, tmp_path):
 def test_non_finite_weights_are_named_when_the_next_loss_breaks(task, tmp_path):
     """Between checkpoints the NaN update shows in the next step's loss, which says where it came from."""
     out = tmp_path / "run"
-    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 4 .*weights were already non-finite"):
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite loss at step 4 .*weights were already non-finite"
+    ):
         run_app(task, out, "checkpoint_every_n_steps=3", *callback_overrides("inf", InfiniteGradient, step=3))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]
     assert all_finite(out / "checkpoints" / "last.ckpt")
@@ -697,7 +776,9 @@ def test_checkpoint_interval_is_one_top_level_option(tmp_path):
     assert compose_config([], tmp_path).ckpt_path == "auto"
 
 
-def _fake_run(root: Path, name: str, overrides: list[str], files: dict[str, int], hydra: list[str] = ()) -> Path:
+def _fake_run(
+    root: Path, name: str, overrides: list[str], files: dict[str, int], hydra: list[str] = ()
+) -> Path:
     """A run directory with ``.hydra/overrides.yaml`` (and ``hydra.yaml`` listing the ``hydra`` overrides) and
     empty ``files`` (relative path -> modification time in seconds), as Hydra and a run would leave them."""
     run_dir = root / name
@@ -713,7 +794,9 @@ def _fake_run(root: Path, name: str, overrides: list[str], files: dict[str, int]
     return run_dir
 
 
-def test_a_fresh_start_sets_an_unfinished_runs_checkpoints_aside_but_a_resume_of_its_own_does_not(tmp_path, monkeypatch):
+def test_a_fresh_start_sets_an_unfinished_runs_checkpoints_aside_but_a_resume_of_its_own_does_not(
+    tmp_path, monkeypatch
+):
     """resolve_ckpt_path with a run directory holding an unfinished run's checkpoints: ckpt_path=null or a
     checkpoint from elsewhere start a run of their own there (checkpoints/ moved to checkpoints.1, .2...); a
     checkpoint of that directory itself, or Lightning's "last" (no file), resume it (nothing moved)."""
@@ -723,7 +806,11 @@ def test_a_fresh_start_sets_an_unfinished_runs_checkpoints_aside_but_a_resume_of
     for ckpt_path in (str(own), "last"):
         assert resolve_ckpt_path(ckpt_path, run) == (ckpt_path, run)
         assert own.is_file()
-    elsewhere = _fake_run(tmp_path, "other", ["loss=kl"], {"checkpoints/last.ckpt": 100}) / "checkpoints" / "last.ckpt"
+    elsewhere = (
+        _fake_run(tmp_path, "other", ["loss=kl"], {"checkpoints/last.ckpt": 100})
+        / "checkpoints"
+        / "last.ckpt"
+    )
     assert resolve_ckpt_path(str(elsewhere), run) == (str(elsewhere), run)
     assert (run / "checkpoints.1" / "last.ckpt").is_file() and not (run / "checkpoints").exists()
     (run / "checkpoints").mkdir()
@@ -731,12 +818,17 @@ def test_a_fresh_start_sets_an_unfinished_runs_checkpoints_aside_but_a_resume_of
     assert resolve_ckpt_path(None, run) == (None, run)
     assert (run / "checkpoints.2" / "interrupted.ckpt").is_file() and not (run / "checkpoints").exists()
     assert resolve_ckpt_path(None, run) == (None, run)  # nothing left to move
-    assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoints")) == ["checkpoints.1", "checkpoints.2"]
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoints")) == [
+        "checkpoints.1",
+        "checkpoints.2",
+    ]
 
 
 def test_previous_run_is_the_latest_unfinished_one_with_the_same_overrides(tmp_path, monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    monkeypatch.setenv("DISTILL_LAB_RESUME", "{}")  # restored afterwards: resolve_ckpt_path records its choice
+    monkeypatch.setenv(
+        "DISTILL_LAB_RESUME", "{}"
+    )  # restored afterwards: resolve_ckpt_path records its choice
     outputs, same, other = tmp_path / "outputs", ["loss=kl", "seed=1"], ["loss=mse", "seed=1"]
     now = _fake_run(outputs, "2026-01-02/00-05-00", same[::-1], {})  # this run: the same overrides, reordered
     assert find_previous_run(now) is None  # nothing else yet
@@ -747,12 +839,17 @@ def test_previous_run_is_the_latest_unfinished_one_with_the_same_overrides(tmp_p
     assert resolve_ckpt_path("auto", now) == (str(old / "checkpoints" / "last.ckpt"), old)
     # the DDP ranks that Lightning launches take rank 0's choice, whatever they would find
     handed_over = os.environ["DISTILL_LAB_RESUME"]
-    assert json.loads(handed_over) == {"ckpt_path": str(old / "checkpoints" / "last.ckpt"), "output_dir": str(old)}
+    assert json.loads(handed_over) == {
+        "ckpt_path": str(old / "checkpoints" / "last.ckpt"),
+        "output_dir": str(old),
+    }
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert resolve_ckpt_path("auto", tmp_path / "elsewhere") == (str(old / "checkpoints" / "last.ckpt"), old)
     monkeypatch.setenv("LOCAL_RANK", "0")
     # a directory named with hydra.run.dir= wants a run of its own there, not one found beside it
-    named = _fake_run(outputs, "2026-01-02/00-06-00", same, {}, hydra=[f"hydra.run.dir={outputs}/2026-01-02/00-06-00"])
+    named = _fake_run(
+        outputs, "2026-01-02/00-06-00", same, {}, hydra=[f"hydra.run.dir={outputs}/2026-01-02/00-06-00"]
+    )
     assert find_previous_run(named) is None
     # run.py says whether the directory was named, from its live Hydra config (under torchrun every process
     # writes .hydra/ at once, so the files are not read back then); that answer wins over the files
@@ -784,7 +881,9 @@ def test_previous_run_is_the_latest_unfinished_one_with_the_same_overrides(tmp_p
     named = _fake_run(tmp_path / "runs", "mine", ["loss=mse"], {"checkpoints/last.ckpt": 10})
     assert find_previous_run(named)[:2] == (named / "checkpoints" / "last.ckpt", named)
     (named / "results.json").touch()  # finished: named again, it is refused (piling a second run onto it)
-    with pytest.raises(ValueError, match=r"mine holds a finished run \(results\.json\).*Choose another hydra\.run\.dir"):
+    with pytest.raises(
+        ValueError, match=r"mine holds a finished run \(results\.json\).*Choose another hydra\.run\.dir"
+    ):
         find_previous_run(named)
     # and a directory that Hydra does not manage (no .hydra/) has no neighbours to compare with
     assert find_previous_run(tmp_path / "plain") is None
@@ -793,7 +892,9 @@ def test_previous_run_is_the_latest_unfinished_one_with_the_same_overrides(tmp_p
     sweeps = tmp_path / "multirun"
     job = _fake_run(sweeps, "2026-01-02/00-10-00/1", same, {})
     earlier = _fake_run(sweeps, "2026-01-01/23-00-00/1", same, {"checkpoints/last.ckpt": 100})
-    _fake_run(sweeps, "2026-01-01/23-00-00/0", other, {"checkpoints/last.ckpt": 200})  # another job of that sweep
+    _fake_run(
+        sweeps, "2026-01-01/23-00-00/0", other, {"checkpoints/last.ckpt": 200}
+    )  # another job of that sweep
     assert find_previous_run(job)[:2] == (earlier / "checkpoints" / "last.ckpt", earlier)
 
 
@@ -843,7 +944,10 @@ def test_auto_resumes_no_run_whose_process_is_alive(tmp_path, monkeypatch, caplo
     with caplog.at_level(logging.INFO, logger="distill_lab.resume"):
         assert find_previous_run(second) is None
         assert resolve_ckpt_path("auto", second) == (None, second)
-    assert f"{first}, the latest run with the same overrides, is still running (process {holder.process.pid}" in caplog.text
+    assert (
+        f"{first}, the latest run with the same overrides, is still running (process {holder.process.pid}"
+        in caplog.text
+    )
     assert (second / LOCK_FILE).read_text() == f"{os.getpid()}\n"  # this process now holds its own directory
 
     # a third copy started in the same second as the second gets the same directory, which is refused
@@ -851,7 +955,10 @@ def test_auto_resumes_no_run_whose_process_is_alive(tmp_path, monkeypatch, caplo
         [sys.executable, "-c", "import sys; from distill_lab.resume import resolve_ckpt_path; resolve_ckpt_path(None, sys.argv[1])", str(second)],
         capture_output=True, text=True,
     )  # fmt: skip
-    assert third.returncode != 0 and f"RunDirectoryLocked: {second} is in use: process {os.getpid()}" in third.stderr
+    assert (
+        third.returncode != 0
+        and f"RunDirectoryLocked: {second} is in use: process {os.getpid()}" in third.stderr
+    )
 
     # a DDP rank other than 0 in a locked directory is one of its run's processes
     monkeypatch.setattr("distill_lab.resume.rank_zero_only.rank", 1)
@@ -864,7 +971,9 @@ def test_auto_resumes_no_run_whose_process_is_alive(tmp_path, monkeypatch, caplo
     assert find_previous_run(second)[:2] == (first / "checkpoints" / "last.ckpt", first)
 
 
-def test_a_process_that_torchrun_or_srun_started_beside_rank_zero_resumes_its_directorys_checkpoint(tmp_path, monkeypatch):
+def test_a_process_that_torchrun_or_srun_started_beside_rank_zero_resumes_its_directorys_checkpoint(
+    tmp_path, monkeypatch
+):
     """Under torchrun or srun no rank hands its choice to another: a rank above 0 resolves ``auto`` as rank 0
     does in the named directory such a run has (its newest checkpoint; none: afresh; a finished run: an error)."""
     from distill_lab import resume
@@ -874,7 +983,9 @@ def test_a_process_that_torchrun_or_srun_started_beside_rank_zero_resumes_its_di
     assert not resume.started_by_a_launcher()
     monkeypatch.setenv("SLURM_NTASKS", "8")
     assert resume.started_by_a_launcher()
-    monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # an allocation for launching by hand (as Lightning reads it)
+    monkeypatch.setenv(
+        "SLURM_JOB_NAME", "interactive"
+    )  # an allocation for launching by hand (as Lightning reads it)
     assert not resume.started_by_a_launcher()
     monkeypatch.delenv("SLURM_JOB_NAME")
     monkeypatch.setenv("SLURM_NTASKS", "1")
@@ -882,7 +993,9 @@ def test_a_process_that_torchrun_or_srun_started_beside_rank_zero_resumes_its_di
     assert resume.started_by_a_launcher()
 
     monkeypatch.setattr(resume.rank_zero_only, "rank", 1)
-    run = _fake_run(tmp_path, "run", ["loss=kl"], {"checkpoints/last.ckpt": 1, "checkpoints/interrupted.ckpt": 2})
+    run = _fake_run(
+        tmp_path, "run", ["loss=kl"], {"checkpoints/last.ckpt": 1, "checkpoints/interrupted.ckpt": 2}
+    )
     assert resolve_ckpt_path("auto", run) == (str(run / "checkpoints" / "interrupted.ckpt"), run)
     assert not (run / LOCK_FILE).exists()  # rank 0 holds the lock
     empty = tmp_path / "empty"
@@ -910,11 +1023,15 @@ def test_distributed_sampler_shards_the_same_order_and_continues_each_share_part
     examples of this process's share, once."""
     data = list(range(20))
     full = list(ResumableRandomSampler(data, seed=3, epoch=1))
-    shares = [list(ResumableDistributedSampler(data, num_replicas=3, rank=r, seed=3, epoch=1)) for r in range(3)]
+    shares = [
+        list(ResumableDistributedSampler(data, num_replicas=3, rank=r, seed=3, epoch=1)) for r in range(3)
+    ]
     padded = full + full[:1]
     assert shares == [padded[r::3] for r in range(3)]
     for r in range(3):
-        torch_sampler = torch.utils.data.DistributedSampler(data, num_replicas=3, rank=r, shuffle=True, seed=3)
+        torch_sampler = torch.utils.data.DistributedSampler(
+            data, num_replicas=3, rank=r, shuffle=True, seed=3
+        )
         torch_sampler.set_epoch(1)
         assert list(torch_sampler) == shares[r]
     sampler = ResumableDistributedSampler(data, num_replicas=3, rank=1, seed=3, epoch=1, start=4)

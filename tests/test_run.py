@@ -103,7 +103,11 @@ class TeacherProbe(L.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         self.record["train"].append(
-            (module.teacher.training, module.student.training, any(p.requires_grad for p in module.teacher.parameters()))
+            (
+                module.teacher.training,
+                module.student.training,
+                any(p.requires_grad for p in module.teacher.parameters()),
+            )
         )
 
     def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0) -> None:
@@ -130,7 +134,10 @@ def default_run(task, tmp_path_factory):
     out = tmp_path_factory.mktemp("default-run")
     TeacherProbe.records.pop("default", None)
     metrics = run_app(
-        task, out, "+callbacks.teacher_probe._target_=test_run.TeacherProbe", "+callbacks.teacher_probe.key=default"
+        task,
+        out,
+        "+callbacks.teacher_probe._target_=test_run.TeacherProbe",
+        "+callbacks.teacher_probe.key=default",
     )
     return {"metrics": metrics, "out": out, "probe": TeacherProbe.records["default"]}
 
@@ -189,7 +196,9 @@ def test_every_data_option_takes_the_subset_and_loader_keys_as_plain_overrides(o
 
 
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
-def test_every_config_option_composes_and_instantiates(task, image_task, tmp_path, monkeypatch, group, option):
+def test_every_config_option_composes_and_instantiates(
+    task, image_task, tmp_path, monkeypatch, group, option
+):
     out = tmp_path / "out"
     cache = tmp_path / "cache"
     # the built-in teacher's cache already holds a model, so teacher=builtin loads it instead of training one
@@ -208,11 +217,15 @@ def test_every_config_option_composes_and_instantiates(task, image_task, tmp_pat
     cfg = compose_config(overrides, out, cache, return_hydra_config=is_hydra)
     node = cfg if is_hydra else cfg.get(group)
     missing = set(OmegaConf.missing_keys(node)) if node is not None and not is_hydra else set()  # full keys
-    assert missing <= set(fills), f"{group}={option} needs values the test does not know: {missing - set(fills)}"
+    assert missing <= set(fills), (
+        f"{group}={option} needs values the test does not know: {missing - set(fills)}"
+    )
     if missing:
         overrides += [f"{k}='{fills[k]}'" for k in sorted(missing)]
         cfg = compose_config(overrides, out, cache)
-    checked = _assert_option_applied(cfg, group, option, overridden=missing | {"paths.output_dir", "paths.cache_dir"})
+    checked = _assert_option_applied(
+        cfg, group, option, overridden=missing | {"paths.output_dir", "paths.cache_dir"}
+    )
     if not is_hydra:
         assert cfg.paths.output_dir == str(out)
     node = cfg.hydra if is_hydra else cfg.get(group)
@@ -306,7 +319,9 @@ def test_every_config_option_composes_and_instantiates(task, image_task, tmp_pat
         for key, value in saved.state_dict().items():
             assert torch.equal(teacher.state_dict()[key], value), key
         if option == "builtin":
-            assert not (cache / "builtin-sequence_classification-v2" / "teacher_metrics.txt").exists()  # loaded, not trained
+            assert not (
+                cache / "builtin-sequence_classification-v2" / "teacher_metrics.txt"
+            ).exists()  # loaded, not trained
     elif group == "student":
         teacher = AutoModelForSequenceClassification.from_pretrained(task["teacher"])
         student = instantiate(node, teacher=teacher)
@@ -327,18 +342,29 @@ def test_every_config_option_composes_and_instantiates(task, image_task, tmp_pat
         assert built.name == option and type(built) is TASKS[option]
         assert cfg.optimized_metric == built.monitor and cfg.optimized_mode == built.monitor_mode
         assert cfg.teacher.task == option  # the teacher is loaded with the task's head
-        expected_data = {"masked_lm": "lm_synthetic", "causal_lm": "lm_synthetic", "image_classification": "synthetic_images"}
+        expected_data = {
+            "masked_lm": "lm_synthetic",
+            "causal_lm": "lm_synthetic",
+            "image_classification": "synthetic_images",
+        }
         if option in expected_data:  # the task brings data of its kind
-            assert cfg.data._target_ == OmegaConf.load(CONF_DIR / "data" / f"{expected_data[option]}.yaml")._target_
+            assert (
+                cfg.data._target_
+                == OmegaConf.load(CONF_DIR / "data" / f"{expected_data[option]}.yaml")._target_
+            )
         if option in ("masked_lm", "causal_lm"):
             assert cfg.data.mlm is (option == "masked_lm")
     elif group in ("debug", "experiment", "hydra", "launcher", "hparams_search"):
         spec_hydra = OmegaConf.load(CONF_DIR / group / f"{option}.yaml").get("hydra")
-        assert checked > 0 or spec_hydra  # compose only; their values were checked above (or are Hydra's, below)
+        assert (
+            checked > 0 or spec_hydra
+        )  # compose only; their values were checked above (or are Hydra's, below)
         if spec_hydra and not is_hydra:  # what the option sets for Hydra (a sweep, a launcher) reaches Hydra
             with_hydra = compose_config(overrides, out, cache, return_hydra_config=True)
             for key, value in _raw_leaves(OmegaConf.to_container(spec_hydra, resolve=False)).items():
-                assert OmegaConf.select(with_hydra.hydra, key, throw_on_resolution_failure=False) == value or (
+                assert OmegaConf.select(
+                    with_hydra.hydra, key, throw_on_resolution_failure=False
+                ) == value or (
                     isinstance(value, str) and "${" in value  # interpolations resolve at run time
                 ), key
             if group == "launcher":
@@ -353,7 +379,12 @@ def test_every_config_option_composes_and_instantiates(task, image_task, tmp_pat
 def test_config_groups_are_all_covered():
     groups = {g for g, _ in GROUP_OPTIONS}
     assert {"loss", "matching", "teacher", "student", "data", "trainer", "logger", "callbacks"} <= groups
-    assert {"kl", "mse", "cosine"} <= set(LOSSES) and set(MODES) == {"layerwise", "headwise", "global", "selective"}
+    assert {"kl", "mse", "cosine"} <= set(LOSSES) and set(MODES) == {
+        "layerwise",
+        "headwise",
+        "global",
+        "selective",
+    }
 
 
 def test_unknown_option_is_a_hydra_error_listing_the_options(tmp_path):
@@ -379,14 +410,22 @@ def test_train_every_loss_and_matching(task, tmp_path, loss, matching):
     assert set(metrics) == {"val/acc", "val/f1", "val/teacher_acc", "val/teacher_f1"}
 
     results = json.loads((out / "results.json").read_text())
-    assert results["student"]["acc"] == metrics["val/acc"] and results["teacher"]["acc"] == metrics["val/teacher_acc"]
+    assert (
+        results["student"]["acc"] == metrics["val/acc"]
+        and results["teacher"]["acc"] == metrics["val/teacher_acc"]
+    )
     assert results["gap"]["acc"] == pytest.approx(results["teacher"]["acc"] - results["student"]["acc"])
     params = results["parameters"]
     assert params["teacher"] > params["student"] > 0
-    assert params["compression"] == pytest.approx(params["teacher"] / params["student"]) and params["compression"] > 1
+    assert (
+        params["compression"] == pytest.approx(params["teacher"] / params["student"])
+        and params["compression"] > 1
+    )
     speed = results["inference"]
     assert speed["speedup"] > 0 and speed["teacher_examples_per_s"] > 0
-    assert speed["speedup"] == pytest.approx(speed["student_examples_per_s"] / speed["teacher_examples_per_s"])
+    assert speed["speedup"] == pytest.approx(
+        speed["student_examples_per_s"] / speed["teacher_examples_per_s"]
+    )
     assert set(results["attention_loss"]) == set(PAIRS)
     assert results["optimized_metric"] == "acc"
     assert all(math.isfinite(v) and v >= 0 for v in results["attention_loss"].values())
@@ -404,7 +443,9 @@ def test_train_every_loss_and_matching(task, tmp_path, loss, matching):
     saved = (out / "config.yaml").read_text()
     assert "${" not in saved  # resolved
     saved_cfg = OmegaConf.create(saved)
-    assert saved_cfg.loss.name == loss and saved_cfg.matching._target_.endswith(MATCHING_MODES[matching].__name__)
+    assert saved_cfg.loss.name == loss and saved_cfg.matching._target_.endswith(
+        MATCHING_MODES[matching].__name__
+    )
     assert saved_cfg.paths.output_dir == str(out) and saved_cfg.trainer.default_root_dir == str(out)
     assert (out / "checkpoints" / "best.ckpt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
     assert (out / "student" / "config.json").is_file() and (out / "student" / "tokenizer.json").is_file()
@@ -466,7 +507,10 @@ def test_each_validation_of_an_epoch_keeps_its_attention_map(task, tmp_path):
     """Two validations in one epoch (trainer.val_check_interval=2 of 4 batches) leave two images, named by
     epoch and step; one file per epoch kept only the last."""
     run_app(task, tmp_path, "trainer.val_check_interval=2")
-    assert sorted(p.name for p in (tmp_path / "attention_maps").glob("*.png")) == ["epoch0-step2.png", "epoch0-step4.png"]
+    assert sorted(p.name for p in (tmp_path / "attention_maps").glob("*.png")) == [
+        "epoch0-step2.png",
+        "epoch0-step4.png",
+    ]
 
 
 def test_steps_after_the_last_validation_are_named_as_left_out_of_the_export(task, tmp_path, caplog):
@@ -505,7 +549,8 @@ def test_exported_student_reloads_and_equals_the_best_checkpoint(task, default_r
 
     data = TextClassificationData(
         datasets.DatasetDict(
-            train=datasets.Dataset.from_csv(task["train_file"]), validation=datasets.Dataset.from_csv(task["validation_file"])
+            train=datasets.Dataset.from_csv(task["train_file"]),
+            validation=datasets.Dataset.from_csv(task["validation_file"]),
         ),
         tokenizer=tokenizer,
         batch_size=16,
@@ -530,7 +575,9 @@ def test_an_overridden_optimized_metric_is_followed_and_recorded(task, tmp_path)
     assert metrics[cfg.optimized_metric] == metrics["val/f1"]
     assert json.loads((out / "results.json").read_text())["optimized_metric"] == "f1"
     callbacks = torch.load(out / "checkpoints" / "best.ckpt", weights_only=False)["callbacks"]
-    best = [state for state in callbacks.values() if str(state.get("best_model_path", "")).endswith("best.ckpt")]
+    best = [
+        state for state in callbacks.values() if str(state.get("best_model_path", "")).endswith("best.ckpt")
+    ]
     assert len(best) == 1 and best[0]["monitor"] == "val/f1"
 
 
@@ -586,13 +633,22 @@ def test_causal_teachers_train_headwise(tmp_path, family):
 
 NO_TEACHER = "teacher.name_or_path=/nonexistent/teacher"
 ERRORS = {
-    "layer-out-of-range": (["layer_map=[[9,0]]"], r"teacher layer 9 does not exist.*valid indices are 0\.\.3"),
-    "student-layer-out-of-range": (["layer_map=[[3,5]]"], r"student layer 5 does not exist.*valid indices are 0\.\.1"),
+    "layer-out-of-range": (
+        ["layer_map=[[9,0]]"],
+        r"teacher layer 9 does not exist.*valid indices are 0\.\.3",
+    ),
+    "student-layer-out-of-range": (
+        ["layer_map=[[3,5]]"],
+        r"student layer 5 does not exist.*valid indices are 0\.\.1",
+    ),
     "heads-do-not-divide": (
         ["student.num_heads=3", "student.hidden_size=24", "matching=layerwise"],
         r"teacher has 4 heads and the student 3.*matching=global.*matching=headwise",
     ),
-    "missing-column": (["data.text_column=sentence"], r"data\.text_column='sentence'.*available columns: \['text', 'label'\]"),
+    "missing-column": (
+        ["data.text_column=sentence"],
+        r"data\.text_column='sentence'.*available columns: \['text', 'label'\]",
+    ),
     "top-k-too-large": (["matching=selective", "matching.top_k=10"], r"top_k=10.*Lower top_k"),
     "student-deeper-than-teacher": (["student.num_layers=5"], r"student\.num_layers=5"),
     "optimized-metric-unknown": (
@@ -609,27 +665,40 @@ ERRORS = {
         r"optimized_mode=min, but val/f1 is better when higher: set optimized_mode=max",
     ),
     # what the config alone tells: refused before the teacher is loaded (it does not exist here)
-    "alpha-out-of-range": (["alpha=1.5", NO_TEACHER], r"alpha=1\.5 must be in \[0, 1\] \(the cross-entropy's share"),
+    "alpha-out-of-range": (
+        ["alpha=1.5", NO_TEACHER],
+        r"alpha=1\.5 must be in \[0, 1\] \(the cross-entropy's share",
+    ),
     "temperature-zero": (["temperature=0", NO_TEACHER], r"^temperature=0 must be above 0"),
     "attention-kl-temperature-negative": (
-        ["loss.temperature=-1", NO_TEACHER], r"loss\.temperature=-1 must be above 0 \(the attention KL's; temperature= is"
+        ["loss.temperature=-1", NO_TEACHER],
+        r"loss\.temperature=-1 must be above 0 \(the attention KL's; temperature= is",
     ),
-    "attention-weight-out-of-range": (["attention_weight=-0.1", NO_TEACHER], r"attention_weight=-0\.1 must be in \[0, 1\]"),
+    "attention-weight-out-of-range": (
+        ["attention_weight=-0.1", NO_TEACHER],
+        r"attention_weight=-0\.1 must be in \[0, 1\]",
+    ),
     "warmup-ratio-one": (["warmup_ratio=1", NO_TEACHER], r"warmup_ratio=1 must be in \[0, 1\)"),
     "ckpt-path-typo": (["ckpt_path=auot", NO_TEACHER], r"ckpt_path=auot is no checkpoint file.*auto.*null"),
     "validation-off": (
-        ["trainer.limit_val_batches=0", NO_TEACHER], r"trainer\.limit_val_batches=0 turns validation off.*limit_val_batches=0\.1"
+        ["trainer.limit_val_batches=0", NO_TEACHER],
+        r"trainer\.limit_val_batches=0 turns validation off.*limit_val_batches=0\.1",
     ),
     "training-without-end": (
         ["trainer.max_epochs=-1", "trainer.max_steps=-1", NO_TEACHER],
         r"trainer\.max_epochs=-1 with trainer\.max_steps=-1 never ends training",
     ),
     "head-map-of-no-layer-pair": (
-        ["matching=headwise", "matching.head_map={L9-0: [[0, 0]]}"], r"matching\.head_map names layer pairs \['L9->0'\]"
+        ["matching=headwise", "matching.head_map={L9-0: [[0, 0]]}"],
+        r"matching\.head_map names layer pairs \['L9->0'\]",
     ),
-    "batch-size-zero": (["data.batch_size=0", NO_TEACHER], r"data\.batch_size=0 must be a whole number of at least 1"),
+    "batch-size-zero": (
+        ["data.batch_size=0", NO_TEACHER],
+        r"data\.batch_size=0 must be a whole number of at least 1",
+    ),
     "eval-batch-size-zero": (
-        ["data.eval_batch_size=0", NO_TEACHER], r"data\.eval_batch_size=0 must be .* at least 1 \(or null: data\.batch_size\)"
+        ["data.eval_batch_size=0", NO_TEACHER],
+        r"data\.eval_batch_size=0 must be .* at least 1 \(or null: data\.batch_size\)",
     ),
     "task-and-data-of-other-kinds": (
         ["task=masked_lm", NO_TEACHER],
@@ -650,10 +719,15 @@ ERRORS = {
         r"fused_kernel=true, but .*both sides must be QueryKey records \(capture=qk\).*matching=global averages heads.*"
         r"fused_kernel=null",
     ),
-    "mse-scores-needs-qk": (["loss=mse_scores", "capture=probs"], r"loss=mse_scores .*needs capture=qk, not capture=probs"),
+    "mse-scores-needs-qk": (
+        ["loss=mse_scores", "capture=probs"],
+        r"loss=mse_scores .*needs capture=qk, not capture=probs",
+    ),
     "gradient-importance-under-fsdp": (
         [
-            *FSDP_ON_CPU, "matching=selective", "matching.importance=gradient",
+            *FSDP_ON_CPU,
+            "matching=selective",
+            "matching.importance=gradient",
         ],
         r"matching\.importance=gradient.*trainer=fsdp.*matching\.importance=entropy",
     ),  # fmt: skip
@@ -700,12 +774,18 @@ def students(task, tmp_path_factory):
         ("small", r"the student's input embeddings hold 12 token ids, the teacher's tokenizer \d+"),
     ],
 )  # fmt: skip
-def test_a_student_that_cannot_learn_the_teachers_attention_is_refused_before_training(task, students, tmp_path, student, message):
+def test_a_student_that_cannot_learn_the_teachers_attention_is_refused_before_training(
+    task, students, tmp_path, student, message
+):
     """A causal student of a bidirectional teacher, or one that reads other token ids than the teacher's
     tokenizer gives, would train without an error and learn nothing it could use."""
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=message):
-        train(compose_config([*task["overrides"], *HF_STUDENT, f"student.name_or_path='{students[student]}'"], out))
+        train(
+            compose_config(
+                [*task["overrides"], *HF_STUDENT, f"student.name_or_path='{students[student]}'"], out
+            )
+        )
     assert not (out / "checkpoints").exists()
 
 
@@ -729,7 +809,11 @@ def test_a_student_saved_with_another_number_of_labels_gets_a_fresh_head(task, s
 
     out = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="distill_lab.models"):
-        train(compose_config([*task["overrides"], *HF_STUDENT, f"student.name_or_path='{students['three']}'"], out))
+        train(
+            compose_config(
+                [*task["overrides"], *HF_STUDENT, f"student.name_or_path='{students['three']}'"], out
+            )
+        )
     assert "saved with a head for another number of labels than the teacher's 2" in caplog.text
     assert "classifier.weight" in caplog.text
     exported = AutoModelForSequenceClassification.from_pretrained(out / "student")
@@ -783,7 +867,13 @@ def test_a_student_with_another_vocabulary_fails_before_training(tmp_path):
     config.num_hidden_layers = 2
     AutoModelForMaskedLM.from_config(config).save_pretrained(tmp_path / "student")
     out = tmp_path / "run"
-    overrides = [*task["overrides"], "student=hf", f"student.name_or_path='{tmp_path / 'student'}'", "debug=fast", "logger=csv"]
+    overrides = [
+        *task["overrides"],
+        "student=hf",
+        f"student.name_or_path='{tmp_path / 'student'}'",
+        "debug=fast",
+        "logger=csv",
+    ]
     with pytest.raises(ValueError) as info:
         train(compose_config(overrides, out))
     size = config.vocab_size
@@ -806,7 +896,11 @@ def test_max_length_past_a_students_positions_fails_before_training(task, tmp_pa
     out = tmp_path / "run"
     student = ["student=hf", f"student.name_or_path='{tmp_path / 'student'}'"]
     with pytest.raises(ValueError) as info:
-        train(compose_config([*task["overrides"], *student, "debug=fast", "logger=csv", "data.max_length=48"], out))
+        train(
+            compose_config(
+                [*task["overrides"], *student, "debug=fast", "logger=csv", "data.max_length=48"], out
+            )
+        )
     assert str(info.value) == (
         "data.max_length=48, but the student (BertForSequenceClassification) has position embeddings for 32 tokens: "
         "set data.max_length=32 or less"
@@ -819,7 +913,9 @@ def test_fused_kernel_true_without_cuda_fails_before_training(task, tmp_path, mo
     on a CPU run is refused when the run is set up, naming the config key, not at the first forward."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match=r"fused_kernel=true, but .*need a CUDA device, and this runs on cpu"):
+    with pytest.raises(
+        ValueError, match=r"fused_kernel=true, but .*need a CUDA device, and this runs on cpu"
+    ):
         run_app(task, out, "fused_kernel=true")
     assert not (out / "checkpoints").exists()
 
@@ -869,7 +965,9 @@ def _teacher_always_predicting(teacher_dir: Path, label: int, id2label: dict[int
     """Rewrite a saved classifier so that it predicts ``label`` for every input, under the given label names."""
     model = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
     with torch.no_grad():
-        model.classifier.bias.copy_(torch.where(torch.arange(model.config.num_labels) == label, 100.0, -100.0))
+        model.classifier.bias.copy_(
+            torch.where(torch.arange(model.config.num_labels) == label, 100.0, -100.0)
+        )
     model.config.id2label, model.config.label2id = id2label, {v: k for k, v in id2label.items()}
     model.save_pretrained(teacher_dir)
 
@@ -899,7 +997,10 @@ def test_data_labels_are_numbered_by_the_teachers_label_names(tmp_path):
 
     _teacher_always_predicting(Path(task["teacher"]), 0, {0: "POS", 1: "NEG"})
     out = tmp_path / "other-names"
-    with pytest.raises(ValueError, match=r"the data's classes \['negative', 'positive'\] are not the teacher's \['POS', 'NEG'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"the data's classes \['negative', 'positive'\] are not the teacher's \['POS', 'NEG'\]",
+    ):
         run_app(task, out)
     assert not (out / "checkpoints").exists()
 
@@ -944,7 +1045,9 @@ def test_a_finished_run_is_not_trained_again_in_its_own_directory(task, tmp_path
     out = tmp_path / "named"
     run_app(task, out)
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    with pytest.raises(ValueError, match=r"named holds a finished run \(results\.json\).*Choose another hydra\.run\.dir"):
+    with pytest.raises(
+        ValueError, match=r"named holds a finished run \(results\.json\).*Choose another hydra\.run\.dir"
+    ):
         run_app(task, out)
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
@@ -960,7 +1063,9 @@ def test_a_finished_sweep_job_is_found_as_a_rerun_would_find_it(tmp_path):
     earlier = _fake_run(root, "10-00-00/0", job, {"checkpoints/last.ckpt": 100, "results.json": 101})
     _fake_run(root, "10-00-00/1", ["loss=mse", "seed=1"], {"checkpoints/last.ckpt": 300, "results.json": 301})
     rerun = _fake_run(root, "11-00-00/0", job[::-1], {})
-    (earlier / "config.yaml").write_text(yaml.safe_dump({"paths": {"output_dir": str(earlier)}, "alpha": 0.3}))
+    (earlier / "config.yaml").write_text(
+        yaml.safe_dump({"paths": {"output_dir": str(earlier)}, "alpha": 0.3})
+    )
     assert finished_run(rerun) == earlier and finished_run(earlier) == earlier
     assert finished_run(rerun, {"paths": {"output_dir": str(rerun)}, "alpha": 0.3}) == earlier
     assert finished_run(rerun, {"paths": {"output_dir": str(rerun)}, "alpha": 0.5}) is None  # conf/ edited
@@ -1007,7 +1112,10 @@ def test_resume_from_last_checkpoint_continues(task, tmp_path):
     assert resumed["global_step"] == 8 > step_before and resumed["epoch"] == 2
     logged = [int(r["step"]) for r in read_metrics_csv(second) if r["train/loss"]]
     assert logged == [4, 5, 6, 7]  # the second run trained only the second epoch
-    assert resumed["teacher_scores"] == torch.load(last, map_location="cpu", weights_only=False)["teacher_scores"]
+    assert (
+        resumed["teacher_scores"]
+        == torch.load(last, map_location="cpu", weights_only=False)["teacher_scores"]
+    )
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
@@ -1067,7 +1175,17 @@ def test_throughput_is_measured_with_the_models_taking_turns():
         def forward(self, input_ids, attention_mask):
             calls.append((self.name, self.training))
 
-    batch = {"input_ids": torch.zeros(3, 5, dtype=torch.long), "attention_mask": torch.ones(3, 5), "labels": torch.zeros(3)}
-    speeds = measure_throughput({"teacher": Recorder("teacher"), "student": Recorder("student")}, [batch] * 2, repeats=3)
-    assert calls == [("teacher", False), ("student", False)] + [(n, False) for n in ["teacher"] * 2 + ["student"] * 2] * 3
+    batch = {
+        "input_ids": torch.zeros(3, 5, dtype=torch.long),
+        "attention_mask": torch.ones(3, 5),
+        "labels": torch.zeros(3),
+    }
+    speeds = measure_throughput(
+        {"teacher": Recorder("teacher"), "student": Recorder("student")}, [batch] * 2, repeats=3
+    )
+    assert (
+        calls
+        == [("teacher", False), ("student", False)]
+        + [(n, False) for n in ["teacher"] * 2 + ["student"] * 2] * 3
+    )
     assert set(speeds) == {"teacher", "student"} and all(v > 0 for v in speeds.values())

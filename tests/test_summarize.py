@@ -38,8 +38,12 @@ def sweep(tmp_path):
 def test_collect_reads_runs_in_numeric_order_with_plain_override_keys(sweep):
     rows = collect(sweep)
     assert [r["run"] for r in rows] == [str(i) for i in range(11)]  # 10 after 9, not after 1
-    assert rows[0]["overrides"] == {"loss": "mse", "matching": "layerwise", "data": "local",
-                                    "data.dataset.train_file": "'/data/a|b.csv'"}
+    assert rows[0]["overrides"] == {
+        "loss": "mse",
+        "matching": "layerwise",
+        "data": "local",
+        "data.dataset.train_file": "'/data/a|b.csv'",
+    }
 
 
 def test_table_columns_are_what_varies_and_rows_are_best_first(sweep):
@@ -83,7 +87,11 @@ def test_perplexity_sorts_lowest_first_and_is_the_default_metric_of_lm_runs(tmp_
         run = tmp_path / str(i)
         (run / ".hydra").mkdir(parents=True)
         (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"loss=l{i}"]))
-        results = {"student": {"perplexity": ppl}, "teacher": {"perplexity": 8.0}, "parameters": {"compression": 2.0}}
+        results = {
+            "student": {"perplexity": ppl},
+            "teacher": {"perplexity": 8.0},
+            "parameters": {"compression": 2.0},
+        }
         (run / "results.json").write_text(json.dumps(results))
     main([str(tmp_path)])
     body = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
@@ -100,8 +108,11 @@ def test_the_direction_recorded_in_results_decides_order_and_gap(tmp_path, capsy
         (run / ".hydra").mkdir(parents=True)
         (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"loss=l{i}"]))
         results = {
-            "student": {"error": error}, "teacher": {"error": 0.1}, "parameters": {"compression": 2.0},
-            "higher_is_better": {"error": False}, "optimized_metric": "error",
+            "student": {"error": error},
+            "teacher": {"error": 0.1},
+            "parameters": {"compression": 2.0},
+            "higher_is_better": {"error": False},
+            "optimized_metric": "error",
         }
         (run / "results.json").write_text(json.dumps(results))
     main([str(tmp_path)])
@@ -128,7 +139,9 @@ def test_runs_without_results_are_named_not_dropped(sweep, tmp_path, capsys):
     assert note in capsys.readouterr().out and (sweep / "summary.md").read_text().strip().endswith(note)
     empty = tmp_path / "empty-sweep"
     (empty / "0" / ".hydra").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match=r"no results.json below .*empty-sweep \(1 runs without one: 0\)"):
+    with pytest.raises(
+        FileNotFoundError, match=r"no results.json below .*empty-sweep \(1 runs without one: 0\)"
+    ):
         collect(empty)
 
 

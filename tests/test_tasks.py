@@ -103,7 +103,9 @@ def _padded(examples: list[dict]) -> dict:
     pad = [length - len(e["input_ids"]) for e in examples]
     return {
         "input_ids": torch.tensor([e["input_ids"] + [0] * n for e, n in zip(examples, pad, strict=True)]),
-        "attention_mask": torch.tensor([[1] * len(e["input_ids"]) + [0] * n for e, n in zip(examples, pad, strict=True)]),
+        "attention_mask": torch.tensor(
+            [[1] * len(e["input_ids"]) + [0] * n for e, n in zip(examples, pad, strict=True)]
+        ),
         "labels": torch.tensor([e["input_ids"] + [-100] * n for e, n in zip(examples, pad, strict=True)]),
     }
 
@@ -125,25 +127,43 @@ def test_validation_losses_do_not_depend_on_how_the_set_is_batched(tmp_path, los
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         teacher = AutoModelForCausalLM.from_config(config)
-        student = AutoModelForCausalLM.from_config(make_tiny_config("gpt2", pad_token_id=0, num_hidden_layers=1))
+        student = AutoModelForCausalLM.from_config(
+            make_tiny_config("gpt2", pad_token_id=0, num_hidden_layers=1)
+        )
     g = torch.Generator().manual_seed(1)
-    examples = [{"input_ids": torch.randint(3, config.vocab_size, (n,), generator=g).tolist()} for n in (40, 3, 9, 2)]
+    examples = [
+        {"input_ids": torch.randint(3, config.vocab_size, (n,), generator=g).tolist()} for n in (40, 3, 9, 2)
+    ]
 
     def validate(order, batch_size):
         component = AttentionDistillationLoss(loss, "layerwise", [(1, 0)])
-        module = DistillationModule(teacher, student, component, functools.partial(torch.optim.AdamW), task=get_task("causal_lm"))
-        loader = torch.utils.data.DataLoader([examples[i] for i in order], batch_size=batch_size, collate_fn=_padded)
-        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        module = DistillationModule(
+            teacher, student, component, functools.partial(torch.optim.AdamW), task=get_task("causal_lm")
+        )
+        loader = torch.utils.data.DataLoader(
+            [examples[i] for i in order], batch_size=batch_size, collate_fn=_padded
+        )
+        trainer = L.Trainer(
+            accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+        )
         metrics = trainer.validate(module, loader, verbose=False)[0]
         module.teacher_capture.detach(), module.student_capture.detach()
         return metrics
 
     whole = validate([0, 1, 2, 3], 4)
-    assert whole["val/loss"] == pytest.approx(0.7 * whole["val/output_loss"] + 0.3 * whole["val/attention_loss"], rel=1e-6)
+    assert whole["val/loss"] == pytest.approx(
+        0.7 * whole["val/output_loss"] + 0.3 * whole["val/attention_loss"], rel=1e-6
+    )
     assert whole["val/attention_loss"] == pytest.approx(whole["val/attention/L1->0"], rel=1e-6)
     for order, batch_size in (([0, 1, 2, 3], 1), ([0, 1, 2, 3], 2), ([0, 2, 1, 3], 2), ([3, 1, 0, 2], 3)):
         batched = validate(order, batch_size)
-        for name in ("val/loss", "val/output_loss", "val/attention_loss", "val/attention/L1->0", "val/perplexity"):
+        for name in (
+            "val/loss",
+            "val/output_loss",
+            "val/attention_loss",
+            "val/attention/L1->0",
+            "val/perplexity",
+        ):
             assert batched[name] == pytest.approx(whole[name], rel=1e-5), (name, order, batch_size)
 
 
@@ -156,17 +176,25 @@ def test_masked_lm_loss_and_metrics_cover_only_masked_tokens():
     chosen = torch.rand(ids.shape, generator=generator) < 0.3
     chosen[0, 0] = True
     labels[chosen] = ids[chosen]
-    batch = {"input_ids": ids.masked_fill(chosen, 4), "attention_mask": torch.ones_like(ids), "labels": labels}
+    batch = {
+        "input_ids": ids.masked_fill(chosen, 4),
+        "attention_mask": torch.ones_like(ids),
+        "labels": labels,
+    }
     with torch.no_grad():
         out = model(**batch)
     student = out.logits + torch.randn(out.logits.shape, generator=generator)
     task = get_task("masked_lm")
     value = task.output_loss(student, out.logits, batch, temperature=3.0, alpha=0.5)
-    torch.testing.assert_close(value.double(), _kd_reference(student, out.logits, labels, 3.0, 0.5), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        value.double(), _kd_reference(student, out.logits, labels, 3.0, 0.5), rtol=1e-5, atol=1e-7
+    )
     # unmasked positions do not count: changing their logits changes nothing
     moved = student.clone()
     moved[~chosen] += 5.0
-    assert float(task.output_loss(moved, out.logits, batch, 3.0, 0.5)) == pytest.approx(float(value), rel=1e-6)
+    assert float(task.output_loss(moved, out.logits, batch, 3.0, 0.5)) == pytest.approx(
+        float(value), rel=1e-6
+    )
     metrics = task.metrics("val/", config.vocab_size)
     assert not metrics["masked_acc"].validate_args  # no argument checks (a device sync) per validation step
     task.update(metrics, out.logits, batch)
@@ -208,12 +236,17 @@ def test_classification_metrics_are_accuracy_and_macro_f1_over_every_update(name
 
 
 def test_unknown_task_and_teacher_without_the_task_head_are_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown task 'translation'; valid: causal_lm, image_classification"):
+    with pytest.raises(
+        ValueError, match=r"unknown task 'translation'; valid: causal_lm, image_classification"
+    ):
         get_task("translation")
     text = make_text_task(tmp_path / "cls")  # a sequence classifier
     with pytest.raises(ValueError, match=r"not trained for task=masked_lm.*weights random.*Fine-tune it"):
         load_teacher(text["teacher"], task="masked_lm")
-    with pytest.raises(ValueError, match="built-in teacher .relations. is trained for task=sequence_classification and cannot teach task=causal_lm"):
+    with pytest.raises(
+        ValueError,
+        match="built-in teacher .relations. is trained for task=sequence_classification and cannot teach task=causal_lm",
+    ):
         load_teacher(str(tmp_path / "cache"), task="causal_lm", builtin="relations")
 
 
@@ -222,7 +255,12 @@ def test_unknown_task_and_teacher_without_the_task_head_are_clear_errors(tmp_pat
 
 def _lm_data(mlm: bool, **kwargs) -> LanguageModelingData:
     options = dict(batch_size=16, max_train_samples=64, max_eval_samples=32, seed=0)
-    data = LanguageModelingData(synthetic_text(num_train=200, num_validation=64), build_word_tokenizer(), mlm=mlm, **(options | kwargs))
+    data = LanguageModelingData(
+        synthetic_text(num_train=200, num_validation=64),
+        build_word_tokenizer(),
+        mlm=mlm,
+        **(options | kwargs),
+    )
     data.setup()
     return data
 
@@ -292,12 +330,16 @@ def test_validation_masks_do_not_repeat_across_map_batches():
     (a collator reseeded per batch would give row i and row i + 256 the same positions)."""
     text = " ".join(["the movie was good"] * 10)
     texts = Dataset.from_dict({"text": [text] * 600})
-    data = LanguageModelingData(DatasetDict(train=texts, validation=texts), build_word_tokenizer(), max_length=64)
+    data = LanguageModelingData(
+        DatasetDict(train=texts, validation=texts), build_word_tokenizer(), max_length=64
+    )
     data.setup()
     labels = data.splits["validation"]["labels"]
     repeats = sum(labels[i] == labels[i + 256] for i in range(300))
     assert repeats < 10  # about 40 maskable tokens: two independent masks agree with probability ~1e-5
-    again = LanguageModelingData(DatasetDict(train=texts, validation=texts), build_word_tokenizer(), max_length=64)
+    again = LanguageModelingData(
+        DatasetDict(train=texts, validation=texts), build_word_tokenizer(), max_length=64
+    )
     again.setup()
     assert again.splits["validation"]["labels"] == labels  # and reproducible
 
@@ -307,7 +349,9 @@ def test_causal_lm_data_labels_are_the_inputs_with_padding_ignored():
     batch = next(iter(data.val_dataloader()))
     pad = batch["attention_mask"] == 0
     assert pad.any()
-    assert torch.equal(batch["labels"][~pad], batch["input_ids"][~pad]) and (batch["labels"][pad] == -100).all()
+    assert (
+        torch.equal(batch["labels"][~pad], batch["input_ids"][~pad]) and (batch["labels"][pad] == -100).all()
+    )
 
 
 def test_packing_cuts_the_token_stream_into_full_blocks():
@@ -319,8 +363,12 @@ def test_packing_cuts_the_token_stream_into_full_blocks():
 
 
 def test_lm_data_errors():
-    texts = DatasetDict(train=Dataset.from_dict({"body": ["good movie"]}), validation=Dataset.from_dict({"body": ["bad"]}))
-    with pytest.raises(ValueError, match=r"data.text_column='text' not in train split; available columns: \['body'\]"):
+    texts = DatasetDict(
+        train=Dataset.from_dict({"body": ["good movie"]}), validation=Dataset.from_dict({"body": ["bad"]})
+    )
+    with pytest.raises(
+        ValueError, match=r"data.text_column='text' not in train split; available columns: \['body'\]"
+    ):
         LanguageModelingData(texts, build_word_tokenizer()).setup()
     tokenizer = build_word_tokenizer()
     tokenizer.mask_token = None
@@ -333,7 +381,9 @@ def test_lm_data_errors():
     data = LanguageModelingData(texts, build_word_tokenizer(), text_column="body")
     data.setup()
     small = AutoModelForMaskedLM.from_config(make_tiny_config("bert", vocab_size=10))
-    with pytest.raises(ValueError, match=r"the tokenizer has \d+ tokens but the teacher's vocabulary only 10"):
+    with pytest.raises(
+        ValueError, match=r"the tokenizer has \d+ tokens but the teacher's vocabulary only 10"
+    ):
         get_task("masked_lm").check(small, data)
     with pytest.raises(ValueError, match=r"task=causal_lm needs data\.mlm=false, got data\.mlm=true"):
         get_task("causal_lm").check(small, data)  # masked inputs with next-token targets: refused
@@ -344,7 +394,11 @@ def test_lm_data_errors():
 
 def test_image_folder_data(tmp_path):
     task = make_image_task(tmp_path, per_class=4)
-    data = ImageFolderData(image_folders(task["train_dir"], task["validation_dir"]), AutoImageProcessor.from_pretrained(task["teacher"]), batch_size=3)
+    data = ImageFolderData(
+        image_folders(task["train_dir"], task["validation_dir"]),
+        AutoImageProcessor.from_pretrained(task["teacher"]),
+        batch_size=3,
+    )
     data.setup()
     assert data.label_names == ["horizontal", "vertical"] and data.num_labels == 2
     batches = list(data.val_dataloader())
@@ -354,7 +408,9 @@ def test_image_folder_data(tmp_path):
     (tmp_path / "validation" / "diagonal").mkdir()
     (tmp_path / "train" / "horizontal" / "0.png").rename(tmp_path / "validation" / "diagonal" / "0.png")
     with pytest.raises(ValueError, match="different classes"):
-        ImageFolderData(image_folders(task["train_dir"], task["validation_dir"]), data.image_processor).setup()
+        ImageFolderData(
+            image_folders(task["train_dir"], task["validation_dir"]), data.image_processor
+        ).setup()
     with pytest.raises(ValueError, match="train_dir='/nope' is not a directory"):
         image_folders("/nope", task["validation_dir"])
 
@@ -365,7 +421,11 @@ def test_a_file_that_is_no_image_is_named_at_its_first_batch(tmp_path):
     task = make_image_task(tmp_path, per_class=2)
     bad = Path(task["train_dir"]) / "horizontal" / "saved-page.png"
     bad.write_bytes(b"<html>not an image</html>")
-    data = ImageFolderData(image_folders(task["train_dir"], task["validation_dir"]), AutoImageProcessor.from_pretrained(task["teacher"]), batch_size=8)
+    data = ImageFolderData(
+        image_folders(task["train_dir"], task["validation_dir"]),
+        AutoImageProcessor.from_pretrained(task["teacher"]),
+        batch_size=8,
+    )
     data.setup()
     with pytest.raises(UnidentifiedImageError, match=re.escape(str(bad))):
         next(iter(data.train_dataloader()))
@@ -378,7 +438,10 @@ def test_image_folder_names_are_not_glob_patterns(tmp_path):
     make_image_task(tmp_path / "images1", per_class=1)  # the folder the pattern images[1] would match
     assert (tmp_path / "images1" / "train").is_dir()
     folders = image_folders(task["train_dir"], task["validation_dir"])
-    assert folders["train"].num_rows == 4 and folders["train"].features["label"].names == ["horizontal", "vertical"]
+    assert folders["train"].num_rows == 4 and folders["train"].features["label"].names == [
+        "horizontal",
+        "vertical",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -391,16 +454,29 @@ CASES = [("masked_lm", "bert"), ("masked_lm", "roberta"), ("causal_lm", "gpt2"),
 def test_language_model_tasks_train_end_to_end(tmp_path, task_name, family):
     task = make_text_task(tmp_path / "task", family, task=task_name)
     out = tmp_path / "run"
-    overrides = [*task["overrides"], "student.num_layers=2", "debug=fast", "logger=csv", "matching=headwise", "fused_kernel=false"]
+    overrides = [
+        *task["overrides"],
+        "student.num_layers=2",
+        "debug=fast",
+        "logger=csv",
+        "matching=headwise",
+        "fused_kernel=false",
+    ]
     metrics = train(compose_config(overrides, out))
     results = json.loads((out / "results.json").read_text())
     assert results["task"] == task_name
     expected = {"masked_acc", "perplexity"} if task_name == "masked_lm" else {"perplexity"}
     assert set(results["student"]) == set(results["teacher"]) == expected
     # the gap is how far the student is behind, positive when worse, in each metric's own direction
-    assert results["higher_is_better"] == {"perplexity": False} | ({"masked_acc": True} if "masked_acc" in expected else {})
+    assert results["higher_is_better"] == {"perplexity": False} | (
+        {"masked_acc": True} if "masked_acc" in expected else {}
+    )
     for name, better in results["higher_is_better"].items():
-        behind = results["teacher"][name] - results["student"][name] if better else results["student"][name] - results["teacher"][name]
+        behind = (
+            results["teacher"][name] - results["student"][name]
+            if better
+            else results["student"][name] - results["teacher"][name]
+        )
         assert results["gap"][name] == pytest.approx(behind)
     assert math.isfinite(metrics["val/perplexity"]) and metrics["val/perplexity"] > 1.0
     assert set(results["attention_loss"]) >= {"L1->0", "L3->1"}
@@ -413,7 +489,9 @@ def test_language_model_tasks_train_end_to_end(tmp_path, task_name, family):
     data.setup()
     losses, counts = [], []
     with torch.no_grad():
-        for batch in itertools.islice(data.val_dataloader(), cfg.trainer.limit_val_batches):  # what validation saw
+        for batch in itertools.islice(
+            data.val_dataloader(), cfg.trainer.limit_val_batches
+        ):  # what validation saw
             labels = batch["labels"] if task_name == "masked_lm" else batch["labels"][:, 1:]
             n = int((labels != -100).sum())
             losses.append(student(**batch).loss.item() * n)
@@ -424,10 +502,16 @@ def test_language_model_tasks_train_end_to_end(tmp_path, task_name, family):
 def test_image_classification_trains_end_to_end(tmp_path):
     task = make_image_task(tmp_path / "task")
     out = tmp_path / "run"
-    train(compose_config([*task["overrides"], "student.num_layers=2", "debug=fast", "logger=csv", "loss=mse"], out))
+    train(
+        compose_config(
+            [*task["overrides"], "student.num_layers=2", "debug=fast", "logger=csv", "loss=mse"], out
+        )
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["task"] == "image_classification" and set(results["student"]) == {"acc", "f1"}
-    assert set(results["attention_loss"]) == {"L1->0", "L3->1"} and all(v > 0 for v in results["attention_loss"].values())
+    assert set(results["attention_loss"]) == {"L1->0", "L3->1"} and all(
+        v > 0 for v in results["attention_loss"].values()
+    )
     assert (out / "student" / "preprocessor_config.json").exists()
     assert sorted(p.name for p in (out / "attention_maps").glob("*.png")) == ["epoch0-step3.png"]  # 3 batches
 
@@ -450,7 +534,10 @@ def test_every_task_option_optimises_its_tasks_monitor(option):
     task = get_task(spec.task.name)
     assert task.name == option
     assert (spec.optimized_metric, spec.optimized_mode) == (task.monitor, task.monitor_mode)
-    assert task.monitor in task.metrics("val/", 7).keys(keep_base=False) and task.monitor_mode in ("min", "max")
+    assert task.monitor in task.metrics("val/", 7).keys(keep_base=False) and task.monitor_mode in (
+        "min",
+        "max",
+    )
 
 
 @pytest.mark.parametrize("option", TASK_OPTIONS)
@@ -471,7 +558,9 @@ def test_every_task_has_one_builtin_teacher():
 
 
 DEFAULTS = {  # the built-in teachers' own max_epochs, lr, batch_size, attempts
-    "relations": (20, 1e-3, 32, 2), "relations-mlm": (4, 2e-3, 64, 1), "relations-clm": (4, 2e-3, 64, 1),
+    "relations": (20, 1e-3, 32, 2),
+    "relations-mlm": (4, 2e-3, 64, 1),
+    "relations-clm": (4, 2e-3, 64, 1),
     "stripes-vit": (3, 1e-3, 32, 1),
 }
 
@@ -508,7 +597,8 @@ def test_builtin_teacher_options_reach_its_training(tmp_path, monkeypatch, name)
     metric = get_task(builtin.builtin_task(name)).monitor.removeprefix("val/")
     assert (tmp_path / "teacher_metrics.txt").read_text() == f"validation_{metric}=0.5000\n"
     with pytest.raises(
-        TypeError, match="unknown options target_accuracy; valid: max_epochs, lr, batch_size, seed, target, attempts"
+        TypeError,
+        match="unknown options target_accuracy; valid: max_epochs, lr, batch_size, seed, target, attempts",
     ):
         builtin.train_builtin_teacher(name, tmp_path, target_accuracy=0.9)
 
@@ -516,7 +606,9 @@ def test_builtin_teacher_options_reach_its_training(tmp_path, monkeypatch, name)
 @pytest.mark.parametrize(
     ("accuracies", "kept"), [([0.99], 0), ([0.9, 0.99], 1), ([0.95, 0.9, 0.97], 2), ([0.95, 0.9], 0)]
 )
-def test_a_builtin_teacher_short_of_its_target_is_retrained_from_the_next_seed(tmp_path, monkeypatch, accuracies, kept):
+def test_a_builtin_teacher_short_of_its_target_is_retrained_from_the_next_seed(
+    tmp_path, monkeypatch, accuracies, kept
+):
     """A run that ends short of ``target`` is followed by one from the next initialisation seed, on the same
     data, until one reaches it or ``attempts`` runs are spent; the best run is saved and reported."""
     from distill_lab import builtin
@@ -531,7 +623,9 @@ def test_a_builtin_teacher_short_of_its_target_is_retrained_from_the_next_seed(t
     attempts = len(accuracies) if accuracies[-1] < 0.98 else 3
     best = builtin.train_builtin_teacher("relations", tmp_path, seed=4, target=0.98, attempts=attempts)
     assert best == accuracies[kept] and len(runs) == len(accuracies)
-    assert [seed for seed, _, _ in runs] == list(range(4, 4 + len(runs))) and len({d for _, d, _ in runs}) == 1
+    assert [seed for seed, _, _ in runs] == list(range(4, 4 + len(runs))) and len(
+        {d for _, d, _ in runs}
+    ) == 1
     saved = AutoModelForSequenceClassification.from_pretrained(tmp_path)
     for key, value in runs[kept][2].state_dict().items():
         assert torch.equal(saved.state_dict()[key], value), key
@@ -543,16 +637,27 @@ def test_builtin_teacher_training_visits_a_new_order_each_epoch():
     masked-LM masks), not the first epoch's again."""
     from distill_lab import builtin
 
-    data = TextClassificationData(synthetic_relations(num_train=48, num_validation=8), build_word_tokenizer(), batch_size=16)
+    data = TextClassificationData(
+        synthetic_relations(num_train=48, num_validation=8), build_word_tokenizer(), batch_size=16
+    )
     data.setup()
-    model = AutoModelForSequenceClassification.from_config(make_tiny_config("bert", vocab_size=len(data.tokenizer)))
+    model = AutoModelForSequenceClassification.from_config(
+        make_tiny_config("bert", vocab_size=len(data.tokenizer))
+    )
     seen, forward = [], model.forward
     model.forward = lambda **batch: seen.append(batch["input_ids"]) or forward(**batch)
-    builtin._fit(model, data, max_epochs=2, lr=1e-3, task="sequence_classification", metric="acc", stop=lambda _: False)
+    builtin._fit(
+        model, data, max_epochs=2, lr=1e-3, task="sequence_classification", metric="acc", stop=lambda _: False
+    )
     first, second = seen[:3], seen[4:7]  # each epoch: 3 training batches, then 1 validation batch
-    assert len(seen) == 8 and not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert len(seen) == 8 and not all(
+        a.shape == b.shape and torch.equal(a, b) for a, b in zip(first, second, strict=True)
+    )
     pad = data.tokenizer.pad_token_id
-    orders = [[tuple(t for t in row.tolist() if t != pad) for batch in epoch for row in batch] for epoch in (first, second)]
+    orders = [
+        [tuple(t for t in row.tolist() if t != pad) for batch in epoch for row in batch]
+        for epoch in (first, second)
+    ]
     assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1]  # the same examples, reordered
 
 
@@ -564,7 +669,9 @@ def test_builtin_teachers_are_evaluated_with_the_tasks_metrics(task_name, family
     from distill_lab.builtin import evaluate
 
     data = _lm_data(mlm=task_name == "masked_lm", batch_size=8)
-    config = make_tiny_config(family, vocab_size=len(data.tokenizer), pad_token_id=data.tokenizer.pad_token_id)
+    config = make_tiny_config(
+        family, vocab_size=len(data.tokenizer), pad_token_id=data.tokenizer.pad_token_id
+    )
     torch.manual_seed(0)
     model = get_task(task_name).auto_class.from_config(config).eval()
     total = count = right = 0.0
@@ -586,10 +693,14 @@ def test_builtin_teachers_are_evaluated_with_the_tasks_metrics(task_name, family
 def test_builtin_classifier_accuracy_is_the_share_of_right_labels():
     from distill_lab.builtin import evaluate
 
-    data = TextClassificationData(synthetic_relations(num_train=16, num_validation=40), build_word_tokenizer(), batch_size=16)
+    data = TextClassificationData(
+        synthetic_relations(num_train=16, num_validation=40), build_word_tokenizer(), batch_size=16
+    )
     data.setup()
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(make_tiny_config("bert", vocab_size=len(data.tokenizer), num_labels=2))
+    model = AutoModelForSequenceClassification.from_config(
+        make_tiny_config("bert", vocab_size=len(data.tokenizer), num_labels=2)
+    )
     right = seen = 0
     with torch.no_grad():
         for batch in data.val_dataloader():
@@ -618,7 +729,9 @@ def test_builtin_language_model_teachers(tmp_path, task_name):
     assert type(teacher) is type(get_task(task_name).auto_class.from_pretrained(out))
     data = _lm_data(mlm=task_name == "masked_lm")
     assert math.isfinite(evaluate(teacher, data.val_dataloader(), task_name)["perplexity"])
-    with pytest.raises(ValueError, match=f"trained for task={task_name} and cannot teach task=sequence_classification"):
+    with pytest.raises(
+        ValueError, match=f"trained for task={task_name} and cannot teach task=sequence_classification"
+    ):
         load_teacher(str(out), task="sequence_classification", builtin=name)
 
 

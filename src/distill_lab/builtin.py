@@ -66,9 +66,15 @@ class BuiltinTeacher:
 def _relations_classification(batch_size: int, seed: int):
     """The built-in sentences with their sentiment labels, through the built-in word tokenizer."""
     tokenizer = build_word_tokenizer()
-    data = TextClassificationData(synthetic_relations(seed=seed), tokenizer=tokenizer, batch_size=batch_size, seed=seed)
+    data = TextClassificationData(
+        synthetic_relations(seed=seed), tokenizer=tokenizer, batch_size=batch_size, seed=seed
+    )
     data.setup("fit")
-    return data, tokenizer, dict(vocab_size=len(tokenizer), num_labels=data.num_labels, pad_token_id=tokenizer.pad_token_id)
+    return (
+        data,
+        tokenizer,
+        dict(vocab_size=len(tokenizer), num_labels=data.num_labels, pad_token_id=tokenizer.pad_token_id),
+    )
 
 
 def _relations_text(batch_size: int, seed: int, causal: bool):
@@ -76,7 +82,9 @@ def _relations_text(batch_size: int, seed: int, causal: bool):
     from distill_lab.data_lm import LanguageModelingData, synthetic_text
 
     tokenizer = build_word_tokenizer()
-    data = LanguageModelingData(synthetic_text(seed=seed), tokenizer, mlm=not causal, batch_size=batch_size, seed=seed)
+    data = LanguageModelingData(
+        synthetic_text(seed=seed), tokenizer, mlm=not causal, batch_size=batch_size, seed=seed
+    )
     data.setup("fit")
     ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     if causal:
@@ -95,7 +103,11 @@ def _stripes(batch_size: int, seed: int):
     data = ImageFolderData(synthetic_stripes(seed=seed), processor, batch_size=batch_size, seed=seed)
     data.setup("fit")
     labels = dict(enumerate(data.label_names))
-    return data, processor, dict(num_labels=data.num_labels, id2label=labels, label2id={v: k for k, v in labels.items()})
+    return (
+        data,
+        processor,
+        dict(num_labels=data.num_labels, id2label=labels, label2id={v: k for k, v in labels.items()}),
+    )
 
 
 BUILTIN_TEACHERS = {  # name -> BuiltinTeacher; teacher=builtin picks the one of its task
@@ -118,16 +130,33 @@ BUILTIN_TEACHERS = {  # name -> BuiltinTeacher; teacher=builtin picks the one of
     ),
     "relations-clm": BuiltinTeacher(
         "causal_lm",
-        partial(LlamaConfig, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                intermediate_size=128, max_position_embeddings=64, attention_dropout=0.0),
+        partial(
+            LlamaConfig,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=64,
+            attention_dropout=0.0,
+        ),
         partial(_relations_text, causal=True),
         dict(max_epochs=4, lr=2e-3, batch_size=64, seed=0, target=None, attempts=1),
     ),
     # a ViT on 32 x 32 images in 8 x 8 patches
     "stripes-vit": BuiltinTeacher(
         "image_classification",
-        partial(ViTConfig, image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                intermediate_size=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+        partial(
+            ViTConfig,
+            image_size=32,
+            patch_size=8,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=128,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        ),
         _stripes,
         dict(max_epochs=3, lr=1e-3, batch_size=32, seed=0, target=None, attempts=1),
     ),
@@ -192,32 +221,52 @@ def train_builtin_teacher(name: str, output_dir: str | Path, **options) -> float
     for seed in range(options["seed"], options["seed"] + options["attempts"]):
         torch.manual_seed(seed)  # the data stay; the initialisation changes
         candidate = task.auto_class.from_config(teacher.config(**fixed))
-        candidate_scores = _fit(candidate, data, options["max_epochs"], options["lr"], teacher.task, metric, reached)
+        candidate_scores = _fit(
+            candidate, data, options["max_epochs"], options["lr"], teacher.task, metric, reached
+        )
         value = candidate_scores[metric]
         if best is None or (value > best if higher_is_better else value < best):
             best, model, scores = value, candidate, candidate_scores
         if target is None or reached(value):
             break
-        log.info("seed %d ended at validation %s %.3f, short of %s: initialising with seed %d", seed, metric, value, target, seed + 1)
+        log.info(
+            "seed %d ended at validation %s %.3f, short of %s: initialising with seed %d",
+            seed,
+            metric,
+            value,
+            target,
+            seed + 1,
+        )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir.parent) as staging:
         model.save_pretrained(staging)
         preprocessor.save_pretrained(staging)
-        Path(staging, "teacher_metrics.txt").write_text("".join(f"validation_{k}={v:.4f}\n" for k, v in scores.items()))
+        Path(staging, "teacher_metrics.txt").write_text(
+            "".join(f"validation_{k}={v:.4f}\n" for k, v in scores.items())
+        )
         # config.json last: load_teacher takes a directory with one for a finished teacher
         for file in sorted(Path(staging).iterdir(), key=lambda f: f.name == "config.json"):
             os.replace(file, output_dir / file.name)
-    log.info("built-in teacher ready in %.0f s: validation %s %.3f", time.perf_counter() - start, metric, scores[metric])
+    log.info(
+        "built-in teacher ready in %.0f s: validation %s %.3f",
+        time.perf_counter() - start,
+        metric,
+        scores[metric],
+    )
     return scores[metric]
 
 
-def _fit(model, data, max_epochs: int, lr: float, task: str, metric: str, stop: Callable[[float], bool]) -> dict:
+def _fit(
+    model, data, max_epochs: int, lr: float, task: str, metric: str, stop: Callable[[float], bool]
+) -> dict:
     """Train ``model`` on its own loss for up to ``max_epochs``, evaluating after each epoch and stopping once
     ``stop(validation metric)``; returns the last evaluation."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     train = data.train_dataloader()
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max_epochs * len(train), pct_start=0.1)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=max_epochs * len(train), pct_start=0.1
+    )
     for epoch in range(max_epochs):
         model.train()
         train.sampler.set_epoch(epoch)  # each epoch its own order (and masks), as Lightning does

@@ -45,9 +45,14 @@ def plot_attention_pairs(teacher_maps, student_maps, pairs, tokens=None, title="
     Shape:
         teacher_maps, student_maps: {layer: (H, L, L)} for one example, padding already removed.
     """
-    fig, axes = plt.subplots(len(pairs), 2, figsize=(7.6, 3.2 * len(pairs)), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        len(pairs), 2, figsize=(7.6, 3.2 * len(pairs)), squeeze=False, layout="constrained"
+    )
     for row, (t_layer, s_layer) in enumerate(pairs):
-        shown = [maps[layer].float().mean(0).cpu().numpy() for maps, layer in ((teacher_maps, t_layer), (student_maps, s_layer))]
+        shown = [
+            maps[layer].float().mean(0).cpu().numpy()
+            for maps, layer in ((teacher_maps, t_layer), (student_maps, s_layer))
+        ]
         top = max(float(m.max()) for m in shown) or 1.0
         for col, (who, layer) in enumerate((("teacher", t_layer), ("student", s_layer))):
             ax = axes[row][col]
@@ -147,7 +152,11 @@ class AttentionMapCallback(L.Callback):
         self._example = None
         epoch = trainer.current_epoch
         fig = plot_attention_pairs(
-            teacher_maps, student_maps, module.attention_loss.layer_map, tokens, f"attention, epoch {epoch} (head mean)"
+            teacher_maps,
+            student_maps,
+            module.attention_loss.layer_map,
+            tokens,
+            f"attention, epoch {epoch} (head mean)",
         )
         self.dirpath.mkdir(parents=True, exist_ok=True)
         # one file per validation: several run in an epoch under trainer.val_check_interval
@@ -183,10 +192,16 @@ class LastCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, dirpath: str, every_n_train_steps: int = 100, **kwargs) -> None:
-        super().__init__(dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=every_n_train_steps, **kwargs)
-        self._deferred_to: str | None = None  # "validation_end" or "epoch_end": where a due step checkpoint waits
+        super().__init__(
+            dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=every_n_train_steps, **kwargs
+        )
+        self._deferred_to: str | None = (
+            None  # "validation_end" or "epoch_end": where a due step checkpoint waits
+        )
 
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         epoch_loop = trainer.fit_loop.epoch_loop
         progress = epoch_loop.batch_progress
         if progress.is_last_batch or progress.current.ready >= trainer.num_training_batches:
@@ -278,15 +293,21 @@ class InterruptedCheckpoint(L.Callback):
     def _stop_deferring(self) -> None:
         if self._deferring and signal.getsignal(signal.SIGINT) == self._defer_interrupt:
             # (not where Lightning has since set its own, to ignore Ctrl-C while it shuts down)
-            signal.signal(signal.SIGINT, self._sigint if self._sigint is not None else signal.default_int_handler)
+            signal.signal(
+                signal.SIGINT, self._sigint if self._sigint is not None else signal.default_int_handler
+            )
         self._deferring, self._sigint = False, None
 
-    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int
+    ) -> None:
         if threading.current_thread() is threading.main_thread() and not self._deferring:
             self._sigint = signal.signal(signal.SIGINT, self._defer_interrupt)
             self._deferring = True
 
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         self._stop_deferring()
         if self._interrupted:
             self._interrupted = False
@@ -304,17 +325,24 @@ class InterruptedCheckpoint(L.Callback):
         if trainer.state.fn != TrainerFn.FITTING:
             return
         if isinstance(exception, FloatingPointError):
-            log.warning("a non-finite stop writes no %s; the last good checkpoint is the newest", self.ckpt_path)
+            log.warning(
+                "a non-finite stop writes no %s; the last good checkpoint is the newest", self.ckpt_path
+            )
             return
         if bad := non_finite_parameters(module):
-            log.warning("not writing %s: the weights are non-finite (%s)", self.ckpt_path, describe_names(bad))
+            log.warning(
+                "not writing %s: the weights are non-finite (%s)", self.ckpt_path, describe_names(bad)
+            )
             return
         if trainer.world_size > 1:
             # The other processes may be anywhere, e.g. waiting in a gradient all-reduce: nothing here may wait
             # for them (trainer.save_checkpoint ends in a barrier). Every DDP process holds the whole model, so
             # rank 0 writes it alone; FSDP's shards would need every process to gather them.
             if isinstance(trainer.strategy, FSDPStrategy):
-                log.warning("not writing %s: under FSDP it needs every process; last.ckpt is the newest", self.ckpt_path)
+                log.warning(
+                    "not writing %s: under FSDP it needs every process; last.ckpt is the newest",
+                    self.ckpt_path,
+                )
                 return
             if not trainer.is_global_zero:
                 return
@@ -323,13 +351,22 @@ class InterruptedCheckpoint(L.Callback):
             # inside a gradient-accumulation window: its gradients are not in the checkpoint, so the resumed run
             # replays the window from its first batch (the data module and ResumeRandomState record the same)
             rewind_to_batch(checkpoint["loops"], start)
-            log.info("stopped inside a gradient-accumulation window: %s resumes at its first batch, %d", self.ckpt_path, start)
+            log.info(
+                "stopped inside a gradient-accumulation window: %s resumes at its first batch, %d",
+                self.ckpt_path,
+                start,
+            )
         elif trainer.validating:
             # as written, Lightning would resume after the validation's last finished batch (or take it for done)
             restart_validation(checkpoint["loops"])
             log.info("stopped during a validation: %s resumes by running it again", self.ckpt_path)
         trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, self.ckpt_path)
-        log.info("%s stopped training at step %d; saved %s", type(exception).__name__, trainer.global_step, self.ckpt_path)
+        log.info(
+            "%s stopped training at step %d; saved %s",
+            type(exception).__name__,
+            trainer.global_step,
+            self.ckpt_path,
+        )
 
 
 class ResumeRandomState(L.Callback):
@@ -365,8 +402,12 @@ class ResumeRandomState(L.Callback):
     def __init__(self) -> None:
         # (batch ready count, random state of every process by rank, logging step) at a batch's start
         self._batch_start: tuple[int, list[dict], int] | None = None
-        self._window_start: tuple[int, list[dict], int] | None = None  # of the gradient-accumulation window under way
-        self._validation_start: list[dict] | None = None  # every process's state when a validation in fit began
+        self._window_start: tuple[int, list[dict], int] | None = (
+            None  # of the gradient-accumulation window under way
+        )
+        self._validation_start: list[dict] | None = (
+            None  # every process's state when a validation in fit began
+        )
         self._to_restore: dict | None = None
         self._logging_step: int | None = None
         self._gather_each_batch = False
@@ -387,12 +428,20 @@ class ResumeRandomState(L.Callback):
         torch.distributed.all_gather_object(states, state, group=self._group)
         return states
 
-    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int
+    ) -> None:
         epoch_loop = trainer.fit_loop.epoch_loop
-        if self._logging_step is not None:  # the first batch of a run resumed from a checkpoint written mid-step
+        if (
+            self._logging_step is not None
+        ):  # the first batch of a run resumed from a checkpoint written mid-step
             epoch_loop._batches_that_stepped, self._logging_step = self._logging_step, None
         states = self._every_rank(trainer, rng_state()) if self._gather_each_batch else [rng_state()]
-        self._batch_start = (epoch_loop.batch_progress.current.ready, states, epoch_loop._batches_that_stepped)
+        self._batch_start = (
+            epoch_loop.batch_progress.current.ready,
+            states,
+            epoch_loop._batches_that_stepped,
+        )
         if batch_idx % trainer.accumulate_grad_batches == 0:
             self._window_start = self._batch_start
 
@@ -406,16 +455,22 @@ class ResumeRandomState(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict) -> None:
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        under_way = self._batch_start is not None and progress.processed < progress.ready == self._batch_start[0]
+        under_way = (
+            self._batch_start is not None and progress.processed < progress.ready == self._batch_start[0]
+        )
         start = self._batch_start if under_way else None
         if accumulation_window_start(trainer) is not None and self._window_start is not None:
             start = self._window_start  # a resume replays the accumulation window (see InterruptedCheckpoint)
         if start is not None:
             states = start[1]
             checkpoint[self.LOGGING_STEP] = start[2]
-        elif trainer.state.status == TrainerStatus.INTERRUPTED:  # rank 0 alone (InterruptedCheckpoint): no gather
+        elif (
+            trainer.state.status == TrainerStatus.INTERRUPTED
+        ):  # rank 0 alone (InterruptedCheckpoint): no gather
             # during a validation (which draws nothing), every process's state as it began
-            states = self._validation_start if trainer.validating and self._validation_start else [rng_state()]
+            states = (
+                self._validation_start if trainer.validating and self._validation_start else [rng_state()]
+            )
         else:  # every process writes a step, epoch or best checkpoint together
             states = self._every_rank(trainer, rng_state())
         checkpoint["rng_state"] = states[0]

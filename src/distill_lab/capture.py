@@ -51,7 +51,9 @@ _NEUTRAL_ARGUMENTS = frozenset({
     "token_type_ids", "labels", "special_tokens_mask", "inputs_embeds", "pixel_values", "return_loss",
 })  # fmt: skip
 # where encoder-decoder models keep cross-attention built from their self-attention class
-CROSS_ATTENTION_NAMES = frozenset({"crossattention", "cross_attention", "cross_attn", "encoder_attn", "encdecattention"})
+CROSS_ATTENTION_NAMES = frozenset(
+    {"crossattention", "cross_attention", "cross_attn", "encoder_attn", "encdecattention"}
+)
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -69,7 +71,11 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
             continue
         if any(part.lower() in CROSS_ATTENTION_NAMES for part in name.split(".")):
             continue
-        if any(type(child).__name__.endswith("Attention") for _, child in module.named_modules() if child is not module):
+        if any(
+            type(child).__name__.endswith("Attention")
+            for _, child in module.named_modules()
+            if child is not module
+        ):
             continue
         found.append((name, module))
     if not found:
@@ -179,7 +185,9 @@ class QueryKey:
             else:
                 scores = scores + mask.to(dtype)
         elif self.causal and q_len > 1:
-            positions = torch.arange(rows.start, rows.start + scores.shape[2], device=scores.device) + (k_len - q_len)
+            positions = torch.arange(rows.start, rows.start + scores.shape[2], device=scores.device) + (
+                k_len - q_len
+            )
             allowed = torch.arange(k_len, device=scores.device)[None, :] <= positions[:, None]
             scores = scores.masked_fill(~allowed, -math.inf)
         return scores
@@ -219,7 +227,9 @@ def _record_and_attend(
     _check_arguments(module, kwargs)
     softcap = kwargs.get("softcap")
     if state is None and softcap is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     is_causal = kwargs.get("is_causal")
     record = QueryKey(
         query,

@@ -35,14 +35,22 @@ SYNTHETIC_WORDS: tuple[str, ...] = (*POSITIVE_WORDS, *NEGATIVE_WORDS, *NEUTRAL_W
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 FILE_BUILDERS: dict[str, tuple[str, dict]] = {  # extension -> (datasets builder, builder options)
     # a tab-separated file's quote characters are text (GLUE's .tsv files hold unbalanced '"'): no quoting
-    ".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE}),
-    ".json": ("json", {}), ".jsonl": ("json", {}), ".parquet": ("parquet", {}),
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".parquet": ("parquet", {}),
 }
 MODEL_COLUMNS: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids", "labels")
 
 
 def _negation_split(
-    num: int, min_length: int, max_length: int, negation_rate: float, distractor_rate: float, rng: random.Random
+    num: int,
+    min_length: int,
+    max_length: int,
+    negation_rate: float,
+    distractor_rate: float,
+    rng: random.Random,
 ) -> Dataset:
     texts, labels = [], []
     for _ in range(num):
@@ -92,11 +100,15 @@ def synthetic_relations(
     if not 3 <= min_length <= max_length:
         raise ValueError(f"need 3 <= min_length <= max_length, got {min_length} and {max_length}")
     if not (0.0 <= negation_rate <= 1.0 and 0.0 <= distractor_rate <= 1.0):
-        raise ValueError(f"negation_rate and distractor_rate must be in [0, 1], got {negation_rate}, {distractor_rate}")
+        raise ValueError(
+            f"negation_rate and distractor_rate must be in [0, 1], got {negation_rate}, {distractor_rate}"
+        )
     sizes = {"train": num_train, "validation": num_validation}
     return DatasetDict(  # each split draws from its own seed stream
         {
-            split: _negation_split(n, min_length, max_length, negation_rate, distractor_rate, random.Random(f"{seed}/{split}"))
+            split: _negation_split(
+                n, min_length, max_length, negation_rate, distractor_rate, random.Random(f"{seed}/{split}")
+            )
             for split, n in sizes.items()
         }
     )
@@ -129,8 +141,13 @@ def build_word_tokenizer(
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_max_length=model_max_length,
+        tokenizer_object=backend,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=model_max_length,
         model_input_names=["input_ids", "token_type_ids", "attention_mask"],  # BERT-style segment ids
     )
 
@@ -214,7 +231,9 @@ def check_both_splits(sources: dict, kind: str, need: str, example: str) -> None
             )
 
 
-def local_files(train_file: str | Path | None = None, validation_file: str | Path | None = None) -> DatasetDict:
+def local_files(
+    train_file: str | Path | None = None, validation_file: str | Path | None = None
+) -> DatasetDict:
     """Load ``train`` and ``validation`` splits from local .csv, .tsv, .json, .jsonl or .parquet files.
 
     Raises:
@@ -222,7 +241,9 @@ def local_files(train_file: str | Path | None = None, validation_file: str | Pat
             exist or has an unsupported extension.
     """
     files = {"train": train_file, "validation": validation_file}
-    check_both_splits(files, "file", "a file", f"{{split}}.csv (supported extensions: {sorted(FILE_BUILDERS)})")
+    check_both_splits(
+        files, "file", "a file", f"{{split}}.csv (supported extensions: {sorted(FILE_BUILDERS)})"
+    )
     return DatasetDict({split: _load_file(path) for split, path in files.items()})
 
 
@@ -301,7 +322,9 @@ def _label_key(name) -> str:
     return str(name).strip().casefold()
 
 
-def _to_model_ids(names: list[str], label_ids: dict, model_labels: list[str], key: str) -> tuple[list[str], dict]:
+def _to_model_ids(
+    names: list[str], label_ids: dict, model_labels: list[str], key: str
+) -> tuple[list[str], dict]:
     """The data's named classes renumbered as the model numbers them (its ``id2label``), matched by name."""
     model_ids = {_label_key(name): i for i, name in enumerate(model_labels)}
     if len(model_ids) != len(model_labels):
@@ -349,7 +372,11 @@ def check_sizes(options) -> None:
         ValueError: Naming the ``data.`` key, its value and what it takes.
     """
     required = {"batch_size": 1, "max_length": 1, "num_workers": 0}
-    optional = {"eval_batch_size": "data.batch_size", "max_train_samples": "every example", "max_eval_samples": "every example"}
+    optional = {
+        "eval_batch_size": "data.batch_size",
+        "max_train_samples": "every example",
+        "max_eval_samples": "every example",
+    }
     for key in (*required, *optional):
         if key not in options or (key in optional and options[key] is None):
             continue
@@ -450,13 +477,17 @@ class TrainValidationData(lightning.LightningDataModule):
                     raise ValueError(
                         f"data.{key}={column!r} not in {split} split; available columns: {raw[split].column_names}"
                     )
-                if column is not None and (missing := raw[split].data.column(column).null_count):  # Arrow's count
+                if column is not None and (
+                    missing := raw[split].data.column(column).null_count
+                ):  # Arrow's count
                     raise ValueError(
                         f"data.{key}={column!r}: {missing} examples of the {split} split have no value there (an "
                         "empty cell or null); fill or drop them"
                     )
             if len(raw[split]) == 0:
-                raise ValueError(f"the {split} split holds no examples: give the data at least one row in each split")
+                raise ValueError(
+                    f"the {split} split holds no examples: give the data at least one row in each split"
+                )
         return DatasetDict(train=raw["train"], validation=raw["validation"])
 
     def subsample(self, raw: DatasetDict) -> DatasetDict:
@@ -486,8 +517,12 @@ class TrainValidationData(lightning.LightningDataModule):
         # moments than an uninterrupted one, and must not shift the dropout masks drawn after them
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, generator=generator,
-            collate_fn=self.collator(split), num_workers=self.num_workers,
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            generator=generator,
+            collate_fn=self.collator(split),
+            num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
@@ -578,7 +613,9 @@ class TextClassificationData(TrainValidationData):
         model_labels: list[str] | None = None,
         match_label_names: bool = True,
     ) -> None:
-        super().__init__(dataset, batch_size, eval_batch_size, num_workers, max_train_samples, max_eval_samples, seed)
+        super().__init__(
+            dataset, batch_size, eval_batch_size, num_workers, max_train_samples, max_eval_samples, seed
+        )
         check_sizes({"max_length": max_length})
         self.tokenizer = tokenizer
         self.text_column = text_column
@@ -614,7 +651,11 @@ class TextClassificationData(TrainValidationData):
                 f"tokens to each {'pair' if self.text_pair_column else 'text'}; give at least {special + 2}"
             )
         raw = self.load_splits(
-            {"text_column": self.text_column, "label_column": self.label_column, "text_pair_column": self.text_pair_column}
+            {
+                "text_column": self.text_column,
+                "label_column": self.label_column,
+                "text_pair_column": self.text_pair_column,
+            }
         )
         self.label_names, label_ids = class_ids(  # the whole dataset, before any subsampling
             raw, self.label_column, self.model_labels, self.match_label_names
@@ -625,8 +666,10 @@ class TextClassificationData(TrainValidationData):
             tokenizer=self.tokenizer, columns=columns, label_ids=label_ids, max_length=self.max_length
         )
         self.splits = DatasetDict(
-            {split: ds.map(_tokenize, batched=True, remove_columns=ds.column_names, fn_kwargs=fn_kwargs)
-             for split, ds in raw.items()}
+            {
+                split: ds.map(_tokenize, batched=True, remove_columns=ds.column_names, fn_kwargs=fn_kwargs)
+                for split, ds in raw.items()
+            }
         )
 
     def collator(self, split: str) -> DataCollatorWithPadding:

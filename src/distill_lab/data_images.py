@@ -18,7 +18,9 @@ from datasets import ClassLabel, DatasetDict, load_dataset
 from distill_lab.data import TrainValidationData, check_both_splits, class_ids
 
 
-def synthetic_stripes(num_train: int = 1000, num_validation: int = 200, size: int = 32, seed: int = 0) -> DatasetDict:
+def synthetic_stripes(
+    num_train: int = 1000, num_validation: int = 200, size: int = 32, seed: int = 0
+) -> DatasetDict:
     """The built-in offline image task: ``size`` x ``size`` RGB images of horizontal or vertical stripes of
     random widths under noise (labels ``horizontal``, ``vertical``), for ``task=image_classification``."""
     import numpy as np
@@ -41,7 +43,9 @@ def synthetic_stripes(num_train: int = 1000, num_validation: int = 200, size: in
     return DatasetDict(train=split(num_train), validation=split(num_validation))
 
 
-def image_folders(train_dir: str | Path | None = None, validation_dir: str | Path | None = None) -> DatasetDict:
+def image_folders(
+    train_dir: str | Path | None = None, validation_dir: str | Path | None = None
+) -> DatasetDict:
     """``train`` and ``validation`` splits from two image folders (one sub-folder per class, same names).
 
     Raises:
@@ -91,7 +95,9 @@ class ImageFolderData(TrainValidationData):
         model_labels: list[str] | None = None,
         match_label_names: bool = True,
     ) -> None:
-        super().__init__(dataset, batch_size, eval_batch_size, num_workers, max_train_samples, max_eval_samples, seed)
+        super().__init__(
+            dataset, batch_size, eval_batch_size, num_workers, max_train_samples, max_eval_samples, seed
+        )
         self.image_processor = image_processor
         self.model_labels = model_labels
         self.match_label_names = match_label_names
@@ -116,7 +122,9 @@ class ImageFolderData(TrainValidationData):
         if self.splits is not None:
             return
         if self.image_processor is None:
-            raise ValueError("ImageFolderData has no image processor: set its `image_processor` before setup()")
+            raise ValueError(
+                "ImageFolderData has no image processor: set its `image_processor` before setup()"
+            )
         raw = self.load_splits({"image_column": self.image_column, "label_column": self.label_column})
         self.label_names, self.label_ids = class_ids(  # before any subsampling
             raw, self.label_column, self.model_labels, self.match_label_names

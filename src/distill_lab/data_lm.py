@@ -62,7 +62,9 @@ class _EpochMaskedCollator(DataCollatorForLanguageModeling):
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, mlm_probability: float, seed: int) -> None:
-        super().__init__(tokenizer, mlm=True, mlm_probability=mlm_probability)  # no seed: it draws from torch's
+        super().__init__(
+            tokenizer, mlm=True, mlm_probability=mlm_probability
+        )  # no seed: it draws from torch's
         self.draw_seed = seed
 
     def torch_call(self, examples: list[dict]) -> dict[str, torch.Tensor]:
@@ -105,10 +107,14 @@ class LanguageModelingData(TrainValidationData):
         max_eval_samples: int | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__(dataset, batch_size, eval_batch_size, num_workers, max_train_samples, max_eval_samples, seed)
+        super().__init__(
+            dataset, batch_size, eval_batch_size, num_workers, max_train_samples, max_eval_samples, seed
+        )
         check_sizes({"max_length": max_length})
         if mlm and not 0 < mlm_probability <= 1:
-            raise ValueError(f"data.mlm_probability={mlm_probability} must be in (0, 1]: the share of tokens masked (0.15 is BERT's)")
+            raise ValueError(
+                f"data.mlm_probability={mlm_probability} must be in (0, 1]: the share of tokens masked (0.15 is BERT's)"
+            )
         self.tokenizer = tokenizer
         self.mlm = mlm
         self.mlm_probability = mlm_probability
@@ -130,7 +136,9 @@ class LanguageModelingData(TrainValidationData):
                 "(a decoder model's tokenizer? use task=causal_lm)"
             )
         if self.tokenizer.pad_token is None:
-            raise ValueError("the tokenizer has no padding token: set tokenizer.pad_token (e.g. to its eos token)")
+            raise ValueError(
+                "the tokenizer has no padding token: set tokenizer.pad_token (e.g. to its eos token)"
+            )
 
     def setup(self, stage: str | None = None) -> None:
         """Load, check, subsample, tokenize (and pack) the texts; mask the validation split once."""
@@ -146,8 +154,9 @@ class LanguageModelingData(TrainValidationData):
         self.raw = raw = self.subsample(self.load_splits({"text_column": self.text_column}))
         splits = DatasetDict(
             {
-                split: ds.map(self._tokenize, batched=True, remove_columns=ds.column_names)
-                .filter(lambda ids: len(ids) > 0, input_columns="input_ids")
+                split: ds.map(self._tokenize, batched=True, remove_columns=ds.column_names).filter(
+                    lambda ids: len(ids) > 0, input_columns="input_ids"
+                )
                 for split, ds in raw.items()
             }
         )
@@ -163,14 +172,19 @@ class LanguageModelingData(TrainValidationData):
                 )  # fmt: skip
         if self.mlm:  # fixed masks for validation: the same positions every epoch
             splits["validation"] = splits["validation"].map(
-                self._mask_once, batched=True, batch_size=256, with_indices=True,
+                self._mask_once,
+                batched=True,
+                batch_size=256,
+                with_indices=True,
                 remove_columns=["special_tokens_mask"],
             )
         self.splits = splits
 
     def _tokenize(self, batch: dict) -> dict:
         encoded = self.tokenizer(
-            batch[self.text_column], truncation=not self.pack, max_length=None if self.pack else self.max_length,
+            batch[self.text_column],
+            truncation=not self.pack,
+            max_length=None if self.pack else self.max_length,
             return_special_tokens_mask=self.mlm,
         )
         return {k: encoded[k] for k in ("input_ids", "attention_mask", "special_tokens_mask") if k in encoded}
@@ -188,7 +202,10 @@ class LanguageModelingData(TrainValidationData):
         # one seed per map batch, from the seed and the batch's first row: reproducible, and not the same
         # masks again for every batch of rows (a collator seeded with the seed alone would repeat them)
         collator = DataCollatorForLanguageModeling(
-            self.tokenizer, mlm=True, mlm_probability=self.mlm_probability, seed=self.seed * 1_000_003 + indices[0]
+            self.tokenizer,
+            mlm=True,
+            mlm_probability=self.mlm_probability,
+            seed=self.seed * 1_000_003 + indices[0],
         )
         rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
         masked = collator(rows)
@@ -196,7 +213,9 @@ class LanguageModelingData(TrainValidationData):
         # the collator pads to the batch's longest text (right side): cut each row back to its length
         return {
             "input_ids": [row[:n].tolist() for row, n in zip(masked["input_ids"], lengths, strict=True)],
-            "attention_mask": [row[:n].tolist() for row, n in zip(masked["attention_mask"], lengths, strict=True)],
+            "attention_mask": [
+                row[:n].tolist() for row, n in zip(masked["attention_mask"], lengths, strict=True)
+            ],
             "labels": [row[:n].tolist() for row, n in zip(masked["labels"], lengths, strict=True)],
         }
 

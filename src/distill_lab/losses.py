@@ -30,7 +30,10 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def _validity(
-    shape: tuple[int, ...], device: torch.device, attention_mask: Tensor | None, query_start: int | None = None
+    shape: tuple[int, ...],
+    device: torch.device,
+    attention_mask: Tensor | None,
+    query_start: int | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Key validity ``(B, 1, 1, Lk)``, row validity ``(B, 1, Lq)`` and valid keys per row ``(B, 1, Lq)`` for maps
     of ``shape`` (B, H, Lq, Lk).
@@ -67,7 +70,9 @@ def _log_probs(p: Tensor, key_valid: Tensor | None, temperature: float) -> tuple
     return torch.log_softmax(log_p / temperature, dim=-1), empty.squeeze(-1)
 
 
-def _log_softmax_scores(scores: Tensor, key_valid: Tensor | None, temperature: float) -> tuple[Tensor, Tensor]:
+def _log_softmax_scores(
+    scores: Tensor, key_valid: Tensor | None, temperature: float
+) -> tuple[Tensor, Tensor]:
     """``log softmax(scores / T)`` over the valid keys, and which rows have no valid key: the exact
     log-probabilities, where those taken from probabilities stop at the smallest positive float32 (a score
     about 87 below the row's largest)."""
@@ -100,7 +105,9 @@ def _row_terms(
             "for both models so that sequence lengths agree."
         )
     if student.dim() != 4:
-        raise ValueError(f"attention maps must be (batch, heads, query, key); got shape {tuple(student.shape)}")
+        raise ValueError(
+            f"attention maps must be (batch, heads, query, key); got shape {tuple(student.shape)}"
+        )
     dtype = _compute_dtype(student)
     s, t = student.to(dtype), teacher.to(dtype).detach()  # the teacher is the target: no gradient reaches it
     key_valid, row_valid, n_keys = _validity(s.shape, s.device, attention_mask, query_start)
@@ -119,7 +126,11 @@ def _row_terms(
         # a student row with no mass on the valid keys has zero mass wherever the teacher has some; where the
         # student's probability is zero (or, from probabilities, below float32's range) its log is floored
         log_s = log_s.masked_fill(s_empty.unsqueeze(-1), _LOG_TINY)
-        log_s = log_s.clamp_min(_LOG_TINY) if kind == "kl" else log_s.masked_fill(torch.isneginf(log_s), _LOG_TINY)
+        log_s = (
+            log_s.clamp_min(_LOG_TINY)
+            if kind == "kl"
+            else log_s.masked_fill(torch.isneginf(log_s), _LOG_TINY)
+        )
         p_t = log_t.exp()
         log_t = torch.where(p_t > 0, log_t, torch.zeros_like(log_t))  # 0 * (-inf) would be NaN
         values = (p_t * (log_t - log_s)).sum(-1) * temperature**2
@@ -145,7 +156,9 @@ def averaged_elements(shape: tuple[int, ...], attention_mask: Tensor | None, per
     rows (KL, cosine), or with ``per_key`` their valid keys (MSE: ``(b, valid q, valid k)``). The weight of a
     batch's attention loss in a mean over batches that equals the loss over their union (but for rows where the
     teacher has no mass, which KL leaves out: none with ordinary masks)."""
-    _, rows, n_keys = _validity(shape, attention_mask.device if attention_mask is not None else None, attention_mask)
+    _, rows, n_keys = _validity(
+        shape, attention_mask.device if attention_mask is not None else None, attention_mask
+    )
     if rows is None:
         return shape[0] * shape[2] * (shape[3] if per_key else 1)
     return (rows * n_keys).sum() if per_key else rows.sum()
@@ -256,7 +269,9 @@ def key_padding(mask: Tensor, k_len: int, causal: bool = False) -> Tensor | None
     expected = keys[:, None, None, :]
     if causal and allowed.shape[2] > 1:
         q_len = allowed.shape[2]
-        expected = expected & torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).tril(k_len - q_len)
+        expected = expected & torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).tril(
+            k_len - q_len
+        )
     padding_only = (allowed == expected).all()
     if mask.dtype != torch.bool:
         padding_only = padding_only & (mask.masked_fill(~allowed, 0.0) == 0).all()
@@ -264,7 +279,13 @@ def key_padding(mask: Tensor, k_len: int, causal: bool = False) -> Tensor | None
 
 
 def _mix_heads(
-    query: Tensor, key: Tensor, weights: Tensor, scaling: float, rows: Tensor | None, keys: Tensor | None, dtype
+    query: Tensor,
+    key: Tensor,
+    weights: Tensor,
+    scaling: float,
+    rows: Tensor | None,
+    keys: Tensor | None,
+    dtype,
 ) -> tuple[Tensor, Tensor]:
     """``X`` (B, P, Lq, m*D), ``Y`` (B, P, Lk, m*D) in ``dtype``: ``X_p Y_p^T = scaling * sum_h weights[p, h] q_h k_h^T``.
 
@@ -275,7 +296,9 @@ def _mix_heads(
     index = weights.abs().topk(count, dim=-1).indices  # (P, m)
     w = weights.gather(-1, index).to(device=query.device, dtype=dtype) * scaling
     index = index.to(query.device)
-    groups = query.shape[1] // key.shape[1]  # grouped-query attention: query head h reads key head h // groups
+    groups = (
+        query.shape[1] // key.shape[1]
+    )  # grouped-query attention: query head h reads key head h // groups
     x = query[:, index].to(dtype) * w[:, :, None, None]  # (B, P, m, Lq, D)
     y = key[:, torch.div(index, groups, rounding_mode="floor")].to(dtype)  # (B, P, m, Lk, D)
     x, y = x.transpose(2, 3).flatten(-2), y.transpose(2, 3).flatten(-2)
@@ -359,14 +382,19 @@ def mse_scores_gram_terms(
         raise ValueError(
             f"head weights {tuple(t_w.shape)}, {tuple(s_w.shape)} must be (P, {num_teacher}), (P, {num_student})"
         )
-    dtype, device = torch.promote_types(_compute_dtype(student_query), teacher_query.dtype), student_query.device
+    dtype, device = (
+        torch.promote_types(_compute_dtype(student_query), teacher_query.dtype),
+        student_query.device,
+    )
     keys, rows, n_keys = _validity((batch, 1, q_len, k_len), device, attention_mask)
     if attention_mask is not None:
         count = (rows * n_keys).sum().to(dtype)
         keys, rows = keys[:, 0, 0], rows[:, 0]
     else:
         count = torch.tensor(float(batch * q_len * k_len), dtype=dtype, device=device)
-    x_t, y_t = _mix_heads(teacher_query.detach(), teacher_key.detach(), t_w.cpu(), teacher_scaling, rows, keys, dtype)
+    x_t, y_t = _mix_heads(
+        teacher_query.detach(), teacher_key.detach(), t_w.cpu(), teacher_scaling, rows, keys, dtype
+    )
     x_s, y_s = _mix_heads(student_query, student_key, s_w.cpu(), student_scaling, rows, keys, dtype)
 
     def inner(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:  # <A^T B, C^T D> per (b, p)
@@ -507,7 +535,9 @@ def kd_loss(
     return alpha * ce + (1.0 - alpha) * soft * kl_term
 
 
-def distillation_objective(output_loss: Tensor, attention_loss: Tensor, attention_weight: float = 0.3) -> Tensor:
+def distillation_objective(
+    output_loss: Tensor, attention_loss: Tensor, attention_weight: float = 0.3
+) -> Tensor:
     """``L = (1 - w) * L_output + w * L_attention`` with ``w = attention_weight`` in [0, 1]."""
     if not 0.0 <= attention_weight <= 1.0:
         raise ValueError(f"attention_weight must be in [0, 1], got {attention_weight}")

@@ -51,7 +51,9 @@ def _layer_names(names_or_model) -> list[str] | None:
     return list(names_or_model)
 
 
-def resolve_layer(ref: LayerRef, num_layers: int, names: Sequence[str] | None = None, side: str = "teacher") -> int:
+def resolve_layer(
+    ref: LayerRef, num_layers: int, names: Sequence[str] | None = None, side: str = "teacher"
+) -> int:
     """A layer index (negative counts from the end) or a module name such as ``"encoder.layer.6.attention"``.
 
     A name matches an attention module when its dotted parts appear contiguously in the module's qualified
@@ -110,7 +112,9 @@ def layer_map(
             ]
         if spec == "last":
             return [(num_teacher_layers - 1, num_student_layers - 1)]
-        raise ValueError(f"unknown layer_map {spec!r}; valid: 'uniform', 'last' or a list of [teacher, student] pairs")
+        raise ValueError(
+            f"unknown layer_map {spec!r}; valid: 'uniform', 'last' or a list of [teacher, student] pairs"
+        )
     teacher_names, student_names = _layer_names(teacher), _layer_names(student)
     pairs = []
     for pair in spec:
@@ -147,17 +151,28 @@ class Matching(Protocol):
 
     per_head: bool
 
-    def check_heads(self, num_teacher_heads: int, num_student_heads: int, pairs: Sequence[LayerPair]) -> None: ...
+    def check_heads(
+        self, num_teacher_heads: int, num_student_heads: int, pairs: Sequence[LayerPair]
+    ) -> None: ...
 
-    def align(self, student: Tensor, teacher: Tensor, pair: LayerPair) -> tuple[Tensor, Tensor, list[int] | None]: ...
+    def align(
+        self, student: Tensor, teacher: Tensor, pair: LayerPair
+    ) -> tuple[Tensor, Tensor, list[int] | None]: ...
 
-    def head_pairs(self, num_teacher_heads: int, num_student_heads: int, pair: LayerPair) -> list[tuple[int, int]] | None:
+    def head_pairs(
+        self, num_teacher_heads: int, num_student_heads: int, pair: LayerPair
+    ) -> list[tuple[int, int]] | None:
         """``[(teacher_head, student_head), ...]`` when the alignment is a plain selection of single heads (which
         the fused kernel can compute), None when it averages heads."""
 
 
 def compare(
-    matching: Matching, student: Tensor, teacher: Tensor, attention_mask: Tensor | None, loss: Callable, pair: LayerPair
+    matching: Matching,
+    student: Tensor,
+    teacher: Tensor,
+    attention_mask: Tensor | None,
+    loss: Callable,
+    pair: LayerPair,
 ) -> tuple[Tensor, dict[int, Tensor] | None]:
     """One layer pair's loss under a matching mode, and its per-head losses where the mode reports them."""
     s, t, heads = matching.align(student, teacher, pair)
@@ -172,7 +187,9 @@ def _grouped_head_pairs(num_teacher_heads: int, num_student_heads: int) -> list[
     return [(tuple(range(i * k, (i + 1) * k)), i) for i in range(num_student_heads)]
 
 
-def _select_heads(student: Tensor, teacher: Tensor, heads: Sequence[HeadPair]) -> tuple[Tensor, Tensor, list[int]]:
+def _select_heads(
+    student: Tensor, teacher: Tensor, heads: Sequence[HeadPair]
+) -> tuple[Tensor, Tensor, list[int]]:
     """Stacks for head pairs: teacher head groups averaged, student heads selected."""
     t = torch.stack([teacher[:, list(group)].mean(1) for group, _ in heads], dim=1)
     student_heads = [h for _, h in heads]
@@ -202,7 +219,9 @@ class Layerwise:
 
     def align(self, student, teacher, pair):
         if teacher.shape[1] != student.shape[1]:
-            _, teacher, _ = _select_heads(student, teacher, _grouped_head_pairs(teacher.shape[1], student.shape[1]))
+            _, teacher, _ = _select_heads(
+                student, teacher, _grouped_head_pairs(teacher.shape[1], student.shape[1])
+            )
         return student, teacher, None
 
     __call__ = compare
@@ -221,7 +240,9 @@ class Headwise:
 
     def __init__(self, head_map: Sequence | Mapping[str, Sequence] | None = None) -> None:
         if isinstance(head_map, Mapping):  # "L5-1" as "L5->1": Hydra's override grammar takes no ">" in a key
-            head_map = {re.sub(r"^L(\d+)-(\d+)$", r"L\1->\2", str(key)): value for key, value in head_map.items()}
+            head_map = {
+                re.sub(r"^L(\d+)-(\d+)$", r"L\1->\2", str(key)): value for key, value in head_map.items()
+            }
         self.head_map = head_map
 
     def _pairs_for(self, pair: LayerPair, num_teacher_heads: int, num_student_heads: int) -> list[HeadPair]:
@@ -235,10 +256,18 @@ class Headwise:
         heads = []
         for entry in spec:
             if isinstance(entry, str) or len(entry) != 2:
-                raise ValueError(f"head_map entries must be [teacher_head, student_head] pairs; got {entry!r}")
-            group = tuple(entry[0]) if isinstance(entry[0], Iterable) and not isinstance(entry[0], str) else (entry[0],)
+                raise ValueError(
+                    f"head_map entries must be [teacher_head, student_head] pairs; got {entry!r}"
+                )
+            group = (
+                tuple(entry[0])
+                if isinstance(entry[0], Iterable) and not isinstance(entry[0], str)
+                else (entry[0],)
+            )
             if not all(_is_index(h) for h in (*group, entry[1])):
-                raise ValueError(f"head_map for {pair_name(pair)}: heads must be whole numbers; got {entry!r}")
+                raise ValueError(
+                    f"head_map for {pair_name(pair)}: heads must be whole numbers; got {entry!r}"
+                )
             if not group:
                 raise ValueError(
                     f"head_map for {pair_name(pair)} gives student head {entry[1]} no teacher head ({entry!r}): name "
@@ -254,11 +283,15 @@ class Headwise:
                 )
         students = [s for _, s in heads]
         if len(set(students)) != len(students) or not heads:
-            raise ValueError(f"head_map for {pair_name(pair)} must name each student head at most once; got {spec!r}")
+            raise ValueError(
+                f"head_map for {pair_name(pair)} must name each student head at most once; got {spec!r}"
+            )
         return heads
 
     def check_heads(self, num_teacher_heads, num_student_heads, pairs):
-        if isinstance(self.head_map, Mapping):  # a key that names no pair would be ignored, and its map unused
+        if isinstance(
+            self.head_map, Mapping
+        ):  # a key that names no pair would be ignored, and its map unused
             names = [pair_name(pair) for pair in pairs]
             if unknown := [key for key in self.head_map if key not in names]:
                 raise ValueError(
@@ -307,7 +340,9 @@ def entropy_head_importance(maps: Tensor, attention_mask: Tensor | None = None) 
         Returns: (H,).
     """
     p = maps.to(torch.promote_types(maps.dtype, torch.float32))
-    entropy = -torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p)).sum(-1)
+    entropy = -torch.where(
+        p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p)
+    ).sum(-1)
     if attention_mask is None:
         return -entropy.mean(dim=(0, 2))
     rows = attention_mask.to(device=p.device, dtype=p.dtype)[:, None, -p.shape[2] :]
@@ -335,13 +370,17 @@ def gradient_head_importance(
             outputs, maps = capture(**inputs)
             loss = loss_fn(outputs) if loss_fn is not None else getattr(outputs, "loss", None)
             if loss is None:
-                raise ValueError("gradient head importance needs a loss: pass labels in the batch or a loss_fn")
+                raise ValueError(
+                    "gradient head importance needs a loss: pass labels in the batch or a loss_fn"
+                )
             layers = sorted(maps)
             grads = torch.autograd.grad(loss, [maps[i] for i in layers])
     finally:
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
-    return {i: (maps[i].detach() * g).sum(dim=(-1, -2)).abs().mean(0) for i, g in zip(layers, grads, strict=True)}
+    return {
+        i: (maps[i].detach() * g).sum(dim=(-1, -2)).abs().mean(0) for i, g in zip(layers, grads, strict=True)
+    }
 
 
 class Selective:
@@ -370,7 +409,10 @@ class Selective:
         if self.heads is not None:
             singles = all(_is_index(h) for h in self.heads)
             pairs = all(
-                isinstance(h, Sequence) and not isinstance(h, str) and len(h) == 2 and all(_is_index(x) for x in h)
+                isinstance(h, Sequence)
+                and not isinstance(h, str)
+                and len(h) == 2
+                and all(_is_index(x) for x in h)
                 for h in self.heads
             )
             if not self.heads or not (singles or pairs):
@@ -408,7 +450,9 @@ class Selective:
             named = student_heads if self._fixed_pairs else teacher_heads
             if len(set(named)) != len(named):
                 side = "student" if self._fixed_pairs else "teacher"
-                raise ValueError(f"matching.heads {self.heads} names a {side} head twice: each may appear once")
+                raise ValueError(
+                    f"matching.heads {self.heads} names a {side} head twice: each may appear once"
+                )
             if self._fixed_pairs:
                 for pair in pairs:
                     self.selected[pair_name(pair)] = [(int(t), int(s)) for t, s in self.heads]
@@ -433,30 +477,42 @@ class Selective:
         teacher's maps that ``loss`` compares when they are something else (``mse_scores``: scores), by layer.
         """
         for t_layer, s_layer in pairs:  # top_k or heads that do not fit fail here as they would in forward
-            self.check_heads(teacher_maps[t_layer].shape[1], student_maps[s_layer].shape[1], [(t_layer, s_layer)])
+            self.check_heads(
+                teacher_maps[t_layer].shape[1], student_maps[s_layer].shape[1], [(t_layer, s_layer)]
+            )
         if self._fixed_pairs:
             return self.selected
         if self.importance_method == "gradient" and teacher_importance is None and self.heads is None:
-            raise ValueError("importance='gradient' needs teacher_importance from gradient_head_importance(...)")
+            raise ValueError(
+                "importance='gradient' needs teacher_importance from gradient_head_importance(...)"
+            )
         for pair in pairs:
             t_layer, s_layer = pair
             teacher, student = teacher_maps[t_layer].detach(), student_maps[s_layer].detach()
-            loss_student, loss_teacher = (compared[0][s_layer], compared[1][t_layer]) if compared else (student, teacher)
+            loss_student, loss_teacher = (
+                (compared[0][s_layer], compared[1][t_layer]) if compared else (student, teacher)
+            )
             if self.heads is not None:
                 chosen = [int(h) for h in self.heads]
                 scores = torch.zeros(teacher.shape[1])
             else:
                 scores = (
-                    teacher_importance[t_layer]
-                    if teacher_importance is not None
-                    else entropy_head_importance(teacher, attention_mask)
-                ).float().cpu()
+                    (
+                        teacher_importance[t_layer]
+                        if teacher_importance is not None
+                        else entropy_head_importance(teacher, attention_mask)
+                    )
+                    .float()
+                    .cpu()
+                )
                 chosen = scores.topk(self.top_k).indices.tolist()
             num_student_heads = student.shape[1]
             cost = torch.stack(
                 [
                     loss(
-                        loss_student, loss_teacher[:, [t]].expand(-1, num_student_heads, -1, -1), attention_mask,
+                        loss_student,
+                        loss_teacher[:, [t]].expand(-1, num_student_heads, -1, -1),
+                        attention_mask,
                         per_head=True,
                     )
                     for t in chosen
@@ -499,7 +555,9 @@ def get_matching(name: str, **options) -> Matching:
     try:
         cls = MATCHING_MODES[name]
     except KeyError:
-        raise ValueError(f"unknown matching {name!r}; valid choices: {', '.join(sorted(MATCHING_MODES))}") from None
+        raise ValueError(
+            f"unknown matching {name!r}; valid choices: {', '.join(sorted(MATCHING_MODES))}"
+        ) from None
     return cls(**options)
 
 
@@ -607,7 +665,9 @@ class AttentionDistillationLoss(nn.Module):
             )
         weights = torch.tensor(layer_weights if layer_weights is not None else [1.0] * len(self.layer_map))
         if not torch.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
-            raise ValueError(f"layer_weights must be finite and non-negative with a positive sum; got {layer_weights}")
+            raise ValueError(
+                f"layer_weights must be finite and non-negative with a positive sum; got {layer_weights}"
+            )
         self.register_buffer("layer_weights", weights / weights.sum(), persistent=False)
         self._head_indices: dict = {}  # (device, head pairs) -> the kernels' head index tensors, made once
 
@@ -638,7 +698,9 @@ class AttentionDistillationLoss(nn.Module):
         if not (isinstance(self.loss, AttentionLoss) and self.loss.name in ("kl", "mse", "cosine")):
             reasons.append("only loss=kl, mse and cosine have fused kernels")
         if not qk:
-            reasons.append("the kernels read queries and keys: both sides must be QueryKey records (capture=qk)")
+            reasons.append(
+                "the kernels read queries and keys: both sides must be QueryKey records (capture=qk)"
+            )
         elif device_type != "cuda" and not (self.fused and os.environ.get("TRITON_INTERPRET") == "1"):
             # automatic dispatch (fused=None) takes the kernel on CUDA only: Triton's CPU interpreter (how the
             # kernel tests run it) is far slower than the block-wise PyTorch path, so only fused=True asks for it
@@ -650,7 +712,9 @@ class AttentionDistillationLoss(nn.Module):
                 reasons.append("triton is not installed (pip install 'distill-lab[gpu]')")
         return reasons
 
-    def fused_problems(self, device_type: str, capture: str, num_teacher_heads: int, num_student_heads: int) -> list[str]:
+    def fused_problems(
+        self, device_type: str, capture: str, num_teacher_heads: int, num_student_heads: int
+    ) -> list[str]:
         """Why the fused kernels cannot run for this objective on ``device_type`` with ``capture``, as far as it
         can be told before a forward (what a record may still rule out: sliding windows, soft-capping, a mask
         beyond padding and causal structure); empty where they can."""
@@ -658,7 +722,9 @@ class AttentionDistillationLoss(nn.Module):
         if getattr(self.matching, "calibrated", True) and all(  # selective pairs single heads once calibrated
             self.matching.head_pairs(num_teacher_heads, num_student_heads, p) is None for p in self.layer_map
         ):
-            reasons.append(f"matching={type(self.matching).__name__.lower()} averages heads in every layer pair")
+            reasons.append(
+                f"matching={type(self.matching).__name__.lower()} averages heads in every layer pair"
+            )
         return reasons
 
     def calibrate(
@@ -678,13 +744,17 @@ class AttentionDistillationLoss(nn.Module):
             if getattr(self.loss, "on_scores", False):  # the heads are assigned on what the loss compares
                 if not all(isinstance(r, QueryKey) for r in (*student_maps.values(), *teacher_maps.values())):
                     raise ValueError(_SCORES_NEED_QK)
-                compared = tuple({i: _scores(r) for i, r in maps.items()} for maps in (student_maps, teacher_maps))
+                compared = tuple(
+                    {i: _scores(r) for i, r in maps.items()} for maps in (student_maps, teacher_maps)
+                )
             return self.matching.calibrate(
                 {s: _probs(r) for s, r in student_maps.items()}, {t: _probs(r) for t, r in teacher_maps.items()},
                 attention_mask, self.loss, self.layer_map, teacher_importance, compared,
             )  # fmt: skip
 
-    def _block(self, student, teacher, attention_mask, pair, rows: slice, scores: bool) -> tuple[Tensor, Tensor]:
+    def _block(
+        self, student, teacher, attention_mask, pair, rows: slice, scores: bool
+    ) -> tuple[Tensor, Tensor]:
         """Loss sums and weights per aligned head, (P,) each, over one block of query rows; the loss compares
         scores where ``scores``, else probabilities."""
         fetch = _scores if scores else _probs
@@ -712,10 +782,14 @@ class AttentionDistillationLoss(nn.Module):
             # the kernels apply key padding and the causal flag; any other mask (a bias, ...) would be lost
             reasons.append("the mask is more than key padding and causal structure")
         if reasons and self.fused:
-            raise ValueError(f"fused=True, but the fused attention kernel does not apply: {'; '.join(reasons)}")
+            raise ValueError(
+                f"fused=True, but the fused attention kernel does not apply: {'; '.join(reasons)}"
+            )
         return None if reasons else heads
 
-    def _fused_pair(self, student: QueryKey, teacher: QueryKey, attention_mask, heads, masks: dict) -> tuple[Tensor, Tensor]:
+    def _fused_pair(
+        self, student: QueryKey, teacher: QueryKey, attention_mask, heads, masks: dict
+    ) -> tuple[Tensor, Tensor]:
         """Loss sums and weights per head pair, (P,) each, from the fused kernel of the loss, weighted as
         ``losses._row_terms`` weights rows: the softmax over the keys that both records' masks and
         ``attention_mask`` let through, the rows and MSE's key counts from ``attention_mask`` (None: all)."""
@@ -728,12 +802,17 @@ class AttentionDistillationLoss(nn.Module):
         if attention_mask is not None:
             given = attention_mask.to(device) > 0
         keys = given
-        for record in (student, teacher):  # the kernels apply one key mask: what each model's own mask hides too
+        for record in (
+            student,
+            teacher,
+        ):  # the kernels apply one key mask: what each model's own mask hides too
             if (record_keys := _padding_keys(record, masks)[1]) is not None:
                 keys = keys & record_keys.to(device)
         keys = keys.to(torch.int32).contiguous()
         index_key = (device, tuple(heads))
-        if index_key not in self._head_indices:  # a host-to-device copy, which waits for the GPU: once, not per step
+        if (
+            index_key not in self._head_indices
+        ):  # a host-to-device copy, which waits for the GPU: once, not per step
             self._head_indices[index_key] = (
                 torch.tensor([s for _, s in heads], dtype=torch.int32, device=device),
                 torch.tensor([t for t, _ in heads], dtype=torch.int32, device=device),
@@ -774,14 +853,18 @@ class AttentionDistillationLoss(nn.Module):
             )
         if reasons:
             if self.gram:
-                raise ValueError(f"gram=True, but the Gram-matrix path of mse_scores does not apply: {'; '.join(reasons)}")
+                raise ValueError(
+                    f"gram=True, but the Gram-matrix path of mse_scores does not apply: {'; '.join(reasons)}"
+                )
             return None
         # every mode selects or averages heads, a linear map: aligning one-hot "maps" gives its head weights
         eyes = [torch.eye(r.shape[1], dtype=torch.float64)[None, :, None] for r in (student, teacher)]
         s_w, t_w, heads = self.matching.align(*eyes, pair)  # (1, P, 1, H) each
         # automatic choice: the Gram path costs O(L W^2) per entry against the block-wise O(L^2 W), W the
         # compared width (head size, times the heads an entry averages); below L ~ W/2 it does not pay
-        width = sum(int((w != 0).sum(-1).max()) * r.query.shape[-1] for w, r in ((s_w, student), (t_w, teacher)))
+        width = sum(
+            int((w != 0).sum(-1).max()) * r.query.shape[-1] for w, r in ((s_w, student), (t_w, teacher))
+        )
         if self.gram is None and student.shape[3] < width / 2:
             return None
         padding = [_padding_keys(r, masks) for r in (student, teacher)]
@@ -792,7 +875,10 @@ class AttentionDistillationLoss(nn.Module):
                     "padding (it varies over queries or heads, or adds a bias)"
                 )
             return None
-        keys = [r.key if k is None else r.key * k[:, None, :, None] for (_, k), r in zip(padding, (student, teacher), strict=True)]
+        keys = [
+            r.key if k is None else r.key * k[:, None, :, None]
+            for (_, k), r in zip(padding, (student, teacher), strict=True)
+        ]
         return keys, s_w[0, :, 0], t_w[0, :, 0], heads
 
     def _blockwise(self, student, teacher, attention_mask, pair, masks: dict):
@@ -824,12 +910,16 @@ class AttentionDistillationLoss(nn.Module):
             for start in range(0, q_len, self.block_size):
                 rows = slice(start, min(start + self.block_size, q_len))
                 block = (student, teacher, attention_mask, pair, rows, scores)
-                if torch.is_grad_enabled() and q_len > self.block_size:  # keep only the block's inputs, recompute
+                if (
+                    torch.is_grad_enabled() and q_len > self.block_size
+                ):  # keep only the block's inputs, recompute
                     v, w = checkpoint(self._block, *block, use_reentrant=False)
                 else:
                     v, w = self._block(*block)
                 values, weights = values + v, weights + w
-            _, _, heads = self.matching.align(_probs(student, slice(0, 0)), _probs(teacher, slice(0, 0)), pair)
+            _, _, heads = self.matching.align(
+                _probs(student, slice(0, 0)), _probs(teacher, slice(0, 0)), pair
+            )
         if heads is None:
             return values.sum() / weights.sum().clamp_min(1.0), None
         per = values / weights.clamp_min(1.0)
@@ -841,9 +931,14 @@ class AttentionDistillationLoss(nn.Module):
         masks: dict = {}  # a model builds one mask for all its layers: check it once (a host sync each)
         for pair in self.layer_map:
             t_layer, s_layer = pair
-            student, teacher = _layer_maps(student_attentions, s_layer), _layer_maps(teacher_attentions, t_layer)
+            student, teacher = (
+                _layer_maps(student_attentions, s_layer),
+                _layer_maps(teacher_attentions, t_layer),
+            )
             if student is None or teacher is None:
-                raise ValueError(f"no attention map for layer pair {pair_name(pair)}; was the layer captured?")
+                raise ValueError(
+                    f"no attention map for layer pair {pair_name(pair)}; was the layer captured?"
+                )
             teacher = _detached(teacher)  # the target, on every path (a custom loss callable too)
             if student.shape[0] != teacher.shape[0] or student.shape[-2:] != teacher.shape[-2:]:
                 raise ValueError(

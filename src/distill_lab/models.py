@@ -28,7 +28,9 @@ def _auto_class(task: str):
     return get_task(task).auto_class
 
 
-def _from_pretrained(role: str, name_or_path: str, task: str, num_labels: int | None, trust_remote_code: bool, **kwargs):
+def _from_pretrained(
+    role: str, name_or_path: str, task: str, num_labels: int | None, trust_remote_code: bool, **kwargs
+):
     auto = _auto_class(task)
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
@@ -109,7 +111,9 @@ def load_student(
         "student", name_or_path, task, teacher.config.num_labels, trust_remote_code, **labels,
         ignore_mismatched_sizes=True, output_loading_info=True,
     )  # fmt: skip
-    if mismatched := [str(entry[0] if isinstance(entry, tuple) else entry) for entry in info.get("mismatched_keys", [])]:
+    if mismatched := [
+        str(entry[0] if isinstance(entry, tuple) else entry) for entry in info.get("mismatched_keys", [])
+    ]:
         log.warning(
             "the student %r was saved with a head for another number of labels than the teacher's %d: %s "
             "initialised afresh", name_or_path, teacher.config.num_labels, ", ".join(sorted(mismatched)),
@@ -117,7 +121,9 @@ def load_student(
     return student
 
 
-def check_student(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer=None, name_or_path: str | None = None) -> None:
+def check_student(
+    student: PreTrainedModel, teacher: PreTrainedModel, tokenizer=None, name_or_path: str | None = None
+) -> None:
     """Refuse, before training, a student that cannot learn the teacher's attention: one whose attention is
     causal where the teacher's is bidirectional (or the other way round), whose input embeddings miss ids of
     the teacher's tokenizer (``tokenizer``), or whose own saved tokenizer (``name_or_path``) is another.
@@ -147,10 +153,14 @@ def check_student(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer=
     try:
         own = load_tokenizer(name_or_path)
     except ValueError as err:  # a hub student saved without a tokenizer: only loading tells
-        log.info("the student %r has no tokenizer of its own to compare with the teacher's (%s)", name_or_path, err)
+        log.info(
+            "the student %r has no tokenizer of its own to compare with the teacher's (%s)", name_or_path, err
+        )
         return
     theirs, ours = tokenizer.get_vocab(), own.get_vocab()
-    if differ := sum(ours.get(token) != index for token, index in theirs.items()):  # tokens of its own beyond: fine
+    if differ := sum(
+        ours.get(token) != index for token, index in theirs.items()
+    ):  # tokens of its own beyond: fine
         raise ValueError(
             f"student.name_or_path={name_or_path!r} has a tokenizer of its own that is not the teacher's ({differ} of "
             f"the teacher's {len(theirs)} tokens are missing or have other ids): the student reads the teacher's "
@@ -164,7 +174,13 @@ def _holds_tokenizer(directory: Path) -> bool:
     return any(f.name.startswith(TOKENIZER_FILES) for f in directory.iterdir())
 
 
-TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "spiece", "sentencepiece")  # how saved tokenizers' files start
+TOKENIZER_FILES = (
+    "tokenizer",
+    "vocab",
+    "merges",
+    "spiece",
+    "sentencepiece",
+)  # how saved tokenizers' files start
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
@@ -182,7 +198,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
             "model's tokenizer beside it with tokenizer.save_pretrained(directory)"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, revision=revision
+        )
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot load a tokenizer from {name_or_path!r}: {err}") from err
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
@@ -191,14 +209,19 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
 
 
 def load_preprocessor(
-    name_or_path: str, task: str = "sequence_classification", trust_remote_code: bool = False, revision: str | None = None
+    name_or_path: str,
+    task: str = "sequence_classification",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
 ):
     """What turns the task's raw inputs into model inputs: the teacher's tokenizer for text tasks, its image
     processor (resizing, normalisation) for image tasks; both at the teacher's ``revision``."""
     if get_task(task).inputs == "text":
         return load_tokenizer(name_or_path, trust_remote_code, revision)
     try:
-        return AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+        return AutoImageProcessor.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, revision=revision
+        )
     except (OSError, ValueError) as err:
         raise ValueError(
             f"cannot load an image processor from {name_or_path!r}: an image teacher needs the image processor "
@@ -217,7 +240,9 @@ def position_limit(model: nn.Module) -> int | None:
     parameter, not an embedding table): nothing caps the length there."""
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES:
-            offset = module.padding_idx + 1 if module.padding_idx is not None else getattr(module, "offset", 0)
+            offset = (
+                module.padding_idx + 1 if module.padding_idx is not None else getattr(module, "offset", 0)
+            )
             return module.num_embeddings - offset
     return None
 
@@ -282,7 +307,11 @@ def derive_student(
         config.head_dim = config.hidden_size // config.num_attention_heads
     if intermediate_size is not None:
         # the feed-forward width: BERT, LLaMA...; GPT-2; DistilBERT; T5; OPT
-        widths = [key for key in ("intermediate_size", "n_inner", "hidden_dim", "d_ff", "ffn_dim") if hasattr(config, key)]
+        widths = [
+            key
+            for key in ("intermediate_size", "n_inner", "hidden_dim", "d_ff", "ffn_dim")
+            if hasattr(config, key)
+        ]
         if not widths:
             raise ValueError(
                 f"student.intermediate_size={intermediate_size}: the teacher's {type(config).__name__} names its "
@@ -314,6 +343,8 @@ def derive_student(
                 if value is not None and value.shape == param.shape:
                     param.copy_(value)
                     copied += 1
-        log.info("student initialised from the teacher: %d of %d tensors copied, the rest random", copied, total)
+        log.info(
+            "student initialised from the teacher: %d of %d tensors copied, the rest random", copied, total
+        )
     student.train()
     return student

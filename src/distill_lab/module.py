@@ -151,7 +151,11 @@ class DistillationModule(L.LightningModule):
         # processes; val/loss is then the objective of those two means. Not Lightning's averaging of logged values:
         # it weighs batch sizes, synced as a mean of integers, which rounds down when the processes counted
         # different numbers of examples (DDP, the repeats left out)
-        names = ["output_loss", "attention_loss", *(f"attention/{pair_name(p)}" for p in attention_loss.layer_map)]
+        names = [
+            "output_loss",
+            "attention_loss",
+            *(f"attention/{pair_name(p)}" for p in attention_loss.layer_map),
+        ]
         self.val_losses = torch.nn.ModuleDict({name: WeightedMean() for name in names})
         self.teacher_scores: dict[str, float] = {}
         self.strict_loading = False  # checkpoints leave the frozen teacher out
@@ -183,7 +187,9 @@ class DistillationModule(L.LightningModule):
             self.teacher_capture.detach()
             with AttentionCapture(self.teacher, self.attention_loss.teacher_layers, "probs") as probe:
                 importance = gradient_head_importance(probe, batch)
-            self.teacher_capture = AttentionCapture(self.teacher, self.attention_loss.teacher_layers, self.hparams.capture)
+            self.teacher_capture = AttentionCapture(
+                self.teacher, self.attention_loss.teacher_layers, self.hparams.capture
+            )
         teacher_maps, student_maps = self._gathered("_attention_maps", inputs)
         self.attention_loss.calibrate(student_maps, teacher_maps, inputs.get("attention_mask"), importance)
 
@@ -213,7 +219,9 @@ class DistillationModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.teacher_scores = checkpoint.get("teacher_scores", {})
         if "selected_heads" in checkpoint:
-            self.attention_loss.matching.selected = {k: [tuple(p) for p in v] for k, v in checkpoint["selected_heads"].items()}
+            self.attention_loss.matching.selected = {
+                k: [tuple(p) for p in v] for k, v in checkpoint["selected_heads"].items()
+            }
 
     # ------------------------------------------------------------------------------------------ steps
 
@@ -225,9 +233,13 @@ class DistillationModule(L.LightningModule):
         student_out, student_maps = self.student_capture(**inputs)
         return self._objective(batch, student_out.logits, teacher_out.logits, student_maps, teacher_maps)
 
-    def _objective(self, batch: Mapping[str, Tensor], student_logits, teacher_logits, student_maps, teacher_maps) -> Step:
+    def _objective(
+        self, batch: Mapping[str, Tensor], student_logits, teacher_logits, student_maps, teacher_maps
+    ) -> Step:
         """The loss and its parts from the two models' outputs on ``batch`` (their forwards already run)."""
-        output_loss = self.task.output_loss(student_logits, teacher_logits, batch, self.hparams.temperature, self.hparams.alpha)
+        output_loss = self.task.output_loss(
+            student_logits, teacher_logits, batch, self.hparams.temperature, self.hparams.alpha
+        )
         attention_loss, details = self.attention_loss(student_maps, teacher_maps, batch.get("attention_mask"))
         loss = distillation_objective(output_loss, attention_loss, self.hparams.attention_weight)
         return Step(
@@ -236,7 +248,11 @@ class DistillationModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss, output_loss, attention_loss, details, *_ = self(batch)
-        logged = {"train/loss": loss, "train/output_loss": output_loss, "train/attention_loss": attention_loss}
+        logged = {
+            "train/loss": loss,
+            "train/output_loss": output_loss,
+            "train/attention_loss": attention_loss,
+        }
         logged.update({f"train/attention/{k}": v for k, v in details.items()})
         # kept until the update: checked for finiteness and logged there (no wait for the device here)
         self._since_update.append(({k: v.detach() for k, v in logged.items()}, batch_idx))
@@ -253,7 +269,9 @@ class DistillationModule(L.LightningModule):
         """Log the losses of one optimizer update: under ``trainer.accumulate_grad_batches`` the mean over the
         micro-batches whose gradients it sums (each weighs the same in that sum, whatever its size), not the
         last micro-batch's values alone, which is all Lightning would log of values logged per batch."""
-        mean = micro_batches[0][0]  # one micro-batch (no accumulation): its values, no kernel per logged value
+        mean = micro_batches[0][
+            0
+        ]  # one micro-batch (no accumulation): its values, no kernel per logged value
         if len(micro_batches) > 1:
             mean = {k: torch.stack([logged[k] for logged, _ in micro_batches]).mean() for k in mean}
         progress = ("train/loss", "train/output_loss", "train/attention_loss")
@@ -279,12 +297,20 @@ class DistillationModule(L.LightningModule):
             )
         logged, batch_idx = bad_here[0]
         attention = logged["train/attention_loss"]
-        pairs = {k.removeprefix("train/attention/"): v for k, v in logged.items() if k.startswith("train/attention/")}
+        pairs = {
+            k.removeprefix("train/attention/"): v
+            for k, v in logged.items()
+            if k.startswith("train/attention/")
+        }
         parts = {"output loss": logged["train/output_loss"]}
-        parts.update({f"layer pair {k}": v for k, v in pairs.items() if "/" not in k})  # not the heads ("L3->1/h0")
+        parts.update(
+            {f"layer pair {k}": v for k, v in pairs.items() if "/" not in k}
+        )  # not the heads ("L3->1/h0")
         bad = [f"{name} = {v.item()}" for name, v in parts.items() if not torch.isfinite(v)]
         if not bad:  # every part is finite, their weighted sum is not
-            bad = [f"the weighted sum of output loss {parts['output loss'].item()} and attention loss {attention.item()}"]
+            bad = [
+                f"the weighted sum of output loss {parts['output loss'].item()} and attention loss {attention.item()}"
+            ]
         weights = non_finite_parameters(self.student)
         cause = (
             f"; the student's weights were already non-finite ({describe_names(weights)}): the previous update made them so"
@@ -314,7 +340,9 @@ class DistillationModule(L.LightningModule):
                 maps = (_map_rows(step.student_maps, real), _map_rows(step.teacher_maps, real))
                 own = self._objective(batch, step.student_logits[real], step.teacher_logits[real], *maps)
             else:  # every row a repeat: the losses below weigh nothing
-                own = step._replace(student_logits=step.student_logits[real], teacher_logits=step.teacher_logits[real])
+                own = step._replace(
+                    student_logits=step.student_logits[real], teacher_logits=step.teacher_logits[real]
+                )
         attention_loss, details = own.attention_loss, own.details
         student_logits, teacher_logits = own.student_logits, own.teacher_logits
         if len(student_logits):  # a metric update of no rows fails
@@ -329,7 +357,10 @@ class DistillationModule(L.LightningModule):
             if name == "output_loss":
                 mean.update(own.output_loss, output_weight)
             else:
-                mean.update(attention_loss if name == "attention_loss" else details[name.removeprefix("attention/")], attention_weight)
+                mean.update(
+                    attention_loss if name == "attention_loss" else details[name.removeprefix("attention/")],
+                    attention_weight,
+                )
         # callbacks.AttentionMapCallback draws from it (no forward of its own, which FSDP would need every process
         # to join)
         return step
@@ -341,7 +372,12 @@ class DistillationModule(L.LightningModule):
         from position ``r``, so its row ``j`` is a repeat exactly when ``r + j * world`` reaches the set's size."""
         loader = self.trainer.val_dataloaders
         sampler = getattr(loader, "sampler", None)
-        if rows is None or not isinstance(sampler, torch.utils.data.DistributedSampler) or sampler.shuffle or sampler.drop_last:
+        if (
+            rows is None
+            or not isinstance(sampler, torch.utils.data.DistributedSampler)
+            or sampler.shuffle
+            or sampler.drop_last
+        ):
             return None
         size = len(sampler.dataset)
         if size % sampler.num_replicas == 0:

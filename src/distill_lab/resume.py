@@ -213,7 +213,9 @@ def config_differences(run_dir: Path, config: dict) -> list[str] | None:
         own = leaves.get("paths.output_dir")
         if not own:
             return leaves
-        return {k: v.replace(str(own), "<output_dir>") if isinstance(v, str) else v for k, v in leaves.items()}
+        return {
+            k: v.replace(str(own), "<output_dir>") if isinstance(v, str) else v for k, v in leaves.items()
+        }
 
     before, now = relative(_leaves(saved)), relative(_leaves(config))
     missing = object()
@@ -239,7 +241,11 @@ def _nearby_runs(output_dir: Path) -> list[Path]:
             near |= set(parent.parent.parent.glob("*/*/*"))
     except OSError:
         return []
-    return [d for d in near if d.is_dir() and d.resolve() != output_dir.resolve() and (d / OVERRIDES_FILE).is_file()]
+    return [
+        d
+        for d in near
+        if d.is_dir() and d.resolve() != output_dir.resolve() and (d / OVERRIDES_FILE).is_file()
+    ]
 
 
 def _refuse_finished(output_dir: Path) -> None:
@@ -262,7 +268,11 @@ def _set_aside_checkpoints(output_dir: Path) -> None:
     while (aside := output_dir / f"checkpoints.{n}").exists():
         n += 1
     checkpoints.rename(aside)
-    log.warning("starting afresh in %s, which holds an earlier unfinished run's checkpoints: moved them to %s", output_dir, aside)
+    log.warning(
+        "starting afresh in %s, which holds an earlier unfinished run's checkpoints: moved them to %s",
+        output_dir,
+        aside,
+    )
 
 
 def find_previous_run(
@@ -284,7 +294,11 @@ def find_previous_run(
                 "ckpt_path=auto: resuming the run in %s under a configuration that differs from the one it started "
                 "with: %s", output_dir, "; ".join(changed),
             )  # fmt: skip
-        return own, output_dir, f"this run's directory {output_dir} holds an unfinished run (no {FINISHED_MARKER})"
+        return (
+            own,
+            output_dir,
+            f"this run's directory {output_dir} holds an unfinished run (no {FINISHED_MARKER})",
+        )
     overrides = _overrides(output_dir)
     if overrides is None or (_named_on_command_line(output_dir) if named is None else named):
         return None  # not a Hydra-made directory, or one named on purpose: nothing to look for elsewhere
@@ -293,7 +307,9 @@ def find_previous_run(
         return None
     latest = max(trained, key=_last_activity)
     if (latest / FINISHED_MARKER).is_file():
-        log.info("ckpt_path=auto: the latest run with the same overrides, %s, finished; starting afresh", latest)
+        log.info(
+            "ckpt_path=auto: the latest run with the same overrides, %s, finished; starting afresh", latest
+        )
         return None
     if not _lock_free_or_log(latest):
         return None
@@ -311,7 +327,9 @@ def find_previous_run(
     return checkpoint, latest, reason
 
 
-def finished_run(output_dir: str | Path, config: dict | None = None, named: bool | None = None) -> Path | None:
+def finished_run(
+    output_dir: str | Path, config: dict | None = None, named: bool | None = None
+) -> Path | None:
     """The finished run (one that wrote ``results.json``) that this run would repeat, or None: this run's own
     directory if it finished, else, for a directory Hydra made, the latest nearby run with the same overrides
     if that one finished (the same search as :func:`find_previous_run`). A run saved under another
@@ -342,7 +360,10 @@ def started_by_a_launcher() -> bool:
     after rank 0 chose where to resume (``DISTILL_LAB_RESUME``)."""
     if torch.distributed.is_available() and torch.distributed.is_torchelastic_launched():
         return True
-    return int(os.environ.get("SLURM_NTASKS") or 1) > 1 and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+    return int(os.environ.get("SLURM_NTASKS") or 1) > 1 and os.environ.get("SLURM_JOB_NAME") not in (
+        "bash",
+        "interactive",
+    )
 
 
 LIGHTNING_CKPT_NAMES = ("last", "hpc", "registry")  # what Trainer.fit(ckpt_path=...) takes besides a path
@@ -351,7 +372,11 @@ LIGHTNING_CKPT_NAMES = ("last", "hpc", "registry")  # what Trainer.fit(ckpt_path
 def _check_ckpt_path(ckpt_path: str | None) -> None:
     """A ``ckpt_path`` that names no checkpoint (a typo, a missing file) is an error now, not after the teacher
     and data have loaded. Remote paths (``s3://...``) are left to Lightning."""
-    if ckpt_path in (None, "auto") or str(ckpt_path).split(":")[0] in LIGHTNING_CKPT_NAMES or "://" in str(ckpt_path):
+    if (
+        ckpt_path in (None, "auto")
+        or str(ckpt_path).split(":")[0] in LIGHTNING_CKPT_NAMES
+        or "://" in str(ckpt_path)
+    ):
         return
     if not Path(ckpt_path).is_file():
         raise ValueError(
@@ -386,7 +411,9 @@ def resolve_ckpt_path(
         chosen = json.loads(os.environ[RANK_HANDOVER])  # a DDP rank that Lightning launched: rank 0 chose
         return chosen["ckpt_path"], Path(chosen["output_dir"])
     if rank_zero_only.rank > 0:  # another process of a distributed run: rank 0 holds the directory's lock
-        if ckpt_path == "auto":  # started beside rank 0 by torchrun or srun, in the directory rank 0 writes to
+        if (
+            ckpt_path == "auto"
+        ):  # started beside rank 0 by torchrun or srun, in the directory rank 0 writes to
             _refuse_finished(output_dir)  # as rank 0 does, which finds this directory's newest checkpoint
             own = _newest_checkpoint(output_dir)
             return (None if own is None else str(own)), output_dir
@@ -395,7 +422,8 @@ def resolve_ckpt_path(
     if ckpt_path != "auto":
         # resuming this directory's run: a checkpoint file in it, or Lightning's "last", "hpc"... (no file)
         resumes_here = ckpt_path is not None and (
-            not Path(ckpt_path).is_file() or (output_dir / "checkpoints").resolve() in Path(ckpt_path).resolve().parents
+            not Path(ckpt_path).is_file()
+            or (output_dir / "checkpoints").resolve() in Path(ckpt_path).resolve().parents
         )
         if not resumes_here:  # a run of its own here
             _refuse_finished(output_dir)
@@ -449,7 +477,9 @@ class ResumableRandomSampler(RandomSampler):
     It is the sampler of a run in one process; a distributed run takes :class:`ResumableDistributedSampler`.
     """
 
-    def __init__(self, data_source, seed: int = 0, epoch: int = 0, start: int = 0, tagged: bool = False) -> None:
+    def __init__(
+        self, data_source, seed: int = 0, epoch: int = 0, start: int = 0, tagged: bool = False
+    ) -> None:
         super().__init__(data_source)
         self.seed, self.epoch, self.start, self.tagged = seed, epoch, start, tagged
 
@@ -477,7 +507,14 @@ class ResumableDistributedSampler(DistributedSampler):
     """
 
     def __init__(
-        self, dataset, num_replicas: int, rank: int, seed: int = 0, epoch: int = 0, start: int = 0, tagged: bool = False
+        self,
+        dataset,
+        num_replicas: int,
+        rank: int,
+        seed: int = 0,
+        epoch: int = 0,
+        start: int = 0,
+        tagged: bool = False,
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.epoch, self.start, self.tagged = epoch, start, tagged
@@ -492,7 +529,10 @@ def _skip(order: list[int], start: int, epoch: int, tagged: bool) -> list:
     if start:
         log.info(
             "the training data continues epoch %d at example %d of %d (so Lightning's warning that the "
-            "dataloader is not resumable does not apply)", epoch, start, len(order)
+            "dataloader is not resumable does not apply)",
+            epoch,
+            start,
+            len(order),
         )
     return [(epoch, i) for i in order[start:]] if tagged else order[start:]
 
@@ -544,7 +584,9 @@ def rewind_to_batch(loops: dict, batch: int) -> None:
     batch was about to start (its ``on_train_batch_start``), the optimizer's zeroing of the gradients, done
     on a window's first batch, undone with it. Optimizer steps stay as they are: none was taken since."""
     fit = loops["fit_loop"]
-    _set_progress(fit["epoch_loop.batch_progress"], ready=batch + 1, started=batch, processed=batch, completed=batch)
+    _set_progress(
+        fit["epoch_loop.batch_progress"], ready=batch + 1, started=batch, processed=batch, completed=batch
+    )
     zero_grad = fit["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]["zero_grad"]
     for counts in (zero_grad["total"], zero_grad["current"]):
         for key in ("ready", "started", "completed"):
@@ -560,7 +602,9 @@ def restart_validation(loops: dict) -> None:
     takes the validation for done). Recorded as stopped during its first batch, the validation restarts
     whole: the training batch before it is complete and the optimizer state untouched, since validation
     changes neither."""
-    _set_progress(loops["fit_loop"]["epoch_loop.val_loop.batch_progress"], ready=1, started=1, processed=0, completed=0)
+    _set_progress(
+        loops["fit_loop"]["epoch_loop.val_loop.batch_progress"], ready=1, started=1, processed=0, completed=0
+    )
 
 
 def _set_progress(progress: dict, **current: int) -> None:
@@ -600,4 +644,3 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-

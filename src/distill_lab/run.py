@@ -141,12 +141,16 @@ def _print_summary(results: dict) -> None:
     table.add_column("teacher", justify="right")
     table.add_column("student", justify="right")
     for name in results["student"]:
-        table.add_row(name, f"{results['teacher'].get(name, float('nan')):.4f}", f"{results['student'][name]:.4f}")
+        table.add_row(
+            name, f"{results['teacher'].get(name, float('nan')):.4f}", f"{results['student'][name]:.4f}"
+        )
     p, s = results["parameters"], results["inference"]
     table.add_row("parameters", f"{p['teacher']:,}", f"{p['student']:,}")
     table.add_row("compression", "", f"{p['compression']:.2f}x")
     if s is not None:  # not measured under FSDP
-        table.add_row("examples/s", f"{s['teacher_examples_per_s']:,.0f}", f"{s['student_examples_per_s']:,.0f}")
+        table.add_row(
+            "examples/s", f"{s['teacher_examples_per_s']:,.0f}", f"{s['student_examples_per_s']:,.0f}"
+        )
         table.add_row("inference speed-up", "", f"{s['speedup']:.2f}x")
     if not results["trained_steps"]:
         table.caption = "the student was not trained (0 steps): its scores as built"
@@ -182,7 +186,9 @@ def _build_module(cfg: DictConfig, task, teacher, data) -> DistillationModule:
     )
     attention_loss.check(num_attention_heads(teacher), num_attention_heads(student))
     if getattr(attention_loss.loss, "on_scores", False) and cfg.capture != "qk":
-        raise ValueError(f"loss=mse_scores compares pre-softmax scores and needs capture=qk, not capture={cfg.capture}")
+        raise ValueError(
+            f"loss=mse_scores compares pre-softmax scores and needs capture=qk, not capture={cfg.capture}"
+        )
     return DistillationModule(
         teacher,
         student,
@@ -225,18 +231,26 @@ def _check_settings(cfg: DictConfig, task) -> None:
         "attention_weight": (lambda v: 0 <= v <= 1, "in [0, 1]"),
         "alpha": (lambda v: 0 <= v <= 1, "in [0, 1] (the cross-entropy's share of the output loss)"),
         "temperature": (lambda v: v > 0, "above 0 (1 leaves the logits as they are; 2 to 4 is usual)"),
-        "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1) (the share of the optimizer steps spent warming up)"),
+        "warmup_ratio": (
+            lambda v: 0 <= v < 1,
+            "in [0, 1) (the share of the optimizer steps spent warming up)",
+        ),
     }
     if "temperature" in cfg.loss:  # the attention KL's own, beside the output loss's
-        ranges["loss.temperature"] = (lambda v: v > 0, "above 0 (the attention KL's; temperature= is the output loss's)")
+        ranges["loss.temperature"] = (
+            lambda v: v > 0,
+            "above 0 (the attention KL's; temperature= is the output loss's)",
+        )
     for key, (valid, rule) in ranges.items():
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int | float) or not valid(value):
             raise ValueError(f"{key}={value} must be {rule}")
     data_class = get_object(cfg.data._target_)
     kinds = tuple({get_object(t.data_module) for t in TASKS.values()})  # your own module is yours to pair
-    if isinstance(data_class, type) and issubclass(data_class, kinds) and not issubclass(
-        data_class, get_object(task.data_module)
+    if (
+        isinstance(data_class, type)
+        and issubclass(data_class, kinds)
+        and not issubclass(data_class, get_object(task.data_module))
     ):
         raise ValueError(
             f"task={task.name} takes data={' | '.join(task.data_configs)}, but the data config builds "
@@ -332,11 +346,19 @@ def train(cfg: DictConfig) -> dict:
     ``student/`` (``save_pretrained`` model and tokenizer) and ``attention_maps/``. With ``ckpt_path=auto``
     a rerun of an interrupted command resumes it in its own directory (``distill_lab.resume``).
     """
-    named = _named_directory()  # known from Hydra, not read back from the .hydra/ files that every rank writes
+    named = (
+        _named_directory()
+    )  # known from Hydra, not read back from the .hydra/ files that every rank writes
     _check_launched_directory(named)
     config, own_dir = OmegaConf.to_container(cfg, resolve=True), Path(cfg.paths.output_dir)
-    if cfg.get("ckpt_path") == "auto" and _in_multirun() and (done := finished_run(own_dir, config, named)) is not None:
-        return _reuse_results(done)  # a rerun of an interrupted sweep: its finished jobs are not trained again
+    if (
+        cfg.get("ckpt_path") == "auto"
+        and _in_multirun()
+        and (done := finished_run(own_dir, config, named)) is not None
+    ):
+        return _reuse_results(
+            done
+        )  # a rerun of an interrupted sweep: its finished jobs are not trained again
     ckpt_path, output_dir = resolve_ckpt_path(cfg.get("ckpt_path"), own_dir, config, named)
     cfg.paths.output_dir = str(output_dir)  # the previous run's directory when resuming it
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -380,8 +402,10 @@ def train(cfg: DictConfig) -> dict:
     resumed_here = ckpt_path is not None and Path(ckpt_path).resolve().is_relative_to(output_dir.resolve())
     logger = _build_logger(cfg.get("logger"), output_dir if resumed_here else None)
     trainer = instantiate(cfg.trainer, callbacks=_build_callbacks(cfg.get("callbacks")), logger=logger)
-    if isinstance(trainer.strategy, FSDPStrategy) and cfg.matching.get("importance") == "gradient" and not getattr(
-        attention_loss.matching, "calibrated", True
+    if (
+        isinstance(trainer.strategy, FSDPStrategy)
+        and cfg.matching.get("importance") == "gradient"
+        and not getattr(attention_loss.matching, "calibrated", True)
     ):
         raise ValueError(
             "matching.importance=gradient needs the teacher's gradients outside a training step, which a teacher "
@@ -390,7 +414,10 @@ def train(cfg: DictConfig) -> dict:
         )
     if cfg.fused_kernel and (
         problems := attention_loss.fused_problems(
-            trainer.strategy.root_device.type, cfg.capture, num_attention_heads(teacher), num_attention_heads(student)
+            trainer.strategy.root_device.type,
+            cfg.capture,
+            num_attention_heads(teacher),
+            num_attention_heads(student),
         )
     ):
         raise ValueError(
@@ -428,7 +455,9 @@ def train(cfg: DictConfig) -> dict:
     finally:
         trainer.loggers = loggers
     for each in loggers:
-        each.log_metrics({f"best/{k.removeprefix('val/')}": v for k, v in final.items()}, step=trainer.global_step)
+        each.log_metrics(
+            {f"best/{k.removeprefix('val/')}": v for k, v in final.items()}, step=trainer.global_step
+        )
         each.save()
     metric_names = [k.removeprefix("val/") for k in module.val_metrics.keys(keep_base=False)]
     # both models back on their own attention: the export must not name the capture's implementation, and the
@@ -445,10 +474,15 @@ def train(cfg: DictConfig) -> dict:
     preprocessor.save_pretrained(student_dir)
 
     if sharded:  # the teacher exists only as shards across the processes: nothing to time on one device
-        log.info("inference speed not measured under FSDP: the teacher is sharded; the student is in %s", student_dir)
+        log.info(
+            "inference speed not measured under FSDP: the teacher is sharded; the student is in %s",
+            student_dir,
+        )
         inference = None
     else:
-        batches = [data.example_batch("validation", cfg.data.get("eval_batch_size") or cfg.data.batch_size)] * 4
+        batches = [
+            data.example_batch("validation", cfg.data.get("eval_batch_size") or cfg.data.batch_size)
+        ] * 4
         speeds = measure_throughput({"teacher": teacher, "student": student}, batches)
         teacher_speed, student_speed = speeds["teacher"], speeds["student"]
         inference = {
@@ -459,7 +493,9 @@ def train(cfg: DictConfig) -> dict:
     results = {
         "task": task.name,
         "optimized_metric": cfg.optimized_metric.removeprefix("val/"),  # what summarize ranks the runs by
-        "student": {k.removeprefix("val/"): v for k, v in final.items() if k.removeprefix("val/") in metric_names},
+        "student": {
+            k.removeprefix("val/"): v for k, v in final.items() if k.removeprefix("val/") in metric_names
+        },
         "teacher": {k.removeprefix("val/teacher_"): v for k, v in module.teacher_scores.items()},
         "parameters": parameters,
         "inference": inference,
@@ -474,7 +510,8 @@ def train(cfg: DictConfig) -> dict:
     }
     # how far the student is behind, positive when worse: teacher - student for accuracy, the reverse for perplexity
     results["higher_is_better"] = {
-        name.removeprefix("val/"): bool(metric.higher_is_better) for name, metric in module.val_metrics.items(keep_base=False)
+        name.removeprefix("val/"): bool(metric.higher_is_better)
+        for name, metric in module.val_metrics.items(keep_base=False)
     }
     results["gap"] = {
         k: (results["teacher"][k] - v) * (1 if results["higher_is_better"].get(k, True) else -1)

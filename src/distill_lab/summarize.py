@@ -23,7 +23,9 @@ import yaml  # noqa: E402
 
 def _natural_key(path: Path) -> list:
     """Sort key that orders numbered run directories as numbers: 0, 1, 2, ..., 10 (not 0, 1, 10, 2)."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.as_posix())]
+    return [
+        (0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.as_posix())
+    ]
 
 
 def _override(override: str) -> tuple[str, str]:
@@ -50,7 +52,9 @@ def collect(directory: str | Path) -> list[dict]:
     if not rows:
         missing = unfinished(directory)
         named = f" ({len(missing)} runs without one: {', '.join(missing)})" if missing else ""
-        raise FileNotFoundError(f"no results.json below {directory}{named}: is it a finished multirun directory?")
+        raise FileNotFoundError(
+            f"no results.json below {directory}{named}: is it a finished multirun directory?"
+        )
     return rows
 
 
@@ -139,11 +143,15 @@ def bar_chart(rows: list[dict], path: str | Path, metric: str = "acc") -> Path:
     # what tells the runs apart: the overrides they do not share (common ones, such as data paths, would
     # make every label the same long string)
     keys = varying_overrides(rows)
-    labels = [" ".join(f"{k}={r['overrides'][k]}" for k in keys if k in r["overrides"]) or r["run"] for r in rows]
+    labels = [
+        " ".join(f"{k}={r['overrides'][k]}" for k in keys if k in r["overrides"]) or r["run"] for r in rows
+    ]
     values = [r["results"]["student"].get(metric, 0.0) for r in rows]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
     ax.barh(range(len(rows)), values, color="tab:blue")
-    teacher = [r["results"]["teacher"].get(metric) for r in rows if r["results"]["teacher"].get(metric) is not None]
+    teacher = [
+        r["results"]["teacher"].get(metric) for r in rows if r["results"]["teacher"].get(metric) is not None
+    ]
     if teacher:
         ax.axvline(sum(teacher) / len(teacher), color="tab:red", linestyle="--", label=f"teacher {metric}")
         ax.legend(loc="lower right")
@@ -176,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory", help="a Hydra multirun directory")
     parser.add_argument(
-        "--metric", default=None,
+        "--metric",
+        default=None,
         help="student metric to compare (acc, f1, masked_acc, perplexity); default: the one the runs optimised",
     )
     args = parser.parse_args(argv)

@@ -86,7 +86,14 @@ class SequenceClassification:
     data_module = "distill_lab.data.TextClassificationData"  # what its data options build (conf/data/)
     data_configs = ("synthetic", "local", "hf")
 
-    def output_loss(self, student_logits: Tensor, teacher_logits: Tensor, batch: Mapping[str, Tensor], temperature: float, alpha: float) -> Tensor:
+    def output_loss(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        batch: Mapping[str, Tensor],
+        temperature: float,
+        alpha: float,
+    ) -> Tensor:
         return kd_loss(student_logits, teacher_logits, batch.get("labels"), temperature, alpha)
 
     def metrics(self, prefix: str, num_labels: int) -> MetricCollection:
@@ -162,7 +169,14 @@ class MaskedLM:
         """What the output loss of ``batch`` averages over: its labelled positions (counted on the device)."""
         return (self._labels(batch) != IGNORE_INDEX).sum()
 
-    def output_loss(self, student_logits: Tensor, teacher_logits: Tensor, batch: Mapping[str, Tensor], temperature: float, alpha: float) -> Tensor:
+    def output_loss(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        batch: Mapping[str, Tensor],
+        temperature: float,
+        alpha: float,
+    ) -> Tensor:
         student_logits, labels = self._positions(student_logits, batch)
         teacher_logits, _ = self._positions(teacher_logits, batch)
         return kd_loss(student_logits, teacher_logits, labels, temperature, alpha)
@@ -173,7 +187,11 @@ class MaskedLM:
         return MetricCollection(
             {
                 "masked_acc": MulticlassAccuracy(
-                    num_labels, average="micro", ignore_index=IGNORE_INDEX, multidim_average="global", validate_args=False
+                    num_labels,
+                    average="micro",
+                    ignore_index=IGNORE_INDEX,
+                    multidim_average="global",
+                    validate_args=False,
                 ),
                 "perplexity": Perplexity(ignore_index=IGNORE_INDEX),
             },

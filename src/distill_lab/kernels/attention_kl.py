@@ -92,29 +92,55 @@ if triton is not None:
         return (pid_bp // P).to(tl.int64), tl.load(SH + pair).to(tl.int64), tl.load(TH + pair).to(tl.int64)
 
     @triton.jit
-    def _key_block(KS, KT, b, hs, ht, offs_n, offs_ds, offs_dt, key, sks_b, sks_h, sks_l, skt_b, skt_h, skt_l, GS, GT, DS, DT):
+    def _key_block(
+        KS,
+        KT,
+        b,
+        hs,
+        ht,
+        offs_n,
+        offs_ds,
+        offs_dt,
+        key,
+        sks_b,
+        sks_h,
+        sks_l,
+        skt_b,
+        skt_h,
+        skt_l,
+        GS,
+        GT,
+        DS,
+        DT,
+    ):
         """The student's and the teacher's keys of this program's key block (zero beyond L and d); GQA maps
         query head h to key head h // G."""
         ks = tl.load(
             KS + b * sks_b + (hs // GS) * sks_h + offs_n[:, None] * sks_l + offs_ds[None, :],
-            mask=key[:, None] & (offs_ds[None, :] < DS), other=0.0,
+            mask=key[:, None] & (offs_ds[None, :] < DS),
+            other=0.0,
         )
         kt = tl.load(
             KT + b * skt_b + (ht // GT) * skt_h + offs_n[:, None] * skt_l + offs_dt[None, :],
-            mask=key[:, None] & (offs_dt[None, :] < DT), other=0.0,
+            mask=key[:, None] & (offs_dt[None, :] < DT),
+            other=0.0,
         )
         return ks, kt
 
     @triton.jit
-    def _query_tiles(QS, QT, b, hs, ht, offs_m, offs_ds, offs_dt, row, sqs_b, sqs_h, sqs_l, sqt_b, sqt_h, sqt_l, DS, DT):
+    def _query_tiles(
+        QS, QT, b, hs, ht, offs_m, offs_ds, offs_dt, row, sqs_b, sqs_h, sqs_l, sqt_b, sqt_h, sqt_l, DS, DT
+    ):
         """The student's and the teacher's query rows of this program's block (zero beyond L and d)."""
         qs = tl.load(
             QS + b * sqs_b + hs * sqs_h + offs_m[:, None] * sqs_l + offs_ds[None, :],
-            mask=row[:, None] & (offs_ds[None, :] < DS), other=0.0,
+            mask=row[:, None] & (offs_ds[None, :] < DS),
+            other=0.0,
         )
         qt = tl.load(
             QT + b * sqt_b + ht * sqt_h + offs_m[:, None] * sqt_l + offs_dt[None, :],
-            mask=row[:, None] & (offs_dt[None, :] < DT), other=0.0,
+            mask=row[:, None] & (offs_dt[None, :] < DT),
+            other=0.0,
         )
         return qs, qt
 
@@ -146,8 +172,20 @@ if triton is not None:
         for start_n in range(0, _keys_end(pid_m, LQ, LK, CAUSAL, BLOCK_M), BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             key = offs_n[:, None] < LK
-            s, _ = _scores(qs, ks_base + offs_n[:, None] * sks_l + offs_ds[None, :], key & (offs_ds[None, :] < DS), scale_s, IEEE_S)
-            t, _ = _scores(qt, kt_base + offs_n[:, None] * skt_l + offs_dt[None, :], key & (offs_dt[None, :] < DT), scale_t, IEEE_T)
+            s, _ = _scores(
+                qs,
+                ks_base + offs_n[:, None] * sks_l + offs_ds[None, :],
+                key & (offs_ds[None, :] < DS),
+                scale_s,
+                IEEE_S,
+            )
+            t, _ = _scores(
+                qt,
+                kt_base + offs_n[:, None] * skt_l + offs_dt[None, :],
+                key & (offs_dt[None, :] < DT),
+                scale_t,
+                IEEE_T,
+            )
             ok = _allowed(offs_m, offs_n, VALID + b * sv_b, LQ, LK, CAUSAL)
             s = tl.where(ok, s, float("-inf"))
             t = tl.where(ok, t, float("-inf"))
@@ -197,8 +235,20 @@ if triton is not None:
         for start_n in range(0, _keys_end(pid_m, LQ, LK, CAUSAL, BLOCK_M), BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             key = offs_n[:, None] < LK
-            s, ks = _scores(qs, ks_base + offs_n[:, None] * sks_l + offs_ds[None, :], key & (offs_ds[None, :] < DS), scale_s, IEEE_S)
-            t, _ = _scores(qt, kt_base + offs_n[:, None] * skt_l + offs_dt[None, :], key & (offs_dt[None, :] < DT), scale_t, IEEE_T)
+            s, ks = _scores(
+                qs,
+                ks_base + offs_n[:, None] * sks_l + offs_ds[None, :],
+                key & (offs_ds[None, :] < DS),
+                scale_s,
+                IEEE_S,
+            )
+            t, _ = _scores(
+                qt,
+                kt_base + offs_n[:, None] * skt_l + offs_dt[None, :],
+                key & (offs_dt[None, :] < DT),
+                scale_t,
+                IEEE_T,
+            )
             ok = _allowed(offs_m, offs_n, VALID + b * sv_b, LQ, LK, CAUSAL)
             p_s = tl.where(ok, tl.exp(s - lse_s[:, None]), 0.0)
             p_t = tl.where(ok, tl.exp(t - lse_t[:, None]), 0.0)
@@ -222,7 +272,27 @@ if triton is not None:
         offs_ds = tl.arange(0, BLOCK_DS)
         offs_dt = tl.arange(0, BLOCK_DT)
         key = offs_n < LK
-        ks, kt = _key_block(KS, KT, b, hs, ht, offs_n, offs_ds, offs_dt, key, sks_b, sks_h, sks_l, skt_b, skt_h, skt_l, GS, GT, DS, DT)
+        ks, kt = _key_block(
+            KS,
+            KT,
+            b,
+            hs,
+            ht,
+            offs_n,
+            offs_ds,
+            offs_dt,
+            key,
+            sks_b,
+            sks_h,
+            sks_l,
+            skt_b,
+            skt_h,
+            skt_l,
+            GS,
+            GT,
+            DS,
+            DT,
+        )
         qs_base = QS + b * sqs_b + hs * sqs_h
         qt_base = QT + b * sqt_b + ht * sqt_h
         rows0 = pid_bp.to(tl.int64) * LQ  # this pair's first row in the (B, P, Lq) row statistics
@@ -230,8 +300,16 @@ if triton is not None:
         for start_m in range(_queries_start(pid_n, LQ, LK, CAUSAL, BLOCK_M, BLOCK_N), LQ, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row = offs_m < LQ
-            qs = tl.load(qs_base + offs_m[:, None] * sqs_l + offs_ds[None, :], mask=row[:, None] & (offs_ds[None, :] < DS), other=0.0)
-            qt = tl.load(qt_base + offs_m[:, None] * sqt_l + offs_dt[None, :], mask=row[:, None] & (offs_dt[None, :] < DT), other=0.0)
+            qs = tl.load(
+                qs_base + offs_m[:, None] * sqs_l + offs_ds[None, :],
+                mask=row[:, None] & (offs_ds[None, :] < DS),
+                other=0.0,
+            )
+            qt = tl.load(
+                qt_base + offs_m[:, None] * sqt_l + offs_dt[None, :],
+                mask=row[:, None] & (offs_dt[None, :] < DT),
+                other=0.0,
+            )
             lse_s = tl.load(LSE_S + rows0 + offs_m, mask=row, other=0.0)
             lse_t = tl.load(LSE_T + rows0 + offs_m, mask=row, other=0.0)
             g = tl.load(G + rows0 + offs_m, mask=row, other=0.0)
@@ -259,7 +337,9 @@ def _kernel_layout(x: Tensor) -> Tensor:
     if x.stride(-1) == 1 and max((length - 1) * x.stride(-2) + dim, length * dim) < 2**31:
         return x
     if length * dim >= 2**31:
-        raise ValueError(f"the fused attention kernels take at most 2^31 elements per head, got L={length}, d={dim}")
+        raise ValueError(
+            f"the fused attention kernels take at most 2^31 elements per head, got L={length}, d={dim}"
+        )
     return x.contiguous()
 
 
@@ -295,7 +375,9 @@ class _AttentionKL(torch.autograd.Function):
         lse_s, lse_t = torch.empty_like(kl), torch.empty_like(kl)
         meta = _meta(qs, ks, qt, kt, key_valid, pairs, q_len, k_len, d_s, d_t, scale_s, scale_t, causal)
         grid = (triton.cdiv(q_len, meta["BLOCK_M"]), batch * pairs)
-        _kl_fwd[grid](qs, ks, qt, kt, s_heads, t_heads, key_valid, kl, lse_s, lse_t, *meta["args"], **meta["const"])
+        _kl_fwd[grid](
+            qs, ks, qt, kt, s_heads, t_heads, key_valid, kl, lse_s, lse_t, *meta["args"], **meta["const"]
+        )
         ctx.save_for_backward(qs, ks, qt, kt, s_heads, t_heads, key_valid, lse_s, lse_t)
         ctx.meta = meta
         return kl
@@ -311,8 +393,12 @@ class _AttentionKL(torch.autograd.Function):
         dq = torch.empty(batch, pairs, q_len, d_s, device=qs.device, dtype=torch.float32)
         dk = torch.empty(batch, pairs, k_len, d_s, device=qs.device, dtype=torch.float32)
         common = (qs, ks, qt, kt, s_heads, t_heads, key_valid, lse_s, lse_t, grad)
-        _kl_bwd_dq[(triton.cdiv(q_len, meta["BLOCK_M"]), batch * pairs)](*common, dq, *meta["args"], **meta["const"])
-        _kl_bwd_dk[(triton.cdiv(k_len, meta["BLOCK_N"]), batch * pairs)](*common, dk, *meta["args"], **meta["const"])
+        _kl_bwd_dq[(triton.cdiv(q_len, meta["BLOCK_M"]), batch * pairs)](
+            *common, dq, *meta["args"], **meta["const"]
+        )
+        _kl_bwd_dk[(triton.cdiv(k_len, meta["BLOCK_N"]), batch * pairs)](
+            *common, dk, *meta["args"], **meta["const"]
+        )
         dq_heads, dk_heads = _to_heads(dq, dk, qs, ks, s_heads)
         return dq_heads.to(qs.dtype), dk_heads.to(ks.dtype), None, None, None, None, None, None, None, None
 

@@ -222,7 +222,27 @@ if triton is not None:
         offs_ds = tl.arange(0, BLOCK_DS)
         offs_dt = tl.arange(0, BLOCK_DT)
         key = offs_n < LK
-        ks, kt = _key_block(KS, KT, b, hs, ht, offs_n, offs_ds, offs_dt, key, sks_b, sks_h, sks_l, skt_b, skt_h, skt_l, GS, GT, DS, DT)
+        ks, kt = _key_block(
+            KS,
+            KT,
+            b,
+            hs,
+            ht,
+            offs_n,
+            offs_ds,
+            offs_dt,
+            key,
+            sks_b,
+            sks_h,
+            sks_l,
+            skt_b,
+            skt_h,
+            skt_l,
+            GS,
+            GT,
+            DS,
+            DT,
+        )
         rows0 = pid_bp.to(tl.int64) * LQ  # this pair's first row in the (B, P, Lq) row statistics
         dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
         for start_m in range(_queries_start(pid_n, LQ, LK, CAUSAL, BLOCK_M, BLOCK_N), LQ, BLOCK_M):
