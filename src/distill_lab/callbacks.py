@@ -22,6 +22,7 @@ from lightning.pytorch.strategies import FSDPStrategy  # noqa: E402
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from distill_lab import _compat  # noqa: E402
 from distill_lab.capture import QueryKey  # noqa: E402
 from distill_lab.matching import pair_name  # noqa: E402
 from distill_lab.resume import (  # noqa: E402
@@ -165,7 +166,7 @@ class AttentionMapCallback(L.Callback):
         plt.close(fig)
         # the step this validation's scalars are logged at: Lightning logs with the count of batches that have
         # stepped, which is raised only after a validation that runs inside the epoch (global_step is already 1 up)
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = _compat.logging_step(trainer)
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):  # wandb
                 logger.log_image(key="attention_maps", images=[str(path)], step=step)
@@ -195,6 +196,7 @@ class LastCheckpoint(ModelCheckpoint):
         super().__init__(
             dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=every_n_train_steps, **kwargs
         )
+        self._step_interval = every_n_train_steps or 0
         self._deferred_to: str | None = (
             None  # "validation_end" or "epoch_end": where a due step checkpoint waits
         )
@@ -202,24 +204,25 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_batch_end(
         self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int
     ) -> None:
-        epoch_loop = trainer.fit_loop.epoch_loop
-        progress = epoch_loop.batch_progress
-        if progress.is_last_batch or progress.current.ready >= trainer.num_training_batches:
+        if (
+            _compat.is_last_batch(trainer)
+            or _compat.batch_counts(trainer).ready >= trainer.num_training_batches
+        ):
             wait_for = "epoch_end"
-        elif epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+        elif _compat.validation_follows_batch(trainer):
             wait_for = "validation_end"
         else:
             super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
             return
-        if self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0:
+        if self._step_interval >= 1 and trainer.global_step % self._step_interval == 0:
             self._deferred_to = wait_for
 
     def _save_deferred(self, trainer: L.Trainer, now: str) -> None:
         if self._deferred_to != now:
             return
         self._deferred_to = None
-        if not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if not _compat.should_skip_saving(self, trainer):
+            _compat.save_last_checkpoint(self, trainer)
 
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         super().on_validation_end(trainer, module)
@@ -230,8 +233,8 @@ class LastCheckpoint(ModelCheckpoint):
         self._save_deferred(trainer, "epoch_end")
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if self._last_global_step_saved != trainer.global_step or not self._last_checkpoint_saved:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if not _compat.saved_last_at(self, trainer.global_step):
+            _compat.save_last_checkpoint(self, trainer)
 
 
 # ---------------------------------------------------------------------------------------------- surviving interruption
@@ -346,11 +349,11 @@ class InterruptedCheckpoint(L.Callback):
                 return
             if not trainer.is_global_zero:
                 return
-        checkpoint = trainer._checkpoint_connector.dump_checkpoint()  # what trainer.save_checkpoint writes
+        checkpoint = _compat.dump_checkpoint(trainer)  # what trainer.save_checkpoint writes
         if (start := accumulation_window_start(trainer)) is not None:
             # inside a gradient-accumulation window: its gradients are not in the checkpoint, so the resumed run
             # replays the window from its first batch (the data module and ResumeRandomState record the same)
-            rewind_to_batch(checkpoint["loops"], start)
+            rewind_to_batch(checkpoint, start)
             log.info(
                 "stopped inside a gradient-accumulation window: %s resumes at its first batch, %d",
                 self.ckpt_path,
@@ -358,7 +361,7 @@ class InterruptedCheckpoint(L.Callback):
             )
         elif trainer.validating:
             # as written, Lightning would resume after the validation's last finished batch (or take it for done)
-            restart_validation(checkpoint["loops"])
+            restart_validation(checkpoint)
             log.info("stopped during a validation: %s resumes by running it again", self.ckpt_path)
         trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, self.ckpt_path)
         log.info(
@@ -431,17 +434,13 @@ class ResumeRandomState(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int
     ) -> None:
-        epoch_loop = trainer.fit_loop.epoch_loop
         if (
             self._logging_step is not None
         ):  # the first batch of a run resumed from a checkpoint written mid-step
-            epoch_loop._batches_that_stepped, self._logging_step = self._logging_step, None
+            _compat.set_logging_step(trainer, self._logging_step)
+            self._logging_step = None
         states = self._every_rank(trainer, rng_state()) if self._gather_each_batch else [rng_state()]
-        self._batch_start = (
-            epoch_loop.batch_progress.current.ready,
-            states,
-            epoch_loop._batches_that_stepped,
-        )
+        self._batch_start = (_compat.batch_counts(trainer).ready, states, _compat.logging_step(trainer))
         if batch_idx % trainer.accumulate_grad_batches == 0:
             self._window_start = self._batch_start
 
@@ -454,7 +453,7 @@ class ResumeRandomState(L.Callback):
         self._validation_start = None
 
     def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict) -> None:
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        progress = _compat.batch_counts(trainer)
         under_way = (
             self._batch_start is not None and progress.processed < progress.ready == self._batch_start[0]
         )

@@ -77,6 +77,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DistributedSampler, RandomSampler
 
+from distill_lab import _compat
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
@@ -549,10 +551,10 @@ def training_position(trainer) -> tuple[int, int] | None:
     """
     if trainer is None or trainer.state.fn != TrainerFn.FITTING:
         return None
-    epochs = trainer.fit_loop.epoch_progress.current
+    epochs = _compat.epoch_counts(trainer)
     if epochs.started <= epochs.processed:  # between epochs (or before the first)
         return epochs.processed, 0
-    batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    batches = _compat.batch_counts(trainer).processed
     if batches >= trainer.num_training_batches:
         return epochs.processed + 1, 0
     start = accumulation_window_start(trainer)
@@ -570,30 +572,26 @@ def accumulation_window_start(trainer) -> int | None:
     """
     if trainer is None or trainer.state.fn != TrainerFn.FITTING or trainer.accumulate_grad_batches <= 1:
         return None
-    epochs = trainer.fit_loop.epoch_progress.current
-    batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    epochs = _compat.epoch_counts(trainer)
+    batches = _compat.batch_counts(trainer).processed
     if epochs.started <= epochs.processed or batches >= trainer.num_training_batches:
         return None
     into = batches % trainer.accumulate_grad_batches
     return batches - into if into else None
 
 
-def rewind_to_batch(loops: dict, batch: int) -> None:
-    """Rewrites a checkpoint's loop state (``checkpoint["loops"]``, written during this epoch's batch ``batch``
-    or later) so that Lightning resumes the epoch at ``batch``: as it records a checkpoint written when that
-    batch was about to start (its ``on_train_batch_start``), the optimizer's zeroing of the gradients, done
-    on a window's first batch, undone with it. Optimizer steps stay as they are: none was taken since."""
-    fit = loops["fit_loop"]
-    _set_progress(
-        fit["epoch_loop.batch_progress"], ready=batch + 1, started=batch, processed=batch, completed=batch
+def rewind_to_batch(checkpoint: dict, batch: int) -> None:
+    """Rewrites the loop state of a checkpoint (written during this epoch's batch ``batch`` or later) so that
+    Lightning resumes the epoch at ``batch``: as it records a checkpoint written when that batch was about to
+    start (its ``on_train_batch_start``), the optimizer's zeroing of the gradients, done on a window's first
+    batch, undone with it. Optimizer steps stay as they are: none was taken since."""
+    _compat.set_saved_batch_progress(
+        checkpoint, "train", ready=batch + 1, started=batch, processed=batch, completed=batch
     )
-    zero_grad = fit["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]["zero_grad"]
-    for counts in (zero_grad["total"], zero_grad["current"]):
-        for key in ("ready", "started", "completed"):
-            counts[key] -= 1
+    _compat.undo_saved_zero_grad(checkpoint)
 
 
-def restart_validation(loops: dict) -> None:
+def restart_validation(checkpoint: dict) -> None:
     """Rewrites the loop state of a checkpoint written during a validation inside ``fit`` so that Lightning
     resumes by running that validation again from its first batch, then trains on.
 
@@ -602,18 +600,7 @@ def restart_validation(loops: dict) -> None:
     takes the validation for done). Recorded as stopped during its first batch, the validation restarts
     whole: the training batch before it is complete and the optimizer state untouched, since validation
     changes neither."""
-    _set_progress(
-        loops["fit_loop"]["epoch_loop.val_loop.batch_progress"], ready=1, started=1, processed=0, completed=0
-    )
-
-
-def _set_progress(progress: dict, **current: int) -> None:
-    """Sets a saved loop's batch counts of the current run (epoch or validation) to ``current``, its totals by as
-    much, and marks the batch as not the last."""
-    for key, value in current.items():
-        progress["total"][key] -= progress["current"][key] - value
-        progress["current"][key] = value
-    progress["is_last_batch"] = False
+    _compat.set_saved_batch_progress(checkpoint, "validation", ready=1, started=1, processed=0, completed=0)
 
 
 # ---------------------------------------------------------------------------------------------- random state
