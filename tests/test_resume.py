@@ -485,7 +485,7 @@ def test_a_ctrl_c_during_a_step_is_taken_when_the_step_ends(task, reference, tmp
     result, and the same command resumes with the next batch to the uninterrupted result. A second Ctrl-C
     stops at once, before the update."""
     out = tmp_path / "run"
-    with caplog.at_level(logging.WARNING, logger="distill_lab.callbacks"), pytest.raises(SystemExit):
+    with caplog.at_level(logging.WARNING, logger="distill_lab.checkpoints"), pytest.raises(SystemExit):
         run_app(task, out, *callback_overrides("ctrl_c", CtrlCBeforeUpdate, step=10))
     assert "Ctrl-C: stopping when this training step ends (press Ctrl-C again to stop now)" in caplog.text
     state = torch.load(out / "checkpoints" / "interrupted.ckpt", map_location="cpu", weights_only=True)
@@ -609,7 +609,7 @@ def test_an_exception_during_validation_resumes_by_running_that_validation_again
     out = tmp_path / "run"
     crash = callback_overrides("crash", Crash, hook=hook, step=step)
     with (
-        caplog.at_level(logging.INFO, logger="distill_lab.callbacks"),
+        caplog.at_level(logging.INFO, logger="distill_lab.checkpoints"),
         pytest.raises(RuntimeError, match="test crash"),
     ):
         run_app(task, out, *overrides, *crash)

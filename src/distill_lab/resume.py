@@ -21,21 +21,21 @@ on disk. With ``ckpt_path=auto`` (the default):
 A previous run that wrote ``results.json`` (the last thing ``train`` does) finished, and this run starts
 afresh, unless it is this run's own directory (named again): that is an error. ``run.train`` first asks
 :func:`finished_run` whether a job of a rerun sweep repeats a finished one under the same configuration, and
-then returns that job's results without training. Only the latest matching run counts: an older unfinished run is not revived behind a newer finished
-one. The checkpoint is the newer of ``checkpoints/last.ckpt`` (every ``checkpoint_every_n_steps`` steps and
-at the end of training) and ``checkpoints/interrupted.ckpt`` (Ctrl-C or an exception). The resumed run
-continues *in the previous run's directory*: its checkpoint callbacks keep tracking the best epoch across the
-interruption (Lightning restores that state only for the same ``dirpath``), the logger starts a new version
-beside the old one, and ``results.json`` and ``student/`` land where the run started. The directory Hydra
-made for the rerun keeps only ``.hydra/`` and the log, which names the run it resumed. ``ckpt_path=null``
-always starts afresh; any other value is a checkpoint path (or one of Lightning's names, ``last``...) and is
-passed to ``Trainer.fit`` as it is, training in this run's own directory. Under DDP the processes that
-Lightning launches for the other ranks (``LOCAL_RANK`` > 0, started after rank 0 chose) take rank 0's
-choice, handed over in the ``DISTILL_LAB_RESUME`` environment variable, so that every rank restores the
-same checkpoint and writes to the same directory. Processes that torchrun or srun start all run ``train.py``
-side by side (:func:`started_by_a_launcher`), in one named directory (``run.py`` requires ``hydra.run.dir=``
-there): the ranks above 0 make rank 0's choice themselves, from that directory's own checkpoints, which no
-process changes before every process has started.
+then returns that job's results without training. Only the latest matching run counts: an older unfinished run
+is not revived behind a newer finished one. The checkpoint is the newer of ``checkpoints/last.ckpt`` (every
+``checkpoint_every_n_steps`` steps and at the end of training) and ``checkpoints/interrupted.ckpt`` (Ctrl-C or
+an exception). The resumed run continues *in the previous run's directory*: its checkpoint callbacks keep
+tracking the best epoch across the interruption (Lightning restores that state only for the same ``dirpath``),
+the logger starts a new version beside the old one, and ``results.json`` and ``student/`` land where the run
+started. The directory Hydra made for the rerun keeps only ``.hydra/`` and the log, which names the run it
+resumed. ``ckpt_path=null`` always starts afresh; any other value is a checkpoint path (or one of Lightning's
+names, ``last``...) and is passed to ``Trainer.fit`` as it is, training in this run's own directory. Under DDP
+the processes that Lightning launches for the other ranks (``LOCAL_RANK`` > 0, started after rank 0 chose)
+take rank 0's choice, handed over in the ``DISTILL_LAB_RESUME`` environment variable, so that every rank
+restores the same checkpoint and writes to the same directory. Processes that torchrun or srun start all run
+``train.py`` side by side (:func:`started_by_a_launcher`), in one named directory (``run.py`` requires
+``hydra.run.dir=`` there): the ranks above 0 make rank 0's choice themselves, from that directory's own
+checkpoints, which no process changes before every process has started.
 
 **One process per run directory** (:func:`lock_run_dir`): a run holds an ``fcntl.flock`` lock on
 ``<run dir>/.run.lock`` while its process lives (rank 0's, in a distributed run; the kernel drops it when the
@@ -128,8 +128,8 @@ def is_locked(run_dir: str | Path) -> bool:
 
 
 def lock_run_dir(run_dir: str | Path) -> None:
-    """Hold ``run_dir/.run.lock`` (``fcntl.flock``) until this process ends, or raise :class:`RunDirectoryLocked`
-    if another process holds it.
+    """Hold ``run_dir/.run.lock`` (``fcntl.flock``) until this process ends, or raise
+    :class:`RunDirectoryLocked` if another process holds it.
 
     The kernel releases the lock when its holder dies, however it dies (SIGKILL included), so a killed run's
     directory can be resumed at once; a directory locked is one a live process is writing to. This process
@@ -171,7 +171,8 @@ def _lock_free_or_log(run_dir: Path) -> bool:
 
 
 def _newest_checkpoint(run_dir: Path) -> Path | None:
-    """The newer (by modification time) of ``last.ckpt`` and ``interrupted.ckpt`` in ``run_dir/checkpoints``."""
+    """The newer (by modification time) of ``last.ckpt`` and ``interrupted.ckpt`` in
+    ``run_dir/checkpoints``."""
     found = [p for name in RESUMABLE_CHECKPOINTS if (p := run_dir / CHECKPOINT_DIR / name).is_file()]
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
@@ -285,8 +286,8 @@ def find_previous_run(
 
     See the module docstring for the rules. ``config`` is this run's resolved configuration (compared with the
     previous run's ``config.yaml``; None compares nothing). ``named``: whether the directory was named on the
-    command line (``hydra.run.dir=``), as the caller knows it from its live Hydra config; None reads it from the
-    directory's ``.hydra/hydra.yaml``. ``reason`` says in words why this checkpoint was chosen.
+    command line (``hydra.run.dir=``), as the caller knows it from its live Hydra config; None reads it from
+    the directory's ``.hydra/hydra.yaml``. ``reason`` says in words why this checkpoint was chosen.
     """
     output_dir = Path(output_dir)
     _refuse_finished(output_dir)
@@ -372,8 +373,8 @@ LIGHTNING_CKPT_NAMES = ("last", "hpc", "registry")  # what Trainer.fit(ckpt_path
 
 
 def _check_ckpt_path(ckpt_path: str | None) -> None:
-    """A ``ckpt_path`` that names no checkpoint (a typo, a missing file) is an error now, not after the teacher
-    and data have loaded. Remote paths (``s3://...``) are left to Lightning."""
+    """A ``ckpt_path`` that names no checkpoint (a typo, a missing file) is an error now, not after the
+    teacher and data have loaded. Remote paths (``s3://...``) are left to Lightning."""
     if (
         ckpt_path in (None, "auto")
         or str(ckpt_path).split(":")[0] in LIGHTNING_CKPT_NAMES
@@ -392,12 +393,12 @@ def resolve_ckpt_path(
 ) -> tuple[str | None, Path]:
     """``(checkpoint for Trainer.fit, the directory this run writes to)`` for the ``ckpt_path`` option.
 
-    ``"auto"`` resumes the previous run of the same command and configuration (``config``, resolved) in its own
-    directory (:func:`find_previous_run`)
-    or starts afresh in ``output_dir``, and records the choice in ``os.environ[DISTILL_LAB_RESUME]`` for the
-    DDP ranks that Lightning launches later; ``None`` starts afresh; anything else is returned unchanged. A run
-    of its own in ``output_dir`` (``None``, or a checkpoint from elsewhere) is refused where ``output_dir`` holds a
-    finished run, and moves an unfinished run's checkpoints there aside (``checkpoints.1``...).
+    ``"auto"`` resumes the previous run of the same command and configuration (``config``, resolved) in its
+    own directory (:func:`find_previous_run`) or starts afresh in ``output_dir``, and records the choice in
+    ``os.environ[DISTILL_LAB_RESUME]`` for the DDP ranks that Lightning launches later; ``None`` starts
+    afresh; anything else is returned unchanged. A run of its own in ``output_dir`` (``None``, or a checkpoint
+    from elsewhere) is refused where ``output_dir`` holds a finished run, and moves an unfinished run's
+    checkpoints there aside (``checkpoints.1``...).
 
     A rank above 0 that torchrun or srun started (no hand-over) resolves ``"auto"`` to its directory's newest
     checkpoint, rank 0's choice in the named directory that such a run must have.
@@ -497,11 +498,11 @@ class ResumableRandomSampler(RandomSampler):
 
 class ResumableDistributedSampler(DistributedSampler):
     """:class:`ResumableRandomSampler` for one process of a distributed run: process ``rank`` of
-    ``num_replicas`` visits positions ``rank, rank + num_replicas, ...`` of the same seeded permutation of epoch
-    ``e`` (``torch.randperm(n)`` seeded with ``seed + e``), padded at its end with its first examples to a
-    multiple of ``num_replicas``, which is ``DistributedSampler(shuffle=True, seed=seed)``'s order exactly.
-    ``start`` skips the first ``start`` examples of this process's share of the next iteration only; ``tagged``
-    as there.
+    ``num_replicas`` visits positions ``rank, rank + num_replicas, ...`` of the same seeded permutation of
+    epoch ``e`` (``torch.randperm(n)`` seeded with ``seed + e``), padded at its end with its first examples to
+    a multiple of ``num_replicas``, which is ``DistributedSampler(shuffle=True, seed=seed)``'s order exactly.
+    ``start`` skips the first ``start`` examples of this process's share of the next iteration only;
+    ``tagged`` as there.
 
     Being a ``DistributedSampler``, Lightning keeps it: a ``RandomSampler`` it replaces under DDP with its own
     ``DistributedSampler``, which restarts a resumed epoch's order from its beginning (and is seeded by
@@ -565,10 +566,11 @@ def accumulation_window_start(trainer) -> int | None:
     """The batch (of this epoch) where the gradient-accumulation window under way began, when a checkpoint
     written now would fall inside it; None otherwise.
 
-    With ``accumulate_grad_batches`` = A, Lightning steps after batches A-1, 2A-1... of each epoch (and its last).
-    A checkpoint written after some of a window's batches but before its step (Ctrl-C or an exception) holds
-    none of their gradients: resumed at the batch it stopped on, the window's step would take the gradients
-    of its last batches only. Such a checkpoint must resume at the window's first batch, replaying it whole.
+    With ``accumulate_grad_batches`` = A, Lightning steps after batches A-1, 2A-1... of each epoch (and its
+    last). A checkpoint written after some of a window's batches but before its step (Ctrl-C or an exception)
+    holds none of their gradients: resumed at the batch it stopped on, the window's step would take the
+    gradients of its last batches only. Such a checkpoint must resume at the window's first batch, replaying
+    it whole.
     """
     if trainer is None or trainer.state.fn != TrainerFn.FITTING or trainer.accumulate_grad_batches <= 1:
         return None
