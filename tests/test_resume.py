@@ -961,9 +961,9 @@ def test_auto_resumes_no_run_whose_process_is_alive(tmp_path, monkeypatch, caplo
     )
 
     # a DDP rank other than 0 in a locked directory is one of its run's processes
-    monkeypatch.setattr("distill_lab.resume.rank_zero_only.rank", 1)
+    monkeypatch.setattr("distill_lab.resume.handover.rank_zero_only.rank", 1)
     assert resolve_ckpt_path(None, first) == (None, first)
-    monkeypatch.setattr("distill_lab.resume.rank_zero_only.rank", 0)
+    monkeypatch.setattr("distill_lab.resume.handover.rank_zero_only.rank", 0)
     with pytest.raises(RunDirectoryLocked, match=f"process {holder.process.pid} is running there"):
         resolve_ckpt_path("auto", first)
 
@@ -992,7 +992,7 @@ def test_a_process_that_torchrun_or_srun_started_beside_rank_zero_resumes_its_di
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
     assert resume.started_by_a_launcher()
 
-    monkeypatch.setattr(resume.rank_zero_only, "rank", 1)
+    monkeypatch.setattr(resume.handover.rank_zero_only, "rank", 1)
     run = _fake_run(
         tmp_path, "run", ["loss=kl"], {"checkpoints/last.ckpt": 1, "checkpoints/interrupted.ckpt": 2}
     )

@@ -19,13 +19,8 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 
 from distill_lab import _compat
-from distill_lab.resume import (
-    accumulation_window_start,
-    describe_names,
-    non_finite_parameters,
-    restart_validation,
-    rewind_to_batch,
-)
+from distill_lab.guards import describe_names, non_finite_parameters
+from distill_lab.resume import accumulation_window_start, restart_validation, rewind_to_batch
 
 log = logging.getLogger(__name__)
 

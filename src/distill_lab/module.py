@@ -24,9 +24,9 @@ from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from distill_lab import _compat
 from distill_lab.capture import AttentionCapture, QueryKey
+from distill_lab.guards import describe_names, non_finite_parameters
 from distill_lab.losses import distillation_objective
 from distill_lab.matching import AttentionDistillationLoss, gradient_head_importance, pair_name
-from distill_lab.resume import describe_names, non_finite_parameters
 from distill_lab.tasks import SequenceClassification
 
 log = logging.getLogger(__name__)
