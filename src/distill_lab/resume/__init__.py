@@ -9,7 +9,8 @@ One module per concern, each explaining its part:
 - ``handover``: every process of a distributed run takes rank 0's choice (:func:`started_by_a_launcher`).
 - ``position``: where in the data, and in Lightning's loops, a resumed run continues (the resumable samplers,
   :func:`training_position`, the rewrites of a checkpoint's loop state).
-- ``rng``: the random state (:func:`rng_state`, :func:`set_rng_state`).
+- ``rng``: the random state (:func:`rng_state`, :func:`set_rng_state`, and the :class:`ResumeRandomState`
+  callback that keeps it in every checkpoint).
 
 Lightning's internals that resuming needs are reached through ``distill_lab._compat`` only.
 """
@@ -34,7 +35,7 @@ from distill_lab.resume.previous import (
     finished_run,
     resolve_ckpt_path,
 )
-from distill_lab.resume.rng import rng_state, set_rng_state
+from distill_lab.resume.rng import ResumeRandomState, rng_state, set_rng_state
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -45,6 +46,7 @@ __all__ = [
     "RESUMABLE_CHECKPOINTS",
     "ResumableDistributedSampler",
     "ResumableRandomSampler",
+    "ResumeRandomState",
     "RunDirectoryLocked",
     "accumulation_window_start",
     "config_differences",
