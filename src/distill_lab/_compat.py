@@ -1,14 +1,14 @@
 """The one door to Lightning's internals.
 
-Resuming a run exactly where it stopped, and writing checkpoints at the moments that makes possible, needs a
-few things Lightning keeps private: its loops' progress counters, the loggers' step, the checkpoint a
-``Trainer.save_checkpoint`` would write (as a dictionary, to rewrite before it is saved), the structure of
-that checkpoint's ``"loops"`` state, some ``ModelCheckpoint`` methods, and a few trainer and strategy
-attributes. Each is reached here, in a small function that says what it reaches and why no public API does,
-and nowhere else in ``distill_lab`` (``tests/test_compat.py`` scans the package for it). A Lightning release
-that renames or removes one breaks here: ``tests/test_compat.py`` checks every attribute of
-:data:`REACHED` and every path of :data:`SAVED_LOOP_STATE` on real Lightning objects, and fails naming the
-one that moved. ``pyproject.toml`` keeps ``lightning`` below its next minor release, where such changes land.
+Resuming a run exactly where it stopped, and writing checkpoints at moments from which Lightning resumes on
+the right batch, needs a few things Lightning keeps private: its loops' progress counters, the loggers' step,
+the checkpoint a ``Trainer.save_checkpoint`` would write (as a dictionary, to rewrite before it is saved), the
+structure of that checkpoint's ``"loops"`` state, some ``ModelCheckpoint`` methods, and a few trainer and
+strategy attributes. Each is reached here, in a small function that says what it reaches and why no public API
+does, and nowhere else in ``distill_lab`` (``tests/test_compat.py`` scans the package for it). A Lightning
+release that renames or removes one breaks here: ``tests/test_compat.py`` checks every attribute of
+:data:`REACHED` and every path of :data:`SAVED_LOOP_STATE` on real Lightning objects, and fails naming the one
+that moved. ``pyproject.toml`` keeps ``lightning`` below its next minor release, where such changes land.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ COUNTS = ("ready", "started", "processed", "completed")
 
 
 class Counts(NamedTuple):
-    """A loop's counts in the epoch (or validation) under way: items ``ready`` < ``started`` <=
-    ``processed`` <= ``completed``, each raised as an item reaches that point."""
+    """A loop's counts of items (batches, epochs) in the epoch or validation under way, each raised as an
+    item reaches that point: ``ready`` >= ``started`` >= ``processed`` >= ``completed``."""
 
     ready: int
     started: int
