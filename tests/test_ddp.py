@@ -1,11 +1,11 @@
 """Distributed training: ``trainer=ddp`` on CPU (two gloo processes) against one process; ``trainer=fsdp``.
 
 The equivalence tests drive ``DistillationModule`` with a real Lightning ``Trainer`` built from
-``conf/trainer/<option>.yaml`` with its strategy as configured (FSDP, which Lightning runs only on GPUs, through
-a subclass that lets it run on CPU), on a tiny BERT teacher and a randomly initialised 2-layer student. Two
-processes each get one contiguous half of every global batch of 8 (Lightning's own sampler would shuffle the
-examples); one process gets the whole batch. The data makes the halves exactly comparable: every pair of
-neighbouring examples holds 12 + 9 real tokens, so each half (and each micro-batch of 2 under gradient
+``conf/trainer/<option>.yaml`` with its strategy as configured (FSDP, which Lightning runs only on GPUs,
+through a subclass that lets it run on CPU), on a tiny BERT teacher and a randomly initialised 2-layer
+student. Two processes each get one contiguous half of every global batch of 8 (Lightning's own sampler would
+shuffle the examples); one process gets the whole batch. The data makes the halves exactly comparable: every
+pair of neighbouring examples holds 12 + 9 real tokens, so each half (and each micro-batch of 2 under gradient
 accumulation) has as many attention rows, and the token-weighted attention losses average to the full batch's.
 The optimizer is SGD with momentum and weight decay: it turns a gradient into a weight change linearly (Adam's
 first step is ``lr * sign(g)``, which magnifies rounding in near-zero gradients), and like AdamW it skips a
@@ -118,8 +118,9 @@ class CPUFSDPStrategy(FSDPStrategy):
     """Lightning's ``FSDPStrategy`` on CPU processes (gloo), for the smoke test only.
 
     Lightning refuses FSDP without a GPU (an exact-type check, which a subclass passes) and wraps the module
-    with ``device_id=None``, which torch's FSDP reads as "no accelerator"; given ``device_id=cpu`` torch shards
-    on CPU. Everything else (auto-wrap policy, mixed precision, optimizer setup, checkpoints) is Lightning's.
+    with ``device_id=None``, which torch's FSDP reads as "no accelerator"; given ``device_id=cpu`` torch
+    shards on CPU. Everything else (auto-wrap policy, mixed precision, optimizer setup, checkpoints) is
+    Lightning's.
     """
 
     def _setup_model(self, model):
@@ -302,7 +303,8 @@ def test_two_ddp_processes_train_like_one_process_on_the_global_batch(models, tm
         assert grads["classifier.weight"] is not None and not grads["classifier.weight"].any()
     else:  # no gradient at all for the head, layer 1 and layer 0 past its attention scores
         unused = {n for n, g in grads.items() if g is None}
-        assert {"classifier.weight", "bert.pooler.dense.weight", "bert.encoder.layer.1.attention.self.query.weight",
+        assert {"classifier.weight", "bert.pooler.dense.weight",
+                "bert.encoder.layer.1.attention.self.query.weight",
                 "bert.encoder.layer.0.attention.self.value.weight"} <= unused  # fmt: skip
         assert "bert.encoder.layer.0.attention.self.query.weight" not in unused
         initial = AutoModelForSequenceClassification.from_pretrained(models["student"]).state_dict()
@@ -353,8 +355,8 @@ def run_train_py(tmp_path: Path, *overrides: str) -> tuple[Path, subprocess.Comp
 def test_train_py_with_trainer_ddp_writes_the_run_outputs_once(tmp_path):
     """``python train.py trainer=ddp``: Lightning starts rank 1 in the same run directory; the data is split
     between the two processes and rank 0 alone writes config.yaml, results.json and the exported student. The
-    31 validation examples, which Lightning's sampler pads to 32 by repeating the first, are each counted once:
-    the reported accuracies are those of one process over the whole validation set."""
+    31 validation examples, which Lightning's sampler pads to 32 by repeating the first, are each counted
+    once: the reported accuracies are those of one process over the whole validation set."""
     out, result = run_train_py(tmp_path, *CPU_DDP, "data.max_eval_samples=31")
 
     assert (out / "train_ddp_process_1.log").is_file()  # rank 1 ran, in rank 0's run directory
@@ -394,15 +396,17 @@ def test_train_py_with_trainer_ddp_writes_the_run_outputs_once(tmp_path):
 def test_validation_on_two_processes_counts_each_example_once(tmp_path, strategy, eval_batch_size):
     """31 validation examples on two processes: Lightning's sampler pads the set to 32, so rank 1's last batch
     ends with the first example again: all of it in batches of one (its metric update of no rows crashed the
-    run), half of it in batches of two (its losses averaged the repeat in). The metrics and the attention losses
-    that results.json reports (the final validation's ``val/attention/*``) are those of one process over the 31
-    examples. Every example is cut to 6 tokens, so no batch holds padding and a batch's loss is the mean of its
-    examples' whatever the batching. The runs train nothing (``trainer.max_epochs=0``): both validate the same
-    student, initialised from the seed. Under FSDP every process runs the forward on its whole batch, and the
-    losses and metrics are taken again over its own rows from that forward's logits and attention."""
+    run), half of it in batches of two (its losses averaged the repeat in). The metrics and the attention
+    losses that results.json reports (the final validation's ``val/attention/*``) are those of one process
+    over the 31 examples. Every example is cut to 6 tokens, so no batch holds padding and a batch's loss is
+    the mean of its examples' whatever the batching. The runs train nothing (``trainer.max_epochs=0``): both
+    validate the same student, initialised from the seed. Under FSDP every process runs the forward on its
+    whole batch, and the losses and metrics are taken again over its own rows from that forward's logits and
+    attention."""
     common = [
         "data.max_eval_samples=31", f"data.eval_batch_size={eval_batch_size}", "data.max_length=6",
-        "trainer.limit_val_batches=null", "trainer.max_epochs=0", "student.init=random", "callbacks.attention_maps=null",
+        "trainer.limit_val_batches=null", "trainer.max_epochs=0", "student.init=random",
+        "callbacks.attention_maps=null",
     ]  # fmt: skip
     ddp, _ = run_train_py(tmp_path / "ddp", *(CPU_DDP if strategy == "ddp" else FSDP_ON_CPU), *common)
     one, _ = run_train_py(tmp_path / "one", *common)
@@ -455,13 +459,18 @@ def test_non_finite_loss_in_one_ddp_process_stops_every_process_before_the_updat
 
 DDP_EPOCHS, DDP_STEPS_PER_EPOCH = 3, 4  # 64 examples in batches of 8 on each of two processes
 DDP_RESUMES = {  # (hook, step, checkpoint_every_n_steps, what the rerun resumes from, its step)
-    # a SIGKILL after the step checkpoint of step 5 (epoch 1, after its first batch); the crash only stops the run
+    # a SIGKILL after the step checkpoint of step 5 (epoch 1, after its first batch);
+    # the crash only stops the run
     "killed-after-a-step-checkpoint": ("on_train_batch_start", 6, 5, "last.ckpt", 5),
-    # an exception during step 5 (epoch 1, batch 1): interrupted.ckpt, written by rank 0 alone, repeats that batch
+    # an exception during step 5 (epoch 1, batch 1): interrupted.ckpt, written by rank 0 alone,
+    # repeats that batch
     "exception-during-a-step": ("on_before_backward", 5, 100, "interrupted.ckpt", 5),
-    # an exception in epoch 1's validation, after its last step (8): interrupted.ckpt resumes by running it again
+    # an exception in epoch 1's validation, after its last step (8): interrupted.ckpt resumes
+    # by running it again
     "exception-during-a-validation": ("on_validation_start", 8, 100, "interrupted.ckpt", 8),
-}  # in both, the two processes' random states differ when the checkpoint is written (as they do at most steps)
+    # in both, the two processes' random states differ when the checkpoint is written
+    # (as they do at most steps)
+}
 
 
 @pytest.fixture(scope="module")
@@ -481,8 +490,8 @@ def ddp_resume_task(tmp_path_factory):
 def test_a_ddp_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(ddp_resume_task, tmp_path, case):
     """Two processes stopped in epoch 1 and rerun: each continues its share of the epoch's seeded order at the
     batch after the checkpoint (not from the epoch's start, as Lightning's own DistributedSampler would), with
-    its own random state (restored from the checkpoint, which holds every process's), so the run ends with the uninterrupted run's weights, results, validation history
-    and logged losses."""
+    its own random state (restored from the checkpoint, which holds every process's), so the run ends with the
+    uninterrupted run's weights, results, validation history and logged losses."""
     root, overrides, reference = ddp_resume_task
     hook, step, every, checkpoint, resumed_step = DDP_RESUMES[case]
     out = tmp_path / "run"
@@ -524,9 +533,11 @@ def test_a_ddp_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(ddp_resume_ta
 
 
 def torchrun(*overrides: str) -> list[str]:
-    """``torchrun --standalone --nproc_per_node=2 train.py *overrides``: two processes that each run train.py."""
+    """``torchrun --standalone --nproc_per_node=2 train.py *overrides``: two processes that each
+    run train.py."""
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO_ROOT / "train.py"),
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(REPO_ROOT / "train.py"),
         *overrides,
     ]  # fmt: skip
 
@@ -535,10 +546,10 @@ def torchrun(*overrides: str) -> list[str]:
 def test_under_torchrun_every_process_resumes_the_same_checkpoint_with_the_same_command(
     ddp_resume_task, tmp_path
 ):
-    """torchrun starts both processes, each running train.py with ckpt_path=auto: without a named run directory
-    (each process would compose its own from the clock) they stop before anything is loaded; with one, a run
-    stopped by an exception during step 5 is resumed by the same command in both processes from rank 0's
-    interrupted.ckpt, and ends as the uninterrupted run (Lightning's own DDP launcher) does."""
+    """torchrun starts both processes, each running train.py with ckpt_path=auto: without a named run
+    directory (each process would compose its own from the clock) they stop before anything is loaded; with
+    one, a run stopped by an exception during step 5 is resumed by the same command in both processes from
+    rank 0's interrupted.ckpt, and ends as the uninterrupted run (Lightning's own DDP launcher) does."""
     root, overrides, reference = ddp_resume_task
     env = app_env(tmp_path, PYTHONWARNINGS="ignore")
     unnamed = subprocess.run(

@@ -2,11 +2,11 @@
 result of an uninterrupted run, by rerunning the same command (``ckpt_path=auto``); a non-finite loss stops
 the run naming the step and the part that went non-finite, and no checkpoint ever holds non-finite weights.
 
-The task is ``conftest.make_text_task`` with dropout on (``hidden_dropout_prob=0.1``, which the derived student
-inherits), so a resumed run matches only if it continues with the same data order *and* the same random
-state: 64 training examples in batches of 8, i.e. 8 steps per epoch, 3 epochs. "The same result" is checked
-on the final ``results.json`` (student accuracy and F1, attention loss per layer pair) and the exported
-student's weights, within float32 tolerances (both runs do the same operations on one thread, so the
+The task is ``conftest.make_text_task`` with dropout on (``hidden_dropout_prob=0.1``, which the derived
+student inherits), so a resumed run matches only if it continues with the same data order *and* the same
+random state: 64 training examples in batches of 8, i.e. 8 steps per epoch, 3 epochs. "The same result" is
+checked on the final ``results.json`` (student accuracy and F1, attention loss per layer pair) and the
+exported student's weights, within float32 tolerances (both runs do the same operations on one thread, so the
 differences are in fact zero).
 
 The ``slow`` tests run ``python train.py`` in subprocesses (Hydra's own timestamped run directories, under a
@@ -65,7 +65,7 @@ RUN = [
 ]
 
 
-# ---------------------------------------------------------------------------------------------- callbacks the tests add
+# ---------------------------------------------------------------------- callbacks the tests add
 
 
 class Pace(L.Callback):
@@ -113,7 +113,8 @@ class Crash(L.Callback):
 
 
 class RecordLearningRate(L.Callback):
-    """Appends ``[global step, learning rate]`` of each training batch's start to the JSON-lines file ``path``."""
+    """Appends ``[global step, learning rate]`` of each training batch's start to the JSON-lines
+    file ``path``."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -190,7 +191,7 @@ class InfiniteGradient(L.Callback):
             next(p for p in module.student.parameters() if p.grad is not None).grad.fill_(float("inf"))
 
 
-# ---------------------------------------------------------------------------------------------- shared helpers
+# ---------------------------------------------------------------------- shared helpers
 
 
 def student_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -221,7 +222,8 @@ def all_finite(checkpoint: Path) -> bool:
 
 
 def train_losses(run_dir: Path, version: int = 0) -> dict[int, float]:
-    """``train/loss`` by global step from the CSV logger's ``version`` (a resumed run logs the next version)."""
+    """``train/loss`` by global step from the CSV logger's ``version`` (a resumed run logs the
+    next version)."""
     with open(run_dir / "csv" / f"version_{version}" / "metrics.csv", newline="") as f:
         return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]}
 
@@ -288,7 +290,7 @@ def loop_position(checkpoint: dict) -> tuple[int, int]:
     ]
 
 
-# ---------------------------------------------------------------------------------------------- 1. the CLI: kill, Ctrl-C
+# ---------------------------------------------------------------------- 1. the CLI: kill, Ctrl-C
 
 
 @pytest.fixture(scope="module")
@@ -305,9 +307,9 @@ def cli_task(tmp_path_factory):
 
 
 def cli_run(cwd: Path, command: list[str], name: str) -> TrainRun:
-    """``python train.py *command`` started in the background in ``cwd`` (Hydra writes ``cwd/outputs/DATE/TIME``),
-    with one torch thread, offline, its output in ``cwd/<name>.log`` (``tests/`` on the path: the command names
-    ``test_resume.Pace``)."""
+    """``python train.py *command`` started in the background in ``cwd`` (Hydra writes
+    ``cwd/outputs/DATE/TIME``), with one torch thread, offline, its output in ``cwd/<name>.log`` (``tests/``
+    on the path: the command names ``test_resume.Pace``)."""
     cwd.mkdir(parents=True, exist_ok=True)
     return TrainRun(train_py(*command), env=app_env(cwd), log=cwd / f"{name}.log", cwd=cwd)
 
@@ -352,7 +354,8 @@ def test_sigkill_mid_epoch_then_the_same_command_resumes_to_the_uninterrupted_re
         in output
     )
     assert f"Restored all states from the checkpoint at {last}" in output
-    # the rerun continued in the first run's directory; the one Hydra made for it holds only .hydra/ and its log
+    # the rerun continued in the first run's directory;
+    # the one Hydra made for it holds only .hydra/ and its log
     (new_dir,) = [d for d in second.run_dirs() if d != run_dir]
     assert sorted(p.name for p in new_dir.iterdir()) == [".hydra", LOCK_FILE, "train.log"]
     assert (run_dir / "results.json").is_file()
@@ -420,7 +423,7 @@ def test_a_second_copy_of_a_running_command_starts_afresh_beside_it(cli_task, cl
         assert train_losses(run_dir) == train_losses(reference_dir)
 
 
-# ---------------------------------------------------------------------------------------------- 2. in process: crashes
+# ---------------------------------------------------------------------- 2. in process: crashes
 
 
 @pytest.fixture(scope="module")
@@ -485,7 +488,7 @@ def test_a_ctrl_c_during_a_step_is_taken_when_the_step_ends(task, reference, tmp
     result, and the same command resumes with the next batch to the uninterrupted result. A second Ctrl-C
     stops at once, before the update."""
     out = tmp_path / "run"
-    with caplog.at_level(logging.WARNING, logger="distill_lab.callbacks"), pytest.raises(SystemExit):
+    with caplog.at_level(logging.WARNING, logger="distill_lab.checkpoints"), pytest.raises(SystemExit):
         run_app(task, out, *callback_overrides("ctrl_c", CtrlCBeforeUpdate, step=10))
     assert "Ctrl-C: stopping when this training step ends (press Ctrl-C again to stop now)" in caplog.text
     state = torch.load(out / "checkpoints" / "interrupted.ckpt", map_location="cpu", weights_only=True)
@@ -528,7 +531,8 @@ def test_a_masked_lm_run_resumed_mid_epoch_masks_and_ends_as_the_uninterrupted_o
     assert_same_losses(train_losses(out, version=1), train_losses(reference), 10)
 
 
-KILLS_AFTER_A_DUE_CHECKPOINT = {  # (hook, step, overrides, last.ckpt left): a SIGKILL after the step of a checkpoint
+# (hook, step, overrides, last.ckpt left): a SIGKILL after the step of a checkpoint
+KILLS_AFTER_A_DUE_CHECKPOINT = {
     # due on epoch 0's last batch (step 8, checkpoints every 4 steps), killed during or after its validation
     "during-the-epochs-validation": ("on_validation_start", 8, ["checkpoint_every_n_steps=4"], 4),
     "after-the-epochs-validation": ("on_train_epoch_start", 8, ["checkpoint_every_n_steps=4"], 8),
@@ -589,7 +593,8 @@ CRASHES_DURING_VALIDATION = {  # (hook, step, overrides): interrupted.ckpt is wr
         4,
         ["checkpoint_every_n_steps=2", "trainer.val_check_interval=4"],
     ),
-    # half-way through epoch 0's validation, its first batch done (resumed as written, Lightning would skip it)
+    # half-way through epoch 0's validation, its first batch done
+    # (resumed as written, Lightning would skip it)
     "a-validation-batch": ("on_validation_batch_start", 8, ["checkpoint_every_n_steps=4"]),
 }
 
@@ -598,18 +603,18 @@ CRASHES_DURING_VALIDATION = {  # (hook, step, overrides): interrupted.ckpt is wr
 def test_an_exception_during_validation_resumes_by_running_that_validation_again(
     task, tmp_path, caplog, case
 ):
-    """An exception (Ctrl-C too) during a validation inside fit writes ``interrupted.ckpt`` at that step, which
-    resumes by running the whole validation again (``restart_validation``): as Lightning wrote it, the resumed
-    run skipped the validation's finished batches (or the whole validation), so its metrics were wrong or never
-    logged and the best checkpoint never saw it. Nothing trained before the exception is trained again, and
-    the run ends with the uninterrupted run's validation history, results and ``best.ckpt``."""
+    """An exception (Ctrl-C too) during a validation inside fit writes ``interrupted.ckpt`` at that step,
+    which resumes by running the whole validation again (``restart_validation``): as Lightning wrote it, the
+    resumed run skipped the validation's finished batches (or the whole validation), so its metrics were wrong
+    or never logged and the best checkpoint never saw it. Nothing trained before the exception is trained
+    again, and the run ends with the uninterrupted run's validation history, results and ``best.ckpt``."""
     hook, step, overrides = CRASHES_DURING_VALIDATION[case]
     reference = tmp_path / "reference"
     run_app(task, reference, *overrides)
     out = tmp_path / "run"
     crash = callback_overrides("crash", Crash, hook=hook, step=step)
     with (
-        caplog.at_level(logging.INFO, logger="distill_lab.callbacks"),
+        caplog.at_level(logging.INFO, logger="distill_lab.checkpoints"),
         pytest.raises(RuntimeError, match="test crash"),
     ):
         run_app(task, out, *overrides, *crash)
@@ -681,7 +686,8 @@ def test_a_run_resumed_under_another_learning_rate_trains_on_at_it(task, tmp_pat
 def test_ckpt_path_null_starts_afresh_beside_an_interrupted_checkpoint(task, tmp_path, caplog):
     """ckpt_path=null in a directory holding an unfinished run trains from step 0 and moves that run's
     checkpoints to checkpoints.1: left beside the new run's, Lightning versioned those (last-v1.ckpt,
-    best-v1.ckpt) and a later ckpt_path=auto resumed the old run's. In a finished run's directory it is refused."""
+    best-v1.ckpt) and a later ckpt_path=auto resumed the old run's. In a finished run's directory it
+    is refused."""
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="test crash"):
         run_app(task, out, *callback_overrides("crash", Crash, hook="on_train_batch_start", step=2))
@@ -716,7 +722,7 @@ def test_a_run_directory_in_use_by_a_live_process_is_refused_before_anything_tra
     assert (out / "results.json").is_file()
 
 
-# ---------------------------------------------------------------------------------------------- 3. non-finite stops
+# ---------------------------------------------------------------------- 3. non-finite stops
 
 
 @pytest.mark.parametrize(
@@ -767,7 +773,7 @@ def test_non_finite_weights_are_named_when_the_next_loss_breaks(task, tmp_path):
     assert all_finite(out / "checkpoints" / "last.ckpt")
 
 
-# ---------------------------------------------------------------------------------------------- 4. the pieces
+# ---------------------------------------------------------------------- 4. the pieces
 
 
 def test_checkpoint_interval_is_one_top_level_option(tmp_path):
@@ -952,7 +958,9 @@ def test_auto_resumes_no_run_whose_process_is_alive(tmp_path, monkeypatch, caplo
 
     # a third copy started in the same second as the second gets the same directory, which is refused
     third = subprocess.run(
-        [sys.executable, "-c", "import sys; from distill_lab.resume import resolve_ckpt_path; resolve_ckpt_path(None, sys.argv[1])", str(second)],
+        [sys.executable, "-c",
+         "import sys; from distill_lab.resume import resolve_ckpt_path; resolve_ckpt_path(None, sys.argv[1])",
+         str(second)],
         capture_output=True, text=True,
     )  # fmt: skip
     assert (
@@ -961,9 +969,9 @@ def test_auto_resumes_no_run_whose_process_is_alive(tmp_path, monkeypatch, caplo
     )
 
     # a DDP rank other than 0 in a locked directory is one of its run's processes
-    monkeypatch.setattr("distill_lab.resume.rank_zero_only.rank", 1)
+    monkeypatch.setattr("distill_lab.resume.handover.rank_zero_only.rank", 1)
     assert resolve_ckpt_path(None, first) == (None, first)
-    monkeypatch.setattr("distill_lab.resume.rank_zero_only.rank", 0)
+    monkeypatch.setattr("distill_lab.resume.handover.rank_zero_only.rank", 0)
     with pytest.raises(RunDirectoryLocked, match=f"process {holder.process.pid} is running there"):
         resolve_ckpt_path("auto", first)
 
@@ -975,7 +983,8 @@ def test_a_process_that_torchrun_or_srun_started_beside_rank_zero_resumes_its_di
     tmp_path, monkeypatch
 ):
     """Under torchrun or srun no rank hands its choice to another: a rank above 0 resolves ``auto`` as rank 0
-    does in the named directory such a run has (its newest checkpoint; none: afresh; a finished run: an error)."""
+    does in the named directory such a run has (its newest checkpoint; none: afresh; a finished run:
+    an error)."""
     from distill_lab import resume
 
     for variable in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_NAME", resume.RANK_HANDOVER):
@@ -992,7 +1001,7 @@ def test_a_process_that_torchrun_or_srun_started_beside_rank_zero_resumes_its_di
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
     assert resume.started_by_a_launcher()
 
-    monkeypatch.setattr(resume.rank_zero_only, "rank", 1)
+    monkeypatch.setattr(resume.handover.rank_zero_only, "rank", 1)
     run = _fake_run(
         tmp_path, "run", ["loss=kl"], {"checkpoints/last.ckpt": 1, "checkpoints/interrupted.ckpt": 2}
     )

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from distill_lab import _compat
 from distill_lab.resume import ResumableDistributedSampler, ResumableRandomSampler, training_position
 
 log = logging.getLogger(__name__)
@@ -531,9 +532,7 @@ class TrainValidationData(lightning.LightningDataModule):
         (a distributed strategy, ``use_distributed_sampler`` on); None in one process or outside a trainer.
         Validation keeps Lightning's sampler: in dataset order, each process a share."""
         trainer = self.trainer
-        if trainer is None or not trainer._accelerator_connector.use_distributed_sampler:
-            return None
-        if not trainer._accelerator_connector.is_distributed:
+        if trainer is None or not _compat.uses_distributed_sampler(trainer):
             return None
         return dict(trainer.distributed_sampler_kwargs)
 

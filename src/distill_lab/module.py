@@ -22,10 +22,11 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torchmetrics import Metric
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
+from distill_lab import _compat
 from distill_lab.capture import AttentionCapture, QueryKey
+from distill_lab.guards import describe_names, non_finite_parameters
 from distill_lab.losses import distillation_objective
 from distill_lab.matching import AttentionDistillationLoss, gradient_head_importance, pair_name
-from distill_lab.resume import describe_names, non_finite_parameters
 from distill_lab.tasks import SequenceClassification
 
 log = logging.getLogger(__name__)
@@ -201,10 +202,10 @@ class DistillationModule(L.LightningModule):
         """``self.<method>(*args)`` where the parameters are whole. FSDP gathers its shards only inside the
         wrapped module's forward, so under FSDP the call goes through it, as Lightning's own steps do, and every
         process must make it; otherwise it is a plain call."""
-        trainer = self._trainer
+        trainer = _compat.attached_trainer(self)
         wrapper = trainer.strategy.model if trainer is not None else None
         if isinstance(wrapper, FullyShardedDataParallel):
-            return trainer.strategy._forward_redirection(wrapper, self, method, *args)
+            return _compat.forward_redirection(trainer.strategy, wrapper, self, method, *args)
         return getattr(self, method)(*args)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
