@@ -825,17 +825,24 @@ def test_a_student_saved_with_another_number_of_labels_gets_a_fresh_head(task, s
     [
         ({"attention_weight": 1.5}, "attention_weight must be in [0, 1], got 1.5"),
         ({"alpha": -0.1}, "alpha must be in [0, 1], got -0.1"),
-        ({"temperature": 0.0}, "temperature must be above 0, got 0.0"),
+        ({"temperature": 0.0}, "temperature must be positive, got 0.0"),
     ],
 )
 def test_the_module_refuses_objective_settings_out_of_range(tmp_path, option, message):
-    """Used without train.py, the module checks the objective's settings when it is built, not at the first step."""
+    """Used without train.py, the module leaves the objective's settings to the functional losses, which
+    refuse a value out of range at the first step (train.py checks them in the config, before anything loads:
+    see test_configuration_errors_fail_before_training)."""
+    from conftest import make_tiny_inputs
+
     from distill_lab.module import DistillationModule
 
-    model = make_tiny_model("bert", tmp_path / "model")
+    teacher = make_tiny_model("bert", tmp_path / "teacher")
+    student = make_tiny_model("bert", tmp_path / "student", seed=1)
     attention_loss = AttentionDistillationLoss("kl", "layerwise", [(0, 0)])
+    module = DistillationModule(teacher, student, attention_loss, torch.optim.SGD, **option)
+    batch = {**make_tiny_inputs("bert", teacher.config), "labels": torch.tensor([0, 1])}
     with pytest.raises(ValueError) as info:
-        DistillationModule(model, model, attention_loss, torch.optim.SGD, **option)
+        module(batch)
     assert str(info.value) == message
 
 

@@ -23,11 +23,10 @@ from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus  # noqa: E
 from torch import Tensor  # noqa: E402
 
 from distill_lab.capture import QueryKey  # noqa: E402
+from distill_lab.guards import describe_names, non_finite_parameters  # noqa: E402
 from distill_lab.matching import pair_name  # noqa: E402
 from distill_lab.resume import (  # noqa: E402
     accumulation_window_start,
-    describe_names,
-    non_finite_parameters,
     restart_validation,
     rewind_to_batch,
     rng_state,
