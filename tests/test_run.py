@@ -1142,7 +1142,7 @@ def test_a_run_that_trains_nothing_says_so(task, tmp_path, caplog, capsys):
     that the student was not trained. A run that trains records its optimizer steps."""
     import logging
 
-    with caplog.at_level(logging.WARNING, logger="distill_lab.run"):
+    with caplog.at_level(logging.WARNING, logger="distill_lab.checks"):
         run_app(task, tmp_path / "baseline", "trainer.max_epochs=0")
     assert "trainer.max_epochs=0: nothing is trained; the results are the student's as built" in caplog.text
     assert json.loads((tmp_path / "baseline" / "results.json").read_text())["trained_steps"] == 0

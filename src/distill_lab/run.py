@@ -21,7 +21,6 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import get_object
 from hydra.utils import instantiate as _hydra_instantiate
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
@@ -30,13 +29,12 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from distill_lab import checks
 from distill_lab.capture import num_attention_heads
-from distill_lab.data import check_sizes
 from distill_lab.matching import AttentionDistillationLoss, layer_map
-from distill_lab.models import check_student, count_parameters, load_preprocessor, position_limit
+from distill_lab.models import check_student, count_parameters, load_preprocessor
 from distill_lab.module import DistillationModule
-from distill_lab.resume import NAMED_DIR_OVERRIDES, finished_run, resolve_ckpt_path, started_by_a_launcher
-from distill_lab.tasks import TASKS
+from distill_lab.resume import NAMED_DIR_OVERRIDES, finished_run, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 # the frozen teacher is in eval mode on purpose (no dropout, no gradients): Lightning's warning about modules in
@@ -162,13 +160,7 @@ def _build_module(cfg: DictConfig, task, teacher, data) -> DistillationModule:
     mode; head counts checked now) and the Lightning module that holds them."""
     student = instantiate(cfg.student, teacher=teacher)
     check_student(student, teacher, getattr(data, "tokenizer", None), cfg.student.get("name_or_path"))
-    if (size := task.num_classes(student.config)) != (wanted := task.num_classes(teacher.config)):
-        # the output loss compares the two distributions entry by entry: a vocabulary of another size
-        raise ValueError(
-            f"the student's output has {size} entries but the teacher's {wanted} (task={task.name}: "
-            f"{'the vocabulary' if task.inputs == 'text' and not task.name.endswith('classification') else 'the labels'}"
-            "): the student must use the teacher's tokenizer and vocabulary"
-        )
+    checks.check_outputs(task, teacher, student)
     pairs = layer_map(
         teacher.config.num_hidden_layers,
         student.config.num_hidden_layers,
@@ -185,10 +177,6 @@ def _build_module(cfg: DictConfig, task, teacher, data) -> DistillationModule:
         fused=cfg.fused_kernel,
     )
     attention_loss.check(num_attention_heads(teacher), num_attention_heads(student))
-    if getattr(attention_loss.loss, "on_scores", False) and cfg.capture != "qk":
-        raise ValueError(
-            f"loss=mse_scores compares pre-softmax scores and needs capture=qk, not capture={cfg.capture}"
-        )
     return DistillationModule(
         teacher,
         student,
@@ -205,115 +193,12 @@ def _build_module(cfg: DictConfig, task, teacher, data) -> DistillationModule:
     )
 
 
-def _check_optimized_metric(cfg: DictConfig, task) -> None:
-    """``optimized_metric`` (what the best checkpoint follows, what ``train.py`` returns to a sweeper) must be
-    one of the student's validation metrics, and ``optimized_mode`` the direction in which it improves. Their
-    names and directions do not depend on the number of classes, so this needs no teacher."""
-    metrics = task.metrics("val/", 2)
-    better = {name: metric.higher_is_better for name, metric in metrics.items(keep_base=False)}
-    if cfg.optimized_metric not in better:
-        raise ValueError(
-            f"optimized_metric={cfg.optimized_metric} is not a validation metric of task={task.name}: choose one "
-            f"of {', '.join(better)}"
-        )
-    mode = "max" if better[cfg.optimized_metric] else "min"
-    if cfg.optimized_mode != mode:
-        raise ValueError(
-            f"optimized_mode={cfg.optimized_mode}, but {cfg.optimized_metric} is better when "
-            f"{'higher' if mode == 'max' else 'lower'}: set optimized_mode={mode}"
-        )
-
-
-def _check_settings(cfg: DictConfig, task) -> None:
-    """What the config alone can tell is wrong, checked before a teacher is loaded, downloaded or trained: the
-    objective's weights and temperature, the data option's kind against the task, and the data sizes."""
-    ranges = {
-        "attention_weight": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-        "alpha": (lambda v: 0 <= v <= 1, "in [0, 1] (the cross-entropy's share of the output loss)"),
-        "temperature": (lambda v: v > 0, "above 0 (1 leaves the logits as they are; 2 to 4 is usual)"),
-        "warmup_ratio": (
-            lambda v: 0 <= v < 1,
-            "in [0, 1) (the share of the optimizer steps spent warming up)",
-        ),
-    }
-    if "temperature" in cfg.loss:  # the attention KL's own, beside the output loss's
-        ranges["loss.temperature"] = (
-            lambda v: v > 0,
-            "above 0 (the attention KL's; temperature= is the output loss's)",
-        )
-    for key, (valid, rule) in ranges.items():
-        value = OmegaConf.select(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not valid(value):
-            raise ValueError(f"{key}={value} must be {rule}")
-    data_class = get_object(cfg.data._target_)
-    kinds = tuple({get_object(t.data_module) for t in TASKS.values()})  # your own module is yours to pair
-    if (
-        isinstance(data_class, type)
-        and issubclass(data_class, kinds)
-        and not issubclass(data_class, get_object(task.data_module))
-    ):
-        raise ValueError(
-            f"task={task.name} takes data={' | '.join(task.data_configs)}, but the data config builds "
-            f"{data_class.__name__}: choose a data option of the task"
-        )
-    task.check_data_config(cfg.data)
-    check_sizes(cfg.data)
-    _check_trainer_limits(cfg.trainer)
-    for key in ("max_epochs", "max_steps", "limit_train_batches"):
-        if (value := cfg.trainer.get(key)) is not None and not isinstance(value, bool) and value == 0:
-            log.warning(
-                "trainer.%s=%s: nothing is trained; the results are the student's as built (a baseline before "
-                "distillation), and results.json records \"trained_steps\": 0", key, value,
-            )  # fmt: skip
-
-
-def _check_trainer_limits(trainer: DictConfig) -> None:
-    """Trainer settings the run cannot end well with, refused before anything loads: no validation (it picks
-    the best checkpoint and measures the results, so the run would train, then fail at its end) and no end of
-    training (the learning-rate schedule decays over a finite number of steps)."""
-    limit = trainer.get("limit_val_batches")
-    if limit is not None and not isinstance(limit, bool) and limit == 0:
-        raise ValueError(
-            f"trainer.limit_val_batches={limit} turns validation off, but validation picks the best checkpoint and "
-            "measures the results the run reports: keep some (e.g. trainer.limit_val_batches=0.1 for a tenth of "
-            "the validation set, or data.max_eval_samples=200)"
-        )
-    if trainer.get("max_steps", -1) == -1 and trainer.get("max_epochs") == -1:
-        raise ValueError(
-            f"trainer.max_epochs={trainer.get('max_epochs')} with trainer.max_steps={trainer.get('max_steps', -1)} "
-            "never ends training, and the learning rate decays linearly to 0 over the run's steps: set "
-            "trainer.max_epochs or trainer.max_steps"
-        )
-
-
-def _check_positions(model, role: str, max_length: int | None) -> None:
-    """``data.max_length`` tokens must fit a model with a table of absolute positions (BERT's 512)."""
-    limit = position_limit(model)
-    if max_length is not None and limit is not None and max_length > limit:
-        raise ValueError(
-            f"data.max_length={max_length}, but the {role} ({type(model).__name__}) has position embeddings for "
-            f"{limit} tokens: set data.max_length={limit} or less"
-        )
-
-
 def _named_directory() -> bool | None:
     """Whether this run's directory was named on the command line (``hydra.run.dir=``, ``hydra.sweep.dir=``),
     from the live Hydra config; None outside ``@hydra.main`` (``train(cfg)`` called directly)."""
     if not HydraConfig.initialized():
         return None
     return any(str(o).startswith(NAMED_DIR_OVERRIDES) for o in HydraConfig.get().overrides.hydra)
-
-
-def _check_launched_directory(named: bool | None) -> None:
-    """Processes that torchrun or srun start each compose their own config: Hydra's directory of the clock
-    (``outputs/DATE/TIME``) can differ between them by a second, and then they would neither write to one run
-    directory nor resume the same checkpoint. Such a run must name its directory."""
-    if started_by_a_launcher() and named is False:
-        raise ValueError(
-            "this process is one of several that torchrun or srun started, and each composes its own run directory "
-            "from the clock (outputs/DATE/TIME), which can differ between them: give them one, e.g. "
-            "hydra.run.dir=outputs/my_run (under SLURM: hydra.run.dir=outputs/$SLURM_JOB_ID)"
-        )
 
 
 def _in_multirun() -> bool:
@@ -346,10 +231,10 @@ def train(cfg: DictConfig) -> dict:
     ``student/`` (``save_pretrained`` model and tokenizer) and ``attention_maps/``. With ``ckpt_path=auto``
     a rerun of an interrupted command resumes it in its own directory (``distill_lab.resume``).
     """
-    named = (
-        _named_directory()
-    )  # known from Hydra, not read back from the .hydra/ files that every rank writes
-    _check_launched_directory(named)
+    # whether the directory was named: from Hydra, not read back from the .hydra/ files every rank writes
+    named = _named_directory()
+    task = instantiate(cfg.task)
+    checks.check_config(cfg, task, named)
     config, own_dir = OmegaConf.to_container(cfg, resolve=True), Path(cfg.paths.output_dir)
     if (
         cfg.get("ckpt_path") == "auto"
@@ -366,12 +251,9 @@ def train(cfg: DictConfig) -> dict:
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
 
-    # the task, models and data: loading errors surface here, before anything trains
-    task = instantiate(cfg.task)
-    _check_optimized_metric(cfg, task)  # before the teacher, which may be trained or downloaded first
-    _check_settings(cfg, task)
+    # the models and data: loading errors surface here, before anything trains
     teacher = instantiate(cfg.teacher)
-    _check_positions(teacher, "teacher", cfg.data.get("max_length"))
+    checks.check_positions(teacher, "teacher", cfg.data.get("max_length"))
     preprocessor = load_preprocessor(
         cfg.teacher.name_or_path,
         task.name,
@@ -391,7 +273,7 @@ def train(cfg: DictConfig) -> dict:
     module = _build_module(cfg, task, teacher, data)
     student, attention_loss = module.student, module.attention_loss
     pairs = attention_loss.layer_map
-    _check_positions(student, "student", cfg.data.get("max_length"))
+    checks.check_positions(student, "student", cfg.data.get("max_length"))
 
     parameters = {  # counted now: a sharded strategy leaves each process a part of every tensor
         "teacher": count_parameters(teacher),
@@ -402,28 +284,8 @@ def train(cfg: DictConfig) -> dict:
     resumed_here = ckpt_path is not None and Path(ckpt_path).resolve().is_relative_to(output_dir.resolve())
     logger = _build_logger(cfg.get("logger"), output_dir if resumed_here else None)
     trainer = instantiate(cfg.trainer, callbacks=_build_callbacks(cfg.get("callbacks")), logger=logger)
-    if (
-        isinstance(trainer.strategy, FSDPStrategy)
-        and cfg.matching.get("importance") == "gradient"
-        and not getattr(attention_loss.matching, "calibrated", True)
-    ):
-        raise ValueError(
-            "matching.importance=gradient needs the teacher's gradients outside a training step, which a teacher "
-            "sharded by trainer=fsdp cannot give: use matching.importance=entropy, or fix the heads with "
-            "matching.heads=[...]"
-        )
-    if cfg.fused_kernel and (
-        problems := attention_loss.fused_problems(
-            trainer.strategy.root_device.type,
-            cfg.capture,
-            num_attention_heads(teacher),
-            num_attention_heads(student),
-        )
-    ):
-        raise ValueError(
-            f"fused_kernel=true, but the fused attention kernels cannot run here: {'; '.join(problems)}. "
-            "Use fused_kernel=null to take them wherever they apply, or fused_kernel=false."
-        )
+    device = trainer.strategy.root_device.type
+    checks.check_fused_kernel(cfg, attention_loss, device, teacher, student)
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
