@@ -516,12 +516,12 @@ def test_each_validation_of_an_epoch_keeps_its_attention_map(task, tmp_path):
 def test_steps_after_the_last_validation_are_named_as_left_out_of_the_export(task, tmp_path, caplog):
     """max_steps=6 with a validation at the end of each 4-batch epoch: steps 5 and 6 are never validated, so
     the export (the best validated checkpoint) leaves them out, and the run says so."""
-    with caplog.at_level(logging.WARNING, logger="distill_lab.run"):
+    with caplog.at_level(logging.WARNING, logger="distill_lab.export"):
         run_app(task, tmp_path, "trainer.max_epochs=2", "trainer.max_steps=6")
     assert "the last 2 optimizer steps (after the validation at step 4) were never validated" in caplog.text
     assert json.loads((tmp_path / "results.json").read_text())["trained_steps"] == 6
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="distill_lab.run"):
+    with caplog.at_level(logging.WARNING, logger="distill_lab.export"):
         run_app(task, tmp_path / "whole", "trainer.max_epochs=2", "trainer.max_steps=8")
     assert "never validated" not in caplog.text
 
@@ -1094,7 +1094,7 @@ def test_resumed_run_continues_its_wandb_run(task, tmp_path, monkeypatch, caplog
     out = tmp_path / "run"
     run_app(task, out, "logger=wandb", "trainer.max_epochs=1")
     (out / "results.json").unlink()  # as an interrupted run leaves it: checkpoints, no results
-    with caplog.at_level(logging.INFO, logger="distill_lab.run"):
+    with caplog.at_level(logging.INFO, logger="distill_lab.export"):
         run_app(task, out, "logger=wandb", "trainer.max_epochs=2")  # the same command: resumes here
     runs = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({name.rsplit("-", 1)[1] for name in runs}) == 1, runs
@@ -1170,7 +1170,7 @@ def test_the_best_checkpoints_evaluation_is_logged_under_best_not_as_another_val
 def test_throughput_is_measured_with_the_models_taking_turns():
     """Teacher and student are timed pass by pass in turn (best of the passes), not one after the other, so a
     change of the machine's load slows both alike; each model is in eval mode and warmed up first."""
-    from distill_lab.run import measure_throughput
+    from distill_lab.export import measure_throughput
 
     calls = []
 

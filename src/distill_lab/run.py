@@ -7,32 +7,26 @@ loaded) is checked here before the first training step.
 
 from __future__ import annotations
 
-import json
 import logging
 import netrc
 import os
-import time
 import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate as _hydra_instantiate
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
-from rich.table import Table
 
-from distill_lab import checks
+from distill_lab import checks, export
 from distill_lab.capture import num_attention_heads
 from distill_lab.matching import AttentionDistillationLoss, layer_map
-from distill_lab.models import check_student, count_parameters, load_preprocessor
+from distill_lab.models import check_student, load_preprocessor
 from distill_lab.module import DistillationModule
 from distill_lab.resume import NAMED_DIR_OVERRIDES, finished_run, resolve_ckpt_path
 
@@ -94,67 +88,6 @@ def _build_callbacks(cfg: DictConfig | None) -> list:
     return [instantiate(c) for c in (cfg or {}).values() if c]
 
 
-@torch.no_grad()
-def measure_throughput(models: dict, batches, repeats: int = 5) -> dict[str, float]:
-    """Examples per second of each model's forward over ``batches``, by name: the best of ``repeats`` passes,
-    the models taking turns pass by pass, so that a machine whose load changes meanwhile slows each alike."""
-    best = dict.fromkeys(models, float("inf"))
-    inputs = {}
-    devices = {name: next(model.parameters()).device for name, model in models.items()}
-    for name, model in models.items():
-        model.eval()
-        inputs[name] = [{k: v.to(devices[name]) for k, v in b.items() if k != "labels"} for b in batches]
-        model(**inputs[name][0])  # warm-up
-    for _ in range(repeats):
-        for name, model in models.items():
-            if devices[name].type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for batch in inputs[name]:
-                model(**batch)
-            if devices[name].type == "cuda":
-                torch.cuda.synchronize()
-            best[name] = min(best[name], time.perf_counter() - start)
-    examples = sum(next(iter(b.values())).shape[0] for b in batches)
-    return {name: examples / seconds for name, seconds in best.items()}
-
-
-def _whole_student(trainer: L.Trainer, sharded_student: torch.nn.Module) -> torch.nn.Module:
-    """A copy of the FSDP-sharded student, whole, on rank 0's CPU (the shard elsewhere). Every process must call
-    this: gathering the full state dict is a collective."""
-    state = trainer.strategy.lightning_module_state_dict()  # whole tensors on rank 0, empty on the others
-    if not trainer.is_global_zero:
-        return sharded_student
-    prefix = "student."
-    student = type(sharded_student)(sharded_student.config)
-    student.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
-    if getattr(sharded_student, "generation_config", None) is not None:
-        student.generation_config = sharded_student.generation_config
-    return student.eval()
-
-
-def _print_summary(results: dict) -> None:
-    table = Table(title="distillation result")
-    table.add_column("")
-    table.add_column("teacher", justify="right")
-    table.add_column("student", justify="right")
-    for name in results["student"]:
-        table.add_row(
-            name, f"{results['teacher'].get(name, float('nan')):.4f}", f"{results['student'][name]:.4f}"
-        )
-    p, s = results["parameters"], results["inference"]
-    table.add_row("parameters", f"{p['teacher']:,}", f"{p['student']:,}")
-    table.add_row("compression", "", f"{p['compression']:.2f}x")
-    if s is not None:  # not measured under FSDP
-        table.add_row(
-            "examples/s", f"{s['teacher_examples_per_s']:,.0f}", f"{s['student_examples_per_s']:,.0f}"
-        )
-        table.add_row("inference speed-up", "", f"{s['speedup']:.2f}x")
-    if not results["trained_steps"]:
-        table.caption = "the student was not trained (0 steps): its scores as built"
-    Console().print(table)
-
-
 def _build_module(cfg: DictConfig, task, teacher, data) -> DistillationModule:
     """The student (derived from ``teacher`` or loaded), the attention objective (layer pairs, loss, matching
     mode; head counts checked now) and the Lightning module that holds them."""
@@ -206,24 +139,6 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _returned_metrics(results: dict) -> dict:
-    """What ``train`` returns (to a sweeper): the student's final validation metrics and the teacher's."""
-    metrics = {f"val/{k}": v for k, v in results["student"].items()}
-    metrics.update({f"val/teacher_{k}": v for k, v in results["teacher"].items()})
-    return metrics
-
-
-def _reuse_results(done: Path) -> dict:
-    """A sweep job that already finished (in ``done``, under the same overrides and configuration) is not
-    trained again: its results are returned (to the sweeper) as they are, and stay where they are, as a resumed
-    job's results land in its first directory."""
-    log.info(
-        "ckpt_path=auto: this job finished in %s under the same overrides and configuration; its results are "
-        "reused, nothing is trained (ckpt_path=null trains it again)", done,
-    )  # fmt: skip
-    return _returned_metrics(json.loads((done / "results.json").read_text()))
-
-
 def train(cfg: DictConfig) -> dict:
     """Distil the configured teacher into the student; returns the final validation metrics (``val/acc``...).
 
@@ -241,9 +156,7 @@ def train(cfg: DictConfig) -> dict:
         and _in_multirun()
         and (done := finished_run(own_dir, config, named)) is not None
     ):
-        return _reuse_results(
-            done
-        )  # a rerun of an interrupted sweep: its finished jobs are not trained again
+        return export.reuse_results(done)  # a rerun of a sweep: its finished jobs are not trained again
     ckpt_path, output_dir = resolve_ckpt_path(cfg.get("ckpt_path"), own_dir, config, named)
     cfg.paths.output_dir = str(output_dir)  # the previous run's directory when resuming it
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -272,14 +185,9 @@ def train(cfg: DictConfig) -> dict:
         raise ValueError(f"teacher.name_or_path={cfg.teacher.name_or_path!r}: {err}") from None
     module = _build_module(cfg, task, teacher, data)
     student, attention_loss = module.student, module.attention_loss
-    pairs = attention_loss.layer_map
     checks.check_positions(student, "student", cfg.data.get("max_length"))
 
-    parameters = {  # counted now: a sharded strategy leaves each process a part of every tensor
-        "teacher": count_parameters(teacher),
-        "student": count_parameters(student),
-        "compression": count_parameters(teacher) / count_parameters(student),
-    }
+    parameters = export.parameter_counts(teacher, student)
 
     resumed_here = ckpt_path is not None and Path(ckpt_path).resolve().is_relative_to(output_dir.resolve())
     logger = _build_logger(cfg.get("logger"), output_dir if resumed_here else None)
@@ -290,104 +198,14 @@ def train(cfg: DictConfig) -> dict:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
 
-    # final evaluation of the best checkpoint, the export, and the run's record
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if best and module.validated_step is not None and trainer.global_step > module.validated_step:
-        log.warning(
-            "the last %d optimizer steps (after the validation at step %d) were never validated: student/ and "
-            "results.json are the best validated checkpoint's, without them. To have the final weights validated, "
-            "make trainer.max_steps a multiple of trainer.val_check_interval (or of the batches of an epoch).",
-            trainer.global_step - module.validated_step, module.validated_step,
-        )  # fmt: skip
-    sharded = isinstance(trainer.strategy, FSDPStrategy)
-    if sharded:
+    # the best checkpoint's evaluation, the export and the run's record
+    best = export.best_checkpoint(trainer, module, output_dir)
+    if isinstance(trainer.strategy, FSDPStrategy):
         # Lightning wraps a module in FSDP once: the wrapper of its root (embeddings and heads, outside the
         # per-block units) does not outlive fit, so the evaluation gets a fresh module, wrapped anew, that
         # takes its weights from the checkpoint
-        if not best:  # no checkpoint callback: keep the trained weights in one (every process takes part)
-            best = str(output_dir / "checkpoints" / "final.ckpt")
-            trainer.save_checkpoint(best)
         module = _build_module(cfg, task, instantiate(cfg.teacher), data)
-        student, attention_loss = module.student, module.attention_loss
-    # the best checkpoint's evaluation is no point of the validation curve (it would show an epoch that never ran,
-    # with an earlier epoch's numbers): the loggers get its values under best/ instead
-    loggers, trainer.loggers = trainer.loggers, []
-    try:
-        final = trainer.validate(module, datamodule=data, ckpt_path=best or None, verbose=False)[0]
-    finally:
-        trainer.loggers = loggers
-    for each in loggers:
-        each.log_metrics(
-            {f"best/{k.removeprefix('val/')}": v for k, v in final.items()}, step=trainer.global_step
-        )
-        each.save()
-    metric_names = [k.removeprefix("val/") for k in module.val_metrics.keys(keep_base=False)]
-    # both models back on their own attention: the export must not name the capture's implementation, and the
-    # throughput below must not time the teacher with its capture (eager maps or recorded queries) attached
-    module.student_capture.detach()
-    module.teacher_capture.detach()
-    if sharded:  # every process holds a shard: gather the whole student (all take part) for rank 0 to save
-        student = _whole_student(trainer, student)
-    if not trainer.is_global_zero:  # rank 0 alone exports the student, times the models, writes results.json
-        metrics = {k: v for k, v in final.items() if k.removeprefix("val/") in metric_names}
-        return metrics | module.teacher_scores
-    student_dir = output_dir / "student"
-    student.save_pretrained(student_dir)
-    preprocessor.save_pretrained(student_dir)
-
-    if sharded:  # the teacher exists only as shards across the processes: nothing to time on one device
-        log.info(
-            "inference speed not measured under FSDP: the teacher is sharded; the student is in %s",
-            student_dir,
-        )
-        inference = None
-    else:
-        batches = [
-            data.example_batch("validation", cfg.data.get("eval_batch_size") or cfg.data.batch_size)
-        ] * 4
-        speeds = measure_throughput({"teacher": teacher, "student": student}, batches)
-        teacher_speed, student_speed = speeds["teacher"], speeds["student"]
-        inference = {
-            "teacher_examples_per_s": teacher_speed,
-            "student_examples_per_s": student_speed,
-            "speedup": student_speed / teacher_speed,
-        }
-    results = {
-        "task": task.name,
-        "optimized_metric": cfg.optimized_metric.removeprefix("val/"),  # what summarize ranks the runs by
-        "student": {
-            k.removeprefix("val/"): v for k, v in final.items() if k.removeprefix("val/") in metric_names
-        },
-        "teacher": {k.removeprefix("val/teacher_"): v for k, v in module.teacher_scores.items()},
-        "parameters": parameters,
-        "inference": inference,
-        "attention_loss": {
-            k.removeprefix("val/attention/"): v for k, v in final.items() if k.startswith("val/attention/")
-        },
-        "layer_map": [list(p) for p in pairs],
-        "selected_heads": getattr(attention_loss.matching, "selected", None) or None,
-        "best_checkpoint": best or None,
-        "student_dir": str(student_dir),
-        "trained_steps": trainer.global_step,  # optimizer steps; 0: the student as built, untrained
-    }
-    # how far the student is behind, positive when worse: teacher - student for accuracy, the reverse for perplexity
-    results["higher_is_better"] = {
-        name.removeprefix("val/"): bool(metric.higher_is_better)
-        for name, metric in module.val_metrics.items(keep_base=False)
-    }
-    results["gap"] = {
-        k: (results["teacher"][k] - v) * (1 if results["higher_is_better"].get(k, True) else -1)
-        for k, v in results["student"].items()
-        if k in results["teacher"]
-    }
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-    _print_summary(results)
-    if logger and getattr(logger, "_offline", False):
-        # a resumed run continues its wandb run in a folder of its own: the history is split over all of them
-        folder = Path(logger.experiment.dir).parent
-        parts = sorted(folder.parent.glob(f"offline-run-*-{logger.experiment.id}")) or [folder]
-        log.info("wandb ran offline; upload the run with: wandb sync %s", " ".join(str(p) for p in parts))
-    if isinstance(logger, WandbLogger):
-        # Lightning leaves the wandb run open; the next job of a multirun in this process would log into it
-        logger.experiment.finish()
-    return _returned_metrics(results)
+    return export.evaluate_and_export(
+        trainer, module, data, best, preprocessor=preprocessor, parameters=parameters,
+        optimized_metric=cfg.optimized_metric, output_dir=output_dir,
+    )  # fmt: skip
