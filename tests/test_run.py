@@ -328,6 +328,24 @@ def test_every_config_option_composes_and_instantiates(
         assert type(student) is type(teacher) and student.config.num_labels == 2
         expected_layers = node.num_layers if option == "from_teacher" else teacher.config.num_hidden_layers
         assert student.config.num_hidden_layers == expected_layers
+    elif group == "module":  # built with what exists only at run time, as run.build_module passes it
+        teacher = AutoModelForSequenceClassification.from_pretrained(task["teacher"])
+        student = AutoModelForSequenceClassification.from_pretrained(task["teacher"])
+        module = instantiate(
+            node, teacher=teacher, student=student, task=instantiate(cfg.task),
+            attention_loss={"layer_map": [(1, 0), (3, 1)]}, calibration_batch={"input_ids": torch.ones(2, 3)},
+        )  # fmt: skip
+        module.teacher_capture.detach(), module.student_capture.detach()
+        assert type(module) is get_class(node._target_) and module.teacher is teacher
+        assert module.attention_loss.layer_map == [(1, 0), (3, 1)]
+        assert module.attention_loss.block_size == cfg.attention_block_size
+        assert module.attention_loss.loss.name == cfg.loss.name
+        assert type(module.attention_loss.matching) is get_class(cfg.matching._target_)
+        optimizer = module.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
+        assert optimizer.defaults["lr"] == cfg.optimizer.lr
+        for key in ("attention_weight", "temperature", "alpha", "warmup_ratio", "capture"):
+            assert module.hparams[key] == cfg[key], key
+        assert torch.equal(module.calibration_batch["input_ids"], torch.ones(2, 3))
     elif group == "paths":  # compose_config replaced both paths; compose without it to see the option's own
         from hydra import compose, initialize_config_dir
 

@@ -25,9 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from distill_lab import checks, export
 from distill_lab.capture import num_attention_heads
-from distill_lab.matching import AttentionDistillationLoss, layer_map
+from distill_lab.matching import layer_map
 from distill_lab.models import check_student, load_preprocessor
-from distill_lab.module import DistillationModule
 from distill_lab.resume import NAMED_DIR_OVERRIDES, finished_run, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
@@ -88,12 +87,15 @@ def _build_callbacks(cfg: DictConfig | None) -> list:
     return [instantiate(c) for c in (cfg or {}).values() if c]
 
 
-def _build_module(cfg: DictConfig, task, teacher, data) -> DistillationModule:
-    """The student (derived from ``teacher`` or loaded), the attention objective (layer pairs, loss, matching
-    mode; head counts checked now) and the Lightning module that holds them."""
+def build_module(cfg: DictConfig, task, teacher, data) -> L.LightningModule:
+    """The student (derived from ``teacher`` or loaded) and the LightningModule of ``cfg.module`` that
+    distils ``teacher`` into it. What exists only at run time is passed to the node: the models, the task,
+    the layer pairs that ``layer_map=`` resolves to on them, and the calibration batch. The same call builds
+    the module of ``fit`` and the fresh one an FSDP evaluation needs."""
     student = instantiate(cfg.student, teacher=teacher)
     check_student(student, teacher, getattr(data, "tokenizer", None), cfg.student.get("name_or_path"))
     checks.check_outputs(task, teacher, student)
+    checks.check_positions(student, "student", cfg.data.get("max_length"))
     pairs = layer_map(
         teacher.config.num_hidden_layers,
         student.config.num_hidden_layers,
@@ -101,29 +103,16 @@ def _build_module(cfg: DictConfig, task, teacher, data) -> DistillationModule:
         teacher=teacher,
         student=student,
     )
-    attention_loss = AttentionDistillationLoss(
-        loss=instantiate(cfg.loss),
-        matching=instantiate(cfg.matching),
-        layer_map=pairs,
-        layer_weights=cfg.get("layer_weights"),
-        block_size=cfg.attention_block_size,
-        fused=cfg.fused_kernel,
-    )
-    attention_loss.check(num_attention_heads(teacher), num_attention_heads(student))
-    return DistillationModule(
-        teacher,
-        student,
-        attention_loss,
-        optimizer=instantiate(cfg.optimizer),
-        attention_weight=cfg.attention_weight,
-        temperature=cfg.temperature,
-        alpha=cfg.alpha,
-        warmup_ratio=cfg.warmup_ratio,
-        calibration_batch=data.example_batch("train", cfg.calibration_size),
-        head_importance=cfg.matching.get("importance"),
-        capture=cfg.capture,
+    module = instantiate(
+        cfg.module,
+        teacher=teacher,
+        student=student,
         task=task,
+        attention_loss={"layer_map": pairs},
+        calibration_batch=data.example_batch("train", cfg.calibration_size),
     )
+    module.attention_loss.check(num_attention_heads(teacher), num_attention_heads(student))
+    return module
 
 
 def _named_directory() -> bool | None:
@@ -183,9 +172,8 @@ def train(cfg: DictConfig) -> dict:
         task.check(teacher, data)
     except ValueError as err:
         raise ValueError(f"teacher.name_or_path={cfg.teacher.name_or_path!r}: {err}") from None
-    module = _build_module(cfg, task, teacher, data)
+    module = build_module(cfg, task, teacher, data)
     student, attention_loss = module.student, module.attention_loss
-    checks.check_positions(student, "student", cfg.data.get("max_length"))
 
     parameters = export.parameter_counts(teacher, student)
 
@@ -204,7 +192,7 @@ def train(cfg: DictConfig) -> dict:
         # Lightning wraps a module in FSDP once: the wrapper of its root (embeddings and heads, outside the
         # per-block units) does not outlive fit, so the evaluation gets a fresh module, wrapped anew, that
         # takes its weights from the checkpoint
-        module = _build_module(cfg, task, instantiate(cfg.teacher), data)
+        module = build_module(cfg, task, instantiate(cfg.teacher), data)
     return export.evaluate_and_export(
         trainer, module, data, best, preprocessor=preprocessor, parameters=parameters,
         optimized_metric=cfg.optimized_metric, output_dir=output_dir,
