@@ -1,8 +1,8 @@
-"""``train(cfg)``: builds every part from the Hydra config, distils, evaluates and writes the run's outputs.
+"""``train(cfg)``: check the config, build every part from it, distil, then evaluate and export.
 
-This is the only module that instantiates configs. Everything that can be wrong with a configuration (an
-unknown layer, head counts a matching mode cannot pair, a missing data column, a teacher that cannot be
-loaded) is checked here before the first training step.
+This is the only module that instantiates configs. ``distill_lab.checks`` refuses a wrong configuration
+before anything loads (and the few things that need the built models right after they are built);
+``distill_lab.export`` evaluates the best checkpoint and writes the run's outputs.
 """
 
 from __future__ import annotations
@@ -30,9 +30,49 @@ from distill_lab.models import check_student, load_preprocessor
 from distill_lab.resume import NAMED_DIR_OVERRIDES, finished_run, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
-# the frozen teacher is in eval mode on purpose (no dropout, no gradients): Lightning's warning about modules in
-# eval mode at the start of training says nothing about a distillation run
+# the frozen teacher is in eval mode on purpose (no dropout, no gradients): Lightning's warning about modules
+# in eval mode at the start of training says nothing about a distillation run
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+
+
+def train(cfg: DictConfig) -> dict:
+    """Distil the configured teacher into the student; returns the final validation metrics (``val/acc``...).
+
+    Writes to ``cfg.paths.output_dir``: ``config.yaml`` (resolved), ``results.json``, ``checkpoints/``,
+    ``student/`` (``save_pretrained`` model and tokenizer) and ``attention_maps/``. With ``ckpt_path=auto``
+    a rerun of an interrupted command resumes it in its own directory (``distill_lab.resume``).
+    """
+    # whether the directory was named: from Hydra, not read back from the .hydra/ files every rank writes
+    named = _named_directory()
+    task = instantiate(cfg.task)
+    checks.check_config(cfg, task, named)
+    if (done := _finished_job(cfg, named)) is not None:
+        return export.reuse_results(done)  # a rerun of a sweep: its finished jobs are not trained again
+    ckpt_path, output_dir = _run_directory(cfg, named)
+    L.seed_everything(cfg.seed, workers=True)
+
+    # the models and data: loading errors surface here, before anything trains
+    teacher, preprocessor, data = _load(cfg, task)
+    module = build_module(cfg, task, teacher, data)
+    parameters = export.parameter_counts(teacher, module.student)
+    trainer = _build_trainer(cfg, ckpt_path, output_dir)
+    device = trainer.strategy.root_device.type
+    checks.check_fused_kernel(cfg, module.attention_loss, device, teacher, module.student)
+    if trainer.logger:
+        trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+
+    # the best checkpoint's evaluation, the export and the run's record
+    best = export.best_checkpoint(trainer, module, output_dir)
+    if isinstance(trainer.strategy, FSDPStrategy):
+        # Lightning wraps a module in FSDP once: the wrapper of its root (embeddings and heads, outside the
+        # per-block units) does not outlive fit, so the evaluation gets a fresh module, wrapped anew, that
+        # takes its weights from the checkpoint
+        module = build_module(cfg, task, instantiate(cfg.teacher), data)
+    return export.evaluate_and_export(
+        trainer, module, data, best, preprocessor=preprocessor, parameters=parameters,
+        optimized_metric=cfg.optimized_metric, output_dir=output_dir,
+    )  # fmt: skip
 
 
 def instantiate(cfg, *args, **kwargs):
@@ -47,44 +87,66 @@ def instantiate(cfg, *args, **kwargs):
         raise
 
 
-def _wandb_run_id(run_dir: Path) -> str | None:
-    """The id of the newest wandb run written under ``run_dir/wandb`` (``[offline-]run-<time>-<id>``), if any."""
-    runs = [p.name for p in (Path(run_dir) / "wandb").glob("*run-*-*") if p.is_dir()]
-    return max(runs, key=lambda name: name.split("run-", 1)[1]).rsplit("-", 1)[1] if runs else None
+# ------------------------------------------------------------------------------------------ the run directory
 
 
-def wandb_logged_in() -> bool:
-    """Whether wandb has an API key without asking for one: ``WANDB_API_KEY``, or the key that ``wandb login``
-    saved in the netrc file (``NETRC``, else ``~/.netrc``) for the wandb host (``WANDB_BASE_URL``, else
-    api.wandb.ai), as wandb itself looks them up."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+def _named_directory() -> bool | None:
+    """Whether this run's directory was named on the command line (``hydra.run.dir=``, ``hydra.sweep.dir=``),
+    from the live Hydra config; None outside ``@hydra.main`` (``train(cfg)`` called directly)."""
+    if not HydraConfig.initialized():
+        return None
+    return any(str(o).startswith(NAMED_DIR_OVERRIDES) for o in HydraConfig.get().overrides.hydra)
+
+
+def _in_multirun() -> bool:
+    """Whether this is a job of a Hydra multirun (``train.py -m ...``)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _finished_job(cfg: DictConfig, named: bool | None) -> Path | None:
+    """The directory where this job of a rerun sweep already finished under the same configuration, if any
+    (``ckpt_path=auto`` in a multirun)."""
+    if cfg.get("ckpt_path") != "auto" or not _in_multirun():
+        return None
+    return finished_run(Path(cfg.paths.output_dir), OmegaConf.to_container(cfg, resolve=True), named)
+
+
+def _run_directory(cfg: DictConfig, named: bool | None) -> tuple[str | None, Path]:
+    """The checkpoint to resume (``ckpt_path``) and the directory the run writes to: the previous run's when
+    resuming it, which becomes ``cfg.paths.output_dir``. Rank 0 writes the resolved ``config.yaml`` there."""
+    config, own_dir = OmegaConf.to_container(cfg, resolve=True), Path(cfg.paths.output_dir)
+    ckpt_path, output_dir = resolve_ckpt_path(cfg.get("ckpt_path"), own_dir, config, named)
+    cfg.paths.output_dir = str(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if rank_zero_only.rank == 0:  # every process of a distributed run runs train(); one writes the files
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return ckpt_path, output_dir
+
+
+# ------------------------------------------------------------------------------------------ building
+
+
+def _load(cfg: DictConfig, task):
+    """The teacher, its preprocessor (the tokenizer, or the image processor) and the data, set up for fit."""
+    teacher = instantiate(cfg.teacher)
+    checks.check_positions(teacher, "teacher", cfg.data.get("max_length"))
+    preprocessor = load_preprocessor(
+        cfg.teacher.name_or_path,
+        task.name,
+        trust_remote_code=cfg.teacher.get("trust_remote_code", False),
+        revision=cfg.teacher.get("revision"),
+    )
+    data = instantiate(
+        cfg.data,
+        **{"image_processor" if task.inputs == "image" else "tokenizer": preprocessor},
+        **task.data_options(teacher),
+    )
+    data.setup("fit")
     try:
-        entry = netrc.netrc(os.environ.get("NETRC") or None).authenticators(host)
-    except (OSError, netrc.NetrcParseError):  # no netrc file, or one wandb could not read either
-        return False
-    return bool(entry and entry[2])  # (login, account, password): the key is the password
-
-
-def _build_logger(cfg: DictConfig | None, resumed_dir: Path | None = None):
-    """The configured logger; a wandb run that resumes in ``resumed_dir`` continues that directory's wandb run."""
-    if not cfg:
-        return False
-    extra = {}
-    if cfg.get("_target_", "").endswith("WandbLogger"):
-        if cfg.get("offline") is None:
-            # no API key (or WANDB_MODE=offline): write an offline run that `wandb sync` can upload later
-            offline = not wandb_logged_in() or os.environ.get("WANDB_MODE") in ("offline", "disabled")
-            cfg = OmegaConf.merge(cfg, {"offline": offline})
-        if resumed_dir is not None and cfg.get("id") is None and (run_id := _wandb_run_id(resumed_dir)):
-            log.info("wandb: continuing run %s of %s", run_id, resumed_dir)
-            extra = {"id": run_id, "resume": "allow"}
-    return instantiate(cfg, **extra)
-
-
-def _build_callbacks(cfg: DictConfig | None) -> list:
-    return [instantiate(c) for c in (cfg or {}).values() if c]
+        task.check(teacher, data)
+    except ValueError as err:
+        raise ValueError(f"teacher.name_or_path={cfg.teacher.name_or_path!r}: {err}") from None
+    return teacher, preprocessor, data
 
 
 def build_module(cfg: DictConfig, task, teacher, data) -> L.LightningModule:
@@ -115,85 +177,51 @@ def build_module(cfg: DictConfig, task, teacher, data) -> L.LightningModule:
     return module
 
 
-def _named_directory() -> bool | None:
-    """Whether this run's directory was named on the command line (``hydra.run.dir=``, ``hydra.sweep.dir=``),
-    from the live Hydra config; None outside ``@hydra.main`` (``train(cfg)`` called directly)."""
-    if not HydraConfig.initialized():
-        return None
-    return any(str(o).startswith(NAMED_DIR_OVERRIDES) for o in HydraConfig.get().overrides.hydra)
-
-
-def _in_multirun() -> bool:
-    """Whether this is a job of a Hydra multirun (``train.py -m ...``)."""
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def train(cfg: DictConfig) -> dict:
-    """Distil the configured teacher into the student; returns the final validation metrics (``val/acc``...).
-
-    Writes to ``cfg.paths.output_dir``: ``config.yaml`` (resolved), ``results.json``, ``checkpoints/``,
-    ``student/`` (``save_pretrained`` model and tokenizer) and ``attention_maps/``. With ``ckpt_path=auto``
-    a rerun of an interrupted command resumes it in its own directory (``distill_lab.resume``).
-    """
-    # whether the directory was named: from Hydra, not read back from the .hydra/ files every rank writes
-    named = _named_directory()
-    task = instantiate(cfg.task)
-    checks.check_config(cfg, task, named)
-    config, own_dir = OmegaConf.to_container(cfg, resolve=True), Path(cfg.paths.output_dir)
-    if (
-        cfg.get("ckpt_path") == "auto"
-        and _in_multirun()
-        and (done := finished_run(own_dir, config, named)) is not None
-    ):
-        return export.reuse_results(done)  # a rerun of a sweep: its finished jobs are not trained again
-    ckpt_path, output_dir = resolve_ckpt_path(cfg.get("ckpt_path"), own_dir, config, named)
-    cfg.paths.output_dir = str(output_dir)  # the previous run's directory when resuming it
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if rank_zero_only.rank == 0:  # every process of a distributed run runs train(); one writes the files
-        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    L.seed_everything(cfg.seed, workers=True)
-
-    # the models and data: loading errors surface here, before anything trains
-    teacher = instantiate(cfg.teacher)
-    checks.check_positions(teacher, "teacher", cfg.data.get("max_length"))
-    preprocessor = load_preprocessor(
-        cfg.teacher.name_or_path,
-        task.name,
-        trust_remote_code=cfg.teacher.get("trust_remote_code", False),
-        revision=cfg.teacher.get("revision"),
-    )
-    data = instantiate(
-        cfg.data,
-        **{"image_processor" if task.inputs == "image" else "tokenizer": preprocessor},
-        **task.data_options(teacher),
-    )
-    data.setup("fit")
-    try:
-        task.check(teacher, data)
-    except ValueError as err:
-        raise ValueError(f"teacher.name_or_path={cfg.teacher.name_or_path!r}: {err}") from None
-    module = build_module(cfg, task, teacher, data)
-    student, attention_loss = module.student, module.attention_loss
-
-    parameters = export.parameter_counts(teacher, student)
-
+def _build_trainer(cfg: DictConfig, ckpt_path: str | None, output_dir: Path) -> L.Trainer:
+    """The trainer with the configured callbacks and logger (a run resumed in its own directory continues its
+    wandb run)."""
     resumed_here = ckpt_path is not None and Path(ckpt_path).resolve().is_relative_to(output_dir.resolve())
     logger = _build_logger(cfg.get("logger"), output_dir if resumed_here else None)
-    trainer = instantiate(cfg.trainer, callbacks=_build_callbacks(cfg.get("callbacks")), logger=logger)
-    device = trainer.strategy.root_device.type
-    checks.check_fused_kernel(cfg, attention_loss, device, teacher, student)
-    if logger:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return instantiate(cfg.trainer, callbacks=_build_callbacks(cfg.get("callbacks")), logger=logger)
 
-    # the best checkpoint's evaluation, the export and the run's record
-    best = export.best_checkpoint(trainer, module, output_dir)
-    if isinstance(trainer.strategy, FSDPStrategy):
-        # Lightning wraps a module in FSDP once: the wrapper of its root (embeddings and heads, outside the
-        # per-block units) does not outlive fit, so the evaluation gets a fresh module, wrapped anew, that
-        # takes its weights from the checkpoint
-        module = build_module(cfg, task, instantiate(cfg.teacher), data)
-    return export.evaluate_and_export(
-        trainer, module, data, best, preprocessor=preprocessor, parameters=parameters,
-        optimized_metric=cfg.optimized_metric, output_dir=output_dir,
-    )  # fmt: skip
+
+def _wandb_run_id(run_dir: Path) -> str | None:
+    """The id of the newest wandb run written under ``run_dir/wandb`` (``[offline-]run-<time>-<id>``), if
+    any."""
+    runs = [p.name for p in (Path(run_dir) / "wandb").glob("*run-*-*") if p.is_dir()]
+    return max(runs, key=lambda name: name.split("run-", 1)[1]).rsplit("-", 1)[1] if runs else None
+
+
+def wandb_logged_in() -> bool:
+    """Whether wandb has an API key without asking for one: ``WANDB_API_KEY``, or the key that ``wandb login``
+    saved in the netrc file (``NETRC``, else ``~/.netrc``) for the wandb host (``WANDB_BASE_URL``, else
+    api.wandb.ai), as wandb itself looks them up."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        entry = netrc.netrc(os.environ.get("NETRC") or None).authenticators(host)
+    except (OSError, netrc.NetrcParseError):  # no netrc file, or one wandb could not read either
+        return False
+    return bool(entry and entry[2])  # (login, account, password): the key is the password
+
+
+def _build_logger(cfg: DictConfig | None, resumed_dir: Path | None = None):
+    """The configured logger; a wandb run that resumes in ``resumed_dir`` continues that directory's wandb
+    run."""
+    if not cfg:
+        return False
+    extra = {}
+    if cfg.get("_target_", "").endswith("WandbLogger"):
+        if cfg.get("offline") is None:
+            # no API key (or WANDB_MODE=offline): write an offline run that `wandb sync` can upload later
+            offline = not wandb_logged_in() or os.environ.get("WANDB_MODE") in ("offline", "disabled")
+            cfg = OmegaConf.merge(cfg, {"offline": offline})
+        if resumed_dir is not None and cfg.get("id") is None and (run_id := _wandb_run_id(resumed_dir)):
+            log.info("wandb: continuing run %s of %s", run_id, resumed_dir)
+            extra = {"id": run_id, "resume": "allow"}
+    return instantiate(cfg, **extra)
+
+
+def _build_callbacks(cfg: DictConfig | None) -> list:
+    return [instantiate(c) for c in (cfg or {}).values() if c]
