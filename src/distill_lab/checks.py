@@ -33,14 +33,13 @@ RANGES = {
 ATTENTION_TEMPERATURE = (lambda v: v > 0, "above 0 (the attention KL's; temperature= is the output loss's)")
 
 
-def check_config(cfg: DictConfig, task, named: bool | None = None) -> None:
-    """Everything the config alone can tell is wrong, in the order a user meets it: the run directory of a
-    launched process, the metric the best checkpoint follows, the objective's settings, the data option
-    against the task and the data sizes, the trainer's limits, and the settings that cannot go together (a
-    capture a loss cannot use, a head importance a sharded teacher cannot give). ``task`` is the built
-    ``cfg.task``; ``named``: whether the run directory was named on the command line (None outside
-    ``@hydra.main``)."""
-    check_launched_directory(named)
+def check_config(cfg: DictConfig, task) -> None:
+    """Everything the config alone can tell is wrong, in the order a user meets it: the metric the best
+    checkpoint follows, the objective's settings, the data option against the task and the data sizes, the
+    trainer's limits, and the settings that cannot go together (a capture a loss cannot use, a head
+    importance a sharded teacher cannot give). ``task`` is the built ``cfg.task``. (Whether a launched
+    process named its run directory, :func:`check_launched_directory`, is checked before the run directory
+    is chosen.)"""
     check_optimized_metric(cfg, task)
     check_settings(cfg)
     check_data(cfg, task)
@@ -51,7 +50,8 @@ def check_config(cfg: DictConfig, task, named: bool | None = None) -> None:
 
 
 def check_launched_directory(named: bool | None) -> None:
-    """Processes that torchrun or srun start each compose their own config: Hydra's directory of the clock
+    """``named``: whether the run directory was named on the command line (None outside ``@hydra.main``).
+    Processes that torchrun or srun start each compose their own config: Hydra's directory of the clock
     (``outputs/DATE/TIME``) can differ between them by a second, and then they would neither write to one run
     directory nor resume the same checkpoint. Such a run must name its directory."""
     if started_by_a_launcher() and named is False:

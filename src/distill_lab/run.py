@@ -44,12 +44,13 @@ def train(cfg: DictConfig) -> dict:
     """
     # whether the directory was named: from Hydra, not read back from the .hydra/ files every rank writes
     named = _named_directory()
-    task = instantiate(cfg.task)
-    checks.check_config(cfg, task, named)
+    checks.check_launched_directory(named)
     if (done := _finished_job(cfg, named)) is not None:
         return export.reuse_results(done)  # a rerun of a sweep: its finished jobs are not trained again
-    ckpt_path, output_dir = _run_directory(cfg, named)
+    ckpt_path, output_dir = _run_directory(cfg, named)  # its lock first: a second copy sees this one run
     L.seed_everything(cfg.seed, workers=True)
+    task = instantiate(cfg.task)
+    checks.check_config(cfg, task)  # before the teacher, which may be trained or downloaded first
 
     # the models and data: loading errors surface here, before anything trains
     teacher, preprocessor, data = _load(cfg, task)
