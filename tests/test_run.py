@@ -142,7 +142,7 @@ def default_run(task, tmp_path_factory):
     return {"metrics": metrics, "out": out, "probe": TeacherProbe.records["default"]}
 
 
-# ---------------------------------------------------------------------------------------------- 1. config options
+# ------------------------------------------------------------------------------------------ 1. config options
 
 
 def _raw_leaves(node, prefix: str = "") -> dict:
@@ -415,7 +415,7 @@ def test_unknown_option_is_a_hydra_error_listing_the_options(tmp_path):
         compose_config(["matching=nope"], tmp_path)
 
 
-# ---------------------------------------------------------------------------------------------- 2. every combination
+# --------------------------------------------------------------------------------------- 2. every combination
 
 
 @pytest.mark.parametrize("matching", MODES)
@@ -500,16 +500,17 @@ class MicroBatchLosses(L.Callback):
 
 
 def test_accumulated_steps_log_the_mean_of_their_micro_batches(task, tmp_path):
-    """Under accumulate_grad_batches=2 each logged step's losses are the means over its two micro-batches (the
-    objective its update minimised), not the last micro-batch's; the parts keep their relation to the total."""
+    """Under accumulate_grad_batches=2 each logged step's losses are the means over its two micro-batches
+    (the objective its update minimised), not the last micro-batch's; the parts keep their relation to the
+    total."""
     MicroBatchLosses.records = []
     run_app(task, tmp_path, "matching=headwise", "trainer.accumulate_grad_batches=2",
             "+callbacks.micro_batches._target_=test_run.MicroBatchLosses")  # fmt: skip
     micro = MicroBatchLosses.records
     steps = [r for r in read_metrics_csv(tmp_path) if r["train/loss"]]
     assert len(micro) == 4 and [int(r["step"]) for r in steps] == [0, 1]  # debug=fast: 4 batches, 2 updates
-    # the second update's micro-batches differ (the first's barely: the student starts as the teacher's layers), so
-    # its mean and its last micro-batch can be told apart
+    # the second update's micro-batches differ (the first's barely: the student starts as the teacher's
+    # layers), so its mean and its last micro-batch can be told apart
     assert abs(micro[2] - micro[3]) > 1e-4 * abs(micro[3])
     for row, window in zip(steps, (micro[:2], micro[2:]), strict=True):
         assert float(row["train/loss"]) == pytest.approx(sum(window) / 2, rel=1e-6)
@@ -608,7 +609,7 @@ def test_optimizer_holds_exactly_the_student_parameters(default_run):
     assert probe["student_numel"] == results["parameters"]["student"]
 
 
-# ---------------------------------------------------------------------------------------------- 4. frozen teacher
+# ------------------------------------------------------------------------------------------ 4. frozen teacher
 
 
 def test_teacher_stays_frozen_and_in_eval_mode(task, default_run):
@@ -625,7 +626,7 @@ def test_teacher_stays_frozen_and_in_eval_mode(task, default_run):
         assert torch.equal(probe["teacher_state"][key], value), key
 
 
-# ---------------------------------------------------------------------------------------------- 5. causal teachers
+# ----------------------------------------------------------------------------------------- 5. causal teachers
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -671,8 +672,8 @@ ERRORS = {
     "student-deeper-than-teacher": (["student.num_layers=5"], r"student\.num_layers=5"),
     "optimized-metric-unknown": (
         ["optimized_metric=val/accuracy"],
-        r"optimized_metric=val/accuracy is not a validation metric of task=sequence_classification: choose one of "
-        r"val/acc, val/f1",
+        r"optimized_metric=val/accuracy is not a validation metric of task=sequence_classification: choose "
+        r"one of val/acc, val/f1",
     ),
     "optimized-metric-checked-before-the-teacher-loads": (
         ["optimized_metric=val/accuracy", "teacher.name_or_path=/nonexistent/teacher"],
@@ -720,22 +721,24 @@ ERRORS = {
     ),
     "task-and-data-of-other-kinds": (
         ["task=masked_lm", NO_TEACHER],
-        r"task=masked_lm takes data=lm_synthetic \| lm_local \| lm_hf, but the data config builds TextClassificationData",
+        r"task=masked_lm takes data=lm_synthetic \| lm_local \| lm_hf, but the data config builds "
+        r"TextClassificationData",
     ),
     "image-task-on-text-data": (
         ["task=image_classification", NO_TEACHER],
-        r"task=image_classification takes data=synthetic_images \| imagefolder, but .* builds TextClassificationData",
+        r"task=image_classification takes data=synthetic_images \| imagefolder, but .* builds "
+        r"TextClassificationData",
     ),
     "max-length-past-the-teachers-positions": (  # the tiny BERT's table has 64 positions
         ["data.max_length=65"],
-        r"data\.max_length=65, but the teacher \(BertForSequenceClassification\) has position embeddings for 64 "
-        r"tokens: set data\.max_length=64 or less",
+        r"data\.max_length=65, but the teacher \(BertForSequenceClassification\) has position embeddings for "
+        r"64 tokens: set data\.max_length=64 or less",
     ),
     "unknown-capture": (["capture=flash"], r"unknown capture backend 'flash'; valid choices: .*qk"),
     "fused-kernel-without-qk": (
         ["fused_kernel=true", "capture=probs", "matching=global"],
-        r"fused_kernel=true, but .*both sides must be QueryKey records \(capture=qk\).*matching=global averages heads.*"
-        r"fused_kernel=null",
+        r"fused_kernel=true, but .*both sides must be QueryKey records \(capture=qk\)"
+        r".*matching=global averages heads.*fused_kernel=null",
     ),
     "mse-scores-needs-qk": (
         ["loss=mse_scores", "capture=probs"],
@@ -785,10 +788,10 @@ def students(task, tmp_path_factory):
 @pytest.mark.parametrize(
     ("student", "message"),
     [
-        ("gpt2", r"the teacher's attention \(BertForSequenceClassification\) is bidirectional and the student's "
-                 r"\(GPT2ForSequenceClassification\) causal.*cannot match.*student=from_teacher"),
-        ("other", r"student\.name_or_path=.* has a tokenizer of its own that is not the teacher's \(\d+ of the "
-                  r"teacher's \d+ tokens are missing or have other ids\)"),
+        ("gpt2", r"the teacher's attention \(BertForSequenceClassification\) is bidirectional and the "
+                 r"student's \(GPT2ForSequenceClassification\) causal.*cannot match.*student=from_teacher"),
+        ("other", r"student\.name_or_path=.* has a tokenizer of its own that is not the teacher's \(\d+ of "
+                  r"the teacher's \d+ tokens are missing or have other ids\)"),
         ("small", r"the student's input embeddings hold 12 token ids, the teacher's tokenizer \d+"),
     ],
 )  # fmt: skip
@@ -903,16 +906,16 @@ def test_a_student_with_another_vocabulary_fails_before_training(tmp_path):
         train(compose_config(overrides, out))
     size = config.vocab_size
     assert str(info.value) == (
-        f"the student's output has {size} entries but the teacher's {size - 8} (task=masked_lm: the vocabulary): "
-        "the student must use the teacher's tokenizer and vocabulary"
+        f"the student's output has {size} entries but the teacher's {size - 8} (task=masked_lm: the "
+        "vocabulary): the student must use the teacher's tokenizer and vocabulary"
     )
     assert not (out / "checkpoints").exists()
 
 
 def test_max_length_past_a_students_positions_fails_before_training(task, tmp_path):
     """student=hf whose table of absolute positions is shorter than the teacher's (32 against 64): a
-    ``data.max_length`` that the teacher takes but the student does not is refused at set-up, naming the student,
-    not at the first batch's index error."""
+    ``data.max_length`` that the teacher takes but the student does not is refused at set-up, naming the
+    student, not at the first batch's index error."""
     from transformers import AutoModelForSequenceClassification
 
     config = AutoModelForSequenceClassification.from_pretrained(task["teacher"]).config
@@ -927,15 +930,16 @@ def test_max_length_past_a_students_positions_fails_before_training(task, tmp_pa
             )
         )
     assert str(info.value) == (
-        "data.max_length=48, but the student (BertForSequenceClassification) has position embeddings for 32 tokens: "
-        "set data.max_length=32 or less"
+        "data.max_length=48, but the student (BertForSequenceClassification) has position embeddings for 32 "
+        "tokens: set data.max_length=32 or less"
     )
     assert not (out / "checkpoints").exists()
 
 
 def test_fused_kernel_true_without_cuda_fails_before_training(task, tmp_path, monkeypatch):
-    """Outside Triton's interpreter (which the test session turns on for the kernel tests), ``fused_kernel=true``
-    on a CPU run is refused when the run is set up, naming the config key, not at the first forward."""
+    """Outside Triton's interpreter (which the test session turns on for the kernel tests),
+    ``fused_kernel=true`` on a CPU run is refused when the run is set up, naming the config key, not at the
+    first forward."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out = tmp_path / "run"
     with pytest.raises(
@@ -987,7 +991,8 @@ def test_teacher_with_other_labels_must_be_fine_tuned_on_the_task(tmp_path):
 
 
 def _teacher_always_predicting(teacher_dir: Path, label: int, id2label: dict[int, str]) -> None:
-    """Rewrite a saved classifier so that it predicts ``label`` for every input, under the given label names."""
+    """Rewrite a saved classifier so that it predicts ``label`` for every input, under the given label
+    names."""
     model = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
     with torch.no_grad():
         model.classifier.bias.copy_(
@@ -999,9 +1004,9 @@ def _teacher_always_predicting(teacher_dir: Path, label: int, id2label: dict[int
 
 def test_data_labels_are_numbered_by_the_teachers_label_names(tmp_path):
     """MNLI-style: string labels whose sorted order ("negative" 0, "positive" 1) is not the teacher's id2label
-    (POSITIVE 0, NEGATIVE 1). A teacher that always answers POSITIVE scores 1.0 on all-positive validation data
-    when the labels follow its names, and 0.0 when they are read by position (data.match_label_names=false);
-    other names are an error before training."""
+    (POSITIVE 0, NEGATIVE 1). A teacher that always answers POSITIVE scores 1.0 on all-positive validation
+    data when the labels follow its names, and 0.0 when they are read by position
+    (data.match_label_names=false); other names are an error before training."""
     task = make_text_task(tmp_path / "task")
     _teacher_always_predicting(Path(task["teacher"]), 0, {0: "POSITIVE", 1: "NEGATIVE"})
     names = {0: "negative", 1: "positive"}
@@ -1058,7 +1063,8 @@ def test_wandb_goes_online_with_the_key_that_wandb_login_saved(tmp_path, monkeyp
     monkeypatch.delenv("WANDB_BASE_URL")
     monkeypatch.setenv("NETRC", str(saved.rename(tmp_path / "netrc-elsewhere")))
     assert not _build_logger(node)._offline
-    # an entry for the host without a key, or a file that cannot be parsed (wandb finds no key either): offline
+    # an entry for the host without a key, or a file that cannot be parsed (wandb finds no key either):
+    # offline
     for text in ("machine api.wandb.ai\n  login user\n", 'garbage "unterminated\n'):
         (tmp_path / "netrc-elsewhere").write_text(text)
         assert _build_logger(node)._offline, text
@@ -1078,8 +1084,9 @@ def test_a_finished_run_is_not_trained_again_in_its_own_directory(task, tmp_path
 
 
 def test_a_finished_sweep_job_is_found_as_a_rerun_would_find_it(tmp_path):
-    """finished_run: the run a rerun would repeat, if it finished under the same configuration: the job's own
-    directory, or the same job (same overrides) of an earlier sweep, unless a newer copy of it is unfinished."""
+    """finished_run: the run a rerun would repeat, if it finished under the same configuration: the job's
+    own directory, or the same job (same overrides) of an earlier sweep, unless a newer copy of it is
+    unfinished."""
     from test_resume import _fake_run
 
     from distill_lab.resume import finished_run
