@@ -36,8 +36,8 @@ def task(tmp_path_factory):
 def cli(
     tmp_path: Path, *args: str, module: str | None = None, timeout: float = 600, fails: bool = False
 ) -> subprocess.CompletedProcess:
-    """``python train.py *args``, or ``python -m module *args``, through ``run_to_end`` with the app's environment
-    kept in ``tmp_path``."""
+    """``python train.py *args``, or ``python -m module *args``, through ``run_to_end`` with the app's
+    environment kept in ``tmp_path``."""
     command = [sys.executable, "-m", module, *args] if module else train_py(*args)
     return run_to_end(command, app_env(tmp_path), timeout=timeout, fails=fails)
 
@@ -81,7 +81,7 @@ def read_wandb_history(run_file: Path) -> list[dict]:
     return rows
 
 
-# ---------------------------------------------------------------------------------------------- the README command
+# ----------------------------------------------------------------------------------------- the README command
 
 
 def test_cli_kl_headwise_with_offline_wandb(task, tmp_path):
@@ -171,13 +171,15 @@ def test_multirun_sweep_and_summary(task, tmp_path):
     assert [accuracies[r] for r in order] == sorted(accuracies.values(), reverse=True)  # best first
     assert (sweep_dir / "summary.md").exists() and (sweep_dir / "summary.png").stat().st_size > 1000
 
-    # the sweep interrupted in its last job (killed after its last checkpoint, before results.json), then rerun:
-    # the finished jobs are not trained again (their files untouched), the last one resumes and finishes
+    # the sweep interrupted in its last job (killed after its last checkpoint, before results.json), then
+    # rerun: the finished jobs are not trained again (their files untouched), the last one resumes and
+    # finishes
     last = json.loads((runs[3] / "results.json").read_text())
     (runs[3] / "results.json").unlink()
     stamps = {  # what the runs wrote (Hydra rewrites .hydra/ and appends to train.log in a job's directory)
         p: p.stat().st_mtime_ns
-        for run in runs[:3] for p in run.rglob("*") if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"
+        for run in runs[:3] for p in run.rglob("*")
+        if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"
     }  # fmt: skip
     rerun = cli(tmp_path, *command)
     log = rerun.stdout + rerun.stderr
@@ -213,7 +215,7 @@ def test_cli_errors_name_the_key_before_training(task, tmp_path, overrides, mess
     assert not (run_dir / "checkpoints").exists()
 
 
-# ---------------------------------------------------------------------------------------------- Ctrl-C and resume
+# ------------------------------------------------------------------------------------------ Ctrl-C and resume
 
 
 def test_ctrl_c_leaves_a_checkpoint_that_resumes(task, tmp_path):

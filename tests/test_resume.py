@@ -670,7 +670,7 @@ def test_a_run_resumed_under_another_learning_rate_trains_on_at_it(task, tmp_pat
     with pytest.raises(RuntimeError, match="test crash in on_before_backward at step 10"):
         run_app(task, out, *record, *callback_overrides("crash", Crash, hook="on_before_backward", step=10))
     record = [*callback_overrides("record", RecordLearningRate, path=str(rates / "resumed"))]
-    with caplog.at_level(logging.WARNING, logger="distill_lab.module"):
+    with caplog.at_level(logging.WARNING, logger="distill_lab.guards"):
         run_app(task, out, "optimizer.lr=0.0025", *record)  # RUN's is 0.005
     assert "optimizer.lr=0.0025, and the checkpoint's run used 0.005: training on at 0.5 times" in caplog.text
     first, resumed = learning_rates("first"), learning_rates("resumed")

@@ -142,7 +142,7 @@ def default_run(task, tmp_path_factory):
     return {"metrics": metrics, "out": out, "probe": TeacherProbe.records["default"]}
 
 
-# ---------------------------------------------------------------------------------------------- 1. config options
+# ------------------------------------------------------------------------------------------ 1. config options
 
 
 def _raw_leaves(node, prefix: str = "") -> dict:
@@ -328,6 +328,24 @@ def test_every_config_option_composes_and_instantiates(
         assert type(student) is type(teacher) and student.config.num_labels == 2
         expected_layers = node.num_layers if option == "from_teacher" else teacher.config.num_hidden_layers
         assert student.config.num_hidden_layers == expected_layers
+    elif group == "module":  # built with what exists only at run time, as run.build_module passes it
+        teacher = AutoModelForSequenceClassification.from_pretrained(task["teacher"])
+        student = AutoModelForSequenceClassification.from_pretrained(task["teacher"])
+        module = instantiate(
+            node, teacher=teacher, student=student, task=instantiate(cfg.task),
+            attention_loss={"layer_map": [(1, 0), (3, 1)]}, calibration_batch={"input_ids": torch.ones(2, 3)},
+        )  # fmt: skip
+        module.teacher_capture.detach(), module.student_capture.detach()
+        assert type(module) is get_class(node._target_) and module.teacher is teacher
+        assert module.attention_loss.layer_map == [(1, 0), (3, 1)]
+        assert module.attention_loss.block_size == cfg.attention_block_size
+        assert module.attention_loss.loss.name == cfg.loss.name
+        assert type(module.attention_loss.matching) is get_class(cfg.matching._target_)
+        optimizer = module.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
+        assert optimizer.defaults["lr"] == cfg.optimizer.lr
+        for key in ("attention_weight", "temperature", "alpha", "warmup_ratio", "capture"):
+            assert module.hparams[key] == cfg[key], key
+        assert torch.equal(module.calibration_batch["input_ids"], torch.ones(2, 3))
     elif group == "paths":  # compose_config replaced both paths; compose without it to see the option's own
         from hydra import compose, initialize_config_dir
 
@@ -397,7 +415,7 @@ def test_unknown_option_is_a_hydra_error_listing_the_options(tmp_path):
         compose_config(["matching=nope"], tmp_path)
 
 
-# ---------------------------------------------------------------------------------------------- 2. every combination
+# --------------------------------------------------------------------------------------- 2. every combination
 
 
 @pytest.mark.parametrize("matching", MODES)
@@ -482,16 +500,17 @@ class MicroBatchLosses(L.Callback):
 
 
 def test_accumulated_steps_log_the_mean_of_their_micro_batches(task, tmp_path):
-    """Under accumulate_grad_batches=2 each logged step's losses are the means over its two micro-batches (the
-    objective its update minimised), not the last micro-batch's; the parts keep their relation to the total."""
+    """Under accumulate_grad_batches=2 each logged step's losses are the means over its two micro-batches
+    (the objective its update minimised), not the last micro-batch's; the parts keep their relation to the
+    total."""
     MicroBatchLosses.records = []
     run_app(task, tmp_path, "matching=headwise", "trainer.accumulate_grad_batches=2",
             "+callbacks.micro_batches._target_=test_run.MicroBatchLosses")  # fmt: skip
     micro = MicroBatchLosses.records
     steps = [r for r in read_metrics_csv(tmp_path) if r["train/loss"]]
     assert len(micro) == 4 and [int(r["step"]) for r in steps] == [0, 1]  # debug=fast: 4 batches, 2 updates
-    # the second update's micro-batches differ (the first's barely: the student starts as the teacher's layers), so
-    # its mean and its last micro-batch can be told apart
+    # the second update's micro-batches differ (the first's barely: the student starts as the teacher's
+    # layers), so its mean and its last micro-batch can be told apart
     assert abs(micro[2] - micro[3]) > 1e-4 * abs(micro[3])
     for row, window in zip(steps, (micro[:2], micro[2:]), strict=True):
         assert float(row["train/loss"]) == pytest.approx(sum(window) / 2, rel=1e-6)
@@ -516,12 +535,12 @@ def test_each_validation_of_an_epoch_keeps_its_attention_map(task, tmp_path):
 def test_steps_after_the_last_validation_are_named_as_left_out_of_the_export(task, tmp_path, caplog):
     """max_steps=6 with a validation at the end of each 4-batch epoch: steps 5 and 6 are never validated, so
     the export (the best validated checkpoint) leaves them out, and the run says so."""
-    with caplog.at_level(logging.WARNING, logger="distill_lab.run"):
+    with caplog.at_level(logging.WARNING, logger="distill_lab.export"):
         run_app(task, tmp_path, "trainer.max_epochs=2", "trainer.max_steps=6")
     assert "the last 2 optimizer steps (after the validation at step 4) were never validated" in caplog.text
     assert json.loads((tmp_path / "results.json").read_text())["trained_steps"] == 6
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="distill_lab.run"):
+    with caplog.at_level(logging.WARNING, logger="distill_lab.export"):
         run_app(task, tmp_path / "whole", "trainer.max_epochs=2", "trainer.max_steps=8")
     assert "never validated" not in caplog.text
 
@@ -590,7 +609,7 @@ def test_optimizer_holds_exactly_the_student_parameters(default_run):
     assert probe["student_numel"] == results["parameters"]["student"]
 
 
-# ---------------------------------------------------------------------------------------------- 4. frozen teacher
+# ------------------------------------------------------------------------------------------ 4. frozen teacher
 
 
 def test_teacher_stays_frozen_and_in_eval_mode(task, default_run):
@@ -607,7 +626,7 @@ def test_teacher_stays_frozen_and_in_eval_mode(task, default_run):
         assert torch.equal(probe["teacher_state"][key], value), key
 
 
-# ---------------------------------------------------------------------------------------------- 5. causal teachers
+# ----------------------------------------------------------------------------------------- 5. causal teachers
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -653,8 +672,8 @@ ERRORS = {
     "student-deeper-than-teacher": (["student.num_layers=5"], r"student\.num_layers=5"),
     "optimized-metric-unknown": (
         ["optimized_metric=val/accuracy"],
-        r"optimized_metric=val/accuracy is not a validation metric of task=sequence_classification: choose one of "
-        r"val/acc, val/f1",
+        r"optimized_metric=val/accuracy is not a validation metric of task=sequence_classification: choose "
+        r"one of val/acc, val/f1",
     ),
     "optimized-metric-checked-before-the-teacher-loads": (
         ["optimized_metric=val/accuracy", "teacher.name_or_path=/nonexistent/teacher"],
@@ -702,22 +721,24 @@ ERRORS = {
     ),
     "task-and-data-of-other-kinds": (
         ["task=masked_lm", NO_TEACHER],
-        r"task=masked_lm takes data=lm_synthetic \| lm_local \| lm_hf, but the data config builds TextClassificationData",
+        r"task=masked_lm takes data=lm_synthetic \| lm_local \| lm_hf, but the data config builds "
+        r"TextClassificationData",
     ),
     "image-task-on-text-data": (
         ["task=image_classification", NO_TEACHER],
-        r"task=image_classification takes data=synthetic_images \| imagefolder, but .* builds TextClassificationData",
+        r"task=image_classification takes data=synthetic_images \| imagefolder, but .* builds "
+        r"TextClassificationData",
     ),
     "max-length-past-the-teachers-positions": (  # the tiny BERT's table has 64 positions
         ["data.max_length=65"],
-        r"data\.max_length=65, but the teacher \(BertForSequenceClassification\) has position embeddings for 64 "
-        r"tokens: set data\.max_length=64 or less",
+        r"data\.max_length=65, but the teacher \(BertForSequenceClassification\) has position embeddings for "
+        r"64 tokens: set data\.max_length=64 or less",
     ),
     "unknown-capture": (["capture=flash"], r"unknown capture backend 'flash'; valid choices: .*qk"),
     "fused-kernel-without-qk": (
         ["fused_kernel=true", "capture=probs", "matching=global"],
-        r"fused_kernel=true, but .*both sides must be QueryKey records \(capture=qk\).*matching=global averages heads.*"
-        r"fused_kernel=null",
+        r"fused_kernel=true, but .*both sides must be QueryKey records \(capture=qk\)"
+        r".*matching=global averages heads.*fused_kernel=null",
     ),
     "mse-scores-needs-qk": (
         ["loss=mse_scores", "capture=probs"],
@@ -767,10 +788,10 @@ def students(task, tmp_path_factory):
 @pytest.mark.parametrize(
     ("student", "message"),
     [
-        ("gpt2", r"the teacher's attention \(BertForSequenceClassification\) is bidirectional and the student's "
-                 r"\(GPT2ForSequenceClassification\) causal.*cannot match.*student=from_teacher"),
-        ("other", r"student\.name_or_path=.* has a tokenizer of its own that is not the teacher's \(\d+ of the "
-                  r"teacher's \d+ tokens are missing or have other ids\)"),
+        ("gpt2", r"the teacher's attention \(BertForSequenceClassification\) is bidirectional and the "
+                 r"student's \(GPT2ForSequenceClassification\) causal.*cannot match.*student=from_teacher"),
+        ("other", r"student\.name_or_path=.* has a tokenizer of its own that is not the teacher's \(\d+ of "
+                  r"the teacher's \d+ tokens are missing or have other ids\)"),
         ("small", r"the student's input embeddings hold 12 token ids, the teacher's tokenizer \d+"),
     ],
 )  # fmt: skip
@@ -825,17 +846,24 @@ def test_a_student_saved_with_another_number_of_labels_gets_a_fresh_head(task, s
     [
         ({"attention_weight": 1.5}, "attention_weight must be in [0, 1], got 1.5"),
         ({"alpha": -0.1}, "alpha must be in [0, 1], got -0.1"),
-        ({"temperature": 0.0}, "temperature must be above 0, got 0.0"),
+        ({"temperature": 0.0}, "temperature must be positive, got 0.0"),
     ],
 )
 def test_the_module_refuses_objective_settings_out_of_range(tmp_path, option, message):
-    """Used without train.py, the module checks the objective's settings when it is built, not at the first step."""
+    """Used without train.py, the module leaves the objective's settings to the functional losses, which
+    refuse a value out of range at the first step (train.py checks them in the config, before anything loads:
+    see test_configuration_errors_fail_before_training)."""
+    from conftest import make_tiny_inputs
+
     from distill_lab.module import DistillationModule
 
-    model = make_tiny_model("bert", tmp_path / "model")
+    teacher = make_tiny_model("bert", tmp_path / "teacher")
+    student = make_tiny_model("bert", tmp_path / "student", seed=1)
     attention_loss = AttentionDistillationLoss("kl", "layerwise", [(0, 0)])
+    module = DistillationModule(teacher, student, attention_loss, torch.optim.SGD, **option)
+    batch = {**make_tiny_inputs("bert", teacher.config), "labels": torch.tensor([0, 1])}
     with pytest.raises(ValueError) as info:
-        DistillationModule(model, model, attention_loss, torch.optim.SGD, **option)
+        module(batch)
     assert str(info.value) == message
 
 
@@ -878,16 +906,16 @@ def test_a_student_with_another_vocabulary_fails_before_training(tmp_path):
         train(compose_config(overrides, out))
     size = config.vocab_size
     assert str(info.value) == (
-        f"the student's output has {size} entries but the teacher's {size - 8} (task=masked_lm: the vocabulary): "
-        "the student must use the teacher's tokenizer and vocabulary"
+        f"the student's output has {size} entries but the teacher's {size - 8} (task=masked_lm: the "
+        "vocabulary): the student must use the teacher's tokenizer and vocabulary"
     )
     assert not (out / "checkpoints").exists()
 
 
 def test_max_length_past_a_students_positions_fails_before_training(task, tmp_path):
     """student=hf whose table of absolute positions is shorter than the teacher's (32 against 64): a
-    ``data.max_length`` that the teacher takes but the student does not is refused at set-up, naming the student,
-    not at the first batch's index error."""
+    ``data.max_length`` that the teacher takes but the student does not is refused at set-up, naming the
+    student, not at the first batch's index error."""
     from transformers import AutoModelForSequenceClassification
 
     config = AutoModelForSequenceClassification.from_pretrained(task["teacher"]).config
@@ -902,15 +930,16 @@ def test_max_length_past_a_students_positions_fails_before_training(task, tmp_pa
             )
         )
     assert str(info.value) == (
-        "data.max_length=48, but the student (BertForSequenceClassification) has position embeddings for 32 tokens: "
-        "set data.max_length=32 or less"
+        "data.max_length=48, but the student (BertForSequenceClassification) has position embeddings for 32 "
+        "tokens: set data.max_length=32 or less"
     )
     assert not (out / "checkpoints").exists()
 
 
 def test_fused_kernel_true_without_cuda_fails_before_training(task, tmp_path, monkeypatch):
-    """Outside Triton's interpreter (which the test session turns on for the kernel tests), ``fused_kernel=true``
-    on a CPU run is refused when the run is set up, naming the config key, not at the first forward."""
+    """Outside Triton's interpreter (which the test session turns on for the kernel tests),
+    ``fused_kernel=true`` on a CPU run is refused when the run is set up, naming the config key, not at the
+    first forward."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out = tmp_path / "run"
     with pytest.raises(
@@ -962,7 +991,8 @@ def test_teacher_with_other_labels_must_be_fine_tuned_on_the_task(tmp_path):
 
 
 def _teacher_always_predicting(teacher_dir: Path, label: int, id2label: dict[int, str]) -> None:
-    """Rewrite a saved classifier so that it predicts ``label`` for every input, under the given label names."""
+    """Rewrite a saved classifier so that it predicts ``label`` for every input, under the given label
+    names."""
     model = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
     with torch.no_grad():
         model.classifier.bias.copy_(
@@ -974,9 +1004,9 @@ def _teacher_always_predicting(teacher_dir: Path, label: int, id2label: dict[int
 
 def test_data_labels_are_numbered_by_the_teachers_label_names(tmp_path):
     """MNLI-style: string labels whose sorted order ("negative" 0, "positive" 1) is not the teacher's id2label
-    (POSITIVE 0, NEGATIVE 1). A teacher that always answers POSITIVE scores 1.0 on all-positive validation data
-    when the labels follow its names, and 0.0 when they are read by position (data.match_label_names=false);
-    other names are an error before training."""
+    (POSITIVE 0, NEGATIVE 1). A teacher that always answers POSITIVE scores 1.0 on all-positive validation
+    data when the labels follow its names, and 0.0 when they are read by position
+    (data.match_label_names=false); other names are an error before training."""
     task = make_text_task(tmp_path / "task")
     _teacher_always_predicting(Path(task["teacher"]), 0, {0: "POSITIVE", 1: "NEGATIVE"})
     names = {0: "negative", 1: "positive"}
@@ -1033,7 +1063,8 @@ def test_wandb_goes_online_with_the_key_that_wandb_login_saved(tmp_path, monkeyp
     monkeypatch.delenv("WANDB_BASE_URL")
     monkeypatch.setenv("NETRC", str(saved.rename(tmp_path / "netrc-elsewhere")))
     assert not _build_logger(node)._offline
-    # an entry for the host without a key, or a file that cannot be parsed (wandb finds no key either): offline
+    # an entry for the host without a key, or a file that cannot be parsed (wandb finds no key either):
+    # offline
     for text in ("machine api.wandb.ai\n  login user\n", 'garbage "unterminated\n'):
         (tmp_path / "netrc-elsewhere").write_text(text)
         assert _build_logger(node)._offline, text
@@ -1053,8 +1084,9 @@ def test_a_finished_run_is_not_trained_again_in_its_own_directory(task, tmp_path
 
 
 def test_a_finished_sweep_job_is_found_as_a_rerun_would_find_it(tmp_path):
-    """finished_run: the run a rerun would repeat, if it finished under the same configuration: the job's own
-    directory, or the same job (same overrides) of an earlier sweep, unless a newer copy of it is unfinished."""
+    """finished_run: the run a rerun would repeat, if it finished under the same configuration: the job's
+    own directory, or the same job (same overrides) of an earlier sweep, unless a newer copy of it is
+    unfinished."""
     from test_resume import _fake_run
 
     from distill_lab.resume import finished_run
@@ -1087,7 +1119,7 @@ def test_resumed_run_continues_its_wandb_run(task, tmp_path, monkeypatch, caplog
     out = tmp_path / "run"
     run_app(task, out, "logger=wandb", "trainer.max_epochs=1")
     (out / "results.json").unlink()  # as an interrupted run leaves it: checkpoints, no results
-    with caplog.at_level(logging.INFO, logger="distill_lab.run"):
+    with caplog.at_level(logging.INFO, logger="distill_lab.export"):
         run_app(task, out, "logger=wandb", "trainer.max_epochs=2")  # the same command: resumes here
     runs = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({name.rsplit("-", 1)[1] for name in runs}) == 1, runs
@@ -1135,7 +1167,7 @@ def test_a_run_that_trains_nothing_says_so(task, tmp_path, caplog, capsys):
     that the student was not trained. A run that trains records its optimizer steps."""
     import logging
 
-    with caplog.at_level(logging.WARNING, logger="distill_lab.run"):
+    with caplog.at_level(logging.WARNING, logger="distill_lab.checks"):
         run_app(task, tmp_path / "baseline", "trainer.max_epochs=0")
     assert "trainer.max_epochs=0: nothing is trained; the results are the student's as built" in caplog.text
     assert json.loads((tmp_path / "baseline" / "results.json").read_text())["trained_steps"] == 0
@@ -1163,7 +1195,7 @@ def test_the_best_checkpoints_evaluation_is_logged_under_best_not_as_another_val
 def test_throughput_is_measured_with_the_models_taking_turns():
     """Teacher and student are timed pass by pass in turn (best of the passes), not one after the other, so a
     change of the machine's load slows both alike; each model is in eval mode and warmed up first."""
-    from distill_lab.run import measure_throughput
+    from distill_lab.export import measure_throughput
 
     calls = []
 

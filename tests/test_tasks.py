@@ -49,7 +49,7 @@ def _kd_reference(student, teacher, labels, temperature, alpha):
     return alpha * ce + (1 - alpha) * temperature**2 * kl
 
 
-# ---------------------------------------------------------------------------------------------- losses, metrics
+# -------------------------------------------------------------------------------------------- losses, metrics
 
 
 def test_causal_lm_loss_and_perplexity_are_next_token(tmp_path):
@@ -75,8 +75,9 @@ def test_causal_lm_loss_and_perplexity_are_next_token(tmp_path):
 
 
 def test_perplexity_stays_finite_where_a_targets_probability_underflows():
-    """exp of the mean cross-entropy over the labelled positions, over updates, float64 reference; a target whose
-    probability is below float32's smallest (torchmetrics' Perplexity took its log: inf) counts its finite loss."""
+    """exp of the mean cross-entropy over the labelled positions, over updates, float64 reference; a target
+    whose probability is below float32's smallest (torchmetrics' Perplexity took its log: inf) counts its
+    finite loss."""
     task = get_task("causal_lm")
     metrics = task.metrics("val/", 5)
     g = torch.Generator().manual_seed(0)
@@ -113,9 +114,9 @@ def _padded(examples: list[dict]) -> dict:
 @pytest.mark.parametrize("loss", ["kl", "mse"])
 def test_validation_losses_do_not_depend_on_how_the_set_is_batched(tmp_path, loss):
     """A language model's val/output_loss weighs each labelled token once and the attention losses each valid
-    row (KL) or (row, key) entry (MSE): in batches of 1, 2 or 4, in any order, they equal the losses of the whole
-    set as one batch, and val/loss their objective. (Each batch weighing its examples gave a 3-token text the
-    weight of a 40-token one.)"""
+    row (KL) or (row, key) entry (MSE): in batches of 1, 2 or 4, in any order, they equal the losses of the
+    whole set as one batch, and val/loss their objective. (Each batch weighing its examples gave a 3-token
+    text the weight of a 40-token one.)"""
     import functools
 
     import lightning as L
@@ -245,7 +246,8 @@ def test_unknown_task_and_teacher_without_the_task_head_are_clear_errors(tmp_pat
         load_teacher(text["teacher"], task="masked_lm")
     with pytest.raises(
         ValueError,
-        match="built-in teacher .relations. is trained for task=sequence_classification and cannot teach task=causal_lm",
+        match="built-in teacher .relations. is trained for task=sequence_classification and cannot teach "
+        "task=causal_lm",
     ):
         load_teacher(str(tmp_path / "cache"), task="causal_lm", builtin="relations")
 
@@ -303,9 +305,9 @@ def _assert_same_batches(batches: list[dict], expected: list[dict]) -> None:
 
 def test_masked_lm_training_masks_depend_on_seed_epoch_and_examples_alone():
     """A training batch's masks are drawn from the data seed, the epoch and the batch's examples: each epoch
-    masks an example anew; a loader resumed mid-epoch (from a checkpoint's ``train_position``) and loaders with
-    worker processes mask exactly as the uninterrupted loader in the main process; the global random state is
-    left as it was (the dropout masks must not depend on the data's draws)."""
+    masks an example anew; a loader resumed mid-epoch (from a checkpoint's ``train_position``) and loaders
+    with worker processes mask exactly as the uninterrupted loader in the main process; the global random
+    state is left as it was (the dropout masks must not depend on the data's draws)."""
     data = _lm_data(mlm=True)
     rng = torch.get_rng_state()
     epochs = [_training_epoch(data, epoch) for epoch in range(2)]

@@ -90,7 +90,7 @@ class FiniteCheckpoints(L.Callback):
     """Refuses to write a checkpoint whose trainable weights are not finite, so every checkpoint on disk can
     be resumed.
 
-    The module stops on a non-finite loss before the update (``DistillationModule._stop_if_not_finite``),
+    The module stops on a non-finite loss before the update (``guards.StopOnNonFiniteLoss``),
     but a finite loss can still give non-finite gradients whose update leaves NaN weights; a step checkpoint
     written right after that update would then replace the last good ``last.ckpt``. The check runs only when
     a checkpoint is written (all parameters, once per save), and raises ``FloatingPointError`` naming the step
@@ -111,7 +111,7 @@ class InterruptedCheckpoint(L.Callback):
     run can resume from where it stopped (``ckpt_path=auto`` takes it when it is newer than ``last.ckpt``).
 
     Unlike Lightning's ``OnExceptionCheckpoint`` it writes nothing on a non-finite stop (a
-    ``FloatingPointError``: see ``DistillationModule.training_step`` and :class:`FiniteCheckpoints`) nor while
+    ``FloatingPointError``: see ``guards.StopOnNonFiniteLoss`` and :class:`FiniteCheckpoints`) nor while
     the trainable weights are non-finite: resuming there would replay the failing step, and the last good
     ``last.ckpt`` must stay the newest checkpoint. One written during a validation inside ``fit`` resumes by
     running that validation again (``resume.restart_validation``). Only exceptions during ``fit`` count (the

@@ -3,14 +3,14 @@
     L = (1 - w) * L_output + w * L_attention
     L_output = alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T)
 
-The module receives built objects (models, the attention-loss component, an optimizer factory); ``run.py``
-builds them from the config.
+The module receives built objects (models, the attention-loss component, an optimizer factory): ``run.py``
+builds it from the config's ``module`` node (``conf/module/``). It does distillation only; what keeps a run
+sound (stopping on a non-finite loss, the learning rate of a resumed run) are callbacks of ``guards.py`` that
+it registers, and which rows of a distributed validation batch are repeats is ``repeats.py``'s to say.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
@@ -23,19 +23,19 @@ from torchmetrics import Metric
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from distill_lab import _compat
-from distill_lab.capture import AttentionCapture, QueryKey
-from distill_lab.guards import describe_names, non_finite_parameters
+from distill_lab.capture import AttentionCapture
+from distill_lab.guards import RescaleResumedLearningRate, StopOnNonFiniteLoss
 from distill_lab.losses import distillation_objective
 from distill_lab.matching import AttentionDistillationLoss, gradient_head_importance, pair_name
+from distill_lab.repeats import batch_size, select_map_rows, select_rows, unrepeated_rows
 from distill_lab.tasks import SequenceClassification
-
-log = logging.getLogger(__name__)
 
 TEACHER_PREFIX = "teacher."
 
 
 class Step(NamedTuple):
-    """What one forward of teacher and student gives: the objective and its parts, logits, attention records."""
+    """What one forward of teacher and student gives: the objective and its parts, the logits, the attention
+    records."""
 
     loss: Tensor
     output_loss: Tensor
@@ -47,35 +47,11 @@ class Step(NamedTuple):
     teacher_maps: dict
 
 
-def _batch_size(batch: Mapping[str, Tensor]) -> int | None:
-    inputs = batch.get("input_ids", batch.get("pixel_values"))
-    return inputs.shape[0] if inputs is not None else None
-
-
-def _rows(batch: Mapping[str, Tensor], keep: Tensor) -> dict[str, Tensor]:
-    """The rows ``keep`` (a boolean mask) of every per-example tensor of ``batch``."""
-    return {k: v[keep] for k, v in batch.items() if isinstance(v, Tensor) and len(v) == len(keep)}
-
-
-def _map_rows(maps: Mapping, keep: Tensor) -> dict:
-    """The rows ``keep`` of captured attention (``{layer: probabilities or QueryKey record}``); a record's mask
-    or bias that is shared by the batch (first dimension 1) stays whole."""
-
-    def rows(x: Tensor | None) -> Tensor | None:
-        return x if x is None or x.shape[0] != len(keep) else x[keep]
-
-    return {
-        layer: dataclasses.replace(m, query=m.query[keep], key=m.key[keep], mask=rows(m.mask), bias=rows(m.bias))
-        if isinstance(m, QueryKey) else m[keep]
-        for layer, m in maps.items()
-    }  # fmt: skip
-
-
 class WeightedMean(Metric):
     """The mean of values, each weighted (by what its batch's mean averages over), over every process when
     computed. torchmetrics' ``MeanMetric`` drops the weights under ``nan_strategy="disable"``, and its other
-    strategies drop NaN values or raise on them, at a wait for the device per update; a NaN loss here makes the
-    mean NaN, as it should."""
+    strategies drop NaN values or raise on them, at a wait for the device per update; a NaN loss here makes
+    the mean NaN, as it should."""
 
     full_state_update = False
 
@@ -102,12 +78,16 @@ class DistillationModule(L.LightningModule):
         optimizer: a factory ``optimizer(params) -> torch.optim.Optimizer`` (a ``functools.partial``).
         attention_weight, temperature, alpha: the objective's ``w``, ``T`` and ``alpha``.
         warmup_ratio: share of the steps with a linear learning-rate warm-up; then linear decay to 0.
-        calibration_batch: a batch for modes that choose heads on data (``matching=selective``).
+        calibration_batch: a batch for modes that choose heads on data (``matching=selective``); any mapping
+            of tensors (a ``DictConfig`` of them, as Hydra's ``instantiate`` passes it, too).
         head_importance: ``"gradient"`` computes the teacher's gradient head importance on that batch.
         capture: ``"qk"`` (SDPA everywhere, attention losses from queries and keys) or ``"probs"`` (eager
             attention maps in the captured layers, the reference); see ``distill_lab.capture``.
         task: what the models are trained for (``distill_lab.tasks``): the output loss and the validation
             metrics; sequence classification by default.
+
+    The settings are not checked here: ``distill_lab.checks`` checks the config before anything is built, and
+    the functional losses (``kd_loss``, ``distillation_objective``) refuse values out of range when they run.
     """
 
     def __init__(
@@ -129,29 +109,23 @@ class DistillationModule(L.LightningModule):
         self.save_hyperparameters(
             ignore=["teacher", "student", "attention_loss", "optimizer", "calibration_batch", "task"]
         )
-        if not 0.0 <= attention_weight <= 1.0:
-            raise ValueError(f"attention_weight must be in [0, 1], got {attention_weight}")
-        if not 0.0 <= alpha <= 1.0:  # kd_loss checks both too, but only at the first step
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be above 0, got {temperature}")
         self.teacher = teacher.eval().requires_grad_(False)
         self.student = student
         self.attention_loss = attention_loss
         self.optimizer_factory = optimizer
-        self.calibration_batch = calibration_batch
+        self.calibration_batch = dict(calibration_batch) if calibration_batch is not None else None
         self.teacher_capture = AttentionCapture(teacher, attention_loss.teacher_layers, capture)
         self.student_capture = AttentionCapture(student, attention_loss.student_layers, capture)
         self.task = task if task is not None else SequenceClassification()
         num_classes = self.task.num_classes(student.config)
         self.val_metrics = self.task.metrics("val/", num_classes)
         self.teacher_metrics = self.task.metrics("val/teacher_", num_classes)
-        # the validation losses over the whole set: each batch's mean weighs what it averages over (the output
-        # loss: examples, or a language model's labelled tokens; the attention losses: valid query rows, or their
-        # valid keys for MSE), so the result does not depend on how the examples were batched or shared between
-        # processes; val/loss is then the objective of those two means. Not Lightning's averaging of logged values:
-        # it weighs batch sizes, synced as a mean of integers, which rounds down when the processes counted
-        # different numbers of examples (DDP, the repeats left out)
+        # the validation losses over the whole set: each batch's mean weighs what it averages over (the
+        # output loss: examples, or a language model's labelled tokens; the attention losses: valid query
+        # rows, or their valid keys for MSE), so the result does not depend on how the examples were batched
+        # or shared between processes; val/loss is then the objective of those two means. Not Lightning's
+        # averaging of logged values: it weighs batch sizes, synced as a mean of integers, which rounds down
+        # when the processes counted different numbers of examples (DDP, the repeats left out)
         names = [
             "output_loss",
             "attention_loss",
@@ -160,7 +134,9 @@ class DistillationModule(L.LightningModule):
         self.val_losses = torch.nn.ModuleDict({name: WeightedMean() for name in names})
         self.teacher_scores: dict[str, float] = {}
         self.strict_loading = False  # checkpoints leave the frozen teacher out
-        self._since_update: list = []  # (logged losses, batch index) of the micro-batches since the last update
+        # (logged losses, batch index) of the micro-batches since the last update: logged at the update, and
+        # checked for finiteness before it (guards.StopOnNonFiniteLoss)
+        self.since_update: list[tuple[dict[str, Tensor], int]] = []
         self.validated_step: int | None = None  # the optimizer steps taken at the last validation inside fit
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -170,11 +146,21 @@ class DistillationModule(L.LightningModule):
         self.teacher.eval()  # dropout stays off in the teacher whatever Lightning toggles
         return self
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The guards every fit needs, whatever callbacks the trainer was given: a stop before the update of
+        a non-finite loss, and the configured learning rate for a resumed run (see ``distill_lab.guards``).
+        A guard the trainer already holds (given, or added by an earlier fit or validation) is kept."""
+        trainer = _compat.attached_trainer(self)
+        held = {type(c) for c in (trainer.callbacks if trainer is not None else [])}
+        guards = (StopOnNonFiniteLoss(), RescaleResumedLearningRate())
+        return [guard for guard in guards if not any(issubclass(t, type(guard)) for t in held)]
+
     def on_fit_start(self) -> None:
         self.calibrate()
 
     def calibrate(self) -> None:
-        """Let a matching mode that chooses heads on data (selective) do so, once, on the calibration batch."""
+        """Let a matching mode that chooses heads on data (selective) do so, once, on the calibration
+        batch."""
         matching = self.attention_loss.matching
         if not hasattr(matching, "calibrate") or getattr(matching, "calibrated", True):
             return
@@ -227,7 +213,8 @@ class DistillationModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------ steps
 
     def forward(self, batch: Mapping[str, Tensor]) -> Step:
-        """Teacher (no grad) and student on one batch: the loss and its parts, the logits and the attentions."""
+        """Teacher (no grad) and student on one batch: the loss and its parts, the logits and the
+        attentions."""
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         with torch.no_grad():
             teacher_out, teacher_maps = self.teacher_capture(**inputs)
@@ -243,9 +230,8 @@ class DistillationModule(L.LightningModule):
         )
         attention_loss, details = self.attention_loss(student_maps, teacher_maps, batch.get("attention_mask"))
         loss = distillation_objective(output_loss, attention_loss, self.hparams.attention_weight)
-        return Step(
-            loss, output_loss, attention_loss, details, student_logits, teacher_logits, student_maps, teacher_maps
-        )  # fmt: skip
+        logits, maps = (student_logits, teacher_logits), (student_maps, teacher_maps)
+        return Step(loss, output_loss, attention_loss, details, *logits, *maps)
 
     def training_step(self, batch, batch_idx):
         loss, output_loss, attention_loss, details, *_ = self(batch)
@@ -256,15 +242,13 @@ class DistillationModule(L.LightningModule):
         }
         logged.update({f"train/attention/{k}": v for k, v in details.items()})
         # kept until the update: checked for finiteness and logged there (no wait for the device here)
-        self._since_update.append(({k: v.detach() for k, v in logged.items()}, batch_idx))
+        self.since_update.append(({k: v.detach() for k, v in logged.items()}, batch_idx))
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        micro_batches, self._since_update = self._since_update, []
-        if not micro_batches:
-            return
-        self._stop_if_not_finite(micro_batches)
-        self._log_update(micro_batches)
+        micro_batches, self.since_update = self.since_update, []
+        if micro_batches:  # guards.StopOnNonFiniteLoss has checked them (callbacks run before this hook)
+            self._log_update(micro_batches)
 
     def _log_update(self, micro_batches: list) -> None:
         """Log the losses of one optimizer update: under ``trainer.accumulate_grad_batches`` the mean over the
@@ -279,66 +263,23 @@ class DistillationModule(L.LightningModule):
         self.log_dict({k: mean[k] for k in progress}, prog_bar=True)
         self.log_dict({k: v for k, v in mean.items() if k not in progress})
 
-    def _stop_if_not_finite(self, micro_batches: list) -> None:
-        """Stop on a non-finite loss before the update, naming the step and the part that went non-finite (the
-        output loss, layer pairs). Checked once per optimizer step, after backward: one wait for the device
-        per step, and under DDP or FSDP one decision for all processes (a loss that is non-finite on one of them
-        has made every process's averaged gradients so), so they all stop together. The update never happens
-        and no checkpoint of it is written (``callbacks.InterruptedCheckpoint`` skips a ``FloatingPointError``),
-        so the newest checkpoint on disk holds the last good weights."""
-        finite = bool(torch.stack([logged["train/loss"] for logged, _ in micro_batches]).isfinite().all())
-        if self.trainer.strategy.reduce_boolean_decision(finite, all=True):
-            return
-        where = f"non-finite loss at step {self.global_step} (epoch {self.current_epoch}"
-        bad_here = [(logged, i) for logged, i in micro_batches if not torch.isfinite(logged["train/loss"])]
-        if not bad_here:
-            raise FloatingPointError(
-                f"{where}) in another process. Training stopped before this step's update; the newest checkpoint "
-                "holds the last good weights."
-            )
-        logged, batch_idx = bad_here[0]
-        attention = logged["train/attention_loss"]
-        pairs = {
-            k.removeprefix("train/attention/"): v
-            for k, v in logged.items()
-            if k.startswith("train/attention/")
-        }
-        parts = {"output loss": logged["train/output_loss"]}
-        parts.update(
-            {f"layer pair {k}": v for k, v in pairs.items() if "/" not in k}
-        )  # not the heads ("L3->1/h0")
-        bad = [f"{name} = {v.item()}" for name, v in parts.items() if not torch.isfinite(v)]
-        if not bad:  # every part is finite, their weighted sum is not
-            bad = [
-                f"the weighted sum of output loss {parts['output loss'].item()} and attention loss {attention.item()}"
-            ]
-        weights = non_finite_parameters(self.student)
-        cause = (
-            f"; the student's weights were already non-finite ({describe_names(weights)}): the previous update made them so"
-            if weights
-            else ""
-        )
-        raise FloatingPointError(
-            f"{where}, batch {batch_idx}): {', '.join(bad)}{cause}. Training stopped before this step's update; the "
-            "newest checkpoint holds the last good weights. Lower optimizer.lr, or check the data of this batch."
-        )
-
     def validation_step(self, batch, batch_idx) -> Step | None:
-        # the metrics and losses count every validation example once, as in one process (see _unrepeated_rows)
-        real = self._unrepeated_rows(batch_idx, _batch_size(batch))
+        # the metrics and losses count every validation example once, as in one process (see repeats.py)
+        real = unrepeated_rows(self.trainer.val_dataloaders, batch_idx, batch_size(batch))
+        real = real.to(self.device) if real is not None else None
         if real is not None and not isinstance(self.trainer.strategy, FSDPStrategy):
             # DDP: the forward of this process's own examples only (no collective runs inside this step)
-            batch, real = _rows(batch, real), None
-            if not _batch_size(batch):  # every row a repeat: nothing to count
+            batch, real = select_rows(batch, real), None
+            if not batch_size(batch):  # every row a repeat: nothing to count
                 return None
         step = own = self(batch)
         if real is not None:
-            # FSDP: every process runs the forward on its whole batch (each joins the others' parameter gathers);
-            # the losses and metrics are then taken over its own rows, from that forward's logits and attention
-            # (which needs no parameter, so no other process)
-            batch = _rows(batch, real)
+            # FSDP: every process runs the forward on its whole batch (each joins the others' parameter
+            # gathers); the losses and metrics are then taken over its own rows, from that forward's logits
+            # and attention (which needs no parameter, so no other process)
+            batch = select_rows(batch, real)
             if real.any():
-                maps = (_map_rows(step.student_maps, real), _map_rows(step.teacher_maps, real))
+                maps = (select_map_rows(step.student_maps, real), select_map_rows(step.teacher_maps, real))
                 own = self._objective(batch, step.student_logits[real], step.teacher_logits[real], *maps)
             else:  # every row a repeat: the losses below weigh nothing
                 own = step._replace(
@@ -362,30 +303,9 @@ class DistillationModule(L.LightningModule):
                     attention_loss if name == "attention_loss" else details[name.removeprefix("attention/")],
                     attention_weight,
                 )
-        # callbacks.AttentionMapCallback draws from it (no forward of its own, which FSDP would need every process
-        # to join)
+        # callbacks.AttentionMapCallback draws from it (no forward of its own, which FSDP would need every
+        # process to join)
         return step
-
-    def _unrepeated_rows(self, batch_idx: int, rows: int | None) -> Tensor | None:
-        """Which rows of validation batch ``batch_idx`` are examples this process is the first to see, or None
-        when all are. Under DDP, Lightning's ``DistributedSampler`` pads the validation set to a multiple of the
-        process count by repeating its first examples at the end; process ``r`` takes every ``world``-th example
-        from position ``r``, so its row ``j`` is a repeat exactly when ``r + j * world`` reaches the set's size."""
-        loader = self.trainer.val_dataloaders
-        sampler = getattr(loader, "sampler", None)
-        if (
-            rows is None
-            or not isinstance(sampler, torch.utils.data.DistributedSampler)
-            or sampler.shuffle
-            or sampler.drop_last
-        ):
-            return None
-        size = len(sampler.dataset)
-        if size % sampler.num_replicas == 0:
-            return None
-        positions = sampler.rank + (batch_idx * loader.batch_size + torch.arange(rows)) * sampler.num_replicas
-        real = positions < size  # on the CPU: only a process's last batch can hold a repeat
-        return None if bool(real.all()) else real.to(self.device)
 
     def on_validation_epoch_end(self) -> None:
         # over every process's share of the validation set under DDP and FSDP: the metrics sync themselves, so
@@ -408,26 +328,6 @@ class DistillationModule(L.LightningModule):
             self.log_dict(self.teacher_scores, sync_dist=True)
 
     # ------------------------------------------------------------------------------------------ optimisation
-
-    def on_train_start(self) -> None:
-        """A run resumed under another ``optimizer.lr`` than its checkpoint's trains on at the configured rate.
-
-        Lightning restores the checkpoint's optimizer and schedule, whose base rate is the one the run started
-        with, so a changed ``optimizer.lr`` (e.g. lowered after a non-finite loss) would have no effect. The
-        schedule keeps its position (warm-up, linear decay); only its base rate changes."""
-        scheduler = self.lr_schedulers()
-        configured = self.optimizer_factory([torch.nn.Parameter(torch.zeros(()))]).defaults["lr"]
-        if scheduler is None or all(base == configured for base in scheduler.base_lrs):
-            return
-        log.warning(
-            "optimizer.lr=%g, and the checkpoint's run used %s: training on at %g times the rates of its schedule",
-            configured, ", ".join(f"{base:g}" for base in sorted(set(scheduler.base_lrs))),
-            configured / scheduler.base_lrs[0],
-        )  # fmt: skip
-        for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
-            group["lr"] *= configured / base
-            group["initial_lr"] = configured
-        scheduler.base_lrs = [configured] * len(scheduler.base_lrs)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory([p for p in self.student.parameters() if p.requires_grad])

@@ -1,0 +1,212 @@
+"""Configuration checks: each setting is validated here, once, and what the config alone can tell is wrong is
+refused before a teacher is loaded, downloaded or trained (:func:`check_config`).
+
+A few checks need what the config builds (the models' position tables and outputs, the device the trainer
+runs on): :func:`check_positions`, :func:`check_outputs` and :func:`check_fused_kernel` take the built
+objects. Nothing here instantiates a config; the parts that are built (the module, the attention component)
+do not check these settings again.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from hydra.utils import get_object
+from lightning.pytorch.strategies import FSDPStrategy
+from omegaconf import DictConfig, OmegaConf
+
+from distill_lab.capture import num_attention_heads
+from distill_lab.data import check_sizes
+from distill_lab.models import position_limit
+from distill_lab.resume import started_by_a_launcher
+from distill_lab.tasks import TASKS
+
+log = logging.getLogger(__name__)
+
+# what each value of the objective and the schedule must be, and the rule as its error states it
+RANGES = {
+    "attention_weight": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "alpha": (lambda v: 0 <= v <= 1, "in [0, 1] (the cross-entropy's share of the output loss)"),
+    "temperature": (lambda v: v > 0, "above 0 (1 leaves the logits as they are; 2 to 4 is usual)"),
+    "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1) (the share of the optimizer steps spent warming up)"),
+}
+ATTENTION_TEMPERATURE = (lambda v: v > 0, "above 0 (the attention KL's; temperature= is the output loss's)")
+
+
+def check_config(cfg: DictConfig, task) -> None:
+    """Everything the config alone can tell is wrong, in the order a user meets it: the metric the best
+    checkpoint follows, the objective's settings, the data option against the task and the data sizes, the
+    trainer's limits, and the settings that cannot go together (a capture a loss cannot use, a head
+    importance a sharded teacher cannot give). ``task`` is the built ``cfg.task``. (Whether a launched
+    process named its run directory, :func:`check_launched_directory`, is checked before the run directory
+    is chosen.)"""
+    check_optimized_metric(cfg, task)
+    check_settings(cfg)
+    check_data(cfg, task)
+    check_trainer_limits(cfg.trainer)
+    check_capture(cfg)
+    check_head_importance(cfg)
+    warn_if_nothing_trains(cfg.trainer)
+
+
+def check_launched_directory(named: bool | None) -> None:
+    """``named``: whether the run directory was named on the command line (None outside ``@hydra.main``).
+    Processes that torchrun or srun start each compose their own config: Hydra's directory of the clock
+    (``outputs/DATE/TIME``) can differ between them by a second, and then they would neither write to one run
+    directory nor resume the same checkpoint. Such a run must name its directory."""
+    if started_by_a_launcher() and named is False:
+        raise ValueError(
+            "this process is one of several that torchrun or srun started, and each composes its own run "
+            "directory from the clock (outputs/DATE/TIME), which can differ between them: give them one, "
+            "e.g. hydra.run.dir=outputs/my_run (under SLURM: hydra.run.dir=outputs/$SLURM_JOB_ID)"
+        )
+
+
+def check_optimized_metric(cfg: DictConfig, task) -> None:
+    """``optimized_metric`` (what the best checkpoint follows, what ``train.py`` returns to a sweeper) must be
+    one of the student's validation metrics, and ``optimized_mode`` the direction in which it improves. Their
+    names and directions do not depend on the number of classes, so this needs no teacher."""
+    metrics = task.metrics("val/", 2)
+    better = {name: metric.higher_is_better for name, metric in metrics.items(keep_base=False)}
+    if cfg.optimized_metric not in better:
+        raise ValueError(
+            f"optimized_metric={cfg.optimized_metric} is not a validation metric of task={task.name}: choose "
+            f"one of {', '.join(better)}"
+        )
+    mode = "max" if better[cfg.optimized_metric] else "min"
+    if cfg.optimized_mode != mode:
+        raise ValueError(
+            f"optimized_mode={cfg.optimized_mode}, but {cfg.optimized_metric} is better when "
+            f"{'higher' if mode == 'max' else 'lower'}: set optimized_mode={mode}"
+        )
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """The objective's weights and temperatures and the warm-up's share (:data:`RANGES`), as the user sets
+    them (``attention_weight=``...; the module node takes them from there)."""
+    ranges = dict(RANGES)
+    if "temperature" in cfg.loss:  # the attention KL's own, beside the output loss's
+        ranges["loss.temperature"] = ATTENTION_TEMPERATURE
+    for key, (valid, rule) in ranges.items():
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not valid(value):
+            raise ValueError(f"{key}={value} must be {rule}")
+
+
+def check_data(cfg: DictConfig, task) -> None:
+    """The data option's kind against the task (a data module of another task's kind; your own module is
+    yours to pair), the task's own requirements of the data config, and the data sizes."""
+    data_class = get_object(cfg.data._target_)
+    kinds = tuple({get_object(t.data_module) for t in TASKS.values()})
+    if (
+        isinstance(data_class, type)
+        and issubclass(data_class, kinds)
+        and not issubclass(data_class, get_object(task.data_module))
+    ):
+        raise ValueError(
+            f"task={task.name} takes data={' | '.join(task.data_configs)}, but the data config builds "
+            f"{data_class.__name__}: choose a data option of the task"
+        )
+    task.check_data_config(cfg.data)
+    check_sizes(cfg.data)
+
+
+def check_trainer_limits(trainer: DictConfig) -> None:
+    """Trainer settings the run cannot end well with: no validation (it picks the best checkpoint and
+    measures the results, so the run would train, then fail at its end) and no end of training (the
+    learning-rate schedule decays over a finite number of steps)."""
+    limit = trainer.get("limit_val_batches")
+    if limit is not None and not isinstance(limit, bool) and limit == 0:
+        raise ValueError(
+            f"trainer.limit_val_batches={limit} turns validation off, but validation picks the best "
+            "checkpoint and measures the results the run reports: keep some (e.g. "
+            "trainer.limit_val_batches=0.1 for a tenth of the validation set, or data.max_eval_samples=200)"
+        )
+    if trainer.get("max_steps", -1) == -1 and trainer.get("max_epochs") == -1:
+        raise ValueError(
+            f"trainer.max_epochs={trainer.get('max_epochs')} with trainer.max_steps="
+            f"{trainer.get('max_steps', -1)} never ends training, and the learning rate decays linearly to 0 "
+            "over the run's steps: set trainer.max_epochs or trainer.max_steps"
+        )
+
+
+def check_capture(cfg: DictConfig) -> None:
+    """``loss=mse_scores`` compares pre-softmax scores, which only the qk capture records."""
+    if cfg.loss.get("name") == "mse_scores" and cfg.capture != "qk":
+        raise ValueError(
+            f"loss=mse_scores compares pre-softmax scores and needs capture=qk, not capture={cfg.capture}"
+        )
+
+
+def check_head_importance(cfg: DictConfig) -> None:
+    """``matching.importance=gradient`` takes the teacher's gradients on the calibration batch, outside a
+    training step, which a teacher sharded by FSDP cannot give; heads fixed in pairs (``matching.heads=
+    [[t, s], ...]``) need no calibration."""
+    heads = cfg.matching.get("heads")
+    fixed = heads is not None and all(not isinstance(h, int) for h in heads)
+    if cfg.matching.get("importance") == "gradient" and not fixed and _sharded(cfg.trainer):
+        raise ValueError(
+            "matching.importance=gradient needs the teacher's gradients outside a training step, which a "
+            "teacher sharded by trainer=fsdp cannot give: use matching.importance=entropy, or fix the heads "
+            "with matching.heads=[...]"
+        )
+
+
+def _sharded(trainer: DictConfig) -> bool:
+    """Whether the trainer config asks for FSDP (``trainer=fsdp``'s strategy node, or ``strategy: fsdp``)."""
+    strategy = trainer.get("strategy")
+    if isinstance(strategy, str):
+        return strategy.startswith("fsdp")
+    if OmegaConf.is_dict(strategy) and "_target_" in strategy:
+        target = get_object(strategy._target_)
+        return isinstance(target, type) and issubclass(target, FSDPStrategy)
+    return False
+
+
+def warn_if_nothing_trains(trainer: DictConfig) -> None:
+    """A run of 0 epochs, steps or batches is allowed: a baseline before distillation. It is said once."""
+    for key in ("max_epochs", "max_steps", "limit_train_batches"):
+        if (value := trainer.get(key)) is not None and not isinstance(value, bool) and value == 0:
+            log.warning(
+                "trainer.%s=%s: nothing is trained; the results are the student's as built (a baseline "
+                "before distillation), and results.json records \"trained_steps\": 0", key, value,
+            )  # fmt: skip
+
+
+def check_positions(model, role: str, max_length: int | None) -> None:
+    """``data.max_length`` tokens must fit a model with a table of absolute positions (BERT's 512)."""
+    limit = position_limit(model)
+    if max_length is not None and limit is not None and max_length > limit:
+        raise ValueError(
+            f"data.max_length={max_length}, but the {role} ({type(model).__name__}) has position embeddings "
+            f"for {limit} tokens: set data.max_length={limit} or less"
+        )
+
+
+def check_outputs(task, teacher, student) -> None:
+    """The output loss compares the two models' distributions entry by entry: the student's output must
+    have the teacher's size (its labels, or its vocabulary)."""
+    if (size := task.num_classes(student.config)) != (wanted := task.num_classes(teacher.config)):
+        what = (
+            "the vocabulary"
+            if task.inputs == "text" and not task.name.endswith("classification")
+            else "the labels"
+        )
+        raise ValueError(
+            f"the student's output has {size} entries but the teacher's {wanted} (task={task.name}: {what}): "
+            "the student must use the teacher's tokenizer and vocabulary"
+        )
+
+
+def check_fused_kernel(cfg: DictConfig, attention_loss, device_type: str, teacher, student) -> None:
+    """``fused_kernel=true`` insists on the Triton kernels: refused where they cannot run (the device, the
+    capture, the matching mode, the heads), quoting why, before the first step."""
+    if cfg.fused_kernel and (
+        problems := attention_loss.fused_problems(
+            device_type, cfg.capture, num_attention_heads(teacher), num_attention_heads(student)
+        )
+    ):
+        raise ValueError(
+            f"fused_kernel=true, but the fused attention kernels cannot run here: {'; '.join(problems)}. "
+            "Use fused_kernel=null to take them wherever they apply, or fused_kernel=false."
+        )
