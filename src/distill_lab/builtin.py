@@ -1,6 +1,6 @@
 """The built-in offline teachers, one per task, trained on first use and cached with ``save_pretrained``.
 
-The text task (``distill_lab.data.synthetic_relations``) is sentiment with negation: one sentiment word whose
+The text task (``distill_lab.data_synthetic.synthetic_relations``) is sentiment with negation: one sentiment word whose
 polarity flips when the word before it is "not", among neutral words and stray "not"s. Its label is a
 relation between two tokens, so a model must attend from one to the other to solve it, which makes it a
 fair small test of attention distillation. Its teacher is a 4-layer BERT (hidden 64) trained here in about
@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from transformers import BertConfig, LlamaConfig, PretrainedConfig, ViTConfig
 
-from distill_lab.data import TextClassificationData, build_word_tokenizer, synthetic_relations
+from distill_lab.data import TextClassificationData
+from distill_lab.data_synthetic import build_word_tokenizer, synthetic_relations
 from distill_lab.tasks import get_task
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from datasets import ClassLabel, DatasetDict, load_dataset
 
-from distill_lab.data import TrainValidationData, check_both_splits, class_ids
+from distill_lab.data import check_both_splits, class_ids
+from distill_lab.data_module import TrainValidationData
 
 
 def synthetic_stripes(
@@ -72,7 +73,7 @@ class ImageFolderData(TrainValidationData):
     Args:
         dataset: Train and validation splits with an image column and a label column: a ``ClassLabel``, as
             :func:`image_folders` gives, or ints or strings as for text classification (see
-            :class:`~distill_lab.data.TrainValidationData` for it and for ``batch_size``, ``eval_batch_size``,
+            :class:`~distill_lab.data_module.TrainValidationData` for it and for ``batch_size``, ``eval_batch_size``,
             ``num_workers``, ``max_train_samples``, ``max_eval_samples``, ``seed``).
         image_processor: The teacher's image processor; may be assigned before :meth:`setup`.
         image_column, label_column: Column names.

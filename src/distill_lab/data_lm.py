@@ -31,7 +31,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from distill_lab.data import EpochTagged, TrainValidationData, check_sizes, synthetic_relations
+from distill_lab.data_module import EpochTagged, TrainValidationData, check_sizes
+from distill_lab.data_synthetic import synthetic_relations
 
 
 def synthetic_text(num_train: int = 4000, num_validation: int = 500, seed: int = 0) -> DatasetDict:
@@ -52,7 +53,7 @@ class _CausalLMCollator(DataCollatorForLanguageModeling):
 
 
 class _EpochMaskedCollator(DataCollatorForLanguageModeling):
-    """``DataCollatorForLanguageModeling(mlm=True)`` for training rows read through :class:`~distill_lab.data.EpochTagged`:
+    """``DataCollatorForLanguageModeling(mlm=True)`` for training rows read through :class:`~distill_lab.data_module.EpochTagged`:
     each batch is masked with random numbers seeded by ``seed`` and the batch's ``(epoch, index)`` pairs.
 
     The transformers collator's own ``seed`` gives a generator whose running state decides the masks: a
@@ -88,7 +89,7 @@ class LanguageModelingData(TrainValidationData):
             texts at a time (as transformers' ``run_mlm`` and ``run_clm`` do): the incomplete block at the end of
             each 1000 is dropped, at most ``max_length - 1`` tokens of 1000 texts.
         dataset, batch_size, eval_batch_size, num_workers, max_train_samples, max_eval_samples, seed: see
-            :class:`~distill_lab.data.TrainValidationData` (the seed also draws the masks).
+            :class:`~distill_lab.data_module.TrainValidationData` (the seed also draws the masks).
     """
 
     def __init__(
