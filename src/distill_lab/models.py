@@ -266,31 +266,9 @@ def _per_layer_settings(config, sources: list[int], num_teacher_layers: int) -> 
             log.info("student config: %s taken from the teacher's layers %s", key, sources)
 
 
-def derive_student(
-    teacher: PreTrainedModel,
-    num_layers: int,
-    num_heads: int | None = None,
-    hidden_size: int | None = None,
-    intermediate_size: int | None = None,
-    init: str = "teacher",
-) -> PreTrainedModel:
-    """A student of the teacher's architecture with ``num_layers`` layers (and optionally fewer heads or a
-    narrower hidden size).
-
-    With ``init="teacher"``, student layer j starts from teacher layer ``layer_map(..., "uniform")[j]`` and
-    the embeddings and head from the teacher's, wherever the tensor shapes agree; everything else keeps its
-    random initialisation. ``init="random"`` skips the copy. The split is logged.
-    """
-    check_capturable(teacher)  # one self-attention per layer, or no layer map could pair teacher and student
-    config = copy.deepcopy(teacher.config)
-    num_teacher_layers = config.num_hidden_layers
-    if not 1 <= num_layers <= num_teacher_layers:
-        raise ValueError(
-            f"student.num_layers={num_layers} must be between 1 and the teacher's {num_teacher_layers} layers"
-        )
-    config.num_hidden_layers = num_layers
-    source_layer = dict((s, t) for t, s in layer_map(num_teacher_layers, num_layers, "uniform"))
-    _per_layer_settings(config, [source_layer[j] for j in range(num_layers)], num_teacher_layers)
+def _narrow(config, num_heads: int | None, hidden_size: int | None, intermediate_size: int | None) -> None:
+    """Give the student's config (a copy of the teacher's) ``num_heads`` heads, a ``hidden_size`` and an
+    ``intermediate_size`` (feed-forward width), where set."""
     # a head size of its own (Gemma: 256 at any width) stays; one derived from the width (LLaMA, Qwen3's
     # configs store hidden / heads) is derived again from the student's
     head_dim = getattr(config, "head_dim", None)
@@ -322,29 +300,62 @@ def derive_student(
             setattr(config, key, intermediate_size)
     if not own_head_dim and config.hidden_size % config.num_attention_heads:
         raise ValueError(
-            f"the student's hidden_size {config.hidden_size} is not divisible by its {config.num_attention_heads} heads"
+            f"the student's hidden_size {config.hidden_size} is not divisible by its "
+            f"{config.num_attention_heads} heads"
         )
+
+
+def _copy_teacher_tensors(student: PreTrainedModel, teacher: PreTrainedModel, source_layer: dict) -> None:
+    """Copy into ``student`` every teacher tensor of the same shape, student layer j's from teacher layer
+    ``source_layer[j]``; the rest keeps its random initialisation. The split is logged."""
+    teacher_state = teacher.state_dict()
+    copied, total = 0, 0
+    with torch.no_grad():
+        for key, param in student.state_dict().items():
+            total += 1
+            match = _LAYER_INDEX.search(key)
+            source = key
+            if match:
+                layer = int(match.group(1))
+                source = f"{key[: match.start()]}.{source_layer.get(layer, layer)}.{key[match.end() :]}"
+            # a tensor only the teacher's first layer has (T5's relative-position bias) comes from there
+            value = teacher_state.get(source, teacher_state.get(key))
+            if value is not None and value.shape == param.shape:
+                param.copy_(value)
+                copied += 1
+    log.info("student initialised from the teacher: %d of %d tensors copied, the rest random", copied, total)
+
+
+def derive_student(
+    teacher: PreTrainedModel,
+    num_layers: int,
+    num_heads: int | None = None,
+    hidden_size: int | None = None,
+    intermediate_size: int | None = None,
+    init: str = "teacher",
+) -> PreTrainedModel:
+    """A student of the teacher's architecture with ``num_layers`` layers (and optionally fewer heads or a
+    narrower hidden size).
+
+    With ``init="teacher"``, student layer j starts from teacher layer ``layer_map(..., "uniform")[j]`` and
+    the embeddings and head from the teacher's, wherever the tensor shapes agree; everything else keeps its
+    random initialisation. ``init="random"`` skips the copy. The split is logged.
+    """
+    check_capturable(teacher)  # one self-attention per layer, or no layer map could pair teacher and student
+    config = copy.deepcopy(teacher.config)
+    num_teacher_layers = config.num_hidden_layers
+    if not 1 <= num_layers <= num_teacher_layers:
+        raise ValueError(
+            f"student.num_layers={num_layers} must be between 1 and the teacher's {num_teacher_layers} layers"
+        )
+    config.num_hidden_layers = num_layers
+    source_layer = dict((s, t) for t, s in layer_map(num_teacher_layers, num_layers, "uniform"))
+    _per_layer_settings(config, [source_layer[j] for j in range(num_layers)], num_teacher_layers)
+    _narrow(config, num_heads, hidden_size, intermediate_size)
     if init not in ("teacher", "random"):
         raise ValueError(f"student.init={init!r}; valid: 'teacher', 'random'")
     student = type(teacher)(config)
     if init == "teacher":
-        teacher_state = teacher.state_dict()
-        copied, total = 0, 0
-        with torch.no_grad():
-            for key, param in student.state_dict().items():
-                total += 1
-                match = _LAYER_INDEX.search(key)
-                source = key
-                if match:
-                    layer = int(match.group(1))
-                    source = f"{key[: match.start()]}.{source_layer.get(layer, layer)}.{key[match.end() :]}"
-                # a tensor only the teacher's first layer has (T5's relative-position bias) comes from there
-                value = teacher_state.get(source, teacher_state.get(key))
-                if value is not None and value.shape == param.shape:
-                    param.copy_(value)
-                    copied += 1
-        log.info(
-            "student initialised from the teacher: %d of %d tensors copied, the rest random", copied, total
-        )
+        _copy_teacher_tensors(student, teacher, source_layer)
     student.train()
     return student
