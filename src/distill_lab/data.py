@@ -79,8 +79,8 @@ def hub_dataset(
     """
     if path is None:
         raise ValueError(
-            "data.dataset.path is not set: name the Hub dataset, e.g. data.dataset.path=glue data.dataset.name=sst2 "
-            "(or data=local with your own files)"
+            "data.dataset.path is not set: name the Hub dataset, e.g. data.dataset.path=glue "
+            "data.dataset.name=sst2 (or data=local with your own files)"
         )
     label = path if name is None else f"{path}/{name}"
     try:
@@ -115,8 +115,8 @@ def _load_file(path: str | Path) -> Dataset:
     except Exception as err:  # datasets names neither the file nor, often, the cause (an empty file...)
         cause = err.__cause__ or err.__context__ or err
         raise ValueError(
-            f"cannot read data file {str(path)!r} as {builder}: {type(cause).__name__}: {cause} (is it empty, or not "
-            f"{suffix[1:]}?)"
+            f"cannot read data file {str(path)!r} as {builder}: {type(cause).__name__}: {cause} (is it "
+            f"empty, or not {suffix[1:]}?)"
         ) from err
 
 
@@ -156,18 +156,19 @@ def class_ids(
 
     - a ``ClassLabel`` (glue, an image folder's sub-folders): its own names and ids; a validation split with a
       ``ClassLabel`` must have the same classes.
-    - strings: the train split's values, sorted (as numbers where all are whole numbers: ``"2"`` before ``"10"``).
+    - strings: the train split's values, sorted (as numbers where all are whole numbers: ``"2"`` before
+      ``"10"``).
     - ints: the ids themselves, names ``"0"`` to the largest id in either split.
 
-    Where the model (the teacher) names its classes, named classes (a ``ClassLabel`` or strings) are then mapped
-    to the model's ids by name, ignoring case: MNLI's ``entailment, neutral, contradiction`` against a teacher
-    whose ``id2label`` reads ``CONTRADICTION, NEUTRAL, ENTAILMENT`` swaps ids 0 and 2, where a positional
-    reading would teach (and score) the student against swapped labels. Int labels carry no names and stay
-    positional.
+    Where the model (the teacher) names its classes, named classes (a ``ClassLabel`` or strings) are then
+    mapped to the model's ids by name, ignoring case: MNLI's ``entailment, neutral, contradiction`` against a
+    teacher whose ``id2label`` reads ``CONTRADICTION, NEUTRAL, ENTAILMENT`` swaps ids 0 and 2, where a
+    positional reading would teach (and score) the student against swapped labels. Int labels carry no names
+    and stay positional.
 
     Args:
-        raw: ``train`` and ``validation`` splits, both with ``label_column`` (before any subsampling: a subset may
-            miss a class).
+        raw: ``train`` and ``validation`` splits, both with ``label_column`` (before any subsampling: a subset
+            may miss a class).
         label_column: The label column (``data.label_column``).
         model_labels: The model's class names in id order (:func:`~distill_lab.tasks.model_label_names`), or
             None where the model has none (transformers' ``LABEL_0, LABEL_1, ...``).
@@ -179,18 +180,18 @@ def class_ids(
 
     Raises:
         ValueError: Labels of another type (float scores, multi-label lists), other classes in the validation
-            split than in the train split, ids that are no class (e.g. -1), or named classes the model does not
-            have (a subset of the model's classes is numbered as the model numbers them, with a warning).
+            split than in the train split, ids that are no class (e.g. -1), or named classes the model does
+            not have (a subset of the model's classes is numbered as the model numbers them, with a warning).
     """
     feature = raw["train"].features[label_column]
     dtype = getattr(feature, "dtype", None) or ""  # a list (multi-label) feature has none
     key = f"data.label_column={label_column!r}"
     if not (isinstance(feature, ClassLabel) or dtype in ("string", "large_string") or "int" in dtype):
         raise ValueError(
-            f"{key} holds labels of type {feature} (first values: {raw['train'][:3][label_column]}); classification "
-            "needs int, string or ClassLabel labels. Float labels that are whole numbers (a csv column with an empty "
-            "cell reads as float) need a cast to int in the data; regression scores and multi-label lists are not "
-            "supported"
+            f"{key} holds labels of type {feature} (first values: {raw['train'][:3][label_column]}); "
+            "classification needs int, string or ClassLabel labels. Float labels that are whole numbers (a "
+            "csv column with an empty cell reads as float) need a cast to int in the data; regression scores "
+            "and multi-label lists are not supported"
         )
     train_values = set(raw["train"][label_column])
     validation_values = set(raw["validation"][label_column])
@@ -199,8 +200,8 @@ def class_ids(
         other = raw["validation"].features[label_column]
         if isinstance(other, ClassLabel) and other.names != names:
             raise ValueError(
-                f"{key}: the train and validation splits have different classes: {names} vs {other.names}; give "
-                "both splits the same classes (for image folders, the same class sub-folders)"
+                f"{key}: the train and validation splits have different classes: {names} vs {other.names}; "
+                "give both splits the same classes (for image folders, the same class sub-folders)"
             )
     elif dtype in ("string", "large_string"):
         numeric = all(v.strip().lstrip("-").isdigit() for v in train_values)
@@ -230,21 +231,22 @@ def _to_model_ids(
     model_ids = {_label_key(name): i for i, name in enumerate(model_labels)}
     if len(model_ids) != len(model_labels):
         raise ValueError(
-            f"{key}: the teacher's id2label {list(model_labels)} names a class twice (ignoring case), so the data's "
-            f"classes {names} cannot be matched to its ids by name; if the data's ids are the teacher's, set "
-            "data.match_label_names=false, else fix the teacher config's id2label"
+            f"{key}: the teacher's id2label {list(model_labels)} names a class twice (ignoring case), so the "
+            f"data's classes {names} cannot be matched to its ids by name; if the data's ids are the "
+            "teacher's, set data.match_label_names=false, else fix the teacher config's id2label"
         )
     data_keys = [_label_key(name) for name in names]
     if not set(data_keys) <= set(model_ids):
         raise ValueError(
-            f"{key}: the data's classes {names} are not the teacher's {list(model_labels)} (its config's id2label, "
-            "compared by name, ignoring case). Give the teacher trained on these classes; if they are the same "
-            "classes under other names, in the same id order, set data.match_label_names=false"
+            f"{key}: the data's classes {names} are not the teacher's {list(model_labels)} (its config's "
+            "id2label, compared by name, ignoring case). Give the teacher trained on these classes; if they "
+            "are the same classes under other names, in the same id order, set data.match_label_names=false"
         )
     if absent := [name for name in model_labels if _label_key(name) not in data_keys]:
         # a subset of the teacher's classes is still numbered by name: the student keeps the teacher's head
         log.warning(
-            "%s: the data has no class %s of the teacher's %s; the student keeps all %d of the teacher's classes",
+            "%s: the data has no class %s of the teacher's %s; the student keeps all %d of the teacher's "
+            "classes",
             key, absent, list(model_labels), len(model_labels),
         )  # fmt: skip
     renumbered = [model_ids[k] for k in data_keys]
@@ -327,8 +329,9 @@ class TextClassificationData(TrainValidationData):
         if self.max_length <= special + (self.text_pair_column is not None):
             # the tokenizer then keeps every token (it cannot truncate below its special tokens), silently
             raise ValueError(
-                f"data.max_length={self.max_length} leaves no room for text: the tokenizer adds {special} special "
-                f"tokens to each {'pair' if self.text_pair_column else 'text'}; give at least {special + 2}"
+                f"data.max_length={self.max_length} leaves no room for text: the tokenizer adds {special} "
+                f"special tokens to each {'pair' if self.text_pair_column else 'text'}; give at least "
+                f"{special + 2}"
             )
         raw = self.load_splits(
             {

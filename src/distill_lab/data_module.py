@@ -19,9 +19,9 @@ from distill_lab.resume import ResumableDistributedSampler, ResumableRandomSampl
 
 
 def check_sizes(options) -> None:
-    """The data options that count something must be whole numbers in range: ``batch_size``, ``max_length`` and,
-    where set, ``eval_batch_size``, ``max_train_samples``, ``max_eval_samples`` at least 1, ``num_workers`` at
-    least 0. Checked by the data modules and, from the config, before a run loads anything.
+    """The data options that count something must be whole numbers in range: ``batch_size``, ``max_length``
+    and, where set, ``eval_batch_size``, ``max_train_samples``, ``max_eval_samples`` at least 1,
+    ``num_workers`` at least 0. Checked by the data modules and, from the config, before a run loads anything.
 
     Args:
         options: The data options (a ``data`` config or a data module's arguments); absent keys are skipped.
@@ -46,9 +46,10 @@ def check_sizes(options) -> None:
 
 class EpochTagged(torch.utils.data.Dataset):
     """A dataset read through a sampler made with ``tagged=True`` (``resume.ResumableRandomSampler``), which
-    yields ``(epoch, index)`` pairs: row ``index`` of ``dataset`` with ``{KEY: (epoch, index)}`` added, so that a
-    collator can draw the batch's random numbers (masks) from its epoch and examples. They are then the same
-    however the batch is fetched (in the main process or a worker) and in a resumed run, and new each epoch."""
+    yields ``(epoch, index)`` pairs: row ``index`` of ``dataset`` with ``{KEY: (epoch, index)}`` added, so
+    that a collator can draw the batch's random numbers (masks) from its epoch and examples. They are then the
+    same however the batch is fetched (in the main process or a worker) and in a resumed run, and new each
+    epoch."""
 
     KEY = "epoch_and_index"
 
@@ -127,20 +128,21 @@ class TrainValidationData(lightning.LightningDataModule):
             if split not in raw:
                 raise ValueError(
                     f"dataset has no {split!r} split; available splits: {list(raw)}. A data module takes a "
-                    "DatasetDict(train=..., validation=...): rename the splits, or load with hub_dataset(..., "
-                    "train_split=..., validation_split=...), which renames them"
+                    "DatasetDict(train=..., validation=...): rename the splits, or load with "
+                    "hub_dataset(..., train_split=..., validation_split=...), which renames them"
                 )
             for key, column in columns.items():
                 if column is not None and column not in raw[split].column_names:
                     raise ValueError(
-                        f"data.{key}={column!r} not in {split} split; available columns: {raw[split].column_names}"
+                        f"data.{key}={column!r} not in {split} split; available columns: "
+                        f"{raw[split].column_names}"
                     )
                 if column is not None and (
                     missing := raw[split].data.column(column).null_count
                 ):  # Arrow's count
                     raise ValueError(
-                        f"data.{key}={column!r}: {missing} examples of the {split} split have no value there (an "
-                        "empty cell or null); fill or drop them"
+                        f"data.{key}={column!r}: {missing} examples of the {split} split have no value there "
+                        "(an empty cell or null); fill or drop them"
                     )
             if len(raw[split]) == 0:
                 raise ValueError(
@@ -171,8 +173,8 @@ class TrainValidationData(lightning.LightningDataModule):
                 sampler = ResumableDistributedSampler(dataset, **shards, **position)
             else:
                 sampler = ResumableRandomSampler(dataset, **position)
-        # worker seeds come from this generator, not from the global RNG: a resumed run starts loaders at other
-        # moments than an uninterrupted one, and must not shift the dropout masks drawn after them
+        # worker seeds come from this generator, not from the global RNG: a resumed run starts loaders at
+        # other moments than an uninterrupted one, and must not shift the dropout masks drawn after them
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             dataset,
@@ -185,9 +187,9 @@ class TrainValidationData(lightning.LightningDataModule):
         )
 
     def _distributed_shards(self) -> dict | None:
-        """``{"num_replicas", "rank"}`` where Lightning would give the training loader a ``DistributedSampler``
-        (a distributed strategy, ``use_distributed_sampler`` on); None in one process or outside a trainer.
-        Validation keeps Lightning's sampler: in dataset order, each process a share."""
+        """``{"num_replicas", "rank"}`` where Lightning would give the training loader a
+        ``DistributedSampler`` (a distributed strategy, ``use_distributed_sampler`` on); None in one process
+        or outside a trainer. Validation keeps Lightning's sampler: in dataset order, each process a share."""
         trainer = self.trainer
         if trainer is None or not trainer._accelerator_connector.use_distributed_sampler:
             return None
@@ -224,8 +226,8 @@ class TrainValidationData(lightning.LightningDataModule):
 
     def state_dict(self) -> dict:
         """Where training is in the shuffled order, which Lightning saves in every checkpoint:
-        ``{"train_position": [epoch, examples already trained in it]}`` (see ``resume.training_position``); in a
-        distributed run the examples of each process's share, the same number in every process."""
+        ``{"train_position": [epoch, examples already trained in it]}`` (see ``resume.training_position``); in
+        a distributed run the examples of each process's share, the same number in every process."""
         position = training_position(self.trainer)
         if position is None:
             return {}
@@ -233,7 +235,7 @@ class TrainValidationData(lightning.LightningDataModule):
         return {"train_position": [epoch, batches * self.batch_size]}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Let the next train loader start where the checkpoint's run stopped (Lightning restores the data module
-        before it builds any loader)."""
+        """Let the next train loader start where the checkpoint's run stopped (Lightning restores the data
+        module before it builds any loader)."""
         if "train_position" in state_dict:
             self._resume_at = tuple(state_dict["train_position"])

@@ -43,8 +43,8 @@ def _from_pretrained(
             else "the directory holds no loadable model"
         )
         raise ValueError(
-            f"cannot load the {role} {role}.name_or_path={name_or_path!r}: {hint}. Give a hub name (with network "
-            f"access) or a directory written by save_pretrained. ({type(err).__name__}: {err})"
+            f"cannot load the {role} {role}.name_or_path={name_or_path!r}: {hint}. Give a hub name (with "
+            f"network access) or a directory written by save_pretrained. ({type(err).__name__}: {err})"
         ) from err
 
 
@@ -71,8 +71,8 @@ def load_teacher(
         builtin = builtin_for_task(task) if builtin == "auto" else builtin
         if builtin_task(builtin) != task:
             raise ValueError(
-                f"the built-in teacher {builtin!r} is trained for task={builtin_task(builtin)} and cannot teach "
-                f"task={task}: give teacher=hf teacher.name_or_path=<a model trained for the task>"
+                f"the built-in teacher {builtin!r} is trained for task={builtin_task(builtin)} and cannot "
+                f"teach task={task}: give teacher=hf teacher.name_or_path=<a model trained for the task>"
             )
         if not (Path(name_or_path) / "config.json").exists():
             train_builtin_teacher(builtin, name_or_path)
@@ -87,8 +87,8 @@ def load_teacher(
         raise ValueError(
             f"the teacher {name_or_path!r} is not trained for task={task}: loading it as "
             f"{type(teacher).__name__} leaves {len(missing)} weights random ({', '.join(missing[:4])}"
-            f"{', ...' if len(missing) > 4 else ''}). Fine-tune it on the task first, or choose the task it was "
-            "trained for."
+            f"{', ...' if len(missing) > 4 else ''}). Fine-tune it on the task first, or choose the task it "
+            "was trained for."
         )
     teacher.eval()
     teacher.requires_grad_(False)
@@ -136,17 +136,17 @@ def check_student(
     if None not in kinds.values() and kinds["teacher"] != kinds["student"]:
         name = {True: "causal (each token sees only earlier ones)", False: "bidirectional"}
         raise ValueError(
-            f"the teacher's attention ({type(teacher).__name__}) is {name[kinds['teacher']]} and the student's "
-            f"({type(student).__name__}) {name[kinds['student']]}: their attention maps cannot match. Distil into "
-            "a student of the teacher's kind (student=from_teacher derives one)"
+            f"the teacher's attention ({type(teacher).__name__}) is {name[kinds['teacher']]} and the "
+            f"student's ({type(student).__name__}) {name[kinds['student']]}: their attention maps cannot "
+            "match. Distil into a student of the teacher's kind (student=from_teacher derives one)"
         )
     if tokenizer is None:
         return
     embeddings = student.get_input_embeddings()
     if embeddings is not None and embeddings.num_embeddings < len(tokenizer):
         raise ValueError(
-            f"the student's input embeddings hold {embeddings.num_embeddings} token ids, the teacher's tokenizer "
-            f"{len(tokenizer)}: the student must use the teacher's tokenizer and vocabulary"
+            f"the student's input embeddings hold {embeddings.num_embeddings} token ids, the teacher's "
+            f"tokenizer {len(tokenizer)}: the student must use the teacher's tokenizer and vocabulary"
         )
     if name_or_path is None or (Path(name_or_path).is_dir() and not _holds_tokenizer(Path(name_or_path))):
         return
@@ -162,10 +162,10 @@ def check_student(
         ours.get(token) != index for token, index in theirs.items()
     ):  # tokens of its own beyond: fine
         raise ValueError(
-            f"student.name_or_path={name_or_path!r} has a tokenizer of its own that is not the teacher's ({differ} of "
-            f"the teacher's {len(theirs)} tokens are missing or have other ids): the student reads the teacher's "
-            "token ids, and the attention maps are compared position by position. Use a student trained with the "
-            "teacher's tokenizer, or student=from_teacher"
+            f"student.name_or_path={name_or_path!r} has a tokenizer of its own that is not the teacher's "
+            f"({differ} of the teacher's {len(theirs)} tokens are missing or have other ids): the student "
+            "reads the teacher's token ids, and the attention maps are compared position by position. Use a "
+            "student trained with the teacher's tokenizer, or student=from_teacher"
         )
 
 
@@ -194,8 +194,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
     if directory.is_dir() and not _holds_tokenizer(directory):
         # transformers would build a default tokenizer of a handful of tokens: every word unknown, silently
         raise ValueError(
-            f"{name_or_path!r} holds no tokenizer (tokenizer.json, tokenizer_config.json, vocab files): save the "
-            "model's tokenizer beside it with tokenizer.save_pretrained(directory)"
+            f"{name_or_path!r} holds no tokenizer (tokenizer.json, tokenizer_config.json, vocab files): save "
+            "the model's tokenizer beside it with tokenizer.save_pretrained(directory)"
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -224,9 +224,9 @@ def load_preprocessor(
         )
     except (OSError, ValueError) as err:
         raise ValueError(
-            f"cannot load an image processor from {name_or_path!r}: an image teacher needs the image processor "
-            "it was trained with (preprocessor_config.json, written by processor.save_pretrained(directory) as "
-            f"the Hub's ViT models have it). {err}"
+            f"cannot load an image processor from {name_or_path!r}: an image teacher needs the image "
+            "processor it was trained with (preprocessor_config.json, written by "
+            f"processor.save_pretrained(directory) as the Hub's ViT models have it). {err}"
         ) from err
 
 
@@ -236,8 +236,8 @@ POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")  # BERT/RoBE
 def position_limit(model: nn.Module) -> int | None:
     """How many tokens a model with a learned table of absolute positions (BERT, RoBERTa, GPT-2) takes: the
     table's rows, less the offset of RoBERTa's positions past the padding index (514 rows, 512 tokens). None
-    where positions are rotary or relative (LLaMA, T5) or the inputs are no tokens (ViT's patch positions are a
-    parameter, not an embedding table): nothing caps the length there."""
+    where positions are rotary or relative (LLaMA, T5) or the inputs are no tokens (ViT's patch positions are
+    a parameter, not an embedding table): nothing caps the length there."""
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES:
             offset = (
@@ -256,10 +256,10 @@ _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 def _per_layer_settings(config, sources: list[int], num_teacher_layers: int) -> None:
     """Shorten the config's per-layer lists (``layer_types`` of Qwen2, Gemma2/3, ModernBERT: sliding or full
-    attention; ``no_rope_layers`` ...) to the student's layers, each entry taken from the teacher layer that the
-    student layer starts from, so that a student layer attends as its teacher layer does. Any list or tuple
-    with one entry per teacher layer counts; transformers refuses to save a config whose ``layer_types`` has
-    another length than ``num_hidden_layers``."""
+    attention; ``no_rope_layers`` ...) to the student's layers, each entry taken from the teacher layer that
+    the student layer starts from, so that a student layer attends as its teacher layer does. Any list or
+    tuple with one entry per teacher layer counts; transformers refuses to save a config whose ``layer_types``
+    has another length than ``num_hidden_layers``."""
     for key, value in vars(config).items():
         if isinstance(value, (list, tuple)) and len(value) == num_teacher_layers and key != "architectures":
             setattr(config, key, type(value)(value[t] for t in sources))
@@ -292,9 +292,9 @@ def _narrow(config, num_heads: int | None, hidden_size: int | None, intermediate
         ]
         if not widths:
             raise ValueError(
-                f"student.intermediate_size={intermediate_size}: the teacher's {type(config).__name__} names its "
-                "feed-forward width by no key distill-lab knows (intermediate_size, n_inner, hidden_dim, d_ff, "
-                "ffn_dim); leave student.intermediate_size null, or pass a student config of your own"
+                f"student.intermediate_size={intermediate_size}: the teacher's {type(config).__name__} names "
+                "its feed-forward width by no key distill-lab knows (intermediate_size, n_inner, hidden_dim, "
+                "d_ff, ffn_dim); leave student.intermediate_size null, or pass a student config of your own"
             )
         for key in widths:
             setattr(config, key, intermediate_size)
