@@ -1,29 +1,11 @@
-"""Distil a teacher into a student: ``python train.py [group=option ...]`` (see conf/ and the README)."""
+"""Distil a teacher into a student: ``python train.py [group=option ...]`` (see conf/ and the README).
 
-import sys
+The same command as the installed ``distill-lab`` (``distill_lab.cli``), with the ``conf/`` beside this file.
+"""
 
-import hydra
-from omegaconf import DictConfig
+from pathlib import Path
 
-from distill_lab.run import train
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
-    return metrics.get(cfg.optimized_metric)
-
+from distill_lab.cli import main
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (
-        KeyboardInterrupt
-    ):  # Trainer.fit and validate stop on Ctrl-C themselves (and save interrupted.ckpt)
-        print(
-            "\nStopped by Ctrl-C outside training (loading, the built-in teacher's training, the export). Run the "
-            "same command again: a distillation run resumes from its newest checkpoint, a built-in teacher trains "
-            "from its start.",
-            file=sys.stderr,
-        )
-        sys.exit(130)
+    main(config_path=Path(__file__).resolve().parent / "conf")

@@ -12,9 +12,9 @@ Reuse from any test file::
         inputs = make_tiny_inputs("llama", model.config)            # padded batch: input_ids, attention_mask
 
 Below them: tiny tasks on disk and the app's config for end-to-end runs, the environment of the app in a
-subprocess (``app_env``), a run to its end that must succeed or fail (``run_to_end``) and a run in the background
-that a test interrupts (``TrainRun``), and the isolation of the environment variables that an in-process run
-sets.
+subprocess (``app_env``), a run to its end that must succeed or fail (``run_to_end``) and a run in the
+background that a test interrupts (``TrainRun``), and the isolation of the environment variables that an
+in-process run sets.
 """
 
 from __future__ import annotations
@@ -170,7 +170,8 @@ def _spec(family: str) -> tuple[type, type, type, dict]:
 
 
 def make_tiny_config(family: str, **config_overrides) -> PretrainedConfig:
-    """The tiny config of ``family``; overrides may use the generic names (``num_hidden_layers`` also for GPT-2)."""
+    """The tiny config of ``family``; overrides may use the generic names (``num_hidden_layers`` also for
+    GPT-2)."""
     config_class, _, _, defaults = _spec(family)
     attribute_map = getattr(config_class, "attribute_map", {}) or {}
     overrides = {attribute_map.get(key, key): value for key, value in config_overrides.items()}
@@ -207,8 +208,8 @@ def make_tiny_inputs(
     """Model inputs for a tiny model of ``family``.
 
     Text families: ``input_ids`` (B, seq_len) drawn from ``3..vocab-1`` (clear of the special ids) and an
-    ``attention_mask`` where the *last* example has ``num_padded`` trailing padding positions (their ids set to
-    the pad token). Vision: ``pixel_values`` (B, channels, image_size, image_size).
+    ``attention_mask`` where the *last* example has ``num_padded`` trailing padding positions (their ids set
+    to the pad token). Vision: ``pixel_values`` (B, channels, image_size, image_size).
     """
     generator = torch.Generator().manual_seed(seed)
     if family == "vit":
@@ -319,7 +320,8 @@ def make_text_task(
             "data=local" if task == "sequence_classification" else "data=lm_local",
             f"data.dataset.train_file='{files['train']}'",
             f"data.dataset.validation_file='{files['validation']}'",
-            f"data.max_length={max_length}",  # within the tiny models' position tables; the sentences are shorter
+            # within the tiny models' position tables; the sentences are shorter
+            f"data.max_length={max_length}",
         ],
     }
 
@@ -330,7 +332,8 @@ def compose_config(
     cache_dir: str | Path | None = None,
     return_hydra_config: bool = False,
 ):
-    """The app's config (``conf/config.yaml``) composed with Hydra's compose API, as ``train.py`` would see it.
+    """The app's config (``conf/config.yaml``) composed with Hydra's compose API, as ``train.py`` would see
+    it.
 
     ``paths.output_dir`` is set to ``output_dir`` (the default, ``${hydra:runtime.output_dir}``, only resolves
     under ``@hydra.main``) and ``paths.cache_dir`` to ``cache_dir`` (default ``<output_dir>/.cache``), so
@@ -422,7 +425,8 @@ def torch_single_thread():
     torch.set_num_threads(threads)
 
 
-# ---------------------------------------------------------------------------------------------- the app in a subprocess
+# ---------------------------------------------------------------------------------------------- the app in a
+# subprocess
 
 TESTS_DIR = REPO_ROOT / "tests"
 
@@ -447,7 +451,8 @@ def app_env(tmp_dir: str | Path, **extra: str) -> dict[str, str]:
     - ``WANDB_MODE=offline``: a run never reaches the network, and the tests read the offline run files.
     - ``HF_HUB_OFFLINE=1``, ``HF_DATASETS_OFFLINE=1``: models and data come from the test's directories.
     - ``HF_DATASETS_CACHE=<tmp_dir>/hf-datasets``, ``DISTILL_LAB_CACHE=<tmp_dir>/cache``: the datasets' Arrow
-      caches and the built-in teacher stay in the test's directory (nothing read from or left in ``~/.cache``).
+      caches and the built-in teacher stay in the test's directory (nothing read from or left in
+      ``~/.cache``).
     - ``OMP_NUM_THREADS=1``: a machine with few cores runs a test's processes side by side, and two runs that
       must give the same numbers do the same operations on one thread.
     - ``PYTHONPATH``: ``tests/`` first, so that an override may name a class defined in a test module
@@ -461,10 +466,10 @@ def app_env(tmp_dir: str | Path, **extra: str) -> dict[str, str]:
     - ``DISTILL_LAB_RESUME``: rank 0's ``ckpt_path=auto`` choice, handed to the DDP ranks that Lightning
       launches (``distill_lab.resume``); an in-process run leaves it in this process, and a run inheriting it
       together with ``LOCAL_RANK`` > 0 would take another run's checkpoint and directory.
-    - ``PL_GLOBAL_SEED``, ``PL_SEED_WORKERS``: Lightning's ``seed_everything`` in an in-process run leaves them
-      here; in a subprocess Lightning's DDP set-up re-seeds every rank from them (and seeds its distributed
-      sampler), so a run that does not seed itself (the DDP worker script) would depend on which test ran
-      before.
+    - ``PL_GLOBAL_SEED``, ``PL_SEED_WORKERS``: Lightning's ``seed_everything`` in an in-process run leaves
+      them here; in a subprocess Lightning's DDP set-up re-seeds every rank from them (and seeds its
+      distributed sampler), so a run that does not seed itself (the DDP worker script) would depend on which
+      test ran before.
     - ``LOCAL_RANK``, ``RANK``, ``WORLD_SIZE``, ``NODE_RANK``, ``LOCAL_WORLD_SIZE``, ``GROUP_RANK``,
       ``TORCHELASTIC_RUN_ID``: present when the tests themselves run under a launcher (torchrun, a CI's);
       Lightning would then take the subprocess for one rank of a job started outside and start no DDP
@@ -499,8 +504,9 @@ FSDP_ON_CPU = (
 
 
 def callback_overrides(name: str, cls: type, **options) -> list[str]:
-    """Overrides that add ``cls(**options)`` to a run's callbacks as ``callbacks.<name>``, as a user adds their
-    own callback (``cls`` is defined in a test module, which ``app_env`` puts on a subprocess's path)."""
+    """Overrides that add ``cls(**options)`` to a run's callbacks as ``callbacks.<name>``, as a user adds
+    their own callback (``cls`` is defined in a test module, which ``app_env`` puts on a subprocess's
+    path)."""
     return [f"+callbacks.{name}._target_={cls.__module__}.{cls.__name__}"] + [
         f"+callbacks.{name}.{k}={json.dumps(v)}" for k, v in options.items()
     ]
@@ -561,8 +567,8 @@ class TrainRun:
     ) -> None:
         self.cwd, self.log = Path(cwd), Path(log)
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        # Where this process ignores SIGINT (pytest started as a background job of a shell script: `pytest &`),
-        # the run would inherit that, and Python never turns an ignored SIGINT into KeyboardInterrupt. A
+        # Where this process ignores SIGINT (pytest started as a background job of a shell script: `pytest
+        # &`), the run would inherit that, and Python never turns an ignored SIGINT into KeyboardInterrupt. A
         # handler installed here instead is reset to the default by exec, so the run gets Ctrl-C as a user's
         # ``python train.py`` does.
         unignore = (
@@ -616,8 +622,8 @@ class TrainRun:
         if self._copier.is_alive():
             self.kill()
             raise AssertionError(
-                f"the process started ended ({returncode}) but one it started (a DDP rank) was still going after "
-                f"{timeout} s:\n{self.output()[-3000:]}"
+                f"the process started ended ({returncode}) but one it started (a DDP rank) was still going "
+                f"after {timeout} s:\n{self.output()[-3000:]}"
             )
         return returncode
 
@@ -675,7 +681,8 @@ def _kill_runs_left_going() -> None:
         run.kill()
 
 
-# ---------------------------------------------------------------------------------------------- in-process isolation
+# ---------------------------------------------------------------------------------------------- in-process
+# isolation
 
 # What a run in this process (``distill_lab.run.train``) sets in ``os.environ``: the app's DDP hand-over
 # (``distill_lab.resume``) and Lightning's ``seed_everything``; and, for an offline run, Lightning's wandb
@@ -687,8 +694,8 @@ RESTORED_VARIABLES = (*APP_SET_VARIABLES, "WANDB_MODE")
 @pytest.fixture(autouse=True)
 def isolated_app_variables(monkeypatch):
     """Every test starts without the variables that an in-process run sets (``APP_SET_VARIABLES``: an earlier
-    test's ``DISTILL_LAB_RESUME`` would be a later one's DDP hand-over), and gets back, after it, the values of
-    ``RESTORED_VARIABLES`` it started with (``WANDB_MODE`` is the user's choice, kept during the test)."""
+    test's ``DISTILL_LAB_RESUME`` would be a later one's DDP hand-over), and gets back, after it, the values
+    of ``RESTORED_VARIABLES`` it started with (``WANDB_MODE`` is the user's choice, kept during the test)."""
     for name in RESTORED_VARIABLES:
         before = os.environ.get(name)
         # setenv records the value before the test, or its absence, for monkeypatch to restore (delenv records

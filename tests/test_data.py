@@ -55,7 +55,8 @@ def _frame(n: int = 6, offset: int = 0) -> pd.DataFrame:
 
 
 def _negation_label(words: list[str]) -> int:
-    """The label re-derived from the text: the one sentiment word's polarity, flipped by a 'not' right before it."""
+    """The label re-derived from the text: the one sentiment word's polarity, flipped by a 'not' right before
+    it."""
     (position,) = [i for i, w in enumerate(words) if w in POSITIVE_WORDS + NEGATIVE_WORDS]
     polarity = int(words[position] in POSITIVE_WORDS)
     return 1 - polarity if position > 0 and words[position - 1] == NEGATION else polarity
@@ -539,8 +540,9 @@ def test_classes_unknown_to_the_teacher_are_an_error_unless_matching_is_off(toke
 
 @pytest.mark.parametrize("kind", ["class_label", "string"])
 def test_data_with_some_of_the_teachers_classes_is_numbered_by_name_with_a_warning(tokenizer, kind, caplog):
-    """Data that holds only some of the teacher's classes (a binary subset of MNLI, a small file that lacks the
-    rare class) is numbered by name as the full set is, keeps the teacher's classes, and says which are absent."""
+    """Data that holds only some of the teacher's classes (a binary subset of MNLI, a small file that lacks
+    the rare class) is numbered by name as the full set is, keeps the teacher's classes, and says which are
+    absent."""
     two = datasets.ClassLabel(names=["contradiction", "entailment"])
     if kind == "class_label":
         data_args = ([0, 1, 1], [1, 0], (two, two))
@@ -638,7 +640,10 @@ def test_a_missing_split_names_the_option_that_picks_it(monkeypatch, tokenizer):
     rows = {"text": ["w0 w1", "w2"], "label": [0, 1]}
     loaded = DatasetDict(train=Dataset.from_dict(rows), test=Dataset.from_dict(rows))
     monkeypatch.setattr("distill_lab.data.load_dataset", lambda *args, **kwargs: loaded)
-    message = r"dataset 'org/set' has no split {!r}; available splits: \['train', 'test'\]: set data\.dataset\.{}_split"
+    message = (
+        r"dataset 'org/set' has no split {!r}; available splits: \['train', 'test'\]: "
+        r"set data\.dataset\.{}_split"
+    )
     with pytest.raises(ValueError, match=message.format("validation", "validation")):
         hub_dataset("org/set")
     with pytest.raises(ValueError, match=message.format("training", "train")):
@@ -647,7 +652,8 @@ def test_a_missing_split_names_the_option_that_picks_it(monkeypatch, tokenizer):
     # a DatasetDict of one's own: the data module needs exactly these two split names
     with pytest.raises(
         ValueError,
-        match=r"dataset has no 'validation' split; available splits: \['train', 'test'\].*DatasetDict\(train=.*validation=",
+        match=r"dataset has no 'validation' split; available splits: \['train', 'test'\]"
+        r".*DatasetDict\(train=.*validation=",
     ):
         TextClassificationData(loaded, tokenizer).setup()
     data = TextClassificationData(synthetic_relations(num_train=8, num_validation=4), tokenizer)
@@ -738,7 +744,8 @@ def test_language_model_splits_with_no_examples_are_refused():
     )
     with pytest.raises(
         ValueError,
-        match=r"the train split holds no examples after tokenization and packing into blocks of data\.max_length=50",
+        match=r"the train split holds no examples after tokenization and packing into blocks of "
+        r"data\.max_length=50",
     ):
         packed.setup()
     with pytest.raises(ValueError, match=r"data\.mlm_probability=0 must be in \(0, 1\]"):
@@ -748,8 +755,9 @@ def test_language_model_splits_with_no_examples_are_refused():
 
 
 def test_empty_values_are_refused_naming_the_column_and_string_digits_sort_as_numbers(tmp_path):
-    """A null text, pair or label names its column and split (it failed inside the tokenizer or a sort); labels
-    that are whole numbers written as strings are numbered as numbers ("2" is class 2, not after "10")."""
+    """A null text, pair or label names its column and split (it failed inside the tokenizer or a sort);
+    labels that are whole numbers written as strings are numbered as numbers ("2" is class 2, not after
+    "10")."""
     tokenizer = build_word_tokenizer()
     good = Dataset.from_dict({"text": ["good", "bad", "fine"], "label": ["0", "1", "2"]})
     for column, values in (("text", ["good", None, "fine"]), ("label", ["0", None, "2"])):
@@ -777,7 +785,8 @@ def test_a_max_length_that_leaves_no_room_for_text_is_refused(pair, max_length):
     )
     with pytest.raises(
         ValueError,
-        match=rf"data\.max_length={max_length} leaves no room for text: the tokenizer adds {3 if pair else 2} special",
+        match=rf"data\.max_length={max_length} leaves no room for text: "
+        rf"the tokenizer adds {3 if pair else 2} special",
     ):
         data.setup()
     data = TextClassificationData(
@@ -791,7 +800,8 @@ def test_a_max_length_that_leaves_no_room_for_text_is_refused(pair, max_length):
 
 
 def test_epoch_tagged_rows_read_a_batch_at_once_as_one_by_one():
-    """``EpochTagged.__getitems__`` (what the DataLoader calls for a batch) gives the rows ``__getitem__`` gives."""
+    """``EpochTagged.__getitems__`` (what the DataLoader calls for a batch) gives the rows ``__getitem__``
+    gives."""
     from distill_lab.data import EpochTagged
 
     tagged = EpochTagged(Dataset.from_dict({"input_ids": [[2, 5, 3], [2, 3], [2, 7, 8, 3]]}))

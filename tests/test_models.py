@@ -1,4 +1,5 @@
-"""Teachers and students: loading by path through from_pretrained, deriving a student, the built-in teacher."""
+"""Teachers and students: loading by path through from_pretrained, deriving a student, the built-in
+teacher."""
 
 from __future__ import annotations
 

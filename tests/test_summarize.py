@@ -101,8 +101,8 @@ def test_perplexity_sorts_lowest_first_and_is_the_default_metric_of_lm_runs(tmp_
 
 
 def test_the_direction_recorded_in_results_decides_order_and_gap(tmp_path, capsys):
-    """A metric recorded as lower-is-better in results.json (whatever its name) ranks lowest first, and its gap
-    is student minus teacher: positive when the student is behind."""
+    """A metric recorded as lower-is-better in results.json (whatever its name) ranks lowest first, and its
+    gap is student minus teacher: positive when the student is behind."""
     for i, error in enumerate([0.30, 0.20]):
         run = tmp_path / str(i)
         (run / ".hydra").mkdir(parents=True)
@@ -135,7 +135,10 @@ def test_runs_without_results_are_named_not_dropped(sweep, tmp_path, capsys):
         (sweep / name / ".hydra").mkdir(parents=True)
         (sweep / name / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["loss=cosine"]))
     main([str(sweep)])
-    note = "not in the table, without results.json (unfinished, failed or running): 11 (loss=cosine), 12 (loss=cosine)"
+    note = (
+        "not in the table, without results.json (unfinished, failed or running): "
+        "11 (loss=cosine), 12 (loss=cosine)"
+    )
     assert note in capsys.readouterr().out and (sweep / "summary.md").read_text().strip().endswith(note)
     empty = tmp_path / "empty-sweep"
     (empty / "0" / ".hydra").mkdir(parents=True)
@@ -147,8 +150,8 @@ def test_runs_without_results_are_named_not_dropped(sweep, tmp_path, capsys):
 
 @pytest.fixture
 def masked_lm_sweep(tmp_path):
-    """A masked-LM multirun as ``train.py`` writes it: the student's first metric is masked_acc, the task optimises
-    perplexity; the run with the best accuracy (1) is not the one with the lowest perplexity (2)."""
+    """A masked-LM multirun as ``train.py`` writes it: the student's first metric is masked_acc, the task
+    optimises perplexity; the run with the best accuracy (1) is not the one with the lowest perplexity (2)."""
     for i, (acc, ppl) in enumerate([(0.40, 12.0), (0.55, 11.0), (0.50, 9.5)]):
         run = tmp_path / str(i)
         (run / ".hydra").mkdir(parents=True)

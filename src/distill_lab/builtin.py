@@ -1,15 +1,15 @@
 """The built-in offline teachers, one per task, trained on first use and cached with ``save_pretrained``.
 
-The text task (``distill_lab.data.synthetic_relations``) is sentiment with negation: one sentiment word whose
-polarity flips when the word before it is "not", among neutral words and stray "not"s. Its label is a
-relation between two tokens, so a model must attend from one to the other to solve it, which makes it a
-fair small test of attention distillation. Its teacher is a 4-layer BERT (hidden 64) trained here in about
-half a minute on 2 CPU cores to about 99% validation accuracy; afterwards it is an ordinary model directory that ``load_teacher`` reads
-through ``from_pretrained`` like any other. The language-model teachers learn the same sentences as raw text,
-the image teacher the orientation of stripes.
+The text task (``distill_lab.data_synthetic.synthetic_relations``) is sentiment with negation: one sentiment
+word whose polarity flips when the word before it is "not", among neutral words and stray "not"s. Its label is
+a relation between two tokens, so a model must attend from one to the other to solve it, which makes it a fair
+small test of attention distillation. Its teacher is a 4-layer BERT (hidden 64) trained here in about half a
+minute on 2 CPU cores to about 99% validation accuracy; afterwards it is an ordinary model directory that
+``load_teacher`` reads through ``from_pretrained`` like any other. The language-model teachers learn the same
+sentences as raw text, the image teacher the orientation of stripes.
 
-``BUILTIN_TEACHERS`` holds them all (name -> task, model configuration, data, training options): a new built-in
-teacher is one entry there. ``train_builtin_teacher`` trains any of them the same way.
+``BUILTIN_TEACHERS`` holds them all (name -> task, model configuration, data, training options): a new
+built-in teacher is one entry there. ``train_builtin_teacher`` trains any of them the same way.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from transformers import BertConfig, LlamaConfig, PretrainedConfig, ViTConfig
 
-from distill_lab.data import TextClassificationData, build_word_tokenizer, synthetic_relations
+from distill_lab.data import TextClassificationData
+from distill_lab.data_synthetic import build_word_tokenizer, synthetic_relations
 from distill_lab.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -112,16 +113,16 @@ def _stripes(batch_size: int, seed: int):
 
 BUILTIN_TEACHERS = {  # name -> BuiltinTeacher; teacher=builtin picks the one of its task
     # a 4-layer BERT classifier; the negation relation is picked up after a plateau whose length varies with
-    # the seed (and with the library versions: the same seed picks it up by epoch 8 or never): many epochs with
-    # an early stop, and a second seed where the first has not picked it up
+    # the seed (and with the library versions: the same seed picks it up by epoch 8 or never): many epochs
+    # with an early stop, and a second seed where the first has not picked it up
     "relations": BuiltinTeacher(
         "sequence_classification",
         partial(BertConfig, **TEACHER_CONFIG),
         _relations_classification,
         dict(max_epochs=20, lr=1e-3, batch_size=32, seed=0, target=0.98, attempts=2),
     ),
-    # a 4-layer BERT masked LM and a 4-layer LLaMA-style causal LM (grouped-query attention, 4 query heads and 2
-    # key/value heads, RoPE): both learn the sentences' word order and negation pattern in a minute or two
+    # a 4-layer BERT masked LM and a 4-layer LLaMA-style causal LM (grouped-query attention, 4 query heads and
+    # 2 key/value heads, RoPE): both learn the sentences' word order and negation pattern in a minute or two
     "relations-mlm": BuiltinTeacher(
         "masked_lm",
         partial(BertConfig, **TEACHER_CONFIG),
@@ -182,8 +183,8 @@ def builtin_for_task(task: str) -> str:
             return name
     tasks = sorted(teacher.task for teacher in BUILTIN_TEACHERS.values())
     raise ValueError(
-        f"there is no built-in teacher for task={task} (built-in teachers exist for {', '.join(tasks)}): give "
-        "teacher=hf teacher.name_or_path=<a model trained for the task>"
+        f"there is no built-in teacher for task={task} (built-in teachers exist for {', '.join(tasks)}): "
+        "give teacher=hf teacher.name_or_path=<a model trained for the task>"
     )
 
 
@@ -285,8 +286,8 @@ def _fit(
 
 @torch.no_grad()
 def evaluate(model, dataloader, task: str) -> dict[str, float]:
-    """The validation metrics of ``task`` (``distill_lab.tasks``: those a distillation run reports, e.g. ``acc``
-    and ``f1``, or ``perplexity``) of ``model`` over ``dataloader``."""
+    """The validation metrics of ``task`` (``distill_lab.tasks``: those a distillation run reports, e.g.
+    ``acc`` and ``f1``, or ``perplexity``) of ``model`` over ``dataloader``."""
     task = get_task(task)
     metrics = task.metrics("", task.num_classes(model.config)).to(model.device)
     model.eval()

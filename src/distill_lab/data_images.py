@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from datasets import ClassLabel, DatasetDict, load_dataset
 
-from distill_lab.data import TrainValidationData, check_both_splits, class_ids
+from distill_lab.data import check_both_splits, class_ids
+from distill_lab.data_module import TrainValidationData
 
 
 def synthetic_stripes(
@@ -58,8 +59,8 @@ def image_folders(
     for split, directory in folders.items():
         if not Path(directory).is_dir():
             raise ValueError(
-                f"data.dataset.{split}_dir={str(directory)!r} is not a directory; give an image folder with one "
-                "sub-folder per class"
+                f"data.dataset.{split}_dir={str(directory)!r} is not a directory; give an image folder with "
+                "one sub-folder per class"
             )
         # data_dir is a glob pattern to datasets: a folder named images[1] would read images1
         splits[split] = load_dataset("imagefolder", data_dir=glob.escape(str(directory)), split="train")
@@ -72,12 +73,12 @@ class ImageFolderData(TrainValidationData):
     Args:
         dataset: Train and validation splits with an image column and a label column: a ``ClassLabel``, as
             :func:`image_folders` gives, or ints or strings as for text classification (see
-            :class:`~distill_lab.data.TrainValidationData` for it and for ``batch_size``, ``eval_batch_size``,
-            ``num_workers``, ``max_train_samples``, ``max_eval_samples``, ``seed``).
+            :class:`~distill_lab.data_module.TrainValidationData` for it and for ``batch_size``,
+            ``eval_batch_size``, ``num_workers``, ``max_train_samples``, ``max_eval_samples``, ``seed``).
         image_processor: The teacher's image processor; may be assigned before :meth:`setup`.
         image_column, label_column: Column names.
-        model_labels, match_label_names: The teacher's class names and whether the data's classes are mapped to
-            them by name (:func:`~distill_lab.data.class_ids`).
+        model_labels, match_label_names: The teacher's class names and whether the data's classes are mapped
+            to them by name (:func:`~distill_lab.data.class_ids`).
     """
 
     def __init__(

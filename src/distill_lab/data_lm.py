@@ -1,10 +1,10 @@
 """Raw-text data for language-model distillation (``task=masked_lm`` and ``task=causal_lm``).
 
 :class:`LanguageModelingData` takes a DatasetDict with ``train`` and ``validation`` splits and a text column
-(the same loaders as classification: :func:`~distill_lab.data.hub_dataset`, :func:`~distill_lab.data.local_files`,
-or :func:`synthetic_text` offline), tokenizes it with the teacher's tokenizer, and either pads each text
-(truncated to ``max_length``) or packs the token stream into blocks of ``max_length``. Batches come from
-transformers' ``DataCollatorForLanguageModeling``:
+(the same loaders as classification: :func:`~distill_lab.data.hub_dataset`,
+:func:`~distill_lab.data.local_files`, or :func:`synthetic_text` offline), tokenizes it with the teacher's
+tokenizer, and either pads each text (truncated to ``max_length``) or packs the token stream into blocks of
+``max_length``. Batches come from transformers' ``DataCollatorForLanguageModeling``:
 
 - masked LM: tokens are masked dynamically, anew in every training batch (BERT's 80/10/10 rule,
   ``mlm_probability`` of the tokens); ``labels`` hold the original ids at masked positions and -100 elsewhere.
@@ -31,7 +31,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from distill_lab.data import EpochTagged, TrainValidationData, check_sizes, synthetic_relations
+from distill_lab.data_module import EpochTagged, TrainValidationData, check_sizes
+from distill_lab.data_synthetic import synthetic_relations
 
 
 def synthetic_text(num_train: int = 4000, num_validation: int = 500, seed: int = 0) -> DatasetDict:
@@ -52,8 +53,9 @@ class _CausalLMCollator(DataCollatorForLanguageModeling):
 
 
 class _EpochMaskedCollator(DataCollatorForLanguageModeling):
-    """``DataCollatorForLanguageModeling(mlm=True)`` for training rows read through :class:`~distill_lab.data.EpochTagged`:
-    each batch is masked with random numbers seeded by ``seed`` and the batch's ``(epoch, index)`` pairs.
+    """``DataCollatorForLanguageModeling(mlm=True)`` for training rows read through
+    :class:`~distill_lab.data_module.EpochTagged`: each batch is masked with random numbers seeded by ``seed``
+    and the batch's ``(epoch, index)`` pairs.
 
     The transformers collator's own ``seed`` gives a generator whose running state decides the masks: a
     resumed run starts it over (and so masks the rest of the run unlike the uninterrupted one), each worker
@@ -85,10 +87,10 @@ class LanguageModelingData(TrainValidationData):
         text_column: Column holding the text.
         max_length: Texts are truncated to this many tokens, or packed into blocks of this length.
         pack: Concatenate the tokenized texts and cut them into blocks of ``max_length`` (no padding), 1000
-            texts at a time (as transformers' ``run_mlm`` and ``run_clm`` do): the incomplete block at the end of
-            each 1000 is dropped, at most ``max_length - 1`` tokens of 1000 texts.
+            texts at a time (as transformers' ``run_mlm`` and ``run_clm`` do): the incomplete block at the end
+            of each 1000 is dropped, at most ``max_length - 1`` tokens of 1000 texts.
         dataset, batch_size, eval_batch_size, num_workers, max_train_samples, max_eval_samples, seed: see
-            :class:`~distill_lab.data.TrainValidationData` (the seed also draws the masks).
+            :class:`~distill_lab.data_module.TrainValidationData` (the seed also draws the masks).
     """
 
     def __init__(
@@ -113,7 +115,8 @@ class LanguageModelingData(TrainValidationData):
         check_sizes({"max_length": max_length})
         if mlm and not 0 < mlm_probability <= 1:
             raise ValueError(
-                f"data.mlm_probability={mlm_probability} must be in (0, 1]: the share of tokens masked (0.15 is BERT's)"
+                f"data.mlm_probability={mlm_probability} must be in (0, 1]: the share of tokens masked (0.15 "
+                "is BERT's)"
             )
         self.tokenizer = tokenizer
         self.mlm = mlm
@@ -132,8 +135,8 @@ class LanguageModelingData(TrainValidationData):
             raise ValueError("LanguageModelingData has no tokenizer: set its `tokenizer` before setup()")
         if self.mlm and self.tokenizer.mask_token is None:
             raise ValueError(
-                f"task=masked_lm needs a tokenizer with a mask token; {type(self.tokenizer).__name__} has none "
-                "(a decoder model's tokenizer? use task=causal_lm)"
+                f"task=masked_lm needs a tokenizer with a mask token; {type(self.tokenizer).__name__} has "
+                "none (a decoder model's tokenizer? use task=causal_lm)"
             )
         if self.tokenizer.pad_token is None:
             raise ValueError(
@@ -146,9 +149,10 @@ class LanguageModelingData(TrainValidationData):
             return
         self._check_tokenizer()
         if self.tokenizer.padding_side != "right":
-            # the labels (-100 at padding, shifted by the causal task) and the validation masks cut back to each
-            # text's length assume padding on the right: this module pads there, with a copy (the teacher's
-            # tokenizer, saved with the student, keeps its side, e.g. LLaMA's left padding for generation)
+            # the labels (-100 at padding, shifted by the causal task) and the validation masks cut back to
+            # each text's length assume padding on the right: this module pads there, with a copy (the
+            # teacher's tokenizer, saved with the student, keeps its side, e.g. LLaMA's left padding for
+            # generation)
             self.tokenizer = copy.copy(self.tokenizer)
             self.tokenizer.padding_side = "right"
         self.raw = raw = self.subsample(self.load_splits({"text_column": self.text_column}))
@@ -166,8 +170,8 @@ class LanguageModelingData(TrainValidationData):
             if len(rows) == 0:
                 raise ValueError(
                     f"the {split} split holds no examples after tokenization"
-                    + (f" and packing into blocks of data.max_length={self.max_length} tokens: it has fewer tokens "
-                       "than one block; lower data.max_length or set data.pack=false" if self.pack else
+                    + (f" and packing into blocks of data.max_length={self.max_length} tokens: it has fewer "
+                       "tokens than one block; lower data.max_length or set data.pack=false" if self.pack else
                        f" (data.text_column={self.text_column!r} holds no text that the tokenizer keeps)")
                 )  # fmt: skip
         if self.mlm:  # fixed masks for validation: the same positions every epoch
@@ -229,8 +233,8 @@ class LanguageModelingData(TrainValidationData):
         return self._language_modeling_collator()
 
     def example_collator(self, split: str):
-        """For rows read without an epoch (``example_batch("train")``, the calibration batch): a collator seeded
-        with ``seed``, so that the batch is masked the same on every call."""
+        """For rows read without an epoch (``example_batch("train")``, the calibration batch): a collator
+        seeded with ``seed``, so that the batch is masked the same on every call."""
         if split == "validation" and self.mlm:
             return self.collator(split)
         return self._language_modeling_collator()

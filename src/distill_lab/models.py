@@ -43,8 +43,8 @@ def _from_pretrained(
             else "the directory holds no loadable model"
         )
         raise ValueError(
-            f"cannot load the {role} {role}.name_or_path={name_or_path!r}: {hint}. Give a hub name (with network "
-            f"access) or a directory written by save_pretrained. ({type(err).__name__}: {err})"
+            f"cannot load the {role} {role}.name_or_path={name_or_path!r}: {hint}. Give a hub name (with "
+            f"network access) or a directory written by save_pretrained. ({type(err).__name__}: {err})"
         ) from err
 
 
@@ -71,8 +71,8 @@ def load_teacher(
         builtin = builtin_for_task(task) if builtin == "auto" else builtin
         if builtin_task(builtin) != task:
             raise ValueError(
-                f"the built-in teacher {builtin!r} is trained for task={builtin_task(builtin)} and cannot teach "
-                f"task={task}: give teacher=hf teacher.name_or_path=<a model trained for the task>"
+                f"the built-in teacher {builtin!r} is trained for task={builtin_task(builtin)} and cannot "
+                f"teach task={task}: give teacher=hf teacher.name_or_path=<a model trained for the task>"
             )
         if not (Path(name_or_path) / "config.json").exists():
             train_builtin_teacher(builtin, name_or_path)
@@ -87,8 +87,8 @@ def load_teacher(
         raise ValueError(
             f"the teacher {name_or_path!r} is not trained for task={task}: loading it as "
             f"{type(teacher).__name__} leaves {len(missing)} weights random ({', '.join(missing[:4])}"
-            f"{', ...' if len(missing) > 4 else ''}). Fine-tune it on the task first, or choose the task it was "
-            "trained for."
+            f"{', ...' if len(missing) > 4 else ''}). Fine-tune it on the task first, or choose the task it "
+            "was trained for."
         )
     teacher.eval()
     teacher.requires_grad_(False)
@@ -136,17 +136,17 @@ def check_student(
     if None not in kinds.values() and kinds["teacher"] != kinds["student"]:
         name = {True: "causal (each token sees only earlier ones)", False: "bidirectional"}
         raise ValueError(
-            f"the teacher's attention ({type(teacher).__name__}) is {name[kinds['teacher']]} and the student's "
-            f"({type(student).__name__}) {name[kinds['student']]}: their attention maps cannot match. Distil into "
-            "a student of the teacher's kind (student=from_teacher derives one)"
+            f"the teacher's attention ({type(teacher).__name__}) is {name[kinds['teacher']]} and the "
+            f"student's ({type(student).__name__}) {name[kinds['student']]}: their attention maps cannot "
+            "match. Distil into a student of the teacher's kind (student=from_teacher derives one)"
         )
     if tokenizer is None:
         return
     embeddings = student.get_input_embeddings()
     if embeddings is not None and embeddings.num_embeddings < len(tokenizer):
         raise ValueError(
-            f"the student's input embeddings hold {embeddings.num_embeddings} token ids, the teacher's tokenizer "
-            f"{len(tokenizer)}: the student must use the teacher's tokenizer and vocabulary"
+            f"the student's input embeddings hold {embeddings.num_embeddings} token ids, the teacher's "
+            f"tokenizer {len(tokenizer)}: the student must use the teacher's tokenizer and vocabulary"
         )
     if name_or_path is None or (Path(name_or_path).is_dir() and not _holds_tokenizer(Path(name_or_path))):
         return
@@ -162,10 +162,10 @@ def check_student(
         ours.get(token) != index for token, index in theirs.items()
     ):  # tokens of its own beyond: fine
         raise ValueError(
-            f"student.name_or_path={name_or_path!r} has a tokenizer of its own that is not the teacher's ({differ} of "
-            f"the teacher's {len(theirs)} tokens are missing or have other ids): the student reads the teacher's "
-            "token ids, and the attention maps are compared position by position. Use a student trained with the "
-            "teacher's tokenizer, or student=from_teacher"
+            f"student.name_or_path={name_or_path!r} has a tokenizer of its own that is not the teacher's "
+            f"({differ} of the teacher's {len(theirs)} tokens are missing or have other ids): the student "
+            "reads the teacher's token ids, and the attention maps are compared position by position. Use a "
+            "student trained with the teacher's tokenizer, or student=from_teacher"
         )
 
 
@@ -194,8 +194,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
     if directory.is_dir() and not _holds_tokenizer(directory):
         # transformers would build a default tokenizer of a handful of tokens: every word unknown, silently
         raise ValueError(
-            f"{name_or_path!r} holds no tokenizer (tokenizer.json, tokenizer_config.json, vocab files): save the "
-            "model's tokenizer beside it with tokenizer.save_pretrained(directory)"
+            f"{name_or_path!r} holds no tokenizer (tokenizer.json, tokenizer_config.json, vocab files): save "
+            "the model's tokenizer beside it with tokenizer.save_pretrained(directory)"
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -224,9 +224,9 @@ def load_preprocessor(
         )
     except (OSError, ValueError) as err:
         raise ValueError(
-            f"cannot load an image processor from {name_or_path!r}: an image teacher needs the image processor "
-            "it was trained with (preprocessor_config.json, written by processor.save_pretrained(directory) as "
-            f"the Hub's ViT models have it). {err}"
+            f"cannot load an image processor from {name_or_path!r}: an image teacher needs the image "
+            "processor it was trained with (preprocessor_config.json, written by "
+            f"processor.save_pretrained(directory) as the Hub's ViT models have it). {err}"
         ) from err
 
 
@@ -236,8 +236,8 @@ POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")  # BERT/RoBE
 def position_limit(model: nn.Module) -> int | None:
     """How many tokens a model with a learned table of absolute positions (BERT, RoBERTa, GPT-2) takes: the
     table's rows, less the offset of RoBERTa's positions past the padding index (514 rows, 512 tokens). None
-    where positions are rotary or relative (LLaMA, T5) or the inputs are no tokens (ViT's patch positions are a
-    parameter, not an embedding table): nothing caps the length there."""
+    where positions are rotary or relative (LLaMA, T5) or the inputs are no tokens (ViT's patch positions are
+    a parameter, not an embedding table): nothing caps the length there."""
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES:
             offset = (
@@ -256,14 +256,74 @@ _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 def _per_layer_settings(config, sources: list[int], num_teacher_layers: int) -> None:
     """Shorten the config's per-layer lists (``layer_types`` of Qwen2, Gemma2/3, ModernBERT: sliding or full
-    attention; ``no_rope_layers`` ...) to the student's layers, each entry taken from the teacher layer that the
-    student layer starts from, so that a student layer attends as its teacher layer does. Any list or tuple
-    with one entry per teacher layer counts; transformers refuses to save a config whose ``layer_types`` has
-    another length than ``num_hidden_layers``."""
+    attention; ``no_rope_layers`` ...) to the student's layers, each entry taken from the teacher layer that
+    the student layer starts from, so that a student layer attends as its teacher layer does. Any list or
+    tuple with one entry per teacher layer counts; transformers refuses to save a config whose ``layer_types``
+    has another length than ``num_hidden_layers``."""
     for key, value in vars(config).items():
         if isinstance(value, (list, tuple)) and len(value) == num_teacher_layers and key != "architectures":
             setattr(config, key, type(value)(value[t] for t in sources))
             log.info("student config: %s taken from the teacher's layers %s", key, sources)
+
+
+def _narrow(config, num_heads: int | None, hidden_size: int | None, intermediate_size: int | None) -> None:
+    """Give the student's config (a copy of the teacher's) ``num_heads`` heads, a ``hidden_size`` and an
+    ``intermediate_size`` (feed-forward width), where set."""
+    # a head size of its own (Gemma: 256 at any width) stays; one derived from the width (LLaMA, Qwen3's
+    # configs store hidden / heads) is derived again from the student's
+    head_dim = getattr(config, "head_dim", None)
+    own_head_dim = head_dim is not None and head_dim != config.hidden_size // config.num_attention_heads
+    if hidden_size is not None:
+        config.hidden_size = hidden_size
+    if num_heads is not None:
+        config.num_attention_heads = num_heads
+        if getattr(config, "num_key_value_heads", None) is not None:
+            config.num_key_value_heads = min(config.num_key_value_heads, num_heads)
+            while num_heads % config.num_key_value_heads:
+                config.num_key_value_heads -= 1
+    if head_dim is not None and not own_head_dim:
+        config.head_dim = config.hidden_size // config.num_attention_heads
+    if intermediate_size is not None:
+        # the feed-forward width: BERT, LLaMA...; GPT-2; DistilBERT; T5; OPT
+        widths = [
+            key
+            for key in ("intermediate_size", "n_inner", "hidden_dim", "d_ff", "ffn_dim")
+            if hasattr(config, key)
+        ]
+        if not widths:
+            raise ValueError(
+                f"student.intermediate_size={intermediate_size}: the teacher's {type(config).__name__} names "
+                "its feed-forward width by no key distill-lab knows (intermediate_size, n_inner, hidden_dim, "
+                "d_ff, ffn_dim); leave student.intermediate_size null, or pass a student config of your own"
+            )
+        for key in widths:
+            setattr(config, key, intermediate_size)
+    if not own_head_dim and config.hidden_size % config.num_attention_heads:
+        raise ValueError(
+            f"the student's hidden_size {config.hidden_size} is not divisible by its "
+            f"{config.num_attention_heads} heads"
+        )
+
+
+def _copy_teacher_tensors(student: PreTrainedModel, teacher: PreTrainedModel, source_layer: dict) -> None:
+    """Copy into ``student`` every teacher tensor of the same shape, student layer j's from teacher layer
+    ``source_layer[j]``; the rest keeps its random initialisation. The split is logged."""
+    teacher_state = teacher.state_dict()
+    copied, total = 0, 0
+    with torch.no_grad():
+        for key, param in student.state_dict().items():
+            total += 1
+            match = _LAYER_INDEX.search(key)
+            source = key
+            if match:
+                layer = int(match.group(1))
+                source = f"{key[: match.start()]}.{source_layer.get(layer, layer)}.{key[match.end() :]}"
+            # a tensor only the teacher's first layer has (T5's relative-position bias) comes from there
+            value = teacher_state.get(source, teacher_state.get(key))
+            if value is not None and value.shape == param.shape:
+                param.copy_(value)
+                copied += 1
+    log.info("student initialised from the teacher: %d of %d tensors copied, the rest random", copied, total)
 
 
 def derive_student(
@@ -291,60 +351,11 @@ def derive_student(
     config.num_hidden_layers = num_layers
     source_layer = dict((s, t) for t, s in layer_map(num_teacher_layers, num_layers, "uniform"))
     _per_layer_settings(config, [source_layer[j] for j in range(num_layers)], num_teacher_layers)
-    # a head size of its own (Gemma: 256 at any width) stays; one derived from the width (LLaMA, Qwen3's
-    # configs store hidden / heads) is derived again from the student's
-    head_dim = getattr(config, "head_dim", None)
-    own_head_dim = head_dim is not None and head_dim != config.hidden_size // config.num_attention_heads
-    if hidden_size is not None:
-        config.hidden_size = hidden_size
-    if num_heads is not None:
-        config.num_attention_heads = num_heads
-        if getattr(config, "num_key_value_heads", None) is not None:
-            config.num_key_value_heads = min(config.num_key_value_heads, num_heads)
-            while num_heads % config.num_key_value_heads:
-                config.num_key_value_heads -= 1
-    if head_dim is not None and not own_head_dim:
-        config.head_dim = config.hidden_size // config.num_attention_heads
-    if intermediate_size is not None:
-        # the feed-forward width: BERT, LLaMA...; GPT-2; DistilBERT; T5; OPT
-        widths = [
-            key
-            for key in ("intermediate_size", "n_inner", "hidden_dim", "d_ff", "ffn_dim")
-            if hasattr(config, key)
-        ]
-        if not widths:
-            raise ValueError(
-                f"student.intermediate_size={intermediate_size}: the teacher's {type(config).__name__} names its "
-                "feed-forward width by no key distill-lab knows (intermediate_size, n_inner, hidden_dim, d_ff, "
-                "ffn_dim); leave student.intermediate_size null, or pass a student config of your own"
-            )
-        for key in widths:
-            setattr(config, key, intermediate_size)
-    if not own_head_dim and config.hidden_size % config.num_attention_heads:
-        raise ValueError(
-            f"the student's hidden_size {config.hidden_size} is not divisible by its {config.num_attention_heads} heads"
-        )
+    _narrow(config, num_heads, hidden_size, intermediate_size)
     if init not in ("teacher", "random"):
         raise ValueError(f"student.init={init!r}; valid: 'teacher', 'random'")
     student = type(teacher)(config)
     if init == "teacher":
-        teacher_state = teacher.state_dict()
-        copied, total = 0, 0
-        with torch.no_grad():
-            for key, param in student.state_dict().items():
-                total += 1
-                match = _LAYER_INDEX.search(key)
-                source = key
-                if match:
-                    layer = int(match.group(1))
-                    source = f"{key[: match.start()]}.{source_layer.get(layer, layer)}.{key[match.end() :]}"
-                # a tensor only the teacher's first layer has (T5's relative-position bias) comes from there
-                value = teacher_state.get(source, teacher_state.get(key))
-                if value is not None and value.shape == param.shape:
-                    param.copy_(value)
-                    copied += 1
-        log.info(
-            "student initialised from the teacher: %d of %d tensors copied, the rest random", copied, total
-        )
+        _copy_teacher_tensors(student, teacher, source_layer)
     student.train()
     return student

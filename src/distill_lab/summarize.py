@@ -59,8 +59,9 @@ def collect(directory: str | Path) -> list[dict]:
 
 
 def unfinished(directory: str | Path) -> list[str]:
-    """The runs below ``directory`` (directories with Hydra's ``.hydra/``) without a ``results.json``: unfinished,
-    failed or still running, in run order, each with its overrides (``2 (loss=mse seed=1)``) where it has any."""
+    """The runs below ``directory`` (directories with Hydra's ``.hydra/``) without a ``results.json``:
+    unfinished, failed or still running, in run order, each with its overrides (``2 (loss=mse seed=1)``) where
+    it has any."""
     directory = Path(directory)
     runs = sorted((h.parent for h in directory.rglob(".hydra") if h.is_dir()), key=_natural_key)
     named = []
@@ -114,10 +115,10 @@ def shared_overrides(rows: list[dict]) -> dict[str, str]:
 
 
 def markdown_table(rows: list[dict], metric: str = "acc") -> str:
-    """One line per run, best student ``metric`` first (lowest for perplexity; runs without it last); the overrides that differ
-    between runs as columns (those they share in a line above the table). ``gap`` is how far the student is
-    behind the teacher, positive when it is worse: teacher minus student for accuracy, student minus teacher
-    for perplexity."""
+    """One line per run, best student ``metric`` first (lowest for perplexity; runs without it last); the
+    overrides that differ between runs as columns (those they share in a line above the table). ``gap`` is how
+    far the student is behind the teacher, positive when it is worse: teacher minus student for accuracy,
+    student minus teacher for perplexity."""
     keys = varying_overrides(rows)
     header = ["run", *keys, f"student {metric}", f"teacher {metric}", "gap", "compression"]
     shared = shared_overrides(rows)
@@ -165,8 +166,8 @@ def bar_chart(rows: list[dict], path: str | Path, metric: str = "acc") -> Path:
 
 
 def default_metric(rows: list[dict]) -> str:
-    """The metric the runs optimised: the first run's ``optimized_metric``; for results written without it, the
-    monitor of its task (``perplexity`` for a language model, ``acc`` for a classifier), else its first
+    """The metric the runs optimised: the first run's ``optimized_metric``; for results written without it,
+    the monitor of its task (``perplexity`` for a language model, ``acc`` for a classifier), else its first
     student metric."""
     results = rows[0]["results"]
     if "optimized_metric" in results:
@@ -186,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--metric",
         default=None,
-        help="student metric to compare (acc, f1, masked_acc, perplexity); default: the one the runs optimised",
+        help="student metric to compare (acc, f1, masked_acc, perplexity); default: the one the runs "
+        "optimised",
     )
     args = parser.parse_args(argv)
     try:
@@ -199,7 +201,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"error: no run reports --metric {metric}; they report {', '.join(reported)}\n")
     table = markdown_table(rows, metric)
     if missing := unfinished(args.directory):
-        table += f"\n\nnot in the table, without results.json (unfinished, failed or running): {', '.join(missing)}"
+        table += (
+            "\n\nnot in the table, without results.json (unfinished, failed or running): "
+            f"{', '.join(missing)}"
+        )
     out = Path(args.directory)
     (out / "summary.md").write_text(table + "\n")
     bar_chart(rows, out / "summary.png", metric)

@@ -39,8 +39,9 @@ IGNORE_INDEX = -100
 
 
 def model_label_names(config) -> list[str] | None:
-    """A classifier's class names in id order (its config's ``id2label``), or None where they are transformers'
-    placeholders ``LABEL_0, LABEL_1, ...`` (a head given only ``num_labels``), which name no class."""
+    """A classifier's class names in id order (its config's ``id2label``), or None where they are
+    transformers' placeholders ``LABEL_0, LABEL_1, ...`` (a head given only ``num_labels``), which name no
+    class."""
     names = [str(config.id2label[i]) for i in range(config.num_labels)] if config.id2label else []
     if not names or names == [f"LABEL_{i}" for i in range(len(names))]:
         return None
@@ -48,8 +49,8 @@ def model_label_names(config) -> list[str] | None:
 
 
 class Perplexity(Metric):
-    """``exp`` of the mean cross-entropy over the labelled positions (label -100 ignored), over every batch and
-    process: ``exp`` of the model's own loss on the whole set.
+    """``exp`` of the mean cross-entropy over the labelled positions (label -100 ignored), over every batch
+    and process: ``exp`` of the model's own loss on the whole set.
 
     torchmetrics' ``Perplexity`` takes the log of softmax probabilities, so one target whose probability is
     below float32's smallest (a logit about 104 under its row's largest) made the whole epoch's perplexity
@@ -111,8 +112,8 @@ class SequenceClassification:
         metrics.update(logits, batch["labels"])
 
     def output_count(self, batch: Mapping[str, Tensor]) -> int | Tensor:
-        """What the output loss of ``batch`` averages over: its examples. The weight of the batch's loss in a mean
-        over batches that equals the loss of their union."""
+        """What the output loss of ``batch`` averages over: its examples. The weight of the batch's loss in a
+        mean over batches that equals the loss of their union."""
         return len(batch["labels"])
 
     def num_classes(self, config) -> int:
@@ -125,7 +126,8 @@ class SequenceClassification:
         return {"model_labels": model_label_names(teacher.config)}
 
     def check_data_config(self, data_cfg: Mapping) -> None:
-        """What the ``data`` config alone can tell, before anything loads (the class is checked by ``run.py``)."""
+        """What the ``data`` config alone can tell, before anything loads (the class is checked by
+        ``run.py``)."""
 
     def check(self, teacher, data) -> None:
         """The teacher's head must fit the data's labels: a classifier is fine-tuned on its task first."""
@@ -219,9 +221,9 @@ class MaskedLM:
         masked = self.name == "masked_lm"
         if data_cfg.get("mlm", masked) != masked:
             raise ValueError(
-                f"task={self.name} needs data.mlm={str(masked).lower()}, got data.mlm={str(data_cfg['mlm']).lower()}: "
-                f"{'masked' if masked else 'causal'} language modelling "
-                f"{'masks tokens' if masked else 'predicts every next token, nothing masked'}"
+                f"task={self.name} needs data.mlm={str(masked).lower()}, got "
+                f"data.mlm={str(data_cfg['mlm']).lower()}: {'masked' if masked else 'causal'} language "
+                f"modelling {'masks tokens' if masked else 'predicts every next token, nothing masked'}"
             )
 
     def check(self, teacher, data) -> None:
@@ -241,8 +243,8 @@ class CausalLM(MaskedLM):
     auto_class = AutoModelForCausalLM
 
     def _labels(self, batch: Mapping[str, Tensor]) -> Tensor:
-        # position i predicts token i + 1: shift the labels (small) rather than slice the logits (B, L, V), whose
-        # non-contiguous slice every flattening downstream would copy; the last position gets no target
+        # position i predicts token i + 1: shift the labels (small) rather than slice the logits (B, L, V),
+        # whose non-contiguous slice every flattening downstream would copy; the last position gets no target
         return F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
 
     def metrics(self, prefix: str, num_labels: int) -> MetricCollection:

@@ -40,7 +40,7 @@ class ResumableRandomSampler(RandomSampler):
     stays the full epoch, as Lightning counts a resumed epoch's batches from its beginning.
 
     With ``tagged`` it yields ``(epoch, index)`` pairs instead of indices, for a dataset that hands a row its
-    epoch (``data.EpochTagged``: masked-LM masks drawn from the epoch and the examples).
+    epoch (``data_module.EpochTagged``: masked-LM masks drawn from the epoch and the examples).
 
     It is the sampler of a run in one process; a distributed run takes :class:`ResumableDistributedSampler`.
     """

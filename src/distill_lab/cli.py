@@ -1,0 +1,77 @@
+"""The console scripts: ``distill-lab [group=option ...]`` trains; ``distill-lab-summarize DIR`` summarises
+a sweep.
+
+``distill-lab`` takes what ``python train.py`` takes in a checkout (Hydra overrides such as ``loss=kl
+matching=headwise``, ``-m`` for a sweep, ``--help``, ``--cfg job`` ...) and works from any directory. Its
+configs are the checkout's top-level ``conf/`` where the package runs from a checkout (an editable install,
+``PYTHONPATH=src``), else the copy of ``conf/`` that the wheel carries inside the package.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+INTERRUPTED = (
+    "\nStopped by Ctrl-C outside training (loading, the built-in teacher's training, the export). Run the "
+    "same command again: a distillation run resumes from its newest checkpoint, a built-in teacher trains "
+    "from its start."
+)
+
+
+def config_dir() -> Path:
+    """The directory of the Hydra configs: the checkout's ``conf/`` where this package is a checkout's
+    ``src/distill_lab``, else ``conf/`` inside the installed package (see ``pyproject.toml``)."""
+    checkout = PACKAGE_DIR.parents[1]
+    if PACKAGE_DIR.parent.name == "src" and (checkout / "conf" / "config.yaml").is_file():
+        return checkout / "conf"
+    return PACKAGE_DIR / "conf"
+
+
+def _train(cfg: DictConfig) -> float | None:
+    """The Hydra task: one run; returns the metric a sweeper optimises."""
+    from distill_lab.run import train
+
+    metrics = train(cfg)
+    return metrics.get(cfg.optimized_metric)
+
+
+# Hydra names the job after the module of its task function: ``hydra.job.name`` names the run's log
+# (train.log) and a SLURM job. "train" keeps the names that ``python train.py`` has always given.
+_train.__module__ = "train"
+
+
+def main(config_path: str | Path | None = None) -> None:
+    """``distill-lab``: the overrides on the command line (``sys.argv``), as ``python train.py`` takes them.
+
+    Args:
+        config_path: The configs' directory; by default :func:`config_dir` (``train.py`` passes the
+            ``conf/`` beside it).
+
+    Ctrl-C outside ``Trainer.fit`` and ``validate`` (which stop on it themselves and save
+    ``interrupted.ckpt``) ends the command with exit status 130 and a message saying what a rerun does,
+    not a traceback.
+    """
+    # imported before Hydra configures logging, as train.py always has: Lightning then keeps its own
+    # console handler, and its messages go to stderr
+    import distill_lab.run  # noqa: F401
+
+    app = hydra.main(version_base="1.3", config_path=str(config_path or config_dir()), config_name="config")
+    try:
+        app(_train)()
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        sys.exit(130)
+
+
+def summarize(argv: list[str] | None = None) -> None:
+    """``distill-lab-summarize DIR [--metric NAME]``: the table and chart of a multirun (see
+    :mod:`distill_lab.summarize`; ``python -m distill_lab.summarize`` is the same command)."""
+    from distill_lab.summarize import main as summarize_main
+
+    summarize_main(argv)
