@@ -706,7 +706,7 @@ class AttentionDistillationLoss(nn.Module):
             # kernel tests run it) is far slower than the block-wise PyTorch path, so only fused=True asks for it
             reasons.append(f"they need a CUDA device, and this runs on {device_type}")
         if not reasons:
-            from distill_lab.kernels.attention_kl import triton  # imported only where it can run
+            from distill_lab.kernels._triton import triton  # imported only where it can run
 
             if triton is None:
                 reasons.append("triton is not installed (pip install 'distill-lab[gpu]')")
