@@ -439,6 +439,7 @@ def test_attention_modules_skip_cross_attention(tiny_model_factory):
 
 class _Recorder:
     backend = "probs"
+    memory_budget = None  # the qk backend's default
 
     def __init__(self):
         self.maps = {}

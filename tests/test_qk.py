@@ -25,14 +25,15 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 def _run(
     teacher, student, inputs, backend, loss, mode, block_size, teacher_layers=(1, 3), student_layers=(0, 1)
 ):
-    """Attention loss, its details and the student's gradients through one backend."""
+    """Attention loss, its details and the student's gradients through one backend. The qk records keep no
+    maps (``memory_budget=0``), so that the loss recomputes them block by block."""
     pairs = list(zip(teacher_layers, student_layers, strict=True))
     matching = Selective(heads=[[0, 1], [3, 0]]) if mode == "selective" else mode
     component = AttentionDistillationLoss(loss, matching, pairs, block_size=block_size)
     student.zero_grad(set_to_none=True)
     with (
-        AttentionCapture(teacher, teacher_layers, backend) as tc,
-        AttentionCapture(student, student_layers, backend) as sc,
+        AttentionCapture(teacher, teacher_layers, backend, memory_budget=0) as tc,
+        AttentionCapture(student, student_layers, backend, memory_budget=0) as sc,
     ):
         with torch.no_grad():
             _, teacher_maps = tc(**inputs)
@@ -49,9 +50,11 @@ def test_qk_records_give_the_probs_backend_maps(tiny_model_factory, family):
     inputs = make_tiny_inputs(family, model.config, batch_size=3, seq_len=11, num_padded=4)
     with AttentionCapture(model, [0, 2], "probs") as capture, torch.no_grad():
         reference_out, maps = capture(**inputs)
-    with AttentionCapture(model, [0, 2], "qk") as capture, torch.no_grad():
+    # no kept maps (memory_budget=0): SDPA stays in place and the records recompute the probabilities
+    with AttentionCapture(model, [0, 2], "qk", memory_budget=0) as capture, torch.no_grad():
         out, records = capture(**inputs)
         plain = model(**inputs)
+    assert all(record.maps is None for record in records.values())
     torch.testing.assert_close(out.logits, plain.logits, atol=1e-5, rtol=1e-5)  # SDPA is left in place
     torch.testing.assert_close(out.logits, reference_out.logits, atol=1e-5, rtol=1e-5)
     for layer in (0, 2):

@@ -8,9 +8,11 @@ matching ``AttentionMaskInterface`` entry, without which the function would rece
 being captured it computes eager attention in float32, records the probabilities *before* dropout and uses
 the same tensor for the layer's output, so gradients flow from the attention loss into the student's
 queries and keys. Every other layer runs SDPA as before (eager attention where the model soft-caps its
-scores, which SDPA cannot do). The ``qk`` backend keeps SDPA in the captured
-layers too and records their queries and keys instead (see ``QueryKey``). A requested layer that records nothing (a model
-whose attention does not go through ``AttentionInterface``) raises an error instead of passing silently.
+scores, which SDPA cannot do). The ``qk`` backend records the captured layers' queries and keys instead
+(see ``QueryKey``): with SDPA where their maps would exceed its memory budget, and with eager attention,
+whose scores and probabilities the record keeps for the loss, where they fit. A requested layer that
+records nothing (a model whose attention does not go through ``AttentionInterface``) raises an error
+instead of passing silently.
 
 Usage::
 
@@ -21,10 +23,11 @@ Usage::
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +39,9 @@ CAPTURE_ATTENTION = "distill_lab_capture"  # the probs backend: eager attention,
 QK_ATTENTION = "distill_lab_qk"  # the qk backend: SDPA attention, queries and keys recorded
 BACKENDS = ("probs", "qk")
 _STATE = "_distill_lab_capture"  # attribute set on captured attention modules: (capture, layer index)
+# the qk backend's default memory budget off CUDA: bytes one captured layer's kept scores and probabilities may
+# take (on CUDA the default is 0: SDPA and the fused kernels are the fast path there)
+DEFAULT_MEMORY_BUDGET = 64 * 2**20
 
 # keyword arguments a model may pass its attention function, beyond query, key, value, mask, scaling, dropout:
 # those the capture applies (the rest of the record's mask: causality, window, soft cap, T5's bias) and those
@@ -141,7 +147,9 @@ class QueryKey:
 
     ``causal`` and ``sliding_window`` describe the layer itself; when ``mask`` is given it is what the scores
     use, and ``causal`` applies only where the model built no mask. ``bias`` is a per-layer additive score
-    bias (T5's relative positions), ``(B or 1, H, Lq, Lk)``.
+    bias (T5's relative positions), ``(B or 1, H, Lq, Lk)``. ``maps`` holds the whole layer's ``(scores,
+    probabilities)`` where the capture computed them anyway (eager attention within its memory budget):
+    ``scores`` and ``probs`` then return them instead of computing them again.
 
     The scores are computed in float32 even under ``torch.autocast``: a bf16 product of queries and keys
     rounds the scores, which roughly doubles a small KL between near-equal maps.
@@ -155,14 +163,22 @@ class QueryKey:
     softcap: float | None = None
     sliding_window: int | None = None
     bias: Tensor | None = None
+    maps: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """The shape of the probabilities this stands for: (B, H, Lq, Lk)."""
         return (*self.query.shape[:3], self.key.shape[2])
 
+    def detach(self) -> QueryKey:
+        """The same record, with no gradient flowing back through it (a teacher's: the target)."""
+        maps = None if self.maps is None else tuple(m.detach() for m in self.maps)
+        return dataclasses.replace(self, query=self.query.detach(), key=self.key.detach(), maps=maps)
+
     def scores(self, rows: slice | None = None) -> Tensor:
         """Masked attention scores (B, H, rows, Lk) in float32 (float64 for float64 inputs)."""
+        if self.maps is not None:
+            return self.maps[0] if rows is None else self.maps[0][:, :, rows]
         rows = rows or slice(0, self.query.shape[2])
         query = self.query[:, :, rows]
         key = self.key
@@ -195,10 +211,16 @@ class QueryKey:
     def probs(self, rows: slice | None = None) -> Tensor:
         """Attention probabilities (B, H, rows, Lk), before dropout, in float32 (float64 for float64); a row
         that may see no key (a padded query under a boolean mask) is all zeros, as SDPA gives it, not NaN."""
-        scores = self.scores(rows)
-        empty = torch.isneginf(scores).all(-1, keepdim=True)
-        # float32 under autocast too: autocast runs softmax in float32
-        return torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+        if self.maps is not None:
+            return self.maps[1] if rows is None else self.maps[1][:, :, rows]
+        return _softmax(self.scores(rows))
+
+
+def _softmax(scores: Tensor) -> Tensor:
+    """Probabilities from masked scores; a row with no allowed key is all zeros."""
+    empty = torch.isneginf(scores).all(-1, keepdim=True)
+    # float32 under autocast too: autocast runs softmax in float32
+    return torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
 
 
 def _record_and_attend(
@@ -214,9 +236,11 @@ def _record_and_attend(
     """The attention function registered for both backends.
 
     ``probs``: eager attention in float32; the pre-dropout probabilities are recorded and are the tensor
-    the output is computed from. ``qk``: the output comes from SDPA as usual and the layer's queries and keys
-    are recorded as a ``QueryKey``. Layers that are not captured run SDPA, except soft-capped ones (Gemma 2),
-    which SDPA cannot run: they, captured or not, run eager attention in float32.
+    the output is computed from. ``qk``: the layer's queries and keys are recorded as a ``QueryKey``; the
+    output comes from SDPA as usual or, where the layer's maps fit the capture's memory budget, from eager
+    attention whose scores and probabilities the record keeps (one softmax serves the output and the loss).
+    Layers that are not captured run SDPA, except soft-capped ones (Gemma 2), which SDPA cannot run: they,
+    captured or not, run eager attention in float32.
 
     Shape:
         query: (B, H, Lq, D) after any rotary embedding; key, value: (B, H_kv, Lk, D), H a multiple of H_kv.
@@ -243,15 +267,21 @@ def _record_and_attend(
         kwargs.get("position_bias"),
     )
     capture, layer = state if state is not None else (None, None)
-    if capture is not None and capture.backend == "qk":
+    qk = capture is not None and capture.backend == "qk"
+    keep = qk and keeps_maps(record, capture.memory_budget)
+    if qk and not keep:
         capture._record(layer, record)
         if softcap is None:
             return sdpa_attention_forward(
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
-    # eager attention: the probs backend's captured layers, and soft-capped layers (Gemma 2), which SDPA cannot run
-    probs = record.probs()
-    if capture is not None and capture.backend == "probs":
+    # eager attention: the probs backend's captured layers, the qk backend's within its memory budget, and
+    # soft-capped layers (Gemma 2), which SDPA cannot run
+    scores = record.scores()
+    probs = _softmax(scores)
+    if keep:
+        capture._record(layer, dataclasses.replace(record, maps=(scores, probs)))
+    elif capture is not None and capture.backend == "probs":
         capture._record(layer, probs)
     groups = query.shape[1] // value.shape[1]
     if groups > 1:
@@ -259,6 +289,16 @@ def _record_and_attend(
     weights = nn.functional.dropout(probs, p=dropout, training=module.training)
     output = torch.matmul(weights.to(value.dtype), value).transpose(1, 2).contiguous()
     return output, probs
+
+
+def keeps_maps(record: QueryKey, memory_budget: int | None) -> bool:
+    """Whether the qk backend computes a captured layer's attention eagerly and keeps its maps: whether its
+    scores and probabilities fit ``memory_budget`` (None: ``DEFAULT_MEMORY_BUDGET`` off CUDA, 0 on CUDA)."""
+    if memory_budget is None:
+        memory_budget = 0 if record.query.device.type == "cuda" else DEFAULT_MEMORY_BUDGET
+    batch, heads, q_len, k_len = record.shape
+    size = torch.promote_types(record.query.dtype, torch.float32).itemsize
+    return 2 * batch * heads * q_len * k_len * size <= memory_budget
 
 
 def _check_arguments(module: nn.Module, kwargs: dict) -> None:
@@ -296,9 +336,14 @@ class AttentionCapture:
         layers: 0-based indices of the layers to capture, in the order of ``attention_modules(model)``.
         backend: ``"probs"`` (the default, and the reference) runs eager attention in the captured layers
             and records the probability maps, (B, H, Lq, Lk) in float32 (float64 for a float64 model),
-            grouped key heads expanded to H. ``"qk"`` keeps SDPA in every layer and records each captured
-            layer's queries and keys as a ``QueryKey``, from which the losses recompute the probabilities
-            block by block, so no ``L x L`` map outlives a block.
+            grouped key heads expanded to H. ``"qk"`` records each captured layer's queries and keys as a
+            ``QueryKey``: beyond ``memory_budget`` the layer keeps SDPA and the losses recompute the
+            probabilities block by block, so no ``L x L`` map outlives a block; within it the layer runs eager
+            attention and the record keeps its scores and probabilities, which the losses use as they are.
+        memory_budget: for ``"qk"``, the most bytes one captured layer's kept scores and probabilities may
+            take (``2 x B x H x Lq x Lk`` elements, float32), decided per forward from the batch's shape.
+            None: ``DEFAULT_MEMORY_BUDGET`` (64 MiB) off CUDA, where eager maps are the fastest path, and 0 on
+            CUDA, where SDPA and the fused kernels are; 0 never keeps maps.
 
     Calling the capture runs the model and returns ``(outputs, maps)``, ``maps[layer]`` a tensor or a
     ``QueryKey``; ``distill_lab.matching.AttentionDistillationLoss`` takes either. A decoder is run with
@@ -307,10 +352,19 @@ class AttentionCapture:
     values).
     """
 
-    def __init__(self, model: nn.Module, layers: Iterable[int], backend: str = "probs") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Iterable[int],
+        backend: str = "probs",
+        memory_budget: int | None = None,
+    ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown capture backend {backend!r}; valid choices: {', '.join(BACKENDS)}")
+        if memory_budget is not None and memory_budget < 0:
+            raise ValueError(f"memory_budget must be a number of bytes, 0 or more; got {memory_budget}")
         self.backend = backend
+        self.memory_budget = memory_budget
         self.implementation = QK_ATTENTION if backend == "qk" else CAPTURE_ATTENTION
         self.model = model
         self.layers = sorted(set(int(i) for i in layers))

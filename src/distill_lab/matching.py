@@ -15,7 +15,6 @@ how the teacher's heads are compared with the student's:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 import os
@@ -600,9 +599,7 @@ def _padding_keys(record: QueryKey, masks: dict) -> tuple[bool, Tensor | None]:
 
 
 def _detached(maps: Tensor | QueryKey) -> Tensor | QueryKey:
-    """Teacher maps or records that no gradient flows back into."""
-    if isinstance(maps, QueryKey):
-        return dataclasses.replace(maps, query=maps.query.detach(), key=maps.key.detach())
+    """Teacher maps or records (with any maps they keep) that no gradient flows back into."""
     return maps.detach()
 
 
