@@ -31,9 +31,10 @@ import transformers
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from distill_lab.attention import AttentionDistillationLoss  # noqa: E402
 from distill_lab.capture import AttentionCapture  # noqa: E402
 from distill_lab.losses import attention_kl, kd_loss  # noqa: E402
-from distill_lab.matching import AttentionDistillationLoss, layer_map  # noqa: E402
+from distill_lab.matching import layer_map  # noqa: E402
 from distill_lab.models import derive_student  # noqa: E402
 
 PRESETS = {

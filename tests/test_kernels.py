@@ -23,10 +23,11 @@ if not HAS_CUDA:  # must be set before the kernels are first decorated
 
 triton = pytest.importorskip("triton")
 
+from distill_lab.attention import AttentionDistillationLoss  # noqa: E402
 from distill_lab.capture import QueryKey  # noqa: E402
 from distill_lab.kernels._triton import _kernel_layout, _meta  # noqa: E402
 from distill_lab.kernels.attention_kl import attention_kl_rows  # noqa: E402
-from distill_lab.matching import AttentionDistillationLoss, Headwise  # noqa: E402
+from distill_lab.matching import Headwise  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 

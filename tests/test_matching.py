@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import make_tiny_inputs, make_tiny_model
 
+from distill_lab.attention import AttentionDistillationLoss
 from distill_lab.capture import AttentionCapture
 from distill_lab.losses import get_attention_loss
 from distill_lab.matching import (
-    AttentionDistillationLoss,
     Global,
     Headwise,
     Layerwise,

@@ -14,10 +14,12 @@ import pytest
 import torch
 from conftest import make_tiny_inputs
 
-import distill_lab.matching as matching_module
+import distill_lab.backends as backends_module
+import distill_lab.backends.gram as gram_module
+from distill_lab.attention import AttentionDistillationLoss
+from distill_lab.backends.gram import mse_scores_gram_terms
 from distill_lab.capture import AttentionCapture, QueryKey
-from distill_lab.losses import mse_scores_gram_terms
-from distill_lab.matching import AttentionDistillationLoss, Headwise, Selective
+from distill_lab.matching import Headwise, Selective
 
 F64 = torch.float64
 HEAD_MAP = [[[0, 1], 2], [3, 0]]  # a teacher pair averaged against student head 2, teacher head 3 against 0
@@ -115,7 +117,7 @@ def gram_calls(monkeypatch) -> list[int]:
         calls.append(1)
         return mse_scores_gram_terms(*args, **kwargs)
 
-    monkeypatch.setattr(matching_module, "mse_scores_gram_terms", spy)
+    monkeypatch.setattr(gram_module, "mse_scores_gram_terms", spy)
     return calls
 
 
@@ -297,13 +299,13 @@ def test_gram_path_on_a_tiny_bert(tiny_model_factory, gram_calls, mode, monkeypa
     student = tiny_model_factory("bert", num_hidden_layers=2, hidden_size=24, seed=2).train()
     inputs = make_tiny_inputs("bert", teacher.config, batch_size=3, seq_len=13, num_padded=5)
     mask_checks = []
-    real_key_padding = matching_module.key_padding
+    real_key_padding = backends_module.key_padding
 
     def counted(*args, **kwargs):
         mask_checks.append(1)
         return real_key_padding(*args, **kwargs)
 
-    monkeypatch.setattr(matching_module, "key_padding", counted)
+    monkeypatch.setattr(backends_module, "key_padding", counted)
     results = {}
     for gram in (True, False):
         component = AttentionDistillationLoss(

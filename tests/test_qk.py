@@ -11,9 +11,10 @@ import pytest
 import torch
 from conftest import make_tiny_inputs
 
+from distill_lab.attention import AttentionDistillationLoss
 from distill_lab.capture import AttentionCapture, QueryKey
 from distill_lab.losses import AttentionLoss
-from distill_lab.matching import AttentionDistillationLoss, Selective
+from distill_lab.matching import Selective
 
 LOSSES = ("kl", "mse", "cosine")
 MODES = ("layerwise", "headwise", "global", "selective")

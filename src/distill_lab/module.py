@@ -22,9 +22,10 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torchmetrics import Metric
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
+from distill_lab.attention import AttentionDistillationLoss
 from distill_lab.capture import AttentionCapture, QueryKey
 from distill_lab.losses import distillation_objective
-from distill_lab.matching import AttentionDistillationLoss, gradient_head_importance, pair_name
+from distill_lab.matching import gradient_head_importance, pair_name
 from distill_lab.resume import describe_names, non_finite_parameters
 from distill_lab.tasks import SequenceClassification
 

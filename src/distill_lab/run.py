@@ -30,9 +30,10 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from distill_lab.attention import AttentionDistillationLoss
 from distill_lab.capture import num_attention_heads
 from distill_lab.data import check_sizes
-from distill_lab.matching import AttentionDistillationLoss, layer_map
+from distill_lab.matching import layer_map
 from distill_lab.models import check_student, count_parameters, load_preprocessor, position_limit
 from distill_lab.module import DistillationModule
 from distill_lab.resume import NAMED_DIR_OVERRIDES, finished_run, resolve_ckpt_path, started_by_a_launcher

@@ -22,7 +22,7 @@ stay 32-bit, since the wrapper sees that each such matrix spans fewer than 2^31 
 64-bit row offsets cost these kernels up to 40 more registers per thread, and spills.
 
 The kernels need Triton and a CUDA device, or ``TRITON_INTERPRET=1`` (how the CPU tests run them). The
-plain PyTorch path (``distill_lab.matching.AttentionDistillationLoss`` on ``QueryKey`` records) is
+plain PyTorch path (``distill_lab.attention.AttentionDistillationLoss`` on ``QueryKey`` records) is
 the reference and the fallback everywhere else.
 """
 

@@ -26,7 +26,7 @@ tensor's full size are 64-bit, those within one head's (L, d) matrix 32-bit, as 
 docstring says why).
 
 The kernels need Triton and a CUDA device, or ``TRITON_INTERPRET=1`` (how the CPU tests run them). The
-plain PyTorch path (``distill_lab.matching.AttentionDistillationLoss`` on ``QueryKey`` records) is
+plain PyTorch path (``distill_lab.attention.AttentionDistillationLoss`` on ``QueryKey`` records) is
 the reference and the fallback everywhere else.
 """
 
