@@ -356,3 +356,51 @@ def test_selective_assigns_heads_on_the_scores_that_mse_scores_compares():
     for loss, match in (("mse", 0), ("mse_scores", 1)):
         component = AttentionDistillationLoss(loss, Selective(heads=[0]), [(0, 0)])
         assert component.calibrate({0: student}, {0: teacher}) == {"L0->0": [(0, match)]}, loss
+
+
+NEAR_MODES = {  # modes that compare each student head with its own teacher head, or all heads averaged
+    "layerwise": (lambda: "layerwise", [(i, i, None) for i in range(4)]),
+    "headwise": (lambda: Headwise([[0, 0], [3, 3]]), [(0, 0, 0), (3, 3, 3)]),
+    "global": (lambda: "global", None),
+}
+
+
+@pytest.mark.parametrize("gram", [True, None])
+@pytest.mark.parametrize("mode", list(NEAR_MODES))
+def test_gram_value_is_exact_when_the_student_nearly_equals_its_teacher(gram_calls, mode, gram):
+    """Near convergence (student = teacher + 1e-4 noise, L = 100) the loss is 1e-8 of the squared scores, and
+    the three Gram terms cancel to that: summed in float32 they would leave a value tens of percent off. The
+    logged value (and each head's) is within 1e-4 of a float64 reference, the gradients close to it, whether
+    the Gram path is asked for or chosen."""
+    gen = torch.Generator().manual_seed(0)
+    batch, length = 2, 100
+    attention_mask = torch.ones(batch, length, dtype=torch.long)
+    attention_mask[1, 70:] = 0
+    teacher = _record(gen, batch, length, 4, 4, 8, attention_mask, dtype=torch.float32)
+    teacher = QueryKey(teacher.query.detach(), teacher.key.detach(), teacher.scaling, teacher.mask)
+
+    def nearby(x):
+        return (x + 1e-4 * torch.randn(x.shape, generator=gen, dtype=F64).float()).requires_grad_()
+
+    student = QueryKey(nearby(teacher.query), nearby(teacher.key), teacher.scaling, teacher.mask)
+    exact = QueryKey(*(x.detach().double().requires_grad_() for x in (student.query, student.key)),
+                     student.scaling, student.mask)  # fmt: skip
+    exact_teacher = QueryKey(teacher.query.double(), teacher.key.double(), teacher.scaling, teacher.mask)
+    matching, pairs = NEAR_MODES[mode]
+    eye = torch.eye(4, dtype=F64)
+    entries = _entries("global", 4) if pairs is None else [(eye[t], eye[s], h) for t, s, h in pairs]
+    want, want_details = _reference(exact, exact_teacher, attention_mask, entries)
+    want_grads = torch.autograd.grad(want, [exact.query, exact.key])
+    scale = teacher.scores().masked_fill(~teacher.mask, 0.0).square().mean()
+    assert want < 1e-7 * scale  # the student is that close
+
+    component = AttentionDistillationLoss("mse_scores", matching(), [(0, 0)], gram=gram)
+    value, details = component({0: student}, {0: teacher}, attention_mask)
+    grads = torch.autograd.grad(value, [student.query, student.key])
+    assert gram_calls == [1]
+    torch.testing.assert_close(value.double(), want, rtol=1e-4, atol=0.0)
+    assert len(details) == 1 + len(want_details)
+    for head, head_value in want_details.items():
+        torch.testing.assert_close(details[f"L0->0/h{head}"].double(), head_value, rtol=1e-4, atol=0.0)
+    for grad, want_grad in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(grad.double(), want_grad, rtol=1e-3, atol=1e-3 * want_grad.abs().max())

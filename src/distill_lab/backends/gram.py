@@ -89,11 +89,14 @@ def mse_scores_gram_terms(
     ``attention_mask`` must be zeroed in ``*_key`` by the caller: a zero key scores 0, which is how a masked
     entry counts.
 
-    Computed in float32 (float64 for float64 inputs). The three terms nearly cancel when the student
-    matches the teacher: the error is a few 1e-7 of ``||X_t Y_t^T||_F^2`` (not of the loss), so a loss of
-    1e-5 of the mean squared score is good to a few percent (the block-wise path: to float32 rounding). The
-    gradients do not suffer this: their error scales with the score difference, within a small factor of
-    the block-wise path's. A (b, entry) sum that rounds below 0 is clamped to 0, its gradient kept.
+    The three terms nearly cancel when the student matches its teacher (a loss of 1e-8 of the squared scores
+    at a 1e-4 difference): in float32 what they fail to cancel, a few 1e-7 of the squared scores, would be
+    most of the loss. So ``X`` and ``Y`` are taken to float64 (exactly: float32 and bf16 values fit) and the
+    Gram matrices, their inner products and the gradients are computed there; the value and the gradients
+    are then good to float32 rounding however close the student is. The cost: twice the float32 time on a
+    CPU and on data-center GPUs (A100, H100: float64 at half the float32 rate), up to 30-60 times on
+    consumer GPUs, whose float64 units are few; memory stays O(L D), for the float64 copies of ``X`` and
+    ``Y``. A (b, entry) sum that rounds below 0 is clamped to 0, its gradient kept.
 
     Args:
         heads: the P entries compared: None averages all heads on both sides (``matching=global``); a list
@@ -105,7 +108,8 @@ def mse_scores_gram_terms(
         student_query, teacher_query: (B, H, Lq, D_s or D_t); student_key, teacher_key: (B, H_kv, Lk, D_s
             or D_t), H a multiple of H_kv.
         attention_mask: (B, Lk), 1 for real tokens; queries are its last Lq positions.
-        Returns: ``(values, weights)``, (P,) each: the sum of squared score differences over (b, valid q, valid k) and the number of those elements, as
+        Returns: ``(values, weights)``, (P,) each, in float32 (float64 for float64 inputs): the sum of
+        squared score differences over (b, valid q, valid k) and the number of those elements, as
         ``AttentionLoss.row_terms`` summed over b and q gives.
     """
     batch, _, q_len, _ = student_query.shape
@@ -138,18 +142,44 @@ def mse_scores_gram_terms(
         keys, rows = keys[:, 0, 0], rows[:, 0]
     else:
         count = torch.tensor(float(batch * q_len * k_len), dtype=dtype, device=device)
+    exact = torch.float64  # the Gram products, in which the terms cancel (see above)
     x_t, y_t = _mix_heads(
-        teacher_query.detach(), teacher_key.detach(), t_w.cpu(), teacher_scaling, rows, keys, dtype
+        teacher_query.detach(), teacher_key.detach(), t_w.cpu(), teacher_scaling, rows, keys, exact
     )
-    x_s, y_s = _mix_heads(student_query, student_key, s_w.cpu(), student_scaling, rows, keys, dtype)
+    x_s, y_s = _mix_heads(student_query, student_key, s_w.cpu(), student_scaling, rows, keys, exact)
+    values = _GramDistance.apply(x_t, y_t, x_s, y_s)  # (B, P)
+    return values.sum(0).to(dtype), count.expand(values.shape[1])
 
-    def inner(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:  # <A^T B, C^T D> per (b, p)
-        return (a.transpose(-1, -2) @ b * (c.transpose(-1, -2) @ d)).sum(dim=(-1, -2))
 
-    values = inner(x_t, x_t, y_t, y_t) - 2 * inner(x_t, x_s, y_t, y_s) + inner(x_s, x_s, y_s, y_s)
-    # rounding can leave a tiny negative sum; clamp the value only, as the gradient is accurate there
-    values = values + (values.clamp_min(0.0) - values).detach()
-    return values.sum(0), count.expand(values.shape[1])
+def _gram(a: Tensor, b: Tensor) -> Tensor:
+    return a.transpose(-1, -2) @ b
+
+
+class _GramDistance(torch.autograd.Function):
+    """``||X_t Y_t^T - X_s Y_s^T||_F^2`` per leading index from Gram matrices, differentiable in the student's
+    ``X_s`` and ``Y_s``, with the gradients written out,
+
+        ``d/dX_s = 2 (X_s (Y_s^T Y_s) - X_t (Y_t^T Y_s))``,  ``d/dY_s = 2 (Y_s (X_s^T X_s) - Y_t (X_t^T X_s))``,
+
+    so that, like the value, they are exactly 0 for a student whose inputs equal the teacher's (the same
+    products of the same numbers), not a rounding residue. A value that rounds below 0 is clamped to 0, its
+    gradient kept."""
+
+    @staticmethod
+    def forward(ctx, x_t: Tensor, y_t: Tensor, x_s: Tensor, y_s: Tensor) -> Tensor:
+        xts, xss, yts, yss = _gram(x_t, x_s), _gram(x_s, x_s), _gram(y_t, y_s), _gram(y_s, y_s)
+        values = (_gram(x_t, x_t) * _gram(y_t, y_t)).sum(dim=(-1, -2))
+        values = values - 2 * (xts * yts).sum(dim=(-1, -2)) + (xss * yss).sum(dim=(-1, -2))
+        ctx.save_for_backward(x_t, y_t, x_s, y_s, xts, xss, yts, yss)
+        return values.clamp_min(0.0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x_t, y_t, x_s, y_s, xts, xss, yts, yss = ctx.saved_tensors
+        scale = 2 * grad[..., None, None]
+        grad_x = scale * (x_s @ yss - x_t @ yts) if ctx.needs_input_grad[2] else None
+        grad_y = scale * (y_s @ xss - y_t @ xts) if ctx.needs_input_grad[3] else None
+        return None, None, grad_x, grad_y
 
 
 def _head_weights(context: PairContext) -> tuple[Tensor, Tensor, list[int] | None]:
@@ -161,7 +191,7 @@ def _head_weights(context: PairContext) -> tuple[Tensor, Tensor, list[int] | Non
 
 
 class GramBackend:
-    """``mse_scores`` from Gram matrices of queries and keys."""
+    """``mse_scores`` from Gram matrices of queries and keys, in float64."""
 
     setting = "gram"
     title = "the Gram-matrix path of mse_scores"
@@ -171,6 +201,8 @@ class GramBackend:
             return "only loss=mse_scores has a Gram-matrix form"
         if not context.qk:
             return "both sides must be QueryKey records (capture=qk)"
+        if context.device_type == "mps":
+            return "the device has no float64, in which the Gram path sums its terms"
         if not context.recorded:
             return None
         student, teacher = context.sides
