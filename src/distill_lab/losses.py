@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +35,8 @@ def _validity(
     attention_mask: Tensor | None,
     query_start: int | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Key validity ``(B, 1, 1, Lk)``, row validity ``(B, 1, Lq)`` and valid keys per row ``(B, 1, Lq)`` for maps
-    of ``shape`` (B, H, Lq, Lk).
+    """Key validity ``(B, 1, 1, Lk)``, row validity ``(B, 1, Lq)`` and valid keys per row ``(B, 1, Lq)`` for
+    maps of ``shape`` (B, H, Lq, Lk).
 
     With ``Lq < Lk`` (a decoder with cached keys) the queries are the last ``Lq`` positions of the mask.
     """
@@ -45,8 +45,8 @@ def _validity(
     batch, _, q_len, k_len = shape
     if attention_mask.dim() != 2 or attention_mask.shape != (batch, k_len):
         raise ValueError(
-            f"attention_mask must have shape (batch, key_length) = ({batch}, {k_len}) to match attention maps "
-            f"of shape {tuple(shape)}; got {tuple(attention_mask.shape)}."
+            f"attention_mask must have shape (batch, key_length) = ({batch}, {k_len}) to match attention "
+            f"maps of shape {tuple(shape)}; got {tuple(attention_mask.shape)}."
         )
     keys = attention_mask.to(device=device, dtype=torch.bool)
     n_keys = keys.sum(-1, keepdim=True)  # (B, 1)
@@ -64,10 +64,14 @@ def _log_probs(p: Tensor, key_valid: Tensor | None, temperature: float) -> tuple
     positive = p > 0
     if key_valid is not None:
         positive = positive & key_valid
-    log_p = torch.where(positive, torch.log(torch.where(positive, p, torch.ones_like(p))), -math.inf)
+    log_p = torch.where(positive, torch.log(torch.where(positive, p, 1.0)), -math.inf)
     empty = ~positive.any(-1, keepdim=True)
-    log_p = log_p.masked_fill(empty, 0.0)  # keeps log_softmax finite; the caller handles empty rows
-    return torch.log_softmax(log_p / temperature, dim=-1), empty.squeeze(-1)
+    log_p = torch.where(empty, 0.0, log_p)  # keeps log_softmax finite; the caller handles empty rows
+    return torch.log_softmax(_scaled(log_p, temperature), dim=-1), empty.squeeze(-1)
+
+
+def _scaled(x: Tensor, temperature: float) -> Tensor:
+    return x if temperature == 1.0 else x / temperature
 
 
 def _log_softmax_scores(
@@ -77,10 +81,10 @@ def _log_softmax_scores(
     log-probabilities, where those taken from probabilities stop at the smallest positive float32 (a score
     about 87 below the row's largest)."""
     if key_valid is not None:
-        scores = scores.masked_fill(~key_valid, -math.inf)
+        scores = torch.where(key_valid, scores, -math.inf)
     empty = torch.isneginf(scores).all(-1, keepdim=True)
-    scores = scores.masked_fill(empty, 0.0)  # keeps log_softmax finite; the caller handles empty rows
-    return torch.log_softmax(scores / temperature, dim=-1), empty.squeeze(-1)
+    scores = torch.where(empty, 0.0, scores)  # keeps log_softmax finite; the caller handles empty rows
+    return torch.log_softmax(_scaled(scores, temperature), dim=-1), empty.squeeze(-1)
 
 
 def _row_terms(
@@ -119,7 +123,7 @@ def _row_terms(
     if kind == "mse":
         sq = (s - t).square()
         if key_valid is not None:
-            sq = sq.masked_fill(~key_valid, 0.0)
+            sq = torch.where(key_valid, sq, 0.0)
         values = sq.sum(-1)
         weights = ones.expand_as(values)
     elif kind in ("kl", "kl_scores"):
@@ -128,19 +132,15 @@ def _row_terms(
         log_s, s_empty = log_softmax(s, key_valid, temperature)
         # a student row with no mass on the valid keys has zero mass wherever the teacher has some; where the
         # student's probability is zero (or, from probabilities, below float32's range) its log is floored
-        log_s = log_s.masked_fill(s_empty.unsqueeze(-1), _LOG_TINY)
-        log_s = (
-            log_s.clamp_min(_LOG_TINY)
-            if kind == "kl"
-            else log_s.masked_fill(torch.isneginf(log_s), _LOG_TINY)
-        )
+        floored = s_empty.unsqueeze(-1) | (log_s < _LOG_TINY if kind == "kl" else torch.isneginf(log_s))
+        log_s = torch.where(floored, _LOG_TINY, log_s)
         p_t = log_t.exp()
-        log_t = torch.where(p_t > 0, log_t, torch.zeros_like(log_t))  # 0 * (-inf) would be NaN
+        log_t = torch.where(p_t > 0, log_t, 0.0)  # 0 * (-inf) would be NaN
         values = (p_t * (log_t - log_s)).sum(-1) * temperature**2
         weights = (~t_empty).to(dtype)  # a row where the teacher has no mass on valid keys has no target
     elif kind == "cosine":
         if key_valid is not None:
-            s, t = s.masked_fill(~key_valid, 0.0), t.masked_fill(~key_valid, 0.0)
+            s, t = torch.where(key_valid, s, 0.0), torch.where(key_valid, t, 0.0)
         dot = (s * t).sum(-1)
         norms = (s.square().sum(-1) * t.square().sum(-1)).clamp_min(1e-16).sqrt()
         values = 1.0 - dot / norms
@@ -158,9 +158,9 @@ def _row_terms(
 
 def averaged_elements(shape: tuple[int, ...], attention_mask: Tensor | None, per_key: bool) -> int | Tensor:
     """How many elements one head's loss over maps of ``shape`` (B, H, Lq, Lk) averages over: the valid query
-    rows (KL, cosine), or with ``per_key`` their valid keys (MSE: ``(b, valid q, valid k)``). The weight of a
-    batch's attention loss in a mean over batches that equals the loss over their union (but for rows where the
-    teacher has no mass, which KL leaves out: none with ordinary masks)."""
+    rows (KL, cosine), or with ``per_key`` their valid keys (MSE: ``(b, valid q, valid k)``). The weight of
+    a batch's attention loss in a mean over batches that equals the loss over their union (but for rows
+    where the teacher has no mass, which KL leaves out: none with ordinary masks)."""
     _, rows, n_keys = _validity(
         shape, attention_mask.device if attention_mask is not None else None, attention_mask
     )
@@ -257,11 +257,8 @@ def attention_mse_scores(
 
 
 ATTENTION_LOSSES: dict[str, Callable[..., Tensor]] = {
-    "mse": attention_mse,
-    "kl": attention_kl,
-    "cosine": attention_cosine,
-    "mse_scores": attention_mse_scores,
-}
+    "mse": attention_mse, "kl": attention_kl, "cosine": attention_cosine, "mse_scores": attention_mse_scores,
+}  # fmt: skip
 
 
 def get_attention_loss(name: str) -> Callable[..., Tensor]:
@@ -308,15 +305,8 @@ class AttentionLoss(nn.Module):
         if self.on_scores:
             student, teacher = _zero_masked(student), _zero_masked(teacher)
         kind = "mse" if self.on_scores else "kl_scores" if scores else self.name
-        return _row_terms(
-            kind,
-            student,
-            teacher,
-            attention_mask,
-            query_start=query_start,
-            per_key=self.per_key,
-            **self.options,
-        )
+        options = dict(query_start=query_start, per_key=self.per_key, **self.options)
+        return _row_terms(kind, student, teacher, attention_mask, **options)
 
     @property
     def per_key(self) -> bool:
@@ -344,7 +334,8 @@ def _soft_kl(s: Tensor, t: Tensor, temperature: float) -> Tensor:
     log_ps = torch.log_softmax(s / temperature, dim=-1)
     log_pt = torch.log_softmax(t / temperature, dim=-1)
     p_t = log_pt.exp()
-    # 0 * log 0 = 0 where the teacher gives a class no mass; a NaN teacher stays NaN (and is caught as non-finite)
+    # 0 * log 0 = 0 where the teacher gives a class no mass; a NaN teacher stays NaN (and is caught as
+    # non-finite)
     return torch.where(p_t == 0, torch.zeros_like(p_t), p_t * (log_pt - log_ps)).sum(-1)
 
 
@@ -385,14 +376,15 @@ def kd_loss(
     labels = labels.reshape(-1).to(s.device)
     if labels.shape[0] != s.shape[0]:
         raise ValueError(
-            f"labels of shape {tuple(labels.shape)} do not match logits of shape {tuple(student_logits.shape)}"
+            f"labels of shape {tuple(labels.shape)} do not match logits of shape "
+            f"{tuple(student_logits.shape)}"
         )
     valid = labels != -100
     count = valid.sum().clamp_min(1).to(dtype)
     ce = F.cross_entropy(s, labels, ignore_index=-100, reduction="sum") / count
-    # ignored positions take no part: their teacher logits are replaced before the softmax (a NaN there must not
-    # reach the gradients) and their KL is dropped; masks rather than boolean indexing, which would make the
-    # host wait for the device at every step
+    # ignored positions take no part: their teacher logits are replaced before the softmax (a NaN there must
+    # not reach the gradients) and their KL is dropped; masks rather than boolean indexing, which would make
+    # the host wait for the device at every step
     t = torch.where(valid[:, None], t, torch.zeros_like(t))
     kl = _soft_kl(s, t, temperature)
     kl_term = torch.where(valid, kl, torch.zeros_like(kl)).sum() / count
