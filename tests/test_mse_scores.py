@@ -152,7 +152,8 @@ def test_gram_path_equals_reference_and_blockwise(gram_calls, mode, case, teache
 
 @pytest.mark.parametrize("mode", ["layerwise", "headwise", "global"])
 def test_gram_path_from_bf16_inputs(mode):
-    """bf16 queries and keys are computed in float32: close to the float64 reference of the same bf16 values."""
+    """bf16 queries and keys are computed in float32: close to the float64 reference of the same bf16
+    values."""
     student, teacher, attention_mask = _records("padded", 8, "bool", dtype=torch.bfloat16)
     want, _ = _reference(student, teacher, attention_mask, _entries(mode, 8))
     want_grads = torch.autograd.grad(want, [student.query, student.key])
@@ -339,9 +340,9 @@ def test_gram_path_on_a_tiny_bert(tiny_model_factory, gram_calls, mode, monkeypa
 
 
 def test_selective_assigns_heads_on_the_scores_that_mse_scores_compares():
-    """Student head 0 has the teacher head's probabilities but scores shifted by 10 in every row (a softmax does
-    not see a per-row constant); student head 1 has the teacher's scores times 1.05. On probabilities head 0
-    is the match, on scores, which mse_scores trains, head 1 is."""
+    """Student head 0 has the teacher head's probabilities but scores shifted by 10 in every row (a softmax
+    does not see a per-row constant); student head 1 has the teacher's scores times 1.05. On probabilities
+    head 0 is the match, on scores, which mse_scores trains, head 1 is."""
     torch.manual_seed(0)
     batch, length, dim = 2, 6, 4
     query = torch.cat([torch.randn(batch, 1, length, dim), torch.zeros(batch, 1, length, 1)], -1)

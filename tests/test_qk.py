@@ -245,7 +245,8 @@ def test_attention_losses_ignore_bf16_autocast(loss, mode, gram):
 
 
 def test_probs_capture_ignores_bf16_autocast():
-    """The probs backend computes its maps inside the model's forward, where autocast is on under bf16-mixed."""
+    """The probs backend computes its maps inside the model's forward, where autocast is on under
+    bf16-mixed."""
     from distill_lab.capture import _STATE, _record_and_attend
 
     class Recorder:

@@ -27,7 +27,7 @@ _SCORES_NEED_QK = (
 
 
 def _layer_maps(attentions, layer: int) -> Tensor | QueryKey | None:
-    """One layer's maps from a {layer: maps} mapping (None when not captured) or a sequence indexed by layer."""
+    """One layer's maps from a {layer: maps} mapping (None where not captured) or a sequence by layer."""
     return attentions.get(layer) if isinstance(attentions, Mapping) else attentions[layer]
 
 

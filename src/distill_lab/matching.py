@@ -135,7 +135,7 @@ def pair_name(pair: LayerPair) -> str:
     return f"L{pair[0]}->{pair[1]}"
 
 
-# ---------------------------------------------------------------------------------------------- matching modes
+# ------------------------------------------------------------------------------------------- matching modes
 
 
 class Matching(Protocol):
@@ -159,8 +159,8 @@ class Matching(Protocol):
     def head_pairs(
         self, num_teacher_heads: int, num_student_heads: int, pair: LayerPair
     ) -> list[tuple[int, int]] | None:
-        """``[(teacher_head, student_head), ...]`` when the alignment is a plain selection of single heads (which
-        the fused kernel can compute), None when it averages heads."""
+        """``[(teacher_head, student_head), ...]`` when the alignment is a plain selection of single heads
+        (which the fused kernel can compute), None when it averages heads."""
 
 
 def compare(
@@ -195,9 +195,9 @@ def _select_heads(
 
 def _head_count_error(mode: str, num_teacher_heads: int, num_student_heads: int) -> ValueError:
     return ValueError(
-        f"matching={mode} compares head i of the student with head i of the teacher (or a contiguous group of "
-        f"k teacher heads when the teacher has k times as many), but the teacher has {num_teacher_heads} heads "
-        f"and the student {num_student_heads}. Use matching=global (heads averaged, any counts) or "
+        f"matching={mode} compares head i of the student with head i of the teacher (or a contiguous group "
+        f"of k teacher heads when the teacher has k times as many), but the teacher has {num_teacher_heads} "
+        f"heads and the student {num_student_heads}. Use matching=global (heads averaged, any counts) or "
         "matching=headwise with an explicit head_map."
     )
 
@@ -267,16 +267,17 @@ class Headwise:
                 )
             if not group:
                 raise ValueError(
-                    f"head_map for {pair_name(pair)} gives student head {entry[1]} no teacher head ({entry!r}): name "
-                    "at least one teacher head to average, or leave the student head out"
+                    f"head_map for {pair_name(pair)} gives student head {entry[1]} no teacher head "
+                    f"({entry!r}): name at least one teacher head to average, or leave the student head out"
                 )
             heads.append((tuple(int(h) for h in group), int(entry[1])))
         for group, s in heads:
             bad_t = [h for h in group if not 0 <= h < num_teacher_heads]
             if bad_t or not 0 <= s < num_student_heads:
                 raise ValueError(
-                    f"head_map for {pair_name(pair)} names head {bad_t or s} that does not exist: the teacher has heads "
-                    f"0..{num_teacher_heads - 1} and the student 0..{num_student_heads - 1}."
+                    f"head_map for {pair_name(pair)} names head {bad_t or s} that does not exist: the "
+                    f"teacher has heads 0..{num_teacher_heads - 1} and the student "
+                    f"0..{num_student_heads - 1}."
                 )
         students = [s for _, s in heads]
         if len(set(students)) != len(students) or not heads:
@@ -292,8 +293,8 @@ class Headwise:
             names = [pair_name(pair) for pair in pairs]
             if unknown := [key for key in self.head_map if key not in names]:
                 raise ValueError(
-                    f"matching.head_map names layer pairs {unknown} that the layer map does not have; its pairs "
-                    f"are {names}"
+                    f"matching.head_map names layer pairs {unknown} that the layer map does not have; its "
+                    f"pairs are {names}"
                 )
         for pair in pairs:
             self._pairs_for(pair, num_teacher_heads, num_student_heads)

@@ -108,8 +108,8 @@ class Selective:
             )
             if not self.heads or not (singles or pairs):
                 raise ValueError(
-                    f"matching.heads={heads!r}: give a non-empty list of teacher heads to choose from ([0, 3, 5]) or "
-                    "of [teacher_head, student_head] pairs ([[0, 0], [3, 1]]), not a mix"
+                    f"matching.heads={heads!r}: give a non-empty list of teacher heads to choose from "
+                    "([0, 3, 5]) or of [teacher_head, student_head] pairs ([[0, 0], [3, 1]]), not a mix"
                 )
             self.heads = [int(h) if singles else [int(h[0]), int(h[1])] for h in self.heads]
         self.selected: dict[str, list[tuple[int, int]]] = {}
@@ -123,8 +123,9 @@ class Selective:
         k = len(self.heads) if self.heads is not None else self.top_k
         if k > available:
             raise ValueError(
-                f"matching=selective with top_k={k}: only {available} heads are available (teacher {num_teacher_heads}, "
-                f"student {num_student_heads}); each selected teacher head needs its own student head. Lower top_k."
+                f"matching=selective with top_k={k}: only {available} heads are available (teacher "
+                f"{num_teacher_heads}, student {num_student_heads}); each selected teacher head needs its "
+                "own student head. Lower top_k."
             )
         if self.heads is not None:
             teacher_heads = [h if isinstance(h, int) else h[0] for h in self.heads]
@@ -221,8 +222,9 @@ class Selective:
         heads = self.selected.get(pair_name(pair))
         if heads is None:
             raise RuntimeError(
-                "matching=selective is not calibrated: call AttentionDistillationLoss.calibrate(...) on a calibration "
-                "batch first, or give explicit [teacher_head, student_head] pairs in matching.heads."
+                "matching=selective is not calibrated: call AttentionDistillationLoss.calibrate(...) on a "
+                "calibration batch first, or give explicit [teacher_head, student_head] pairs in "
+                "matching.heads."
             )
         return list(heads)
 
@@ -234,6 +236,6 @@ class Selective:
         return compare(self, *args, **kwargs)
 
 
-# the layer-map and matching primitives, imported last: distill_lab.matching imports this module after defining
-# them, so either module may be imported first
+# the layer-map and matching primitives, imported last: distill_lab.matching imports this module after
+# defining them, so either module may be imported first
 from distill_lab.matching import _is_index, _select_heads, compare, pair_name  # noqa: E402

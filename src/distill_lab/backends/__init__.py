@@ -32,8 +32,8 @@ from distill_lab.matching import LayerPair, Matching
 
 @dataclass
 class PairContext:
-    """One layer pair as the backends see it: the objective's loss and matching mode, the head counts and, once
-    a forward has recorded them, both sides' attention (before it, a set-up check asks what it can).
+    """One layer pair as the backends see it: the objective's loss and matching mode, the head counts and,
+    once a forward has recorded them, both sides' attention (before it, a set-up check asks what it can).
 
     ``qk``: both sides are (or will be, ``capture=qk``) ``QueryKey`` records. ``masks`` caches, within one
     forward, each record mask's check (``padding_keys``), as all layers of a model share one mask.

@@ -52,7 +52,7 @@ def _mix_heads(
 
 def _without_autocast(fn: Callable) -> Callable:
     """``fn`` with autocast off on its first argument's device: under bf16 autocast its products of queries
-    and keys would run in bf16, and rounding the inputs of terms that nearly cancel loses the loss entirely."""
+    and keys would run in bf16, and rounding the inputs of terms that nearly cancel loses the loss."""
 
     @functools.wraps(fn)
     def wrapper(first: Tensor, *args, **kwargs):
@@ -117,25 +117,12 @@ def mse_scores_gram_terms(
     for name, x, y in (("student", student_query, student_key), ("teacher", teacher_query, teacher_key)):
         if x.shape[0] != batch or x.shape[2] != q_len or y.shape[2] != k_len or x.shape[1] % y.shape[1]:
             raise ValueError(
-                f"{name} queries {tuple(x.shape)} and keys {tuple(y.shape)} do not fit (B, H, {q_len}, D) and "
-                f"(B, H_kv, {k_len}, D) with B = {batch} and H a multiple of H_kv."
+                f"{name} queries {tuple(x.shape)} and keys {tuple(y.shape)} do not fit (B, H, {q_len}, D) "
+                f"and (B, H_kv, {k_len}, D) with B = {batch} and H a multiple of H_kv."
             )
-    num_teacher, num_student = teacher_query.shape[1], student_query.shape[1]
-    if heads is None:
-        t_w, s_w = (torch.full((1, h), 1.0 / h, dtype=torch.float64) for h in (num_teacher, num_student))
-    elif isinstance(heads, tuple) and isinstance(heads[0], Tensor):
-        t_w, s_w = heads
-    else:
-        t_w = torch.eye(num_teacher, dtype=torch.float64)[[t for t, _ in heads]]
-        s_w = torch.eye(num_student, dtype=torch.float64)[[s for _, s in heads]]
-    if t_w.shape != (len(s_w), num_teacher) or s_w.shape != (len(t_w), num_student):
-        raise ValueError(
-            f"head weights {tuple(t_w.shape)}, {tuple(s_w.shape)} must be (P, {num_teacher}), (P, {num_student})"
-        )
-    dtype, device = (
-        torch.promote_types(_compute_dtype(student_query), teacher_query.dtype),
-        student_query.device,
-    )
+    t_w, s_w = _entry_weights(heads, teacher_query.shape[1], student_query.shape[1])
+    dtype = torch.promote_types(_compute_dtype(student_query), teacher_query.dtype)
+    device = student_query.device
     keys, rows, n_keys = _validity((batch, 1, q_len, k_len), device, attention_mask)
     if attention_mask is not None:
         count = (rows * n_keys).sum().to(dtype)
@@ -151,6 +138,24 @@ def mse_scores_gram_terms(
     return values.sum(0).to(dtype), count.expand(values.shape[1])
 
 
+def _entry_weights(heads, num_teacher: int, num_student: int) -> tuple[Tensor, Tensor]:
+    """The compared entries' head weights, ``(teacher (P, H_t), student (P, H_s))``, from ``heads`` as
+    ``mse_scores_gram_terms`` takes it."""
+    if heads is None:
+        t_w, s_w = (torch.full((1, h), 1.0 / h, dtype=torch.float64) for h in (num_teacher, num_student))
+    elif isinstance(heads, tuple) and isinstance(heads[0], Tensor):
+        t_w, s_w = heads
+    else:
+        t_w = torch.eye(num_teacher, dtype=torch.float64)[[t for t, _ in heads]]
+        s_w = torch.eye(num_student, dtype=torch.float64)[[s for _, s in heads]]
+    if t_w.shape != (len(s_w), num_teacher) or s_w.shape != (len(t_w), num_student):
+        raise ValueError(
+            f"head weights {tuple(t_w.shape)}, {tuple(s_w.shape)} must be (P, {num_teacher}), "
+            f"(P, {num_student})"
+        )
+    return t_w, s_w
+
+
 def _gram(a: Tensor, b: Tensor) -> Tensor:
     return a.transpose(-1, -2) @ b
 
@@ -159,7 +164,8 @@ class _GramDistance(torch.autograd.Function):
     """``||X_t Y_t^T - X_s Y_s^T||_F^2`` per leading index from Gram matrices, differentiable in the student's
     ``X_s`` and ``Y_s``, with the gradients written out,
 
-        ``d/dX_s = 2 (X_s (Y_s^T Y_s) - X_t (Y_t^T Y_s))``,  ``d/dY_s = 2 (Y_s (X_s^T X_s) - Y_t (X_t^T X_s))``,
+        ``d/dX_s = 2 (X_s (Y_s^T Y_s) - X_t (Y_t^T Y_s))``,
+        ``d/dY_s = 2 (Y_s (X_s^T X_s) - Y_t (X_t^T X_s))``,
 
     so that, like the value, they are exactly 0 for a student whose inputs equal the teacher's (the same
     products of the same numbers), not a rounding residue. A value that rounds below 0 is clamped to 0, its
