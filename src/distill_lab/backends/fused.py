@@ -31,32 +31,30 @@ class FusedBackend:
         self._head_indices: dict = {}  # (device, head pairs) -> the kernels' head index tensors, made once
 
     def problem(self, context: PairContext, insisted: bool) -> str | None:
+        """Every reason that can be told here, joined; what only records tell (a window, a soft cap, a bias,
+        a mask beyond padding) is asked once nothing else stands in the way."""
+        reasons = []
         loss = context.loss
         if not (isinstance(loss, AttentionLoss) and loss.name in KERNEL_LOSSES):
-            return "only loss=kl, mse and cosine have fused kernels"
+            reasons.append("only loss=kl, mse and cosine have fused kernels")
         if not context.qk:
-            return "the kernels read queries and keys: both sides must be QueryKey records (capture=qk)"
-        interpreted = insisted and os.environ.get("TRITON_INTERPRET") == "1"
-        if context.device_type != "cuda" and not interpreted:
-            return f"they need a CUDA device, and this runs on {context.device_type}"
-        from distill_lab.kernels._triton import triton  # imported only where it can run
+            reasons.append(
+                "the kernels read queries and keys: both sides must be QueryKey records (capture=qk)"
+            )
+        elif context.device_type != "cuda" and not (insisted and os.environ.get("TRITON_INTERPRET") == "1"):
+            reasons.append(f"they need a CUDA device, and this runs on {context.device_type}")
+        else:
+            from distill_lab.kernels._triton import triton  # imported only where it can run
 
-        if triton is None:
-            return "triton is not installed (pip install 'distill-lab[gpu]')"
-        student, teacher = context.sides
-        if context.recorded:
-            if any(windowed(r) or r.softcap or r.bias is not None for r in (student, teacher)):
-                return "sliding-window, soft-capped or position-biased attention is not supported"
-            if student.causal != teacher.causal:
-                return "teacher and student differ in causality"
+            if triton is None:
+                reasons.append("triton is not installed (pip install 'distill-lab[gpu]')")
         # a selective mode pairs single heads once calibrated, which a set-up check may come before
         if getattr(context.matching, "calibrated", True) and context.head_pairs() is None:
             mode = type(context.matching).__name__.lower()
-            return f"matching={mode} averages heads in layer pair {pair_name(context.pair)}"
-        if context.recorded and not all(padding_keys(r, context.masks)[0] for r in (student, teacher)):
-            # the kernels apply key padding and the causal flag; any other mask (a bias, ...) would be lost
-            return "the mask is more than key padding and causal structure"
-        return None
+            reasons.append(f"matching={mode} averages heads in layer pair {pair_name(context.pair)}")
+        if not reasons and context.recorded:
+            reasons += _record_problems(context)[:1]
+        return "; ".join(reasons) or None
 
     def terms(self, context: PairContext) -> Terms:
         """Loss sums and weights per head pair from the kernel of the loss, weighted as ``row_terms`` weights
@@ -107,3 +105,15 @@ class FusedBackend:
                 torch.tensor([t for t, _ in heads], dtype=torch.int32, device=device),
             )
         return self._head_indices[key]
+
+
+def _record_problems(context: PairContext) -> list[str]:
+    """What the records rule out: the kernels apply key padding and the causal flag, nothing else."""
+    student, teacher = context.sides
+    if any(windowed(r) or r.softcap or r.bias is not None for r in (student, teacher)):
+        return ["sliding-window, soft-capped or position-biased attention is not supported"]
+    if student.causal != teacher.causal:
+        return ["teacher and student differ in causality"]
+    if not all(padding_keys(r, context.masks)[0] for r in (student, teacher)):
+        return ["the mask is more than key padding and causal structure"]  # a bias would be lost
+    return []
