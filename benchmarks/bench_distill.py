@@ -3,12 +3,17 @@
     (a) logit-only KD: teacher forward (SDPA, no grad), student forward and backward, ``kd_loss``;
     (b) attention distillation as existing toolkits do it: eager attention in both models,
         ``output_attentions=True``, KL on the probability maps of every mapped layer pair;
-    (c) distill-lab's fast path: SDPA everywhere, queries and keys captured (``capture=qk``), the attention
-        KL from them (the fused Triton kernel on CUDA, the block-wise PyTorch path elsewhere).
+    (c) distill-lab's default path (``capture=qk``): each captured layer's queries and keys recorded, the
+        attention KL from them (the fused Triton kernel on CUDA, the block-wise PyTorch path elsewhere), or,
+        where the layer's maps fit the capture's memory budget (by default off CUDA only), eager attention
+        whose maps the loss uses as they are; SDPA in every other layer.
 
-Every variant runs the same models, batch and optimizer step in one process, so the ratios (c)/(a) and
-(b)/(c) compare like with like. Imports only torch, transformers and distill-lab's pure modules (no Hydra, no
-wandb). Results go to stdout as a markdown table and, with ``--out``, to a file.
+Every variant runs the same models, batch and optimizer step in one process, their steps interleaved, so the
+ratios (c)/(a) and (b)/(c) compare like with like. ``--clock cpu`` times each step by the process's CPU time
+instead of the wall clock: on a machine shared with other work (and ``--threads 1``) the work a step does,
+without the time it waits for a core. Imports only torch, transformers and distill-lab's pure modules (no
+Hydra, no wandb). Results go to stdout as a markdown table and, with ``--out``, to a file;
+``bench_memory.py`` measures each variant's peak resident memory.
 
     python benchmarks/bench_distill.py --preset bert-base --seq 128 512 --batch 32      # on a GPU, bf16
     python benchmarks/bench_distill.py --preset llama-1b --seq 2048 8192 --batch 1
@@ -27,29 +32,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import transformers
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_setup import PRESETS, build_models, device_name, make_batch, versions  # noqa: E402, F401
+
+from distill_lab.attention import AttentionDistillationLoss  # noqa: E402
 from distill_lab.capture import AttentionCapture  # noqa: E402
 from distill_lab.losses import attention_kl, kd_loss  # noqa: E402
-from distill_lab.matching import AttentionDistillationLoss, layer_map  # noqa: E402
-from distill_lab.models import derive_student  # noqa: E402
-
-PRESETS = {
-    # BERT-base-sized teacher (12 layers, 12 heads, 768) into 6 layers, all six student layers matched
-    "bert-base": dict(
-        family="bert", hidden=768, layers=12, heads=12, kv_heads=12, ffn=3072, student_layers=6, vocab=30522
-    ),
-    # a LLaMA-style 1B-sized teacher (GQA, RoPE; random weights) into half its depth
-    "llama-1b": dict(
-        family="llama", hidden=2048, layers=16, heads=32, kv_heads=8, ffn=8192, student_layers=8, vocab=32000
-    ),
-    # tiny shapes for a CPU smoke run
-    "tiny": dict(
-        family="llama", hidden=64, layers=4, heads=4, kv_heads=2, ffn=128, student_layers=2, vocab=500
-    ),
-}
+from distill_lab.matching import layer_map  # noqa: E402
 
 # the issue's targets on one H100 in bf16: (preset, L) -> the most (c) may cost, as a multiple of (a)'s step
 STEP_TARGETS = {("bert-base", 512): 1.10, ("llama-1b", 2048): 1.35}
@@ -57,54 +47,11 @@ KERNEL_TARGET = 1.5  # fused KL forward+backward against SDPA forward+backward, 
 LONG = ("llama-1b", 8192)  # (c) must run here on one 80 GB GPU with every student layer matched
 GPU_GIB = 80
 
+# what times a training step: the wall clock, or the CPU time of the process (all its threads)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+OOM = {"ms": None, "peak_gib": None, "reserved_gib": None, "oom": True}  # a step that ran out of memory
 # torch < 2.5 names it only under torch.cuda
 OutOfMemory = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-
-
-def build_models(preset: dict, max_len: int, dtype: torch.dtype, device: str):
-    with torch.device(
-        device
-    ):  # initialised where they run: a 1B model's CPU initialisation takes half a minute
-        teacher = _teacher(preset, max_len)
-        student = derive_student(teacher, preset["student_layers"])
-    teacher.to(dtype=dtype).eval().requires_grad_(False)
-    student.to(dtype=dtype).train()
-    for model in (
-        teacher,
-        student,
-    ):  # no variant reuses a key/value cache: none builds one (as distill-lab's doesn't)
-        model.config.use_cache = False
-    return teacher, student
-
-
-def _teacher(preset: dict, max_len: int):
-    if preset["family"] == "bert":
-        config = BertConfig(
-            vocab_size=preset["vocab"], hidden_size=preset["hidden"], num_hidden_layers=preset["layers"],
-            num_attention_heads=preset["heads"], intermediate_size=preset["ffn"], max_position_embeddings=max(512, max_len),
-            num_labels=2, attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0,
-        )  # fmt: skip
-        teacher = BertForSequenceClassification(config)
-    else:
-        config = LlamaConfig(
-            vocab_size=preset["vocab"], hidden_size=preset["hidden"], num_hidden_layers=preset["layers"],
-            num_attention_heads=preset["heads"], num_key_value_heads=preset["kv_heads"], intermediate_size=preset["ffn"],
-            max_position_embeddings=max(2048, max_len),
-        )  # fmt: skip
-        teacher = LlamaForCausalLM(config)
-    return teacher
-
-
-def make_batch(preset: dict, batch: int, length: int, device: str) -> dict:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, preset["vocab"], (batch, length), generator=g)
-    mask = torch.ones(batch, length, dtype=torch.long)
-    if batch > 1:
-        mask[-1, length * 3 // 4 :] = 0  # one padded example, so masks are exercised
-    out = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-    if preset["family"] == "bert":
-        out["labels"] = torch.randint(0, 2, (batch,), generator=g).to(device)
-    return out
 
 
 def _kd(student_logits, teacher_logits, batch):
@@ -112,7 +59,7 @@ def _kd(student_logits, teacher_logits, batch):
 
 
 class Variant:
-    """A training step with what it needs set up around the timed loop (attention implementation, captures)."""
+    """A training step with what it needs set up around it (attention implementation, captures)."""
 
     def __init__(
         self, step: Callable[[], torch.Tensor], enter: Callable = lambda: None, leave: Callable = lambda: None
@@ -145,7 +92,7 @@ def variants(teacher, student, pairs, batch) -> dict[str, Variant]:
         loss.backward()
         return loss
 
-    # on CUDA the fused kernel or an error: (c) must not time the block-wise fallback under the fast path's name
+    # on CUDA the fused kernel or an error: (c) must not time the block-wise fallback under its name
     device = batch["input_ids"].device
     component = AttentionDistillationLoss(
         "kl", "layerwise", pairs, fused=True if device.type == "cuda" else None
@@ -179,9 +126,10 @@ def variants(teacher, student, pairs, batch) -> dict[str, Variant]:
     }
 
 
-def time_step(fn: Callable, params, device: str, warmup: int, steps: int) -> dict:
-    """Median step time (ms) and peak memory (GiB, CUDA only: allocated by tensors, and reserved by the caching
-    allocator, which is what the GPU must hold) of ``fn`` followed by an SGD update; ``oom`` where it ran out."""
+def time_step(fn: Callable, params, device: str, warmup: int, steps: int, clock=time.perf_counter) -> dict:
+    """Median step time (ms, by ``clock``) and peak memory (GiB, CUDA only: allocated by tensors, and reserved
+    by the caching allocator, which is what the GPU must hold) of ``fn`` followed by an SGD update; ``oom``
+    where it ran out."""
     optimizer = torch.optim.SGD(params, lr=1e-6)
     cuda = device.startswith("cuda")
     try:
@@ -194,28 +142,56 @@ def time_step(fn: Callable, params, device: str, warmup: int, steps: int) -> dic
             torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in range(steps):
-            start = time.perf_counter()
+            start = clock()
             fn()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if cuda:
                 torch.cuda.synchronize()
-            times.append((time.perf_counter() - start) * 1e3)
+            times.append((clock() - start) * 1e3)
     except OutOfMemory:
         optimizer.zero_grad(set_to_none=True)
-        return {
-            "ms": None,
-            "peak_gib": None,
-            "reserved_gib": None,
-            "oom": True,
-        }  # the caller frees the memory
+        return dict(OOM)  # the caller frees the memory
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else None
     return {"ms": statistics.median(times), "peak_gib": peak, "reserved_gib": reserved, "oom": False}
 
 
+def time_variants(variants: dict[str, Variant], params, device: str, warmup: int, steps: int, clock) -> dict:
+    """``time_step``'s results for each variant, their steps interleaved: round r runs one step of every
+    variant, in an order that rotates, so that a load that comes and goes on a shared machine weighs on all of
+    them alike. The median step time and the highest peak over the timed rounds; a variant that runs out of
+    memory is left out of the rounds that follow."""
+    runs: dict[str, list | None] = {name: [] for name in variants}
+    names = list(variants)
+    for round_ in range(warmup + steps):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            if runs[name] is None:
+                continue
+            variants[name].enter()
+            try:
+                one = time_step(variants[name].step, params, device, 0, 1, clock)
+            finally:
+                variants[name].leave()
+            if one["oom"]:
+                runs[name] = None
+                free(device)
+            elif round_ >= warmup:
+                runs[name].append(one)
+    out = {}
+    for name, timed in runs.items():
+        if timed is None:
+            out[name] = dict(OOM)
+            continue
+        peaks = {k: [r[k] for r in timed if r[k] is not None] for k in ("peak_gib", "reserved_gib")}
+        out[name] = {"ms": statistics.median(r["ms"] for r in timed), "oom": False}
+        out[name] |= {k: max(v) if v else None for k, v in peaks.items()}
+    return out
+
+
 def free(device: str) -> None:
-    """Return what the last variant left (an out-of-memory's tensors are freed only once its frames are gone)."""
+    """Return what the last variant left (an out-of-memory's tensors are freed once its frames are gone)."""
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -225,7 +201,8 @@ def run_training(args) -> list[str]:
     preset = PRESETS[args.preset]
     dtype = getattr(torch, args.dtype)
     lines = [
-        f"## Training step, preset `{args.preset}`, {args.dtype}, batch {args.batch}, {device_name(args.device)}",
+        f"## Training step, preset `{args.preset}`, {args.dtype}, batch {args.batch}, "
+        f"{device_name(args.device)}{', process CPU time' if args.clock == 'cpu' else ''}",
         "",
         "| L | variant | step ms | tokens/s | peak GiB | reserved GiB | vs (a) | (b)/(c) |",
         "|---|---|---|---|---|---|---|---|",
@@ -235,18 +212,12 @@ def run_training(args) -> list[str]:
     pairs = layer_map(preset["layers"], preset["student_layers"], "uniform")
     for length in args.seq:
         batch = make_batch(preset, args.batch, length, args.device)
-        results = {}
-        for name, variant in variants(teacher, student, pairs, batch).items():
-            variant.enter()
-            try:
-                results[name] = time_step(
-                    variant.step, list(student.parameters()), args.device, args.warmup, args.steps
-                )
-            finally:
-                variant.leave()
-            free(args.device)
-            if not args.quiet:
-                print(f"L={length} {name}: {results[name]}", file=sys.stderr)
+        steps = variants(teacher, student, pairs, batch)
+        params = list(student.parameters())
+        results = time_variants(steps, params, args.device, args.warmup, args.steps, CLOCKS[args.clock])
+        free(args.device)
+        if not args.quiet:
+            print(f"L={length}: {results}", file=sys.stderr)
         base = results["(a) logit-only KD"]["ms"]
         fast = results["(c) distill-lab qk"]["ms"]
         tokens = args.batch * length
@@ -260,7 +231,8 @@ def run_training(args) -> list[str]:
                 f"{r[k]:.1f}" if r[k] is not None else "n/a" for k in ("peak_gib", "reserved_gib")
             )
             lines.append(
-                f"| {length} | {name} | {r['ms']:.1f} | {tokens / r['ms'] * 1e3:,.0f} | {peak} | {reserved} | {ratio} | {slow} |"
+                f"| {length} | {name} | {r['ms']:.1f} | {tokens / r['ms'] * 1e3:,.0f} | {peak} | {reserved} "
+                f"| {ratio} | {slow} |"
             )
         checks += step_checks(args.preset, length, results)
     return lines + (["", "Against the targets:", "", *checks] if checks else [])
@@ -301,15 +273,18 @@ def step_checks(preset: str, length: int, results: dict) -> list[str]:
 
 
 def run_kernel(args) -> list[str]:
-    """The fused attention-KL, -MSE and -cosine forward+backward against SDPA forward+backward of the same shape."""
+    """The fused attention-KL, -MSE and -cosine forward+backward against SDPA forward+backward of the same
+    shape."""
     from distill_lab.kernels.attention_kl import attention_kl_rows
     from distill_lab.kernels.attention_probs import attention_probs_rows
 
     dtype = getattr(torch, args.dtype)
     lines = [
-        f"## Kernels alone, causal, {args.dtype}, batch {args.batch}, {args.kernel_heads} heads, {device_name(args.device)}",
+        f"## Kernels alone, causal, {args.dtype}, batch {args.batch}, {args.kernel_heads} heads, "
+        f"{device_name(args.device)}",
         "",
-        "| L | head dim | SDPA fwd+bwd ms | fused KL ms | KL / SDPA | fused MSE ms | MSE / SDPA | fused cosine ms | cosine / SDPA |",
+        "| L | head dim | SDPA fwd+bwd ms | fused KL ms | KL / SDPA | fused MSE ms | MSE / SDPA | fused "
+        "cosine ms | cosine / SDPA |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     checks = []
@@ -347,29 +322,13 @@ def run_kernel(args) -> list[str]:
                 cells += [f"{fused_ms:.3g}", f"{ratio:.2f}x" if ratio is not None else ""]
                 if loss == "kl" and dim in (64, 128) and ratio is not None:
                     checks.append(
-                        f"- L = {length}, head dim {dim}: fused KL at most {KERNEL_TARGET}x SDPA: {ratio:.2f}x, "
-                        f"{_verdict(ratio, KERNEL_TARGET)}"
+                        f"- L = {length}, head dim {dim}: fused KL at most {KERNEL_TARGET}x SDPA: "
+                        f"{ratio:.2f}x, {_verdict(ratio, KERNEL_TARGET)}"
                     )
             lines.append("| " + " | ".join(cells) + " |")
             del q, k, v, qt, kt, inputs, kernels, sdpa
             free(args.device)
     return lines + (["", "Against the targets:", "", *checks] if checks else [])
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU ({torch.get_num_threads()} threads)"
-
-
-def versions() -> str:
-    try:
-        import triton
-
-        kernels = f"triton {triton.__version__}"
-    except ImportError:
-        kernels = "no triton"
-    return f"torch {torch.__version__}, transformers {transformers.__version__}, {kernels}"
 
 
 def main(argv: list[str] | None = None) -> list[str]:
@@ -381,16 +340,16 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument(
-        "--kernel",
-        action="store_true",
-        help="benchmark the fused KL, MSE and cosine kernels against SDPA instead",
-    )
+    parser.add_argument("--kernel", action="store_true", help="time the fused kernels against SDPA instead")
     parser.add_argument("--kernel-heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--threads", type=int, help="torch's intra-op threads on a CPU (default: torch's)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="what times a training step")
     parser.add_argument("--out", type=Path, help="append the markdown table to this file")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lines = run_kernel(args) if args.kernel else run_training(args)
     command = f"python benchmarks/bench_distill.py {' '.join(argv if argv is not None else sys.argv[1:])}"
     lines = [*lines, "", f"Device: {device_name(args.device)}; {versions()}. Command: `{command}`", ""]

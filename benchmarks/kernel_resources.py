@@ -5,9 +5,10 @@ tensors with Triton's launches recorded instead of made, so every kernel gets ex
 sizes and launch options a real call gives it. Each launch is then specialised as Triton's launcher
 specialises a real call (16-byte aligned pointers and integers divisible by 16 marked so, integers equal to 1
 made constants: without it loads compile unvectorised, with other registers, spills and shared memory) and
-compiled by Triton's compiler and the ptxas that ships with triton into a cubin for the target GPU, and the table reports per kernel: the shared
-memory one thread block needs (against the GPU's per-block limit), and ptxas's registers per thread and
-spilled bytes. Compiler facts, not timings: whether a spill costs time is for ``bench_distill.py --kernel``.
+compiled by Triton's compiler and the ptxas that ships with triton into a cubin for the target GPU, and the
+table reports per kernel: the shared memory one thread block needs (against the GPU's per-block limit), and
+ptxas's registers per thread and spilled bytes. Compiler facts, not timings: whether a spill costs time is for
+``bench_distill.py --kernel``.
 
     python benchmarks/kernel_resources.py                                  # bf16, head sizes 64 and 128, H100
     python benchmarks/kernel_resources.py --dtype float32 --head-dim 128 256 --arch 80 90
@@ -45,8 +46,8 @@ def recorded_launches(
     loss: str, dtype: torch.dtype, head_dim: int, causal: bool, teacher_dtype: torch.dtype | None = None
 ) -> list[tuple]:
     """``[(kernel, args, kwargs), ...]``: the launches of one forward and backward of ``loss``'s fused kernels
-    (8 student query heads over 2 key heads, 12 teacher heads, L = 300), as the wrappers make them; the teacher's
-    tensors in ``teacher_dtype`` where given (a float32 teacher beside a bf16 student)."""
+    (8 student query heads over 2 key heads, 12 teacher heads, L = 300), as the wrappers make them; the
+    teacher's tensors in ``teacher_dtype`` where given (a float32 teacher beside a bf16 student)."""
     from triton.runtime.jit import JITFunction
 
     from distill_lab.kernels.attention_kl import attention_kl_rows
@@ -72,10 +73,10 @@ def recorded_launches(
 
 
 def _signature(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, dict]:
-    """Triton's ``signature``, ``constexprs`` and ``attrs`` for one recorded launch, as the launcher specialises
-    a real call (``triton.runtime.jit``): a pointer aligned to 16 bytes (as torch allocates) and an integer
-    divisible by 16 are marked so (``tt.divisibility``, which lets loads vectorise), an integer equal to 1 becomes
-    a constant; and its launch options."""
+    """Triton's ``signature``, ``constexprs`` and ``attrs`` for one recorded launch, as the launcher
+    specialises a real call (``triton.runtime.jit``): a pointer aligned to 16 bytes (as torch allocates)
+    and an integer divisible by 16 are marked so (``tt.divisibility``, which lets loads vectorise), an
+    integer equal to 1 becomes a constant; and its launch options."""
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.nvidia.compiler import CUDABackend
 
@@ -131,7 +132,8 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
         source.write_text(ptx)
         for ptxas in binaries:
             done = subprocess.run(
-                [str(ptxas), "-v", f"--gpu-name=sm_{arch}{'a' if arch >= 90 else ''}", str(source), "-o", os.devnull],
+                [str(ptxas), "-v", f"--gpu-name=sm_{arch}{'a' if arch >= 90 else ''}", str(source),
+                 "-o", os.devnull],
                 capture_output=True, text=True,
             )  # fmt: skip
             if done.returncode == 0:
@@ -169,8 +171,9 @@ def kernel_resources(
                             "loss": loss, "dtype": str(dtype).removeprefix("torch."), "head_dim": head_dim,
                             "causal": causal, "kernel": kernel.__name__, "arch": arch,
                             "blocks": [kwargs["BLOCK_M"], kwargs["BLOCK_N"]],
-                            "num_warps": compiled.metadata.num_warps, "num_stages": compiled.metadata.num_stages,
-                            "shared": compiled.metadata.shared, "shared_limit": SHARED_MEMORY_PER_BLOCK.get(arch),
+                            "num_warps": compiled.metadata.num_warps,
+                            "num_stages": compiled.metadata.num_stages, "shared": compiled.metadata.shared,
+                            "shared_limit": SHARED_MEMORY_PER_BLOCK.get(arch),
                             "cubin_bytes": len(compiled.asm["cubin"]),
                         }  # fmt: skip
                         if ptxas:
@@ -181,7 +184,8 @@ def kernel_resources(
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| loss | dtype | head dim | kernel | sm | blocks | warps | stages | shared KB (limit) | registers | spill stores B |",
+        "| loss | dtype | head dim | kernel | sm | blocks | warps | stages | shared KB (limit) | registers | "
+        "spill stores B |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -42,8 +42,8 @@ def test_training_benchmark_smoke(bench, tmp_path):
 def test_kernel_benchmark_smoke(bench):
     """``--kernel`` times the three fused kernels and SDPA on one shape (under Triton's interpreter here)."""
     lines = bench.main(
-        ["--kernel", "--seq", "16", "--head-dim", "16", "--kernel-heads", "2", "--batch", "1", "--device", "cpu",
-         "--dtype", "float32", "--warmup", "0", "--steps", "1", "--quiet"]
+        ["--kernel", "--seq", "16", "--head-dim", "16", "--kernel-heads", "2", "--batch", "1",
+         "--device", "cpu", "--dtype", "float32", "--warmup", "0", "--steps", "1", "--quiet"]
     )  # fmt: skip
     (row,) = [line for line in lines if line.startswith("| 16 | 16 |")]
     cells = row.strip("| ").split(" | ")
@@ -125,8 +125,8 @@ def test_an_out_of_memory_is_a_table_cell_not_a_crash(bench, monkeypatch):
         lambda fn, params, *args: _result(None) if len(params) == 2 else real(fn, params, *args),
     )  # every fused kernel (it times the student's q and k) runs out; SDPA (q, k, v) does not
     lines = bench.main(
-        ["--kernel", "--seq", "16", "--head-dim", "16", "--kernel-heads", "2", "--batch", "1", "--device", "cpu",
-         "--dtype", "float32", "--warmup", "0", "--steps", "1", "--quiet"]
+        ["--kernel", "--seq", "16", "--head-dim", "16", "--kernel-heads", "2", "--batch", "1",
+         "--device", "cpu", "--dtype", "float32", "--warmup", "0", "--steps", "1", "--quiet"]
     )  # fmt: skip
     (row,) = [line for line in lines if line.startswith("| 16 | 16 |")]
     cells = [c.strip() for c in row.split("|")[1:-1]]
@@ -144,8 +144,8 @@ def test_the_benchmark_imports_nothing_a_bare_gpu_image_lacks():
 
     code = (
         "import importlib.util, sys; spec = importlib.util.spec_from_file_location('b', sys.argv[1]); "
-        "spec.loader.exec_module(importlib.util.module_from_spec(spec)); "
-        "print('\\n'.join(m.__file__ for n, m in sys.modules.items() if n.startswith('distill_lab') and m.__file__))"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec)); print('\\n'.join(m.__file__ for n, "
+        "m in sys.modules.items() if n.startswith('distill_lab') and m.__file__))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code, str(SCRIPT)], capture_output=True, text=True, timeout=300, check=True
@@ -154,9 +154,46 @@ def test_the_benchmark_imports_nothing_a_bare_gpu_image_lacks():
     assert any(f.name == "matching.py" for f in files) and any(f.name == "capture.py" for f in files)
     forbidden = {"hydra", "omegaconf", "wandb", "scipy", "lightning", "matplotlib"}
     found = []
-    for path in [SCRIPT, *files]:
+    for path in [*sorted(SCRIPT.parent.glob("*.py")), *files]:  # every benchmark script, the loaded modules
         for node in ast.parse(path.read_text()).body:  # module level only
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
             found += [f"{path.name}: {n}" for n in names if n.split(".")[0] in forbidden]
     assert not found, found
+
+
+@pytest.fixture(scope="module")
+def bench_memory():
+    spec = importlib.util.spec_from_file_location("bench_memory", SCRIPT.parent / "bench_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_memory_table_reports_each_variant_over_the_models_alone(bench_memory, monkeypatch):
+    """One row per variant and length, each with its process's peak and what it adds to the process that
+    only builds the models and the batch."""
+    peaks = {"models": 500.0, "a": 510.0, "b": 600.0, "c": 520.0}
+    monkeypatch.setattr(bench_memory, "peak_mib", lambda args, length, variant: peaks[variant] + length)
+    lines = bench_memory.main(["--seq", "512", "2048", "--quiet"])
+    assert lines[0].startswith("## Peak resident memory, preset `tiny`, float32, batch 2, CPU (")
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in lines if line.startswith("| 2048 |")]
+    assert rows == [
+        ["2048", "(0) models and batch only", "2,548", ""],
+        ["2048", "(a) logit-only KD", "2,558", "10"],
+        ["2048", "(b) eager maps", "2,648", "100"],
+        ["2048", "(c) distill-lab qk", "2,568", "20"],
+    ]
+    assert "bench_memory.py --seq 512 2048" in lines[-2]
+
+
+@pytest.mark.slow
+def test_memory_benchmark_runs_each_variant_in_a_process_of_its_own(bench_memory):
+    """The peaks come from child processes (``ru_maxrss`` from ``os.wait4``): every variant runs, and each
+    holds at least the models-only process's memory."""
+    lines = bench_memory.main(["--seq", "32", "--steps", "1", "--threads", "1", "--quiet"])
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in lines if line.startswith("| 32 |")]
+    assert [row[1] for row in rows] == list(bench_memory.VARIANTS.values())
+    peaks = [float(row[2].replace(",", "")) for row in rows]
+    assert all(peak > 100 for peak in peaks)  # MiB: a process holding torch and two models
+    assert all(float(row[3].replace(",", "")) > -50 for row in rows[1:])  # not below the models alone

@@ -60,9 +60,9 @@ def _usable_attentions(attentions) -> bool:
     return attentions is not None and len(attentions) > 0 and all(a is not None for a in attentions)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # 1. maps: shape, dtype, normalisation, equality with eager output_attentions, logits unchanged
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -168,9 +168,9 @@ def test_bfloat16_model_gives_float32_maps(tiny_model_factory):
         torch.testing.assert_close(row_sums, torch.ones_like(row_sums), atol=ATOL, rtol=0)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # 2. maps are taken before attention dropout
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 
 def test_maps_are_pre_dropout(tiny_model_factory):
@@ -206,9 +206,9 @@ def test_maps_are_pre_dropout(tiny_model_factory):
     torch.testing.assert_close(dropped[kept], eval_maps[0][kept] / (1 - p), atol=ATOL, rtol=1e-5)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # 3. gradients flow from a loss on the maps into the captured layer's queries and keys
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 
 def _qk_weights(family: str, model, layer: int) -> tuple[nn.Parameter, nn.Parameter]:
@@ -249,9 +249,9 @@ def test_captured_probabilities_drive_the_layer_output(tiny_model_factory):
     assert maps[1].grad.abs().sum() > 0
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # 4. the sdpa trap: output_attentions=True under the default sdpa gives nothing usable; capture still works
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -272,9 +272,9 @@ def test_sdpa_output_attentions_trap(family, tiny_model_factory):
     assert model.config._attn_implementation == "sdpa"
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # 5. detach and the context manager restore the previous attention implementation
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 
 def test_detach_restores_implementation_and_stops_recording(tiny_model_factory):
@@ -317,9 +317,9 @@ def test_changing_implementation_under_capture_raises(tiny_model_factory):
     assert model.config._attn_implementation == "sdpa"
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # 6. only the requested layers are computed eagerly
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
@@ -359,9 +359,9 @@ def test_duplicate_and_unsorted_layers(tiny_model_factory):
     assert sorted(maps) == [0, 2]
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # 7. errors
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("bad", [3, -1, 100])
@@ -406,9 +406,9 @@ def test_num_attention_heads_without_config():
         num_attention_heads(nn.Linear(2, 2))
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # 8. attention_modules
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -432,13 +432,14 @@ def test_attention_modules_skip_cross_attention(tiny_model_factory):
     assert names == [ATTENTION_NAMES["gpt2"].format(i) for i in range(3)]
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # the attention function itself, on branches the tiny models do not reach
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 
 class _Recorder:
     backend = "probs"
+    memory_budget = None  # the qk backend's default
 
     def __init__(self):
         self.maps = {}
@@ -532,7 +533,8 @@ def test_attend_follows_sdpa_causality_and_the_calls_sliding_window():
 
 
 def test_attend_adds_the_position_bias_of_t5_style_layers():
-    """A relative-position bias passed with the call (T5) enters the scores, as in the model's own attention."""
+    """A relative-position bias passed with the call (T5) enters the scores, as in the model's own
+    attention."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 2, 5, 8) for _ in range(3))
     bias = torch.randn(1, 2, 5, 5)
@@ -618,7 +620,8 @@ def test_reentrant_checkpointing_is_refused_not_silently_untrained(backend, tiny
     with AttentionCapture(model, layers=[1], backend=backend) as capture:
         with pytest.raises(
             RuntimeError,
-            match=r"layers \[1\].*carries no gradient.*activation_checkpointing_kwargs=\{'use_reentrant': False\}",
+            match=r"layers \[1\].*carries no gradient.*"
+            r"activation_checkpointing_kwargs=\{'use_reentrant': False\}",
         ):
             capture(**inputs)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -631,8 +634,9 @@ def test_reentrant_checkpointing_is_refused_not_silently_untrained(backend, tiny
 
 @pytest.mark.parametrize("backend", ["probs", "qk"])
 def test_soft_capped_models_run_eager_attention_under_the_capture(backend):
-    """Gemma 2 soft-caps its scores, which SDPA cannot do: under the capture those layers, captured or not, run
-    eager attention, so the model's output is its own eager output and the maps are its eager attentions."""
+    """Gemma 2 soft-caps its scores, which SDPA cannot do: under the capture those layers, captured or not,
+    run eager attention, so the model's output is its own eager output and the maps are its eager
+    attentions."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)
@@ -669,8 +673,9 @@ def test_soft_capped_models_run_eager_attention_under_the_capture(backend):
 
 def test_attention_arguments_the_capture_would_drop_are_refused():
     """GPT-OSS hands its attention learned sinks (``s_aux``): the capture does not apply them, so the captured
-    maps and the model's outputs would silently differ from the model's own. Any argument the capture neither
-    applies nor knows to be neutral is refused at the first forward, in captured and uncaptured layers alike."""
+    maps and the model's outputs would silently differ from the model's own. Any argument the capture
+    neither applies nor knows to be neutral is refused at the first forward, in captured and uncaptured
+    layers alike."""
     from transformers import GptOssConfig, GptOssForCausalLM
 
     config = GptOssConfig(
@@ -808,14 +813,14 @@ def _architecture(name: str):
 @pytest.mark.parametrize("backend", ["probs", "qk"])
 @pytest.mark.parametrize(
     "name",
-    ["distilbert", "electra", "modernbert", "opt", "gpt_neox", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3",
-     "olmo2", "smollm3", "deit"],
+    ["distilbert", "electra", "modernbert", "opt", "gpt_neox", "qwen2", "qwen3", "mistral", "gemma2",
+     "gemma3", "phi3", "olmo2", "smollm3", "deit"],
 )  # fmt: skip
 def test_more_architectures_capture_their_own_attention(name, backend):
     """Beyond the families the other tests use: encoders, decoders with grouped-query attention, sliding
-    windows (Qwen2, Mistral, Gemma 2/3, ModernBERT's local layers) and soft-capping (Gemma 2). Each captures
-    the maps its own eager attention returns, on the real rows of a right-padded batch, and its output does not
-    change under the capture."""
+    windows (Qwen2, Mistral, Gemma 2/3, ModernBERT's local layers) and soft-capping (Gemma 2). Each
+    captures the maps its own eager attention returns, on the real rows of a right-padded batch, and its
+    output does not change under the capture."""
     model = _architecture(name)
     if name == "deit":
         inputs = {"pixel_values": torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))}

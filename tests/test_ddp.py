@@ -177,7 +177,7 @@ def _without_zero_terms(output_loss, attention_loss, attention_weight):
 def fit(spec: dict) -> None:
     """Train ``STEPS`` optimizer steps as ``spec`` says; every rank saves its record to ``spec["out"]``."""
     import distill_lab.module
-    from distill_lab.matching import AttentionDistillationLoss
+    from distill_lab.attention import AttentionDistillationLoss
 
     teacher = AutoModelForSequenceClassification.from_pretrained(spec["teacher"])
     student = AutoModelForSequenceClassification.from_pretrained(spec["student"])

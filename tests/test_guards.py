@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 from test_resume import PoisonLoss
 from transformers import get_linear_schedule_with_warmup
 
+from distill_lab.attention import AttentionDistillationLoss
 from distill_lab.guards import RescaleResumedLearningRate, StopOnNonFiniteLoss
-from distill_lab.matching import AttentionDistillationLoss
 from distill_lab.module import DistillationModule
 from distill_lab.run import train
 

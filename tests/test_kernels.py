@@ -2,8 +2,8 @@
 
 Without a GPU the kernels run under ``TRITON_INTERPRET=1`` on CPU tensors (small shapes); with one, the same
 tests run them compiled. The interpreter upcasts bf16 inputs and runs programs one at a time, so there the
-bf16 test checks the wrapper's dtypes, and the determinism test, which could not fail there, runs only on a GPU:
-``test_kernels_use_no_atomics`` stands in for it.
+bf16 test checks the wrapper's dtypes, and the determinism test, which could not fail there, runs only on a
+GPU: ``test_kernels_use_no_atomics`` stands in for it.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ if not HAS_CUDA:  # must be set before the kernels are first decorated
 
 triton = pytest.importorskip("triton")
 
+from distill_lab.attention import AttentionDistillationLoss  # noqa: E402
 from distill_lab.capture import QueryKey  # noqa: E402
-from distill_lab.kernels.attention_kl import _kernel_layout, _meta, attention_kl_rows  # noqa: E402
-from distill_lab.matching import AttentionDistillationLoss, Headwise  # noqa: E402
+from distill_lab.kernels._triton import _kernel_layout, _meta  # noqa: E402
+from distill_lab.kernels.attention_kl import attention_kl_rows  # noqa: E402
+from distill_lab.matching import Headwise  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
@@ -110,8 +112,8 @@ def test_rows_without_keys_and_identical_models():
 
 
 def test_kernels_use_no_atomics():
-    """Deterministic backward by construction: no kernel accumulates with atomics (dQ and dK each have their own
-    kernel, reducing over key and query blocks in a fixed order)."""
+    """Deterministic backward by construction: no kernel accumulates with atomics (dQ and dK each have
+    their own kernel, reducing over key and query blocks in a fixed order)."""
     import inspect
 
     from distill_lab.kernels import attention_kl, attention_probs
@@ -269,8 +271,8 @@ def test_fused_true_where_it_cannot_apply_is_a_clear_error():
 
 
 def _far_apart(x, storage, dim, stride, offset):
-    """``x`` copied into ``storage`` from ``offset`` on, dimension ``dim`` ``stride`` elements apart and the others
-    packed, as a view (a leaf that requires grad where ``x`` does)."""
+    """``x`` copied into ``storage`` from ``offset`` on, dimension ``dim`` ``stride`` elements apart and
+    the others packed, as a view (a leaf that requires grad where ``x`` does)."""
     strides, packed = [stride] * x.dim(), 1
     for d in reversed(range(x.dim())):
         if d != dim:
@@ -292,8 +294,8 @@ FAR_APART = {
 
 def check_far_apart(case):
     """Every fused kernel, forward and backward, on inputs whose offsets pass 2^31 elements, against the same
-    inputs packed; run in a child process by ``test_offsets_past_2_31_elements`` (a wrapped 32-bit offset reads
-    outside the buffer, which may crash the process)."""
+    inputs packed; run in a child process by ``test_offsets_past_2_31_elements`` (a wrapped 32-bit offset
+    reads outside the buffer, which may crash the process)."""
     from distill_lab.kernels.attention_probs import attention_probs_rows
 
     dim, stride, sizes = FAR_APART[case]
@@ -327,10 +329,11 @@ def check_far_apart(case):
 
 @pytest.mark.parametrize("case", list(FAR_APART))
 def test_offsets_past_2_31_elements(case):
-    """Offsets into whole tensors are 64-bit: the kernels give the same rows and gradients when the inputs' last
-    example, head or rows lie 2^31 elements or more into their buffer (as in B=16, 64 heads, L=32k, D=128) as
-    when they are packed. On CPU the 8 GiB buffer is address space only: only the pages written are ever
-    touched. (The outputs' offsets, which the wrappers allocate, are checked in tests/test_kernels_compile.py.)"""
+    """Offsets into whole tensors are 64-bit: the kernels give the same rows and gradients when the inputs'
+    last example, head or rows lie 2^31 elements or more into their buffer (as in B=16, 64 heads, L=32k,
+    D=128) as when they are packed. On CPU the 8 GiB buffer is address space only: only the pages written
+    are ever touched. (The outputs' offsets, which the wrappers allocate, are checked in
+    tests/test_kernels_compile.py.)"""
     code = f"import test_kernels; test_kernels.check_far_apart({case!r})"
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=600
@@ -344,8 +347,8 @@ def test_offsets_past_2_31_elements(case):
 
 
 def test_layout_keeps_offsets_within_a_head_32_bit():
-    """The kernels' offsets within one head's (L, d) matrix are 32-bit: a head whose rows span 2^31 elements or
-    more is copied (to rows d apart), and one whose L x d reaches 2^31 is refused."""
+    """The kernels' offsets within one head's (L, d) matrix are 32-bit: a head whose rows span 2^31
+    elements or more is copied (to rows d apart), and one whose L x d reaches 2^31 is refused."""
     packed = torch.empty(2, 4, 300, 64, device="meta")
     heads_inner = torch.empty(2, 300, 4, 64, device="meta").transpose(1, 2)  # (B, L, H, d) as models make it
     assert _kernel_layout(packed) is packed and _kernel_layout(heads_inner) is heads_inner
@@ -364,8 +367,8 @@ def test_layout_keeps_offsets_within_a_head_32_bit():
     [("bfloat16", "bfloat16"), ("float32", "float32"), ("bfloat16", "float32"), ("float32", "bfloat16")],
 )
 def test_each_float32_side_gets_ieee_dot_products(student, teacher):
-    """The launch's dot-product precision is chosen per side: IEEE (full float32) for a float32 side, which TF32
-    would round, whatever the other side's dtype (e.g. a float32 teacher beside a bf16 student)."""
+    """The launch's dot-product precision is chosen per side: IEEE (full float32) for a float32 side, which
+    TF32 would round, whatever the other side's dtype (e.g. a float32 teacher beside a bf16 student)."""
     s_dtype, t_dtype = getattr(torch, student), getattr(torch, teacher)
     qs, ks = (torch.empty(2, 4, 40, 64, device="meta", dtype=s_dtype) for _ in range(2))
     qt, kt = (torch.empty(2, 4, 40, 64, device="meta", dtype=t_dtype) for _ in range(2))

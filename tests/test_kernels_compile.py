@@ -33,9 +33,12 @@ KERNELS = {
 # then each tile shape that _meta picks for wider rows, on the tighter GPU: bf16 at head size 256 and float32
 # at 128 (two stages), float32 at 256 (blocks of 32)
 RUNS = {
-    "bf16-128": ["--loss", "kl", "mse", "cosine", "--dtype", "bfloat16", "--head-dim", "128", "--arch", "80", "90"],
-    "bf16-256": ["--loss", "cosine", "--dtype", "bfloat16", "--head-dim", "256", "--arch", "80", "--bidirectional", "--no-ptxas"],
-    "fp32-128": ["--loss", "kl", "--dtype", "float32", "--head-dim", "128", "--arch", "80", "--bidirectional", "--no-ptxas"],
+    "bf16-128": ["--loss", "kl", "mse", "cosine", "--dtype", "bfloat16", "--head-dim", "128",
+                 "--arch", "80", "90"],
+    "bf16-256": ["--loss", "cosine", "--dtype", "bfloat16", "--head-dim", "256", "--arch", "80",
+                 "--bidirectional", "--no-ptxas"],
+    "fp32-128": ["--loss", "kl", "--dtype", "float32", "--head-dim", "128", "--arch", "80",
+                 "--bidirectional", "--no-ptxas"],
     "fp32-256": ["--loss", "mse", "--dtype", "float32", "--head-dim", "256", "--arch", "80", "--no-ptxas"],
 }  # fmt: skip
 TILES = {
@@ -68,8 +71,8 @@ def test_every_fused_kernel_compiles_within_the_gpus_shared_memory(run):
         assert all(isinstance(r["registers"], int) and 0 < r["registers"] <= 255 for r in rows)
 
 
-# the launches of a bf16 student beside a float32 teacher (head size 128, GQA, causal), compiled for sm_90: each
-# kernel's launch options and TTIR. Triton's types do not depend on the sizes (a stride or size is an i32
+# the launches of a bf16 student beside a float32 teacher (head size 128, GQA, causal), compiled for sm_90:
+# each kernel's launch options and TTIR. Triton's types do not depend on the sizes (a stride or size is an i32
 # argument below 2^31), so the shapes of recorded_launches show the types of any real launch.
 MIXED = """
 import json, sys
@@ -79,10 +82,12 @@ import torch
 
 rows = []
 for loss in ("kl", "cosine"):
-    for kernel, args, kwargs in kr.recorded_launches(loss, torch.bfloat16, 128, True, teacher_dtype=torch.float32):
+    launches = kr.recorded_launches(loss, torch.bfloat16, 128, True, teacher_dtype=torch.float32)
+    for kernel, args, kwargs in launches:
         compiled = kr.compile_launch(kernel, args, kwargs, 90)
         precision = {k: v for k, v in kwargs.items() if k.startswith("IEEE")}
-        rows.append({"loss": loss, "kernel": kernel.__name__, "precision": precision, "ttir": compiled.asm["ttir"]})
+        ttir = compiled.asm["ttir"]
+        rows.append({"loss": loss, "kernel": kernel.__name__, "precision": precision, "ttir": ttir})
 print(json.dumps(rows))
 """
 
@@ -103,7 +108,8 @@ def mixed_precision_launches():
 @pytest.mark.slow
 def test_a_float32_teacher_gets_float32_dot_products_beside_a_bf16_student(mixed_precision_launches):
     """The wrapper asks for IEEE dot products on the float32 side only, and each kernel's float32 dot products
-    (the teacher's scores) compile as IEEE, not TF32 (TTIR prints a dot's input precision unless it is IEEE)."""
+    (the teacher's scores) compile as IEEE, not TF32 (TTIR prints a dot's input precision unless it is
+    IEEE)."""
     for r in mixed_precision_launches:
         assert r["precision"] == {"IEEE_S": False, "IEEE_T": True}, r["kernel"]
         dots = re.findall(r"tt\.dot (.*?) : tensor<(?:\d+x)+(\w+)> \* tensor<(?:\d+x)+(\w+)>", r["ttir"])
@@ -116,9 +122,9 @@ def test_a_float32_teacher_gets_float32_dot_products_beside_a_bf16_student(mixed
 @pytest.mark.slow
 def test_offsets_into_whole_tensors_are_64_bit(mixed_precision_launches):
     """Every offset from a tensor argument's start that the example, head or pair index scales (input tiles,
-    row statistics, gradients) is 64-bit: in TTIR, each scalar pointer offset is an i64, except the pair's index
-    into the head maps SH and TH. With 32-bit ones a tensor of 2^31 elements or more (B=16, 64 heads, L=32k,
-    D=128) would be read and written at wrapped offsets; tests/test_kernels.py runs such offsets."""
+    row statistics, gradients) is 64-bit: in TTIR, each scalar pointer offset is an i64, except the pair's
+    index into the head maps SH and TH. With 32-bit ones a tensor of 2^31 elements or more (B=16, 64 heads,
+    L=32k, D=128) would be read and written at wrapped offsets; tests/test_kernels.py runs such offsets."""
     for r in mixed_precision_launches:
         scalar = re.findall(r"tt\.addptr %(\w+), %\w+ : !tt\.ptr<\w+>, (i\d+)", r["ttir"])
         narrow = sorted({arg for arg, width in scalar if width != "i64" and arg not in ("SH", "TH")})

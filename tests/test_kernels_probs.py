@@ -1,7 +1,8 @@
 """The fused attention-MSE and attention-cosine Triton kernels against a float64 reference written here.
 
 Without a GPU the kernels run under ``TRITON_INTERPRET=1`` on CPU tensors (small shapes); with one they run
-compiled. Under the interpreter the bf16 test checks less and the determinism test is skipped (see tests/test_kernels.py).
+compiled. Under the interpreter the bf16 test checks less and the determinism test is skipped (see
+tests/test_kernels.py).
 """
 
 from __future__ import annotations

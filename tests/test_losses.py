@@ -799,7 +799,8 @@ def test_row_terms_refuse_scores_for_losses_on_probabilities(name):
 def test_the_functional_losses_send_no_gradient_to_the_teacher(gen):
     """Called directly (not through AttentionDistillationLoss, which detaches the teacher itself), each loss
     and the Gram-matrix terms of mse_scores treat the teacher as a target: its tensors get no gradient."""
-    from distill_lab.losses import attention_mse_scores, mse_scores_gram_terms
+    from distill_lab.backends.gram import mse_scores_gram_terms
+    from distill_lab.losses import attention_mse_scores
 
     mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
     for loss in (attention_mse, attention_kl, attention_cosine, attention_mse_scores):

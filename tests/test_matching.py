@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import make_tiny_inputs, make_tiny_model
 
+from distill_lab.attention import AttentionDistillationLoss
 from distill_lab.capture import AttentionCapture
 from distill_lab.losses import get_attention_loss
 from distill_lab.matching import (
-    AttentionDistillationLoss,
     Global,
     Headwise,
     Layerwise,
@@ -81,7 +81,8 @@ def single_thread():
 
 @pytest.fixture(scope="module")
 def bert12(tmp_path_factory):
-    """A tiny BERT sequence classifier with 12 layers (its attention modules are bert.encoder.layer.N.attention.self)."""
+    """A tiny BERT sequence classifier with 12 layers (its attention modules are
+    bert.encoder.layer.N.attention.self)."""
     return make_tiny_model("bert", tmp_path_factory.mktemp("bert12"), num_hidden_layers=12)
 
 
@@ -204,7 +205,8 @@ def test_layer_map_other_errors():
     assert pair_name((6, 3)) == "L6->3"
 
 
-# ---------------------------------------------------------------------------------------------- 2. modes, synthetic maps
+# ---------------------------------------------------------------------------------------------- 2. modes,
+# synthetic maps
 
 
 @pytest.mark.parametrize("mask", MASKS, ids=MASK_IDS)
@@ -347,7 +349,8 @@ def test_head_count_mismatch_suggests_global(mode):
     assert torch.isfinite(total) and total > 0
 
 
-# ---------------------------------------------------------------------------------------------- 3. invariances
+# ---------------------------------------------------------------------------------------------- 3.
+# invariances
 
 
 @pytest.mark.parametrize("mask", MASKS, ids=MASK_IDS)
@@ -591,7 +594,8 @@ def test_selective_option_errors():
         component.calibrate({0: rand_maps(4, 0)}, {0: rand_maps(4, 1)})
 
 
-# ---------------------------------------------------------------------------------------------- 5. gradient importance
+# ---------------------------------------------------------------------------------------------- 5. gradient
+# importance
 
 
 def bert_query(model, layer: int) -> torch.nn.Parameter:
@@ -844,7 +848,8 @@ def test_attentions_as_sequences(mode):
 
 
 def test_attentions_from_model_outputs(tiny_model_factory):
-    """``outputs.attentions`` of an eager model can be passed straight in (eval mode: no dropout to differ)."""
+    """``outputs.attentions`` of an eager model can be passed straight in (eval mode: no dropout to
+    differ)."""
     teacher = tiny_model_factory("bert", num_hidden_layers=4, seed=1)
     student = tiny_model_factory("bert", num_hidden_layers=2, num_attention_heads=2, seed=2)
     inputs = make_tiny_inputs("bert", teacher.config)

@@ -14,10 +14,12 @@ import pytest
 import torch
 from conftest import make_tiny_inputs
 
-import distill_lab.matching as matching_module
+import distill_lab.backends as backends_module
+import distill_lab.backends.gram as gram_module
+from distill_lab.attention import AttentionDistillationLoss
+from distill_lab.backends.gram import mse_scores_gram_terms
 from distill_lab.capture import AttentionCapture, QueryKey
-from distill_lab.losses import mse_scores_gram_terms
-from distill_lab.matching import AttentionDistillationLoss, Headwise, Selective
+from distill_lab.matching import Headwise, Selective
 
 F64 = torch.float64
 HEAD_MAP = [[[0, 1], 2], [3, 0]]  # a teacher pair averaged against student head 2, teacher head 3 against 0
@@ -115,7 +117,7 @@ def gram_calls(monkeypatch) -> list[int]:
         calls.append(1)
         return mse_scores_gram_terms(*args, **kwargs)
 
-    monkeypatch.setattr(matching_module, "mse_scores_gram_terms", spy)
+    monkeypatch.setattr(gram_module, "mse_scores_gram_terms", spy)
     return calls
 
 
@@ -150,7 +152,8 @@ def test_gram_path_equals_reference_and_blockwise(gram_calls, mode, case, teache
 
 @pytest.mark.parametrize("mode", ["layerwise", "headwise", "global"])
 def test_gram_path_from_bf16_inputs(mode):
-    """bf16 queries and keys are computed in float32: close to the float64 reference of the same bf16 values."""
+    """bf16 queries and keys are computed in float32: close to the float64 reference of the same bf16
+    values."""
     student, teacher, attention_mask = _records("padded", 8, "bool", dtype=torch.bfloat16)
     want, _ = _reference(student, teacher, attention_mask, _entries(mode, 8))
     want_grads = torch.autograd.grad(want, [student.query, student.key])
@@ -213,7 +216,8 @@ def test_identical_scores_give_zero(mode):
     want, _, want_grads = _component_run(exact, teacher, attention_mask, mode, gram=False)
     scale = teacher.scores().masked_fill(~mask, 0.0).square().mean()  # the mean squared score, about 60
     assert want < 1e-12 * scale  # the float32 rounding of the rotated inputs
-    assert 0 <= value < 2e-6 * scale  # float32 cancellation: a few 1e-7 of the squared scores
+    assert 0 <= value < 2e-6 * scale  # summed in float32 the traces would leave a few 1e-7 of the squares
+    torch.testing.assert_close(value.double(), want, rtol=1e-6, atol=1e-14 * scale)  # in float64: exact
     for grad, want_grad in zip(grads, want_grads, strict=True):  # the gradients keep float32 accuracy
         torch.testing.assert_close(grad.double(), want_grad, atol=1e-6, rtol=0.0)
 
@@ -297,13 +301,13 @@ def test_gram_path_on_a_tiny_bert(tiny_model_factory, gram_calls, mode, monkeypa
     student = tiny_model_factory("bert", num_hidden_layers=2, hidden_size=24, seed=2).train()
     inputs = make_tiny_inputs("bert", teacher.config, batch_size=3, seq_len=13, num_padded=5)
     mask_checks = []
-    real_key_padding = matching_module.key_padding
+    real_key_padding = backends_module.key_padding
 
     def counted(*args, **kwargs):
         mask_checks.append(1)
         return real_key_padding(*args, **kwargs)
 
-    monkeypatch.setattr(matching_module, "key_padding", counted)
+    monkeypatch.setattr(backends_module, "key_padding", counted)
     results = {}
     for gram in (True, False):
         component = AttentionDistillationLoss(
@@ -337,9 +341,9 @@ def test_gram_path_on_a_tiny_bert(tiny_model_factory, gram_calls, mode, monkeypa
 
 
 def test_selective_assigns_heads_on_the_scores_that_mse_scores_compares():
-    """Student head 0 has the teacher head's probabilities but scores shifted by 10 in every row (a softmax does
-    not see a per-row constant); student head 1 has the teacher's scores times 1.05. On probabilities head 0
-    is the match, on scores, which mse_scores trains, head 1 is."""
+    """Student head 0 has the teacher head's probabilities but scores shifted by 10 in every row (a softmax
+    does not see a per-row constant); student head 1 has the teacher's scores times 1.05. On probabilities
+    head 0 is the match, on scores, which mse_scores trains, head 1 is."""
     torch.manual_seed(0)
     batch, length, dim = 2, 6, 4
     query = torch.cat([torch.randn(batch, 1, length, dim), torch.zeros(batch, 1, length, 1)], -1)
@@ -354,3 +358,51 @@ def test_selective_assigns_heads_on_the_scores_that_mse_scores_compares():
     for loss, match in (("mse", 0), ("mse_scores", 1)):
         component = AttentionDistillationLoss(loss, Selective(heads=[0]), [(0, 0)])
         assert component.calibrate({0: student}, {0: teacher}) == {"L0->0": [(0, match)]}, loss
+
+
+NEAR_MODES = {  # modes that compare each student head with its own teacher head, or all heads averaged
+    "layerwise": (lambda: "layerwise", [(i, i, None) for i in range(4)]),
+    "headwise": (lambda: Headwise([[0, 0], [3, 3]]), [(0, 0, 0), (3, 3, 3)]),
+    "global": (lambda: "global", None),
+}
+
+
+@pytest.mark.parametrize("gram", [True, None])
+@pytest.mark.parametrize("mode", list(NEAR_MODES))
+def test_gram_value_is_exact_when_the_student_nearly_equals_its_teacher(gram_calls, mode, gram):
+    """Near convergence (student = teacher + 1e-4 noise, L = 100) the loss is 1e-8 of the squared scores, and
+    the three Gram terms cancel to that: summed in float32 they would leave a value tens of percent off. The
+    logged value (and each head's) is within 1e-4 of a float64 reference, the gradients close to it, whether
+    the Gram path is asked for or chosen."""
+    gen = torch.Generator().manual_seed(0)
+    batch, length = 2, 100
+    attention_mask = torch.ones(batch, length, dtype=torch.long)
+    attention_mask[1, 70:] = 0
+    teacher = _record(gen, batch, length, 4, 4, 8, attention_mask, dtype=torch.float32)
+    teacher = QueryKey(teacher.query.detach(), teacher.key.detach(), teacher.scaling, teacher.mask)
+
+    def nearby(x):
+        return (x + 1e-4 * torch.randn(x.shape, generator=gen, dtype=F64).float()).requires_grad_()
+
+    student = QueryKey(nearby(teacher.query), nearby(teacher.key), teacher.scaling, teacher.mask)
+    exact = QueryKey(*(x.detach().double().requires_grad_() for x in (student.query, student.key)),
+                     student.scaling, student.mask)  # fmt: skip
+    exact_teacher = QueryKey(teacher.query.double(), teacher.key.double(), teacher.scaling, teacher.mask)
+    matching, pairs = NEAR_MODES[mode]
+    eye = torch.eye(4, dtype=F64)
+    entries = _entries("global", 4) if pairs is None else [(eye[t], eye[s], h) for t, s, h in pairs]
+    want, want_details = _reference(exact, exact_teacher, attention_mask, entries)
+    want_grads = torch.autograd.grad(want, [exact.query, exact.key])
+    scale = teacher.scores().masked_fill(~teacher.mask, 0.0).square().mean()
+    assert want < 1e-7 * scale  # the student is that close
+
+    component = AttentionDistillationLoss("mse_scores", matching(), [(0, 0)], gram=gram)
+    value, details = component({0: student}, {0: teacher}, attention_mask)
+    grads = torch.autograd.grad(value, [student.query, student.key])
+    assert gram_calls == [1]
+    torch.testing.assert_close(value.double(), want, rtol=1e-4, atol=0.0)
+    assert len(details) == 1 + len(want_details)
+    for head, head_value in want_details.items():
+        torch.testing.assert_close(details[f"L0->0/h{head}"].double(), head_value, rtol=1e-4, atol=0.0)
+    for grad, want_grad in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(grad.double(), want_grad, rtol=1e-3, atol=1e-3 * want_grad.abs().max())

@@ -11,9 +11,10 @@ import pytest
 import torch
 from conftest import make_tiny_inputs
 
+from distill_lab.attention import AttentionDistillationLoss
 from distill_lab.capture import AttentionCapture, QueryKey
 from distill_lab.losses import AttentionLoss
-from distill_lab.matching import AttentionDistillationLoss, Selective
+from distill_lab.matching import Selective
 
 LOSSES = ("kl", "mse", "cosine")
 MODES = ("layerwise", "headwise", "global", "selective")
@@ -25,14 +26,15 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 def _run(
     teacher, student, inputs, backend, loss, mode, block_size, teacher_layers=(1, 3), student_layers=(0, 1)
 ):
-    """Attention loss, its details and the student's gradients through one backend."""
+    """Attention loss, its details and the student's gradients through one backend. The qk records keep no
+    maps (``memory_budget=0``), so that the loss recomputes them block by block."""
     pairs = list(zip(teacher_layers, student_layers, strict=True))
     matching = Selective(heads=[[0, 1], [3, 0]]) if mode == "selective" else mode
     component = AttentionDistillationLoss(loss, matching, pairs, block_size=block_size)
     student.zero_grad(set_to_none=True)
     with (
-        AttentionCapture(teacher, teacher_layers, backend) as tc,
-        AttentionCapture(student, student_layers, backend) as sc,
+        AttentionCapture(teacher, teacher_layers, backend, memory_budget=0) as tc,
+        AttentionCapture(student, student_layers, backend, memory_budget=0) as sc,
     ):
         with torch.no_grad():
             _, teacher_maps = tc(**inputs)
@@ -49,9 +51,11 @@ def test_qk_records_give_the_probs_backend_maps(tiny_model_factory, family):
     inputs = make_tiny_inputs(family, model.config, batch_size=3, seq_len=11, num_padded=4)
     with AttentionCapture(model, [0, 2], "probs") as capture, torch.no_grad():
         reference_out, maps = capture(**inputs)
-    with AttentionCapture(model, [0, 2], "qk") as capture, torch.no_grad():
+    # no kept maps (memory_budget=0): SDPA stays in place and the records recompute the probabilities
+    with AttentionCapture(model, [0, 2], "qk", memory_budget=0) as capture, torch.no_grad():
         out, records = capture(**inputs)
         plain = model(**inputs)
+    assert all(record.maps is None for record in records.values())
     torch.testing.assert_close(out.logits, plain.logits, atol=1e-5, rtol=1e-5)  # SDPA is left in place
     torch.testing.assert_close(out.logits, reference_out.logits, atol=1e-5, rtol=1e-5)
     for layer in (0, 2):
@@ -241,7 +245,8 @@ def test_attention_losses_ignore_bf16_autocast(loss, mode, gram):
 
 
 def test_probs_capture_ignores_bf16_autocast():
-    """The probs backend computes its maps inside the model's forward, where autocast is on under bf16-mixed."""
+    """The probs backend computes its maps inside the model's forward, where autocast is on under
+    bf16-mixed."""
     from distill_lab.capture import _STATE, _record_and_attend
 
     class Recorder:

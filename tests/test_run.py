@@ -28,11 +28,12 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 from transformers import AutoImageProcessor, AutoModelForSequenceClassification, AutoTokenizer
 
+from distill_lab.attention import AttentionDistillationLoss
 from distill_lab.data import TextClassificationData, build_word_tokenizer
 from distill_lab.data_images import ImageFolderData
 from distill_lab.data_lm import LanguageModelingData
 from distill_lab.losses import AttentionLoss
-from distill_lab.matching import MATCHING_MODES, AttentionDistillationLoss
+from distill_lab.matching import MATCHING_MODES
 from distill_lab.models import load_tokenizer
 from distill_lab.run import _build_logger, train
 from distill_lab.tasks import TASKS

@@ -121,7 +121,7 @@ def test_validation_losses_do_not_depend_on_how_the_set_is_batched(tmp_path, los
 
     import lightning as L
 
-    from distill_lab.matching import AttentionDistillationLoss
+    from distill_lab.attention import AttentionDistillationLoss
     from distill_lab.module import DistillationModule
 
     config = make_tiny_config("gpt2", pad_token_id=0, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)

@@ -1,16 +1,15 @@
 """Attention capture: per-layer attention probabilities out of any Hugging Face transformers model.
 
 Why not ``output_attentions=True``: under transformers 5.x's default ``sdpa`` attention it returns no
-attentions at all (only a warning), and under ``eager`` it returns the probabilities *after* attention
-dropout in train mode, so a student would be taught dropout noise. Instead, the captured model's attention
-implementation is switched to one registered here through transformers' ``AttentionInterface`` (with a
-matching ``AttentionMaskInterface`` entry, without which the function would receive no mask). In the layers
-being captured it computes eager attention in float32, records the probabilities *before* dropout and uses
-the same tensor for the layer's output, so gradients flow from the attention loss into the student's
-queries and keys. Every other layer runs SDPA as before (eager attention where the model soft-caps its
-scores, which SDPA cannot do). The ``qk`` backend keeps SDPA in the captured
-layers too and records their queries and keys instead (see ``QueryKey``). A requested layer that records nothing (a model
-whose attention does not go through ``AttentionInterface``) raises an error instead of passing silently.
+attentions at all, and under ``eager`` the probabilities *after* dropout, so a student would be taught
+dropout noise. Instead the model's attention implementation is switched to one registered here through
+``AttentionInterface`` (with a matching ``AttentionMaskInterface`` entry, without which it would receive no
+mask). In the captured layers it computes eager attention in float32, records the probabilities *before*
+dropout and computes the layer's output from the same tensor, so gradients flow from the attention loss into
+the student's queries and keys; every other layer runs SDPA (eager attention where the model soft-caps its
+scores). The ``qk`` backend records queries and keys instead (``QueryKey``): with SDPA where the layer's
+maps would exceed its memory budget, with eager attention whose maps the record keeps where they fit. A
+requested layer that records nothing raises an error instead of passing silently.
 
 Usage::
 
@@ -22,9 +21,7 @@ Usage::
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -32,10 +29,15 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
+from distill_lab.records import QueryKey, masked_softmax, repeat_heads
+
 CAPTURE_ATTENTION = "distill_lab_capture"  # the probs backend: eager attention, maps recorded
 QK_ATTENTION = "distill_lab_qk"  # the qk backend: SDPA attention, queries and keys recorded
 BACKENDS = ("probs", "qk")
 _STATE = "_distill_lab_capture"  # attribute set on captured attention modules: (capture, layer index)
+# the qk backend's default memory budget off CUDA: bytes one captured layer's kept scores and probabilities
+# may take (on CUDA the default is 0: SDPA and the fused kernels are the fast path there)
+DEFAULT_MEMORY_BUDGET = 64 * 2**20
 
 # keyword arguments a model may pass its attention function, beyond query, key, value, mask, scaling, dropout:
 # those the capture applies (the rest of the record's mask: causality, window, soft cap, T5's bias) and those
@@ -43,9 +45,9 @@ _STATE = "_distill_lab_capture"  # attribute set on captured attention modules: 
 # packed-sequence boundaries) would be dropped, and with it part of the model's attention: an error instead.
 _APPLIED_ARGUMENTS = frozenset({"is_causal", "sliding_window", "softcap", "position_bias"})
 _NEUTRAL_ARGUMENTS = frozenset({
-    "position_ids", "cache_position", "use_cache", "past_key_values", "past_key_value", "layer_idx", "deterministic",
-    "return_dict", "output_attentions", "output_hidden_states", "output_router_logits", "num_items_in_batch",
-    "max_length_q", "max_length_k", "logits_to_keep",
+    "position_ids", "cache_position", "use_cache", "past_key_values", "past_key_value", "layer_idx",
+    "deterministic", "return_dict", "output_attentions", "output_hidden_states", "output_router_logits",
+    "num_items_in_batch", "max_length_q", "max_length_k", "logits_to_keep",
     # model inputs that a model's forward hands on in its **kwargs (LLaMA's classifier, given a batch that a
     # BERT-style tokenizer made, passes token_type_ids down to every attention call)
     "token_type_ids", "labels", "special_tokens_mask", "inputs_embeds", "pixel_values", "return_loss",
@@ -87,25 +89,25 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def check_capturable(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's :func:`attention_modules`, refusing a model whose attention modules are not one per layer,
-    which layer maps, layer indices and derived students all assume: encoder-decoder models (T5, BART: the
-    decoder's self-attention follows the encoder's, under one layer count), layers that share one module
-    (ALBERT) and hybrid models whose other layers have no attention (Qwen3-Next's linear-attention layers),
-    where layer i would not be attention module i."""
+    """The model's :func:`attention_modules`, refusing a model whose attention modules are not one per layer
+    (as layer maps and derived students assume): encoder-decoders (T5, BART), layers that share one module
+    (ALBERT) and hybrid models whose other layers have no attention (Qwen3-Next)."""
     config = getattr(model, "config", None)
     name = type(model).__name__
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(
-            f"{name} is an encoder-decoder model: distill-lab distils encoders (BERT, RoBERTa, ViT, T5's encoder "
-            "alone, T5EncoderModel) and decoders (GPT-2, LLaMA-family), whose layers each hold one self-attention"
+            f"{name} is an encoder-decoder model: distill-lab distils encoders (BERT, RoBERTa, ViT, T5's "
+            "encoder alone, T5EncoderModel) and decoders (GPT-2, LLaMA-family), whose layers each hold one "
+            "self-attention"
         )
     layers = getattr(config, "num_hidden_layers", None)
     modules = attention_modules(model)
     if layers is not None and len(modules) != layers:
         raise ValueError(
-            f"{name} has {len(modules)} self-attention modules for its {layers} layers (layers that share one module, "
-            "as ALBERT's do, or layers without attention in a hybrid model), so layer i is not attention module i "
-            "and no layer map can name the layers distill-lab captures: this architecture is not supported"
+            f"{name} has {len(modules)} self-attention modules for its {layers} layers (layers that share "
+            "one module, as ALBERT's do, or layers without attention in a hybrid model), so layer i is not "
+            "attention module i and no layer map can name the layers distill-lab captures: this architecture "
+            "is not supported"
         )
     return modules
 
@@ -128,79 +130,6 @@ def num_attention_heads(model: nn.Module) -> int:
     raise ValueError(f"cannot read the number of attention heads from the config of {type(model).__name__}")
 
 
-@dataclass
-class QueryKey:
-    """One layer's queries and keys: enough to recompute its attention probabilities, block by block.
-
-    This is what the ``qk`` backend records instead of an ``L x L`` map. ``probs(rows)`` gives the
-    probabilities of a block of query rows in float32, with the layer's own mask (or causal structure).
-
-    Shape:
-        query: (B, H, Lq, D) after any rotary embedding; key: (B, H_kv, Lk, D), H a multiple of H_kv.
-        mask: (B, 1 or H, Lq, Lk) as the model built it (additive float or boolean), or None.
-
-    ``causal`` and ``sliding_window`` describe the layer itself; when ``mask`` is given it is what the scores
-    use, and ``causal`` applies only where the model built no mask. ``bias`` is a per-layer additive score
-    bias (T5's relative positions), ``(B or 1, H, Lq, Lk)``.
-
-    The scores are computed in float32 even under ``torch.autocast``: a bf16 product of queries and keys
-    rounds the scores, which roughly doubles a small KL between near-equal maps.
-    """
-
-    query: Tensor
-    key: Tensor
-    scaling: float
-    mask: Tensor | None = None
-    causal: bool = False
-    softcap: float | None = None
-    sliding_window: int | None = None
-    bias: Tensor | None = None
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        """The shape of the probabilities this stands for: (B, H, Lq, Lk)."""
-        return (*self.query.shape[:3], self.key.shape[2])
-
-    def scores(self, rows: slice | None = None) -> Tensor:
-        """Masked attention scores (B, H, rows, Lk) in float32 (float64 for float64 inputs)."""
-        rows = rows or slice(0, self.query.shape[2])
-        query = self.query[:, :, rows]
-        key = self.key
-        groups = query.shape[1] // key.shape[1]
-        if groups > 1:  # grouped-query attention: each key head serves `groups` query heads
-            key = key.repeat_interleave(groups, dim=1)
-        dtype = torch.promote_types(query.dtype, torch.float32)
-        with torch.autocast(query.device.type, enabled=False):
-            scores = torch.matmul(query.to(dtype), key.to(dtype).transpose(-1, -2)) * self.scaling
-        if self.softcap is not None:
-            scores = torch.tanh(scores / self.softcap) * self.softcap
-        if self.bias is not None:
-            bias = self.bias if self.bias.shape[2] == 1 else self.bias[:, :, rows]
-            scores = scores + bias[..., : key.shape[2]].to(dtype)
-        q_len, k_len = self.query.shape[2], key.shape[2]
-        if self.mask is not None:
-            mask = self.mask[..., :k_len] if self.mask.shape[2] == 1 else self.mask[:, :, rows, :k_len]
-            if mask.dtype == torch.bool:
-                scores = scores.masked_fill(~mask, -math.inf)
-            else:
-                scores = scores + mask.to(dtype)
-        elif self.causal and q_len > 1:
-            positions = torch.arange(rows.start, rows.start + scores.shape[2], device=scores.device) + (
-                k_len - q_len
-            )
-            allowed = torch.arange(k_len, device=scores.device)[None, :] <= positions[:, None]
-            scores = scores.masked_fill(~allowed, -math.inf)
-        return scores
-
-    def probs(self, rows: slice | None = None) -> Tensor:
-        """Attention probabilities (B, H, rows, Lk), before dropout, in float32 (float64 for float64); a row
-        that may see no key (a padded query under a boolean mask) is all zeros, as SDPA gives it, not NaN."""
-        scores = self.scores(rows)
-        empty = torch.isneginf(scores).all(-1, keepdim=True)
-        # float32 under autocast too: autocast runs softmax in float32
-        return torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
-
-
 def _record_and_attend(
     module: nn.Module,
     query: Tensor,
@@ -213,10 +142,11 @@ def _record_and_attend(
 ) -> tuple[Tensor, Tensor | None]:
     """The attention function registered for both backends.
 
-    ``probs``: eager attention in float32; the pre-dropout probabilities are recorded and are the tensor
-    the output is computed from. ``qk``: the output comes from SDPA as usual and the layer's queries and keys
-    are recorded as a ``QueryKey``. Layers that are not captured run SDPA, except soft-capped ones (Gemma 2),
-    which SDPA cannot run: they, captured or not, run eager attention in float32.
+    ``probs``: eager attention in float32, the pre-dropout probabilities recorded and the output computed
+    from them. ``qk``: the queries and keys recorded as a ``QueryKey``, the output from SDPA or, where the
+    layer's maps fit the capture's memory budget, from eager attention whose scores and probabilities the
+    record keeps (one softmax serves the output and the loss). Uncaptured layers run SDPA, but soft-capped
+    ones (Gemma 2), which SDPA cannot run: they, captured or not, run eager attention in float32.
 
     Shape:
         query: (B, H, Lq, D) after any rotary embedding; key, value: (B, H_kv, Lk, D), H a multiple of H_kv.
@@ -231,34 +161,44 @@ def _record_and_attend(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
     is_causal = kwargs.get("is_causal")
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)  # as SDPA decides
     record = QueryKey(
-        query,
-        key,
-        scaling if scaling is not None else query.shape[-1] ** -0.5,
-        attention_mask,
-        # as SDPA decides: the call's flag, else the module's, else causal
-        bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)),
-        softcap,
-        kwargs.get("sliding_window") or getattr(module, "sliding_window", None),
+        query, key, scaling if scaling is not None else query.shape[-1] ** -0.5, attention_mask,
+        bool(is_causal), softcap, kwargs.get("sliding_window") or getattr(module, "sliding_window", None),
         kwargs.get("position_bias"),
-    )
+    )  # fmt: skip
     capture, layer = state if state is not None else (None, None)
-    if capture is not None and capture.backend == "qk":
+    qk = capture is not None and capture.backend == "qk"
+    keep = qk and keeps_maps(record, capture.memory_budget)
+    if qk and not keep:
         capture._record(layer, record)
         if softcap is None:
             return sdpa_attention_forward(
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
-    # eager attention: the probs backend's captured layers, and soft-capped layers (Gemma 2), which SDPA cannot run
-    probs = record.probs()
-    if capture is not None and capture.backend == "probs":
+    # eager attention: the probs backend's captured layers, the qk backend's within its memory budget, and
+    # soft-capped layers (Gemma 2), which SDPA cannot run
+    scores, empty = record.masked_scores(None)
+    probs = masked_softmax(scores, empty)
+    if keep:
+        record.maps = (scores, probs)
+        capture._record(layer, record)
+    elif capture is not None and capture.backend == "probs":
         capture._record(layer, probs)
-    groups = query.shape[1] // value.shape[1]
-    if groups > 1:
-        value = value.repeat_interleave(groups, dim=1)
+    value = repeat_heads(value, query.shape[1] // value.shape[1])
     weights = nn.functional.dropout(probs, p=dropout, training=module.training)
     output = torch.matmul(weights.to(value.dtype), value).transpose(1, 2).contiguous()
     return output, probs
+
+
+def keeps_maps(record: QueryKey, memory_budget: int | None) -> bool:
+    """Whether the qk backend computes a captured layer's attention eagerly and keeps its maps: whether its
+    scores and probabilities fit ``memory_budget`` (None: ``DEFAULT_MEMORY_BUDGET`` off CUDA, 0 on CUDA)."""
+    if memory_budget is None:
+        memory_budget = 0 if record.query.device.type == "cuda" else DEFAULT_MEMORY_BUDGET
+    batch, heads, q_len, _ = record.query.shape
+    size = max(record.query.element_size(), 4)  # float32, or float64 for a float64 model
+    return 2 * batch * heads * q_len * record.key.shape[2] * size <= memory_budget
 
 
 def _check_arguments(module: nn.Module, kwargs: dict) -> None:
@@ -270,9 +210,9 @@ def _check_arguments(module: nn.Module, kwargs: dict) -> None:
     if unknown:
         sinks = " (attention sinks)" if {"s_aux", "sinks"} & set(unknown) else ""
         raise NotImplementedError(
-            f"{type(module).__name__} passes its attention {', '.join(sorted(unknown))}{sinks}, which distill-lab's "
-            "capture does not apply: the captured attention would differ from the model's. This architecture is "
-            "not supported yet; open an issue naming it"
+            f"{type(module).__name__} passes its attention {', '.join(sorted(unknown))}{sinks}, which "
+            "distill-lab's capture does not apply: the captured attention would differ from the model's. "
+            "This architecture is not supported yet; open an issue naming it"
         )
 
 
@@ -296,21 +236,34 @@ class AttentionCapture:
         layers: 0-based indices of the layers to capture, in the order of ``attention_modules(model)``.
         backend: ``"probs"`` (the default, and the reference) runs eager attention in the captured layers
             and records the probability maps, (B, H, Lq, Lk) in float32 (float64 for a float64 model),
-            grouped key heads expanded to H. ``"qk"`` keeps SDPA in every layer and records each captured
-            layer's queries and keys as a ``QueryKey``, from which the losses recompute the probabilities
-            block by block, so no ``L x L`` map outlives a block.
+            grouped key heads expanded to H. ``"qk"`` records each captured layer's queries and keys as a
+            ``QueryKey``: beyond ``memory_budget`` the layer keeps SDPA and the losses recompute the
+            probabilities block by block, so no ``L x L`` map outlives a block; within it the layer runs eager
+            attention and the record keeps its scores and probabilities, which the losses use as they are.
+        memory_budget: for ``"qk"``, the most bytes one captured layer's kept scores and probabilities may
+            take (``2 x B x H x Lq x Lk`` elements, float32), decided per forward from the batch's shape.
+            None: ``DEFAULT_MEMORY_BUDGET`` (64 MiB) off CUDA, where eager maps are the fastest path, and 0 on
+            CUDA, where SDPA and the fused kernels are; 0 never keeps maps.
 
     Calling the capture runs the model and returns ``(outputs, maps)``, ``maps[layer]`` a tensor or a
-    ``QueryKey``; ``distill_lab.matching.AttentionDistillationLoss`` takes either. A decoder is run with
-    ``use_cache=False`` unless the call says otherwise: a loss reuses no key/value cache, and a teacher's would
-    stay alive through the student's forward and the losses (at long lengths, a copy of every layer's keys and
-    values).
+    ``QueryKey``; ``distill_lab.attention.AttentionDistillationLoss`` takes either. A decoder runs with
+    ``use_cache=False`` unless the call says otherwise: a loss reuses no key/value cache, and a teacher's
+    would stay alive through the student's forward and the losses.
     """
 
-    def __init__(self, model: nn.Module, layers: Iterable[int], backend: str = "probs") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Iterable[int],
+        backend: str = "probs",
+        memory_budget: int | None = None,
+    ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown capture backend {backend!r}; valid choices: {', '.join(BACKENDS)}")
+        if memory_budget is not None and memory_budget < 0:
+            raise ValueError(f"memory_budget must be a number of bytes, 0 or more; got {memory_budget}")
         self.backend = backend
+        self.memory_budget = memory_budget
         self.implementation = QK_ATTENTION if backend == "qk" else CAPTURE_ATTENTION
         self.model = model
         self.layers = sorted(set(int(i) for i in layers))
@@ -322,20 +275,20 @@ class AttentionCapture:
         self.num_layers = len(self.modules)
         if taken := [name for name, module in self.modules if hasattr(module, _STATE)]:
             raise ValueError(
-                f"{type(model).__name__} is already being captured (its attention modules {taken[:3]} record for "
-                "another AttentionCapture): detach that one first, one capture per model"
+                f"{type(model).__name__} is already being captured (its attention modules {taken[:3]} record "
+                "for another AttentionCapture): detach that one first, one capture per model"
             )
         bad = [i for i in self.layers if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(
-                f"{type(model).__name__} has {self.num_layers} attention layers (valid indices 0..{self.num_layers - 1}); "
-                f"cannot capture layer(s) {bad}."
+                f"{type(model).__name__} has {self.num_layers} attention layers (valid indices "
+                f"0..{self.num_layers - 1}); cannot capture layer(s) {bad}."
             )
         if not hasattr(model, "set_attn_implementation") or not model._can_set_attn_implementation():
             raise ValueError(
-                f"{type(model).__name__} does not route attention through transformers' AttentionInterface, so its "
-                "attention maps cannot be captured before dropout. Use a model class that does (most current "
-                "architectures) or open an issue naming the architecture."
+                f"{type(model).__name__} does not route attention through transformers' AttentionInterface, "
+                "so its attention maps cannot be captured before dropout. Use a model class that does (most "
+                "current architectures) or open an issue naming the architecture."
             )
         self._maps: dict[int, Tensor | QueryKey] = {}
         self._previous = model.config._attn_implementation
@@ -356,18 +309,19 @@ class AttentionCapture:
         missing = [i for i in self.layers if i not in maps]
         if missing:
             raise RuntimeError(
-                f"layers {missing} of {type(self.model).__name__} produced no attention map: its attention did not go "
-                f"through the '{self.implementation}' implementation (was set_attn_implementation changed after the "
-                "capture was attached?)."
+                f"layers {missing} of {type(self.model).__name__} produced no attention map: its attention "
+                f"did not go through the '{self.implementation}' implementation (was set_attn_implementation "
+                "changed after the capture was attached?)."
             )
         if torch.is_grad_enabled() and self.model.training:
             dead = [i for i in self.layers if not any(t.requires_grad for t in _tensors(maps[i]))]
             if dead:  # the attention loss would train nothing there, and nothing would say so
                 raise RuntimeError(
-                    f"the attention of layers {dead} of {type(self.model).__name__} carries no gradient, so an "
-                    "attention loss cannot train them. Activation checkpointing with use_reentrant=True runs the "
-                    "layers outside autograd: use activation_checkpointing_enable(activation_checkpointing_kwargs="
-                    "{'use_reentrant': False}). Otherwise every parameter up to those layers is frozen."
+                    f"the attention of layers {dead} of {type(self.model).__name__} carries no gradient, so "
+                    "an attention loss cannot train them. Activation checkpointing with use_reentrant=True "
+                    "runs the layers outside autograd: use "
+                    "activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': "
+                    "False}). Otherwise every parameter up to those layers is frozen."
                 )
         return outputs, maps
 

@@ -15,6 +15,7 @@ from hydra.utils import get_object
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
+from distill_lab.backends import BackendUnavailable
 from distill_lab.capture import num_attention_heads
 from distill_lab.data import check_sizes
 from distill_lab.models import position_limit
@@ -91,6 +92,12 @@ def check_settings(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int | float) or not valid(value):
             raise ValueError(f"{key}={value} must be {rule}")
+    budget = cfg.get("capture_memory_budget")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+        raise ValueError(
+            f"capture_memory_budget={budget} must be a number of bytes, 0 or more (0: never keep a layer's "
+            "eager maps), or null for the default (64 MiB per captured layer off CUDA, 0 on CUDA)"
+        )
 
 
 def check_data(cfg: DictConfig, task) -> None:
@@ -200,13 +207,15 @@ def check_outputs(task, teacher, student) -> None:
 
 def check_fused_kernel(cfg: DictConfig, attention_loss, device_type: str, teacher, student) -> None:
     """``fused_kernel=true`` insists on the Triton kernels: refused where they cannot run (the device, the
-    capture, the matching mode, the heads), quoting why, before the first step."""
-    if cfg.fused_kernel and (
-        problems := attention_loss.fused_problems(
+    capture, the matching mode, the heads), quoting the fused backend's own reason, before the first step."""
+    try:
+        attention_loss.check_setup(
             device_type, cfg.capture, num_attention_heads(teacher), num_attention_heads(student)
         )
-    ):
+    except BackendUnavailable as err:
+        if err.setting != "fused":
+            raise
         raise ValueError(
-            f"fused_kernel=true, but the fused attention kernels cannot run here: {'; '.join(problems)}. "
+            f"fused_kernel=true, but the fused attention kernels cannot run here: {err.reason}. "
             "Use fused_kernel=null to take them wherever they apply, or fused_kernel=false."
-        )
+        ) from None

@@ -23,10 +23,11 @@ from torchmetrics import Metric
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from distill_lab import _compat
+from distill_lab.attention import AttentionDistillationLoss
 from distill_lab.capture import AttentionCapture
 from distill_lab.guards import RescaleResumedLearningRate, StopOnNonFiniteLoss
 from distill_lab.losses import distillation_objective
-from distill_lab.matching import AttentionDistillationLoss, gradient_head_importance, pair_name
+from distill_lab.matching import gradient_head_importance, pair_name
 from distill_lab.repeats import batch_size, select_map_rows, select_rows, unrepeated_rows
 from distill_lab.tasks import SequenceClassification
 
@@ -83,6 +84,9 @@ class DistillationModule(L.LightningModule):
         head_importance: ``"gradient"`` computes the teacher's gradient head importance on that batch.
         capture: ``"qk"`` (SDPA everywhere, attention losses from queries and keys) or ``"probs"`` (eager
             attention maps in the captured layers, the reference); see ``distill_lab.capture``.
+        capture_memory_budget: with ``capture="qk"``, the most bytes one captured layer's eager scores and
+            probabilities may take for the loss to use them as they are (None: the capture's default, 64 MiB
+            off CUDA and 0 on CUDA); beyond it the layer runs SDPA and keeps queries and keys only.
         task: what the models are trained for (``distill_lab.tasks``): the output loss and the validation
             metrics; sequence classification by default.
 
@@ -104,6 +108,7 @@ class DistillationModule(L.LightningModule):
         head_importance: str | None = None,
         capture: str = "qk",
         task=None,
+        capture_memory_budget: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -114,8 +119,8 @@ class DistillationModule(L.LightningModule):
         self.attention_loss = attention_loss
         self.optimizer_factory = optimizer
         self.calibration_batch = dict(calibration_batch) if calibration_batch is not None else None
-        self.teacher_capture = AttentionCapture(teacher, attention_loss.teacher_layers, capture)
-        self.student_capture = AttentionCapture(student, attention_loss.student_layers, capture)
+        self.teacher_capture = self._capture(teacher, attention_loss.teacher_layers)
+        self.student_capture = self._capture(student, attention_loss.student_layers)
         self.task = task if task is not None else SequenceClassification()
         num_classes = self.task.num_classes(student.config)
         self.val_metrics = self.task.metrics("val/", num_classes)
@@ -146,6 +151,11 @@ class DistillationModule(L.LightningModule):
         self.teacher.eval()  # dropout stays off in the teacher whatever Lightning toggles
         return self
 
+    def _capture(self, model: PreTrainedModel, layers: list[int]) -> AttentionCapture:
+        return AttentionCapture(
+            model, layers, self.hparams.capture, memory_budget=self.hparams.capture_memory_budget
+        )
+
     def configure_callbacks(self) -> list[L.Callback]:
         """The guards every fit needs, whatever callbacks the trainer was given: a stop before the update of
         a non-finite loss, and the configured learning rate for a resumed run (see ``distill_lab.guards``).
@@ -174,9 +184,7 @@ class DistillationModule(L.LightningModule):
             self.teacher_capture.detach()
             with AttentionCapture(self.teacher, self.attention_loss.teacher_layers, "probs") as probe:
                 importance = gradient_head_importance(probe, batch)
-            self.teacher_capture = AttentionCapture(
-                self.teacher, self.attention_loss.teacher_layers, self.hparams.capture
-            )
+            self.teacher_capture = self._capture(self.teacher, self.attention_loss.teacher_layers)
         teacher_maps, student_maps = self._gathered("_attention_maps", inputs)
         self.attention_loss.calibrate(student_maps, teacher_maps, inputs.get("attention_mask"), importance)
 

@@ -26,25 +26,24 @@ tensor's full size are 64-bit, those within one head's (L, d) matrix 32-bit, as 
 docstring says why).
 
 The kernels need Triton and a CUDA device, or ``TRITON_INTERPRET=1`` (how the CPU tests run them). The
-plain PyTorch path (``distill_lab.matching.AttentionDistillationLoss`` on ``QueryKey`` records) is the
-reference and the fallback everywhere else.
+plain PyTorch path (``distill_lab.attention.AttentionDistillationLoss`` on ``QueryKey`` records) is
+the reference and the fallback everywhere else.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from distill_lab.kernels.attention_kl import _NEG, _kernel_layout, _meta, _to_heads, triton
+from distill_lab.kernels._triton import _interpreted, _kernel_layout, _meta, _to_heads, triton
 
 LOSSES = ("mse", "cosine")
 
 if triton is not None:
     import triton.language as tl
 
-    from distill_lab.kernels.attention_kl import (
+    from distill_lab.kernels._triton import (
+        _NEG,
         _allowed,
         _key_block,
         _keys_end,
@@ -91,8 +90,8 @@ if triton is not None:
 
     @triton.jit
     def _row_coefficients(STATS, G, rows, row, LOSS: tl.constexpr):
-        """Per row: ``c_s, c_t, c_0`` of ``dL/ds = p_s (c_s p_s + c_t p_t + c_0)``, times its gradient (``STATS``
-        and ``G`` point at this pair's first row, ``rows`` count from there)."""
+        """Per row: ``c_s, c_t, c_0`` of ``dL/ds = p_s (c_s p_s + c_t p_t + c_0)``, times its gradient
+        (``STATS`` and ``G`` point at this pair's first row, ``rows`` count from there)."""
         g = tl.load(G + rows, mask=row, other=0.0)
         x = tl.load(STATS + 3 * rows, mask=row, other=0.0)
         y = tl.load(STATS + 3 * rows + 1, mask=row, other=0.0)
@@ -223,26 +222,9 @@ if triton is not None:
         offs_dt = tl.arange(0, BLOCK_DT)
         key = offs_n < LK
         ks, kt = _key_block(
-            KS,
-            KT,
-            b,
-            hs,
-            ht,
-            offs_n,
-            offs_ds,
-            offs_dt,
-            key,
-            sks_b,
-            sks_h,
-            sks_l,
-            skt_b,
-            skt_h,
-            skt_l,
-            GS,
-            GT,
-            DS,
-            DT,
-        )
+            KS, KT, b, hs, ht, offs_n, offs_ds, offs_dt, key,
+            sks_b, sks_h, sks_l, skt_b, skt_h, skt_l, GS, GT, DS, DT,
+        )  # fmt: skip
         rows0 = pid_bp.to(tl.int64) * LQ  # this pair's first row in the (B, P, Lq) row statistics
         dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
         for start_m in range(_queries_start(pid_n, LQ, LK, CAUSAL, BLOCK_M, BLOCK_N), LQ, BLOCK_M):
@@ -349,10 +331,9 @@ def attention_probs_rows(
         raise RuntimeError(
             "the fused attention-probability kernels need triton: pip install 'distill-lab[gpu]'"
         )
-    if os.environ.get("TRITON_INTERPRET") == "1" and student_query.dtype != torch.float32:
-        # Triton's CPU interpreter gets 16-bit dot products wrong; there the tiles are upcast (same values)
-        student_query, student_key = student_query.float(), student_key.float()
-        teacher_query, teacher_key = teacher_query.float(), teacher_key.float()
+    student_query, student_key, teacher_query, teacher_key = _interpreted(
+        student_query, student_key, teacher_query, teacher_key
+    )
     return _AttentionProbs.apply(
         loss,
         student_query,
