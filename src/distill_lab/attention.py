@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from distill_lab.backends import BACKENDS, PairContext, Terms, choose, probs_of
+from distill_lab.backends import BACKENDS, PairContext, Terms, choose, insisted_on, probs_of
 from distill_lab.capture import QueryKey
 from distill_lab.losses import AttentionLoss, averaged_elements
 from distill_lab.matching import LayerPair, Matching, get_matching, pair_name
@@ -136,7 +136,7 @@ class AttentionDistillationLoss(nn.Module):
                 self.loss, self.matching, pair, num_teacher_heads, num_student_heads,
                 qk=capture == "qk", device_type=device_type, block_size=self.block_size,
             )  # fmt: skip
-            choose(self.backends, context, self.settings)
+            insisted_on(self.backends, context, self.settings)
 
     def elements(self, student_attentions, attention_mask: Tensor | None = None) -> int | Tensor:
         """How many elements each layer pair's loss on this batch averages over, per head (valid query rows,

@@ -99,14 +99,23 @@ class BackendUnavailable(ValueError):
         super().__init__(f"{backend.setting}=True, but {backend.title} does not apply: {reason}")
 
 
-def choose(backends: Sequence[Backend], context: PairContext, settings: Mapping[str, bool | None]) -> Backend:
-    """The backend that computes this pair: every insisted one must apply (the first of them is taken), else
-    the first, in order, that applies and is not switched off."""
+def insisted_on(
+    backends: Sequence[Backend], context: PairContext, settings: Mapping[str, bool | None]
+) -> list[Backend]:
+    """The backends ``settings`` insist on (``True``) for this pair; raises ``BackendUnavailable`` with the
+    backend's own reason where one does not apply. Before a forward (a context without records) this is all
+    that can be told: which backend an automatic choice takes depends on the records."""
     insisted = [b for b in backends if b.setting is not None and settings.get(b.setting) is True]
     for backend in insisted:
         if (reason := backend.problem(context, insisted=True)) is not None:
             raise BackendUnavailable(backend, reason)
-    if insisted:
+    return insisted
+
+
+def choose(backends: Sequence[Backend], context: PairContext, settings: Mapping[str, bool | None]) -> Backend:
+    """The backend that computes this pair: every insisted one must apply (the first of them is taken), else
+    the first, in order, that applies and is not switched off."""
+    if insisted := insisted_on(backends, context, settings):
         return insisted[0]
     reasons = []
     for backend in backends:
