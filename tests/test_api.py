@@ -32,7 +32,8 @@ def test_the_functional_core_loads_no_training_stack():
     code = (
         "import sys, distill_lab\n"
         "from distill_lab import AttentionDistillationLoss, AttentionCapture, kd_loss, layer_map\n"
-        "heavy = [m for m in ('lightning', 'hydra', 'omegaconf', 'wandb', 'torchmetrics') if m in sys.modules]\n"
+        "stack = ('lightning', 'hydra', 'omegaconf', 'wandb', 'torchmetrics')\n"
+        "heavy = [m for m in stack if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         "from distill_lab import DistillationModule\n"
         "assert 'lightning' in sys.modules\n"

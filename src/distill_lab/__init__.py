@@ -2,7 +2,7 @@
 
 The names a library user needs, importable from the package::
 
-    from distill_lab import AttentionCapture, AttentionDistillationLoss, distillation_objective, kd_loss, layer_map
+    from distill_lab import AttentionCapture, AttentionDistillationLoss, kd_loss, layer_map
 
 They are imported on first use (PEP 562), so ``import distill_lab.losses`` stays pure PyTorch: the Lightning
 module and the tasks load Lightning and torchmetrics only when they are asked for, and the benchmarks, which

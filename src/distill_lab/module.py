@@ -194,8 +194,8 @@ class DistillationModule(L.LightningModule):
 
     def _gathered(self, method: str, *args):
         """``self.<method>(*args)`` where the parameters are whole. FSDP gathers its shards only inside the
-        wrapped module's forward, so under FSDP the call goes through it, as Lightning's own steps do, and every
-        process must make it; otherwise it is a plain call."""
+        wrapped module's forward, so under FSDP the call goes through it, as Lightning's own steps do, and
+        every process must make it; otherwise it is a plain call."""
         trainer = _compat.attached_trainer(self)
         wrapper = trainer.strategy.model if trainer is not None else None
         if isinstance(wrapper, FullyShardedDataParallel):
