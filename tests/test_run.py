@@ -699,6 +699,10 @@ ERRORS = {
         r"attention_weight=-0\.1 must be in \[0, 1\]",
     ),
     "warmup-ratio-one": (["warmup_ratio=1", NO_TEACHER], r"warmup_ratio=1 must be in \[0, 1\)"),
+    "capture-memory-budget-negative": (
+        ["capture_memory_budget=-1", NO_TEACHER],
+        r"capture_memory_budget=-1 must be a number of bytes, 0 or more",
+    ),
     "ckpt-path-typo": (["ckpt_path=auot", NO_TEACHER], r"ckpt_path=auot is no checkpoint file.*auto.*null"),
     "validation-off": (
         ["trainer.limit_val_batches=0", NO_TEACHER],
