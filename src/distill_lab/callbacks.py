@@ -3,7 +3,6 @@ callbacks are in ``distill_lab.checkpoints``, the random state's in ``distill_la
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -61,13 +60,7 @@ def example_attention(attention, index: int) -> Tensor:
     (recomputed for that example alone, not for the whole batch)."""
     if not isinstance(attention, QueryKey):
         return attention[index]
-    row = slice(index, index + 1)
-    mask = attention.mask
-    if mask is not None and mask.shape[0] > 1:
-        mask = mask[row]
-    return dataclasses.replace(
-        attention, query=attention.query[row], key=attention.key[row], mask=mask
-    ).probs()[0]
+    return attention.examples(slice(index, index + 1)).probs()[0]
 
 
 class AttentionMapCallback(L.Callback):

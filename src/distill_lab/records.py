@@ -52,6 +52,25 @@ class QueryKey:
         maps = None if self.maps is None else tuple(m.detach() for m in self.maps)
         return dataclasses.replace(self, query=self.query.detach(), key=self.key.detach(), maps=maps)
 
+    def examples(self, keep: Tensor | slice) -> QueryKey:
+        """The record of the batch's examples ``keep`` (a boolean mask or a slice of the batch): queries,
+        keys, kept maps and a per-example mask or bias taken at those rows; a mask or bias that the batch
+        shares (first dimension 1) stays whole."""
+        batch = self.query.shape[0]
+
+        def rows(x: Tensor | None) -> Tensor | None:
+            return x if x is None or x.shape[0] != batch else x[keep]
+
+        maps = None if self.maps is None else tuple(m[keep] for m in self.maps)
+        return dataclasses.replace(
+            self,
+            query=self.query[keep],
+            key=self.key[keep],
+            mask=rows(self.mask),
+            bias=rows(self.bias),
+            maps=maps,
+        )
+
     def scores(self, rows: slice | None = None) -> Tensor:
         """Masked attention scores (B, H, rows, Lk) in float32 (float64 for float64 inputs)."""
         if self.maps is not None:

@@ -8,7 +8,6 @@ the validation metrics and losses; ``DistillationModule.validation_step`` takes 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 
 import torch
@@ -51,13 +50,4 @@ def select_rows(batch: Mapping[str, Tensor], keep: Tensor) -> dict[str, Tensor]:
 def select_map_rows(maps: Mapping, keep: Tensor) -> dict:
     """The rows ``keep`` of captured attention (``{layer: probabilities or QueryKey record}``); a record's
     mask or bias that is shared by the batch (first dimension 1) stays whole."""
-
-    def rows(x: Tensor | None) -> Tensor | None:
-        return x if x is None or x.shape[0] != len(keep) else x[keep]
-
-    def record_rows(m: QueryKey) -> QueryKey:
-        return dataclasses.replace(
-            m, query=m.query[keep], key=m.key[keep], mask=rows(m.mask), bias=rows(m.bias)
-        )
-
-    return {layer: record_rows(m) if isinstance(m, QueryKey) else m[keep] for layer, m in maps.items()}
+    return {layer: m.examples(keep) if isinstance(m, QueryKey) else m[keep] for layer, m in maps.items()}
