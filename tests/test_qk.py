@@ -84,37 +84,51 @@ def test_qk_records_are_pre_dropout(tiny_model_factory):
     assert torch.allclose(train_records[0].probs().sum(-1), torch.ones(()))
 
 
+# The two paths compute one function with different sums (whole maps, or scores block by block), so the
+# models below run in float64. In float32 the KL and cosine of these near-uniform maps (~1e-4) cancel terms of
+# size ~1 (log-probabilities ~2.6; a cosine ~1) that float32 rounds to ~1e-7: a difference of ~1e-3 relative,
+# which the block size and the CPU's vector width move. In float64 the same cancellation leaves ~1e-12:
+# QK_RTOL is a thousand times that, and a real difference (a mask, a scale, a row counted twice) is 1e-3 or
+# more. A gradient whose exact value is 0 (a key bias: softmax ignores a constant per row) is rounding alone,
+# so gradients are compared to QK_RTOL of their largest entry as well.
+QK_RTOL = 1e-9
+
+
+def _assert_same_gradients(grads: dict, ref_grads: dict) -> None:
+    assert grads.keys() == ref_grads.keys()
+    scale = max(grad.abs().max() for grad in ref_grads.values()).item()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=QK_RTOL * scale, rtol=QK_RTOL, msg=name)
+
+
 @pytest.mark.parametrize("family", ["bert", "llama"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("loss", LOSSES)
 def test_qk_loss_and_gradients_equal_the_probs_path(tiny_model_factory, family, loss, mode):
-    teacher = tiny_model_factory(family, num_hidden_layers=4, seed=1)
-    student = tiny_model_factory(family, num_hidden_layers=2, seed=2).train()
+    teacher = tiny_model_factory(family, num_hidden_layers=4, seed=1).double()
+    student = tiny_model_factory(family, num_hidden_layers=2, seed=2).train().double()
     inputs = make_tiny_inputs(family, teacher.config, batch_size=3, seq_len=13, num_padded=5)
     ref_value, ref_details, ref_grads = _run(teacher, student, inputs, "probs", loss, mode, 256)
-    assert ref_value > 0 and ref_grads
+    assert ref_value > 0 and ref_grads and ref_value.dtype == torch.float64
     for block_size in (1, 5, 256):
         value, details, grads = _run(teacher, student, inputs, "qk", loss, mode, block_size)
-        torch.testing.assert_close(value, ref_value, atol=1e-7, rtol=1e-5)
+        torch.testing.assert_close(value, ref_value, atol=0, rtol=QK_RTOL)
         assert details.keys() == ref_details.keys()
         for key in details:
-            torch.testing.assert_close(details[key], ref_details[key], atol=1e-7, rtol=1e-5)
-        assert grads.keys() == ref_grads.keys()
-        for name in grads:
-            torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-8, rtol=1e-4)
+            torch.testing.assert_close(details[key], ref_details[key], atol=0, rtol=QK_RTOL)
+        _assert_same_gradients(grads, ref_grads)
 
 
 def test_qk_causal_left_padding_and_blocks(tiny_model_factory):
     """GPT-2 with left padding: the queries of a block are positioned by the block, not the sequence end."""
-    teacher = tiny_model_factory("gpt2", num_hidden_layers=2, seed=1)
-    student = tiny_model_factory("gpt2", num_hidden_layers=2, seed=2).train()
+    teacher = tiny_model_factory("gpt2", num_hidden_layers=2, seed=1).double()  # float64: see QK_RTOL
+    student = tiny_model_factory("gpt2", num_hidden_layers=2, seed=2).train().double()
     inputs = make_tiny_inputs("gpt2", teacher.config, batch_size=2, seq_len=9, num_padded=0)
     inputs["attention_mask"][1, :3] = 0  # left padding
     ref = _run(teacher, student, inputs, "probs", "kl", "layerwise", 256, (0, 1), (0, 1))
     got = _run(teacher, student, inputs, "qk", "kl", "layerwise", 2, (0, 1), (0, 1))
-    torch.testing.assert_close(got[0], ref[0], atol=1e-7, rtol=1e-5)
-    for name in ref[2]:
-        torch.testing.assert_close(got[2][name], ref[2][name], atol=1e-8, rtol=1e-4)
+    torch.testing.assert_close(got[0], ref[0], atol=0, rtol=QK_RTOL)
+    _assert_same_gradients(got[2], ref[2])
 
 
 def test_selective_calibrates_on_qk_records(tiny_model_factory):
