@@ -149,7 +149,11 @@ def local_files(
 
 
 def class_ids(
-    raw: DatasetDict, label_column: str, model_labels: list[str] | None = None, match_label_names: bool = True
+    raw: DatasetDict,
+    label_column: str,
+    model_labels: list[str] | None = None,
+    match_label_names: bool = True,
+    label_names: list[str] | None = None,
 ) -> tuple[list[str], dict]:
     """The class names of a classification dataset and the mapping from its raw label values to class ids,
     shared by text and image classification.
@@ -157,7 +161,8 @@ def class_ids(
     - a ``ClassLabel`` (glue, an image folder's sub-folders): its own names and ids; a validation split with a
       ``ClassLabel`` must have the same classes.
     - strings: the train split's values, sorted (as numbers where all are whole numbers: ``"2"`` before
-      ``"10"``).
+      ``"10"``), with a warning that names the mapping (:func:`sorted_numbering`); or in the order of
+      ``label_names`` where it is given.
     - ints: the ids themselves, names ``"0"`` to the largest id in either split.
 
     Where the model (the teacher) names its classes, named classes (a ``ClassLabel`` or strings) are then
@@ -174,14 +179,18 @@ def class_ids(
             None where the model has none (transformers' ``LABEL_0, LABEL_1, ...``).
         match_label_names: False takes the data's class ids as the model's (``data.match_label_names=false``:
             the same classes under other names, in the same order).
+        label_names: The data's class names in id order (``data.label_names``), for named classes (strings,
+            a ``ClassLabel``): the order of a teacher that names no classes. Matching by name, where it
+            applies, then renumbers them as the model does.
 
     Returns:
         ``(names, ids)``: the class names in id order, and raw label value -> class id.
 
     Raises:
         ValueError: Labels of another type (float scores, multi-label lists), other classes in the validation
-            split than in the train split, ids that are no class (e.g. -1), or named classes the model does
-            not have (a subset of the model's classes is numbered as the model numbers them, with a warning).
+            split than in the train split, ids that are no class (e.g. -1), named classes the model does
+            not have (a subset of the model's classes is numbered as the model numbers them, with a warning),
+            or ``label_names`` that lack a class of the data or are given for int labels.
     """
     feature = raw["train"].features[label_column]
     dtype = getattr(feature, "dtype", None) or ""  # a list (multi-label) feature has none
@@ -208,16 +217,61 @@ def class_ids(
         names = sorted(train_values, key=lambda v: (int(v), v) if numeric else (0, v))
         label_ids = {name: i for i, name in enumerate(names)}
     else:
+        if label_names is not None:
+            raise ValueError(
+                f"data.label_names={list(label_names)} names classes, but {key} holds int labels, which are "
+                "the class ids themselves: leave data.label_names unset (null)"
+            )
         names = [str(i) for i in range(max(train_values | validation_values) + 1)]
         label_ids = {i: i for i in range(len(names))}
     if unknown := validation_values - train_values:
         raise ValueError(f"validation labels {sorted(unknown)} of {key} do not occur in the train split")
     if invalid := train_values - set(label_ids):
         raise ValueError(f"{key} holds invalid labels {sorted(invalid)}")
+    if label_names is not None:
+        names, label_ids = _in_given_order(names, label_ids, label_names, key)
+    if sorted_numbering(feature, names, model_labels, match_label_names, label_names):
+        why = "as the teacher's config names no classes (id2label)"
+        if model_labels is not None:
+            why = "as data.match_label_names=false takes them as they are"
+        log.warning(
+            "%s: string labels numbered in sorted order %s, %s. If the teacher numbers them otherwise, give "
+            "its order: data.label_names=[...] (the class names in the teacher's id order)",
+            key, label_ids, why,
+        )  # fmt: skip
     named = isinstance(feature, ClassLabel) or dtype in ("string", "large_string")
     if model_labels is not None and match_label_names and named:
         names, label_ids = _to_model_ids(names, label_ids, model_labels, key)
     return names, label_ids
+
+
+def sorted_numbering(
+    feature,
+    names: list[str],
+    model_labels: list[str] | None,
+    match_label_names: bool,
+    label_names: list[str] | None,
+) -> bool:
+    """Whether :func:`class_ids` numbers string labels by their sorted order, a guess at the teacher's ids:
+    neither the teacher's names (``model_labels``, matched by name) nor ``data.label_names`` give the order,
+    and the labels are not the ids themselves written as strings (``"0"`` to ``"<classes - 1>"``)."""
+    strings = getattr(feature, "dtype", None) in ("string", "large_string")
+    matched = model_labels is not None and match_label_names
+    as_ids = names == [str(i) for i in range(len(names))]
+    return strings and not matched and label_names is None and not as_ids
+
+
+def _in_given_order(names: list[str], label_ids: dict, label_names: list[str], key: str) -> tuple[list, dict]:
+    """The data's named classes renumbered in the order of ``data.label_names``."""
+    given = [str(name) for name in label_names]
+    if len(set(given)) != len(given):
+        raise ValueError(f"data.label_names={given} names a class twice; name each class once")
+    if absent := [name for name in names if name not in given]:
+        raise ValueError(
+            f"data.label_names={given} lacks the data's classes {absent} ({key}): list every class of the "
+            f"data ({names}) in the teacher's id order"
+        )
+    return given, {value: given.index(names[i]) for value, i in label_ids.items()}
 
 
 def _label_key(name) -> str:
@@ -274,6 +328,10 @@ class TextClassificationData(TrainValidationData):
         max_length: Sequences are truncated to this many tokens.
         model_labels, match_label_names: The teacher's class names (``run.py`` passes its ``id2label``) and
             whether the data's named classes are mapped to them by name: see :func:`class_ids`.
+        label_names: The data's class names in the teacher's id order, for a teacher that names no classes
+            (``data.label_names``; None: sorted order, with a warning): see :func:`class_ids`.
+        check_teacher: Whether the run measures the teacher on the validation set before training and stops
+            where it is at chance under labels numbered in sorted order (``distill_lab.teacher_check``).
         dataset, batch_size, eval_batch_size, num_workers, max_train_samples, max_eval_samples, seed: see
             :class:`TrainValidationData`.
     """
@@ -294,11 +352,17 @@ class TextClassificationData(TrainValidationData):
         seed: int = 0,
         model_labels: list[str] | None = None,
         match_label_names: bool = True,
+        label_names: list[str] | None = None,
+        check_teacher: bool = True,
     ) -> None:
         super().__init__(
             dataset, batch_size, eval_batch_size, num_workers, max_train_samples, max_eval_samples, seed
         )
         check_sizes({"max_length": max_length})
+        if isinstance(label_names, str):  # data.label_names=neg would be one name, not a list
+            raise ValueError(
+                f"data.label_names={label_names!r} must be a list, e.g. data.label_names=[neg,pos]"
+            )
         self.tokenizer = tokenizer
         self.text_column = text_column
         self.text_pair_column = text_pair_column
@@ -306,7 +370,11 @@ class TextClassificationData(TrainValidationData):
         self.max_length = max_length
         self.model_labels = model_labels
         self.match_label_names = match_label_names
+        self.given_label_names = None if label_names is None else [str(name) for name in label_names]
+        self.check_teacher = check_teacher
         self.label_names: list[str] | None = None
+        self.label_ids: dict | None = None  # raw label value -> class id, set by setup()
+        self.numbered_by_sort = False  # string labels numbered in sorted order (a guess), set by setup()
 
     @property
     def num_labels(self) -> int:
@@ -338,11 +406,15 @@ class TextClassificationData(TrainValidationData):
                 "text_column": self.text_column,
                 "label_column": self.label_column,
                 "text_pair_column": self.text_pair_column,
-            }
+            },
+            blank_is_empty=True,
         )
-        self.label_names, label_ids = class_ids(  # the whole dataset, before any subsampling
-            raw, self.label_column, self.model_labels, self.match_label_names
-        )
+        options = (self.model_labels, self.match_label_names, self.given_label_names)
+        # the whole dataset, before any subsampling
+        self.label_names, label_ids = class_ids(raw, self.label_column, *options)
+        self.label_ids = label_ids
+        feature = raw["train"].features[self.label_column]
+        self.numbered_by_sort = sorted_numbering(feature, self.label_names, *options)
         self.raw = raw = self.subsample(raw)
         columns = (self.text_column, self.text_pair_column, self.label_column)
         fn_kwargs = dict(
