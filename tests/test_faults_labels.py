@@ -232,3 +232,12 @@ def test_random_teacher_with_int_labels_is_measured_and_warned_not_refused(tmp_p
         metrics = train(compose_config(task_overrides, Path(tmp_path / "run")))
     assert "val/acc" in metrics
     assert "at or below chance" in caplog.text and "{0: 0, 1: 1}" in caplog.text
+
+
+def test_the_measurement_sees_what_validation_sees():
+    """As many batches as ``trainer.limit_val_batches`` lets validation see: all, a count or a fraction."""
+    from distill_lab.teacher_check import _max_batches
+
+    assert [_max_batches(limit, 10) for limit in (None, 1.0, 3, 30, 0.25, 0.01, 0, 0.0)] == [
+        10, 10, 3, 10, 2, 1, 0, 0,
+    ]  # fmt: skip

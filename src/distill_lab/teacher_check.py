@@ -16,6 +16,7 @@ import itertools
 import logging
 import math
 import os
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -98,14 +99,20 @@ def _max_batches(limit: int | float | None, batches: int) -> int:
     return min(int(limit), batches)
 
 
-def _device(accelerator: str | None) -> torch.device:
-    """Where the run puts the teacher: this process's GPU where the trainer would use one, else the CPU."""
-    if accelerator in ("auto", "gpu", "cuda", None) and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+def _device(accelerator: str | None, devices) -> torch.device:
+    """Where the run puts the teacher: this process's GPU where the trainer would use one (the entry of
+    ``trainer.devices`` for this rank where it lists them), else the CPU."""
+    if accelerator not in ("auto", "gpu", "cuda", None) or not torch.cuda.is_available():
+        return torch.device("cpu")
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    if isinstance(devices, str) and "," in devices:  # "1,3"
+        devices = [int(d) for d in devices.split(",") if d.strip()]
+    if isinstance(devices, Sequence) and not isinstance(devices, str):
+        return torch.device("cuda", int(devices[rank % len(devices)]))
+    return torch.device("cuda", rank)
 
 
-def check_teacher(task, teacher, data, limit_val_batches=None, accelerator: str | None = "auto") -> None:
+def check_teacher(task, teacher, data, trainer: Mapping | None = None) -> None:
     """Measure a classifier teacher on the validation set (as many batches as ``trainer.limit_val_batches``
     lets validation see) and stop, or warn, where it is at or below chance (:func:`teacher_at_chance`).
 
@@ -114,19 +121,22 @@ def check_teacher(task, teacher, data, limit_val_batches=None, accelerator: str 
         teacher: The teacher, as loaded.
         data: Its data module, set up: ``label_ids``, ``label_names``, ``val_dataloader()``; where it says
             ``numbered_by_sort`` the error names ``data.label_names``, and ``check_teacher=False`` skips it.
-        limit_val_batches, accelerator: The trainer's settings of those names.
+        trainer: The trainer's settings (``cfg.trainer``): ``limit_val_batches``, ``accelerator`` and
+            ``devices`` say how much of the validation set to measure, and where.
 
     Raises:
         ValueError: The teacher is at or below chance and the labels were numbered in sorted order.
     """
     if not getattr(task, "checks_teacher", False) or not getattr(data, "check_teacher", True):
         return
+    trainer = trainer or {}
     loader = data.val_dataloader()
-    max_batches = _max_batches(limit_val_batches, len(loader))
+    max_batches = _max_batches(trainer.get("limit_val_batches"), len(loader))
     if max_batches == 0:
         log.info("the teacher is not measured before training: trainer.limit_val_batches=0 validates nothing")
         return
-    device, home = _device(accelerator), next(teacher.parameters()).device
+    device = _device(trainer.get("accelerator", "auto"), trainer.get("devices"))
+    home = next(teacher.parameters()).device
     movable = getattr(teacher, "hf_device_map", None) is None
     training = teacher.training
     teacher.eval()
