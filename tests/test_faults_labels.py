@@ -148,7 +148,7 @@ def _data(train_labels: list, validation_labels: list, **options) -> TextClassif
 
 def _warnings(caplog, data: TextClassificationData) -> str:
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="distill_lab.data"):
+    with caplog.at_level(logging.WARNING, logger="distill_lab.labels"):
         data.setup()
     return caplog.text
 
