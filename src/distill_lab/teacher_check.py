@@ -135,9 +135,9 @@ def check_teacher(task, teacher, data, trainer: Mapping | None = None) -> None:
     if max_batches == 0:
         log.info("the teacher is not measured before training: trainer.limit_val_batches=0 validates nothing")
         return
-    device = _device(trainer.get("accelerator", "auto"), trainer.get("devices"))
     home = next(teacher.parameters()).device
-    movable = getattr(teacher, "hf_device_map", None) is None
+    movable = getattr(teacher, "hf_device_map", None) is None  # one placed across devices stays where it is
+    device = _device(trainer.get("accelerator", "auto"), trainer.get("devices")) if movable else home
     training = teacher.training
     teacher.eval()
     if movable:
