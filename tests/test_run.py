@@ -1018,7 +1018,8 @@ def test_data_labels_are_numbered_by_the_teachers_label_names(tmp_path):
     """MNLI-style: string labels whose sorted order ("negative" 0, "positive" 1) is not the teacher's id2label
     (POSITIVE 0, NEGATIVE 1). A teacher that always answers POSITIVE scores 1.0 on all-positive validation
     data when the labels follow its names, and 0.0 when they are read by position
-    (data.match_label_names=false); other names are an error before training."""
+    (data.match_label_names=false): below chance, an error before training that names the sorted mapping,
+    unless data.check_teacher=false; other names are an error before training."""
     task = make_text_task(tmp_path / "task")
     _teacher_always_predicting(Path(task["teacher"]), 0, {0: "POSITIVE", 1: "NEGATIVE"})
     names = {0: "negative", 1: "positive"}
@@ -1034,8 +1035,16 @@ def test_data_labels_are_numbered_by_the_teachers_label_names(tmp_path):
     assert by_name["val/teacher_acc"] == 1.0
     exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "by-name" / "student")
     assert exported.config.id2label == {0: "POSITIVE", 1: "NEGATIVE"}
-    by_position = run_app(task, tmp_path / "by-position", "data.match_label_names=false")
-    assert by_position["val/teacher_acc"] == 0.0
+    out = tmp_path / "by-position"
+    with pytest.raises(
+        ValueError, match=r"numbered in sorted order \{'negative': 0, 'positive': 1\}, as data\.match_label"
+    ):
+        run_app(task, out, "data.match_label_names=false")
+    assert not (out / "checkpoints").exists()
+    unchecked = run_app(
+        task, tmp_path / "unchecked", "data.match_label_names=false", "data.check_teacher=false"
+    )
+    assert unchecked["val/teacher_acc"] == 0.0
 
     _teacher_always_predicting(Path(task["teacher"]), 0, {0: "POS", 1: "NEG"})
     out = tmp_path / "other-names"

@@ -2,23 +2,24 @@
 
 Loaders (:func:`hub_dataset`, :func:`local_files`, and the built-in offline task
 :func:`~distill_lab.data_synthetic.synthetic_relations`) return a DatasetDict with ``train`` and
-``validation`` splits. :func:`class_ids` numbers a classification dataset's classes (text and images alike).
+``validation`` splits. :func:`~distill_lab.labels.class_ids` numbers a classification dataset's classes
+(text and images alike).
 :class:`TextClassificationData` takes a DatasetDict (or a zero-argument callable returning one, as Hydra's
 ``_partial_`` gives), validates its columns, maps labels to ids, tokenizes without padding and batches with
 dynamic padding; what every data module shares is in ``distill_lab.data_module``.
 
-This module also exports the names of those two modules that configs and code import from here.
+This module also exports the names of those two modules and ``class_ids`` that configs and code import from
+here.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
-import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict, load_dataset
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from distill_lab.data_module import EpochTagged, TrainValidationData, check_sizes
@@ -32,6 +33,7 @@ from distill_lab.data_synthetic import (
     build_word_tokenizer,
     synthetic_relations,
 )
+from distill_lab.labels import class_ids, sorted_numbering
 
 __all__ = [
     "FILE_BUILDERS", "MODEL_COLUMNS", "NEGATION", "NEGATIVE_WORDS", "NEUTRAL_WORDS", "POSITIVE_WORDS",
@@ -39,8 +41,6 @@ __all__ = [
     "build_word_tokenizer", "check_both_splits", "check_sizes", "class_ids", "hub_dataset", "local_files",
     "synthetic_relations",
 ]  # fmt: skip
-
-log = logging.getLogger(__name__)
 
 FILE_BUILDERS: dict[str, tuple[str, dict]] = {  # extension -> (datasets builder, builder options)
     # a tab-separated file's quote characters are text (GLUE's .tsv files hold unbalanced '"'): no quoting
@@ -148,111 +148,6 @@ def local_files(
     return DatasetDict({split: _load_file(path) for split, path in files.items()})
 
 
-def class_ids(
-    raw: DatasetDict, label_column: str, model_labels: list[str] | None = None, match_label_names: bool = True
-) -> tuple[list[str], dict]:
-    """The class names of a classification dataset and the mapping from its raw label values to class ids,
-    shared by text and image classification.
-
-    - a ``ClassLabel`` (glue, an image folder's sub-folders): its own names and ids; a validation split with a
-      ``ClassLabel`` must have the same classes.
-    - strings: the train split's values, sorted (as numbers where all are whole numbers: ``"2"`` before
-      ``"10"``).
-    - ints: the ids themselves, names ``"0"`` to the largest id in either split.
-
-    Where the model (the teacher) names its classes, named classes (a ``ClassLabel`` or strings) are then
-    mapped to the model's ids by name, ignoring case: MNLI's ``entailment, neutral, contradiction`` against a
-    teacher whose ``id2label`` reads ``CONTRADICTION, NEUTRAL, ENTAILMENT`` swaps ids 0 and 2, where a
-    positional reading would teach (and score) the student against swapped labels. Int labels carry no names
-    and stay positional.
-
-    Args:
-        raw: ``train`` and ``validation`` splits, both with ``label_column`` (before any subsampling: a subset
-            may miss a class).
-        label_column: The label column (``data.label_column``).
-        model_labels: The model's class names in id order (:func:`~distill_lab.tasks.model_label_names`), or
-            None where the model has none (transformers' ``LABEL_0, LABEL_1, ...``).
-        match_label_names: False takes the data's class ids as the model's (``data.match_label_names=false``:
-            the same classes under other names, in the same order).
-
-    Returns:
-        ``(names, ids)``: the class names in id order, and raw label value -> class id.
-
-    Raises:
-        ValueError: Labels of another type (float scores, multi-label lists), other classes in the validation
-            split than in the train split, ids that are no class (e.g. -1), or named classes the model does
-            not have (a subset of the model's classes is numbered as the model numbers them, with a warning).
-    """
-    feature = raw["train"].features[label_column]
-    dtype = getattr(feature, "dtype", None) or ""  # a list (multi-label) feature has none
-    key = f"data.label_column={label_column!r}"
-    if not (isinstance(feature, ClassLabel) or dtype in ("string", "large_string") or "int" in dtype):
-        raise ValueError(
-            f"{key} holds labels of type {feature} (first values: {raw['train'][:3][label_column]}); "
-            "classification needs int, string or ClassLabel labels. Float labels that are whole numbers (a "
-            "csv column with an empty cell reads as float) need a cast to int in the data; regression scores "
-            "and multi-label lists are not supported"
-        )
-    train_values = set(raw["train"][label_column])
-    validation_values = set(raw["validation"][label_column])
-    if isinstance(feature, ClassLabel):  # e.g. glue: keep the dataset's own names
-        names, label_ids = list(feature.names), {i: i for i in range(feature.num_classes)}
-        other = raw["validation"].features[label_column]
-        if isinstance(other, ClassLabel) and other.names != names:
-            raise ValueError(
-                f"{key}: the train and validation splits have different classes: {names} vs {other.names}; "
-                "give both splits the same classes (for image folders, the same class sub-folders)"
-            )
-    elif dtype in ("string", "large_string"):
-        numeric = all(v.strip().lstrip("-").isdigit() for v in train_values)
-        names = sorted(train_values, key=lambda v: (int(v), v) if numeric else (0, v))
-        label_ids = {name: i for i, name in enumerate(names)}
-    else:
-        names = [str(i) for i in range(max(train_values | validation_values) + 1)]
-        label_ids = {i: i for i in range(len(names))}
-    if unknown := validation_values - train_values:
-        raise ValueError(f"validation labels {sorted(unknown)} of {key} do not occur in the train split")
-    if invalid := train_values - set(label_ids):
-        raise ValueError(f"{key} holds invalid labels {sorted(invalid)}")
-    named = isinstance(feature, ClassLabel) or dtype in ("string", "large_string")
-    if model_labels is not None and match_label_names and named:
-        names, label_ids = _to_model_ids(names, label_ids, model_labels, key)
-    return names, label_ids
-
-
-def _label_key(name) -> str:
-    return str(name).strip().casefold()
-
-
-def _to_model_ids(
-    names: list[str], label_ids: dict, model_labels: list[str], key: str
-) -> tuple[list[str], dict]:
-    """The data's named classes renumbered as the model numbers them (its ``id2label``), matched by name."""
-    model_ids = {_label_key(name): i for i, name in enumerate(model_labels)}
-    if len(model_ids) != len(model_labels):
-        raise ValueError(
-            f"{key}: the teacher's id2label {list(model_labels)} names a class twice (ignoring case), so the "
-            f"data's classes {names} cannot be matched to its ids by name; if the data's ids are the "
-            "teacher's, set data.match_label_names=false, else fix the teacher config's id2label"
-        )
-    data_keys = [_label_key(name) for name in names]
-    if not set(data_keys) <= set(model_ids):
-        raise ValueError(
-            f"{key}: the data's classes {names} are not the teacher's {list(model_labels)} (its config's "
-            "id2label, compared by name, ignoring case). Give the teacher trained on these classes; if they "
-            "are the same classes under other names, in the same id order, set data.match_label_names=false"
-        )
-    if absent := [name for name in model_labels if _label_key(name) not in data_keys]:
-        # a subset of the teacher's classes is still numbered by name: the student keeps the teacher's head
-        log.warning(
-            "%s: the data has no class %s of the teacher's %s; the student keeps all %d of the teacher's "
-            "classes",
-            key, absent, list(model_labels), len(model_labels),
-        )  # fmt: skip
-    renumbered = [model_ids[k] for k in data_keys]
-    return list(model_labels), {value: renumbered[i] for value, i in label_ids.items()}
-
-
 def _tokenize(batch: dict, tokenizer, columns: tuple, label_ids: dict, max_length: int) -> dict:
     """Batched ``Dataset.map`` function: tokenize without padding and map labels to ids."""
     text_column, text_pair_column, label_column = columns
@@ -274,6 +169,10 @@ class TextClassificationData(TrainValidationData):
         max_length: Sequences are truncated to this many tokens.
         model_labels, match_label_names: The teacher's class names (``run.py`` passes its ``id2label``) and
             whether the data's named classes are mapped to them by name: see :func:`class_ids`.
+        label_names: The data's class names in the teacher's id order, for a teacher that names no classes
+            (``data.label_names``; None: sorted order, with a warning): see :func:`class_ids`.
+        check_teacher: Whether the run measures the teacher on the validation set before training and stops
+            where it is at chance under labels numbered in sorted order (``distill_lab.teacher_check``).
         dataset, batch_size, eval_batch_size, num_workers, max_train_samples, max_eval_samples, seed: see
             :class:`TrainValidationData`.
     """
@@ -294,11 +193,17 @@ class TextClassificationData(TrainValidationData):
         seed: int = 0,
         model_labels: list[str] | None = None,
         match_label_names: bool = True,
+        label_names: list[str] | None = None,
+        check_teacher: bool = True,
     ) -> None:
         super().__init__(
             dataset, batch_size, eval_batch_size, num_workers, max_train_samples, max_eval_samples, seed
         )
         check_sizes({"max_length": max_length})
+        if isinstance(label_names, str):  # data.label_names=neg would be one name, not a list
+            raise ValueError(
+                f"data.label_names={label_names!r} must be a list, e.g. data.label_names=[neg,pos]"
+            )
         self.tokenizer = tokenizer
         self.text_column = text_column
         self.text_pair_column = text_pair_column
@@ -306,7 +211,11 @@ class TextClassificationData(TrainValidationData):
         self.max_length = max_length
         self.model_labels = model_labels
         self.match_label_names = match_label_names
+        self.given_label_names = None if label_names is None else [str(name) for name in label_names]
+        self.check_teacher = check_teacher
         self.label_names: list[str] | None = None
+        self.label_ids: dict | None = None  # raw label value -> class id, set by setup()
+        self.numbered_by_sort = False  # string labels numbered in sorted order (a guess), set by setup()
 
     @property
     def num_labels(self) -> int:
@@ -338,11 +247,15 @@ class TextClassificationData(TrainValidationData):
                 "text_column": self.text_column,
                 "label_column": self.label_column,
                 "text_pair_column": self.text_pair_column,
-            }
+            },
+            blank_is_empty=True,
         )
-        self.label_names, label_ids = class_ids(  # the whole dataset, before any subsampling
-            raw, self.label_column, self.model_labels, self.match_label_names
-        )
+        options = (self.model_labels, self.match_label_names, self.given_label_names)
+        # the whole dataset, before any subsampling
+        self.label_names, label_ids = class_ids(raw, self.label_column, *options)
+        self.label_ids = label_ids
+        feature = raw["train"].features[self.label_column]
+        self.numbered_by_sort = sorted_numbering(feature, self.label_names, *options)
         self.raw = raw = self.subsample(raw)
         columns = (self.text_column, self.text_pair_column, self.label_column)
         fn_kwargs = dict(

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import lightning
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
@@ -43,6 +45,17 @@ def check_sizes(options) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             null = f" (or null: {optional[key]})" if key in optional else ""
             raise ValueError(f"data.{key}={value} must be a whole number of at least {least}{null}")
+
+
+def _missing(split: Dataset, column: str, blank_is_empty: bool) -> int:
+    """How many rows of ``split`` hold no value in ``column``: nulls and, with ``blank_is_empty``, strings
+    that are empty or only whitespace (counted by Arrow, without reading the rows into Python)."""
+    values = split.data.column(column)
+    missing = values.null_count
+    if blank_is_empty and (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0)
+        missing += pc.sum(blank).as_py() or 0
+    return missing
 
 
 class EpochTagged(torch.utils.data.Dataset):
@@ -116,9 +129,15 @@ class TrainValidationData(lightning.LightningDataModule):
         self.splits: DatasetDict | None = None
         self._resume_at: tuple[int, int] | None = None  # (epoch, examples) from a checkpoint
 
-    def load_splits(self, columns: dict[str, str | None]) -> DatasetDict:
+    def load_splits(self, columns: dict[str, str | None], blank_is_empty: bool = False) -> DatasetDict:
         """The dataset's ``train`` and ``validation`` splits, each checked for ``columns`` (config key ->
         column name; None is skipped).
+
+        Args:
+            columns: config key -> column name.
+            blank_is_empty: Whether a string that is empty or only whitespace counts as no value, as a null
+                does (texts to classify: such an example has a label and nothing to learn it from; raw text
+                for language models keeps its blank lines, which corpora use between paragraphs).
 
         Raises:
             ValueError: A split or a column is missing (the available ones are listed), a split is empty, or a
@@ -138,12 +157,15 @@ class TrainValidationData(lightning.LightningDataModule):
                         f"data.{key}={column!r} not in {split} split; available columns: "
                         f"{raw[split].column_names}"
                     )
-                if column is not None and (
-                    missing := raw[split].data.column(column).null_count
-                ):  # Arrow's count
+                if column is not None and (missing := _missing(raw[split], column, blank_is_empty)):
+                    kinds = (
+                        "an empty cell, null, or only whitespace"
+                        if blank_is_empty
+                        else "an empty cell or null"
+                    )
                     raise ValueError(
                         f"data.{key}={column!r}: {missing} examples of the {split} split have no value there "
-                        "(an empty cell or null); fill or drop them"
+                        f"({kinds}); fill or drop them"
                     )
             if len(raw[split]) == 0:
                 raise ValueError(

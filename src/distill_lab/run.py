@@ -28,6 +28,7 @@ from distill_lab.capture import num_attention_heads
 from distill_lab.matching import layer_map
 from distill_lab.models import check_student, load_preprocessor
 from distill_lab.resume import NAMED_DIR_OVERRIDES, finished_run, resolve_ckpt_path
+from distill_lab.teacher_check import check_teacher
 
 log = logging.getLogger(__name__)
 # the frozen teacher is in eval mode on purpose (no dropout, no gradients): Lightning's warning about modules
@@ -147,6 +148,7 @@ def _load(cfg: DictConfig, task):
         task.check(teacher, data)
     except ValueError as err:
         raise ValueError(f"teacher.name_or_path={cfg.teacher.name_or_path!r}: {err}") from None
+    check_teacher(task, teacher, data, cfg.trainer)  # a classifier at chance: labels in another order
     return teacher, preprocessor, data
 
 

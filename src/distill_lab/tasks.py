@@ -86,6 +86,9 @@ class SequenceClassification:
     inputs = "text"
     data_module = "distill_lab.data.TextClassificationData"  # what its data options build (conf/data/)
     data_configs = ("synthetic", "local", "hf")
+    # the teacher is measured on the validation set before training (distill_lab.teacher_check): at chance,
+    # a classifier is teaching labels in another order than its own
+    checks_teacher = True
 
     def output_loss(
         self,
@@ -159,6 +162,9 @@ class MaskedLM:
     inputs = "text"
     data_module = "distill_lab.data_lm.LanguageModelingData"
     data_configs = ("lm_synthetic", "lm_local", "lm_hf")
+    # token ids are the tokenizer's, not an order the data guessed: a teacher with another tokenizer is
+    # refused by check() instead
+    checks_teacher = False
 
     def _labels(self, batch: Mapping[str, Tensor]) -> Tensor:
         """The targets, aligned with the logits' positions."""
