@@ -180,6 +180,21 @@ def test_a_checkpoint_given_by_path_that_cannot_be_read_is_refused_before_anythi
         resolve_ckpt_path(str(broken), tmp_path / "run")
 
 
+def test_a_directory_whose_checkpoints_cannot_be_read_starts_afresh_with_them_set_aside(
+    tmp_path, monkeypatch, caplog
+):
+    from distill_lab.resume import resolve_ckpt_path
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "interrupted.ckpt").touch()  # emptied by a full disk
+    with caplog.at_level(logging.WARNING):
+        assert resolve_ckpt_path("auto", run) == (None, run)
+    assert f"skipping {run / 'checkpoints' / 'interrupted.ckpt'}: it cannot be read" in caplog.text
+    assert (run / "checkpoints.1" / "interrupted.ckpt").is_file() and not (run / "checkpoints").exists()
+
+
 # ---------------------------------------------------------------------- 2. a disk that fills up
 
 
