@@ -34,7 +34,7 @@ from conftest import (
     run_to_end,
     train_py,
 )
-from test_resume import RUN, Crash, InfiniteGradient, Pace, all_finite, train_losses
+from test_resume import RUN, Crash, InfiniteGradient, Pace, all_finite, assert_same_result, train_losses
 
 from distill_lab.run import train
 
@@ -166,8 +166,14 @@ def test_a_truncated_last_checkpoint_is_named_and_skipped_for_the_intact_best_on
     assert any(f"skipping {last}: it cannot be read" in w for w in warnings), warnings
     assert f"ckpt_path=auto: resuming from {best} because" in caplog.text
     assert "best.ckpt, at step 8, is its readable checkpoint with the most trained steps" in caplog.text
-    assert min(train_losses(out, version=1)) == 8 and step_of(last) == 16
-    assert (out / "results.json").is_file()
+    assert step_of(last) == 16
+    # best.ckpt, written after its epoch's validation, resumes exactly: the uninterrupted run's losses, result
+    reference = tmp_path / "reference"
+    run_app(task, reference, "trainer.max_epochs=2", "checkpoint_every_n_steps=3")
+    losses, want = train_losses(out, version=1), train_losses(reference)
+    assert sorted(losses) == list(range(8, 16))
+    assert losses == pytest.approx({s: want[s] for s in range(8, 16)}, rel=1e-6, abs=1e-9)
+    assert_same_result(out, reference)
 
 
 def test_a_checkpoint_given_by_path_that_cannot_be_read_is_refused_before_anything_loads(tmp_path):
