@@ -762,11 +762,14 @@ def test_non_finite_weights_are_never_checkpointed(task, tmp_path):
     assert all_finite(checkpoints / "last.ckpt")
 
 
-def test_non_finite_weights_are_named_when_the_next_loss_breaks(task, tmp_path):
-    """Between checkpoints the NaN update shows in the next step's loss, which says where it came from."""
+def test_non_finite_weights_stop_the_run_before_the_next_step(task, tmp_path):
+    """Between checkpoints the NaN update stops the run at once (the weights are checked after each update),
+    before the next step's loss, naming the checkpoint with the last finite weights."""
     out = tmp_path / "run"
+    last = out / "checkpoints" / "last.ckpt"
     with pytest.raises(
-        FloatingPointError, match=r"non-finite loss at step 4 .*weights were already non-finite"
+        FloatingPointError,
+        match=rf"non-finite weights at step 4 in .*last finite weights are in {last} \(step 3\)",
     ):
         run_app(task, out, "checkpoint_every_n_steps=3", *callback_overrides("inf", InfiniteGradient, step=3))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]
@@ -786,7 +789,9 @@ def _fake_run(
     root: Path, name: str, overrides: list[str], files: dict[str, int], hydra: list[str] = ()
 ) -> Path:
     """A run directory with ``.hydra/overrides.yaml`` (and ``hydra.yaml`` listing the ``hydra`` overrides) and
-    empty ``files`` (relative path -> modification time in seconds), as Hydra and a run would leave them."""
+    ``files`` (relative path -> modification time in seconds), as Hydra and a run would leave them: a
+    ``.ckpt`` holds a checkpoint of as many steps as its time (``ckpt_path=auto`` reads the step of each),
+    the others are empty."""
     run_dir = root / name
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
@@ -795,9 +800,17 @@ def _fake_run(
     for relative, mtime in files.items():
         path = run_dir / relative
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
+        if path.suffix == ".ckpt":
+            write_checkpoint(path, mtime)
+        else:
+            path.touch()
         os.utime(path, (mtime, mtime))
     return run_dir
+
+
+def write_checkpoint(path: Path, step: int) -> None:
+    """A small checkpoint of ``step`` trained steps at ``path``."""
+    torch.save({"global_step": step, "state_dict": {}}, path)
 
 
 def test_a_fresh_start_sets_an_unfinished_runs_checkpoints_aside_but_a_resume_of_its_own_does_not(
@@ -864,7 +877,7 @@ def test_previous_run_is_the_latest_unfinished_one_with_the_same_overrides(tmp_p
     assert resolve_ckpt_path(None, now) == (None, now)
     elsewhere = tmp_path / "some" / "where.ckpt"
     elsewhere.parent.mkdir()
-    elsewhere.touch()
+    write_checkpoint(elsewhere, 100)
     assert resolve_ckpt_path(str(elsewhere), now) == (str(elsewhere), now)
     for name in ("last", "hpc", "registry:my-model", "s3://bucket/run/last.ckpt"):  # Lightning's to resolve
         assert resolve_ckpt_path(name, now) == (name, now)
@@ -872,12 +885,12 @@ def test_previous_run_is_the_latest_unfinished_one_with_the_same_overrides(tmp_p
         with pytest.raises(ValueError, match=f"ckpt_path={wrong} is no checkpoint file.*auto.*null"):
             resolve_ckpt_path(wrong, now)
 
-    # a newer Ctrl-C checkpoint wins over last.ckpt; an older one does not
-    (old / "checkpoints" / "interrupted.ckpt").touch()
-    os.utime(old / "checkpoints" / "interrupted.ckpt", (200, 200))
-    assert find_previous_run(now)[0] == old / "checkpoints" / "interrupted.ckpt"
-    os.utime(old / "checkpoints" / "interrupted.ckpt", (50, 50))
-    assert find_previous_run(now)[0] == old / "checkpoints" / "last.ckpt"
+    # a Ctrl-C checkpoint of more steps wins over last.ckpt; one of fewer does not, however new
+    for step, mtime in ((200, 50), (50, 200)):
+        write_checkpoint(old / "checkpoints" / "interrupted.ckpt", step)
+        os.utime(old / "checkpoints" / "interrupted.ckpt", (mtime, mtime))
+        newest = "interrupted.ckpt" if step == 200 else "last.ckpt"
+        assert find_previous_run(now)[0] == old / "checkpoints" / newest
 
     # a newer run of the same command that finished hides the older unfinished one
     _fake_run(outputs, "2026-01-02/00-03-00", same, {"checkpoints/last.ckpt": 400, "results.json": 401})

@@ -4,6 +4,8 @@ training (:class:`LastCheckpoint`), ``interrupted.ckpt`` on Ctrl-C or an excepti
 
 Where a resumed run continues (which checkpoint, which batch, which random state) is ``distill_lab.resume``'s;
 these callbacks write the checkpoints it reads, at moments from which Lightning resumes on the right batch.
+Each of them makes the trainer's saves atomic (``checkpoint_files.use_atomic_saves``: a temporary file beside
+the checkpoint, fsync, rename), so that no checkpoint name ever holds a partial file, ``best.ckpt`` included.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 
 from distill_lab import _compat
+from distill_lab.checkpoint_files import use_atomic_saves
 from distill_lab.guards import describe_names, non_finite_parameters
 from distill_lab.resume import accumulation_window_start, restart_validation, rewind_to_batch
 
@@ -49,6 +52,10 @@ class LastCheckpoint(ModelCheckpoint):
         self._step_interval = every_n_train_steps or 0
         # "validation_end" or "epoch_end": where a due step checkpoint waits
         self._deferred_to: str | None = None
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, module, stage)
+        use_atomic_saves(trainer)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int
@@ -97,6 +104,9 @@ class FiniteCheckpoints(L.Callback):
     and the parameters, which stops the run with the previous checkpoints untouched.
     """
 
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        use_atomic_saves(trainer)
+
     def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict) -> None:
         if bad := non_finite_parameters(module):
             raise FloatingPointError(
@@ -123,6 +133,11 @@ class InterruptedCheckpoint(L.Callback):
     the KeyboardInterrupt wherever the program is: inside the optimizer's update it would leave some
     parameters (and their Adam moments) updated and others not, a state the uninterrupted run never had. The
     step finishes, this checkpoint holds its result, and the resumed run starts with the next batch.
+
+    Nothing is written for an exception before training began (while ``fit`` sets up or restores a
+    checkpoint): such a checkpoint would hold the freshly built state at step 0 in place of the run's
+    progress. When writing it fails too (a full disk), the exception that stopped the run stays the one
+    raised, and this failure is added to it as a note.
     """
 
     def __init__(self, dirpath: str, filename: str = "interrupted") -> None:
@@ -131,6 +146,14 @@ class InterruptedCheckpoint(L.Callback):
         self._sigint = None  # the SIGINT handler a step under way replaced, to hold Ctrl-C back until it ends
         self._deferring = False
         self._interrupted = False  # a Ctrl-C came during the step under way
+        self._training = False  # this fit has restored its checkpoint and reached its training loop
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        use_atomic_saves(trainer)
+        self._training = False
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._training = True
 
     def _defer_interrupt(self, signum, frame) -> None:
         if self._interrupted:  # a second Ctrl-C: stop now
@@ -173,6 +196,15 @@ class InterruptedCheckpoint(L.Callback):
         self._stop_deferring()
         if trainer.state.fn != TrainerFn.FITTING:
             return
+        if not self._training:
+            # set-up failed (a wrong setting, a checkpoint that did not load): nothing trained, and a
+            # checkpoint of the freshly built state would replace the interrupted.ckpt of a run with steps
+            log.info(
+                "%s stopped fit before training began: no %s written",
+                type(exception).__name__,
+                self.ckpt_path,
+            )
+            return
         if isinstance(exception, FloatingPointError):
             log.warning(
                 "a non-finite stop writes no %s; the last good checkpoint is the newest", self.ckpt_path
@@ -211,7 +243,15 @@ class InterruptedCheckpoint(L.Callback):
             # done)
             restart_validation(checkpoint)
             log.info("stopped during a validation: %s resumes by running it again", self.ckpt_path)
-        trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, self.ckpt_path)
+        try:
+            trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, self.ckpt_path)
+        except Exception as err:  # e.g. the full disk that stopped the run: the first error is the one raised
+            log.error("saving %s failed too: %r", self.ckpt_path, err)
+            exception.add_note(
+                f"saving {self.ckpt_path} failed too ({type(err).__name__}: {err}); the other checkpoints "
+                "are as they were"
+            )
+            return
         log.info(
             "%s stopped training at step %d; saved %s",
             type(exception).__name__,

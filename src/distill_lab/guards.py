@@ -1,5 +1,6 @@
-"""What keeps a run's weights and schedule sound: a stop before the update of a non-finite loss, and the
-configured learning rate for a run resumed from a checkpoint that used another.
+"""What keeps a run's weights and schedule sound: a stop before the update of a non-finite loss and right
+after an update that made the weights non-finite, and the configured learning rate for a run resumed from a
+checkpoint that used another.
 
 Both are callbacks that every fit of ``DistillationModule`` registers itself (its ``configure_callbacks``),
 whatever ``callbacks=`` holds: unlike the attention maps, they are no option a user may drop.
@@ -8,9 +9,12 @@ whatever ``callbacks=`` holds: unlike the attention maps, they are no option a u
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import lightning as L
 import torch
+
+from distill_lab.checkpoint_files import DOCUMENTED_CHECKPOINTS, newest_valid_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +22,35 @@ log = logging.getLogger(__name__)
 def non_finite_parameters(module: torch.nn.Module) -> list[str]:
     """Names of the trainable parameters holding a NaN or an infinity (the frozen teacher cannot turn so)."""
     return [name for name, p in module.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+
+
+def all_finite(module: torch.nn.Module) -> bool:
+    """Whether every trainable parameter of ``module`` is finite: one wait for the device."""
+    checks = [torch.isfinite(p).all() for p in module.parameters() if p.requires_grad]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
+def last_finite_checkpoint(trainer: L.Trainer) -> str:
+    """Where the weights before a non-finite stop are, in words for its message: the readable checkpoint
+    with the most trained steps in the directories of ``trainer``'s callbacks (``last.ckpt``,
+    ``interrupted.ckpt``, ``best.ckpt``; none is ever written with non-finite weights) or the one this fit
+    resumed from, and how to go on from it; or that none exists."""
+    directories = {
+        Path(d) for c in trainer.callbacks if isinstance(d := getattr(c, "dirpath", None), str | Path)
+    }
+    candidates = [d / name for d in sorted(directories) for name in DOCUMENTED_CHECKPOINTS]
+    if trainer.ckpt_path and Path(trainer.ckpt_path).is_file():
+        candidates.append(Path(trainer.ckpt_path))
+    if (found := newest_valid_checkpoint(candidates)) is None:
+        return (
+            "no checkpoint holds earlier weights (none was written before this step; "
+            "checkpoint_every_n_steps sets how often one is): lower optimizer.lr and start again"
+        )
+    path, step = found
+    return (
+        f"the last finite weights are in {path} (step {step}): lower optimizer.lr and go on from them with "
+        f"ckpt_path={path}"
+    )
 
 
 def describe_names(names: list[str], limit: int = 3) -> str:
@@ -28,7 +61,9 @@ def describe_names(names: list[str], limit: int = 3) -> str:
 
 class StopOnNonFiniteLoss(L.Callback):
     """Stops on a non-finite loss before the update, naming the step and the part that went non-finite (the
-    output loss, layer pairs).
+    output loss, layer pairs), and on non-finite weights right after the update that made them (a finite loss
+    can have non-finite gradients), naming the parameters. Either message names the checkpoint that holds
+    the last finite weights, or says that none exists (:func:`last_finite_checkpoint`).
 
     Checked once per optimizer step, after backward: one wait for the device per step, and under DDP or FSDP
     one decision for all processes (a loss that is non-finite on one of them has made every process's
@@ -40,7 +75,27 @@ class StopOnNonFiniteLoss(L.Callback):
     the last update, ``train/loss``, ``train/output_loss``, ``train/attention_loss`` and
     ``train/attention/<pair>`` among the logged losses. Lightning calls this hook before the module's own,
     which logs and clears them.
+
+    The weights are checked at the end of each batch that took an optimizer step, one more wait for the
+    device per step and one decision for all processes. Lightning calls the checkpoint callbacks' hooks after
+    this one's, so the step checkpoint due after that update is never written.
     """
+
+    def __init__(self) -> None:
+        self._checked_step: int | None = None  # the optimizer step whose weights were checked last
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._checked_step = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self._checked_step:  # no update since (gradient accumulation)
+            return
+        self._checked_step = trainer.global_step
+        finite = all_finite(getattr(pl_module, "student", pl_module))
+        if not trainer.strategy.reduce_boolean_decision(finite, all=True):
+            raise _non_finite_weights(trainer, pl_module, batch_idx)
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
@@ -59,8 +114,8 @@ def _non_finite_loss(trainer: L.Trainer, student: torch.nn.Module, micro_batches
     bad_here = [(logged, i) for logged, i in micro_batches if not torch.isfinite(logged["train/loss"])]
     if not bad_here:
         return FloatingPointError(
-            f"{where}) in another process. Training stopped before this step's update; the newest "
-            "checkpoint holds the last good weights."
+            f"{where}) in another process. Training stopped before this step's update; "
+            f"{last_finite_checkpoint(trainer)}."
         )
     logged, batch_idx = bad_here[0]
     attention = logged["train/attention_loss"]
@@ -84,8 +139,20 @@ def _non_finite_loss(trainer: L.Trainer, student: torch.nn.Module, micro_batches
     )
     return FloatingPointError(
         f"{where}, batch {batch_idx}): {', '.join(bad)}{cause}. Training stopped before this step's update; "
-        "the newest checkpoint holds the last good weights. Lower optimizer.lr, or check the data of this "
-        "batch."
+        f"{last_finite_checkpoint(trainer)}. Or check the data of this batch."
+    )
+
+
+def _non_finite_weights(trainer: L.Trainer, module: L.LightningModule, batch_idx: int) -> FloatingPointError:
+    """The error that names the step, the batch and the parameters the update of this step made non-finite
+    (this process's; none where another process's are)."""
+    bad = non_finite_parameters(module)
+    where = f"in {describe_names(bad)}" if bad else "in another process"
+    return FloatingPointError(
+        f"non-finite weights at step {trainer.global_step} {where}, after the update of epoch "
+        f"{trainer.current_epoch}, batch {batch_idx} (its loss was finite: non-finite gradients). Training "
+        f"stopped there and no checkpoint was written of these weights; {last_finite_checkpoint(trainer)}. "
+        "Or check the data of this batch."
     )
 
 

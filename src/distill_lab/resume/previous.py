@@ -20,14 +20,18 @@ A previous run that wrote ``results.json`` (the last thing ``train`` does) finis
 afresh, unless it is this run's own directory (named again): that is an error. ``run.train`` first asks
 :func:`finished_run` whether a job of a rerun sweep repeats a finished one under the same configuration, and
 then returns that job's results without training. Only the latest matching run counts: an older unfinished run
-is not revived behind a newer finished one. The checkpoint is the newer of ``checkpoints/last.ckpt`` (every
-``checkpoint_every_n_steps`` steps and at the end of training) and ``checkpoints/interrupted.ckpt`` (Ctrl-C or
-an exception). The resumed run continues *in the previous run's directory*: its checkpoint callbacks keep
-tracking the best epoch across the interruption (Lightning restores that state only for the same ``dirpath``),
-the logger starts a new version beside the old one, and ``results.json`` and ``student/`` land where the run
-started. The directory Hydra made for the rerun keeps only ``.hydra/`` and the log, which names the run it
-resumed. ``ckpt_path=null`` always starts afresh; any other value is a checkpoint path (or one of Lightning's
-names, ``last``...) and is passed to ``Trainer.fit`` as it is, training in this run's own directory.
+is not revived behind a newer finished one. The checkpoint is the one with the most trained steps, of
+``checkpoints/last.ckpt`` (every ``checkpoint_every_n_steps`` steps and at the end of training),
+``checkpoints/interrupted.ckpt`` (Ctrl-C or an exception) and ``checkpoints/best.ckpt``, that can be read (the
+one written last of equals): not the newest file, which may hold fewer steps, nor one cut short (a copy or a
+save that failed part-way), which is named in a warning and skipped for the next; the log names the
+checkpoint, its step and why. The resumed run continues *in the previous run's directory*: its checkpoint
+callbacks keep tracking the best epoch across the interruption (Lightning restores that state only for the
+same ``dirpath``), the logger starts a new version beside the old one, and ``results.json`` and ``student/``
+land where the run started. The directory Hydra made for the rerun keeps only ``.hydra/`` and the log, which
+names the run it resumed. ``ckpt_path=null`` always starts afresh; any other value is a checkpoint path (or
+one of Lightning's names, ``last``...) and is passed to ``Trainer.fit`` as it is, training in this run's own
+directory.
 
 A run locks the directory it writes to, and ``auto`` resumes no run that is still going (``resume.lock``); the
 processes of a distributed run all take rank 0's choice (``resume.handover``).
@@ -37,16 +41,23 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
+from distill_lab.checkpoint_files import (
+    DOCUMENTED_CHECKPOINTS,
+    UnreadableCheckpoint,
+    checkpoint_step,
+    readable_checkpoints,
+)
 from distill_lab.resume.handover import hand_over, handed_over, is_rank_zero
 from distill_lab.resume.lock import RunDirectoryLocked, is_locked, lock_holder, lock_run_dir
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
-RESUMABLE_CHECKPOINTS = ("last.ckpt", "interrupted.ckpt")
+RESUMABLE_CHECKPOINTS = DOCUMENTED_CHECKPOINTS
 FINISHED_MARKER = "results.json"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 HYDRA_FILE = Path(".hydra") / "hydra.yaml"
@@ -65,11 +76,31 @@ def _lock_free_or_log(run_dir: Path) -> bool:
     return True
 
 
+def _has_checkpoint(run_dir: Path) -> bool:
+    """Whether ``run_dir/checkpoints`` holds a file under a resumable name (read or not)."""
+    return any((run_dir / CHECKPOINT_DIR / name).is_file() for name in RESUMABLE_CHECKPOINTS)
+
+
+def _checkpoints(run_dir: Path) -> list[tuple[Path, int]]:
+    """``[(checkpoint, step), ...]``: the checkpoints of ``run_dir/checkpoints`` (``last.ckpt``,
+    ``interrupted.ckpt``, ``best.ckpt``) that can be read, the most trained first (of equals, the one written
+    last); each one that cannot is named in a warning."""
+    return readable_checkpoints(
+        (run_dir / CHECKPOINT_DIR / name for name in RESUMABLE_CHECKPOINTS), context="ckpt_path=auto: "
+    )
+
+
 def _newest_checkpoint(run_dir: Path) -> Path | None:
-    """The newer (by modification time) of ``last.ckpt`` and ``interrupted.ckpt`` in
-    ``run_dir/checkpoints``."""
-    found = [p for name in RESUMABLE_CHECKPOINTS if (p := run_dir / CHECKPOINT_DIR / name).is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+    """The checkpoint of ``run_dir`` that ``auto`` resumes: the first of :func:`_checkpoints`, or None."""
+    found = _checkpoints(run_dir)
+    return found[0][0] if found else None
+
+
+def _why_this_checkpoint(found: list[tuple[Path, int]]) -> str:
+    """``"last.ckpt, at step 160, has the most trained steps (interrupted.ckpt: step 0)"``."""
+    (checkpoint, step), others = found[0], found[1:]
+    steps = f" (of {', '.join(f'{p.name}: step {s}' for p, s in others)})" if others else ""
+    return f"{checkpoint.name}, at step {step}, is its readable checkpoint with the most trained steps{steps}"
 
 
 def _overrides(run_dir: Path) -> list[str] | None:
@@ -175,34 +206,45 @@ def _set_aside_checkpoints(output_dir: Path) -> None:
     )
 
 
+class PreviousRun(NamedTuple):
+    """The run that ``ckpt_path=auto`` continues: its checkpoint, its directory, why, and the checkpoint's
+    trained step."""
+
+    checkpoint: Path
+    run_dir: Path
+    reason: str
+    step: int
+
+
 def find_previous_run(
     output_dir: str | Path, config: dict | None = None, named: bool | None = None
-) -> tuple[Path, Path, str] | None:
-    """The interrupted run that ``output_dir``'s run continues, as ``(checkpoint, run_dir, reason)``, or None.
-    Raises ValueError when ``output_dir`` itself holds a finished run.
+) -> PreviousRun | None:
+    """The interrupted run that ``output_dir``'s run continues, as ``(checkpoint, run_dir, reason, step)``,
+    or None. Raises ValueError when ``output_dir`` itself holds a finished run.
 
     See the module docstring for the rules. ``config`` is this run's resolved configuration (compared with the
     previous run's ``config.yaml``; None compares nothing). ``named``: whether the directory was named on the
     command line (``hydra.run.dir=``), as the caller knows it from its live Hydra config; None reads it from
-    the directory's ``.hydra/hydra.yaml``. ``reason`` says in words why this checkpoint was chosen.
+    the directory's ``.hydra/hydra.yaml``. ``reason`` says in words why this checkpoint was chosen, ``step``
+    is its trained step.
     """
     output_dir = Path(output_dir)
     _refuse_finished(output_dir)
-    if (own := _newest_checkpoint(output_dir)) is not None:
+    if own := _checkpoints(output_dir):
         if config is not None and (changed := config_differences(output_dir, config)):
             log.warning(
                 "ckpt_path=auto: resuming the run in %s under a configuration that differs from the one it "
                 "started with: %s", output_dir, "; ".join(changed),
             )  # fmt: skip
-        return (
-            own,
-            output_dir,
-            f"this run's directory {output_dir} holds an unfinished run (no {FINISHED_MARKER})",
+        reason = (
+            f"this run's directory {output_dir} holds an unfinished run (no {FINISHED_MARKER}); "
+            f"{_why_this_checkpoint(own)}"
         )
+        return PreviousRun(own[0][0], output_dir, reason, own[0][1])
     overrides = _overrides(output_dir)
     if overrides is None or (_named_on_command_line(output_dir) if named is None else named):
         return None  # not a Hydra-made directory, or one named on purpose: nothing to look for elsewhere
-    trained = [d for d in _nearby_runs(output_dir) if _overrides(d) == overrides and _newest_checkpoint(d)]
+    trained = [d for d in _nearby_runs(output_dir) if _overrides(d) == overrides and _has_checkpoint(d)]
     if not trained:
         return None
     latest = max(trained, key=_last_activity)
@@ -219,12 +261,17 @@ def find_previous_run(
             "changed); starting afresh instead of resuming it. Differences: %s", latest, "; ".join(changed),
         )  # fmt: skip
         return None
-    checkpoint = _newest_checkpoint(latest)
+    if not (found := _checkpoints(latest)):
+        log.warning(
+            "ckpt_path=auto: %s, the latest run with the same overrides, holds no checkpoint that can be "
+            "read; starting afresh", latest,
+        )  # fmt: skip
+        return None
     reason = (
         f"{latest} is the latest run with the same overrides as this one and it did not finish (no "
-        f"{FINISHED_MARKER}); {checkpoint.name} is its newest checkpoint"
+        f"{FINISHED_MARKER}); {_why_this_checkpoint(found)}"
     )
-    return checkpoint, latest, reason
+    return PreviousRun(found[0][0], latest, reason, found[0][1])
 
 
 def finished_run(
@@ -242,7 +289,7 @@ def finished_run(
             return None
         runs = [
             d for d in _nearby_runs(output_dir)
-            if _overrides(d) == overrides and (_newest_checkpoint(d) or (d / FINISHED_MARKER).is_file())
+            if _overrides(d) == overrides and (_has_checkpoint(d) or (d / FINISHED_MARKER).is_file())
         ]  # fmt: skip
         if not runs:
             return None
@@ -255,8 +302,8 @@ def finished_run(
 
 
 def _check_ckpt_path(ckpt_path: str | None) -> None:
-    """A ``ckpt_path`` that names no checkpoint (a typo, a missing file) is an error now, not after the
-    teacher and data have loaded. Remote paths (``s3://...``) are left to Lightning."""
+    """A ``ckpt_path`` that names no checkpoint (a typo, a missing file, a file cut short) is an error now,
+    not after the teacher and data have loaded. Remote paths (``s3://...``) are left to Lightning."""
     if (
         ckpt_path in (None, "auto")
         or str(ckpt_path).split(":")[0] in LIGHTNING_CKPT_NAMES
@@ -269,6 +316,13 @@ def _check_ckpt_path(ckpt_path: str | None) -> None:
             "<run>/checkpoints/last.ckpt), auto (resume the previous run of this command, the default) or "
             "null (start afresh)"
         )
+    try:
+        checkpoint_step(ckpt_path)
+    except UnreadableCheckpoint as err:
+        raise ValueError(
+            f"ckpt_path={err}. Give another checkpoint (e.g. the run's best.ckpt or interrupted.ckpt), auto "
+            "(the previous run's readable checkpoint with the most trained steps) or null (start afresh)"
+        ) from None
 
 
 def resolve_ckpt_path(
@@ -309,10 +363,11 @@ def resolve_ckpt_path(
             found = None
     if found is None:
         ckpt_path, run_dir = None, output_dir
+        _set_aside_checkpoints(output_dir)  # files under a checkpoint's name that cannot be read
     else:
-        checkpoint, run_dir, reason = found
+        checkpoint, run_dir, reason, _ = found
         ckpt_path = str(checkpoint)
-        log.info("ckpt_path=auto: resuming from %s because %s", checkpoint, reason)
+        log.info("ckpt_path=auto: resuming from %s because %s", checkpoint, reason)  # reason: the step too
         if run_dir != output_dir:
             log.info("ckpt_path=auto: this run continues in %s (outputs, logs, checkpoints)", run_dir)
     hand_over(ckpt_path, run_dir)
