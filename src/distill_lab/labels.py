@@ -67,26 +67,9 @@ def class_ids(
         )
     train_values = set(raw["train"][label_column])
     validation_values = set(raw["validation"][label_column])
-    if isinstance(feature, ClassLabel):  # e.g. glue: keep the dataset's own names
-        names, label_ids = list(feature.names), {i: i for i in range(feature.num_classes)}
-        other = raw["validation"].features[label_column]
-        if isinstance(other, ClassLabel) and other.names != names:
-            raise ValueError(
-                f"{key}: the train and validation splits have different classes: {names} vs {other.names}; "
-                "give both splits the same classes (for image folders, the same class sub-folders)"
-            )
-    elif dtype in ("string", "large_string"):
-        numeric = all(v.strip().lstrip("-").isdigit() for v in train_values)
-        names = sorted(train_values, key=lambda v: (int(v), v) if numeric else (0, v))
-        label_ids = {name: i for i, name in enumerate(names)}
-    else:
-        if label_names is not None:
-            raise ValueError(
-                f"data.label_names={list(label_names)} names classes, but {key} holds int labels, which are "
-                "the class ids themselves: leave data.label_names unset (null)"
-            )
-        names = [str(i) for i in range(max(train_values | validation_values) + 1)]
-        label_ids = {i: i for i in range(len(names))}
+    names, label_ids = _numbering(
+        raw, label_column, feature, train_values | validation_values, label_names, key
+    )
     if unknown := validation_values - train_values:
         raise ValueError(f"validation labels {sorted(unknown)} of {key} do not occur in the train split")
     if invalid := train_values - set(label_ids):
@@ -106,6 +89,33 @@ def class_ids(
     if model_labels is not None and match_label_names and named:
         names, label_ids = _to_model_ids(names, label_ids, model_labels, key)
     return names, label_ids
+
+
+def _numbering(raw: DatasetDict, label_column: str, feature, values: set, label_names, key: str):
+    """The data's own class names in id order and raw label value -> id, before ``label_names`` and the
+    model's names apply (see :func:`class_ids`): a ``ClassLabel``'s, sorted strings, or int ids."""
+    dtype = getattr(feature, "dtype", None) or ""
+    if isinstance(feature, ClassLabel):  # e.g. glue: keep the dataset's own names
+        names = list(feature.names)
+        other = raw["validation"].features[label_column]
+        if isinstance(other, ClassLabel) and other.names != names:
+            raise ValueError(
+                f"{key}: the train and validation splits have different classes: {names} vs {other.names}; "
+                "give both splits the same classes (for image folders, the same class sub-folders)"
+            )
+        return names, {i: i for i in range(feature.num_classes)}
+    if dtype in ("string", "large_string"):
+        train_values = set(raw["train"][label_column])
+        numeric = all(v.strip().lstrip("-").isdigit() for v in train_values)
+        names = sorted(train_values, key=lambda v: (int(v), v) if numeric else (0, v))
+        return names, {name: i for i, name in enumerate(names)}
+    if label_names is not None:
+        raise ValueError(
+            f"data.label_names={list(label_names)} names classes, but {key} holds int labels, which are "
+            "the class ids themselves: leave data.label_names unset (null)"
+        )
+    names = [str(i) for i in range(max(values) + 1)]
+    return names, {i: i for i in range(len(names))}
 
 
 def sorted_numbering(
