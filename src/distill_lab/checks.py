@@ -31,6 +31,14 @@ RANGES = {
     "temperature": (lambda v: v > 0, "above 0 (1 leaves the logits as they are; 2 to 4 is usual)"),
     "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1) (the share of the optimizer steps spent warming up)"),
 }
+SIZES = (
+    "batch_size",
+    "max_length",
+    "num_workers",
+    "eval_batch_size",
+    "max_train_samples",
+    "max_eval_samples",
+)
 ATTENTION_TEMPERATURE = (lambda v: v > 0, "above 0 (the attention KL's; temperature= is the output loss's)")
 
 
@@ -92,6 +100,9 @@ def check_settings(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int | float) or not valid(value):
             raise ValueError(f"{key}={value} must be {rule}")
+    lr = OmegaConf.select(cfg, "optimizer.lr")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0):
+        raise ValueError(f"optimizer.lr={lr} must be above 0 (the default is 5e-4)")
     budget = cfg.get("capture_memory_budget")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
         raise ValueError(
@@ -115,7 +126,10 @@ def check_data(cfg: DictConfig, task) -> None:
             f"{data_class.__name__}: choose a data option of the task"
         )
     task.check_data_config(cfg.data)
-    check_sizes(cfg.data)
+    # data.max_length: null is the default, chosen once the teacher is loaded (run.py)
+    check_sizes(
+        {k: cfg.data[k] for k in SIZES if k in cfg.data and not (k == "max_length" and cfg.data[k] is None)}
+    )
 
 
 def check_trainer_limits(trainer: DictConfig) -> None:

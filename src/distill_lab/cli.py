@@ -9,7 +9,9 @@ configs are the checkout's top-level ``conf/`` where the package runs from a che
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import hydra
@@ -22,6 +24,40 @@ INTERRUPTED = (
     "same command again: a distillation run resumes from its newest checkpoint, a built-in teacher trains "
     "from its start."
 )
+INTERRUPTED_TRAINING = (
+    "\nStopped by Ctrl-C during training, which saved checkpoints/interrupted.ckpt in the run's directory. "
+    "Run the same command again to resume from there."
+)
+TERMINATED = (
+    "\nStopped by SIGTERM. A run that was training saved checkpoints/interrupted.ckpt in its directory. Run "
+    "the same command again: a distillation run resumes from its newest checkpoint, a built-in teacher "
+    "trains from its start."
+)
+EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130 and 143, as a shell's
+
+
+class Terminated(SystemExit):
+    """SIGTERM outside ``Trainer.fit`` (a ``SystemExit``: Hydra reports it as no error of the job)."""
+
+
+def _terminate(signum, frame) -> None:
+    """The SIGTERM handler outside Lightning's entry points. Inside them Lightning's own handler runs first
+    and calls this one: it stops the loop at the end of the batch (``SIGTERMException``), after which
+    ``checkpoints.InterruptedCheckpoint`` saves, so nothing is raised here in the middle of a step."""
+    if signal.getsignal(signal.SIGTERM) is _terminate:
+        raise Terminated(EXIT_TERMINATED)
+
+
+def _exit_status(stop: SystemExit) -> tuple[int, str] | None:
+    """The exit status and message of a run stopped by a signal, or None for another ``SystemExit``."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException  # Lightning's stop on SIGTERM
+
+    if isinstance(stop, Terminated | SIGTERMException):
+        return EXIT_TERMINATED, TERMINATED
+    # Lightning ends a Ctrl-C during fit with sys.exit(1), raised while it handles the KeyboardInterrupt
+    if stop.code == 1 and isinstance(stop.__context__, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, INTERRUPTED_TRAINING
+    return None
 
 
 def config_dir() -> Path:
@@ -53,20 +89,28 @@ def main(config_path: str | Path | None = None) -> None:
         config_path: The configs' directory; by default :func:`config_dir` (``train.py`` passes the
             ``conf/`` beside it).
 
-    Ctrl-C outside ``Trainer.fit`` and ``validate`` (which stop on it themselves and save
-    ``interrupted.ckpt``) ends the command with exit status 130 and a message saying what a rerun does,
-    not a traceback.
+    Ctrl-C (SIGINT) ends the command with exit status 130 and SIGTERM with 143, as a shell reports a
+    process the signal ended, so that ``timeout``, a SLURM preemption or Kubernetes sees a run that did not
+    finish; with a message saying what a rerun does, not a traceback. During training (``Trainer.fit``) the
+    run first saves ``checkpoints/interrupted.ckpt`` at the end of the step under way.
     """
     # imported before Hydra configures logging, as train.py always has: Lightning then keeps its own
     # console handler, and its messages go to stderr
     import distill_lab.run  # noqa: F401
 
     app = hydra.main(version_base="1.3", config_path=str(config_path or config_dir()), config_name="config")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         app(_train)()
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
+    except SystemExit as stop:
+        if (stopped := _exit_status(stop)) is None:
+            raise
+        print(stopped[1], file=sys.stderr)
+        sys.exit(stopped[0])
 
 
 def summarize(argv: list[str] | None = None) -> None:

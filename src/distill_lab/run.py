@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
@@ -22,15 +23,18 @@ from hydra.utils import instantiate as _hydra_instantiate
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from transformers import get_linear_schedule_with_warmup
 
 from distill_lab import checks, export
 from distill_lab.capture import num_attention_heads
 from distill_lab.matching import layer_map
-from distill_lab.models import check_student, load_preprocessor
-from distill_lab.resume import NAMED_DIR_OVERRIDES, finished_run, resolve_ckpt_path
+from distill_lab.models import check_student, load_preprocessor, position_limit
+from distill_lab.resume import NAMED_DIR_OVERRIDES, finished_run, lock_run_dir, resolve_ckpt_path
 from distill_lab.teacher_check import check_teacher
 
 log = logging.getLogger(__name__)
+DEFAULT_MAX_LENGTH = 128  # data.max_length: null takes the smaller of this and the teacher's positions
+RECORDS_DIR = ".hydra"  # Hydra's records of a run's command, which summarize and ckpt_path=auto read
 # the frozen teacher is in eval mode on purpose (no dropout, no gradients): Lightning's warning about modules
 # in eval mode at the start of training says nothing about a distillation run
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -46,12 +50,16 @@ def train(cfg: DictConfig) -> dict:
     # whether the directory was named: from Hydra, not read back from the .hydra/ files every rank writes
     named = _named_directory()
     checks.check_launched_directory(named)
-    if (done := _finished_job(cfg, named)) is not None:
-        return export.reuse_results(done)  # a rerun of a sweep: its finished jobs are not trained again
-    ckpt_path, output_dir = _run_directory(cfg, named)  # its lock first: a second copy sees this one run
-    L.seed_everything(cfg.seed, workers=True)
     task = instantiate(cfg.task)
-    checks.check_config(cfg, task)  # before the teacher, which may be trained or downloaded first
+    checks.check_config(cfg, task)  # before anything is written, and before the teacher loads or trains
+    check_optimizer(cfg)
+    records = _hydra_records(cfg)  # this command's .hydra/ files, written where the run owns the directory
+    if named is False:  # a new directory from Hydra's clock: locked, and the command recorded for reruns
+        _claim_new_directory(Path(cfg.paths.output_dir), records)
+    if (done := _finished_job(cfg, named, records)) is not None:
+        return export.reuse_results(done)  # a rerun of a sweep: its finished jobs are not trained again
+    ckpt_path, output_dir = _run_directory(cfg, named, records)  # its lock first: a second copy sees this one
+    L.seed_everything(cfg.seed, workers=True)
 
     # the models and data: loading errors surface here, before anything trains
     teacher, preprocessor, data = _load(cfg, task)
@@ -105,7 +113,42 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _finished_job(cfg: DictConfig, named: bool | None) -> Path | None:
+def _hydra_records(cfg: DictConfig) -> dict[str, str]:
+    """Hydra's records of this command, ``{file name: YAML}``, as Hydra writes them to ``.hydra/``: the
+    composed config (unresolved), the Hydra config and the overrides; none outside ``@hydra.main`` or on a
+    rank above 0. Hydra itself writes none (``hydra.output_subdir: null`` in ``conf/hydra/default.yaml``): it
+    would write them before this run could check its directory, over the records of a run it holds."""
+    if not HydraConfig.initialized() or rank_zero_only.rank != 0:
+        return {}
+    return {
+        "config.yaml": OmegaConf.to_yaml(cfg),
+        "hydra.yaml": OmegaConf.to_yaml(HydraConfig.instance().cfg),
+        "overrides.yaml": OmegaConf.to_yaml(HydraConfig.get().overrides.task),
+    }
+
+
+def _write_records(run_dir: Path, records: dict[str, str]) -> None:
+    """``records`` (:func:`_hydra_records`) into ``run_dir/.hydra``, where this run owns ``run_dir``; once:
+    written, they are emptied."""
+    if records:
+        (run_dir / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
+        for name, text in records.items():
+            (run_dir / RECORDS_DIR / name).write_text(text)
+        records.clear()
+
+
+def _claim_new_directory(run_dir: Path, records: dict[str, str]) -> None:
+    """A directory that Hydra made from the clock: this run takes its lock and, where it holds no records yet
+    (it is new), writes this command's there at once, for :func:`finished_run` and ``ckpt_path=auto`` to
+    compare with other runs' (a directory that holds another run's gets them once this run owns it)."""
+    if not records:
+        return
+    lock_run_dir(run_dir)  # RunDirectoryLocked: another live run's, and nothing is written
+    if not (run_dir / RECORDS_DIR).exists():
+        _write_records(run_dir, records)
+
+
+def _finished_job(cfg: DictConfig, named: bool | None, records: dict[str, str]) -> Path | None:
     """The directory where this job of a rerun sweep already finished under the same configuration, if any
     (``ckpt_path=auto`` in a multirun)."""
     if cfg.get("ckpt_path") != "auto" or not _in_multirun():
@@ -113,11 +156,14 @@ def _finished_job(cfg: DictConfig, named: bool | None) -> Path | None:
     return finished_run(Path(cfg.paths.output_dir), OmegaConf.to_container(cfg, resolve=True), named)
 
 
-def _run_directory(cfg: DictConfig, named: bool | None) -> tuple[str | None, Path]:
+def _run_directory(cfg: DictConfig, named: bool | None, records: dict[str, str]) -> tuple[str | None, Path]:
     """The checkpoint to resume (``ckpt_path``) and the directory the run writes to: the previous run's when
-    resuming it, which becomes ``cfg.paths.output_dir``. Rank 0 writes the resolved ``config.yaml`` there."""
+    resuming it, which becomes ``cfg.paths.output_dir``. Once the run owns its directories (their locks taken,
+    a finished run refused), rank 0 writes this command's ``.hydra/`` records to the one Hydra gave it and the
+    resolved ``config.yaml`` to the one it writes to."""
     config, own_dir = OmegaConf.to_container(cfg, resolve=True), Path(cfg.paths.output_dir)
     ckpt_path, output_dir = resolve_ckpt_path(cfg.get("ckpt_path"), own_dir, config, named)
+    _write_records(own_dir, records)
     cfg.paths.output_dir = str(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:  # every process of a distributed run runs train(); one writes the files
@@ -131,6 +177,7 @@ def _run_directory(cfg: DictConfig, named: bool | None) -> tuple[str | None, Pat
 def _load(cfg: DictConfig, task):
     """The teacher, its preprocessor (the tokenizer, or the image processor) and the data, set up for fit."""
     teacher = instantiate(cfg.teacher)
+    _default_max_length(cfg.data, teacher)
     checks.check_positions(teacher, "teacher", cfg.data.get("max_length"))
     preprocessor = load_preprocessor(
         cfg.teacher.name_or_path,
@@ -150,6 +197,39 @@ def _load(cfg: DictConfig, task):
         raise ValueError(f"teacher.name_or_path={cfg.teacher.name_or_path!r}: {err}") from None
     check_teacher(task, teacher, data, cfg.trainer)  # a classifier at chance: labels in another order
     return teacher, preprocessor, data
+
+
+def _default_max_length(data: DictConfig, teacher) -> None:
+    """``data.max_length: null``, the text data options' default: the smaller of :data:`DEFAULT_MAX_LENGTH`
+    and the teacher's position limit (its table of absolute positions, else its
+    ``max_position_embeddings``), said in the log. A length that is set stays as it is, and is checked."""
+    if "max_length" not in data or data.max_length is not None:
+        return
+    limit = position_limit(teacher) or getattr(teacher.config, "max_position_embeddings", None)
+    data.max_length = min(DEFAULT_MAX_LENGTH, limit) if limit else DEFAULT_MAX_LENGTH
+    if limit:
+        log.info(
+            "data.max_length=%d: the teacher takes %d positions, and the default is the smaller of %d and "
+            "that (set data.max_length to choose)", data.max_length, limit, DEFAULT_MAX_LENGTH,
+        )  # fmt: skip
+    else:
+        log.info("data.max_length=%d, the default (the teacher sets no limit)", data.max_length)
+
+
+def check_optimizer(cfg: DictConfig) -> None:
+    """The optimizer and its learning-rate schedule, built as the module builds them but on a stand-in
+    parameter, before anything is loaded or written: a setting that torch refuses (a negative
+    ``optimizer.weight_decay``, ``optimizer.betas`` past 1) stops the run here, naming the ``optimizer.``
+    settings, instead of inside ``Trainer.fit``."""
+    settings = {k: v for k, v in cfg.optimizer.items() if not str(k).startswith("_")}
+    try:
+        optimizer = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(1))])
+        get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * 100), 100)
+    except (ValueError, TypeError, InstantiationException) as err:
+        named = ", ".join(f"optimizer.{k}={v}" for k, v in settings.items())
+        raise ValueError(
+            f"optimizer ({cfg.optimizer.get('_target_')}) refused its settings ({named}): {err}"
+        ) from None
 
 
 def build_module(cfg: DictConfig, task, teacher, data) -> L.LightningModule:

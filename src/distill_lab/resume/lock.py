@@ -4,8 +4,9 @@ A run holds an ``fcntl.flock`` lock on ``<run dir>/.run.lock`` while its process
 distributed run; the kernel drops it when the process dies, SIGKILL included). ``ckpt_path=auto`` does not
 resume a run whose lock is held, which is a run still going (a second copy of its command starts afresh in its
 own directory, and the log says why), and a run whose own directory is locked (named with ``hydra.run.dir=``,
-or made by Hydra in the same second as another's) stops with :class:`RunDirectoryLocked` before anything is
-loaded or written.
+or made by Hydra's clock in the same microsecond as another's) stops with :class:`RunDirectoryLocked` before
+anything is loaded or written, Hydra's ``.hydra/`` records included (``distill_lab.run`` writes them once the
+run holds its directory).
 """
 
 from __future__ import annotations
@@ -73,8 +74,7 @@ def lock_run_dir(run_dir: str | Path) -> None:
         raise RunDirectoryLocked(
             f"{run_dir} is in use: {lock_holder(run_dir)} is running there (it holds {run_dir / LOCK_FILE}), "
             "and two runs writing one directory would mix their checkpoints, logs and results. Wait for it "
-            "to end, or choose another directory (hydra.run.dir=...). Hydra names a run's directory by the "
-            "second it started: two commands started within one second get the same one."
+            "to end, or choose another directory (hydra.run.dir=...). Nothing was written there."
         ) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
