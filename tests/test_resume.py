@@ -476,13 +476,16 @@ def test_crash_then_rerun_in_the_same_directory_resumes_to_the_uninterrupted_res
 @pytest.fixture
 def restore_sigint():
     """Lightning ignores SIGINT once it has caught a KeyboardInterrupt (while it shuts down): give the test
-    process its Ctrl-C back."""
-    yield
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    process back the Ctrl-C handler it had. Yields that handler: Python's ``default_int_handler``, or
+    ``SIG_IGN`` where pytest was started as a background job of a shell script (``pytest &``)."""
+    handler = signal.getsignal(signal.SIGINT)
+    yield handler
+    signal.signal(signal.SIGINT, handler)
 
 
-@pytest.mark.usefixtures("restore_sigint")
-def test_a_ctrl_c_during_a_step_is_taken_when_the_step_ends(task, reference, tmp_path, caplog):
+def test_a_ctrl_c_during_a_step_is_taken_when_the_step_ends(
+    task, reference, tmp_path, caplog, restore_sigint
+):
     """A Ctrl-C arriving as the optimizer updates the weights would otherwise interrupt the update half done
     (some parameters and Adam moments updated, others not): the step finishes, interrupted.ckpt holds its
     result, and the same command resumes with the next batch to the uninterrupted result. A second Ctrl-C
@@ -493,7 +496,7 @@ def test_a_ctrl_c_during_a_step_is_taken_when_the_step_ends(task, reference, tmp
     assert "Ctrl-C: stopping when this training step ends (press Ctrl-C again to stop now)" in caplog.text
     state = torch.load(out / "checkpoints" / "interrupted.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == 11  # step 10's update was made, and the run stopped after it
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's again
+    assert signal.getsignal(signal.SIGINT) is restore_sigint  # Ctrl-C does what it did before the run
     run_app(task, out)
     assert_same_result(out, reference)
     assert_same_losses(train_losses(out, version=1), train_losses(reference), 11)
