@@ -46,12 +46,9 @@ def cli(tmp_path: Path, *args: str, fails: bool = False) -> subprocess.Completed
 
 
 def snapshot(run_dir: Path) -> dict[str, bytes]:
-    """Every file below ``run_dir`` and its bytes, but the lock file (whose holder is the live process)."""
-    return {
-        str(p.relative_to(run_dir)): p.read_bytes()
-        for p in sorted(run_dir.rglob("*"))
-        if p.is_file() and p.name != ".run.lock"
-    }
+    """Every file below ``run_dir`` and its bytes, the lock file included: the run that wrote it has ended,
+    and a refused command must not write even its own process id there."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
 
 def overrides_of(run_dir: Path) -> list[str]:

@@ -351,6 +351,8 @@ def resolve_ckpt_path(
         return chosen  # a DDP rank that Lightning launched: rank 0 chose
     if not is_rank_zero():  # another process of a distributed run: rank 0 holds the directory's lock
         return _beside_rank_zero(ckpt_path, output_dir)
+    if (ckpt_path == "auto" or not _resumes_here(ckpt_path, output_dir)) and not is_locked(output_dir):
+        _refuse_finished(output_dir)  # before the lock: a refused command leaves even .run.lock as it was
     lock_run_dir(output_dir)
     if ckpt_path != "auto":
         return _given(ckpt_path, output_dir)
@@ -385,15 +387,20 @@ def _beside_rank_zero(ckpt_path: str | None, output_dir: Path) -> tuple[str | No
     return ckpt_path, output_dir
 
 
+def _resumes_here(ckpt_path: str | None, output_dir: Path) -> bool:
+    """Whether a ``ckpt_path`` other than ``"auto"`` resumes ``output_dir``'s own run: a checkpoint file in
+    it, or Lightning's "last", "hpc"... which name no file."""
+    return ckpt_path is not None and (
+        not Path(ckpt_path).is_file()
+        or (output_dir / "checkpoints").resolve() in Path(ckpt_path).resolve().parents
+    )
+
+
 def _given(ckpt_path: str | None, output_dir: Path) -> tuple[str | None, Path]:
     """``resolve_ckpt_path`` for a ``ckpt_path`` other than ``"auto"``: resuming this directory's run (a
     checkpoint file in it, or Lightning's "last", "hpc"... which name no file) or a run of its own here,
     which a finished run refuses and an unfinished run's checkpoints make room for."""
-    resumes_here = ckpt_path is not None and (
-        not Path(ckpt_path).is_file()
-        or (output_dir / "checkpoints").resolve() in Path(ckpt_path).resolve().parents
-    )
-    if not resumes_here:
+    if not _resumes_here(ckpt_path, output_dir):
         _refuse_finished(output_dir)
         _set_aside_checkpoints(output_dir)
     return ckpt_path, output_dir
