@@ -115,7 +115,8 @@ def test_the_card_names_teacher_objective_layer_pairs_metrics_command_and_versio
     )
     assert "after 1200 optimizer steps" in body
     assert "python train.py experiment=sst2_tinybert alpha=0.25" in body
-    assert "distill_lab version: 1.2.3" in body and "AutoModelForSequenceClassification" in body
+    assert "distill_lab version: 1.2.3" in body
+    assert 'AutoModelForSequenceClassification.from_pretrained("path/to/student")' in body
 
 
 def test_a_local_teacher_and_local_data_give_no_hub_ids_and_no_paths(tmp_path):
@@ -153,6 +154,7 @@ def test_a_run_writes_the_card_and_uploads_the_student(task, tmp_path, monkeypat
     )
     assert "4 layers" in text and "2 layers" in text and f"{results['parameters']['student']:,}" in text
     assert f"distill_lab version: {distill_lab.__version__}" in text
+    assert 'AutoModelForSequenceClassification.from_pretrained("someone/tiny-student")' in text
     assert [name for name, _ in uploads] == ["create_repo", "upload_folder"]
     created, uploaded = uploads[0][1], uploads[1][1]
     assert created["repo_id"] == "someone/tiny-student" and created["repo_type"] == "model"

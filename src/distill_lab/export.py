@@ -171,12 +171,15 @@ def evaluate_and_export(
     results.update(_gap(results, module.val_metrics))
     (output_dir / RESULTS).write_text(json.dumps(results, indent=2))
     layers = {"teacher": module.teacher.config.num_hidden_layers, "student": student.config.num_hidden_layers}
-    model_card.write_card(student_dir, results, config, layers=layers, command=command, version=__version__)
+    hub = config.get("export") or {}
+    repo_id = hub["hub_model_id"] if hub.get("push_to_hub") else None
+    model_card.write_card(
+        student_dir, results, config, layers=layers, command=command, version=__version__, repo_id=repo_id
+    )
     print_summary(results)
     close_logger(trainer.logger)
-    hub = config.get("export") or {}
-    if hub.get("push_to_hub"):
-        push_student(student_dir, hub["hub_model_id"], private=hub.get("private"))
+    if repo_id:
+        push_student(student_dir, repo_id, private=hub.get("private"))
     return returned_metrics(results)
 
 

@@ -108,7 +108,9 @@ def _metric_lines(results: dict) -> list[str]:
     higher = results.get("higher_is_better", {})
     lines = ["| metric | teacher | student |", "|---|---|---|"]
     for name, value in results["student"].items():
-        direction = "" if name not in higher else (" (higher is better)" if higher[name] else " (lower)")
+        direction = (
+            "" if name not in higher else (" (higher is better)" if higher[name] else " (lower is better)")
+        )
         teacher = results["teacher"].get(name)
         shown = "n/a" if teacher is None else f"{teacher:.4f}"
         lines.append(f"| {name}{direction} | {shown} | {value:.4f} |")
@@ -130,10 +132,19 @@ def card_data(config: dict, task: str) -> ModelCardData:
     )
 
 
-def card_text(results: dict, config: dict, *, layers: dict, command: list[str] | None, version: str) -> str:
+def card_text(
+    results: dict,
+    config: dict,
+    *,
+    layers: dict,
+    command: list[str] | None,
+    version: str,
+    repo_id: str | None = None,
+) -> str:
     """The card's text: YAML front matter (:func:`card_data`) and the body. ``results`` is the run's
     ``results.json`` record, ``config`` its resolved config, ``layers`` the hidden layers of ``teacher`` and
-    ``student``, ``command`` the command-line overrides (None: ``train(cfg)`` called from Python)."""
+    ``student``, ``command`` the command-line overrides (None: ``train(cfg)`` called from Python), ``repo_id``
+    the hub repository the student is uploaded to, if any."""
     task = results["task"]
     teacher = (config.get("teacher") or {}).get("name_or_path")
     shown_teacher = hub_id(teacher) or f"a local model (`{_plain(teacher)}`)"
@@ -176,7 +187,7 @@ def card_text(results: dict, config: dict, *, layers: dict, command: list[str] |
         "",
         "```python",
         f"from transformers import {load}",
-        f'model = {load}.from_pretrained("path/or/hub-id")',
+        f'model = {load}.from_pretrained("{repo_id or "path/to/student"}")',
         "```",
         "",
     ]
