@@ -10,7 +10,11 @@ do not check these settings again.
 from __future__ import annotations
 
 import logging
+import os
 
+import huggingface_hub
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from hydra.utils import get_object
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
@@ -55,6 +59,7 @@ def check_config(cfg: DictConfig, task) -> None:
     check_trainer_limits(cfg.trainer)
     check_capture(cfg)
     check_head_importance(cfg)
+    check_export(cfg.get("export"))
     warn_if_nothing_trains(cfg.trainer)
 
 
@@ -182,6 +187,29 @@ def _sharded(trainer: DictConfig) -> bool:
         target = get_object(strategy._target_)
         return isinstance(target, type) and issubclass(target, FSDPStrategy)
     return False
+
+
+def check_export(export: DictConfig | None) -> None:
+    """``export.push_to_hub=true`` uploads the student after the run: it needs a repository to upload to
+    (``export.hub_model_id``, a valid hub id) and a token, both known before anything trains, so that a long
+    run does not end in an upload that cannot happen."""
+    if not export or not export.get("push_to_hub"):
+        return
+    repo_id = export.get("hub_model_id")
+    if not repo_id:
+        raise ValueError(
+            "export.push_to_hub=true needs the repository to upload the student to: set "
+            "export.hub_model_id=<user or organisation>/<name>"
+        )
+    try:
+        validate_repo_id(str(repo_id))
+    except HFValidationError as err:
+        raise ValueError(f"export.hub_model_id={repo_id} is no hub repository id: {err}") from None
+    if not (os.environ.get("HF_TOKEN") or huggingface_hub.get_token()):
+        raise ValueError(
+            "export.push_to_hub=true, but no Hugging Face token is set: set HF_TOKEN, or log in with "
+            "`hf auth login`, before the run (or drop export.push_to_hub to keep the student local)"
+        )
 
 
 def warn_if_nothing_trains(trainer: DictConfig) -> None:

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from huggingface_hub import HfApi
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from rich.console import Console
 from rich.table import Table
 
+from distill_lab import __version__, model_card
 from distill_lab.models import count_parameters
 
 log = logging.getLogger(__name__)
@@ -119,10 +121,14 @@ def evaluate_and_export(
     parameters: dict,
     optimized_metric: str,
     output_dir: Path,
+    config: dict,
+    command: list[str] | None = None,
 ) -> dict[str, float]:
-    """Evaluate ``best``, save the student and the preprocessor to ``output_dir/student``, time both models,
-    write ``results.json``, print the summary; returns the metrics ``train`` returns (to a sweeper). Every
-    process calls this; rank 0 alone writes, and the others return their metrics after the evaluation."""
+    """Evaluate ``best``, save the student, the preprocessor and the model card to ``output_dir/student``,
+    time both models, write ``results.json``, print the summary and, with ``export.push_to_hub``, upload the
+    student; returns the metrics ``train`` returns (to a sweeper). ``config`` is the run's resolved config
+    and ``command`` its command-line overrides, both for the card. Every process calls this; rank 0 alone
+    writes, and the others return their metrics after the evaluation."""
     final = evaluate(trainer, module, data, best)
     metric_names = [k.removeprefix("val/") for k in module.val_metrics.keys(keep_base=False)]
     student_scores = {
@@ -164,9 +170,32 @@ def evaluate_and_export(
     }
     results.update(_gap(results, module.val_metrics))
     (output_dir / RESULTS).write_text(json.dumps(results, indent=2))
+    layers = {"teacher": module.teacher.config.num_hidden_layers, "student": student.config.num_hidden_layers}
+    hub = config.get("export") or {}
+    repo_id = hub["hub_model_id"] if hub.get("push_to_hub") else None
+    model_card.write_card(
+        student_dir, results, config, layers=layers, command=command, version=__version__, repo_id=repo_id
+    )
     print_summary(results)
     close_logger(trainer.logger)
+    if repo_id:
+        push_student(student_dir, repo_id, private=hub.get("private"))
     return returned_metrics(results)
+
+
+def push_student(student_dir: Path, repo_id: str, *, private: bool | None = None) -> None:
+    """Upload ``student_dir`` (weights, preprocessor, model card) to the hub model repository ``repo_id``,
+    made if it does not exist; the token is ``huggingface_hub``'s own (``HF_TOKEN`` or ``hf auth login``),
+    checked before training (``checks.check_export``)."""
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(student_dir),
+        repo_type="model",
+        commit_message="Upload the student distilled by distill-lab",
+    )
+    log.info("student uploaded to https://huggingface.co/%s", repo_id)
 
 
 def inference_speed(teacher: torch.nn.Module, student: torch.nn.Module, data) -> dict[str, float]:

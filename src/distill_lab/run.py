@@ -82,6 +82,7 @@ def train(cfg: DictConfig) -> dict:
     return export.evaluate_and_export(
         trainer, module, data, best, preprocessor=preprocessor, parameters=parameters,
         optimized_metric=cfg.optimized_metric, output_dir=output_dir,
+        config=OmegaConf.to_container(cfg, resolve=True), command=_command(),
     )  # fmt: skip
 
 
@@ -106,6 +107,12 @@ def _named_directory() -> bool | None:
     if not HydraConfig.initialized():
         return None
     return any(str(o).startswith(NAMED_DIR_OVERRIDES) for o in HydraConfig.get().overrides.hydra)
+
+
+def _command() -> list[str] | None:
+    """This run's command-line overrides, as ``.hydra/overrides.yaml`` records them (for the model card);
+    None outside ``@hydra.main``."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
 
 
 def _in_multirun() -> bool:

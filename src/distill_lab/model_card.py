@@ -1,0 +1,201 @@
+"""The exported student's model card (``student/README.md``): the metadata the hub reads and what a reader
+needs to trust the student: its teacher, size, data, objective, layer map, scores and the command that made
+it.
+
+Pure: the text is built from plain dicts (the run's resolved config and its ``results.json`` record), so it
+can be tested, and written again, without Lightning, Hydra or a run.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+CARD = "README.md"
+TAGS = ["distillation", "knowledge-distillation", "distill-lab"]
+# the hub's pipeline of each task, and the transformers class that loads its student
+PIPELINE_TAGS = {
+    "sequence_classification": "text-classification",
+    "token_classification": "token-classification",
+    "masked_lm": "fill-mask",
+    "causal_lm": "text-generation",
+    "image_classification": "image-classification",
+}
+AUTO_CLASSES = {
+    "sequence_classification": "AutoModelForSequenceClassification",
+    "token_classification": "AutoModelForTokenClassification",
+    "masked_lm": "AutoModelForMaskedLM",
+    "causal_lm": "AutoModelForCausalLM",
+    "image_classification": "AutoModelForImageClassification",
+}
+OBJECTIVE_KEYS = ("attention_weight", "alpha", "temperature", "layer_map", "layer_weights", "capture")
+
+
+def hub_id(name_or_path: str | None) -> str | None:
+    """``name_or_path`` where it names a hub repository (``bert-base-uncased``, ``org/model``), None where it
+    is a local directory (a saved model, the built-in teacher's cache)."""
+    if not name_or_path or Path(name_or_path).exists():
+        return None
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return None
+    return name_or_path
+
+
+def hub_dataset(data: dict) -> str | None:
+    """The hub dataset the data option reads (``data=hf``, ``data=lm_hf``: ``data.dataset.path``), if any."""
+    dataset = data.get("dataset") or {}
+    if str(dataset.get("_target_", "")).endswith(".hub_dataset"):
+        return hub_id(dataset.get("path"))
+    return None
+
+
+def _plain(value) -> str:
+    """A setting as the card prints it; a local path by its file name (the card is public, the path not)."""
+    if isinstance(value, str) and Path(value).is_absolute():
+        return Path(value).name
+    return str(value)
+
+
+def _settings(node: dict, skip: tuple[str, ...] = ("_target_", "_partial_")) -> str:
+    return ", ".join(f"{k}={_plain(v)}" for k, v in node.items() if k not in skip and v is not None)
+
+
+def describe_data(data: dict) -> str:
+    """One line: how the data is read (the dataset function and its settings) and the subset limits."""
+    dataset = data.get("dataset") or {}
+    source = str(dataset.get("_target_", "?")).rsplit(".", 1)[-1]
+    limits = {k: data.get(k) for k in ("max_train_samples", "max_eval_samples", "max_length")}
+    line = f"`{source}` ({_settings(dataset)})"
+    return f"{line}; {_settings(limits)}" if _settings(limits) else line
+
+
+def _size_lines(results: dict, layers: dict) -> list[str]:
+    p = results["parameters"]
+    return [
+        f"- **Teacher:** {layers['teacher']} layers, {p['teacher']:,} parameters",
+        f"- **Student:** {layers['student']} layers, {p['student']:,} parameters "
+        f"({p['compression']:.2f}x fewer)",
+    ]
+
+
+def _objective_lines(config: dict, results: dict) -> list[str]:
+    loss, matching = dict(config.get("loss") or {}), dict(config.get("matching") or {})
+    pairs = ", ".join(f"teacher {t} -> student {s}" for t, s in results.get("layer_map") or [])
+    lines = [
+        "L = (1 - attention_weight) * L_output + attention_weight * L_attention, with "
+        "L_output = alpha * CE + (1 - alpha) * temperature^2 * KL(teacher_T || student_T).",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *(f"| {k} | {config[k]} |" for k in OBJECTIVE_KEYS if k in config),
+        f"| loss | {loss.get('name', '?')} ({_settings(loss, ('_target_', 'name')) or 'defaults'}) |",
+        f"| matching | {str(matching.get('_target_', '?')).rsplit('.', 1)[-1].lower()}"
+        f"{' (' + _settings(matching) + ')' if _settings(matching) else ''} |",
+        f"| layer pairs | {pairs or 'none'} |",
+    ]
+    if results.get("selected_heads"):
+        lines.append(f"| selected heads | {results['selected_heads']} |")
+    return lines
+
+
+def _metric_lines(results: dict) -> list[str]:
+    higher = results.get("higher_is_better", {})
+    lines = ["| metric | teacher | student |", "|---|---|---|"]
+    for name, value in results["student"].items():
+        direction = (
+            "" if name not in higher else (" (higher is better)" if higher[name] else " (lower is better)")
+        )
+        teacher = results["teacher"].get(name)
+        shown = "n/a" if teacher is None else f"{teacher:.4f}"
+        lines.append(f"| {name}{direction} | {shown} | {value:.4f} |")
+    steps = results.get("trained_steps")
+    lines += ["", f"Validation scores of the best validated checkpoint, after {steps} optimizer steps."]
+    return lines
+
+
+def card_data(config: dict, task: str) -> ModelCardData:
+    """The front matter the hub reads: library, tags, and base model, pipeline and dataset where known."""
+    teacher = hub_id((config.get("teacher") or {}).get("name_or_path"))
+    dataset = hub_dataset(config.get("data") or {})
+    return ModelCardData(
+        library_name="transformers",
+        tags=list(TAGS),
+        base_model=teacher,
+        pipeline_tag=PIPELINE_TAGS.get(task),
+        datasets=[dataset] if dataset else None,
+    )
+
+
+def card_text(
+    results: dict,
+    config: dict,
+    *,
+    layers: dict,
+    command: list[str] | None,
+    version: str,
+    repo_id: str | None = None,
+) -> str:
+    """The card's text: YAML front matter (:func:`card_data`) and the body. ``results`` is the run's
+    ``results.json`` record, ``config`` its resolved config, ``layers`` the hidden layers of ``teacher`` and
+    ``student``, ``command`` the command-line overrides (None: ``train(cfg)`` called from Python), ``repo_id``
+    the hub repository the student is uploaded to, if any."""
+    task = results["task"]
+    teacher = (config.get("teacher") or {}).get("name_or_path")
+    shown_teacher = hub_id(teacher) or f"a local model (`{_plain(teacher)}`)"
+    made_by = (
+        ["```bash", shlex.join(["python", "train.py", *command]), "```"]
+        if command is not None
+        else ["`distill_lab.run.train(cfg)` from Python; the resolved config is the run's `config.yaml`."]
+    )
+    load = AUTO_CLASSES.get(task, "AutoModel")
+    body = [
+        f"# Student of {shown_teacher}",
+        "",
+        f"Distilled with distill-lab {version} from **{shown_teacher}** "
+        f"(task: `{task}`), matching the teacher's attention as well as its outputs.",
+        "",
+        "## Model",
+        "",
+        f"- **Base (teacher):** {shown_teacher}",
+        *_size_lines(results, layers),
+        "",
+        "## Data",
+        "",
+        describe_data(config.get("data") or {}),
+        "",
+        "## Objective",
+        "",
+        *_objective_lines(config, results),
+        "",
+        "## Results",
+        "",
+        *_metric_lines(results),
+        "",
+        "## How it was made",
+        "",
+        *made_by,
+        "",
+        f"distill_lab version: {version}",
+        "",
+        "## Use",
+        "",
+        "```python",
+        f"from transformers import {load}",
+        f'model = {load}.from_pretrained("{repo_id or "path/to/student"}")',
+        "```",
+        "",
+    ]
+    return str(ModelCard(f"---\n{card_data(config, task).to_yaml()}\n---\n\n" + "\n".join(body)))
+
+
+def write_card(directory: str | Path, results: dict, config: dict, **details) -> Path:
+    """:func:`card_text` written to ``directory/README.md``; returns its path."""
+    path = Path(directory) / CARD
+    path.write_text(card_text(results, config, **details))
+    return path
