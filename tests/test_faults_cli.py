@@ -79,18 +79,19 @@ def test_a_refused_command_leaves_the_finished_run_it_names_untouched(task, tmp_
 @pytest.mark.slow
 def test_a_sweep_into_an_existing_sweep_directory_does_not_relabel_its_jobs(task, tmp_path):
     """A second ``-m`` sweep given the first's ``hydra.sweep.dir`` is refused in the jobs that finished
-    there: job 0 keeps its overrides (``loss=kl``), and ``summarize`` shows it as the kl run it was."""
+    there: job 0 keeps its overrides (``loss=kl``), ``summarize`` shows it as the kl run it was, and the
+    sweep's ``multirun.yaml`` (which Hydra writes before any job starts) is the first sweep's again."""
     from distill_lab.summarize import collect
 
     sweep = tmp_path / "sweep"
     common = [*task["overrides"], *FAST, *NO_MAPS, f"hydra.sweep.dir={sweep}"]
     cli(tmp_path, "-m", "loss=kl", *common)
-    before = snapshot(sweep / "0")
+    before = snapshot(sweep)  # its jobs and Hydra's record of the sweep, multirun.yaml
     assert "loss=kl" in overrides_of(sweep / "0")
 
     second = cli(tmp_path, "-m", "loss=cosine", *common, fails=True)
     assert f"{sweep / '0'} holds a finished run" in second.stderr, second.stderr[-3000:]
-    assert snapshot(sweep / "0") == before
+    assert snapshot(sweep) == before
     (row,) = collect(sweep)
     assert row["overrides"]["loss"] == "kl"
 

@@ -9,6 +9,7 @@ configs are the checkout's top-level ``conf/`` where the package runs from a che
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
@@ -102,7 +103,8 @@ def main(config_path: str | Path | None = None) -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     try:
-        app(_train)()
+        with _sweep_record_kept_on_failure(sys.argv[1:]):
+            app(_train)()
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
@@ -111,6 +113,34 @@ def main(config_path: str | Path | None = None) -> None:
             raise
         print(stopped[1], file=sys.stderr)
         sys.exit(stopped[0])
+
+
+@contextlib.contextmanager
+def _sweep_record_kept_on_failure(argv: list[str]):
+    """A ``-m`` sweep aimed at an existing sweep directory (``hydra.sweep.dir=`` on the command line) that
+    fails, e.g. refused in a job that finished there under other settings, leaves that sweep's
+    ``multirun.yaml`` as it was. Hydra's sweeper writes the file before the first job starts, and a job's
+    refusal comes later (``distill_lab.resume``); a sweep that runs keeps Hydra's new record."""
+    record = _named_sweep_record(argv)
+    before = record.read_bytes() if record is not None and record.is_file() else None
+    try:
+        yield
+    except BaseException as err:
+        if before is not None and not (isinstance(err, SystemExit) and err.code in (0, None)):
+            record.write_bytes(before)
+        raise
+
+
+def _named_sweep_record(argv: list[str]) -> Path | None:
+    """``<dir>/multirun.yaml`` of a sweep (``-m``, ``--multirun``) whose directory the command line names
+    (``hydra.sweep.dir=<dir>``), else None: a directory named by the clock is a new one."""
+    if not {"-m", "--multirun"} & set(argv):
+        return None
+    for arg in argv:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key == "hydra.sweep.dir" and value:
+            return Path(value) / "multirun.yaml"
+    return None
 
 
 def summarize(argv: list[str] | None = None) -> None:
