@@ -14,7 +14,6 @@ import re
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -281,29 +280,6 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes(task, tmp_path):
         Path(results["best_checkpoint"]).parent == second / "checkpoints"
         and 0.0 <= results["student"]["acc"] <= 1.0
     )
-
-
-@pytest.mark.slow
-def test_ctrl_c_while_the_builtin_teacher_trains_stops_with_a_message_not_a_traceback(tmp_path):
-    """Ctrl-C outside Trainer.fit (here: the built-in teacher's training on first use) ends the command with
-    exit status 130 and a message saying what a rerun does, not a KeyboardInterrupt traceback from torch."""
-    run = TrainRun(
-        train_py("logger=csv", f"hydra.run.dir={tmp_path / 'run'}"),
-        env=app_env(tmp_path),
-        log=tmp_path / "log",
-    )
-    deadline = time.monotonic() + 240
-    while "teacher epoch 1:" not in run.output():
-        assert run.process.poll() is None and time.monotonic() < deadline, run.output()[-3000:]
-        time.sleep(0.2)
-    run.interrupt()
-    returncode, output = run.wait(120), run.output()
-    assert returncode == 130, output[-3000:]
-    assert "Stopped by Ctrl-C outside training" in output and "Run the same command again" in output
-    assert "Traceback" not in output, output[-3000:]
-    assert not (
-        tmp_path / "cache" / "builtin-sequence_classification-v2" / "config.json"
-    ).exists()  # no half teacher
 
 
 def test_parallel_launcher_and_optuna_search(task, tmp_path):

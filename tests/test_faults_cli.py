@@ -171,9 +171,14 @@ def test_a_signal_mid_training_saves_exits_non_zero_and_the_rerun_resumes(task, 
 
 
 @pytest.mark.slow
-def test_sigterm_while_the_builtin_teacher_trains_exits_143_with_a_message(tmp_path):
-    """SIGTERM outside ``Trainer.fit`` (here the built-in teacher's training on first use) ends the command
-    with 143 and a message saying what a rerun does, not 0 or a traceback."""
+@pytest.mark.parametrize(
+    ("signum", "status", "message"),
+    [(signal.SIGTERM, 143, "Stopped by SIGTERM"), (signal.SIGINT, 130, "Stopped by Ctrl-C outside training")],
+)
+def test_a_signal_while_the_builtin_teacher_trains_exits_with_a_message(tmp_path, signum, status, message):
+    """A signal outside ``Trainer.fit`` (here the built-in teacher's training on first use) ends the command
+    with 128 + the signal's number and a message saying what a rerun does, not 0 or a traceback (from torch,
+    for a KeyboardInterrupt), and caches no half-trained teacher."""
     run = TrainRun(
         train_py("logger=csv", f"hydra.run.dir={tmp_path / 'run'}"),
         env=app_env(tmp_path),
@@ -183,11 +188,12 @@ def test_sigterm_while_the_builtin_teacher_trains_exits_143_with_a_message(tmp_p
     while "teacher epoch 1:" not in run.output():
         assert run.process.poll() is None and time.monotonic() < deadline, run.output()[-3000:]
         time.sleep(0.2)
-    run.process.send_signal(signal.SIGTERM)
+    run.process.send_signal(signum)
     returncode, output = run.wait(120), run.output()
-    assert returncode == 143, output[-3000:]
-    assert "Stopped by SIGTERM" in output and "Run the same command again" in output, output[-3000:]
+    assert returncode == status, output[-3000:]
+    assert message in output and "Run the same command again" in output, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
+    assert not (tmp_path / "cache" / "builtin-sequence_classification-v2" / "config.json").exists()
 
 
 # ------------------------------------------------------------------------------------------- setup errors
