@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_setup import PRESETS, build_models, device_name, make_batch, versions  # noqa: E402, F401
+from bench_setup import PRESETS, build_models, device_name, make_batch, report, versions  # noqa: E402, F401
 
 from distill_lab.attention import AttentionDistillationLoss  # noqa: E402
 from distill_lab.capture import AttentionCapture  # noqa: E402
@@ -351,13 +351,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     if args.threads:
         torch.set_num_threads(args.threads)
     lines = run_kernel(args) if args.kernel else run_training(args)
-    command = f"python benchmarks/bench_distill.py {' '.join(argv if argv is not None else sys.argv[1:])}"
-    lines = [*lines, "", f"Device: {device_name(args.device)}; {versions()}. Command: `{command}`", ""]
-    print("\n".join(lines))
-    if args.out:
-        with args.out.open("a") as fh:
-            fh.write("\n".join(lines) + "\n")
-    return lines
+    return report(lines, "bench_distill.py", argv, args.device, args.out)
 
 
 if __name__ == "__main__":

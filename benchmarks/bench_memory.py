@@ -108,14 +108,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         run_variant(args)
         return []
     lines = run(args)
-    command = f"python benchmarks/bench_memory.py {' '.join(argv if argv is not None else sys.argv[1:])}"
-    lines = [*lines, "", f"Device: {bench_setup.device_name('cpu')}; {bench_setup.versions()}. "
-             f"Command: `{command}`", ""]  # fmt: skip
-    print("\n".join(lines))
-    if args.out:
-        with args.out.open("a") as fh:
-            fh.write("\n".join(lines) + "\n")
-    return lines
+    return bench_setup.report(lines, "bench_memory.py", argv, "cpu", args.out)
 
 
 if __name__ == "__main__":

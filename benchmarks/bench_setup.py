@@ -89,3 +89,15 @@ def versions() -> str:
     except ImportError:
         kernels = "no triton"
     return f"torch {torch.__version__}, transformers {transformers.__version__}, {kernels}"
+
+
+def report(lines: list[str], script: str, argv: list[str] | None, device: str, out: Path | None) -> list[str]:
+    """A table's ``lines`` with the device, the library versions and the command that made it (``python
+    benchmarks/<script> <argv>``): printed, and appended to ``out`` where given."""
+    command = f"python benchmarks/{script} {' '.join(argv if argv is not None else sys.argv[1:])}"
+    lines = [*lines, "", f"Device: {device_name(device)}; {versions()}. Command: `{command}`", ""]
+    print("\n".join(lines))
+    if out:
+        with out.open("a") as fh:
+            fh.write("\n".join(lines) + "\n")
+    return lines
