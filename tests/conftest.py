@@ -703,3 +703,19 @@ def isolated_app_variables(monkeypatch):
         monkeypatch.setenv(name, "" if before is None else before)
         if before is None or name in APP_SET_VARIABLES:
             monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def sdpa_calls(monkeypatch) -> list:
+    """The attention modules that ran transformers' SDPA attention through the capture, in call order: a
+    layer whose maps the capture keeps runs eager attention instead."""
+    from distill_lab import capture
+
+    calls, real_sdpa = [], capture.sdpa_attention_forward
+
+    def counting_sdpa(module, *args, **kwargs):
+        calls.append(module)
+        return real_sdpa(module, *args, **kwargs)
+
+    monkeypatch.setattr(capture, "sdpa_attention_forward", counting_sdpa)
+    return calls

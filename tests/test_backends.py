@@ -14,7 +14,6 @@ import torch
 from conftest import make_tiny_inputs
 
 import distill_lab.backends.blockwise as blockwise_module
-import distill_lab.capture as capture_module
 from distill_lab.attention import AttentionDistillationLoss
 from distill_lab.backends import BACKENDS, BackendUnavailable, PairContext, Terms, choose
 from distill_lab.backends.blockwise import BlockwiseBackend
@@ -252,18 +251,10 @@ def test_kept_maps_give_the_recomputed_and_the_probs_paths(tiny_model_factory, l
             torch.testing.assert_close(kept[2][name], grads[name], atol=1e-9 * scale, rtol=1e-9, msg=name)
 
 
-def test_the_budget_is_decided_per_forward(tiny_model_factory, monkeypatch):
+def test_the_budget_is_decided_per_forward(tiny_model_factory, sdpa_calls):
     """The capture keeps a layer's maps when they fit, from the batch in hand: a short batch keeps them (no
     SDPA in the captured layer), a longer one runs SDPA and keeps queries and keys only."""
     model = tiny_model_factory("bert", num_hidden_layers=2)
-    sdpa_calls = []
-    real_sdpa = capture_module.sdpa_attention_forward
-
-    def counting_sdpa(module, *args, **kwargs):
-        sdpa_calls.append(module)
-        return real_sdpa(module, *args, **kwargs)
-
-    monkeypatch.setattr(capture_module, "sdpa_attention_forward", counting_sdpa)
     heads = model.config.num_attention_heads
     budget = 2 * 2 * heads * 10 * 10 * 4  # the scores and probabilities of 2 examples of length 10
     with AttentionCapture(model, [1], "qk", memory_budget=budget) as capture, torch.no_grad():

@@ -7,7 +7,6 @@ import torch
 from conftest import CAUSAL_FAMILIES, FAMILIES, TEXT_FAMILIES, make_tiny_config, make_tiny_inputs
 from torch import nn
 
-import distill_lab.capture as capture_module
 from distill_lab.capture import (
     _STATE,
     CAPTURE_ATTENTION,
@@ -323,17 +322,9 @@ def test_changing_implementation_under_capture_raises(tiny_model_factory):
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
-def test_only_requested_layers_are_captured(family, tiny_model_factory, monkeypatch):
+def test_only_requested_layers_are_captured(family, tiny_model_factory, sdpa_calls):
     model = tiny_model_factory(family, num_hidden_layers=4)
     inputs = make_tiny_inputs(family, model.config)
-    sdpa_calls = []
-    real_sdpa = capture_module.sdpa_attention_forward
-
-    def counting_sdpa(module, *args, **kwargs):
-        sdpa_calls.append(module)
-        return real_sdpa(module, *args, **kwargs)
-
-    monkeypatch.setattr(capture_module, "sdpa_attention_forward", counting_sdpa)
     modules = [module for _, module in attention_modules(model)]
     with AttentionCapture(model, [2]) as capture, torch.no_grad():
         assert [hasattr(module, _STATE) for module in modules] == [False, False, True, False]
