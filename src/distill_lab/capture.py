@@ -130,6 +130,16 @@ def num_attention_heads(model: nn.Module) -> int:
     raise ValueError(f"cannot read the number of attention heads from the config of {type(model).__name__}")
 
 
+def attention_width(model: nn.Module) -> int:
+    """All heads' query features of a token (heads x head size), read from the model's config: the width
+    of the vectors the relation losses compare (keys and values are as wide once grouped heads are
+    expanded)."""
+    config = getattr(model, "config", None)
+    heads = num_attention_heads(model)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads * head_dim
+
+
 def _record_and_attend(
     module: nn.Module,
     query: Tensor,
@@ -165,7 +175,7 @@ def _record_and_attend(
     record = QueryKey(
         query, key, scaling if scaling is not None else query.shape[-1] ** -0.5, attention_mask,
         bool(is_causal), softcap, kwargs.get("sliding_window") or getattr(module, "sliding_window", None),
-        kwargs.get("position_bias"),
+        kwargs.get("position_bias"), value=value,
     )  # fmt: skip
     capture, layer = state if state is not None else (None, None)
     qk = capture is not None and capture.backend == "qk"

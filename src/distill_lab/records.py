@@ -26,7 +26,8 @@ class QueryKey:
     use, and ``causal`` applies only where the model built no mask. ``bias`` is a per-layer additive score
     bias (T5's relative positions), ``(B or 1, H, Lq, Lk)``. ``maps`` holds the whole layer's ``(scores,
     probabilities)`` where the capture computed them anyway (eager attention within its memory budget):
-    ``scores`` and ``probs`` then return them instead of computing them again.
+    ``scores`` and ``probs`` then return them instead of computing them again. ``value``: the layer's values
+    after their projection, (B, H_kv, Lk, D_v), which the relation losses compare (``vectors("value")``).
 
     The scores are computed in float32 even under ``torch.autocast``: a bf16 product of queries and keys
     rounds the scores, which roughly doubles a small KL between near-equal maps.
@@ -41,6 +42,7 @@ class QueryKey:
     sliding_window: int | None = None
     bias: Tensor | None = None
     maps: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
+    value: Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -50,7 +52,10 @@ class QueryKey:
     def detach(self) -> QueryKey:
         """The same record, with no gradient flowing back through it (a teacher's: the target)."""
         maps = None if self.maps is None else tuple(m.detach() for m in self.maps)
-        return dataclasses.replace(self, query=self.query.detach(), key=self.key.detach(), maps=maps)
+        value = None if self.value is None else self.value.detach()
+        return dataclasses.replace(
+            self, query=self.query.detach(), key=self.key.detach(), maps=maps, value=value
+        )
 
     def examples(self, keep: Tensor | slice) -> QueryKey:
         """The record of the batch's examples ``keep`` (a boolean mask or a slice of the batch): queries,
@@ -69,7 +74,27 @@ class QueryKey:
             mask=rows(self.mask),
             bias=rows(self.bias),
             maps=maps,
+            value=None if self.value is None else self.value[keep],
         )
+
+    def vectors(self, kind: str) -> Tensor:
+        """All heads' queries, keys or values of each token side by side, as MiniLMv2's relations take them:
+        ``kind`` is ``"query"``, ``"key"`` or ``"value"``; grouped key and value heads are expanded to the
+        query heads they serve first, so a model with grouped-query attention gives ``H x D`` features too.
+
+        Shape:
+            Returns: (B, L, H * D) (``H * D_v`` for values).
+        """
+        if kind not in ("query", "key", "value"):
+            raise ValueError(f"kind must be 'query', 'key' or 'value'; got {kind!r}")
+        x = getattr(self, kind)
+        if x is None:
+            raise ValueError(
+                "this record holds no values: it was not made by AttentionCapture(..., backend='qk')"
+            )
+        x = repeat_heads(x, self.query.shape[1] // x.shape[1])
+        batch, heads, length, dim = x.shape
+        return x.transpose(1, 2).reshape(batch, length, heads * dim)
 
     def scores(self, rows: slice | None = None) -> Tensor:
         """Masked attention scores (B, H, rows, Lk) in float32 (float64 for float64 inputs)."""
