@@ -32,6 +32,10 @@ _EXPORTS = {
     "attention_mse_scores": "losses",
     "distillation_objective": "losses",
     "kd_loss": "losses",
+    # self-attention relations (MiniLM, MiniLMv2)
+    "MiniLMLoss": "relations",
+    "RelationLoss": "relations",
+    "relation_kl": "relations",
     # layer maps and matching modes
     "Global": "matching",
     "Headwise": "matching",

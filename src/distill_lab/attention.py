@@ -31,7 +31,7 @@ def _layer_maps(attentions, layer: int) -> Tensor | QueryKey | None:
     return attentions.get(layer) if isinstance(attentions, Mapping) else attentions[layer]
 
 
-def _reduce(terms: Terms) -> tuple[Tensor, dict[int, Tensor] | None]:
+def reduce_terms(terms: Terms) -> tuple[Tensor, dict[int, Tensor] | None]:
     """A pair's loss from its terms, and its per-head losses where the mode reports heads."""
     if terms.heads is None:
         return terms.values.sum() / terms.weights.sum().clamp_min(1.0), None
@@ -119,9 +119,18 @@ class AttentionDistillationLoss(nn.Module):
         """The backend settings: ``{"fused": ..., "gram": ...}``, True to insist, False to switch off."""
         return {"fused": self.fused, "gram": self.gram}
 
-    def check(self, num_teacher_heads: int, num_student_heads: int) -> None:
-        """Raise before training if the matching mode cannot pair these head counts."""
-        self.matching.check_heads(num_teacher_heads, num_student_heads, self.layer_map)
+    def check(
+        self, num_teacher_heads: int, num_student_heads: int, widths: Mapping[str, int] | None = None
+    ) -> None:
+        """Raise before training if the matching mode cannot pair these head counts or, for a pair loss (the
+        relation losses), if the loss cannot compare models of these head counts and ``widths`` (``{"teacher":
+        D_t, "student": D_s}``, all heads' features of a token)."""
+        if hasattr(self.loss, "check_models"):
+            self.loss.check_models(
+                num_teacher_heads, num_student_heads, widths, self.matching, self.layer_map
+            )
+        else:
+            self.matching.check_heads(num_teacher_heads, num_student_heads, self.layer_map)
 
     def check_setup(
         self, device_type: str, capture: str, num_teacher_heads: int, num_student_heads: int
@@ -131,9 +140,14 @@ class AttentionDistillationLoss(nn.Module):
         (``"qk"`` or ``"probs"``), as far as it can be told before a forward; its ``reason`` is the
         backend's own, which a forward would give too. What only records can rule out (a sliding window, a
         soft cap, a mask beyond padding and causal structure) is left to the forward."""
+        loss = self.loss
+        if hasattr(loss, "pair_loss"):  # a relation loss checks its relations; its attention part, if any,
+            loss.check_setup(capture, device_type, self.fused)  # is checked below as any attention loss
+            if (loss := loss.attention) is None:
+                return
         for pair in self.layer_map:
             context = PairContext(
-                self.loss, self.matching, pair, num_teacher_heads, num_student_heads,
+                loss, self.matching, pair, num_teacher_heads, num_student_heads,
                 qk=capture == "qk", device_type=device_type, block_size=self.block_size,
             )  # fmt: skip
             insisted_on(self.backends, context, self.settings)
@@ -206,12 +220,15 @@ class AttentionDistillationLoss(nn.Module):
         masks: dict = {}  # a model builds one mask for all its layers: check it once (a host sync each)
         for pair in self.layer_map:
             context = self._context(pair, student_attentions, teacher_attentions, attention_mask, masks)
-            backend = choose(self.backends, context, self.settings)
-            value, per_head = _reduce(backend.terms(context))
-            losses.append(value)
             name = pair_name(pair)
+            if hasattr(self.loss, "pair_loss"):  # the relation losses: the pair's loss and its named parts
+                value, parts = self.loss.pair_loss(context, self.settings)
+            else:
+                backend = choose(self.backends, context, self.settings)
+                value, per_head = reduce_terms(backend.terms(context))
+                parts = {f"h{head}": head_value for head, head_value in (per_head or {}).items()}
+            losses.append(value)
             details[name] = value.detach()
-            for head, head_value in (per_head or {}).items():
-                details[f"{name}/h{head}"] = head_value.detach()
+            details.update({f"{name}/{part}": part_value.detach() for part, part_value in parts.items()})
         total = (torch.stack(losses) * self.layer_weights.to(losses[0])).sum()  # the maps' device and dtype
         return total, details

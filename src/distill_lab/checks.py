@@ -156,11 +156,31 @@ def check_trainer_limits(trainer: DictConfig) -> None:
         )
 
 
+RELATION_LOSSES = {
+    "distill_lab.relations.RelationLoss": "relation",
+    "distill_lab.relations.MiniLMLoss": "minilm",
+}
+
+
 def check_capture(cfg: DictConfig) -> None:
-    """``loss=mse_scores`` compares pre-softmax scores, which only the qk capture records."""
+    """``loss=mse_scores`` compares pre-softmax scores, and the relation losses queries, keys and values,
+    which only the qk capture records; ``loss=relation`` compares relation heads, which no matching mode but
+    the default pairs."""
     if cfg.loss.get("name") == "mse_scores" and cfg.capture != "qk":
         raise ValueError(
             f"loss=mse_scores compares pre-softmax scores and needs capture=qk, not capture={cfg.capture}"
+        )
+    relation = RELATION_LOSSES.get(cfg.loss.get("_target_"))
+    if relation and cfg.capture != "qk":
+        raise ValueError(
+            f"loss={relation} compares the layers' queries, keys and values, which only capture=qk records; "
+            f"not capture={cfg.capture}"
+        )
+    matching = str(cfg.matching.get("_target_", "")).rsplit(".", 1)[-1].lower()
+    if relation == "relation" and matching != "layerwise":
+        raise ValueError(
+            f"loss=relation splits both models' vectors into loss.relation_heads relation heads, so no "
+            f"attention heads are matched: matching={matching} does not apply; leave matching=layerwise"
         )
 
 

@@ -398,3 +398,13 @@ def distillation_objective(
     if not 0.0 <= attention_weight <= 1.0:
         raise ValueError(f"attention_weight must be in [0, 1], got {attention_weight}")
     return (1.0 - attention_weight) * output_loss + attention_weight * attention_loss
+
+
+def __getattr__(name: str):
+    """``relation_kl`` (MiniLMv2's relation loss) lives in ``distill_lab.relations``, which builds on this
+    module: imported from there on first use."""
+    if name == "relation_kl":
+        from distill_lab.relations import relation_kl
+
+        return relation_kl
+    raise AttributeError(f"module 'distill_lab.losses' has no attribute {name!r}")

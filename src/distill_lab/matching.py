@@ -89,7 +89,9 @@ def layer_map(
     Args:
         num_teacher_layers, num_student_layers: layer counts.
         spec: ``"uniform"`` (student layer j takes teacher layer ``round((j + 1) * N_t / N_s) - 1``: 12 -> 4
-            gives 2, 5, 8, 11 as in TinyBERT), ``"last"`` (last to last), or explicit pairs such as
+            gives 2, 5, 8, 11 as in TinyBERT), ``"last"`` (last to last), ``"minilmv2"`` (the student's last
+            layer from ``minilmv2_teacher_layer``: the teacher's last, an upper-middle one for a teacher of
+            more than 12 layers), or explicit pairs such as
             ``[[6, 3], [11, 5]]`` whose entries are indices or module names.
         teacher, student: the models (or lists of their attention-module names) to resolve names against.
     """
@@ -109,8 +111,11 @@ def layer_map(
             ]
         if spec == "last":
             return [(num_teacher_layers - 1, num_student_layers - 1)]
+        if spec == "minilmv2":
+            return [(minilmv2_teacher_layer(num_teacher_layers), num_student_layers - 1)]
         raise ValueError(
-            f"unknown layer_map {spec!r}; valid: 'uniform', 'last' or a list of [teacher, student] pairs"
+            f"unknown layer_map {spec!r}; valid: 'uniform', 'last', 'minilmv2' or a list of [teacher, "
+            "student] pairs"
         )
     teacher_names, student_names = _layer_names(teacher), _layer_names(student)
     pairs = []
@@ -128,6 +133,16 @@ def layer_map(
     if len(set(pairs)) != len(pairs):
         raise ValueError(f"layer_map repeats a pair: {pairs}")
     return pairs
+
+
+def minilmv2_teacher_layer(num_teacher_layers: int) -> int:
+    """The teacher layer, 0-based, that teaches the student's last layer in MiniLMv2: the last one of a
+    base-size teacher (12 layers or fewer), and an upper-middle one of a larger teacher, 7/8 of its depth
+    (the 21st of 24 layers, as MiniLMv2 distils BERT-large and RoBERTa-large): the last layers of a large
+    teacher hold what a small student cannot follow."""
+    if num_teacher_layers <= 12:
+        return num_teacher_layers - 1
+    return math.floor(num_teacher_layers * 7 / 8 + 0.5) - 1
 
 
 def pair_name(pair: LayerPair) -> str:

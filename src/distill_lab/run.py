@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import get_linear_schedule_with_warmup
 
 from distill_lab import checks, export
-from distill_lab.capture import num_attention_heads
+from distill_lab.capture import attention_width, num_attention_heads
 from distill_lab.matching import layer_map
 from distill_lab.models import check_student, load_preprocessor, position_limit
 from distill_lab.resume import NAMED_DIR_OVERRIDES, finished_run, lock_run_dir, resolve_ckpt_path
@@ -263,7 +263,8 @@ def build_module(cfg: DictConfig, task, teacher, data) -> L.LightningModule:
         attention_loss={"layer_map": pairs},
         calibration_batch=data.example_batch("train", cfg.calibration_size),
     )
-    module.attention_loss.check(num_attention_heads(teacher), num_attention_heads(student))
+    widths = {"teacher": attention_width(teacher), "student": attention_width(student)}
+    module.attention_loss.check(num_attention_heads(teacher), num_attention_heads(student), widths)
     return module
 
 
