@@ -32,6 +32,7 @@ from distill_lab.attention import AttentionDistillationLoss
 from distill_lab.data import TextClassificationData, build_word_tokenizer
 from distill_lab.data_images import ImageFolderData
 from distill_lab.data_lm import LanguageModelingData
+from distill_lab.hidden import HiddenStateLoss
 from distill_lab.losses import AttentionLoss
 from distill_lab.matching import MATCHING_MODES
 from distill_lab.models import load_tokenizer
@@ -245,6 +246,16 @@ def test_every_config_option_composes_and_instantiates(
         other = torch.softmax(torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(1)), -1)
         assert float(loss(probs, probs)) == pytest.approx(0.0, abs=1e-6)
         assert float(loss(other, probs)) > 1e-3
+    elif group == "hidden":  # built with the pairs and widths that run.build_module passes
+        if option == "none":
+            assert node is None and cfg.module.hidden_loss is None
+            return
+        hidden = instantiate(node, layer_map=[(0, 0), (4, 2)], student_width=16, teacher_width=32)
+        assert isinstance(hidden, HiddenStateLoss) and hidden.name == option and len(hidden.projections) == 2
+        states = tuple(torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(i)) for i in range(5))
+        same = HiddenStateLoss(option, [(0, 0), (4, 4)], 32, 32)
+        assert float(same(states, states)[0]) == pytest.approx(0.0, abs=1e-6)
+        assert float(same(states[::-1], states)[0]) > 1e-3
     elif group == "matching":
         matching = instantiate(node)
         assert type(matching) is MATCHING_MODES[option]
@@ -350,8 +361,9 @@ def test_every_config_option_composes_and_instantiates(
         assert type(module.attention_loss.matching) is get_class(cfg.matching._target_)
         optimizer = module.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
         assert optimizer.defaults["lr"] == cfg.optimizer.lr
-        for key in ("attention_weight", "temperature", "alpha", "warmup_ratio", "capture"):
+        for key in ("attention_weight", "hidden_weight", "temperature", "alpha", "warmup_ratio", "capture"):
             assert module.hparams[key] == cfg[key], key
+        assert module.hidden_loss is None  # hidden=none, the default
         assert torch.equal(module.calibration_batch["input_ids"], torch.ones(2, 3))
     elif group == "paths":  # compose_config replaced both paths; compose without it to see the option's own
         from hydra import compose, initialize_config_dir
@@ -712,6 +724,18 @@ ERRORS = {
         r"attention_weight=-0\.1 must be in \[0, 1\]",
     ),
     "warmup-ratio-one": (["warmup_ratio=1", NO_TEACHER], r"warmup_ratio=1 must be in \[0, 1\)"),
+    "hidden-weight-negative": (
+        ["hidden=mse", "hidden_weight=-1", NO_TEACHER],
+        r"hidden_weight=-1 must be 0 or more \(the weight of L_hidden",
+    ),
+    "hidden-layer-map-unknown": (
+        ["hidden=mse", "hidden_layer_map=uniformly", NO_TEACHER],
+        r"hidden_layer_map=uniformly is not a map: use uniform or last, or pairs",
+    ),
+    "hidden-layer-map-pair-out-of-range": (
+        ["hidden=cosine", "hidden_layer_map=[[5,0]]"],
+        r"hidden_layer_map pair \[5, 0\] .* the teacher's are 0\.\.4 and the student's 0\.\.2",
+    ),
     "capture-memory-budget-negative": (
         ["capture_memory_budget=-1", NO_TEACHER],
         r"capture_memory_budget=-1 must be a number of bytes, 0 or more",

@@ -32,6 +32,11 @@ _EXPORTS = {
     "attention_mse_scores": "losses",
     "distillation_objective": "losses",
     "kd_loss": "losses",
+    # hidden states: TinyBERT's hidden-state loss, its layer map and projections
+    "HiddenStateLoss": "hidden",
+    "hidden_cosine": "hidden",
+    "hidden_layer_map": "hidden",
+    "hidden_mse": "hidden",
     # self-attention relations (MiniLM, MiniLMv2)
     "MiniLMLoss": "relations",
     "RelationLoss": "relations",

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from distill_lab.backends import BackendUnavailable
 from distill_lab.capture import num_attention_heads
 from distill_lab.data import check_sizes
+from distill_lab.hidden import LAYER_MAP_SPECS
 from distill_lab.models import position_limit
 from distill_lab.resume import started_by_a_launcher
 from distill_lab.tasks import TASKS
@@ -58,6 +59,7 @@ def check_config(cfg: DictConfig, task) -> None:
     check_data(cfg, task)
     check_trainer_limits(cfg.trainer)
     check_capture(cfg)
+    check_hidden(cfg)
     check_head_importance(cfg)
     check_export(cfg.get("export"))
     warn_if_nothing_trains(cfg.trainer)
@@ -182,6 +184,33 @@ def check_capture(cfg: DictConfig) -> None:
             f"loss=relation splits both models' vectors into loss.relation_heads relation heads, so no "
             f"attention heads are matched: matching={matching} does not apply; leave matching=layerwise"
         )
+
+
+def check_hidden(cfg: DictConfig) -> None:
+    """``hidden_weight`` (the objective's ``w_h``, 0 or more) and the form of ``hidden_layer_map`` (a named
+    map or pairs of indices; whether the indices exist needs the models, which ``hidden_layer_map`` checks
+    when the module is built)."""
+    weight = cfg.get("hidden_weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
+        raise ValueError(
+            f"hidden_weight={weight} must be 0 or more (the weight of L_hidden with hidden=mse or cosine)"
+        )
+    spec = cfg.get("hidden_layer_map", "uniform")
+    pairs = OmegaConf.to_object(spec) if OmegaConf.is_config(spec) else spec
+    if isinstance(pairs, str) and pairs in LAYER_MAP_SPECS:
+        return
+    if (
+        isinstance(pairs, list)
+        and pairs
+        and all(
+            isinstance(p, list) and len(p) == 2 and all(type(i) is int and i >= 0 for i in p) for p in pairs
+        )
+    ):
+        return
+    raise ValueError(
+        f"hidden_layer_map={spec} is not a map: use {' or '.join(LAYER_MAP_SPECS)}, or pairs of hidden-state "
+        "indices [[t, s], ...] (0 is the embedding output, i the output of layer i), e.g. [[0, 0], [12, 4]]"
+    )
 
 
 def check_head_importance(cfg: DictConfig) -> None:

@@ -168,6 +168,10 @@ def evaluate_and_export(
         "student_dir": str(student_dir),
         "trained_steps": trainer.global_step,  # optimizer steps; 0: the student as built, untrained
     }
+    if getattr(module, "hidden_loss", None) is not None:  # hidden=mse or cosine: recorded as the attention's
+        prefix = "val/hidden/"
+        results["hidden_loss"] = {k.removeprefix(prefix): v for k, v in final.items() if k.startswith(prefix)}
+        results["hidden_layer_map"] = [list(p) for p in module.hidden_loss.layer_map]
     results.update(_gap(results, module.val_metrics))
     (output_dir / RESULTS).write_text(json.dumps(results, indent=2))
     layers = {"teacher": module.teacher.config.num_hidden_layers, "student": student.config.num_hidden_layers}

@@ -13,6 +13,7 @@ gives the mean over everything or the mean per head, which head-wise matching lo
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from collections.abc import Callable
 
@@ -392,19 +393,29 @@ def kd_loss(
 
 
 def distillation_objective(
-    output_loss: Tensor, attention_loss: Tensor, attention_weight: float = 0.3
+    output_loss: Tensor,
+    attention_loss: Tensor,
+    attention_weight: float = 0.3,
+    *,
+    hidden_loss: Tensor | None = None,
+    hidden_weight: float = 0.0,
 ) -> Tensor:
-    """``L = (1 - w) * L_output + w * L_attention`` with ``w = attention_weight`` in [0, 1]."""
+    """``L = (1 - w) * L_output + w * L_attention + w_h * L_hidden`` with ``w = attention_weight`` in [0, 1]
+    and ``w_h = hidden_weight`` >= 0; without ``hidden_loss`` the last term is left out."""
     if not 0.0 <= attention_weight <= 1.0:
         raise ValueError(f"attention_weight must be in [0, 1], got {attention_weight}")
-    return (1.0 - attention_weight) * output_loss + attention_weight * attention_loss
+    if not hidden_weight >= 0.0:
+        raise ValueError(f"hidden_weight must be 0 or more, got {hidden_weight}")
+    loss = (1.0 - attention_weight) * output_loss + attention_weight * attention_loss
+    return loss if hidden_loss is None else loss + hidden_weight * hidden_loss
+
+
+_ELSEWHERE = {"relation_kl": "relations", "hidden_mse": "hidden", "hidden_cosine": "hidden"}
 
 
 def __getattr__(name: str):
-    """``relation_kl`` (MiniLMv2's relation loss) lives in ``distill_lab.relations``, which builds on this
-    module: imported from there on first use."""
-    if name == "relation_kl":
-        from distill_lab.relations import relation_kl
-
-        return relation_kl
+    """The relation and hidden-state losses live in ``distill_lab.relations`` and ``distill_lab.hidden``,
+    which build on this module: imported from there on first use."""
+    if name in _ELSEWHERE:
+        return getattr(importlib.import_module(f"distill_lab.{_ELSEWHERE[name]}"), name)
     raise AttributeError(f"module 'distill_lab.losses' has no attribute {name!r}")

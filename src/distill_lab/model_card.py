@@ -101,6 +101,12 @@ def _objective_lines(config: dict, results: dict) -> list[str]:
     ]
     if results.get("selected_heads"):
         lines.append(f"| selected heads | {results['selected_heads']} |")
+    if hidden := dict(config.get("hidden") or {}):  # hidden=mse or cosine: + hidden_weight * L_hidden
+        lines[0] = lines[0].replace("L_attention,", "L_attention + hidden_weight * L_hidden,")
+        lines.append(
+            f"| hidden | {hidden.get('name', '?')} (hidden_weight={config.get('hidden_weight')}, "
+            f"hidden_layer_map={config.get('hidden_layer_map')}) |"
+        )
     return lines
 
 

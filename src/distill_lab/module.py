@@ -1,12 +1,13 @@
 """The Lightning module: a frozen teacher, a student, and the distillation objective.
 
-    L = (1 - w) * L_output + w * L_attention
+    L = (1 - w) * L_output + w * L_attention + w_h * L_hidden
     L_output = alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T)
 
-The module receives built objects (models, the attention-loss component, an optimizer factory): ``run.py``
-builds it from the config's ``module`` node (``conf/module/``). It does distillation only; what keeps a run
-sound (stopping on a non-finite loss, the learning rate of a resumed run) are callbacks of ``guards.py`` that
-it registers, and which rows of a distributed validation batch are repeats is ``repeats.py``'s to say.
+The module receives built objects (models, the attention-loss component, the optional hidden-state
+component, an optimizer factory): ``run.py`` builds it from the config's ``module`` node (``conf/module/``).
+It does distillation only; what keeps a run sound (stopping on a non-finite loss, the learning rate of a
+resumed run) are callbacks of ``guards.py`` that it registers, and which rows of a distributed validation
+batch are repeats is ``repeats.py``'s to say.
 """
 
 from __future__ import annotations
@@ -19,24 +20,25 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 from torch.distributed.fsdp import FullyShardedDataParallel
-from torchmetrics import Metric
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from distill_lab import _compat
 from distill_lab.attention import AttentionDistillationLoss
 from distill_lab.capture import AttentionCapture
 from distill_lab.guards import RescaleResumedLearningRate, StopOnNonFiniteLoss
+from distill_lab.hidden import HiddenStateLoss
 from distill_lab.losses import distillation_objective
 from distill_lab.matching import gradient_head_importance, pair_name
-from distill_lab.repeats import batch_size, select_map_rows, select_rows, unrepeated_rows
+from distill_lab.repeats import batch_size, select_hidden_rows, select_map_rows, select_rows, unrepeated_rows
 from distill_lab.tasks import SequenceClassification
+from distill_lab.weighted_mean import WeightedMean
 
 TEACHER_PREFIX = "teacher."
 
 
 class Step(NamedTuple):
     """What one forward of teacher and student gives: the objective and its parts, the logits, the attention
-    records."""
+    records, and with a hidden-state loss its part and the models' hidden states."""
 
     loss: Tensor
     output_loss: Tensor
@@ -46,27 +48,10 @@ class Step(NamedTuple):
     teacher_logits: Tensor
     student_maps: dict  # {layer: probabilities or QueryKey record}, as AttentionCapture returns them
     teacher_maps: dict
-
-
-class WeightedMean(Metric):
-    """The mean of values, each weighted (by what its batch's mean averages over), over every process when
-    computed. torchmetrics' ``MeanMetric`` drops the weights under ``nan_strategy="disable"``, and its other
-    strategies drop NaN values or raise on them, at a wait for the device per update; a NaN loss here makes
-    the mean NaN, as it should."""
-
-    full_state_update = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("weight", torch.tensor(0.0), dist_reduce_fx="sum")
-
-    def update(self, value: Tensor, weight: float | Tensor) -> None:
-        self.total += value.detach().float() * weight
-        self.weight += weight
-
-    def compute(self) -> Tensor:
-        return self.total / self.weight
+    hidden_loss: Tensor | None = None  # None without a hidden-state loss
+    hidden_details: dict[str, Tensor] | None = None  # per hidden-state pair, detached
+    student_hidden: tuple[Tensor, ...] | None = None  # outputs.hidden_states, with a hidden-state loss
+    teacher_hidden: tuple[Tensor, ...] | None = None
 
 
 class DistillationModule(L.LightningModule):
@@ -76,8 +61,12 @@ class DistillationModule(L.LightningModule):
         teacher: frozen (eval mode, no gradients, never in the optimizer, left out of checkpoints).
         student: the model being trained.
         attention_loss: the attention component (loss, matching mode, layer map).
+        hidden_loss: the hidden-state component (``distill_lab.hidden.HiddenStateLoss``), or None: none, and
+            the models are run without ``output_hidden_states`` (the states cost memory). Its projections
+            train with the student and are kept in checkpoints, not in the student.
         optimizer: a factory ``optimizer(params) -> torch.optim.Optimizer`` (a ``functools.partial``).
         attention_weight, temperature, alpha: the objective's ``w``, ``T`` and ``alpha``.
+        hidden_weight: the objective's ``w_h``, the hidden-state loss's weight (with ``hidden_loss``).
         warmup_ratio: share of the steps with a linear learning-rate warm-up; then linear decay to 0.
         calibration_batch: a batch for modes that choose heads on data (``matching=selective``); any mapping
             of tensors (a ``DictConfig`` of them, as Hydra's ``instantiate`` passes it, too).
@@ -109,14 +98,16 @@ class DistillationModule(L.LightningModule):
         capture: str = "qk",
         task=None,
         capture_memory_budget: int | None = None,
+        hidden_loss: HiddenStateLoss | None = None,
+        hidden_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(
-            ignore=["teacher", "student", "attention_loss", "optimizer", "calibration_batch", "task"]
-        )
+        ignored = ["teacher", "student", "attention_loss", "hidden_loss", "optimizer", "calibration_batch"]
+        self.save_hyperparameters(ignore=[*ignored, "task"])
         self.teacher = teacher.eval().requires_grad_(False)
         self.student = student
         self.attention_loss = attention_loss
+        self.hidden_loss = hidden_loss
         self.optimizer_factory = optimizer
         self.calibration_batch = dict(calibration_batch) if calibration_batch is not None else None
         self.teacher_capture = self._capture(teacher, attention_loss.teacher_layers)
@@ -127,15 +118,18 @@ class DistillationModule(L.LightningModule):
         self.teacher_metrics = self.task.metrics("val/teacher_", num_classes)
         # the validation losses over the whole set: each batch's mean weighs what it averages over (the
         # output loss: examples, or a language model's labelled tokens; the attention losses: valid query
-        # rows, or their valid keys for MSE), so the result does not depend on how the examples were batched
-        # or shared between processes; val/loss is then the objective of those two means. Not Lightning's
-        # averaging of logged values: it weighs batch sizes, synced as a mean of integers, which rounds down
-        # when the processes counted different numbers of examples (DDP, the repeats left out)
+        # rows, or their valid keys for MSE; the hidden-state losses: valid tokens), so the result does not
+        # depend on how the examples were batched or shared between processes; val/loss is then the objective
+        # of those means. Not Lightning's averaging of logged values: it weighs batch sizes, synced as a mean
+        # of integers, which rounds down when the processes counted different numbers of examples (DDP, the
+        # repeats left out)
         names = [
             "output_loss",
             "attention_loss",
             *(f"attention/{pair_name(p)}" for p in attention_loss.layer_map),
         ]
+        if hidden_loss is not None:
+            names += ["hidden_loss", *(f"hidden/{name}" for name in hidden_loss.pair_names)]
         self.val_losses = torch.nn.ModuleDict({name: WeightedMean() for name in names})
         self.teacher_scores: dict[str, float] = {}
         self.strict_loading = False  # checkpoints leave the frozen teacher out
@@ -224,34 +218,57 @@ class DistillationModule(L.LightningModule):
         """Teacher (no grad) and student on one batch: the loss and its parts, the logits and the
         attentions."""
         inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if self.hidden_loss is not None:
+            inputs["output_hidden_states"] = True
         with torch.no_grad():
             teacher_out, teacher_maps = self.teacher_capture(**inputs)
         student_out, student_maps = self.student_capture(**inputs)
-        return self._objective(batch, student_out.logits, teacher_out.logits, student_maps, teacher_maps)
+        hidden = (None, None)
+        if self.hidden_loss is not None:
+            hidden = (student_out.hidden_states, teacher_out.hidden_states)
+        logits = (student_out.logits, teacher_out.logits)
+        return self._objective(batch, *logits, student_maps, teacher_maps, *hidden)
 
     def _objective(
-        self, batch: Mapping[str, Tensor], student_logits, teacher_logits, student_maps, teacher_maps
+        self,
+        batch: Mapping[str, Tensor],
+        student_logits,
+        teacher_logits,
+        student_maps,
+        teacher_maps,
+        student_hidden=None,
+        teacher_hidden=None,
     ) -> Step:
         """The loss and its parts from the two models' outputs on ``batch`` (their forwards already run)."""
+        mask = batch.get("attention_mask")
         output_loss = self.task.output_loss(
             student_logits, teacher_logits, batch, self.hparams.temperature, self.hparams.alpha
         )
-        attention_loss, details = self.attention_loss(student_maps, teacher_maps, batch.get("attention_mask"))
-        loss = distillation_objective(output_loss, attention_loss, self.hparams.attention_weight)
+        attention_loss, details = self.attention_loss(student_maps, teacher_maps, mask)
+        hidden_loss = hidden_details = None
+        hidden = {}  # distillation_objective's hidden-state term, where there is one
+        if self.hidden_loss is not None:
+            hidden_loss, hidden_details = self.hidden_loss(student_hidden, teacher_hidden, mask)
+            hidden = {"hidden_loss": hidden_loss, "hidden_weight": self.hparams.hidden_weight}
+        loss = distillation_objective(output_loss, attention_loss, self.hparams.attention_weight, **hidden)
         logits, maps = (student_logits, teacher_logits), (student_maps, teacher_maps)
-        return Step(loss, output_loss, attention_loss, details, *logits, *maps)
+        states = (hidden_loss, hidden_details, student_hidden, teacher_hidden)
+        return Step(loss, output_loss, attention_loss, details, *logits, *maps, *states)
 
     def training_step(self, batch, batch_idx):
-        loss, output_loss, attention_loss, details, *_ = self(batch)
+        step = self(batch)
         logged = {
-            "train/loss": loss,
-            "train/output_loss": output_loss,
-            "train/attention_loss": attention_loss,
+            "train/loss": step.loss,
+            "train/output_loss": step.output_loss,
+            "train/attention_loss": step.attention_loss,
         }
-        logged.update({f"train/attention/{k}": v for k, v in details.items()})
+        logged.update({f"train/attention/{k}": v for k, v in step.details.items()})
+        if step.hidden_loss is not None:
+            logged["train/hidden_loss"] = step.hidden_loss
+            logged.update({f"train/hidden/{k}": v for k, v in step.hidden_details.items()})
         # kept until the update: checked for finiteness and logged there (no wait for the device here)
         self.since_update.append(({k: v.detach() for k, v in logged.items()}, batch_idx))
-        return loss
+        return step.loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
         micro_batches, self.since_update = self.since_update, []
@@ -288,39 +305,52 @@ class DistillationModule(L.LightningModule):
             batch = select_rows(batch, real)
             if real.any():
                 maps = (select_map_rows(step.student_maps, real), select_map_rows(step.teacher_maps, real))
-                own = self._objective(batch, step.student_logits[real], step.teacher_logits[real], *maps)
+                hidden = (
+                    select_hidden_rows(step.student_hidden, real),
+                    select_hidden_rows(step.teacher_hidden, real),
+                )
+                own = self._objective(
+                    batch, step.student_logits[real], step.teacher_logits[real], *maps, *hidden
+                )
             else:  # every row a repeat: the losses below weigh nothing
                 own = step._replace(
                     student_logits=step.student_logits[real], teacher_logits=step.teacher_logits[real]
                 )
-        attention_loss, details = own.attention_loss, own.details
-        student_logits, teacher_logits = own.student_logits, own.teacher_logits
-        if len(student_logits):  # a metric update of no rows fails
-            self.task.update(self.val_metrics, student_logits, batch)
+        if len(own.student_logits):  # a metric update of no rows fails
+            self.task.update(self.val_metrics, own.student_logits, batch)
             if not self.teacher_scores and not self.trainer.sanity_checking:
-                self.task.update(self.teacher_metrics, teacher_logits, batch)
-        output_weight = attention_weight = 0  # where every row is a repeat: the batch's losses weigh nothing
-        if len(student_logits):  # (under FSDP the records are then the whole batch's, the mask of no row)
-            output_weight = self.task.output_count(batch)
-            attention_weight = self.attention_loss.elements(own.student_maps, batch.get("attention_mask"))
-        for name, mean in self.val_losses.items():
-            if name == "output_loss":
-                mean.update(own.output_loss, output_weight)
-            else:
-                mean.update(
-                    attention_loss if name == "attention_loss" else details[name.removeprefix("attention/")],
-                    attention_weight,
-                )
+                self.task.update(self.teacher_metrics, own.teacher_logits, batch)
+        self._update_val_losses(own, batch)
         # callbacks.AttentionMapCallback draws from it (no forward of its own, which FSDP would need every
         # process to join)
         return step
+
+    def _update_val_losses(self, own: Step, batch: Mapping[str, Tensor]) -> None:
+        """Each validation loss of the step into its weighted mean, weighed by what it averages over."""
+        mask = batch.get("attention_mask")
+        weights = {"output": 0, "attention": 0, "hidden": 0}  # every row a repeat: the losses weigh nothing
+        if len(own.student_logits):  # (under FSDP the records are then the whole batch's, the mask of no row)
+            weights["output"] = self.task.output_count(batch)
+            weights["attention"] = self.attention_loss.elements(own.student_maps, mask)
+            if self.hidden_loss is not None:
+                weights["hidden"] = self.hidden_loss.elements(own.student_hidden, mask)
+        for name, mean in self.val_losses.items():
+            if name.endswith("_loss"):
+                part = name.removesuffix("_loss")
+                mean.update(getattr(own, name), weights[part])
+            else:
+                part, pair = name.split("/", 1)
+                mean.update((own.details if part == "attention" else own.hidden_details)[pair], weights[part])
 
     def on_validation_epoch_end(self) -> None:
         # over every process's share of the validation set under DDP and FSDP: the metrics sync themselves, so
         # every process logs the same values (sync_dist averages equal values, and Lightning warns without it)
         means = {f"val/{name}": mean.compute() for name, mean in self.val_losses.items()}
+        hidden = {}
+        if self.hidden_loss is not None:
+            hidden = {"hidden_loss": means["val/hidden_loss"], "hidden_weight": self.hparams.hidden_weight}
         means["val/loss"] = distillation_objective(
-            means["val/output_loss"], means["val/attention_loss"], self.hparams.attention_weight
+            means["val/output_loss"], means["val/attention_loss"], self.hparams.attention_weight, **hidden
         )
         self.log_dict(means, sync_dist=True)
         self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)
@@ -338,7 +368,10 @@ class DistillationModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------ optimisation
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory([p for p in self.student.parameters() if p.requires_grad])
+        # the hidden-state projections train with the student (they are no part of it: not exported)
+        projections = list(self.hidden_loss.parameters()) if self.hidden_loss is not None else []
+        trained = [p for p in (*self.student.parameters(), *projections) if p.requires_grad]
+        optimizer = self.optimizer_factory(trained)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         scheduler = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

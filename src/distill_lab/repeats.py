@@ -51,3 +51,8 @@ def select_map_rows(maps: Mapping, keep: Tensor) -> dict:
     """The rows ``keep`` of captured attention (``{layer: probabilities or QueryKey record}``); a record's
     mask or bias that is shared by the batch (first dimension 1) stays whole."""
     return {layer: m.examples(keep) if isinstance(m, QueryKey) else m[keep] for layer, m in maps.items()}
+
+
+def select_hidden_rows(hidden_states: tuple[Tensor, ...] | None, keep: Tensor) -> tuple[Tensor, ...] | None:
+    """The rows ``keep`` of every tensor of a model's ``outputs.hidden_states`` (None stays None)."""
+    return None if hidden_states is None else tuple(h[keep] for h in hidden_states)

@@ -27,6 +27,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from distill_lab import checks, export
 from distill_lab.capture import attention_width, num_attention_heads
+from distill_lab.hidden import hidden_layer_map
 from distill_lab.matching import layer_map
 from distill_lab.models import check_student, load_preprocessor, position_limit
 from distill_lab.resume import NAMED_DIR_OVERRIDES, finished_run, lock_run_dir, resolve_ckpt_path
@@ -242,8 +243,9 @@ def check_optimizer(cfg: DictConfig) -> None:
 def build_module(cfg: DictConfig, task, teacher, data) -> L.LightningModule:
     """The student (derived from ``teacher`` or loaded) and the LightningModule of ``cfg.module`` that
     distils ``teacher`` into it. What exists only at run time is passed to the node: the models, the task,
-    the layer pairs that ``layer_map=`` resolves to on them, and the calibration batch. The same call builds
-    the module of ``fit`` and the fresh one an FSDP evaluation needs."""
+    the layer pairs that ``layer_map=`` resolves to on them, the calibration batch and, with a hidden-state
+    loss (``hidden=mse`` or ``cosine``), the pairs of ``hidden_layer_map=`` and the two models' widths. The
+    same call builds the module of ``fit`` and the fresh one an FSDP evaluation needs."""
     student = instantiate(cfg.student, teacher=teacher)
     check_student(student, teacher, getattr(data, "tokenizer", None), cfg.student.get("name_or_path"))
     checks.check_outputs(task, teacher, student)
@@ -255,6 +257,16 @@ def build_module(cfg: DictConfig, task, teacher, data) -> L.LightningModule:
         teacher=teacher,
         student=student,
     )
+    hidden = {}  # hidden=none: the module's hidden_loss stays null
+    if cfg.get("hidden") is not None:
+        spec = cfg.get("hidden_layer_map", "uniform")
+        hidden_pairs = hidden_layer_map(
+            teacher.config.num_hidden_layers,
+            student.config.num_hidden_layers,
+            OmegaConf.to_object(spec) if OmegaConf.is_config(spec) else spec,
+        )
+        widths = {"student_width": student.config.hidden_size, "teacher_width": teacher.config.hidden_size}
+        hidden["hidden_loss"] = {"layer_map": hidden_pairs, **widths}
     module = instantiate(
         cfg.module,
         teacher=teacher,
@@ -262,6 +274,7 @@ def build_module(cfg: DictConfig, task, teacher, data) -> L.LightningModule:
         task=task,
         attention_loss={"layer_map": pairs},
         calibration_batch=data.example_batch("train", cfg.calibration_size),
+        **hidden,
     )
     widths = {"teacher": attention_width(teacher), "student": attention_width(student)}
     module.attention_loss.check(num_attention_heads(teacher), num_attention_heads(student), widths)
