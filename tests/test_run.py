@@ -36,6 +36,7 @@ from distill_lab.hidden import HiddenStateLoss
 from distill_lab.losses import AttentionLoss
 from distill_lab.matching import MATCHING_MODES
 from distill_lab.models import load_tokenizer
+from distill_lab.records import QueryKey
 from distill_lab.run import _build_logger, train
 from distill_lab.tasks import TASKS
 
@@ -48,7 +49,10 @@ GROUP_OPTIONS = sorted(
     if group.is_dir()
     for option in group.glob("*.yaml")
 )
-LOSSES = sorted(o for g, o in GROUP_OPTIONS if g == "loss")
+# the attention-map losses; the relation losses (loss=relation, loss=minilm) compare no maps head by head, and
+# are run end to end in tests/test_relations.py and tests/test_recipes.py
+RELATION_LOSSES = ("minilm", "relation")
+LOSSES = sorted(o for g, o in GROUP_OPTIONS if g == "loss" and o not in RELATION_LOSSES)
 MODES = sorted(o for g, o in GROUP_OPTIONS if g == "matching")
 BASE = ["student=from_teacher", "student.num_layers=2", "debug=fast", "logger=csv", "fused_kernel=false"]
 PAIRS = ["L1->0", "L3->1"]  # the uniform map of 4 teacher layers onto 2 student layers
@@ -239,7 +243,17 @@ def test_every_config_option_composes_and_instantiates(
     node = cfg.hydra if is_hydra else cfg.get(group)
     tokenizer = build_word_tokenizer()
 
-    if group == "loss":
+    if group == "loss" and option in RELATION_LOSSES:  # pair losses, over queries, keys and values
+        loss = instantiate(node)
+        assert type(loss).__name__ == {"relation": "RelationLoss", "minilm": "MiniLMLoss"}[option]
+        assert cfg.layer_map == loss.layer_map == {"relation": "minilmv2", "minilm": "last"}[option]
+        component = AttentionDistillationLoss(loss, layer_map=[(0, 0)])
+        generator = torch.Generator().manual_seed(0)
+        query, key, value = (torch.randn(2, 4, 5, 8, generator=generator) for _ in range(3))
+        record, other = QueryKey(query, key, 8**-0.5, value=value), QueryKey(key, query, 8**-0.5, value=query)
+        assert float(component({0: record}, {0: record})[0]) == pytest.approx(0.0, abs=1e-6)
+        assert float(component({0: other}, {0: record})[0]) > 1e-3
+    elif group == "loss":
         loss = instantiate(node)
         assert isinstance(loss, AttentionLoss) and loss.name == option
         probs = torch.softmax(torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(0)), -1)
