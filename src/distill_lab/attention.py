@@ -169,13 +169,14 @@ class AttentionDistillationLoss(nn.Module):
         teacher_importance: Mapping[int, Tensor] | None = None,
     ):
         """Let a mode that needs a calibration batch (``Selective``) choose its heads; returns its choice."""
-        if not hasattr(self.matching, "calibrate"):
+        loss = getattr(self.loss, "attention", self.loss)  # a relation loss's attention part (MiniLM's)
+        if not hasattr(self.matching, "calibrate") or loss is None:
             return None
         with torch.no_grad():
             student_maps = {s: _layer_maps(student_attentions, s) for s in self.student_layers}
             teacher_maps = {t: _layer_maps(teacher_attentions, t) for t in self.teacher_layers}
             compared = None
-            if getattr(self.loss, "on_scores", False):  # the heads are assigned on what the loss compares
+            if getattr(loss, "on_scores", False):  # the heads are assigned on what the loss compares
                 if not all(isinstance(r, QueryKey) for r in (*student_maps.values(), *teacher_maps.values())):
                     raise ValueError(_SCORES_NEED_QK)
                 compared = tuple(
@@ -184,7 +185,7 @@ class AttentionDistillationLoss(nn.Module):
             return self.matching.calibrate(
                 {s: probs_of(r) for s, r in student_maps.items()},
                 {t: probs_of(r) for t, r in teacher_maps.items()},
-                attention_mask, self.loss, self.layer_map, teacher_importance, compared,
+                attention_mask, loss, self.layer_map, teacher_importance, compared,
             )  # fmt: skip
 
     def _context(

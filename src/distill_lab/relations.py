@@ -209,6 +209,12 @@ class RelationLoss(nn.Module):
         """Refuse, before training, a ``relation_heads`` that does not divide both models' widths
         (``{"teacher": D_t, "student": D_s}``: all heads' features of a token). The head counts may differ:
         the matching mode does not apply to relations."""
+        if self.attention is None and matching is not None and type(matching).__name__ != "Layerwise":
+            mode = type(matching).__name__.lower()
+            raise ValueError(
+                f"loss=relation splits both models' vectors into relation heads, so no attention heads are "
+                f"matched: matching={mode} does not apply; leave matching=layerwise"
+            )
         r = self.heads(num_teacher_heads)
         bad = {side: width for side, width in (widths or {}).items() if width % r}
         if bad:
@@ -300,6 +306,13 @@ class MiniLMLoss(RelationLoss):
         """The value relation's heads must divide both widths, and the matching mode must pair the
         attention heads (MiniLM: the teacher's head count)."""
         super().check_models(num_teacher_heads, num_student_heads, widths)
+        if num_student_heads != num_teacher_heads:
+            raise ValueError(
+                "loss=minilm compares the student's attention with the teacher's head by head, but the "
+                f"teacher has {num_teacher_heads} heads and the student {num_student_heads}: give the "
+                f"student the teacher's heads (student.num_heads={num_teacher_heads}), or use "
+                "loss=relation, which takes any head counts"
+            )
         if matching is not None:
             matching.check_heads(num_teacher_heads, num_student_heads, pairs)
 
