@@ -59,6 +59,12 @@ from transformers import (
     ViTForImageClassification,
 )
 
+# Under pytest-xdist (``-n N``) N worker processes share the machine's cores: each takes its share of torch's
+# intra-op threads, so that N pools of spinning OpenMP threads do not oversubscribe the cores.
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _XDIST_WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _XDIST_WORKERS))
+
 FAMILIES = ("bert", "roberta", "gpt2", "llama", "vit")
 TEXT_FAMILIES = ("bert", "roberta", "gpt2", "llama")
 CAUSAL_FAMILIES = ("gpt2", "llama")
