@@ -488,6 +488,38 @@ def test_minilm_is_attention_kl_plus_the_weighted_value_relation(tiny_model_fact
             torch.testing.assert_close(a, b, atol=RTOL64 * scale, rtol=1e-8)
 
 
+def test_relation_loss_weighs_attention_kl_in_beside_the_relations(narrow_pair):
+    """``loss.attention=a`` adds attention KL, computed as ``loss=kl`` computes it with the heads the matching
+    mode pairs (``global`` here: the student has 2 heads, the teacher 4), to the weighted relations."""
+    family, teacher, student, inputs = narrow_pair
+    mask = inputs["attention_mask"]
+    students, teachers = captured(teacher, student, inputs, [1, 2], [0, 1])
+    loss = RelationLoss({"qq": 1.0, "vv": 0.5}, relation_heads=4, temperature=2.0, attention=0.25)
+    component = AttentionDistillationLoss(loss, matching="global", layer_map=PAIRS)
+    total, details = component(students, teachers, mask)
+    attention, attention_details = AttentionDistillationLoss(
+        AttentionLoss("kl", temperature=2.0), matching="global", layer_map=PAIRS
+    )(students, teachers, mask)
+    causal = family != "bert"
+    expected = 0.0
+    for t, s in PAIRS:
+        name = f"L{t}->{s}"
+        relations = {
+            kind: reference_relation_kl(
+                students[s].vectors(vector), teachers[t].vectors(vector), mask, 4, causal, 2.0
+            )
+            for kind, vector in (("qq", "query"), ("vv", "value"))
+        }
+        assert set(details) >= {name, f"{name}/attention", f"{name}/qq", f"{name}/vv"}
+        torch.testing.assert_close(details[f"{name}/attention"], attention_details[name], atol=0, rtol=RTOL64)
+        pair = 0.25 * attention_details[name] + relations["qq"] + 0.5 * relations["vv"]
+        torch.testing.assert_close(details[name], pair.detach(), atol=0, rtol=RTOL64)
+        expected = expected + pair / len(PAIRS)
+    torch.testing.assert_close(total, expected, atol=0, rtol=RTOL64)
+    with pytest.raises(ValueError, match="matching=global does not apply"):
+        AttentionDistillationLoss(RelationLoss(), matching="global", layer_map=PAIRS).check(4, 2)
+
+
 def test_minilm_calibrates_a_selective_mode_on_its_attention_kl(tiny_model_factory):
     """MiniLM's attention part is computed as ``loss=kl`` is, by the matching mode: ``matching=selective``
     chooses and assigns the heads on the attention KL, as it does for ``loss=kl``."""

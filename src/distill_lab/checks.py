@@ -179,10 +179,11 @@ def check_capture(cfg: DictConfig) -> None:
             f"not capture={cfg.capture}"
         )
     matching = str(cfg.matching.get("_target_", "")).rsplit(".", 1)[-1].lower()
-    if relation == "relation" and matching != "layerwise":
+    if relation == "relation" and matching != "layerwise" and not cfg.loss.get("attention"):
         raise ValueError(
             f"loss=relation splits both models' vectors into loss.relation_heads relation heads, so no "
-            f"attention heads are matched: matching={matching} does not apply; leave matching=layerwise"
+            f"attention heads are matched: matching={matching} does not apply; leave matching=layerwise (or "
+            "weigh attention KL in with loss.attention)"
         )
 
 

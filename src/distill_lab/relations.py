@@ -123,15 +123,16 @@ def relation_kl(
     return values / weights.clamp_min(1.0)
 
 
-def _relation_weights(relations) -> dict[str, float]:
-    """``{"qq": w, ...}`` from a mapping of weights or a list of names (weight 1 each), checked."""
+def _relation_weights(relations, attention: float = 0.0) -> dict[str, float]:
+    """``{"qq": w, ...}`` from a mapping of weights or a list of names (weight 1 each), checked: at least one
+    positive weight, unless ``attention`` weighs attention KL in."""
     if isinstance(relations, str):
         relations = [relations]
     weights = dict(relations) if isinstance(relations, Mapping) else {name: 1.0 for name in relations}
     if unknown := sorted(set(weights) - set(RELATIONS)):
         raise ValueError(f"loss.relations: unknown relation(s) {unknown}; valid: qq, kk, vv")
     weights = {name: float(w) for name, w in weights.items() if w}
-    if any(w < 0 for w in weights.values()) or not weights:
+    if any(w < 0 for w in weights.values()) or not (weights or attention > 0):
         raise ValueError(f"loss.relations needs non-negative weights, at least one positive; got {relations}")
     return weights
 
@@ -152,9 +153,11 @@ _NEEDS_QK = (
 
 class RelationLoss(nn.Module):
     """MiniLMv2's loss (``loss=relation``): for each layer pair, the KL between teacher and student
-    relations of the chosen kinds, weighted and summed:
+    relations of the chosen kinds, weighted and summed, and optionally attention KL beside them:
 
-        ``L_pair = sum_k w_k * relation_kl(S_k, T_k)``,  k in (qq, kk, vv), default weights 1 (MiniLMv2's sum)
+        ``L_pair = a * KL(A_t || A_s) + sum_k w_k * relation_kl(S_k, T_k)``,  k in (qq, kk, vv)
+
+    with default weights ``w_k = 1`` (MiniLMv2's sum) and ``a = 0``.
 
     Args:
         relations: ``{"qq": w, "kk": w, "vv": w}`` or a list of names (weight 1 each).
@@ -164,6 +167,9 @@ class RelationLoss(nn.Module):
         layer_map: the layer map this loss is meant for (the config's top-level ``layer_map`` follows it
             unless set): ``minilmv2``, the teacher's last layer (an upper-middle one for a large teacher)
             to the student's last.
+        attention: ``a``, the weight of attention KL (at ``temperature``) beside the relations, computed as
+            ``loss=kl`` computes it, heads paired by the matching mode; 0 leaves it out, and then no
+            matching mode but ``layerwise`` (which pairs nothing here) is accepted.
 
     The relations are computed as the component's settings say: ``block_size`` query rows at a time, or by
     the fused KL kernel on CUDA (``fused``).
@@ -180,6 +186,7 @@ class RelationLoss(nn.Module):
         relation_heads: int | None = None,
         temperature: float = 1.0,
         layer_map: str | None = "minilmv2",
+        attention: float = 0.0,
     ) -> None:
         super().__init__()
         if temperature <= 0:
@@ -188,12 +195,15 @@ class RelationLoss(nn.Module):
             raise ValueError(
                 f"loss.relation_heads must be positive (or null: the teacher's heads); got {relation_heads}"
             )
-        self.relations = _relation_weights(relations)
+        self.relations = _relation_weights(relations, attention)
         self.relation_heads = relation_heads
         self.temperature = temperature
         self.layer_map = layer_map
-        self.attention: AttentionLoss | None = None  # MiniLM's attention part
-        self._backends = None
+        if not attention >= 0:
+            raise ValueError(f"loss.attention must be 0 or more (the attention KL's weight); got {attention}")
+        self.attention_weight = float(attention)
+        self.attention = AttentionLoss("kl", temperature=temperature) if attention else None
+        self._backends = self._attention_backends = None
 
     def heads(self, num_teacher_heads: int) -> int:
         return self.relation_heads or num_teacher_heads
@@ -207,14 +217,17 @@ class RelationLoss(nn.Module):
         pairs: Sequence[LayerPair] = (),
     ) -> None:
         """Refuse, before training, a ``relation_heads`` that does not divide both models' widths
-        (``{"teacher": D_t, "student": D_s}``: all heads' features of a token). The head counts may differ:
-        the matching mode does not apply to relations."""
+        (``{"teacher": D_t, "student": D_s}``: all heads' features of a token). The head counts may differ
+        for the relations; the attention part, if any, needs heads the matching mode can pair."""
         if self.attention is None and matching is not None and type(matching).__name__ != "Layerwise":
             mode = type(matching).__name__.lower()
             raise ValueError(
                 f"loss=relation splits both models' vectors into relation heads, so no attention heads are "
-                f"matched: matching={mode} does not apply; leave matching=layerwise"
+                f"matched: matching={mode} does not apply; leave matching=layerwise (or weigh attention KL "
+                "in with loss.attention)"
             )
+        if self.attention is not None and matching is not None:
+            matching.check_heads(num_teacher_heads, num_student_heads, pairs)
         r = self.heads(num_teacher_heads)
         bad = {side: width for side, width in (widths or {}).items() if width % r}
         if bad:
@@ -261,9 +274,24 @@ class RelationLoss(nn.Module):
     def pair_loss(self, context, settings=None) -> tuple[Tensor, dict[str, Tensor]]:
         """One layer pair's loss and its parts, ``{"qq": ..., ...}``."""
         r, fused = self.heads(context.num_teacher_heads), (settings or {}).get("fused")
-        parts = {kind: self._relation(context, kind, r, fused) for kind in self.relations}
-        total = sum(self.relations[kind] * value for kind, value in parts.items())
-        return total, parts
+        parts = {} if self.attention is None else {"attention": self._attention(context, settings)}
+        parts.update({kind: self._relation(context, kind, r, fused) for kind in self.relations})
+        weights = {"attention": self.attention_weight, **self.relations}
+        return sum(weights[kind] * value for kind, value in parts.items()), parts
+
+    def _attention(self, context, settings) -> Tensor:
+        """The attention KL of the pair, computed by the attention backends as ``loss=kl``'s is (kept maps,
+        the fused kernel or blocks)."""
+        from dataclasses import replace
+
+        from distill_lab.attention import reduce_terms
+        from distill_lab.backends import BACKENDS, choose
+
+        if self._attention_backends is None:
+            self._attention_backends = [backend() for backend in BACKENDS]
+        attention = replace(context, loss=self.attention)
+        backend = choose(self._attention_backends, attention, settings or {})
+        return reduce_terms(backend.terms(attention))[0]
 
     def extra_repr(self) -> str:
         heads, temperature = self.relation_heads, self.temperature
@@ -288,12 +316,9 @@ class MiniLMLoss(RelationLoss):
         value_weight: float = 1.0,
         layer_map: str | None = "last",
     ) -> None:
-        super().__init__(("vv",), None, temperature, layer_map)
         if value_weight < 0:
             raise ValueError(f"loss.value_weight must be non-negative, got {value_weight}")
-        self.relations = {"vv": float(value_weight)}
-        self.attention = AttentionLoss("kl", temperature=temperature)
-        self._attention_backends = None
+        super().__init__({"vv": value_weight}, None, temperature, layer_map, attention=1.0)
 
     def check_models(
         self,
@@ -315,22 +340,3 @@ class MiniLMLoss(RelationLoss):
             )
         if matching is not None:
             matching.check_heads(num_teacher_heads, num_student_heads, pairs)
-
-    def pair_loss(self, context, settings=None) -> tuple[Tensor, dict[str, Tensor]]:
-        from dataclasses import replace
-
-        from distill_lab.attention import reduce_terms
-        from distill_lab.backends import BACKENDS, choose
-
-        if self._attention_backends is None:
-            self._attention_backends = [backend() for backend in BACKENDS]
-        attention = replace(context, loss=self.attention)
-        backend = choose(self._attention_backends, attention, settings or {})
-        parts = {"attention": reduce_terms(backend.terms(attention))[0]}
-        parts["vv"] = self._relation(context, "vv", context.num_teacher_heads, (settings or {}).get("fused"))
-        return parts["attention"] + self.relations["vv"] * parts["vv"], parts
-
-
-def pair_names(pair: LayerPair, parts: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The logging names of a pair's parts, ``L6->3/qq``."""
-    return {f"{pair_name(pair)}/{kind}": value for kind, value in parts.items()}
