@@ -402,22 +402,21 @@ def test_validation_on_two_processes_counts_each_example_once(tmp_path, strategy
     the mean of its examples' whatever the batching. The runs train nothing (``trainer.max_epochs=0``): both
     validate the same student, initialised from the seed. Under FSDP every process runs the forward on its
     whole batch, and the losses and metrics are taken again over its own rows from that forward's logits and
-    attention."""
+    attention. The hidden-state losses (``hidden=mse``, through the projections of a student half the
+    teacher's width) follow the same rows."""
     common = [
         "data.max_eval_samples=31", f"data.eval_batch_size={eval_batch_size}", "data.max_length=6",
         "trainer.limit_val_batches=null", "trainer.max_epochs=0", "student.init=random",
-        "callbacks.attention_maps=null",
+        "callbacks.attention_maps=null", "hidden=mse", "student.hidden_size=16",
     ]  # fmt: skip
     ddp, _ = run_train_py(tmp_path / "ddp", *(CPU_DDP if strategy == "ddp" else FSDP_ON_CPU), *common)
     one, _ = run_train_py(tmp_path / "one", *common)
     reported, expected = (json.loads((d / "results.json").read_text()) for d in (ddp, one))
     assert reported["student"] == pytest.approx(expected["student"], abs=1e-6)
-    assert (
-        sorted(reported["attention_loss"]) == sorted(expected["attention_loss"])
-        and expected["attention_loss"]
-    )
-    for pair, value in expected["attention_loss"].items():
-        assert reported["attention_loss"][pair] == pytest.approx(value, rel=1e-5), pair
+    for losses in ("attention_loss", "hidden_loss"):
+        assert sorted(reported[losses]) == sorted(expected[losses]) and expected[losses], losses
+        for pair, value in expected[losses].items():
+            assert reported[losses][pair] == pytest.approx(value, rel=1e-5), (losses, pair)
 
 
 @pytest.mark.slow

@@ -539,27 +539,3 @@ def test_a_run_with_hidden_states_logs_them_and_keeps_the_projections_out_of_the
     for key, value in ProjectionProbe.records["second"]["projections"].items():
         assert torch.equal(value, saved[key]), key  # resumed with the checkpoint's projections
     assert [int(r["step"]) for r in _rows(second) if r["train/hidden_loss"]] == [4, 5, 6, 7]
-
-
-@pytest.mark.slow
-def test_fsdp_validation_counts_each_example_once_in_the_hidden_loss(tmp_path):
-    """``train.py trainer=fsdp hidden=mse`` on two CPU processes, 31 validation examples in batches of two:
-    rank 1's last batch is one example and a repeat, whose losses are taken again over the real row, the
-    hidden states (and the projections) included. The hidden losses results.json reports equal one
-    process's over the 31 examples. Nothing trains (``trainer.max_epochs=0``): both validate the student
-    and projections initialised from the seed; 6 tokens each, so no batch holds padding."""
-    from conftest import FSDP_ON_CPU
-    from test_ddp import run_train_py
-
-    common = [
-        "data.max_eval_samples=31", "data.eval_batch_size=2", "data.max_length=6",
-        "trainer.limit_val_batches=null", "trainer.max_epochs=0", "student.init=random",
-        "student.hidden_size=16", "callbacks.attention_maps=null", "hidden=mse",
-    ]  # fmt: skip
-    fsdp, _ = run_train_py(tmp_path / "fsdp", *FSDP_ON_CPU, *common)
-    one, _ = run_train_py(tmp_path / "one", *common)
-    reported, expected = (json.loads((d / "results.json").read_text()) for d in (fsdp, one))
-    assert sorted(expected["hidden_loss"]) == sorted(APP_PAIRS)
-    assert reported["hidden_loss"] == {
-        k: pytest.approx(v, rel=1e-5) for k, v in expected["hidden_loss"].items()
-    }
