@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from torch import Tensor, nn
 
 from distill_lab.losses import AttentionLoss
-from distill_lab.matching import LayerPair, pair_name
+from distill_lab.matching import LayerPair
 from distill_lab.records import QueryKey
 
 RELATIONS = {"qq": "query", "kk": "key", "vv": "value"}  # a relation's name -> the vectors it relates
