@@ -8,8 +8,8 @@ several seeds, through ``python train.py experiment=agnews``.
 
 Each run writes to ``<out>/L<layers>/<way>/seed<seed>``; a run whose ``results.json`` exists is not run
 again, so an interrupted comparison continues where it stopped. ``--summary`` prints the table of every
-finished run (mean and standard deviation over seeds of the validation accuracy, time per run) and writes it
-to ``<out>/summary.md``.
+finished run (mean and standard deviation over seeds of the validation accuracy, the median time per run)
+and writes it to ``<out>/summary.md``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def run(teacher: str, data: str, out: Path, layers: int, way: str, seed: int) ->
 
 def summary(out: Path) -> str:
     lines = [
-        "| student | way | runs | accuracy (mean ± sd) | macro-F1 (mean) | seeds | minutes per run |",
+        "| student | way | runs | accuracy (mean ± sd) | macro-F1 | seeds | minutes per run (median) |",
         "|---|---|---|---|---|---|---|",
     ]
     for layer_dir in sorted(out.glob("L*")):
@@ -69,7 +69,7 @@ def summary(out: Path) -> str:
             mean = f"{statistics.mean(acc):.4f} ± {spread:.4f}"
             lines.append(
                 f"| {layer_dir.name[1:]} layers | {way} | {len(acc)} | {mean} | {statistics.mean(f1):.4f} "
-                f"| {seeds} | {statistics.mean(minutes):.1f} |"
+                f"| {seeds} | {statistics.median(minutes):.1f} |"
             )
     teacher = next(out.glob("L*/*/seed*/results.json"), None)
     if teacher is not None:
