@@ -328,9 +328,8 @@ class MiniLMLoss(RelationLoss):
         matching=None,
         pairs: Sequence[LayerPair] = (),
     ) -> None:
-        """The value relation's heads must divide both widths, and the matching mode must pair the
-        attention heads (MiniLM: the teacher's head count)."""
-        super().check_models(num_teacher_heads, num_student_heads, widths)
+        """MiniLM compares attention head by head: the student needs the teacher's head count; then the
+        base checks (the value relation's heads divide both widths, the matching mode pairs the heads)."""
         if num_student_heads != num_teacher_heads:
             raise ValueError(
                 "loss=minilm compares the student's attention with the teacher's head by head, but the "
@@ -338,5 +337,4 @@ class MiniLMLoss(RelationLoss):
                 f"student the teacher's heads (student.num_heads={num_teacher_heads}), or use "
                 "loss=relation, which takes any head counts"
             )
-        if matching is not None:
-            matching.check_heads(num_teacher_heads, num_student_heads, pairs)
+        super().check_models(num_teacher_heads, num_student_heads, widths, matching, pairs)
