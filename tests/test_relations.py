@@ -29,6 +29,7 @@ from distill_lab.attention import AttentionDistillationLoss
 from distill_lab.capture import AttentionCapture, attention_width
 from distill_lab.losses import AttentionLoss
 from distill_lab.matching import Selective, layer_map, minilmv2_teacher_layer
+from distill_lab.records import QueryKey
 from distill_lab.relations import MiniLMLoss, RelationLoss, relation_kl
 from distill_lab.run import train
 
@@ -744,3 +745,16 @@ def test_the_app_distils_relations_into_a_narrower_student_with_fewer_heads(tmp_
     with pytest.raises(ValueError, match=r"relation_heads=32 does not divide the student width 16"):
         train(compose_config([*overrides, "loss.relation_heads=32"], tmp_path / "refused", cache))
     assert not (tmp_path / "refused" / "checkpoints").exists()
+
+
+def test_relations_from_probability_maps_are_refused_naming_the_qk_capture():
+    """Probability maps (``capture=probs``) and records without values hold no vectors to relate: the
+    forward says which capture records them instead of failing inside the loss."""
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, 4, 5, 8, generator=generator) for _ in range(3))
+    component = AttentionDistillationLoss(RelationLoss(), layer_map=[(0, 0)])
+    probs = torch.softmax(query @ key.transpose(-1, -2), -1)
+    without_values = QueryKey(query, key, 8**-0.5)
+    for student in (probs, without_values):
+        with pytest.raises(ValueError, match="only the qk capture records: set capture=qk"):
+            component({0: student}, {0: QueryKey(query, key, 8**-0.5, value=value)})
