@@ -177,6 +177,7 @@ def _without_zero_terms(output_loss, attention_loss, attention_weight):
 def fit(spec: dict) -> None:
     """Train ``STEPS`` optimizer steps as ``spec`` says; every rank saves its record to ``spec["out"]``."""
     import distill_lab.module
+    import distill_lab.step
     from distill_lab.attention import AttentionDistillationLoss
 
     teacher = AutoModelForSequenceClassification.from_pretrained(spec["teacher"])
@@ -202,7 +203,7 @@ def fit(spec: dict) -> None:
         num_sanity_val_steps=0, use_distributed_sampler=False, **kwargs,
     )  # fmt: skip
     objective = (
-        mock.patch.object(distill_lab.module, "distillation_objective", _without_zero_terms)
+        mock.patch.object(distill_lab.step, "distillation_objective", _without_zero_terms)
         if spec.get("drop_zero_terms")
         else contextlib.nullcontext()
     )

@@ -53,6 +53,7 @@ _EXPORTS = {
     "derive_student": "models",
     # training
     "DistillationModule": "module",
+    "DistillationTrainer": "trainer",
     "CausalLM": "tasks",
     "ImageClassification": "tasks",
     "MaskedLM": "tasks",

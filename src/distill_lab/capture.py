@@ -21,7 +21,7 @@ Usage::
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -311,10 +311,17 @@ class AttentionCapture:
         self._maps[layer] = record
 
     def __call__(self, *args, **kwargs):
+        return self.through(None, *args, **kwargs)
+
+    def through(self, forward: Callable | None, *args, **kwargs):
+        """``forward(*args, **kwargs)`` and the maps it recorded, as calling the capture returns them, where
+        ``forward`` runs the captured model from outside: a wrapper around it (``DistributedDataParallel``,
+        whose forward must run for the gradients to be reduced). None: the model itself. The records come
+        from the model's attention modules, whichever module's forward reaches them."""
         self._maps = {}
         if self._no_cache:
             kwargs.setdefault("use_cache", False)
-        outputs = self.model(*args, **kwargs)
+        outputs = (forward if forward is not None else self.model)(*args, **kwargs)
         maps, self._maps = self._maps, {}
         missing = [i for i in self.layers if i not in maps]
         if missing:

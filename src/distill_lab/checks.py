@@ -24,6 +24,7 @@ from distill_lab.capture import num_attention_heads
 from distill_lab.data import check_sizes
 from distill_lab.hidden import LAYER_MAP_SPECS
 from distill_lab.models import position_limit
+from distill_lab.objective import OBJECTIVE_RANGES, check_setting
 from distill_lab.resume import started_by_a_launcher
 from distill_lab.tasks import TASKS
 
@@ -31,9 +32,7 @@ log = logging.getLogger(__name__)
 
 # what each value of the objective and the schedule must be, and the rule as its error states it
 RANGES = {
-    "attention_weight": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "alpha": (lambda v: 0 <= v <= 1, "in [0, 1] (the cross-entropy's share of the output loss)"),
-    "temperature": (lambda v: v > 0, "above 0 (1 leaves the logits as they are; 2 to 4 is usual)"),
+    **OBJECTIVE_RANGES,
     "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1) (the share of the optimizer steps spent warming up)"),
 }
 SIZES = (
@@ -103,10 +102,8 @@ def check_settings(cfg: DictConfig) -> None:
     ranges = dict(RANGES)
     if "temperature" in cfg.loss:  # the attention KL's own, beside the output loss's
         ranges["loss.temperature"] = ATTENTION_TEMPERATURE
-    for key, (valid, rule) in ranges.items():
-        value = OmegaConf.select(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not valid(value):
-            raise ValueError(f"{key}={value} must be {rule}")
+    for key in ranges:
+        check_setting(key, OmegaConf.select(cfg, key), ranges)
     lr = OmegaConf.select(cfg, "optimizer.lr")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0):
         raise ValueError(f"optimizer.lr={lr} must be above 0 (the default is 5e-4)")

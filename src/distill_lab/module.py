@@ -13,7 +13,6 @@ batch are repeats is ``repeats.py``'s to say.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
 
 import lightning as L
 import torch
@@ -30,28 +29,11 @@ from distill_lab.hidden import HiddenStateLoss
 from distill_lab.losses import distillation_objective
 from distill_lab.matching import gradient_head_importance, pair_name
 from distill_lab.repeats import batch_size, select_hidden_rows, select_map_rows, select_rows, unrepeated_rows
+from distill_lab.step import Objective, Step, distillation_step
 from distill_lab.tasks import SequenceClassification
 from distill_lab.weighted_mean import WeightedMean
 
 TEACHER_PREFIX = "teacher."
-
-
-class Step(NamedTuple):
-    """What one forward of teacher and student gives: the objective and its parts, the logits, the attention
-    records, and with a hidden-state loss its part and the models' hidden states."""
-
-    loss: Tensor
-    output_loss: Tensor
-    attention_loss: Tensor
-    details: dict[str, Tensor]  # per layer pair (and head), detached
-    student_logits: Tensor
-    teacher_logits: Tensor
-    student_maps: dict  # {layer: probabilities or QueryKey record}, as AttentionCapture returns them
-    teacher_maps: dict
-    hidden_loss: Tensor | None = None  # None without a hidden-state loss
-    hidden_details: dict[str, Tensor] | None = None  # per hidden-state pair, detached
-    student_hidden: tuple[Tensor, ...] | None = None  # outputs.hidden_states, with a hidden-state loss
-    teacher_hidden: tuple[Tensor, ...] | None = None
 
 
 class DistillationModule(L.LightningModule):
@@ -216,18 +198,9 @@ class DistillationModule(L.LightningModule):
 
     def forward(self, batch: Mapping[str, Tensor]) -> Step:
         """Teacher (no grad) and student on one batch: the loss and its parts, the logits and the
-        attentions."""
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        if self.hidden_loss is not None:
-            inputs["output_hidden_states"] = True
-        with torch.no_grad():
-            teacher_out, teacher_maps = self.teacher_capture(**inputs)
-        student_out, student_maps = self.student_capture(**inputs)
-        hidden = (None, None)
-        if self.hidden_loss is not None:
-            hidden = (student_out.hidden_states, teacher_out.hidden_states)
-        logits = (student_out.logits, teacher_out.logits)
-        return self._objective(batch, *logits, student_maps, teacher_maps, *hidden)
+        attentions (``distill_lab.step``, which ``DistillationTrainer`` runs too)."""
+        hidden = self.hidden_loss is not None
+        return distillation_step(batch, self.teacher_capture, self.student_capture, self._objective, hidden)
 
     def _objective(
         self,
@@ -240,20 +213,17 @@ class DistillationModule(L.LightningModule):
         teacher_hidden=None,
     ) -> Step:
         """The loss and its parts from the two models' outputs on ``batch`` (their forwards already run)."""
-        mask = batch.get("attention_mask")
-        output_loss = self.task.output_loss(
-            student_logits, teacher_logits, batch, self.hparams.temperature, self.hparams.alpha
+        objective = Objective(
+            self.task,
+            self.attention_loss,
+            self.hparams.attention_weight,
+            self.hparams.temperature,
+            self.hparams.alpha,
+            self.hidden_loss,
+            self.hparams.hidden_weight,
         )
-        attention_loss, details = self.attention_loss(student_maps, teacher_maps, mask)
-        hidden_loss = hidden_details = None
-        hidden = {}  # distillation_objective's hidden-state term, where there is one
-        if self.hidden_loss is not None:
-            hidden_loss, hidden_details = self.hidden_loss(student_hidden, teacher_hidden, mask)
-            hidden = {"hidden_loss": hidden_loss, "hidden_weight": self.hparams.hidden_weight}
-        loss = distillation_objective(output_loss, attention_loss, self.hparams.attention_weight, **hidden)
         logits, maps = (student_logits, teacher_logits), (student_maps, teacher_maps)
-        states = (hidden_loss, hidden_details, student_hidden, teacher_hidden)
-        return Step(loss, output_loss, attention_loss, details, *logits, *maps, *states)
+        return objective(batch, *logits, *maps, student_hidden, teacher_hidden)
 
     def training_step(self, batch, batch_idx):
         step = self(batch)

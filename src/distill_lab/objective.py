@@ -11,6 +11,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# what each setting of the objective must be, and the rule as its error states it (``distill_lab.checks``
+# checks the config's values against it, ``DistillationTrainer`` its arguments)
+OBJECTIVE_RANGES = {
+    "attention_weight": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "alpha": (lambda v: 0 <= v <= 1, "in [0, 1] (the cross-entropy's share of the output loss)"),
+    "temperature": (lambda v: v > 0, "above 0 (1 leaves the logits as they are; 2 to 4 is usual)"),
+}
+
+
+def check_setting(name: str, value, ranges=OBJECTIVE_RANGES) -> None:
+    """Raise a ``ValueError`` naming ``name=value`` and its rule where ``value`` is not a number in its
+    range (``ranges[name]``: a test and the rule in words)."""
+    valid, rule = ranges[name]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not valid(value):
+        raise ValueError(f"{name}={value} must be {rule}")
+
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
