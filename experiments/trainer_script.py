@@ -49,5 +49,7 @@ def builtin_teacher() -> str:
 if __name__ == "__main__":
     from distill_lab.data_synthetic import synthetic_relations
 
-    metrics = distil(builtin_teacher(), synthetic_relations(), sys.argv[1] if len(sys.argv) > 1 else "outputs")
+    metrics = distil(
+        builtin_teacher(), synthetic_relations(), sys.argv[1] if len(sys.argv) > 1 else "outputs"
+    )
     print({k: round(v, 4) for k, v in metrics.items()})
