@@ -25,7 +25,9 @@ from distill_lab import (
     CausalLM,
     DistillationModule,
     DistillationTrainer,
+    HiddenStateLoss,
     SequenceClassification,
+    hidden_layer_map,
     kd_loss,
     layer_map,
 )
@@ -70,17 +72,29 @@ def arguments(output_dir: Path, **overrides) -> TrainingArguments:
 # ---------------------------------------------------------------------------------------------- one loss
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("family", ["bert", "llama", "bert-hidden"])
 def test_the_loss_its_parts_and_gradients_equal_the_lightning_module_s(tmp_path, family):
     """Same weights, same padded batch: the Trainer's loss, its logged parts (per layer pair) and the
     student's gradients are the Lightning module's. The Trainer gets no attention loss (the CLI's default,
-    kl/layerwise/uniform) and no task (LLaMA: causal LM from the class); the module gets both explicitly."""
+    kl/layerwise/uniform) and no task (LLaMA: causal LM from the class); the module gets both explicitly.
+    ``bert-hidden`` adds TinyBERT's hidden-state MSE (equal widths: no projections)."""
+    family, hidden = family.split("-")[0], family.endswith("hidden")
     teacher, student = models(family, tmp_path)
     module_teacher, module_student = copy.deepcopy(teacher), copy.deepcopy(student)  # before any capture
     task = SequenceClassification() if family == "bert" else CausalLM()
     attention = AttentionDistillationLoss("kl", "layerwise", layer_map(4, 2, "uniform"))
-    module = DistillationModule(module_teacher, module_student, attention, torch.optim.SGD, task=task)
-    trainer = DistillationTrainer(model=student, teacher=teacher, args=arguments(tmp_path / "out"))
+    options = {}
+    if hidden:
+        options = {
+            "hidden_weight": 0.5,
+            "hidden_loss": HiddenStateLoss("mse", hidden_layer_map(4, 2), 32, 32),
+        }
+    module = DistillationModule(
+        module_teacher, module_student, attention, torch.optim.SGD, task=task, **options
+    )
+    if hidden:
+        options["hidden_loss"] = HiddenStateLoss("mse", hidden_layer_map(4, 2), 32, 32)
+    trainer = DistillationTrainer(model=student, teacher=teacher, args=arguments(tmp_path / "out"), **options)
     inputs = batch(family, student.config)
     module.train()
     trainer.model.train()
@@ -96,6 +110,12 @@ def test_the_loss_its_parts_and_gradients_equal_the_lightning_module_s(tmp_path,
     for pair in PAIRS:
         assert logged[pair] == pytest.approx(float(expected.details[pair.split("/")[1]]), rel=1e-6)
     assert expected.attention_loss > 0.05  # peaked maps: the attention term is not negligible
+    if hidden:
+        assert logged["hidden_loss"] == pytest.approx(float(expected.hidden_loss), rel=1e-6)
+        assert {k for k in logged if k.startswith("hidden/")} == {
+            f"hidden/{k}" for k in expected.hidden_details
+        }
+        assert len(expected.hidden_details) == 3 and expected.hidden_loss > 0
 
     loss.backward()
     expected.loss.backward()
@@ -323,3 +343,22 @@ def test_the_documented_script_distils_and_saves_the_student(tmp_path):
     student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
     assert student.config.num_hidden_layers == 2
     assert (tmp_path / "out" / "tokenizer.json").exists()
+
+
+def test_hidden_state_projections_train_in_the_optimizer_and_stay_out_of_the_student(tmp_path):
+    """A narrower student (16 wide, the teacher 32): the hidden-state loss's projections are a parameter
+    group of Trainer's optimizer and change with a step; the saved student holds none of them."""
+    teacher = make_tiny_model("bert", tmp_path / "teacher", num_hidden_layers=4, initializer_range=0.3)
+    student = make_tiny_model("bert", tmp_path / "student", seed=1, num_hidden_layers=2, hidden_size=16)
+    hidden = HiddenStateLoss("mse", hidden_layer_map(4, 2), 16, 32)
+    before = [p.detach().clone() for p in hidden.parameters()]
+    inputs = batch("bert", student.config)
+    args = arguments(tmp_path / "out", max_steps=1, per_device_train_batch_size=4)
+    trainer = DistillationTrainer(model=student, teacher=teacher, args=args, train_dataset=rows(inputs),
+                                  hidden_loss=hidden)  # fmt: skip
+    trainer.train()
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert {id(p) for p in hidden.parameters()} <= optimized
+    assert all(not torch.equal(p, b) for p, b in zip(hidden.parameters(), before, strict=True))
+    trainer.save_model()
+    assert set(load_file(tmp_path / "out" / "model.safetensors")) == set(student.state_dict())
