@@ -19,6 +19,7 @@ before the loss and the metrics, as the models' own ``loss`` does.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import torch
@@ -36,6 +37,7 @@ from transformers import (
 from distill_lab.losses import kd_loss
 
 IGNORE_INDEX = -100
+log = logging.getLogger(__name__)
 
 
 def model_label_names(config) -> list[str] | None:
@@ -165,13 +167,36 @@ class MaskedLM:
     # token ids are the tokenizer's, not an order the data guessed: a teacher with another tokenizer is
     # refused by check() instead
     checks_teacher = False
+    # the logits compared: all of them (None), or the first vocab_size where the two models' embedding
+    # matrices are padded to different sizes past one tokenizer (fit_vocabularies)
+    vocab_size: int | None = None
 
     def _labels(self, batch: Mapping[str, Tensor]) -> Tensor:
         """The targets, aligned with the logits' positions."""
         return batch["labels"]
 
     def _positions(self, logits: Tensor, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        if self.vocab_size is not None:  # a copy of (B, L, V) downstream: only where the sizes differ
+            logits = logits[..., : self.vocab_size]
         return logits, self._labels(batch)
+
+    def fit_vocabularies(self, teacher, student, tokenizer) -> None:
+        """Teacher and student of one tokenizer whose embedding matrices are padded to different sizes
+        (Qwen2.5's 152064 and 151936 rows over a tokenizer of 151665 tokens): the output loss, its
+        cross-entropy and the metrics then take the first ``len(tokenizer)`` logits of each, the rows past it
+        being padding that no token id reaches; said in a warning. Models of one size keep every logit. A
+        model with fewer rows than the tokenizer has tokens is refused elsewhere (:meth:`check`,
+        ``distill_lab.models.check_student``), and so is a student with a tokenizer of its own that is not
+        the teacher's."""
+        sizes = teacher.config.vocab_size, student.config.vocab_size
+        padded = tokenizer is not None and sizes[0] != sizes[1] and min(sizes) >= len(tokenizer)
+        self.vocab_size = len(tokenizer) if padded else None
+        if padded:
+            log.warning(
+                "the teacher's vocabulary has %d entries and the student's %d, over the tokenizer's %d "
+                "tokens: the output loss and the metrics compare the first %d logits of each (the rows past "
+                "the tokenizer's are padding)", *sizes, len(tokenizer), len(tokenizer),
+            )  # fmt: skip
 
     def output_count(self, batch: Mapping[str, Tensor]) -> Tensor:
         """What the output loss of ``batch`` averages over: its labelled positions (counted on the device)."""
@@ -215,8 +240,9 @@ class MaskedLM:
                 metric.update(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
     def num_classes(self, config) -> int:
-        """The size of the model's output distribution: its vocabulary."""
-        return config.vocab_size
+        """The size of the model's output distribution: its vocabulary (the tokenizer's part of it where the
+        two models are padded to different sizes, :meth:`fit_vocabularies`)."""
+        return config.vocab_size if self.vocab_size is None else min(config.vocab_size, self.vocab_size)
 
     def data_options(self, teacher) -> dict:
         """Token ids are the tokenizer's: nothing to take from the teacher."""
