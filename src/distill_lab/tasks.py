@@ -9,6 +9,8 @@ task                          output loss                      validation metric
 ``image_classification``      ``kd_loss`` on the logits        ``acc``, ``f1`` (macro)
 ``masked_lm``                 ``kd_loss`` on masked tokens     ``masked_acc``, ``perplexity`` (masked)
 ``causal_lm``                 ``kd_loss`` on next tokens       ``perplexity`` (every real next token)
+``token_classification``      ``kd_loss`` on labelled tokens   ``precision``, ``recall``, ``f1`` (entities),
+                                                               ``token_acc``
 ============================  ===============================  ============================================
 
 ``kd_loss`` is ``alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T)``, averaged over the labelled
@@ -32,6 +34,7 @@ from transformers import (
     AutoModelForImageClassification,
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
 )
 
 from distill_lab.losses import kd_loss
@@ -283,7 +286,84 @@ class CausalLM(MaskedLM):
         return MetricCollection({"perplexity": Perplexity(ignore_index=IGNORE_INDEX)}, prefix=prefix)
 
 
-TASKS = {task.name: task for task in (SequenceClassification, ImageClassification, MaskedLM, CausalLM)}
+class TokenClassification:
+    """One tag per word (NER-style, BIO tags): each word's tag labels its first sub-token, every other token
+    -100 (``distill_lab.data_tokens``); logits ``(B, L, C)``, labels ``(B, L)``. The output loss averages over
+    the labelled tokens; the metrics are seqeval's entity precision, recall and F1
+    (``distill_lab.entity_metrics``) and the accuracy over the labelled tokens."""
+
+    name = "token_classification"
+    auto_class = AutoModelForTokenClassification
+    monitor, monitor_mode = "val/f1", "max"
+    inputs = "text"
+    data_module = "distill_lab.data_tokens.TokenClassificationData"
+    data_configs = ("tokens_synthetic", "tokens_local", "tokens_hf")
+    checks_teacher = False  # distill_lab.teacher_check measures one label per example
+    # the tag names in id order, which the entity metrics read (B-/I- prefixes): the data's, matched to the
+    # teacher's id2label, set by check()
+    label_names: list[str] | None = None
+
+    def output_loss(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        batch: Mapping[str, Tensor],
+        temperature: float,
+        alpha: float,
+    ) -> Tensor:
+        return kd_loss(student_logits, teacher_logits, batch["labels"], temperature, alpha)
+
+    def output_count(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """What the output loss of ``batch`` averages over: its labelled tokens (counted on the device)."""
+        return (batch["labels"] != IGNORE_INDEX).sum()
+
+    def metrics(self, prefix: str, num_labels: int) -> MetricCollection:
+        from distill_lab.entity_metrics import EntityScore  # seqeval, loaded only for this task
+
+        names = self.label_names if self.label_names and len(self.label_names) == num_labels else None
+        scores = {score: EntityScore(score, names) for score in ("precision", "recall", "f1")}
+        accuracy = MulticlassAccuracy(
+            num_labels,
+            average="micro",
+            ignore_index=IGNORE_INDEX,
+            multidim_average="global",
+            validate_args=False,
+        )
+        return MetricCollection({**scores, "token_acc": accuracy}, prefix=prefix)
+
+    def update(self, metrics: MetricCollection, logits: Tensor, batch: Mapping[str, Tensor]) -> None:
+        labels = batch["labels"]
+        for name, metric in metrics.items(keep_base=True):
+            if name.endswith("token_acc"):
+                metric.update(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+            else:
+                metric.update(logits, labels)
+
+    def num_classes(self, config) -> int:
+        """The size of the model's output distribution: its tags."""
+        return config.num_labels
+
+    def data_options(self, teacher) -> dict:
+        """The teacher's tag names, to number the data's tags as the teacher does."""
+        return {"model_labels": model_label_names(teacher.config)}
+
+    def check_data_config(self, data_cfg: Mapping) -> None:
+        """Nothing the ``data`` config alone can tell (the class is checked by ``run.py``)."""
+
+    def check(self, teacher, data) -> None:
+        """The teacher's head must fit the data's tags; their names are kept for the entity metrics."""
+        if teacher.config.num_labels != data.num_labels:
+            raise ValueError(
+                f"the teacher has {teacher.config.num_labels} labels but the data has {data.num_labels} tags "
+                f"({data.label_names}); the teacher must be fine-tuned on this task."
+            )
+        self.label_names = list(data.label_names)
+
+
+TASKS = {
+    task.name: task
+    for task in (SequenceClassification, ImageClassification, MaskedLM, CausalLM, TokenClassification)
+}
 
 
 def get_task(name: str):
