@@ -332,6 +332,22 @@ def test_every_config_option_composes_and_instantiates(
         batch = next(iter(data.train_dataloader()))
         masked = batch["labels"] != -100
         assert masked.any() and (batch["input_ids"][masked] == tokenizer.mask_token_id).float().mean() > 0.5
+    elif group == "data" and option.startswith("tokens_"):
+        from distill_lab.data_tokens import ENTITY_TAGS, TokenClassificationData
+
+        data = instantiate(node, tokenizer=tokenizer, **run_time_lengths(node))
+        assert isinstance(data, TokenClassificationData)  # loading waits for setup()
+        if option != "tokens_synthetic":  # the hub offline, and the task's csv files hold no words and tags
+            error = RuntimeError if option == "tokens_hf" else ValueError
+            with pytest.raises(error, match="data=local" if option == "tokens_hf" else "data.tokens_column="):
+                data.setup("fit")
+            return
+        data.setup("fit")
+        assert data.label_names == list(ENTITY_TAGS)
+        batch = next(iter(data.train_dataloader()))
+        assert (
+            batch["labels"].shape == batch["input_ids"].shape and batch["labels"].shape[0] == node.batch_size
+        )
     elif group == "data":
         data = instantiate(node, tokenizer=tokenizer, **run_time_lengths(node))
         assert isinstance(data, TextClassificationData)  # loading waits for setup()
@@ -397,6 +413,7 @@ def test_every_config_option_composes_and_instantiates(
             "masked_lm": "lm_synthetic",
             "causal_lm": "lm_synthetic",
             "image_classification": "synthetic_images",
+            "token_classification": "tokens_synthetic",
         }
         if option in expected_data:  # the task brings data of its kind
             assert (

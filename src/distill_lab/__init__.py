@@ -58,6 +58,7 @@ _EXPORTS = {
     "ImageClassification": "tasks",
     "MaskedLM": "tasks",
     "SequenceClassification": "tasks",
+    "TokenClassification": "tasks",
     "get_task": "tasks",
 }
 

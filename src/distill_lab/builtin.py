@@ -111,6 +111,28 @@ def _stripes(batch_size: int, seed: int):
     )
 
 
+def _entities(batch_size: int, seed: int):
+    """The built-in NER sentences (``distill_lab.data_tokens.synthetic_entities``) through a word tokenizer
+    over their words; the tag names become the model's ``id2label``."""
+    from distill_lab.data_tokens import ENTITY_WORDS, TokenClassificationData, synthetic_entities
+
+    tokenizer = build_word_tokenizer(ENTITY_WORDS)
+    data = TokenClassificationData(synthetic_entities(seed=seed), tokenizer, batch_size=batch_size, seed=seed)
+    data.setup("fit")
+    labels = dict(enumerate(data.label_names))
+    return (
+        data,
+        tokenizer,
+        dict(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            num_labels=data.num_labels,
+            id2label=labels,
+            label2id={v: k for k, v in labels.items()},
+        ),  # fmt: skip
+    )
+
+
 BUILTIN_TEACHERS = {  # name -> BuiltinTeacher; teacher=builtin picks the one of its task
     # a 4-layer BERT classifier; the negation relation is picked up after a plateau whose length varies with
     # the seed (and with the library versions: the same seed picks it up by epoch 8 or never): many epochs
@@ -160,6 +182,14 @@ BUILTIN_TEACHERS = {  # name -> BuiltinTeacher; teacher=builtin picks the one of
         ),
         _stripes,
         dict(max_epochs=3, lr=1e-3, batch_size=32, seed=0, target=None, attempts=1),
+    ),
+    # a 4-layer BERT tagger of the built-in NER sentences: entity F1 0.96 in two or three epochs of 63 steps
+    # (a few seconds an epoch on one CPU core), 0.97 where it stops improving
+    "entities": BuiltinTeacher(
+        "token_classification",
+        partial(BertConfig, **TEACHER_CONFIG),
+        _entities,
+        dict(max_epochs=4, lr=1e-3, batch_size=32, seed=0, target=0.96, attempts=1),
     ),
 }
 
@@ -289,6 +319,10 @@ def evaluate(model, dataloader, task: str) -> dict[str, float]:
     """The validation metrics of ``task`` (``distill_lab.tasks``: those a distillation run reports, e.g.
     ``acc`` and ``f1``, or ``perplexity``) of ``model`` over ``dataloader``."""
     task = get_task(task)
+    if hasattr(task, "label_names"):  # token classification: the entity metrics read the tag names
+        from distill_lab.tasks import model_label_names
+
+        task.label_names = model_label_names(model.config)
     metrics = task.metrics("", task.num_classes(model.config)).to(model.device)
     model.eval()
     for batch in dataloader:

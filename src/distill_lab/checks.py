@@ -279,9 +279,13 @@ def check_positions(model, role: str, max_length: int | None) -> None:
         )
 
 
-def check_outputs(task, teacher, student) -> None:
+def check_outputs(task, teacher, student, tokenizer=None) -> None:
     """The output loss compares the two models' distributions entry by entry: the student's output must
-    have the teacher's size (its labels, or its vocabulary)."""
+    have the teacher's size (its labels, or its vocabulary). Language models of one tokenizer (``tokenizer``)
+    whose vocabularies are padded to different sizes past it compare the tokenizer's part
+    (``task.fit_vocabularies``, with a warning)."""
+    if hasattr(task, "fit_vocabularies"):
+        task.fit_vocabularies(teacher, student, tokenizer)
     if (size := task.num_classes(student.config)) != (wanted := task.num_classes(teacher.config)):
         what = (
             "the vocabulary"

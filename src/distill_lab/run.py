@@ -248,7 +248,7 @@ def build_module(cfg: DictConfig, task, teacher, data) -> L.LightningModule:
     same call builds the module of ``fit`` and the fresh one an FSDP evaluation needs."""
     student = instantiate(cfg.student, teacher=teacher)
     check_student(student, teacher, getattr(data, "tokenizer", None), cfg.student.get("name_or_path"))
-    checks.check_outputs(task, teacher, student)
+    checks.check_outputs(task, teacher, student, getattr(data, "tokenizer", None))
     checks.check_positions(student, "student", cfg.data.get("max_length"))
     pairs = layer_map(
         teacher.config.num_hidden_layers,

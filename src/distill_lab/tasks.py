@@ -9,6 +9,8 @@ task                          output loss                      validation metric
 ``image_classification``      ``kd_loss`` on the logits        ``acc``, ``f1`` (macro)
 ``masked_lm``                 ``kd_loss`` on masked tokens     ``masked_acc``, ``perplexity`` (masked)
 ``causal_lm``                 ``kd_loss`` on next tokens       ``perplexity`` (every real next token)
+``token_classification``      ``kd_loss`` on labelled tokens   ``precision``, ``recall``, ``f1`` (entities),
+                                                               ``token_acc``
 ============================  ===============================  ============================================
 
 ``kd_loss`` is ``alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T)``, averaged over the labelled
@@ -19,6 +21,7 @@ before the loss and the metrics, as the models' own ``loss`` does.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import torch
@@ -31,11 +34,13 @@ from transformers import (
     AutoModelForImageClassification,
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
 )
 
 from distill_lab.losses import kd_loss
 
 IGNORE_INDEX = -100
+log = logging.getLogger(__name__)
 
 
 def model_label_names(config) -> list[str] | None:
@@ -165,13 +170,36 @@ class MaskedLM:
     # token ids are the tokenizer's, not an order the data guessed: a teacher with another tokenizer is
     # refused by check() instead
     checks_teacher = False
+    # the logits compared: all of them (None), or the first vocab_size where the two models' embedding
+    # matrices are padded to different sizes past one tokenizer (fit_vocabularies)
+    vocab_size: int | None = None
 
     def _labels(self, batch: Mapping[str, Tensor]) -> Tensor:
         """The targets, aligned with the logits' positions."""
         return batch["labels"]
 
     def _positions(self, logits: Tensor, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        if self.vocab_size is not None:  # a copy of (B, L, V) downstream: only where the sizes differ
+            logits = logits[..., : self.vocab_size]
         return logits, self._labels(batch)
+
+    def fit_vocabularies(self, teacher, student, tokenizer) -> None:
+        """Teacher and student of one tokenizer whose embedding matrices are padded to different sizes
+        (Qwen2.5's 152064 and 151936 rows over a tokenizer of 151665 tokens): the output loss, its
+        cross-entropy and the metrics then take the first ``len(tokenizer)`` logits of each, the rows past it
+        being padding that no token id reaches; said in a warning. Models of one size keep every logit. A
+        model with fewer rows than the tokenizer has tokens is refused elsewhere (:meth:`check`,
+        ``distill_lab.models.check_student``), and so is a student with a tokenizer of its own that is not
+        the teacher's."""
+        sizes = teacher.config.vocab_size, student.config.vocab_size
+        padded = tokenizer is not None and sizes[0] != sizes[1] and min(sizes) >= len(tokenizer)
+        self.vocab_size = len(tokenizer) if padded else None
+        if padded:
+            log.warning(
+                "the teacher's vocabulary has %d entries and the student's %d, over the tokenizer's %d "
+                "tokens: the output loss and the metrics compare the first %d logits of each (the rows past "
+                "the tokenizer's are padding)", *sizes, len(tokenizer), len(tokenizer),
+            )  # fmt: skip
 
     def output_count(self, batch: Mapping[str, Tensor]) -> Tensor:
         """What the output loss of ``batch`` averages over: its labelled positions (counted on the device)."""
@@ -215,8 +243,9 @@ class MaskedLM:
                 metric.update(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
     def num_classes(self, config) -> int:
-        """The size of the model's output distribution: its vocabulary."""
-        return config.vocab_size
+        """The size of the model's output distribution: its vocabulary (the tokenizer's part of it where the
+        two models are padded to different sizes, :meth:`fit_vocabularies`)."""
+        return config.vocab_size if self.vocab_size is None else min(config.vocab_size, self.vocab_size)
 
     def data_options(self, teacher) -> dict:
         """Token ids are the tokenizer's: nothing to take from the teacher."""
@@ -257,7 +286,84 @@ class CausalLM(MaskedLM):
         return MetricCollection({"perplexity": Perplexity(ignore_index=IGNORE_INDEX)}, prefix=prefix)
 
 
-TASKS = {task.name: task for task in (SequenceClassification, ImageClassification, MaskedLM, CausalLM)}
+class TokenClassification:
+    """One tag per word (NER-style, BIO tags): each word's tag labels its first sub-token, every other token
+    -100 (``distill_lab.data_tokens``); logits ``(B, L, C)``, labels ``(B, L)``. The output loss averages over
+    the labelled tokens; the metrics are seqeval's entity precision, recall and F1
+    (``distill_lab.entity_metrics``) and the accuracy over the labelled tokens."""
+
+    name = "token_classification"
+    auto_class = AutoModelForTokenClassification
+    monitor, monitor_mode = "val/f1", "max"
+    inputs = "text"
+    data_module = "distill_lab.data_tokens.TokenClassificationData"
+    data_configs = ("tokens_synthetic", "tokens_local", "tokens_hf")
+    checks_teacher = False  # distill_lab.teacher_check measures one label per example
+    # the tag names in id order, which the entity metrics read (B-/I- prefixes): the data's, matched to the
+    # teacher's id2label, set by check()
+    label_names: list[str] | None = None
+
+    def output_loss(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        batch: Mapping[str, Tensor],
+        temperature: float,
+        alpha: float,
+    ) -> Tensor:
+        return kd_loss(student_logits, teacher_logits, batch["labels"], temperature, alpha)
+
+    def output_count(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """What the output loss of ``batch`` averages over: its labelled tokens (counted on the device)."""
+        return (batch["labels"] != IGNORE_INDEX).sum()
+
+    def metrics(self, prefix: str, num_labels: int) -> MetricCollection:
+        from distill_lab.entity_metrics import EntityScore  # seqeval, loaded only for this task
+
+        names = self.label_names if self.label_names and len(self.label_names) == num_labels else None
+        scores = {score: EntityScore(score, names) for score in ("precision", "recall", "f1")}
+        accuracy = MulticlassAccuracy(
+            num_labels,
+            average="micro",
+            ignore_index=IGNORE_INDEX,
+            multidim_average="global",
+            validate_args=False,
+        )
+        return MetricCollection({**scores, "token_acc": accuracy}, prefix=prefix)
+
+    def update(self, metrics: MetricCollection, logits: Tensor, batch: Mapping[str, Tensor]) -> None:
+        labels = batch["labels"]
+        for name, metric in metrics.items(keep_base=True):
+            if name.endswith("token_acc"):
+                metric.update(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+            else:
+                metric.update(logits, labels)
+
+    def num_classes(self, config) -> int:
+        """The size of the model's output distribution: its tags."""
+        return config.num_labels
+
+    def data_options(self, teacher) -> dict:
+        """The teacher's tag names, to number the data's tags as the teacher does."""
+        return {"model_labels": model_label_names(teacher.config)}
+
+    def check_data_config(self, data_cfg: Mapping) -> None:
+        """Nothing the ``data`` config alone can tell (the class is checked by ``run.py``)."""
+
+    def check(self, teacher, data) -> None:
+        """The teacher's head must fit the data's tags; their names are kept for the entity metrics."""
+        if teacher.config.num_labels != data.num_labels:
+            raise ValueError(
+                f"the teacher has {teacher.config.num_labels} labels but the data has {data.num_labels} tags "
+                f"({data.label_names}); the teacher must be fine-tuned on this task."
+            )
+        self.label_names = list(data.label_names)
+
+
+TASKS = {
+    task.name: task
+    for task in (SequenceClassification, ImageClassification, MaskedLM, CausalLM, TokenClassification)
+}
 
 
 def get_task(name: str):
