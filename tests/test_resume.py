@@ -68,6 +68,9 @@ RUN = [
 # ---------------------------------------------------------------------- callbacks the tests add
 
 
+HOLD_VARIABLE = "DISTILL_LAB_TEST_HOLD"
+
+
 class Pace(L.Callback):
     """Sleeps after every training step, so that a test can interrupt the run between two given checkpoints.
 
@@ -79,6 +82,15 @@ class Pace(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         time.sleep(self.seconds)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        # HOLD_VARIABLE="PATH STEP" (the environment, not the command, so that two runs of one command can
+        # differ in it): from optimizer step STEP on, wait while PATH exists, which a test removes to let go
+        hold = os.environ.get(HOLD_VARIABLE)
+        if hold:
+            path, step = hold.rsplit(" ", 1)
+            while trainer.global_step >= int(step) and os.path.exists(path):
+                time.sleep(0.05)
 
 
 class Crash(L.Callback):
@@ -306,12 +318,16 @@ def cli_task(tmp_path_factory):
     return root, command
 
 
-def cli_run(cwd: Path, command: list[str], name: str) -> TrainRun:
+def cli_run(cwd: Path, command: list[str], name: str, hold: tuple[Path, int] | None = None) -> TrainRun:
     """``python train.py *command`` started in the background in ``cwd`` (Hydra writes
     ``cwd/outputs/DATE/TIME``), with one torch thread, offline, its output in ``cwd/<name>.log`` (``tests/``
-    on the path: the command names ``test_resume.Pace``)."""
+    on the path: the command names ``test_resume.Pace``). With ``hold=(path, step)`` the run waits from
+    optimizer step ``step`` on while ``path`` exists (``Pace``)."""
     cwd.mkdir(parents=True, exist_ok=True)
-    return TrainRun(train_py(*command), env=app_env(cwd), log=cwd / f"{name}.log", cwd=cwd)
+    env = app_env(cwd)
+    if hold is not None:
+        env[HOLD_VARIABLE] = f"{hold[0]} {hold[1]}"
+    return TrainRun(train_py(*command), env=env, log=cwd / f"{name}.log", cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -403,15 +419,16 @@ def test_a_second_copy_of_a_running_command_starts_afresh_beside_it(cli_task, cl
     checkpoint, no results.json) but not its lock: it starts afresh in its own directory, and each run ends
     with the uninterrupted result, untouched by the other."""
     root, command = cli_task
-    # paced slower (about 12 s of steps), so that the first still runs when the second starts
-    command = [o for o in command if not o.startswith("+callbacks.pace.seconds=")] + [
-        "+callbacks.pace.seconds=0.5"
-    ]
     cwd = root / "twice"
-    first = cli_run(cwd, command, "first")
+    # the first is held after its checkpoint of step 3 until the second has ended, so that it still runs then
+    # however long the second takes to start on a loaded machine
+    hold = root / "hold-first"
+    hold.touch()
+    first = cli_run(cwd, command, "first", hold=(hold, 4))
     first_dir = first.wait_for_checkpoint(min_step=3).parents[1]
     second = cli_run(cwd, command, "second")
     assert second.wait() == 0, second.output()[-3000:]
+    hold.unlink()
     assert first.wait() == 0, first.output()[-3000:]
     (second_dir,) = [d for d in second.run_dirs() if d != first_dir]
     assert f"{first_dir}, the latest run with the same overrides, is still running" in second.output()
