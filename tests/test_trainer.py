@@ -362,3 +362,36 @@ def test_hidden_state_projections_train_in_the_optimizer_and_stay_out_of_the_stu
     assert all(not torch.equal(p, b) for p, b in zip(hidden.parameters(), before, strict=True))
     trainer.save_model()
     assert set(load_file(tmp_path / "out" / "model.safetensors")) == set(student.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------- vocabularies
+
+
+def test_padded_vocabularies_compare_the_tokenizers_logits_and_need_the_tokenizer(tmp_path, caplog):
+    """A causal-LM teacher whose embedding matrix is padded past the shared tokenizer's size: with the
+    tokenizer as ``processing_class`` the output loss is KD over its first ``len(tokenizer)`` logits (the
+    causal shift, padding at -100); without it, an error before training names both sizes."""
+    from distill_lab.data import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer()
+    size = len(tokenizer)
+    teacher = make_tiny_model("llama", tmp_path / "teacher", vocab_size=64, pad_token_id=0)
+    student = make_tiny_model("llama", tmp_path / "student", seed=1, vocab_size=size, num_hidden_layers=2)
+    with pytest.raises(ValueError, match="vocabulary has 64 entries and the student's 26: pass their"):
+        DistillationTrainer(model=student, teacher=teacher, args=arguments(tmp_path / "none"))
+    trainer = DistillationTrainer(
+        model=student, teacher=teacher, args=arguments(tmp_path / "out"), processing_class=tokenizer
+    )
+    assert f"the teacher's vocabulary has 64 entries and the student's {size}" in caplog.text
+    inputs = make_tiny_inputs("llama", student.config, batch_size=3)
+    inputs["labels"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    trainer.model.eval()
+    trainer.compute_loss(trainer.model, inputs)
+    with torch.no_grad():
+        s = student(**{k: v for k, v in inputs.items() if k != "labels"}).logits[:, :-1, :size]
+        t = teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits[:, :-1, :size]
+    labels = inputs["labels"][:, 1:].reshape(-1)
+    keep = labels != -100
+    expected = kd_loss(s.reshape(-1, size)[keep], t.reshape(-1, size)[keep], labels[keep], 3.0, 0.3)
+    (total, count) = trainer._eval_sums["output_loss"]
+    torch.testing.assert_close(total / count, expected, rtol=1e-5, atol=1e-6)

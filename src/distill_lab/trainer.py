@@ -25,6 +25,7 @@ from distill_lab.step import Objective, Step, distillation_step
 # the task a student's class name implies, where the trainer is given none (suffix -> task name)
 TASK_BY_CLASS = {
     "ForSequenceClassification": "sequence_classification",
+    "ForTokenClassification": "token_classification",
     "ForImageClassification": "image_classification",
     "ForMaskedLM": "masked_lm",
     "ForCausalLM": "causal_lm",
@@ -135,6 +136,7 @@ class DistillationTrainer(Trainer):
             hidden_loss,
             hidden_weight,
         )
+        _fit_vocabularies(self.objective.task, teacher, model, trainer_kwargs.get("processing_class"))
         self.capture_backend, self.capture_memory_budget = capture, capture_memory_budget
         super().__init__(model=model, args=args, **trainer_kwargs)
         # the objective is the trainer's: no num_items_in_batch for the model, and the loss a batch mean
@@ -273,6 +275,23 @@ class DistillationTrainer(Trainer):
             self.hidden_loss.to(device)
             optimizer.add_param_group({"params": projections, "weight_decay": self.args.weight_decay})
         return optimizer
+
+
+def _fit_vocabularies(task, teacher, student, processing_class) -> None:
+    """A language model's output loss over the tokenizer's logits where teacher and student pad their
+    embedding matrices to different sizes (``MaskedLM.fit_vocabularies``); without a tokenizer to say how
+    many are real, an error rather than a shape mismatch at the first step."""
+    if not hasattr(task, "fit_vocabularies"):
+        return
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)  # a processor's own tokenizer
+    task.fit_vocabularies(teacher, student, tokenizer if hasattr(tokenizer, "__len__") else None)
+    sizes = teacher.config.vocab_size, student.config.vocab_size
+    if task.vocab_size is None and sizes[0] != sizes[1]:
+        raise ValueError(
+            f"the teacher's vocabulary has {sizes[0]} entries and the student's {sizes[1]}: pass their "
+            "shared tokenizer as processing_class= so that the output loss compares its tokens' logits "
+            "(models with different tokenizers cannot be distilled on their outputs)"
+        )
 
 
 def _check_arguments(model, teacher, capture: str, trainer_kwargs: dict) -> None:
