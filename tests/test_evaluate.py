@@ -360,3 +360,49 @@ def test_mcc_is_zero_where_it_is_undefined_as_sklearn_gives_it(labels, predictio
     logits = torch.nn.functional.one_hot(torch.tensor(predictions), 3).float()
     task.update(metrics, logits, {"labels": torch.tensor(labels)})
     assert float(metrics.compute()["mcc"]) == matthews_corrcoef(labels, predictions) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- the data
+
+
+def test_the_data_modules_take_a_test_split_whole_and_in_order(tmp_path, monkeypatch):
+    """A ``test`` split (from ``local_files(test_file=)``, ``hub_dataset(test_split=)`` or one's own
+    DatasetDict) is tokenized like validation, never subsampled, batched in order; a masked-LM test split is
+    masked once, the same on every load. Without one, asking for it names the keys that give it."""
+    from datasets import DatasetDict
+
+    from distill_lab.data import TextClassificationData, build_word_tokenizer, hub_dataset, local_files
+    from distill_lab.data_lm import LanguageModelingData
+
+    tokenizer = build_word_tokenizer()
+    splits = synthetic_relations(num_train=16, num_validation=8, seed=0)
+    held_out = synthetic_relations(num_train=10, num_validation=1, seed=3)["train"]
+    for name, split in (*splits.items(), ("test", held_out)):
+        split.to_pandas()[["text", "label"]].to_csv(tmp_path / f"{name}.csv", index=False)
+    loaded = local_files(tmp_path / "train.csv", tmp_path / "validation.csv", tmp_path / "test.csv")
+    assert list(loaded) == ["train", "validation", "test"] and loaded["test"]["text"] == held_out["text"]
+    monkeypatch.setattr(
+        "distill_lab.data.load_dataset", lambda *a, **k: DatasetDict(**splits, heldout=held_out)
+    )
+    assert hub_dataset("org/set", test_split="heldout")["test"]["text"] == held_out["text"]
+    with pytest.raises(ValueError, match=r"no split 'dev'.*set data\.dataset\.test_split"):
+        hub_dataset("org/set", test_split="dev")
+
+    data = TextClassificationData(loaded, tokenizer, batch_size=4, max_eval_samples=2)
+    assert data.has_test
+    rows = [batch for batch in data.test_dataloader()]
+    assert [len(b["labels"]) for b in rows] == [4, 4, 2]  # all 10, in order, not max_eval_samples' 2
+    assert torch.cat([b["labels"] for b in rows]).tolist() == held_out["label"]
+    assert data.example_batch("test", 3)["input_ids"].shape[0] == 3
+
+    text = DatasetDict({k: v.select_columns(["text"]) for k, v in loaded.items()})
+    masks = []
+    for _ in range(2):
+        lm = LanguageModelingData(text, tokenizer, mlm=True, max_length=16, batch_size=4, seed=1)
+        masks.append(torch.cat([b["labels"].flatten() for b in lm.test_dataloader()]))
+    assert torch.equal(masks[0], masks[1]) and (masks[0] != -100).any() and (masks[0] == -100).any()
+
+    plain = TextClassificationData(splits, tokenizer)
+    assert not plain.has_test
+    with pytest.raises(ValueError, match=r"no 'test' split: set data\.dataset\.test_file"):
+        plain.test_dataloader()

@@ -254,7 +254,10 @@ class TrainValidationData(lightning.LightningDataModule):
 
     def _check_split(self, split: str) -> str:
         if split not in SPLITS or (split == "test" and not self.has_test):
-            raise ValueError(f"no split {split!r}: a data module holds 'train', 'validation' or 'test'")
+            raise ValueError(
+                f"no split {split!r}: a data module holds 'train' or 'validation', and 'test' where the data "
+                "has one (data.dataset.test_file, test_split or test_dir)"
+            )
         return split
 
     def example_collator(self, split: str) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
