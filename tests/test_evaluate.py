@@ -18,7 +18,6 @@ import pytest
 import torch
 from conftest import REPO_ROOT, app_env, compose_config, make_text_task
 from scipy import stats
-from sklearn.metrics import f1_score, matthews_corrcoef
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from distill_lab.data import synthetic_relations
@@ -61,9 +60,35 @@ def run(tmp_path_factory, offline):
     return task, out, json.loads((out / "results.json").read_text())
 
 
+def matthews_corrcoef(labels, predictions) -> float:
+    """MCC from the confusion counts: ``(c s - sum_k p_k t_k) / sqrt((s^2 - sum p_k^2) (s^2 - sum t_k^2))``,
+    0 where the denominator is (one class predicted, or labelled), as scikit-learn and GLUE give it."""
+    labels, predictions = [int(v) for v in labels], [int(v) for v in predictions]
+    classes = sorted(set(labels) | set(predictions))
+    s = len(labels)
+    c = sum(p == t for p, t in zip(predictions, labels, strict=True))
+    p_k = [predictions.count(k) for k in classes]
+    t_k = [labels.count(k) for k in classes]
+    numerator = c * s - sum(p * t for p, t in zip(p_k, t_k, strict=True))
+    denominator = (s * s - sum(p * p for p in p_k)) * (s * s - sum(t * t for t in t_k))
+    return 0.0 if denominator == 0 else numerator / denominator**0.5
+
+
+def macro_f1(labels, predictions) -> float:
+    """The mean over the classes that occur (labelled or predicted) of ``2 tp / (2 tp + fp + fn)``."""
+    pairs = list(zip([int(v) for v in predictions], [int(v) for v in labels], strict=True))
+    classes = sorted({k for pair in pairs for k in pair})
+    f1 = []
+    for k in classes:
+        tp = sum(p == k and t == k for p, t in pairs)
+        wrong = sum((p == k) != (t == k) for p, t in pairs)  # fp + fn
+        f1.append(2 * tp / (2 * tp + wrong))
+    return sum(f1) / len(f1)
+
+
 @torch.no_grad()
 def scores_by_hand(model_dir: str, tokenizer_dir: str, test_file: str) -> dict[str, float]:
-    """Accuracy, macro F1 and MCC of a saved classifier on a CSV, by its own tokenizer call and sklearn."""
+    """Accuracy, macro F1 and MCC of a saved classifier on a CSV, from its own tokenizer call."""
     frame = pd.read_csv(test_file)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
@@ -74,7 +99,7 @@ def scores_by_hand(model_dir: str, tokenizer_dir: str, test_file: str) -> dict[s
     labels = frame["label"].to_numpy()
     return {
         "acc": float((predictions == labels).mean()),
-        "f1": f1_score(labels, predictions, average="macro"),
+        "f1": macro_f1(labels, predictions),
         "mcc": matthews_corrcoef(labels, predictions),
     }
 
@@ -84,7 +109,7 @@ def scores_by_hand(model_dir: str, tokenizer_dir: str, test_file: str) -> dict[s
 
 def test_a_run_scores_its_best_checkpoint_on_the_test_file(run):
     """``results.json["test"]``: student (the exported best checkpoint) and teacher on every test example,
-    equal to an evaluation written here (the models' own tokenizer call, sklearn's metrics)."""
+    equal to an evaluation written here (the models' own tokenizer call, the metrics by hand)."""
     task, out, results = run
     test = results["test"]
     assert test["examples"] == TEST_ROWS
@@ -187,7 +212,7 @@ def test_python_m_distill_lab_evaluate_runs_as_a_command(run, tmp_path):
 # ---------------------------------------------------------------------------------------------- metrics
 
 
-def test_mcc_over_several_updates_equals_sklearns():
+def test_mcc_over_several_updates_equals_the_formula():
     generator = torch.Generator().manual_seed(5)
     task = get_task("sequence_classification")
     metrics = task.metrics("val/", 3)
@@ -198,6 +223,11 @@ def test_mcc_over_several_updates_equals_sklearns():
         task.update(metrics, logits[part], {"labels": labels[part]})
     expected = matthews_corrcoef(labels.numpy(), logits.argmax(-1).numpy())
     assert 0.05 < abs(expected) < 0.95  # not a degenerate case
+    # the reference itself: on two classes MCC is the Pearson correlation of the 0/1 answers and labels
+    binary_labels, binary_answers = [0, 1, 1, 0, 1, 1, 0], [0, 1, 0, 0, 1, 1, 1]
+    assert matthews_corrcoef(binary_labels, binary_answers) == pytest.approx(
+        stats.pearsonr(binary_labels, binary_answers)[0]
+    )
     assert float(metrics.compute()["val/mcc"]) == pytest.approx(expected, rel=1e-5)
 
 
@@ -352,7 +382,7 @@ def test_test_labels_unknown_to_the_train_split_are_refused(run, tmp_path):
     [([0, 1, 1, 0, 1, 0], [0, 0, 0, 0, 0, 0]), ([1, 1, 1, 1], [1, 1, 0, 1]), ([2, 2, 2], [2, 2, 2])],
     ids=["constant-answer", "one-class-labels", "one-class-everything"],
 )
-def test_mcc_is_zero_where_it_is_undefined_as_sklearn_gives_it(labels, predictions):
+def test_mcc_is_zero_where_it_is_undefined(labels, predictions):
     """A zero denominator (one predicted class, or one labelled class): 0, not torchmetrics' smoothed value
     (about -0.13 for the constant answer here)."""
     task = get_task("sequence_classification")
