@@ -185,3 +185,68 @@ def test_push_to_hub_settings_that_cannot_upload_fail_before_training(
     with pytest.raises(ValueError, match=message):
         train(compose_config([*task["overrides"], *BASE, *overrides], out))
     assert not (out / "checkpoints").exists() and not (out / "student").exists() and uploads == []
+
+
+def test_the_model_index_holds_the_students_validation_and_test_scores():
+    """The front matter's ``model-index`` (the hub's form: task type, dataset name/type/config/split, metric
+    type/value) holds each student score, validation and held-out test, and reads back through
+    ``huggingface_hub``'s own parsers (``ModelCard``, ``metadata_load``)."""
+    from huggingface_hub import metadata_load
+
+    results = RESULTS | {
+        "student": {"acc": 0.875, "f1": 0.8125, "mcc": float("nan")},  # not finite: left out
+        "test": {"student": {"acc": 0.8, "mcc": 0.6}, "teacher": {"acc": 0.9, "mcc": 0.7}, "examples": 872},
+    }
+    config = CONFIG | {
+        "data": {**CONFIG["data"], "dataset": {**CONFIG["data"]["dataset"], "test_split": "test"}}
+    }
+    config["data"]["dataset"]["validation_split"] = "validation"
+    text = card_text(
+        results, config, layers={"teacher": 12, "student": 6}, command=[], version="1", repo_id="me/tiny"
+    )
+    (index,) = front_matter(text)["model-index"]
+    assert index["name"] == "tiny"
+    # the hub groups the metrics of one task and dataset split into one result
+    found = {
+        (r["dataset"]["split"], m["type"]): (m["value"], r) for r in index["results"] for m in r["metrics"]
+    }
+    assert set(found) == {
+        ("validation", "accuracy"),
+        ("validation", "f1"),
+        ("test", "accuracy"),
+        ("test", "matthews_correlation"),
+    }
+    assert found["validation", "accuracy"][0] == 0.875 and found["test", "matthews_correlation"][0] == 0.6
+    result = found["test", "accuracy"][1]
+    assert result["task"] == {"type": "text-classification"}
+    assert result["dataset"] == {"name": "glue (sst2)", "type": "glue", "config": "sst2", "split": "test"}
+    parsed = ModelCard(text).data.eval_results
+    assert len(parsed) == 4 and {(r.dataset_split, r.metric_type, r.metric_value) for r in parsed} == {
+        ("validation", "accuracy", 0.875), ("validation", "f1", 0.8125), ("test", "accuracy", 0.8),
+        ("test", "matthews_correlation", 0.6),
+    }  # fmt: skip
+    assert metadata_load_from(text, metadata_load)["model-index"][0]["name"] == "tiny"
+    assert "| held-out test | teacher | student |" in text and "| mcc | 0.7000 | 0.6000 |" in text
+    assert "(872 examples)" in text
+
+
+def metadata_load_from(text: str, metadata_load) -> dict:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "README.md"
+        path.write_text(text)
+        return metadata_load(path)
+
+
+def test_local_data_is_named_by_its_files_in_the_model_index():
+    config = CONFIG | {
+        "data": {
+            "dataset": {"_target_": "distill_lab.data.local_files", "validation_file": "/home/me/dev.csv"}
+        }
+    }
+    text = card_text(RESULTS, config, layers={"teacher": 4, "student": 2}, command=None, version="0")
+    (index,) = front_matter(text)["model-index"]
+    assert index["name"] == "distill-lab-student" and "/home/me" not in text
+    dataset = index["results"][0]["dataset"]
+    assert dataset == {"name": "dev.csv", "type": "local_files", "split": "validation"}

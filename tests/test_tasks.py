@@ -528,7 +528,7 @@ def test_image_classification_trains_end_to_end(tmp_path):
         )
     )
     results = json.loads((out / "results.json").read_text())
-    assert results["task"] == "image_classification" and set(results["student"]) == {"acc", "f1"}
+    assert results["task"] == "image_classification" and set(results["student"]) == {"acc", "f1", "mcc"}
     assert set(results["attention_loss"]) == {"L1->0", "L3->1"} and all(
         v > 0 for v in results["attention_loss"].values()
     )
@@ -729,7 +729,7 @@ def test_builtin_classifier_accuracy_is_the_share_of_right_labels():
             seen += len(batch["labels"])
     assert seen == 40 and 0 < right < seen
     scores = evaluate(model, data.val_dataloader(), "sequence_classification")
-    assert set(scores) == {"acc", "f1"} and scores["acc"] == pytest.approx(right / seen)
+    assert set(scores) == {"acc", "f1", "mcc"} and scores["acc"] == pytest.approx(right / seen)
 
 
 @pytest.mark.slow

@@ -77,16 +77,24 @@ def check_launched_directory(named: bool | None) -> None:
         )
 
 
-def check_optimized_metric(cfg: DictConfig, task) -> None:
+def check_optimized_metric(cfg: DictConfig, task, num_labels: int | None = None) -> None:
     """``optimized_metric`` (what the best checkpoint follows, what ``train.py`` returns to a sweeper) must be
     one of the student's validation metrics, and ``optimized_mode`` the direction in which it improves. Their
-    names and directions do not depend on the number of classes, so this needs no teacher."""
-    metrics = task.metrics("val/", 2)
-    better = {name: metric.higher_is_better for name, metric in metrics.items(keep_base=False)}
+    names and directions do not depend on the number of classes, so this needs no teacher; but a regression
+    head (one output) has metrics of its own, so once the teacher is loaded ``run.py`` checks again with its
+    ``num_labels``: before that a regression metric (``val/pearson``) passes for a task that takes one."""
+    heads = [2, 1] if getattr(task, "regression", False) else [2]
+    if num_labels is not None:
+        heads = [num_labels]
+    better = {}
+    for head in heads:
+        metrics = task.metrics("val/", head).items(keep_base=False)
+        better.update({name: metric.higher_is_better for name, metric in metrics})
     if cfg.optimized_metric not in better:
+        head = " with a regression head (the teacher's num_labels=1)" if num_labels == 1 else ""
         raise ValueError(
-            f"optimized_metric={cfg.optimized_metric} is not a validation metric of task={task.name}: choose "
-            f"one of {', '.join(better)}"
+            f"optimized_metric={cfg.optimized_metric} is not a validation metric of task={task.name}{head}: "
+            f"choose one of {', '.join(better)}" + (" (and optimized_mode=max)" if num_labels == 1 else "")
         )
     mode = "max" if better[cfg.optimized_metric] else "min"
     if cfg.optimized_mode != mode:

@@ -33,13 +33,13 @@ from distill_lab.data_synthetic import (
     build_word_tokenizer,
     synthetic_relations,
 )
-from distill_lab.labels import class_ids, sorted_numbering
+from distill_lab.labels import check_scores, class_ids, sorted_numbering
 
 __all__ = [
     "FILE_BUILDERS", "MODEL_COLUMNS", "NEGATION", "NEGATIVE_WORDS", "NEUTRAL_WORDS", "POSITIVE_WORDS",
     "SPECIAL_TOKENS", "SYNTHETIC_WORDS", "EpochTagged", "TextClassificationData", "TrainValidationData",
-    "build_word_tokenizer", "check_both_splits", "check_sizes", "class_ids", "hub_dataset", "local_files",
-    "synthetic_relations",
+    "build_word_tokenizer", "check_both_splits", "check_sizes", "class_ids", "hub_dataset", "load_file",
+    "local_files", "synthetic_relations",
 ]  # fmt: skip
 
 FILE_BUILDERS: dict[str, tuple[str, dict]] = {  # extension -> (datasets builder, builder options)
@@ -58,6 +58,7 @@ def hub_dataset(
     name: str | None = None,
     train_split: str = "train",
     validation_split: str = "validation",
+    test_split: str | None = None,
     **kwargs,
 ) -> DatasetDict:
     """Load a dataset from the Hugging Face Hub, e.g. ``hub_dataset("glue", "sst2")``.
@@ -67,10 +68,12 @@ def hub_dataset(
         name: Configuration name, if the dataset has several.
         train_split: Split to use for training.
         validation_split: Split to use for validation (e.g. ``validation_matched`` for MNLI).
+        test_split: A held-out split, evaluated once at the end of the run (None: none). Its labels must be
+            real ones (GLUE's own ``test`` splits hold -1: use a split with labels).
         **kwargs: Passed on to :func:`datasets.load_dataset`.
 
     Returns:
-        A DatasetDict with the two chosen splits renamed to ``train`` and ``validation``.
+        A DatasetDict with the chosen splits renamed to ``train``, ``validation`` (and ``test``).
 
     Raises:
         RuntimeError: The dataset could not be loaded (no network, unknown name, ...).
@@ -91,16 +94,23 @@ def hub_dataset(
             "For offline use, set data=local data.dataset.train_file=... data.dataset.validation_file=... "
             "(csv/tsv/json/jsonl/parquet), or data=synthetic for the built-in task."
         ) from err
-    for role, split in (("train", train_split), ("validation", validation_split)):
+    roles = {"train": train_split, "validation": validation_split, "test": test_split}
+    roles = {role: split for role, split in roles.items() if split is not None}
+    for role, split in roles.items():
         if split not in loaded:
             raise ValueError(
                 f"dataset {label!r} has no split {split!r}; available splits: {list(loaded)}: set "
                 f"data.dataset.{role}_split to one of them"
             )
-    return DatasetDict(train=loaded[train_split], validation=loaded[validation_split])
+    return DatasetDict({role: loaded[split] for role, split in roles.items()})
 
 
-def _load_file(path: str | Path) -> Dataset:
+def load_file(path: str | Path) -> Dataset:
+    """One split from a local .csv, .tsv, .json, .jsonl or .parquet file (the reader chosen by extension).
+
+    Raises:
+        ValueError: The file does not exist, has an unsupported extension or cannot be read.
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     supported = f"supported extensions: {sorted(FILE_BUILDERS)}"
@@ -133,9 +143,12 @@ def check_both_splits(sources: dict, kind: str, need: str, example: str) -> None
 
 
 def local_files(
-    train_file: str | Path | None = None, validation_file: str | Path | None = None
+    train_file: str | Path | None = None,
+    validation_file: str | Path | None = None,
+    test_file: str | Path | None = None,
 ) -> DatasetDict:
-    """Load ``train`` and ``validation`` splits from local .csv, .tsv, .json, .jsonl or .parquet files.
+    """Load ``train`` and ``validation`` splits, and a held-out ``test`` split where ``test_file`` is given,
+    from local .csv, .tsv, .json, .jsonl or .parquet files.
 
     Raises:
         ValueError: A file is not given (Hydra leaves an unset ``???`` out of a partial's arguments), does not
@@ -145,7 +158,9 @@ def local_files(
     check_both_splits(
         files, "file", "a file", f"{{split}}.csv (supported extensions: {sorted(FILE_BUILDERS)})"
     )
-    return DatasetDict({split: _load_file(path) for split, path in files.items()})
+    if test_file is not None:
+        files["test"] = test_file
+    return DatasetDict({split: load_file(path) for split, path in files.items()})
 
 
 def _tokenize(batch: dict, tokenizer, columns: tuple, label_ids: dict, max_length: int) -> dict:
@@ -154,7 +169,10 @@ def _tokenize(batch: dict, tokenizer, columns: tuple, label_ids: dict, max_lengt
     pairs = batch[text_pair_column] if text_pair_column else None
     encoded = tokenizer(batch[text_column], pairs, truncation=True, max_length=max_length)
     features = {key: encoded[key] for key in MODEL_COLUMNS if key in encoded}
-    features["labels"] = [label_ids[value] for value in batch[label_column]]
+    if label_ids is None:  # regression: the scores themselves
+        features["labels"] = [float(value) for value in batch[label_column]]
+    else:
+        features["labels"] = [label_ids[value] for value in batch[label_column]]
     return features
 
 
@@ -173,6 +191,8 @@ class TextClassificationData(TrainValidationData):
             (``data.label_names``; None: sorted order, with a warning): see :func:`class_ids`.
         check_teacher: Whether the run measures the teacher on the validation set before training and stops
             where it is at chance under labels numbered in sorted order (``distill_lab.teacher_check``).
+        regression: The teacher has one output (``num_labels=1``, STS-B): the labels are numbers, taken as
+            they are (float), and no classes are numbered (``run.py`` passes it from the teacher's head).
         dataset, batch_size, eval_batch_size, num_workers, max_train_samples, max_eval_samples, seed: see
             :class:`TrainValidationData`.
     """
@@ -195,6 +215,7 @@ class TextClassificationData(TrainValidationData):
         match_label_names: bool = True,
         label_names: list[str] | None = None,
         check_teacher: bool = True,
+        regression: bool = False,
     ) -> None:
         super().__init__(
             dataset, batch_size, eval_batch_size, num_workers, max_train_samples, max_eval_samples, seed
@@ -213,13 +234,16 @@ class TextClassificationData(TrainValidationData):
         self.match_label_names = match_label_names
         self.given_label_names = None if label_names is None else [str(name) for name in label_names]
         self.check_teacher = check_teacher
+        self.regression = regression
         self.label_names: list[str] | None = None
         self.label_ids: dict | None = None  # raw label value -> class id, set by setup()
         self.numbered_by_sort = False  # string labels numbered in sorted order (a guess), set by setup()
 
     @property
     def num_labels(self) -> int:
-        """Number of classes, known after :meth:`setup`."""
+        """Number of classes (1 for regression), known after :meth:`setup`."""
+        if self.regression:
+            return 1
         if self.label_names is None:
             raise RuntimeError("num_labels is known only after TextClassificationData.setup()")
         return len(self.label_names)
@@ -250,12 +274,16 @@ class TextClassificationData(TrainValidationData):
             },
             blank_is_empty=True,
         )
-        options = (self.model_labels, self.match_label_names, self.given_label_names)
-        # the whole dataset, before any subsampling
-        self.label_names, label_ids = class_ids(raw, self.label_column, *options)
-        self.label_ids = label_ids
-        feature = raw["train"].features[self.label_column]
-        self.numbered_by_sort = sorted_numbering(feature, self.label_names, *options)
+        if self.regression:
+            check_scores(raw, self.label_column)
+            label_ids = None
+        else:
+            options = (self.model_labels, self.match_label_names, self.given_label_names)
+            # the whole dataset, before any subsampling
+            self.label_names, label_ids = class_ids(raw, self.label_column, *options)
+            self.label_ids = label_ids
+            feature = raw["train"].features[self.label_column]
+            self.numbered_by_sort = sorted_numbering(feature, self.label_names, *options)
         self.raw = raw = self.subsample(raw)
         columns = (self.text_column, self.text_pair_column, self.label_column)
         fn_kwargs = dict(

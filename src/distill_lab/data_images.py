@@ -45,9 +45,12 @@ def synthetic_stripes(
 
 
 def image_folders(
-    train_dir: str | Path | None = None, validation_dir: str | Path | None = None
+    train_dir: str | Path | None = None,
+    validation_dir: str | Path | None = None,
+    test_dir: str | Path | None = None,
 ) -> DatasetDict:
-    """``train`` and ``validation`` splits from two image folders (one sub-folder per class, same names).
+    """``train`` and ``validation`` splits from two image folders (one sub-folder per class, same names), and
+    a held-out ``test`` split from ``test_dir`` where it is given.
 
     Raises:
         ValueError: A folder is not given (Hydra leaves an unset ``???`` out of a partial's arguments) or does
@@ -55,6 +58,8 @@ def image_folders(
     """
     folders = {"train": train_dir, "validation": validation_dir}
     check_both_splits(folders, "dir", "an image folder with one sub-folder per class", "images/{split}")
+    if test_dir is not None:
+        folders["test"] = test_dir
     splits = {}
     for split, directory in folders.items():
         if not Path(directory).is_dir():

@@ -174,14 +174,15 @@ class LanguageModelingData(TrainValidationData):
                        "tokens than one block; lower data.max_length or set data.pack=false" if self.pack else
                        f" (data.text_column={self.text_column!r} holds no text that the tokenizer keeps)")
                 )  # fmt: skip
-        if self.mlm:  # fixed masks for validation: the same positions every epoch
-            splits["validation"] = splits["validation"].map(
-                self._mask_once,
-                batched=True,
-                batch_size=256,
-                with_indices=True,
-                remove_columns=["special_tokens_mask"],
-            )
+        if self.mlm:  # fixed masks for validation (and test): the same positions every epoch and run
+            for split in [s for s in ("validation", "test") if s in splits]:
+                splits[split] = splits[split].map(
+                    self._mask_once,
+                    batched=True,
+                    batch_size=256,
+                    with_indices=True,
+                    remove_columns=["special_tokens_mask"],
+                )
         self.splits = splits
 
     def _tokenize(self, batch: dict) -> dict:
@@ -225,8 +226,9 @@ class LanguageModelingData(TrainValidationData):
 
     def collator(self, split: str):
         """Masked LM: training batches are masked as they are drawn, from their epoch and examples
-        (:class:`_EpochMaskedCollator`); validation batches, masked in ``setup``, are padded (labels -100)."""
-        if split == "validation" and self.mlm:
+        (:class:`_EpochMaskedCollator`); validation and test batches, masked in ``setup``, are padded (labels
+        -100)."""
+        if split != "train" and self.mlm:
             return DataCollatorForTokenClassification(self.tokenizer)
         if self.mlm:
             return _EpochMaskedCollator(self.tokenizer, self.mlm_probability, self.seed)
@@ -235,7 +237,7 @@ class LanguageModelingData(TrainValidationData):
     def example_collator(self, split: str):
         """For rows read without an epoch (``example_batch("train")``, the calibration batch): a collator
         seeded with ``seed``, so that the batch is masked the same on every call."""
-        if split == "validation" and self.mlm:
+        if split != "train" and self.mlm:
             return self.collator(split)
         return self._language_modeling_collator()
 

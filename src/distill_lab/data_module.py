@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader
 from distill_lab import _compat
 from distill_lab.resume import ResumableDistributedSampler, ResumableRandomSampler, training_position
 
+SPLITS = ("train", "validation", "test")  # test: optional, held out, evaluated once at the end of a run
+
 
 def check_sizes(options) -> None:
     """The data options that count something must be whole numbers in range: ``batch_size``, ``max_length``
@@ -93,8 +95,9 @@ class TrainValidationData(lightning.LightningDataModule):
     collator to draw from them rather than from a generator's running state.
 
     Args:
-        dataset: A DatasetDict with ``train`` and ``validation`` splits, or a zero-argument callable returning
-            one (as Hydra's ``_partial_`` gives; loaded lazily, once, in ``setup()``).
+        dataset: A DatasetDict with ``train`` and ``validation`` splits, and optionally a held-out ``test``
+            split (never subsampled), or a zero-argument callable returning one (as Hydra's ``_partial_``
+            gives; loaded lazily, once, in ``setup()``).
         batch_size: Training batch size.
         eval_batch_size: Validation batch size; defaults to ``batch_size``.
         num_workers: DataLoader worker processes.
@@ -130,8 +133,8 @@ class TrainValidationData(lightning.LightningDataModule):
         self._resume_at: tuple[int, int] | None = None  # (epoch, examples) from a checkpoint
 
     def load_splits(self, columns: dict[str, str | None], blank_is_empty: bool = False) -> DatasetDict:
-        """The dataset's ``train`` and ``validation`` splits, each checked for ``columns`` (config key ->
-        column name; None is skipped).
+        """The dataset's ``train`` and ``validation`` splits, and its ``test`` split where it has one, each
+        checked for ``columns`` (config key -> column name; None is skipped).
 
         Args:
             columns: config key -> column name.
@@ -144,7 +147,7 @@ class TrainValidationData(lightning.LightningDataModule):
                 column has empty values.
         """
         raw = self.dataset if isinstance(self.dataset, DatasetDict) else self.dataset()
-        for split in ("train", "validation"):
+        for split in ("train", "validation", *(["test"] if "test" in raw else [])):
             if split not in raw:
                 raise ValueError(
                     f"dataset has no {split!r} split; available splits: {list(raw)}. A data module takes a "
@@ -171,7 +174,7 @@ class TrainValidationData(lightning.LightningDataModule):
                 raise ValueError(
                     f"the {split} split holds no examples: give the data at least one row in each split"
                 )
-        return DatasetDict(train=raw["train"], validation=raw["validation"])
+        return DatasetDict({split: raw[split] for split in raw if split in SPLITS})
 
     def subsample(self, raw: DatasetDict) -> DatasetDict:
         """A seeded random subset of each split where ``max_train_samples`` / ``max_eval_samples`` ask."""
@@ -233,10 +236,28 @@ class TrainValidationData(lightning.LightningDataModule):
         ds = self.splits[self._check_split(split)]
         return self.example_collator(split)([ds[i] for i in range(min(size, len(ds)))])
 
-    @staticmethod
-    def _check_split(split: str) -> str:
-        if split not in ("train", "validation"):
-            raise ValueError(f"no split {split!r}: a data module holds 'train' or 'validation'")
+    @property
+    def has_test(self) -> bool:
+        """Whether the dataset holds a held-out ``test`` split (``data.dataset.test_file``, ``test_split``,
+        ``test_dir``), which the run evaluates once at its end; known after :meth:`setup`."""
+        self.setup()
+        return "test" in self.splits
+
+    def test_dataloader(self) -> DataLoader:
+        """Held-out test batches in dataset order (every example: no subset is drawn)."""
+        if not self.has_test:
+            raise ValueError(
+                "the dataset has no 'test' split: set data.dataset.test_file (data=local, lm_local), "
+                "data.dataset.test_split (data=hf, lm_hf) or data.dataset.test_dir (data=imagefolder)"
+            )
+        return self._loader("test", self.eval_batch_size, shuffle=False)
+
+    def _check_split(self, split: str) -> str:
+        if split not in SPLITS or (split == "test" and not self.has_test):
+            raise ValueError(
+                f"no split {split!r}: a data module holds 'train' or 'validation', and 'test' where the data "
+                "has one (data.dataset.test_file, test_split or test_dir)"
+            )
         return split
 
     def example_collator(self, split: str) -> Callable[[list[dict]], dict[str, torch.Tensor]]:

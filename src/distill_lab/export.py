@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import lightning as L
@@ -19,13 +18,16 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from rich.console import Console
 from rich.table import Table
+from torch.utils import benchmark
 
 from distill_lab import __version__, model_card
+from distill_lab.held_out import held_out_scores
 from distill_lab.models import count_parameters
 
 log = logging.getLogger(__name__)
 
 RESULTS = "results.json"
+THROUGHPUT_SECONDS = 1.0  # timing per model (export.throughput_seconds), split over the rounds
 
 
 def parameter_counts(teacher: torch.nn.Module, student: torch.nn.Module) -> dict:
@@ -73,28 +75,46 @@ def evaluate(trainer: L.Trainer, module: L.LightningModule, data, best: str | No
 
 
 @torch.no_grad()
-def measure_throughput(models: dict, batches, repeats: int = 5) -> dict[str, float]:
-    """Examples per second of each model's forward over ``batches``, by name: the best of ``repeats`` passes,
-    the models taking turns pass by pass, so that a machine whose load changes meanwhile slows each alike."""
-    best = dict.fromkeys(models, float("inf"))
-    inputs = {}
-    devices = {name: next(model.parameters()).device for name, model in models.items()}
+def measure_throughput(
+    models: dict, batches, min_run_time: float = THROUGHPUT_SECONDS, rounds: int = 2
+) -> dict[str, dict]:
+    """Examples per second of each model's forward over ``batches`` (one pass: every batch once), by name,
+    timed by ``torch.utils.benchmark.Timer.blocked_autorange``: it warms up while choosing how many passes
+    make one timed block (enough that the timer's own cost is negligible), synchronises CUDA, and times
+    blocks until ``min_run_time / rounds`` seconds are spent. The models take turns, round by round, so that a
+    machine whose load changes meanwhile slows each alike; each model's rounds are then merged.
+
+    Returns:
+        ``{name: {"median", "iqr", "runs", "examples_per_pass"}}``: the median and the interquartile range
+        of the examples per second over the timed runs (a run is one pass, a block's mean), their count, and
+        the examples in one pass.
+    """
+    inputs, runs = {}, {name: [] for name in models}
     for name, model in models.items():
         model.eval()
-        inputs[name] = [{k: v.to(devices[name]) for k, v in b.items() if k != "labels"} for b in batches]
-        model(**inputs[name][0])  # warm-up
-    for _ in range(repeats):
-        for name, model in models.items():
-            if devices[name].type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for batch in inputs[name]:
-                model(**batch)
-            if devices[name].type == "cuda":
-                torch.cuda.synchronize()
-            best[name] = min(best[name], time.perf_counter() - start)
+        device = next(model.parameters()).device
+        inputs[name] = [{k: v.to(device) for k, v in b.items() if k != "labels"} for b in batches]
     examples = sum(next(iter(b.values())).shape[0] for b in batches)
-    return {name: examples / seconds for name, seconds in best.items()}
+    for _ in range(rounds):
+        for name, model in models.items():
+            timer = benchmark.Timer(
+                stmt="for batch in batches: model(**batch)",
+                globals={"model": model, "batches": inputs[name]},
+                num_threads=torch.get_num_threads(),  # the Timer's default is one thread
+            )
+            runs[name].append(timer.blocked_autorange(min_run_time=min_run_time / rounds))
+    speeds = {}
+    for name, measured in runs.items():
+        (merged,) = benchmark.Measurement.merge(measured)
+        per_s = torch.tensor([examples / t for t in merged.times], dtype=torch.float64)
+        low, median, high = torch.quantile(per_s, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+        speeds[name] = {
+            "median": float(median),
+            "iqr": float(high - low),
+            "runs": len(per_s),
+            "examples_per_pass": examples,
+        }
+    return speeds
 
 
 def whole_student(trainer: L.Trainer, sharded_student: torch.nn.Module) -> torch.nn.Module:
@@ -130,6 +150,7 @@ def evaluate_and_export(
     and ``command`` its command-line overrides, both for the card. Every process calls this; rank 0 alone
     writes, and the others return their metrics after the evaluation."""
     final = evaluate(trainer, module, data, best)
+    test = held_out_scores(trainer, module, data, best)  # None without a test split
     metric_names = [k.removeprefix("val/") for k in module.val_metrics.keys(keep_base=False)]
     student_scores = {
         k.removeprefix("val/"): v for k, v in final.items() if k.removeprefix("val/") in metric_names
@@ -151,7 +172,11 @@ def evaluate_and_export(
             "inference speed not measured under FSDP: the teacher is sharded; the student is in %s",
             student_dir,
         )
-    inference = None if sharded else inference_speed(module.teacher, student, data)
+    settings = config.get("export") or {}
+    seconds = settings.get("throughput_seconds") or THROUGHPUT_SECONDS
+    inference, throughput = (
+        (None, None) if sharded else inference_speed(module.teacher, student, data, seconds)
+    )
     results = {
         "task": module.task.name,
         "optimized_metric": optimized_metric.removeprefix("val/"),  # what summarize ranks the runs by
@@ -159,6 +184,7 @@ def evaluate_and_export(
         "teacher": {k.removeprefix("val/teacher_"): v for k, v in module.teacher_scores.items()},
         "parameters": parameters,
         "inference": inference,
+        "throughput": throughput,  # each model's median and spread (IQR) of examples/s
         "attention_loss": {
             k.removeprefix("val/attention/"): v for k, v in final.items() if k.startswith("val/attention/")
         },
@@ -172,18 +198,19 @@ def evaluate_and_export(
         prefix = "val/hidden/"
         results["hidden_loss"] = {k.removeprefix(prefix): v for k, v in final.items() if k.startswith(prefix)}
         results["hidden_layer_map"] = [list(p) for p in module.hidden_loss.layer_map]
+    if test is not None:  # the held-out split's scores of the best checkpoint
+        results["test"] = test
     results.update(_gap(results, module.val_metrics))
     (output_dir / RESULTS).write_text(json.dumps(results, indent=2))
     layers = {"teacher": module.teacher.config.num_hidden_layers, "student": student.config.num_hidden_layers}
-    hub = config.get("export") or {}
-    repo_id = hub["hub_model_id"] if hub.get("push_to_hub") else None
+    repo_id = settings["hub_model_id"] if settings.get("push_to_hub") else None
     model_card.write_card(
         student_dir, results, config, layers=layers, command=command, version=__version__, repo_id=repo_id
     )
     print_summary(results)
     close_logger(trainer.logger)
     if repo_id:
-        push_student(student_dir, repo_id, private=hub.get("private"))
+        push_student(student_dir, repo_id, private=settings.get("private"))
     return returned_metrics(results)
 
 
@@ -202,15 +229,20 @@ def push_student(student_dir: Path, repo_id: str, *, private: bool | None = None
     log.info("student uploaded to https://huggingface.co/%s", repo_id)
 
 
-def inference_speed(teacher: torch.nn.Module, student: torch.nn.Module, data) -> dict[str, float]:
-    """Both models' examples per second on four validation batches, and the student's speed-up."""
+def inference_speed(
+    teacher: torch.nn.Module, student: torch.nn.Module, data, seconds: float = THROUGHPUT_SECONDS
+) -> tuple[dict[str, float], dict[str, dict]]:
+    """Both models' throughput on four validation batches (:func:`measure_throughput`, ``seconds`` of timing
+    per model): the summary (the medians' examples per second and the student's speed-up, the ratio of the
+    medians) and each model's median and spread."""
     batches = [data.example_batch("validation", data.eval_batch_size)] * 4
-    speeds = measure_throughput({"teacher": teacher, "student": student}, batches)
-    return {
-        "teacher_examples_per_s": speeds["teacher"],
-        "student_examples_per_s": speeds["student"],
-        "speedup": speeds["student"] / speeds["teacher"],
+    speeds = measure_throughput({"teacher": teacher, "student": student}, batches, seconds)
+    summary = {
+        "teacher_examples_per_s": speeds["teacher"]["median"],
+        "student_examples_per_s": speeds["student"]["median"],
+        "speedup": speeds["student"]["median"] / speeds["teacher"]["median"],
     }
+    return summary, speeds
 
 
 def _gap(results: dict, val_metrics) -> dict:
@@ -229,7 +261,8 @@ def _gap(results: dict, val_metrics) -> dict:
 
 
 def print_summary(results: dict) -> None:
-    """The results as a table: each metric of teacher and student, their sizes and inference speeds."""
+    """The results as a table: each metric of teacher and student (validation, and the held-out test where
+    there is one), their sizes and inference speeds."""
     table = Table(title="distillation result")
     table.add_column("")
     table.add_column("teacher", justify="right")
@@ -238,16 +271,27 @@ def print_summary(results: dict) -> None:
         table.add_row(
             name, f"{results['teacher'].get(name, float('nan')):.4f}", f"{results['student'][name]:.4f}"
         )
+    test = results.get("test")
+    for name in (test or {}).get("student", {}):
+        table.add_row(
+            f"test {name}", f"{test['teacher'].get(name, float('nan')):.4f}", f"{test['student'][name]:.4f}"
+        )
     p, s = results["parameters"], results["inference"]
     table.add_row("parameters", f"{p['teacher']:,}", f"{p['student']:,}")
     table.add_row("compression", "", f"{p['compression']:.2f}x")
     if s is not None:  # not measured under FSDP
-        table.add_row(
-            "examples/s", f"{s['teacher_examples_per_s']:,.0f}", f"{s['student_examples_per_s']:,.0f}"
-        )
+        spread = results.get("throughput")
+        shown = {  # the median, and the spread where it was recorded
+            role: f"{s[f'{role}_examples_per_s']:,.0f}"
+            + (f" (IQR {spread[role]['iqr']:,.0f})" if spread else "")
+            for role in ("teacher", "student")
+        }
+        table.add_row("examples/s", shown["teacher"], shown["student"])
         table.add_row("inference speed-up", "", f"{s['speedup']:.2f}x")
+    captions = [f"test: the held-out split's {test['examples']} examples"] if test else []
     if not results["trained_steps"]:
-        table.caption = "the student was not trained (0 steps): its scores as built"
+        captions.append("the student was not trained (0 steps): its scores as built")
+    table.caption = "; ".join(captions) or None
     Console().print(table)
 
 

@@ -35,8 +35,8 @@ def class_ids(
     and stay positional.
 
     Args:
-        raw: ``train`` and ``validation`` splits, both with ``label_column`` (before any subsampling: a subset
-            may miss a class).
+        raw: ``train`` and ``validation`` splits (and ``test``, where there is one), each with
+            ``label_column`` (before any subsampling: a subset may miss a class).
         label_column: The label column (``data.label_column``).
         model_labels: The model's class names in id order (:func:`~distill_lab.tasks.model_label_names`), or
             None where the model has none (transformers' ``LABEL_0, LABEL_1, ...``).
@@ -50,10 +50,10 @@ def class_ids(
         ``(names, ids)``: the class names in id order, and raw label value -> class id.
 
     Raises:
-        ValueError: Labels of another type (float scores, multi-label lists), other classes in the validation
-            split than in the train split, ids that are no class (e.g. -1), named classes the model does
-            not have (a subset of the model's classes is numbered as the model numbers them, with a warning),
-            or ``label_names`` that lack a class of the data or are given for int labels.
+        ValueError: Labels of another type (float scores, multi-label lists), classes in the validation or
+            test split that the train split lacks, ids that are no class (e.g. -1), named classes the model
+            does not have (a subset of the model's classes is numbered as the model numbers them, with a
+            warning), or ``label_names`` that lack a class of the data or are given for int labels.
     """
     feature = raw["train"].features[label_column]
     dtype = getattr(feature, "dtype", None) or ""  # a list (multi-label) feature has none
@@ -63,15 +63,16 @@ def class_ids(
             f"{key} holds labels of type {feature} (first values: {raw['train'][:3][label_column]}); "
             "classification needs int, string or ClassLabel labels. Float labels that are whole numbers (a "
             "csv column with an empty cell reads as float) need a cast to int in the data; regression scores "
-            "and multi-label lists are not supported"
+            "(STS-B) need a teacher with one output (num_labels=1); multi-label lists are not supported"
         )
     train_values = set(raw["train"][label_column])
-    validation_values = set(raw["validation"][label_column])
+    held_out = {split: set(raw[split][label_column]) for split in ("validation", "test") if split in raw}
     names, label_ids = _numbering(
-        raw, label_column, feature, train_values | validation_values, label_names, key
+        raw, label_column, feature, train_values.union(*held_out.values()), label_names, key
     )
-    if unknown := validation_values - train_values:
-        raise ValueError(f"validation labels {sorted(unknown)} of {key} do not occur in the train split")
+    for split, values in held_out.items():
+        if unknown := values - train_values:
+            raise ValueError(f"{split} labels {sorted(unknown)} of {key} do not occur in the train split")
     if invalid := train_values - set(label_ids):
         raise ValueError(f"{key} holds invalid labels {sorted(invalid)}")
     if label_names is not None:
@@ -91,18 +92,38 @@ def class_ids(
     return names, label_ids
 
 
+def check_scores(raw: DatasetDict, label_column: str) -> None:
+    """Regression targets (a teacher with one output, ``num_labels=1``: STS-B's similarity scores) must be
+    numbers in every split; no classes are numbered or matched by name.
+
+    Raises:
+        ValueError: A split's labels are strings, classes (a ``ClassLabel``) or lists.
+    """
+    for split, rows in raw.items():
+        feature = rows.features[label_column]
+        dtype = getattr(feature, "dtype", None) or ""
+        if isinstance(feature, ClassLabel) or not ("float" in dtype or "int" in dtype):
+            raise ValueError(
+                f"data.label_column={label_column!r} of the {split} split holds labels of type {feature} "
+                f"(first values: {rows[:3][label_column]}), but the teacher has one output (num_labels=1, "
+                "regression): its labels must be numbers (scores); for classes, give a teacher with a head "
+                "per class"
+            )
+
+
 def _numbering(raw: DatasetDict, label_column: str, feature, values: set, label_names, key: str):
     """The data's own class names in id order and raw label value -> id, before ``label_names`` and the
     model's names apply (see :func:`class_ids`): a ``ClassLabel``'s, sorted strings, or int ids."""
     dtype = getattr(feature, "dtype", None) or ""
     if isinstance(feature, ClassLabel):  # e.g. glue: keep the dataset's own names
         names = list(feature.names)
-        other = raw["validation"].features[label_column]
-        if isinstance(other, ClassLabel) and other.names != names:
-            raise ValueError(
-                f"{key}: the train and validation splits have different classes: {names} vs {other.names}; "
-                "give both splits the same classes (for image folders, the same class sub-folders)"
-            )
+        for split in ("validation", "test"):
+            other = raw[split].features[label_column] if split in raw else None
+            if isinstance(other, ClassLabel) and other.names != names:
+                raise ValueError(
+                    f"{key}: the train and {split} splits have different classes: {names} vs {other.names}; "
+                    "give the splits the same classes (for image folders, the same class sub-folders)"
+                )
         return names, {i: i for i in range(feature.num_classes)}
     if dtype in ("string", "large_string"):
         train_values = set(raw["train"][label_column])

@@ -8,10 +8,11 @@ can be tested, and written again, without Lightning, Hydra or a run.
 
 from __future__ import annotations
 
+import math
 import shlex
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
@@ -31,6 +32,16 @@ AUTO_CLASSES = {
     "masked_lm": "AutoModelForMaskedLM",
     "causal_lm": "AutoModelForCausalLM",
     "image_classification": "AutoModelForImageClassification",
+}
+# the hub's metric ids (those of the `evaluate` library) and names of the tasks' metrics (distill_lab.tasks)
+METRIC_TYPES = {
+    "acc": ("accuracy", "Accuracy"),
+    "f1": ("f1", "Macro F1"),
+    "mcc": ("matthews_correlation", "Matthews correlation"),
+    "pearson": ("pearsonr", "Pearson correlation"),
+    "spearman": ("spearmanr", "Spearman correlation"),
+    "masked_acc": ("accuracy", "Masked-token accuracy"),
+    "perplexity": ("perplexity", "Perplexity"),
 }
 OBJECTIVE_KEYS = ("attention_weight", "alpha", "temperature", "layer_map", "layer_weights", "capture")
 
@@ -122,19 +133,77 @@ def _metric_lines(results: dict) -> list[str]:
         lines.append(f"| {name}{direction} | {shown} | {value:.4f} |")
     steps = results.get("trained_steps")
     lines += ["", f"Validation scores of the best validated checkpoint, after {steps} optimizer steps."]
+    if test := results.get("test"):
+        lines += ["", "| held-out test | teacher | student |", "|---|---|---|"]
+        for name, value in test["student"].items():
+            teacher = test["teacher"].get(name)
+            lines.append(f"| {name} | {'n/a' if teacher is None else f'{teacher:.4f}'} | {value:.4f} |")
+        lines += ["", f"The same checkpoint on the held-out test split ({test['examples']} examples)."]
     return lines
 
 
-def card_data(config: dict, task: str) -> ModelCardData:
-    """The front matter the hub reads: library, tags, and base model, pipeline and dataset where known."""
+def _dataset_fields(data: dict, split_key: str) -> dict:
+    """The ``dataset`` of a ``model-index`` result: the hub dataset and split where the data is one (``type``
+    its id, ``config`` its configuration), else the kind of data and the file's name (never its path)."""
+    dataset = data.get("dataset") or {}
+    if path := hub_dataset(data):
+        name = f"{path} ({dataset['name']})" if dataset.get("name") else path
+        split = dataset.get(f"{split_key}_split")
+        return {"dataset_type": path, "dataset_name": name, "dataset_config": dataset.get("name")} | (
+            {"dataset_split": split} if split else {}
+        )
+    source = str(dataset.get("_target_", "local")).rsplit(".", 1)[-1]
+    file = dataset.get(f"{split_key}_file") or dataset.get(f"{split_key}_dir")
+    return {
+        "dataset_type": source,
+        "dataset_name": _plain(file) if file else source,
+        "dataset_split": split_key,
+    }
+
+
+def eval_results(results: dict, config: dict) -> list[EvalResult]:
+    """The student's scores as the hub's ``model-index`` results: its validation metrics of the best
+    checkpoint and, where the run had a test split, its held-out test metrics; one result per metric (the
+    hub's form), each named with its split. Non-finite values are left out."""
+    task, data = results["task"], config.get("data") or {}
+    scored = [("validation", results.get("student") or {})]
+    if results.get("test"):
+        scored.append(("test", results["test"]["student"]))
+    out = []
+    for split, metrics in scored:
+        fields = _dataset_fields(data, split)
+        for name, value in metrics.items():
+            if not isinstance(value, int | float) or not math.isfinite(value):
+                continue
+            metric_type, shown = METRIC_TYPES.get(name, (name, name))
+            out.append(
+                EvalResult(
+                    task_type=PIPELINE_TAGS.get(task, task),
+                    metric_type=metric_type,
+                    metric_value=float(value),
+                    metric_name=f"{shown} ({split})",
+                    **fields,
+                )  # fmt: skip
+            )
+    return out
+
+
+def card_data(
+    config: dict, task: str, results: dict | None = None, model_name: str | None = None
+) -> ModelCardData:
+    """The front matter the hub reads: library, tags, and base model, pipeline and dataset where known; with
+    ``results``, the ``model-index`` of the student's scores (:func:`eval_results`) under ``model_name``."""
     teacher = hub_id((config.get("teacher") or {}).get("name_or_path"))
     dataset = hub_dataset(config.get("data") or {})
+    scores = eval_results(results, config) if results else None
     return ModelCardData(
         library_name="transformers",
         tags=list(TAGS),
         base_model=teacher,
         pipeline_tag=PIPELINE_TAGS.get(task),
         datasets=[dataset] if dataset else None,
+        model_name=(model_name or "distill-lab-student") if scores else None,
+        eval_results=scores or None,
     )
 
 
@@ -197,7 +266,8 @@ def card_text(
         "```",
         "",
     ]
-    return str(ModelCard(f"---\n{card_data(config, task).to_yaml()}\n---\n\n" + "\n".join(body)))
+    meta = card_data(config, task, results, repo_id.rsplit("/", 1)[-1] if repo_id else None)
+    return str(ModelCard(f"---\n{meta.to_yaml()}\n---\n\n" + "\n".join(body)))
 
 
 def write_card(directory: str | Path, results: dict, config: dict, **details) -> Path:

@@ -6,8 +6,8 @@
 The module receives built objects (models, the attention-loss component, the optional hidden-state
 component, an optimizer factory): ``run.py`` builds it from the config's ``module`` node (``conf/module/``).
 It does distillation only; what keeps a run sound (stopping on a non-finite loss, the learning rate of a
-resumed run) are callbacks of ``guards.py`` that it registers, and which rows of a distributed validation
-batch are repeats is ``repeats.py``'s to say.
+resumed run) are callbacks of ``guards.py`` that it registers, which rows of a distributed validation
+batch are repeats is ``repeats.py``'s to say, and the held-out test's step is ``held_out.py``'s.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from distill_lab import _compat
 from distill_lab.attention import AttentionDistillationLoss
 from distill_lab.capture import AttentionCapture
 from distill_lab.guards import RescaleResumedLearningRate, StopOnNonFiniteLoss
+from distill_lab.held_out import HeldOutTest
 from distill_lab.hidden import HiddenStateLoss
 from distill_lab.losses import distillation_objective
 from distill_lab.matching import gradient_head_importance, pair_name
@@ -36,7 +37,7 @@ from distill_lab.weighted_mean import WeightedMean
 TEACHER_PREFIX = "teacher."
 
 
-class DistillationModule(L.LightningModule):
+class DistillationModule(HeldOutTest, L.LightningModule):
     """Distils ``teacher`` into ``student`` through their outputs and attention maps.
 
     Args:

@@ -3,6 +3,7 @@ of the objective's terms. Pure PyTorch; ``distill_lab.losses`` re-exports both b
 
     L        = (1 - w) * L_output + w * L_attention + w_h * L_hidden
     L_output = alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T)
+    L_output = alpha * MSE(student, labels) + (1 - alpha) * MSE(student, teacher)   (a regression head)
 """
 
 from __future__ import annotations
@@ -92,6 +93,41 @@ def kd_loss(
     kl = _soft_kl(s, t, temperature)
     kl_term = torch.where(valid, kl, torch.zeros_like(kl)).sum() / count
     return alpha * ce + (1.0 - alpha) * soft * kl_term
+
+
+def regression_kd_loss(
+    student_scores: Tensor, teacher_scores: Tensor, labels: Tensor | None = None, alpha: float = 0.3
+) -> Tensor:
+    """Output distillation for a regression head (one output, e.g. STS-B's similarity score):
+
+    ``alpha * MSE(student, labels) + (1 - alpha) * MSE(student, teacher)``, each a mean over the examples.
+    A score has no distribution to soften, so there is no temperature. With ``labels=None`` it is the
+    teacher term alone. Computed in float32 at least (float64 stays float64).
+
+    Shape:
+        student_scores, teacher_scores: (B, 1) or (B,).
+        labels: (B,), float targets.
+        Returns: a scalar.
+    """
+    if student_scores.shape != teacher_scores.shape:
+        raise ValueError(
+            f"student and teacher scores differ in shape: {tuple(student_scores.shape)} vs "
+            f"{tuple(teacher_scores.shape)}; both models need a regression head (num_labels=1)"
+        )
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    dtype = _compute_dtype(student_scores)
+    s, t = student_scores.to(dtype).reshape(-1), teacher_scores.to(dtype).reshape(-1)
+    teacher_term = F.mse_loss(s, t)
+    if labels is None:
+        return teacher_term
+    labels = labels.to(device=s.device, dtype=dtype).reshape(-1)
+    if labels.shape != s.shape:
+        raise ValueError(
+            f"labels of shape {tuple(labels.shape)} do not match scores of shape "
+            f"{tuple(student_scores.shape)}"
+        )
+    return alpha * F.mse_loss(s, labels) + (1.0 - alpha) * teacher_term
 
 
 def distillation_objective(

@@ -185,6 +185,8 @@ def _run_directory(cfg: DictConfig, named: bool | None, records: dict[str, str])
 def _load(cfg: DictConfig, task):
     """The teacher, its preprocessor (the tokenizer, or the image processor) and the data, set up for fit."""
     teacher = instantiate(cfg.teacher)
+    if getattr(task, "regression", False):  # a regression head (num_labels=1) has metrics of its own
+        checks.check_optimized_metric(cfg, task, teacher.config.num_labels)
     _default_max_length(cfg.data, teacher)
     checks.check_positions(teacher, "teacher", cfg.data.get("max_length"))
     preprocessor = load_preprocessor(

@@ -5,8 +5,9 @@ A task is chosen with ``task=`` (``conf/task/``) and handed to the ``Distillatio
 ============================  ===============================  ============================================
 task                          output loss                      validation metrics (student and teacher)
 ============================  ===============================  ============================================
-``sequence_classification``   ``kd_loss`` on the logits        ``acc``, ``f1`` (macro)
-``image_classification``      ``kd_loss`` on the logits        ``acc``, ``f1`` (macro)
+``sequence_classification``   ``kd_loss`` on the logits        ``acc``, ``f1`` (macro), ``mcc``
+  a regression head           ``regression_kd_loss``           ``pearson``, ``spearman``
+``image_classification``      ``kd_loss`` on the logits        ``acc``, ``f1`` (macro), ``mcc``
 ``masked_lm``                 ``kd_loss`` on masked tokens     ``masked_acc``, ``perplexity`` (masked)
 ``causal_lm``                 ``kd_loss`` on next tokens       ``perplexity`` (every real next token)
 ``token_classification``      ``kd_loss`` on labelled tokens   ``precision``, ``recall``, ``f1`` (entities),
@@ -17,6 +18,10 @@ task                          output loss                      validation metric
 positions (label -100 is ignored: the unmasked tokens of a masked LM, padding). A causal LM predicts token
 t + 1 at position t, so its labels are shifted by one against the logits (the last position gets -100)
 before the loss and the metrics, as the models' own ``loss`` does.
+
+A sequence classifier with one output (``num_labels=1``: a regression head, STS-B's similarity scores) is
+taught ``alpha * MSE(student, labels) + (1 - alpha) * MSE(student, teacher)``: no temperature (a score has no
+distribution to soften).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassMatthewsCorrCoef
+from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageClassification,
@@ -38,6 +44,7 @@ from transformers import (
 )
 
 from distill_lab.losses import kd_loss
+from distill_lab.objective import regression_kd_loss
 
 IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
@@ -82,8 +89,35 @@ class Perplexity(Metric):
         return torch.exp(self.total / self.count)
 
 
+class MatthewsCorrCoef(MulticlassMatthewsCorrCoef):
+    """torchmetrics' multiclass Matthews correlation, except where it is undefined (a model that predicts one
+    class only, or labels of one class: a zero denominator): 0, as scikit-learn and GLUE's scorer give it.
+    torchmetrics gives a value from smoothed counts there on two classes (about -0.13 for a constant answer
+    on a balanced set), which would rank a constant student apart from an equally useless random one.
+
+    ``MCC = (c s - sum_k p_k t_k) / sqrt((s^2 - sum_k p_k^2) (s^2 - sum_k t_k^2))`` over the confusion
+    matrix: ``c`` its trace, ``s`` its sum, ``p_k``, ``t_k`` the predictions and labels of class k.
+    """
+
+    def compute(self) -> Tensor:
+        confmat = self.confmat.double()
+        predicted, actual, total = confmat.sum(0), confmat.sum(1), confmat.sum()
+        denominator = (total**2 - (predicted**2).sum()) * (total**2 - (actual**2).sum())
+        if denominator == 0:
+            return torch.zeros((), device=confmat.device)
+        return super().compute()
+
+
+class Pearson(PearsonCorrCoef):
+    """torchmetrics' Pearson correlation, with the direction it improves in stated (torchmetrics leaves it
+    None, and the best checkpoint, the gap and the model card need it)."""
+
+    higher_is_better = True
+
+
 class SequenceClassification:
-    """One label per example; logits ``(B, C)``, labels ``(B,)``."""
+    """One label per example; logits ``(B, C)``, labels ``(B,)``: class ids, or with one output (``C = 1``,
+    a regression head) float scores."""
 
     name = "sequence_classification"
     auto_class = AutoModelForSequenceClassification
@@ -94,6 +128,7 @@ class SequenceClassification:
     # the teacher is measured on the validation set before training (distill_lab.teacher_check): at chance,
     # a classifier is teaching labels in another order than its own
     checks_teacher = True
+    regression = True  # a head of one output (num_labels=1) is a regression head
 
     def output_loss(
         self,
@@ -103,20 +138,28 @@ class SequenceClassification:
         temperature: float,
         alpha: float,
     ) -> Tensor:
+        if self.regression and student_logits.shape[-1] == 1:
+            return regression_kd_loss(student_logits, teacher_logits, batch.get("labels"), alpha)
         return kd_loss(student_logits, teacher_logits, batch.get("labels"), temperature, alpha)
 
     def metrics(self, prefix: str, num_labels: int) -> MetricCollection:
+        if self.regression and num_labels == 1:
+            return MetricCollection({"pearson": Pearson(), "spearman": SpearmanCorrCoef()}, prefix=prefix)
         # validate_args=False: the argument checks read the labels back from the device at every update (F1's
         # confusion counts, a torch.bincount, still wait for the device once per update)
         return MetricCollection(
             {
                 "acc": MulticlassAccuracy(num_labels, average="micro", validate_args=False),
                 "f1": MulticlassF1Score(num_labels, average="macro", validate_args=False),
+                "mcc": MatthewsCorrCoef(num_labels, validate_args=False),
             },
             prefix=prefix,
         )
 
     def update(self, metrics: MetricCollection, logits: Tensor, batch: Mapping[str, Tensor]) -> None:
+        if self.regression and logits.shape[-1] == 1:  # scores: (B,) predictions, in float32
+            metrics.update(logits.squeeze(-1).float(), batch["labels"].float())
+            return
         metrics.update(logits, batch["labels"])
 
     def output_count(self, batch: Mapping[str, Tensor]) -> int | Tensor:
@@ -131,7 +174,10 @@ class SequenceClassification:
     def data_options(self, teacher) -> dict:
         """What the data module takes from the teacher: its class names, to number the data's classes as the
         teacher does (:func:`~distill_lab.data.class_ids`)."""
-        return {"model_labels": model_label_names(teacher.config)}
+        options = {"model_labels": model_label_names(teacher.config)}
+        if self.regression and teacher.config.num_labels == 1:  # float scores, no classes to number
+            options["regression"] = True
+        return options
 
     def check_data_config(self, data_cfg: Mapping) -> None:
         """What the ``data`` config alone can tell, before anything loads (the class is checked by
@@ -155,6 +201,7 @@ class ImageClassification(SequenceClassification):
     inputs = "image"
     data_module = "distill_lab.data_images.ImageFolderData"
     data_configs = ("synthetic_images", "imagefolder")
+    regression = False
 
 
 class MaskedLM:

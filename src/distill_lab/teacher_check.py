@@ -129,6 +129,8 @@ def check_teacher(task, teacher, data, trainer: Mapping | None = None) -> None:
     """
     if not getattr(task, "checks_teacher", False) or not getattr(data, "check_teacher", True):
         return
+    if getattr(data, "regression", False):  # scores, not classes: there is no chance level nor class order
+        return
     trainer = trainer or {}
     loader = data.val_dataloader()
     max_batches = _max_batches(trainer.get("limit_val_batches"), len(loader))
