@@ -303,6 +303,38 @@ def test_token_classification_trains_end_to_end(tagged_files, tmp_path, family):
     assert student.config.num_hidden_layers == 1 and student.config.id2label == dict(enumerate(ENTITY_TAGS))
 
 
+def test_the_eval_command_scores_a_tagger_as_seqeval_does(tagged_files, tmp_path):
+    """``distill-lab-eval --task token_classification`` on a tagger and a jsonl split: seqeval's entity scores
+    of the model's predictions at each word's first sub-token."""
+    from distill_lab.evaluate import main
+
+    teacher_dir, max_length = _teacher("bert", tmp_path, tagged_files["tokenizer"])
+    split = tagged_files["files"]["validation"]
+    out = tmp_path / "scores.json"
+    main([
+        "--student", str(teacher_dir), "--task", "token_classification", "--file", str(split),
+        "--max-length", str(max_length), "--batch-size", "5", "--output", str(out), "--device", "cpu",
+    ])  # fmt: skip
+    scores = json.loads(out.read_text())["student"]
+    model = AutoModelForTokenClassification.from_pretrained(teacher_dir).eval()
+    tokenizer = load_tokenizer(str(teacher_dir))
+    batches = []
+    with torch.no_grad():
+        for line in split.read_text().splitlines():
+            row = json.loads(line)
+            encoded = tokenizer(row["tokens"], is_split_into_words=True, return_tensors="pt")
+            words, labels, seen = encoded.word_ids(), [], set()
+            for word in words:  # the tag on each word's first sub-token
+                labels.append(-100 if word is None or word in seen else row["ner_tags"][word])
+                seen.add(word)
+            batches.append((model(**encoded).logits, torch.tensor([labels])))
+    truth, predicted = _sequences(batches)
+    assert 0 < f1_score(truth, predicted) < 1  # a random tagger: some entities right, some wrong
+    assert scores["f1"] == pytest.approx(f1_score(truth, predicted), abs=1e-6)
+    assert scores["precision"] == pytest.approx(precision_score(truth, predicted), abs=1e-6)
+    assert scores["recall"] == pytest.approx(recall_score(truth, predicted), abs=1e-6)
+
+
 @pytest.mark.slow
 def test_the_cli_distils_the_builtin_tagger_offline(tmp_path):
     """``python train.py task=token_classification``: the built-in tagger is trained on the built-in NER

@@ -30,6 +30,7 @@ from distill_lab.builtin import evaluate
 from distill_lab.data import TextClassificationData, load_file
 from distill_lab.data_images import ImageFolderData
 from distill_lab.data_lm import LanguageModelingData
+from distill_lab.data_tokens import TokenClassificationData
 from distill_lab.models import load_preprocessor
 from distill_lab.tasks import TASKS, get_task, model_label_names
 
@@ -57,6 +58,8 @@ def parser() -> argparse.ArgumentParser:
     columns.add_argument("--text-pair-column", help="the second text of a pair (e.g. MNLI's hypothesis)")
     columns.add_argument("--label-column", default="label")
     columns.add_argument("--image-column", default="image")
+    columns.add_argument("--tokens-column", default="tokens", help="token_classification: the words")
+    columns.add_argument("--tags-column", default="ner_tags", help="token_classification: their tags")
     columns.add_argument(
         "--label-names", help="the data's class names in the model's id order, comma-separated, for a model "
         "whose config names no classes (default: sorted order)"
@@ -95,9 +98,11 @@ def load_split(args: argparse.Namespace) -> Dataset:
             raise ValueError(f"cannot load {where} ({type(err).__name__}: {err})") from err
     task = get_task(args.task)
     needed = {"--image-column": args.image_column}
-    if task.inputs == "text":
+    if task.name == "token_classification":
+        needed = {"--tokens-column": args.tokens_column, "--tags-column": args.tags_column}
+    elif task.inputs == "text":
         needed = {"--text-column": args.text_column, "--text-pair-column": args.text_pair_column}
-    if task.name.endswith("classification"):
+    if task.name.endswith("classification") and task.name != "token_classification":
         needed["--label-column"] = args.label_column
     for option, column in needed.items():
         if column is not None and column not in split.column_names:
@@ -135,6 +140,12 @@ def data_module(args: argparse.Namespace, split: Dataset, preprocessor, config):
             splits, preprocessor, text_column=args.text_column, text_pair_column=args.text_pair_column,
             label_column=args.label_column, max_length=args.max_length, label_names=names,
             model_labels=model_label_names(config), regression=config.num_labels == 1, **common,
+        )  # fmt: skip
+    elif task.name == "token_classification":
+        names = args.label_names.split(",") if args.label_names else None
+        data = TokenClassificationData(
+            splits, preprocessor, tokens_column=args.tokens_column, tags_column=args.tags_column,
+            max_length=args.max_length, label_names=names, model_labels=model_label_names(config), **common,
         )  # fmt: skip
     else:
         data = LanguageModelingData(
