@@ -1,5 +1,5 @@
 """The public API: every name ``distill_lab`` exports resolves, importing the package loads no training stack,
-and the README's plain PyTorch loop runs as written."""
+and the plain PyTorch loop of docs/python-api.md runs as written."""
 
 import re
 import subprocess
@@ -11,7 +11,7 @@ import torch
 
 import distill_lab
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PYTHON_API = Path(__file__).resolve().parents[1] / "docs" / "python-api.md"
 
 
 @pytest.mark.parametrize("name", distill_lab.__all__)
@@ -41,14 +41,14 @@ def test_the_functional_core_loads_no_training_stack():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_the_readme_python_loop_runs_and_trains(capsys):
-    """The README's "Use it from Python" snippet, run as written: it ends with the per-pair details of the
+def test_the_documented_python_loop_runs_and_trains(capsys):
+    """docs/python-api.md's plain PyTorch loop, run as written: it ends with the per-pair details of the
     uniform 12 -> 4 map and a finite objective."""
-    text = README.read_text()
-    section = text.split("## Use it from Python", 1)[1]
+    text = PYTHON_API.read_text()
+    section = text.split("## A plain PyTorch loop", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     namespace: dict = {}
     torch.manual_seed(0)
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "python-api.md", "exec"), namespace)
     assert sorted(k for k in namespace["details"] if "/" not in k) == ["L11->3", "L2->0", "L5->1", "L8->2"]
     assert torch.isfinite(namespace["loss"])

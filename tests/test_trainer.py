@@ -323,14 +323,16 @@ def test_the_trainer_loads_no_lightning_hydra_or_omegaconf():
 
 
 def test_the_documented_script_distils_and_saves_the_student(tmp_path):
-    """``experiments/trainer_script.py``'s ``distil``, which docs/trainer.md shows as is, on a tiny teacher
-    and the built-in sentences: the student alone is saved and reloads, and the evaluation has the parts."""
+    """``experiments/trainer_script.py``'s ``distil``, which docs/trainer.md and the README show as is, on a
+    tiny teacher and the built-in sentences: the student alone is saved and reloads, and the evaluation has
+    the parts."""
     from distill_lab.data_synthetic import synthetic_relations
 
     path = REPO / "experiments" / "trainer_script.py"
     text = path.read_text()
     shown = re.search(r"from transformers import .*?    return trainer.evaluate\(\)\n", text, re.S).group(0)
     assert shown in (REPO / "docs" / "trainer.md").read_text()
+    assert shown in (REPO / "README.md").read_text()
     assert len(shown.splitlines()) <= 26
     spec = importlib.util.spec_from_file_location("trainer_script", path)
     script = importlib.util.module_from_spec(spec)
