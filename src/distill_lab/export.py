@@ -20,7 +20,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from rich.console import Console
 from rich.table import Table
 
-from distill_lab import __version__, model_card
+from distill_lab import __version__, lora, model_card
 from distill_lab.models import count_parameters
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,9 @@ RESULTS = "results.json"
 def parameter_counts(teacher: torch.nn.Module, student: torch.nn.Module) -> dict:
     """The two models' sizes and their ratio; counted before ``fit``, as a sharded strategy leaves each
     process a part of every tensor."""
-    counts = {"teacher": count_parameters(teacher), "student": count_parameters(student)}
+    # a LoRA student counts as the model its adapters merge into: the adapters are no weights it runs with
+    size = lora.merged_parameter_count(student) if lora.is_peft_model(student) else count_parameters(student)
+    counts = {"teacher": count_parameters(teacher), "student": size}
     return counts | {"compression": counts["teacher"] / counts["student"]}
 
 
@@ -144,7 +146,15 @@ def evaluate_and_export(
     if not trainer.is_global_zero:
         return {f"val/{k}": v for k, v in student_scores.items()} | module.teacher_scores
     student_dir = output_dir / "student"
-    student.save_pretrained(student_dir)
+    hub = config.get("export") or {}
+    adapters = (
+        None  # a LoRA student: the adapter in student/, its frozen base in student/base (distill_lab.lora)
+    )
+    if lora.is_peft_model(student):
+        merge = bool(hub.get("merge_lora"))
+        adapters = lora.save_lora_student(student, student_dir, merge=merge, preprocessor=preprocessor)
+    else:
+        student.save_pretrained(student_dir)
     preprocessor.save_pretrained(student_dir)
     if sharded:  # the teacher exists only as shards across the processes: nothing to time on one device
         log.info(
@@ -172,10 +182,11 @@ def evaluate_and_export(
         prefix = "val/hidden/"
         results["hidden_loss"] = {k.removeprefix(prefix): v for k, v in final.items() if k.startswith(prefix)}
         results["hidden_layer_map"] = [list(p) for p in module.hidden_loss.layer_map]
+    if adapters is not None:
+        results["lora"] = adapters
     results.update(_gap(results, module.val_metrics))
     (output_dir / RESULTS).write_text(json.dumps(results, indent=2))
     layers = {"teacher": module.teacher.config.num_hidden_layers, "student": student.config.num_hidden_layers}
-    hub = config.get("export") or {}
     repo_id = hub["hub_model_id"] if hub.get("push_to_hub") else None
     model_card.write_card(
         student_dir, results, config, layers=layers, command=command, version=__version__, repo_id=repo_id
