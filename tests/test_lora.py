@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from conftest import compose_config, make_text_task, make_tiny_inputs
+from hydra.utils import instantiate
 from peft import (
     AutoPeftModel,
     AutoPeftModelForCausalLM,
@@ -249,6 +250,25 @@ def test_without_peft_the_error_gives_the_install_command(tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft raises ImportError
     with pytest.raises(ImportError, match=r"needs peft: pip install 'peft>=0\.13'"):
         train(compose_config([*BASE, "student.lora.r=4"], tmp_path / "run"))
+
+
+def test_the_config_student_instantiated_alone_is_wrapped_too(tmp_path):
+    """``cfg.student`` instantiated on its own (as a script of one's own might, without ``train``) takes
+    its ``lora`` node; the config's list of targets reaches peft as names."""
+    task = make_text_task(tmp_path / "task", num_layers=2)
+    teacher = AutoModelForSequenceClassification.from_pretrained(task["teacher"])
+    for option in ("from_teacher", "hf"):
+        overrides = [f"student={option}", "student.lora.r=2", "student.lora.target_modules=[query,value]"]
+        if option == "hf":
+            overrides.append(f"student.name_or_path='{task['teacher']}'")
+        student = instantiate(compose_config(overrides, tmp_path / "out").student, teacher=teacher)
+        assert isinstance(student, PeftModel) and lora_record(student)["target_modules"] == ["query", "value"]
+        adapted = {
+            n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in student.named_parameters() if ".lora_A." in n
+        }
+        assert adapted == {"query", "value"}
+    plain = instantiate(compose_config(["student.lora.r=0"], tmp_path / "out").student, teacher=teacher)
+    assert not isinstance(plain, PeftModel)
 
 
 @pytest.fixture(scope="module")

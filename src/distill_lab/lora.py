@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import re
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from torch import nn
@@ -209,6 +210,11 @@ def apply_lora(
         The ``PeftModel``; its forward takes the student's inputs and returns its outputs.
     """
     peft = require_peft()
+    # lists as plain lists (a config's are ListConfig, which peft does not take for one)
+    target_modules, modules_to_save = (
+        list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v
+        for v in (target_modules, modules_to_save)
+    )
     check_settings(r, alpha, dropout, target_modules, modules_to_save)
     if not r:
         raise ValueError(f"apply_lora: r={r}, but LoRA needs a rank above 0")
@@ -246,6 +252,14 @@ def apply_lora(
     with warnings.catch_warnings():  # transformers' deprecation, met inside peft: nothing a user can change
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         return peft.get_peft_model(student, config)
+
+
+def with_lora(student: nn.Module, settings: Mapping | None, task: str | None = None) -> nn.Module:
+    """``student`` wrapped by :func:`apply_lora` with ``settings`` (a ``student.lora`` node: ``r``, ``alpha``,
+    ``dropout``, ``target_modules``, ``modules_to_save``), or as it is where they ask for none (None, or ``r``
+    null or 0). What the config's student targets do with their ``lora`` argument, for a ``cfg.student``
+    instantiated on its own; ``train`` applies the settings itself, once the plain student is checked."""
+    return apply_lora(student, task=task, **dict(settings)) if enabled(settings) else student
 
 
 def trainable_parameters(model: nn.Module) -> int:

@@ -284,8 +284,9 @@ def build_module(cfg: DictConfig, task, teacher, data) -> L.LightningModule:
 
 
 def _instantiate_student(node: DictConfig, teacher) -> tuple:
-    """The student of ``cfg.student`` and its ``lora`` settings (``distill_lab.lora``), which are no argument
-    of the student's target: the adapters are applied once the plain student has been checked."""
+    """The plain student of ``cfg.student`` and its ``lora`` settings (``distill_lab.lora``): the adapters
+    are applied once the plain student has been checked and its layers named (a layer map of module names
+    reads the plain student's)."""
     settings = OmegaConf.to_container(node, resolve=True)
     lora_settings = settings.pop("lora", None)
     return instantiate(settings, teacher=teacher), lora_settings
