@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 import json
 import sys
-from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -35,6 +35,7 @@ from distill_lab.attention import AttentionDistillationLoss
 from distill_lab.capture import AttentionCapture
 from distill_lab.hidden import hidden_mse
 from distill_lab.lora import attention_targets, lora_record, save_lora_student, task_head
+from distill_lab.model_card import card_text
 from distill_lab.models import derive_student
 from distill_lab.run import train
 
@@ -333,8 +334,8 @@ def test_the_exported_adapter_and_merged_student_give_the_trained_students_logit
     _, student, _ = _student_from_checkpoint(lora_run["task"], results["best_checkpoint"])
     directory = lora_run["out"] / "student"
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    texts = Path(lora_run["task"]["validation_file"]).read_text().splitlines()[1:9]
-    batch = tokenizer([t.rsplit(",", 1)[0] for t in texts], padding=True, return_tensors="pt")
+    texts = pd.read_csv(lora_run["task"]["validation_file"])["text"][:8].tolist()
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
     loaded = {
         "adapter": AutoPeftModelForSequenceClassification.from_pretrained(directory),
         "onto base": PeftModel.from_pretrained(
@@ -362,6 +363,36 @@ def test_the_card_of_a_lora_student_follows_the_hubs_peft_conventions(lora_run):
     assert 'base = AutoModelForSequenceClassification.from_pretrained(f"{path}/base")' in text
     assert "model = PeftModel.from_pretrained(base, path)" in text
     assert 'merged = AutoModelForSequenceClassification.from_pretrained(f"{path}/merged")' in text
+
+
+def test_the_card_names_a_hub_student_as_the_adapters_base_and_the_download():
+    """``student=hf`` with a hub name: that model is the adapter's ``base_model`` (not the teacher); with a
+    hub repository the loading snippet downloads it first."""
+    record = {
+        "r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["query", "value"],
+        "modules_to_save": ["classifier"], "trainable_parameters": 1234, "merged_dir": None,
+    }  # fmt: skip
+    results = {
+        "task": "sequence_classification", "student": {"acc": 0.8}, "teacher": {"acc": 0.9},
+        "parameters": {"teacher": 400, "student": 100, "compression": 4.0}, "layer_map": [[3, 1]],
+        "trained_steps": 10, "lora": record,
+    }  # fmt: skip
+    config = {
+        "teacher": {"name_or_path": "org/big-bert"},
+        "student": {"name_or_path": "org/small-bert", "lora": {"r": 8}},
+    }
+    layers = {"teacher": 4, "student": 2}
+    text = card_text(results, config, layers=layers, command=None, version="0", repo_id="me/student")
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["library_name"] == "peft" and meta["base_model"] == "org/small-bert"
+    assert (
+        "- **LoRA:** r=8, alpha=16, dropout=0.1, on query, value; trained in full: classifier; 1,234" in text
+    )
+    assert 'path = snapshot_download("me/student")' in text and "merged" not in text
+    plain = card_text(
+        results | {"lora": None}, config | {"student": {}}, layers=layers, command=None, version="0"
+    )
+    assert yaml.safe_load(plain.split("---\n")[1])["base_model"] == "org/big-bert" and "peft" not in plain
 
 
 def test_a_lora_run_resumes_from_its_checkpoint(lora_run):
