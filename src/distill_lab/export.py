@@ -147,10 +147,8 @@ def evaluate_and_export(
         return {f"val/{k}": v for k, v in student_scores.items()} | module.teacher_scores
     student_dir = output_dir / "student"
     hub = config.get("export") or {}
-    adapters = (
-        None  # a LoRA student: the adapter in student/, its frozen base in student/base (distill_lab.lora)
-    )
-    if lora.is_peft_model(student):
+    adapters = None
+    if lora.is_peft_model(student):  # the adapter in student/, its frozen base in student/base (lora.py)
         merge = bool(hub.get("merge_lora"))
         adapters = lora.save_lora_student(student, student_dir, merge=merge, preprocessor=preprocessor)
     else:

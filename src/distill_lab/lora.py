@@ -246,8 +246,8 @@ def apply_lora(
         target_modules=targets,
         modules_to_save=saved or None,
         task_type=task_type,
-        # Conv1D stores its weight transposed (in, out): peft must know, or it refuses the layer
-        fan_in_fan_out=any(isinstance(modules[n], Conv1D) for n in adapted),
+        # Conv1D (GPT-2's) stores its weight as (in, out); peft would otherwise warn and flip the setting
+        fan_in_fan_out=all(isinstance(modules[n], Conv1D) for n in adapted),
     )
     with warnings.catch_warnings():  # transformers' deprecation, met inside peft: nothing a user can change
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
