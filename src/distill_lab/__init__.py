@@ -51,6 +51,7 @@ _EXPORTS = {
     "pair_name": "matching",
     # models
     "derive_student": "models",
+    "apply_lora": "lora",
     # training
     "DistillationModule": "module",
     "DistillationTrainer": "trainer",

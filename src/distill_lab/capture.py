@@ -278,9 +278,11 @@ class AttentionCapture:
         self.model = model
         self.layers = sorted(set(int(i) for i in layers))
         self.modules = check_capturable(model)
-        # a config's use_cache (BERT's too) matters only where the forward takes it: decoders
+        # a config's use_cache (BERT's too) matters only where the forward takes it: decoders. A peft wrapper
+        # (a LoRA student) hands its keyword arguments on to the model it wraps, whose forward tells
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._no_cache = bool(getattr(getattr(model, "config", None), "use_cache", False)) and (
-            "use_cache" in inspect.signature(model.forward).parameters
+            "use_cache" in inspect.signature(inner.forward).parameters
         )
         self.num_layers = len(self.modules)
         if taken := [name for name, module in self.modules if hasattr(module, _STATE)]:

@@ -19,6 +19,7 @@ from hydra.utils import get_object
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
+from distill_lab import lora
 from distill_lab.backends import BackendUnavailable
 from distill_lab.capture import num_attention_heads
 from distill_lab.data import check_sizes
@@ -61,6 +62,7 @@ def check_config(cfg: DictConfig, task) -> None:
     check_hidden(cfg)
     check_head_importance(cfg)
     check_export(cfg.get("export"))
+    check_lora(cfg)
     warn_if_nothing_trains(cfg.trainer)
 
 
@@ -265,6 +267,32 @@ def check_export(export: DictConfig | None) -> None:
             "export.push_to_hub=true, but no Hugging Face token is set: set HF_TOKEN, or log in with "
             "`hf auth login`, before the run (or drop export.push_to_hub to keep the student local)"
         )
+
+
+def check_lora(cfg: DictConfig) -> None:
+    """``student.lora`` (``distill_lab.lora``): its settings, peft installed where ``r > 0``, no FSDP (whose
+    shards would mix frozen and trained weights), and ``export.merge_lora`` only with adapters to merge."""
+    settings = cfg.student.get("lora")
+    merge = (cfg.get("export") or {}).get("merge_lora")
+    if not lora.enabled(settings):
+        if merge:
+            raise ValueError(
+                "export.merge_lora=true, but the student has no LoRA adapters to merge: set student.lora.r "
+                "(e.g. student.lora.r=8), or drop export.merge_lora"
+            )
+        return
+    lora.check_settings(**OmegaConf.to_container(settings, resolve=True))
+    lora.require_peft()
+    if _sharded(cfg.trainer):
+        raise ValueError(
+            "student.lora with trainer=fsdp is not supported: train a LoRA student with trainer=ddp (the "
+            "frozen student is small next to the teacher), or drop student.lora"
+        )
+    if cfg.student.get("init") == "random":
+        log.warning(
+            "student.init=random with student.lora.r=%s: the student's weights stay frozen at their random "
+            "start and only the adapters (and the task head) train", settings.r,
+        )  # fmt: skip
 
 
 def warn_if_nothing_trains(trainer: DictConfig) -> None:

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils import benchmark
 
-from distill_lab import __version__, model_card
+from distill_lab import __version__, lora, model_card
 from distill_lab.held_out import held_out_scores
 from distill_lab.models import count_parameters
 
@@ -33,7 +33,9 @@ THROUGHPUT_SECONDS = 1.0  # timing per model (export.throughput_seconds), split 
 def parameter_counts(teacher: torch.nn.Module, student: torch.nn.Module) -> dict:
     """The two models' sizes and their ratio; counted before ``fit``, as a sharded strategy leaves each
     process a part of every tensor."""
-    counts = {"teacher": count_parameters(teacher), "student": count_parameters(student)}
+    # a LoRA student counts as the model its adapters merge into: the adapters are no weights it runs with
+    size = lora.merged_parameter_count(student) if lora.is_peft_model(student) else count_parameters(student)
+    counts = {"teacher": count_parameters(teacher), "student": size}
     return counts | {"compression": counts["teacher"] / counts["student"]}
 
 
@@ -165,14 +167,19 @@ def evaluate_and_export(
     if not trainer.is_global_zero:
         return {f"val/{k}": v for k, v in student_scores.items()} | module.teacher_scores
     student_dir = output_dir / "student"
-    student.save_pretrained(student_dir)
+    settings = config.get("export") or {}
+    adapters = None
+    if lora.is_peft_model(student):  # the adapter in student/, its frozen base in student/base (lora.py)
+        merge = bool(settings.get("merge_lora"))
+        adapters = lora.save_lora_student(student, student_dir, merge=merge, preprocessor=preprocessor)
+    else:
+        student.save_pretrained(student_dir)
     preprocessor.save_pretrained(student_dir)
     if sharded:  # the teacher exists only as shards across the processes: nothing to time on one device
         log.info(
             "inference speed not measured under FSDP: the teacher is sharded; the student is in %s",
             student_dir,
         )
-    settings = config.get("export") or {}
     seconds = settings.get("throughput_seconds") or THROUGHPUT_SECONDS
     inference, throughput = (
         (None, None) if sharded else inference_speed(module.teacher, student, data, seconds)
@@ -200,6 +207,8 @@ def evaluate_and_export(
         results["hidden_layer_map"] = [list(p) for p in module.hidden_loss.layer_map]
     if test is not None:  # the held-out split's scores of the best checkpoint
         results["test"] = test
+    if adapters is not None:
+        results["lora"] = adapters
     results.update(_gap(results, module.val_metrics))
     (output_dir / RESULTS).write_text(json.dumps(results, indent=2))
     layers = {"teacher": module.teacher.config.num_hidden_layers, "student": student.config.num_hidden_layers}

@@ -188,23 +188,75 @@ def eval_results(results: dict, config: dict) -> list[EvalResult]:
     return out
 
 
+def _adapter(config: dict) -> bool:
+    """Whether the run's student is a LoRA adapter (``student.lora.r`` above 0)."""
+    return bool(((config.get("student") or {}).get("lora") or {}).get("r"))
+
+
 def card_data(
     config: dict, task: str, results: dict | None = None, model_name: str | None = None
 ) -> ModelCardData:
     """The front matter the hub reads: library, tags, and base model, pipeline and dataset where known; with
-    ``results``, the ``model-index`` of the student's scores (:func:`eval_results`) under ``model_name``."""
-    teacher = hub_id((config.get("teacher") or {}).get("name_or_path"))
+    ``results``, the ``model-index`` of the student's scores (:func:`eval_results`) under ``model_name``. A
+    LoRA adapter is the hub's ``library_name: peft``, its ``base_model`` the model the adapter applies to:
+    the student's hub name where it has one (a derived student's base is no hub model, it lies in
+    ``base/``)."""
+    adapter = _adapter(config)
+    base = hub_id((config.get("student" if adapter else "teacher") or {}).get("name_or_path"))
     dataset = hub_dataset(config.get("data") or {})
     scores = eval_results(results, config) if results else None
     return ModelCardData(
-        library_name="transformers",
-        tags=list(TAGS),
-        base_model=teacher,
+        library_name="peft" if adapter else "transformers",
+        tags=[*TAGS, "lora"] if adapter else list(TAGS),
+        base_model=base,
         pipeline_tag=PIPELINE_TAGS.get(task),
         datasets=[dataset] if dataset else None,
         model_name=(model_name or "distill-lab-student") if scores else None,
         eval_results=scores or None,
     )
+
+
+def _lora_lines(record: dict) -> list[str]:
+    """The LoRA settings (``results.json``'s ``lora`` record) as the card's Model section lists them."""
+    targets = record["target_modules"]
+    return [
+        f"- **LoRA:** r={record['r']}, alpha={record['alpha']}, dropout={record['dropout']}, on "
+        f"{', '.join(targets) if isinstance(targets, list) else targets}; trained in full: "
+        f"{', '.join(record['modules_to_save']) or 'nothing'}; {record['trainable_parameters']:,} trained "
+        "parameters",
+    ]
+
+
+def _use_lines(task: str, repo_id: str | None, record: dict | None) -> list[str]:
+    """How to load the student: its transformers class; for a LoRA adapter its frozen base (``base/``) and
+    the adapter onto it, and the merged model (``merged/``) where the run wrote one. Those load by path:
+    transformers' Auto classes, given a ``subfolder`` of a repository whose top holds an adapter, load the
+    adapter's base instead, so a hub repository is downloaded first."""
+    load = AUTO_CLASSES.get(task, "AutoModel")
+    where = repo_id or "path/to/student"
+    if record is None:
+        return [
+            "```python",
+            f"from transformers import {load}",
+            f'model = {load}.from_pretrained("{where}")',
+            "```",
+        ]
+    lines = ["```python", "from peft import PeftModel", f"from transformers import {load}"]
+    if repo_id:
+        lines += [
+            "from huggingface_hub import snapshot_download",
+            "",
+            f'path = snapshot_download("{repo_id}")',
+        ]
+    else:
+        lines += ["", f'path = "{where}"']
+    lines += [
+        f'base = {load}.from_pretrained(f"{{path}}/base")  # the frozen student',
+        "model = PeftModel.from_pretrained(base, path)  # with its adapters",
+    ]
+    if record.get("merged_dir"):
+        lines.append(f'merged = {load}.from_pretrained(f"{{path}}/merged")  # the adapters merged in')
+    return [*lines, "```"]
 
 
 def card_text(
@@ -228,7 +280,6 @@ def card_text(
         if command is not None
         else ["`distill_lab.run.train(cfg)` from Python; the resolved config is the run's `config.yaml`."]
     )
-    load = AUTO_CLASSES.get(task, "AutoModel")
     body = [
         f"# Student of {shown_teacher}",
         "",
@@ -239,6 +290,7 @@ def card_text(
         "",
         f"- **Base (teacher):** {shown_teacher}",
         *_size_lines(results, layers),
+        *(_lora_lines(results["lora"]) if results.get("lora") else []),
         "",
         "## Data",
         "",
@@ -260,10 +312,7 @@ def card_text(
         "",
         "## Use",
         "",
-        "```python",
-        f"from transformers import {load}",
-        f'model = {load}.from_pretrained("{repo_id or "path/to/student"}")',
-        "```",
+        *_use_lines(task, repo_id, results.get("lora")),
         "",
     ]
     meta = card_data(config, task, results, repo_id.rsplit("/", 1)[-1] if repo_id else None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedModel
 
 from distill_lab.capture import check_capturable, is_causal
+from distill_lab.lora import with_lora
 from distill_lab.matching import layer_map
 from distill_lab.tasks import get_task
 
@@ -100,12 +102,13 @@ def load_student(
     teacher: PreTrainedModel | None = None,
     task: str = "sequence_classification",
     trust_remote_code: bool = False,
+    lora: Mapping | None = None,
 ) -> PreTrainedModel:
     """A student by hub name or path, with the teacher's labels (their number and names: the exported student
     reads its predictions as the teacher does). A classification head saved for another number of labels
-    is initialised afresh, with a warning."""
+    is initialised afresh, with a warning. ``lora``: ``distill_lab.lora.with_lora``'s settings."""
     if teacher is None or not task.endswith("classification"):
-        return _from_pretrained("student", name_or_path, task, None, trust_remote_code)
+        return with_lora(_from_pretrained("student", name_or_path, task, None, trust_remote_code), lora, task)
     labels = {"id2label": dict(teacher.config.id2label), "label2id": dict(teacher.config.label2id)}
     student, info = _from_pretrained(
         "student", name_or_path, task, teacher.config.num_labels, trust_remote_code, **labels,
@@ -118,7 +121,7 @@ def load_student(
             "the student %r was saved with a head for another number of labels than the teacher's %d: %s "
             "initialised afresh", name_or_path, teacher.config.num_labels, ", ".join(sorted(mismatched)),
         )  # fmt: skip
-    return student
+    return with_lora(student, lora, task)
 
 
 def check_student(
@@ -333,13 +336,15 @@ def derive_student(
     hidden_size: int | None = None,
     intermediate_size: int | None = None,
     init: str = "teacher",
+    lora: Mapping | None = None,
 ) -> PreTrainedModel:
     """A student of the teacher's architecture with ``num_layers`` layers (and optionally fewer heads or a
     narrower hidden size).
 
     With ``init="teacher"``, student layer j starts from teacher layer ``layer_map(..., "uniform")[j]`` and
     the embeddings and head from the teacher's, wherever the tensor shapes agree; everything else keeps its
-    random initialisation. ``init="random"`` skips the copy. The split is logged.
+    random initialisation. ``init="random"`` skips the copy. The split is logged. ``lora``: LoRA settings
+    (``distill_lab.lora.with_lora``), None for none.
     """
     check_capturable(teacher)  # one self-attention per layer, or no layer map could pair teacher and student
     config = copy.deepcopy(teacher.config)
@@ -358,4 +363,4 @@ def derive_student(
     if init == "teacher":
         _copy_teacher_tensors(student, teacher, source_layer)
     student.train()
-    return student
+    return with_lora(student, lora)

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from transformers import get_linear_schedule_with_warmup
 
-from distill_lab import checks, export
+from distill_lab import checks, export, lora
 from distill_lab.capture import attention_width, num_attention_heads
 from distill_lab.hidden import hidden_layer_map
 from distill_lab.matching import layer_map
@@ -248,7 +248,7 @@ def build_module(cfg: DictConfig, task, teacher, data) -> L.LightningModule:
     the layer pairs that ``layer_map=`` resolves to on them, the calibration batch and, with a hidden-state
     loss (``hidden=mse`` or ``cosine``), the pairs of ``hidden_layer_map=`` and the two models' widths. The
     same call builds the module of ``fit`` and the fresh one an FSDP evaluation needs."""
-    student = instantiate(cfg.student, teacher=teacher)
+    student, lora_settings = _instantiate_student(cfg.student, teacher)
     check_student(student, teacher, getattr(data, "tokenizer", None), cfg.student.get("name_or_path"))
     checks.check_outputs(task, teacher, student, getattr(data, "tokenizer", None))
     checks.check_positions(student, "student", cfg.data.get("max_length"))
@@ -269,6 +269,8 @@ def build_module(cfg: DictConfig, task, teacher, data) -> L.LightningModule:
         )
         widths = {"student_width": student.config.hidden_size, "teacher_width": teacher.config.hidden_size}
         hidden["hidden_loss"] = {"layer_map": hidden_pairs, **widths}
+    if lora.enabled(lora_settings):  # after the checks and the layer map, which read the plain student
+        student = lora.apply_lora(student, task=task.name, **lora_settings)
     module = instantiate(
         cfg.module,
         teacher=teacher,
@@ -281,6 +283,15 @@ def build_module(cfg: DictConfig, task, teacher, data) -> L.LightningModule:
     widths = {"teacher": attention_width(teacher), "student": attention_width(student)}
     module.attention_loss.check(num_attention_heads(teacher), num_attention_heads(student), widths)
     return module
+
+
+def _instantiate_student(node: DictConfig, teacher) -> tuple:
+    """The plain student of ``cfg.student`` and its ``lora`` settings (``distill_lab.lora``): the adapters
+    are applied once the plain student has been checked and its layers named (a layer map of module names
+    reads the plain student's)."""
+    settings = OmegaConf.to_container(node, resolve=True)
+    lora_settings = settings.pop("lora", None)
+    return instantiate(settings, teacher=teacher), lora_settings
 
 
 def _build_trainer(cfg: DictConfig, ckpt_path: str | None, output_dir: Path) -> L.Trainer:
