@@ -397,3 +397,52 @@ def test_padded_vocabularies_compare_the_tokenizers_logits_and_need_the_tokenize
     expected = kd_loss(s.reshape(-1, size)[keep], t.reshape(-1, size)[keep], labels[keep], 3.0, 0.3)
     (total, count) = trainer._eval_sums["output_loss"]
     torch.testing.assert_close(total / count, expected, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+
+
+def test_a_lora_student_trains_its_adapters_and_saves_an_adapter_that_reloads(tmp_path):
+    """``apply_lora`` before the trainer: the attention loss's gradient reaches the adapters of the captured
+    layers, a few steps change only the adapters and the head (the base stays frozen), and ``save_model``
+    writes the adapter, which peft reloads onto the base to give the trained student's logits."""
+    from peft import PeftModel
+
+    from distill_lab import apply_lora
+
+    teacher, base = models("bert", tmp_path)
+    student = apply_lora(base, r=4, alpha=8)
+    data = rows(batch("bert", base.config, batch_size=8))
+    args = arguments(tmp_path / "out", max_steps=3, per_device_train_batch_size=4)
+    trainer = DistillationTrainer(model=student, teacher=teacher, args=args, train_dataset=data)
+    inputs = batch("bert", base.config)
+    trainer.model.train()
+    attention_only = trainer.objective.attention_loss(*_maps(trainer, inputs), inputs["attention_mask"])[0]
+    attention_only.backward()
+    adapters = {n: p.grad for n, p in student.named_parameters() if "lora_" in n}
+    assert adapters and any(g is not None and g.abs().sum() > 0 for g in adapters.values())
+    assert all(p.grad is None for p in student.parameters() if not p.requires_grad)
+    student.zero_grad(set_to_none=True)
+
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    trainer.train()
+    trainer.save_model()
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n or "modules_to_save" in n for n in changed)  # the base is frozen
+    assert any("lora_" in n for n in changed) and (tmp_path / "out" / "adapter_config.json").exists()
+    student.eval()
+    probe = {k: v for k, v in inputs.items() if k != "labels"}
+    with torch.no_grad():
+        expected = student(**probe).logits
+        fresh = make_tiny_model("bert", tmp_path / "base-again", seed=1, num_hidden_layers=2,
+                                initializer_range=0.3)  # fmt: skip
+        reloaded = PeftModel.from_pretrained(fresh, tmp_path / "out").eval()
+        torch.testing.assert_close(reloaded(**probe).logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def _maps(trainer, inputs) -> tuple[dict, dict]:
+    """The student's (with gradients) and the teacher's captured attention on ``inputs``."""
+    forward = {k: v for k, v in inputs.items() if k != "labels"}
+    with torch.no_grad():
+        teacher_maps = trainer.teacher_capture(**forward)[1]
+    return trainer.student_capture(**forward)[1], teacher_maps
