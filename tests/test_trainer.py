@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import math
 import re
 import subprocess
@@ -199,24 +200,27 @@ def test_evaluation_reports_the_loss_and_its_parts(trained):
 # ---------------------------------------------------------------------------------------------- accumulation
 
 
-def _one_step(root: Path, per_device: int, accumulation: int) -> tuple[dict, dict]:
+def _one_step(root: Path, per_device: int, accumulation: int, **options) -> tuple[dict, dict, int]:
+    """One SGD step on four equal-length examples: the student's weights after it, the training log, and
+    the number of processes (``tests/trainer_ddp_worker.py`` runs it under torchrun)."""
     teacher, student = models("bert", root)
     inputs = batch("bert", student.config, batch_size=4, num_padded=0)
     args = arguments(
         root / "out", max_steps=1, per_device_train_batch_size=per_device, optim="sgd",
-        gradient_accumulation_steps=accumulation, learning_rate=0.5, max_grad_norm=0.0,
+        gradient_accumulation_steps=accumulation, learning_rate=0.5, max_grad_norm=0.0, **options,
     )  # fmt: skip
     trainer = DistillationTrainer(model=student, teacher=teacher, args=args, train_dataset=rows(inputs))
     trainer.train()
-    return {k: v.detach().clone() for k, v in student.state_dict().items()}, trainer.state.log_history[0]
+    weights = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    return weights, trainer.state.log_history[0], args.world_size
 
 
 def test_two_accumulated_half_batches_update_as_one_batch(tmp_path):
     """Four equal-length examples, one SGD step: two accumulated micro-batches of two make the update of one
     batch of four (each loss is a mean over examples and query rows, and the halves weigh the same), and the
     logged parts are the micro-batches' mean."""
-    whole, whole_log = _one_step(tmp_path / "whole", 4, 1)
-    halves, halves_log = _one_step(tmp_path / "halves", 2, 2)
+    whole, whole_log, _ = _one_step(tmp_path / "whole", 4, 1)
+    halves, halves_log, _ = _one_step(tmp_path / "halves", 2, 2)
     initial = make_tiny_model(
         "bert", tmp_path / "initial", seed=1, num_hidden_layers=2, initializer_range=0.3
     )
@@ -229,6 +233,31 @@ def test_two_accumulated_half_batches_update_as_one_batch(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- bf16, DDP
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_update_as_one_process_on_the_whole_batch(tmp_path):
+    """``torchrun --nproc_per_node=2``: Trainer runs the student under DDP (gloo on CPU), two examples per
+    process; the step's update is one process's on all four, and the logged parts are averaged over the
+    processes (``tests/trainer_ddp_worker.py``)."""
+    from conftest import app_env
+
+    whole, whole_log, _ = _one_step(tmp_path / "whole", 4, 1)
+    out = tmp_path / "ddp"
+    out.mkdir()
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(Path(__file__).with_name("trainer_ddp_worker.py")), str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=app_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = json.loads((out / "log.json").read_text())
+    assert log["world_size"] == 2
+    ddp = torch.load(out / "weights.pt", weights_only=True)
+    for name, value in whole.items():
+        torch.testing.assert_close(ddp[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for key in LOGGED:
+        assert log[key] == pytest.approx(whole_log[key], rel=1e-5), key
 
 
 def test_bf16_on_cpu_runs_close_to_float32(tmp_path):
