@@ -50,6 +50,8 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification
 
+from distill_lab.data import synthetic_relations
+
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 GLOBAL_BATCH = 8
@@ -404,16 +406,26 @@ def test_validation_on_two_processes_counts_each_example_once(tmp_path, strategy
     validate the same student, initialised from the seed. Under FSDP every process runs the forward on its
     whole batch, and the losses and metrics are taken again over its own rows from that forward's logits and
     attention. The hidden-state losses (``hidden=mse``, through the projections of a student half the
-    teacher's width) follow the same rows."""
+    teacher's width) follow the same rows. So do the scores of a held-out test split of 31 examples
+    (``data.dataset.test_file``), which the DDP runs score at their end (FSDP refuses one: test_evaluate)."""
+    test_file = tmp_path / "test.csv"
+    synthetic_relations(num_train=1, num_validation=31, seed=5)["validation"].to_pandas()[
+        ["text", "label"]
+    ].to_csv(test_file, index=False)
     common = [
         "data.max_eval_samples=31", f"data.eval_batch_size={eval_batch_size}", "data.max_length=6",
         "trainer.limit_val_batches=null", "trainer.max_epochs=0", "student.init=random",
         "callbacks.attention_maps=null", "hidden=mse", "student.hidden_size=16",
+        *([f"data.dataset.test_file='{test_file}'"] if strategy == "ddp" else []),  # not under FSDP
     ]  # fmt: skip
     ddp, _ = run_train_py(tmp_path / "ddp", *(CPU_DDP if strategy == "ddp" else FSDP_ON_CPU), *common)
     one, _ = run_train_py(tmp_path / "one", *common)
     reported, expected = (json.loads((d / "results.json").read_text()) for d in (ddp, one))
     assert reported["student"] == pytest.approx(expected["student"], abs=1e-6)
+    if strategy == "ddp":
+        assert reported["test"]["examples"] == expected["test"]["examples"] == 31
+        for role in ("student", "teacher"):
+            assert reported["test"][role] == pytest.approx(expected["test"][role], abs=1e-6), role
     for losses in ("attention_loss", "hidden_loss"):
         assert sorted(reported[losses]) == sorted(expected[losses]) and expected[losses], losses
         for pair, value in expected[losses].items():

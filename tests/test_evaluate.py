@@ -436,3 +436,15 @@ def test_the_data_modules_take_a_test_split_whole_and_in_order(tmp_path, monkeyp
     assert not plain.has_test
     with pytest.raises(ValueError, match=r"no 'test' split: set data\.dataset\.test_file"):
         plain.test_dataloader()
+
+
+def test_a_test_split_under_fsdp_is_refused_before_training(run, tmp_path):
+    """FSDP cannot run the second evaluation of the sharded module that scores a test split: the config is
+    refused before anything loads, naming the key and the way round it."""
+    task, _, _ = run
+    overrides = [
+        *task["overrides"], *BASE, "trainer=fsdp", f"data.dataset.test_file='{task['validation_file']}'",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="data.dataset.test_file with trainer=fsdp is not supported: score"):
+        train(compose_config(overrides, tmp_path / "out"))
+    assert not (tmp_path / "out" / "checkpoints").exists()

@@ -63,6 +63,7 @@ def check_config(cfg: DictConfig, task) -> None:
     check_head_importance(cfg)
     check_export(cfg.get("export"))
     check_lora(cfg)
+    check_test_split(cfg)
     warn_if_nothing_trains(cfg.trainer)
 
 
@@ -293,6 +294,18 @@ def check_lora(cfg: DictConfig) -> None:
             "student.init=random with student.lora.r=%s: the student's weights stay frozen at their random "
             "start and only the adapters (and the task head) train", settings.r,
         )  # fmt: skip
+
+
+def check_test_split(cfg: DictConfig) -> None:
+    """A held-out test split is scored after the best checkpoint's validation, in a second evaluation of the
+    sharded module, which FSDP does not run: refused with trainer=fsdp, before training."""
+    dataset = cfg.data.get("dataset") or {}
+    given = [k for k in ("test_file", "test_split", "test_dir") if dataset.get(k)]
+    if given and _sharded(cfg.trainer):
+        raise ValueError(
+            f"data.dataset.{given[0]} with trainer=fsdp is not supported: score the exported student on it "
+            "afterwards with distill-lab-eval, or train with trainer=ddp"
+        )
 
 
 def warn_if_nothing_trains(trainer: DictConfig) -> None:
