@@ -152,9 +152,7 @@ def evaluate_and_export(
     and ``command`` its command-line overrides, both for the card. Every process calls this; rank 0 alone
     writes, and the others return their metrics after the evaluation."""
     final = evaluate(trainer, module, data, best)
-    # the module now holds best's weights, which the export saves too; loading them again would fail under
-    # FSDP, whose wrapped module takes no whole state dict
-    test = held_out_scores(trainer, module, data, None)  # None without a test split
+    test = held_out_scores(trainer, module, data)  # on best's weights, just loaded; None without a test split
     metric_names = [k.removeprefix("val/") for k in module.val_metrics.keys(keep_base=False)]
     student_scores = {
         k.removeprefix("val/"): v for k, v in final.items() if k.removeprefix("val/") in metric_names

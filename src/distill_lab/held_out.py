@@ -58,15 +58,17 @@ class HeldOutTest:
             metrics.reset()
 
 
-def held_out_scores(trainer: L.Trainer, module: L.LightningModule, data, best: str | None) -> dict | None:
-    """Student and teacher scored on the held-out ``test`` split with the weights of ``best`` (the module's
-    as they are if None): ``{"student": {metric: value}, "teacher": {...}, "examples": N}``; None where the
-    data holds no test split. The loggers get the values under ``test/`` at the last step, as one point."""
+def held_out_scores(trainer: L.Trainer, module: L.LightningModule, data) -> dict | None:
+    """Student and teacher scored on the held-out ``test`` split with the module's weights as they are (the
+    export calls it after the best checkpoint's validation has loaded them; loading a checkpoint again would
+    fail under FSDP, whose wrapped module takes no whole state dict): ``{"student": {metric: value},
+    "teacher": {...}, "examples": N}``; None where the data holds no test split. The loggers get the values
+    under ``test/`` at the last step, as one point."""
     if not getattr(data, "has_test", False):
         return None
     loggers, trainer.loggers = trainer.loggers, []
     try:
-        scores = trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)[0]
+        scores = trainer.test(module, datamodule=data, verbose=False)[0]
     finally:
         trainer.loggers = loggers
     for each in loggers:

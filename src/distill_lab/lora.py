@@ -42,13 +42,6 @@ TASK_TYPES = {
     "token_classification": "TOKEN_CLS",
     "causal_lm": "CAUSAL_LM",
 }
-# how a transformers class name ends -> the task, for a student given without its task
-CLASS_SUFFIXES = {
-    "ForSequenceClassification": "sequence_classification",
-    "ForTokenClassification": "token_classification",
-    "ForCausalLM": "causal_lm",
-    "LMHeadModel": "causal_lm",
-}
 CLASSIFIER_NAMES = ("classifier", "score")  # the heads peft's SEQ_CLS and TOKEN_CLS train whatever the config
 ADAPTED_LAYERS = (nn.Linear, Conv1D)  # what a default target is: GPT-2's projections are Conv1D
 
@@ -179,8 +172,9 @@ def _layer_names(model: nn.Module) -> str:
 def _task_of(model: nn.Module, task: str | None) -> str | None:
     if task is not None:
         return task
-    name = type(model).__name__
-    return next((t for suffix, t in CLASS_SUFFIXES.items() if name.endswith(suffix)), None)
+    from distill_lab.tasks import task_name_of  # loads torchmetrics: only for a task not given
+
+    return task_name_of(model)
 
 
 def apply_lora(

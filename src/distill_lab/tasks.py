@@ -407,6 +407,24 @@ class TokenClassification:
         self.label_names = list(data.label_names)
 
 
+# how a transformers model class's name ends -> its task, for a model given without one
+TASK_BY_CLASS_SUFFIX = {
+    "ForSequenceClassification": "sequence_classification",
+    "ForTokenClassification": "token_classification",
+    "ForImageClassification": "image_classification",
+    "ForMaskedLM": "masked_lm",
+    "ForCausalLM": "causal_lm",
+    "LMHeadModel": "causal_lm",  # GPT-2's
+}
+
+
+def task_name_of(model) -> str | None:
+    """The task ``model``'s class name implies (a PEFT model's base model's), or None where it says none."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = type(base).__name__
+    return next((task for suffix, task in TASK_BY_CLASS_SUFFIX.items() if name.endswith(suffix)), None)
+
+
 TASKS = {
     task.name: task
     for task in (SequenceClassification, ImageClassification, MaskedLM, CausalLM, TokenClassification)

@@ -22,28 +22,16 @@ from distill_lab.matching import layer_map
 from distill_lab.objective import check_setting
 from distill_lab.step import Objective, Step, distillation_step
 
-# the task a student's class name implies, where the trainer is given none (suffix -> task name)
-TASK_BY_CLASS = {
-    "ForSequenceClassification": "sequence_classification",
-    "ForTokenClassification": "token_classification",
-    "ForImageClassification": "image_classification",
-    "ForMaskedLM": "masked_lm",
-    "ForCausalLM": "causal_lm",
-    "LMHeadModel": "causal_lm",  # GPT-2's
-}
-
 
 def default_task(model: nn.Module):
     """The ``distill_lab.tasks`` task of ``model`` by its class name (a PEFT model's base model's):
     ``...ForSequenceClassification`` -> ``SequenceClassification`` and so on; an error asking for
     ``task=`` where the name says nothing, since a wrong task compares the wrong positions silently."""
-    from distill_lab.tasks import get_task  # torchmetrics, loaded only when a trainer is built
+    from distill_lab.tasks import get_task, task_name_of  # torchmetrics, loaded only when a trainer is built
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    name = type(base).__name__
-    for suffix, task in TASK_BY_CLASS.items():
-        if name.endswith(suffix):
-            return get_task(task)
+    if (name := task_name_of(model)) is not None:
+        return get_task(name)
+    name = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
     raise ValueError(
         f"DistillationTrainer cannot tell the task of a {name}: pass task=, e.g. "
         "task=distill_lab.SequenceClassification() or task=distill_lab.CausalLM()"
